@@ -1,0 +1,201 @@
+//! The broker trait: the one seam between the runtime and a message broker.
+
+use crate::capabilities::Capabilities;
+use crate::envelope::Envelope;
+use crate::error::BrokerError;
+use async_trait::async_trait;
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// Proof of one delivery, used to ack, release or extend it. Opaque to the runtime; each backend puts
+/// what it needs in `handle` and `seq` (SQS receipt handle; AMQP channel id and delivery tag; Redis
+/// stream key and entry id; Kafka partition and offset).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Receipt {
+    queue: Arc<str>,
+    handle: Arc<str>,
+    seq: u64,
+}
+
+impl Receipt {
+    /// Made by backends only.
+    pub fn new(queue: impl Into<Arc<str>>, handle: impl Into<Arc<str>>, seq: u64) -> Self {
+        Receipt {
+            queue: queue.into(),
+            handle: handle.into(),
+            seq,
+        }
+    }
+    /// The physical queue the message was received from.
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+    /// Backend-specific handle.
+    pub fn handle(&self) -> &str {
+        &self.handle
+    }
+    /// Backend-specific number.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+}
+
+impl fmt::Debug for Receipt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Receipt({}#{}:{})", self.queue, self.handle, self.seq)
+    }
+}
+
+/// A received message and its lease.
+#[derive(Clone, Debug)]
+pub struct Delivery {
+    /// The message.
+    pub envelope: Envelope,
+    /// Ack / release / extend handle.
+    pub receipt: Receipt,
+    /// How many times the broker has handed this copy out, this one included (1 on first
+    /// delivery). Grows when a lease expires or a message is released.
+    pub delivery_count: u32,
+}
+
+impl Delivery {
+    /// The attempt this delivery represents: the envelope's attempt plus the broker redeliveries of
+    /// this copy. A message that crashes its worker every time thus still reaches max attempts.
+    pub fn attempt(&self) -> u32 {
+        self.envelope
+            .attempt
+            .saturating_add(self.delivery_count.saturating_sub(1))
+    }
+}
+
+/// Options of one [`Broker::receive`] call.
+#[derive(Clone, Copy, Debug)]
+pub struct ReceiveOptions {
+    /// Most messages to return (the backend may return fewer; it caps at its `max_batch`).
+    pub max: usize,
+    /// How long to wait for the first message when the queue is empty (0 = do not wait).
+    pub wait: Duration,
+    /// Lease to take on each message (for [`crate::LeaseSupport::Timed`] backends).
+    pub lease: Duration,
+}
+
+/// How many messages a physical queue holds, by state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Depth {
+    /// Ready to be received now.
+    pub ready: u64,
+    /// Received and neither acked nor released (leased).
+    pub in_flight: u64,
+    /// Waiting for their `not_before` (native delay, or the backend's [`DelayStore`]).
+    pub delayed: u64,
+    /// Age of the oldest ready message, where the broker can tell.
+    #[serde(with = "opt_secs")]
+    pub oldest_age: Option<Duration>,
+}
+
+mod opt_secs {
+    use std::time::Duration;
+    pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&d.as_secs_f64()),
+            None => s.serialize_none(),
+        }
+    }
+}
+
+/// A message broker, as the runtime sees it. Dyn-compatible: the config picks the backend at run
+/// time and everything else holds an `Arc<dyn Broker>`.
+///
+/// Every method is safe to call concurrently from many tasks (`Send + Sync`). Transient failures
+/// ([`BrokerError::is_transient`]) are for the caller to retry; a backend reconnects on the next call
+/// after its connection breaks and never stays in a permanent error state.
+///
+/// Delivery is at-least-once: a message is delivered again when its lease expires or it is released,
+/// so handlers must tolerate duplicates.
+#[async_trait]
+pub trait Broker: Send + Sync + fmt::Debug + 'static {
+    /// Short backend name for logs and tables (`memory`, `redis`, ...).
+    fn name(&self) -> &'static str;
+
+    /// What the backend does natively. Constant for the broker's life.
+    fn capabilities(&self) -> &Capabilities;
+
+    /// Declares the physical queues idempotently (creating them where the broker needs that). Safe to
+    /// call repeatedly and from several processes at once. Backends that need nothing return `Ok`.
+    async fn prepare(&self, queues: &[String]) -> Result<(), BrokerError> {
+        let _ = queues;
+        Ok(())
+    }
+
+    /// Publishes a batch to one physical queue. Returns only once the broker holds every message
+    /// durably (per [`Capabilities::durable`]); on error, some of the batch may have been accepted
+    /// (publish is at-least-once, never at-most-once). Payloads over [`Capabilities::max_payload`]
+    /// fail the call with [`BrokerError::PayloadTooLarge`] before anything is sent. Messages whose
+    /// `not_before` lies within the native delay cap are held back by the broker; the caller (the
+    /// runtime's delay module) never hands a longer delay to a capped backend.
+    async fn publish(&self, queue: &str, messages: Vec<Envelope>) -> Result<(), BrokerError>;
+
+    /// Receives up to `opts.max` ready messages from one physical queue, waiting up to `opts.wait`
+    /// for the first. Each returned message is leased to this caller until acked, released, or the
+    /// lease ends. An empty vector means nothing was ready in time. Cancel-safety: do not drop the
+    /// future mid-way; a message received by a dropped call comes back after its lease.
+    async fn receive(
+        &self,
+        queue: &str,
+        opts: ReceiveOptions,
+    ) -> Result<Vec<Delivery>, BrokerError>;
+
+    /// Acknowledges deliveries: they are removed for good. Receipts may span queues. A receipt whose
+    /// lease is gone yields [`BrokerError::LeaseLost`] (after the others are acked); acking is
+    /// otherwise idempotent in effect.
+    async fn ack(&self, receipts: &[Receipt]) -> Result<(), BrokerError>;
+
+    /// Gives deliveries back unprocessed: each becomes ready again at once, for any consumer, with
+    /// its delivery count incremented on the next delivery.
+    async fn release(&self, receipts: &[Receipt]) -> Result<(), BrokerError>;
+
+    /// Extends a delivery's lease to `lease` from now. A no-op for [`crate::LeaseSupport::Session`]
+    /// backends. Fails with [`BrokerError::LeaseLost`] if the lease already ended.
+    async fn extend_lease(&self, receipt: &Receipt, lease: Duration) -> Result<(), BrokerError>;
+
+    /// Counts of one physical queue, stale by at most [`Capabilities::depth_staleness`]. `delayed`
+    /// includes the backend's [`DelayStore`] for that queue.
+    async fn depth(&self, queue: &str) -> Result<Depth, BrokerError>;
+
+    /// The durable delay emulation of a backend without (unbounded) native delay, if it has one.
+    fn delay_store(&self) -> Option<Arc<dyn DelayStore>> {
+        None
+    }
+
+    /// Flushes and closes connections. Later calls fail with [`BrokerError::Closed`]. Idempotent.
+    async fn close(&self) -> Result<(), BrokerError> {
+        Ok(())
+    }
+}
+
+/// Durable delay emulation on the broker itself, for brokers without unbounded native delay
+/// (Redis: a sorted set per queue promoted by an atomic script; RabbitMQ: tiered TTL wait queues that
+/// dead-letter back into the work queue; Kafka: tiered delay topics consumed with paused partitions).
+/// Messages never wait in worker memory.
+///
+/// Thread safety: all methods may run concurrently, from any number of workers; `promote_due` must
+/// never move one message twice.
+#[async_trait]
+pub trait DelayStore: Send + Sync + fmt::Debug {
+    /// Durably stores messages for `queue` (a physical queue) until their `not_before`.
+    async fn schedule(&self, queue: &str, messages: Vec<Envelope>) -> Result<(), BrokerError>;
+
+    /// Moves up to `limit` due messages (across queues) into their queues; returns how many moved.
+    /// Self-promoting stores (TTL queues) return `Ok(0)`. Work per call is bounded by `limit`, never
+    /// by how many are waiting.
+    async fn promote_due(&self, now: SystemTime, limit: usize) -> Result<usize, BrokerError>;
+
+    /// How many messages wait for `queue`.
+    async fn delayed(&self, queue: &str) -> Result<u64, BrokerError>;
+
+    /// When the next message is due, if the store can tell (lets the promoter sleep precisely).
+    async fn next_due(&self) -> Result<Option<SystemTime>, BrokerError> {
+        Ok(None)
+    }
+}

@@ -1,0 +1,98 @@
+//! What a backend does natively, as data. The runtime reads it to decide what to emulate (and says so
+//! at start-up); config validation reads it to refuse settings a backend cannot honour; the
+//! conformance suite holds each backend to what it claims.
+
+use std::fmt;
+use std::time::Duration;
+
+/// How a backend delays delivery.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DelaySupport {
+    /// No native delay: the backend must supply a [`crate::DelayStore`] (durable emulation on the same
+    /// broker), or delays and retry backoff are refused at start-up.
+    None,
+    /// `publish` honours [`crate::Envelope::not_before`] natively up to `max` ahead (`None` = any
+    /// length). Longer delays are sent in hops by the runtime: each hop re-publishes the message with
+    /// the remaining delay when it arrives early.
+    Native {
+        /// The longest delay the broker holds in one go.
+        max: Option<Duration>,
+    },
+}
+
+/// How a delivery's lease works.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LeaseSupport {
+    /// A time-limited lease chosen per receive (SQS visibility timeout, Redis claim idle time, the
+    /// in-memory broker). It expires on its own, and [`crate::Broker::extend_lease`] renews it up to
+    /// `max` in total (`None` = unbounded).
+    Timed {
+        /// Longest total lease the broker allows.
+        max: Option<Duration>,
+    },
+    /// The lease lasts as long as the consumer's session (AMQP channel, Kafka group membership);
+    /// extending is a no-op, and a broken session returns the message. `max` is the broker's hard
+    /// limit on holding one message (RabbitMQ's consumer_timeout), if any.
+    Session {
+        /// Longest time one message may stay unacknowledged before the broker drops the session.
+        max: Option<Duration>,
+    },
+}
+
+/// Ordering a backend guarantees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OrderingSupport {
+    /// No ordering promise between any two messages.
+    None,
+    /// Messages with the same [`crate::Envelope::key`] are delivered in publish order, and the next
+    /// one is not handed out while an earlier one of the same key is in flight.
+    PerKey,
+}
+
+/// A backend's declared abilities.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Native delay, and its cap.
+    pub delay: DelaySupport,
+    /// How leases work.
+    pub lease: LeaseSupport,
+    /// Ordering guarantee.
+    pub ordering: OrderingSupport,
+    /// Largest body accepted by `publish`, in bytes; larger ones fail at publish with
+    /// [`crate::BrokerError::PayloadTooLarge`].
+    pub max_payload: usize,
+    /// Most messages one `publish`, `receive`, `ack` or `release` call handles (larger calls are
+    /// split by the backend itself).
+    pub max_batch: usize,
+    /// Whether accepted messages survive a broker restart.
+    pub durable: bool,
+    /// How late a due delayed message may be delivered, at most, when consumers are idle.
+    pub delay_tolerance: Duration,
+    /// How stale [`crate::Broker::depth`] may be.
+    pub depth_staleness: Duration,
+}
+
+impl fmt::Display for Capabilities {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let delay = match self.delay {
+            DelaySupport::None => "emulated".to_string(),
+            DelaySupport::Native { max: None } => "native".to_string(),
+            DelaySupport::Native { max: Some(m) } => {
+                format!("native up to {}s, hops beyond", m.as_secs())
+            }
+        };
+        let lease = match self.lease {
+            LeaseSupport::Timed { .. } => "timed",
+            LeaseSupport::Session { .. } => "session",
+        };
+        let order = match self.ordering {
+            OrderingSupport::None => "none",
+            OrderingSupport::PerKey => "per key",
+        };
+        write!(
+            f,
+            "delay={delay}, lease={lease}, ordering={order}, max_payload={}B, durable={}",
+            self.max_payload, self.durable
+        )
+    }
+}
