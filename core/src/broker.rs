@@ -132,8 +132,11 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
     /// durably (per [`Capabilities::durable`]); on error, some of the batch may have been accepted
     /// (publish is at-least-once, never at-most-once). Payloads over [`Capabilities::max_payload`]
     /// fail the call with [`BrokerError::PayloadTooLarge`] before anything is sent. Messages whose
-    /// `not_before` lies within the native delay cap are held back by the broker; the caller (the
-    /// runtime's delay module) never hands a longer delay to a capped backend.
+    /// `not_before` lies in the future are held back natively: a backend with a capped delay holds
+    /// them for `min(remaining, cap)` (rounded *up* to its granularity, never early) and keeps the
+    /// true `not_before` in the message, and the runtime re-publishes a copy that arrives early with
+    /// the remaining delay ("hops"). Backends without native delay never see a future `not_before`:
+    /// the runtime routes those to [`Broker::delay_store`].
     async fn publish(&self, queue: &str, messages: Vec<Envelope>) -> Result<(), BrokerError>;
 
     /// Receives up to `opts.max` ready messages from one physical queue, waiting up to `opts.wait`

@@ -1,0 +1,97 @@
+//! Runs the scenarios in phases, each under its hard time limit.
+
+use crate::backend::Backend;
+use crate::report::{Outcome, Report, Row};
+use crate::scenarios::{self, Phase, Scenario};
+use futures::future::join_all;
+use std::any::Any;
+use std::sync::Arc;
+use std::time::Duration;
+use stevedore_core::Capabilities;
+use tokio::time::Instant;
+
+/// Runs the selected scenarios (`None` = all) against `backend` and reports each outcome. Prints
+/// nothing itself (progress goes to `tracing` at debug level).
+///
+/// Scenarios run concurrently within three phases: the timing-sensitive ones (4, 5, 6, 7, 11)
+/// first, with nothing heavy beside them; then the bulk ones; then scenario 16 alone, since it
+/// restarts the broker under everyone's feet. Each scenario's hard limit is its base limit plus four
+/// times the backend's declared `depth_staleness + delay_tolerance`.
+pub async fn run(backend: Arc<dyn Backend>, select: Option<&[u8]>) -> Report {
+    let chosen: Vec<Scenario> = scenarios::all()
+        .into_iter()
+        .filter(|s| match select {
+            None => true,
+            Some(sel) => sel.contains(&s.no),
+        })
+        .collect();
+    let mut report = Report {
+        backend: backend.name().to_string(),
+        rows: Vec::new(),
+    };
+    // One handle up front, to read the declared capabilities (and to fail fast if the broker is down).
+    let caps = match backend.connect().await {
+        Ok(probe) => {
+            let caps = probe.capabilities().clone();
+            let _ = probe.close().await;
+            caps
+        }
+        Err(e) => {
+            let reason = format!("connect failed: {e}");
+            report.rows = chosen
+                .iter()
+                .map(|s| (s.no, s.name, Outcome::Fail { reason: reason.clone() }, Duration::ZERO))
+                .collect();
+            return report;
+        }
+    };
+    for phase in [Phase::Timing, Phase::Bulk, Phase::Restart] {
+        let runs = chosen
+            .iter()
+            .filter(|s| s.phase == phase)
+            .map(|s| run_one(backend.clone(), s, &caps));
+        report.rows.extend(join_all(runs).await);
+    }
+    report.rows.sort_by_key(|r| r.0);
+    report
+}
+
+async fn run_one(backend: Arc<dyn Backend>, s: &Scenario, caps: &Capabilities) -> Row {
+    let limit = s.limit + (caps.depth_staleness + caps.delay_tolerance) * 4;
+    tracing::debug!(scenario = s.no, name = s.name, "starting");
+    let started = Instant::now();
+    let task = tokio::spawn((s.run)(backend));
+    let abort = task.abort_handle();
+    let outcome = match tokio::time::timeout(limit, task).await {
+        Ok(Ok(Ok(outcome))) => outcome,
+        Ok(Ok(Err(reason))) => Outcome::Fail { reason },
+        Ok(Err(e)) if e.is_panic() => Outcome::Fail {
+            reason: format!("panicked: {}", panic_text(e.into_panic())),
+        },
+        Ok(Err(e)) => Outcome::Fail {
+            reason: format!("task failed: {e}"),
+        },
+        Err(_) => {
+            abort.abort();
+            Outcome::Fail {
+                reason: format!(
+                    "hit the hard time limit of {:.0}s (a broker call hung or messages never came)",
+                    limit.as_secs_f64()
+                ),
+            }
+        }
+    };
+    let took = started.elapsed();
+    tracing::debug!(scenario = s.no, result = outcome.label(), ?took, "finished");
+    (s.no, s.name, outcome, took)
+}
+
+fn panic_text(p: Box<dyn Any + Send>) -> String {
+    match p.downcast::<String>() {
+        Ok(s) => *s,
+        Err(p) => p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| "(non-text panic)".into()),
+    }
+}

@@ -1,0 +1,462 @@
+//! The entry point a user's binary calls: `App::new(router).run().await` gives it the commands
+//! `run`, `enqueue`, `stats`, `dlq list|inspect|replay|purge` and `config check`.
+
+use crate::config::{self, Config, ConfigError};
+use crate::dlq::{self, Select};
+use crate::router::Router;
+use crate::shutdown::{listen_for_signals, ShutdownHandle};
+use crate::stats::Stats;
+use crate::{backend, Client, Worker};
+use clap::{Parser, Subcommand};
+use futures::future::BoxFuture;
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+use stevedore_core::{names, Broker, Priority};
+
+#[derive(Parser, Debug)]
+#[command(
+    about = "A Stevedore worker: runs your job handlers on the broker your config names",
+    after_help = "Examples:\n  \
+        run --config config/default.toml            start the worker (Ctrl-C drains and exits)\n  \
+        enqueue send_email '{\"to\":\"a@b.c\"}' --queue emails --priority high --delay 10m\n  \
+        stats                                        queue depths per priority level and dead letters\n  \
+        dlq list --queue emails                      what died, and why\n  \
+        dlq replay --queue emails --all              send dead letters back to their queue\n  \
+        config check --profile production            validate and print the effective config (secrets redacted)\n\n\
+        Config: --config FILE (or STEVEDORE_CONFIG), --profile NAME (or STEVEDORE_PROFILE); any key can be\n\
+        overridden by STEVEDORE_<SECTION>__<KEY>, e.g. STEVEDORE_WORKER__CONCURRENCY=8. Logs: RUST_LOG=debug."
+)]
+struct Cli {
+    /// Config file (TOML). Without it: built-in defaults plus STEVEDORE_* overrides.
+    #[arg(short, long, global = true, env = "STEVEDORE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Profile: a [profile.NAME] section of the config file applied on top of it.
+    #[arg(short, long, global = true, env = "STEVEDORE_PROFILE")]
+    profile: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the worker until SIGTERM or Ctrl-C (a second signal exits at once).
+    Run,
+    /// Enqueue a job.
+    Enqueue {
+        /// Job name (the handler registered under it runs the job).
+        job: String,
+        /// JSON payload.
+        #[arg(default_value = "{}")]
+        payload: String,
+        /// Logical queue.
+        #[arg(short, long, default_value = config::DEFAULT_QUEUE)]
+        queue: String,
+        /// Priority level: high, normal or low.
+        #[arg(long, default_value = "normal", value_parser = parse_priority)]
+        priority: Priority,
+        /// Run no sooner than this from now ("30s", "10m", "2h").
+        #[arg(long, value_parser = humantime::parse_duration)]
+        delay: Option<Duration>,
+        /// Ordering key.
+        #[arg(long)]
+        key: Option<String>,
+        /// Enqueue this many copies (each with its own id).
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+    },
+    /// Show queue depths (ready, in flight, delayed, oldest age) per priority level and dead letters.
+    Stats {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Dead-letter queue tools.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+    /// Config tools.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum DlqCommand {
+    /// List dead letters with their error, attempts and time of death.
+    List {
+        /// Logical queue.
+        #[arg(short, long, default_value = config::DEFAULT_QUEUE)]
+        queue: String,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Print JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one dead letter in full, payload included.
+    Inspect {
+        /// Message id.
+        id: String,
+        /// Logical queue.
+        #[arg(short, long, default_value = config::DEFAULT_QUEUE)]
+        queue: String,
+    },
+    /// Send dead letters back to their queue as fresh jobs.
+    Replay {
+        /// Logical queue.
+        #[arg(short, long, default_value = config::DEFAULT_QUEUE)]
+        queue: String,
+        /// Only these message ids (repeatable).
+        #[arg(long = "id")]
+        ids: Vec<String>,
+        /// Every dead letter (up to --limit).
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+        /// At most this many.
+        #[arg(long, default_value_t = 10_000)]
+        limit: usize,
+    },
+    /// Delete dead letters for good.
+    Purge {
+        /// Logical queue.
+        #[arg(short, long, default_value = config::DEFAULT_QUEUE)]
+        queue: String,
+        /// Only these message ids (repeatable).
+        #[arg(long = "id")]
+        ids: Vec<String>,
+        /// Every dead letter (up to --limit).
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+        /// Confirm the deletion.
+        #[arg(long)]
+        yes: bool,
+        /// At most this many.
+        #[arg(long, default_value_t = 100_000)]
+        limit: usize,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCommand {
+    /// Load and validate the config against the backend, print notices and the effective config
+    /// with secrets redacted.
+    Check,
+}
+
+fn parse_priority(s: &str) -> Result<Priority, String> {
+    Priority::parse(s).ok_or_else(|| format!("unknown priority {s:?}: use high, normal or low"))
+}
+
+type OnStart = Box<dyn FnOnce(Client, Arc<Stats>, ShutdownHandle) -> BoxFuture<'static, ()> + Send>;
+
+/// Your binary's command line. Build it with your router; `run().await` parses `std::env::args`.
+pub struct App<S = ()> {
+    router: Router<S>,
+    on_start: Option<OnStart>,
+    summary: Option<Duration>,
+}
+
+enum Failure {
+    Config(ConfigError),
+    Other(String),
+}
+
+impl From<ConfigError> for Failure {
+    fn from(e: ConfigError) -> Self {
+        Failure::Config(e)
+    }
+}
+
+impl From<stevedore_core::BrokerError> for Failure {
+    fn from(e: stevedore_core::BrokerError) -> Self {
+        Failure::Other(format!("broker: {e}"))
+    }
+}
+
+impl From<crate::EnqueueError> for Failure {
+    fn from(e: crate::EnqueueError) -> Self {
+        Failure::Other(e.to_string())
+    }
+}
+
+impl<S: Clone + Send + Sync + 'static> App<S> {
+    /// An app serving `router`'s handlers.
+    pub fn new(router: Router<S>) -> Self {
+        App {
+            router,
+            on_start: None,
+            summary: None,
+        }
+    }
+
+    /// Runs `f` once the worker of `run` has started, with a producer on the same broker, the live
+    /// counters and the shutdown handle (the quickstart uses it to produce demo jobs in-process).
+    pub fn on_start<F, Fut>(mut self, f: F) -> Self
+    where
+        F: FnOnce(Client, Arc<Stats>, ShutdownHandle) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.on_start = Some(Box::new(move |c, s, h| Box::pin(f(c, s, h))));
+        self
+    }
+
+    /// Prints a one-line-per-queue summary (processed, retried, dead-lettered, in flight) to stdout
+    /// every `every` while `run` runs, and once more at exit.
+    pub fn live_summary(mut self, every: Duration) -> Self {
+        self.summary = Some(every);
+        self
+    }
+
+    /// Parses the process arguments and runs the command. Exit status: 0 success, 2 bad config or
+    /// usage, 1 broker or other failure.
+    pub async fn run(self) -> ExitCode {
+        self.run_with(std::env::args_os()).await
+    }
+
+    /// As [`App::run`], with explicit arguments (the first is the program name).
+    pub async fn run_with<I: IntoIterator<Item = OsString>>(self, args: I) -> ExitCode {
+        let cli = match Cli::try_parse_from(args) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = e.print();
+                return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+            }
+        };
+        init_tracing();
+        match self.dispatch(cli).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(Failure::Config(e)) => {
+                eprintln!("error: invalid config: {e}");
+                ExitCode::from(2)
+            }
+            Err(Failure::Other(e)) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    }
+
+    async fn dispatch(self, cli: Cli) -> Result<(), Failure> {
+        let cfg = config::load(cli.config.as_deref(), cli.profile.as_deref())?;
+        match cli.command {
+            Command::Run => self.run_worker(cfg).await,
+            Command::Config(ConfigCommand::Check) => {
+                let caps = backend::capabilities(&cfg)?;
+                let notices = cfg.validate(&caps)?;
+                println!("config OK ({})", cfg.source.as_deref().unwrap_or("built-in defaults and environment"));
+                for n in notices {
+                    println!("  note: {n}");
+                }
+                println!("\n{}", cfg.redacted());
+                Ok(())
+            }
+            command => {
+                let broker = backend::connect(&cfg).await?;
+                if broker.name() == "memory" {
+                    eprintln!(
+                        "warning: broker.kind = \"memory\" keeps queues inside one process; this command sees only its own empty broker, not a running worker's"
+                    );
+                }
+                admin(command, &cfg, broker).await
+            }
+        }
+    }
+
+    async fn run_worker(self, cfg: Config) -> Result<(), Failure> {
+        let broker = backend::connect(&cfg).await?;
+        let worker = Worker::new(broker, self.router, cfg)?;
+        let handle = worker.shutdown_handle();
+        let signals = listen_for_signals(handle.clone());
+        let stats = worker.stats();
+        if let Some(f) = self.on_start {
+            tokio::spawn(f(worker.client(), stats.clone(), handle.clone()));
+        }
+        let printer = self.summary.map(|every| {
+            let stats = stats.clone();
+            let mut stop = handle.subscribe();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(every) => print_summary(&stats),
+                        _ = stop.wait_for(|s| *s) => return,
+                    }
+                }
+            })
+        });
+        let report = worker.run().await;
+        signals.abort();
+        if let Some(p) = printer {
+            p.abort();
+        }
+        if self.summary.is_some() {
+            print_summary(&stats);
+        }
+        report.map(|_| ()).map_err(|e| Failure::Other(e.to_string()))
+    }
+}
+
+fn print_summary(stats: &Stats) {
+    for (queue, s) in stats.snapshot() {
+        println!(
+            "[{queue}] processed {:>7}  retried {:>5}  dead-lettered {:>4}  in flight {:>3}",
+            s.processed, s.retried, s.dead_lettered, s.in_flight
+        );
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn check_queue(q: &str) -> Result<(), Failure> {
+    names::validate(q).map_err(|reason| Failure::Other(format!("invalid queue name {q:?}: {reason}")))
+}
+
+fn select(ids: Vec<String>, all: bool, verb: &str) -> Result<Select, Failure> {
+    match (all, ids.is_empty()) {
+        (true, _) => Ok(Select::All),
+        (false, false) => Ok(Select::Ids(ids)),
+        (false, true) => Err(Failure::Other(format!("say which dead letters to {verb}: --id ID (repeatable) or --all"))),
+    }
+}
+
+async fn admin(command: Command, cfg: &Config, broker: Arc<dyn Broker>) -> Result<(), Failure> {
+    match command {
+        Command::Enqueue {
+            job,
+            payload,
+            queue,
+            priority,
+            delay,
+            key,
+            count,
+        } => {
+            check_queue(&queue)?;
+            let value: serde_json::Value =
+                serde_json::from_str(&payload).map_err(|e| Failure::Other(format!("payload is not valid JSON: {e}")))?;
+            let client = Client::new(broker);
+            for _ in 0..count {
+                let mut e = client.enqueue(&job, &value).queue(&queue).priority(priority);
+                if let Some(d) = delay {
+                    e = e.delay(d);
+                }
+                if let Some(k) = &key {
+                    e = e.key(k);
+                }
+                let id = e.send().await?;
+                println!("{id}");
+            }
+            Ok(())
+        }
+        Command::Stats { json } => {
+            let mut rows = Vec::new();
+            for (name, q) in cfg.effective_queues() {
+                for p in q.levels() {
+                    let d = broker.depth(&names::physical(&name, p)).await?;
+                    rows.push((name.clone(), p.as_str().to_string(), d));
+                }
+                let d = broker.depth(&names::dead_letter(&name)).await?;
+                rows.push((name.clone(), "dead-letter".to_string(), d));
+            }
+            if json {
+                let v: Vec<_> = rows
+                    .iter()
+                    .map(|(q, l, d)| serde_json::json!({"queue": q, "level": l, "depth": d}))
+                    .collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else {
+                println!("{:<24} {:<12} {:>10} {:>10} {:>10} {:>12}", "QUEUE", "LEVEL", "READY", "IN FLIGHT", "DELAYED", "OLDEST");
+                for (q, l, d) in rows {
+                    let oldest = d.oldest_age.map(|a| format!("{}s", a.as_secs())).unwrap_or_else(|| "-".into());
+                    println!("{q:<24} {l:<12} {:>10} {:>10} {:>10} {oldest:>12}", d.ready, d.in_flight, d.delayed);
+                }
+            }
+            Ok(())
+        }
+        Command::Dlq(DlqCommand::List { queue, limit, json }) => {
+            check_queue(&queue)?;
+            let list = dlq::list(&broker, &queue, limit).await?;
+            for d in &list {
+                if json {
+                    println!("{}", dead_letter_json(d));
+                } else {
+                    println!(
+                        "{}  job={}  attempts={}  died={}  error={}",
+                        d.envelope.id,
+                        d.envelope.job.as_deref().unwrap_or("-"),
+                        d.attempts,
+                        d.last_failure.map(|t| humantime::format_rfc3339_seconds(t).to_string()).unwrap_or_default(),
+                        d.error
+                    );
+                }
+            }
+            if !json {
+                println!("{} dead letter(s) in {}", list.len(), names::dead_letter(&queue));
+            }
+            Ok(())
+        }
+        Command::Dlq(DlqCommand::Inspect { id, queue }) => {
+            check_queue(&queue)?;
+            let list = dlq::list(&broker, &queue, usize::MAX).await?;
+            let found = list
+                .iter()
+                .find(|d| d.envelope.id == id)
+                .ok_or_else(|| Failure::Other(format!("no dead letter with id {id} in {}", names::dead_letter(&queue))))?;
+            let pretty = serde_json::to_string_pretty(&dead_letter_json(found)).unwrap_or_default();
+            println!("{pretty}");
+            Ok(())
+        }
+        Command::Dlq(DlqCommand::Replay { queue, ids, all, limit }) => {
+            check_queue(&queue)?;
+            let n = dlq::replay(&broker, &queue, &select(ids, all, "replay")?, limit).await?;
+            println!("replayed {n} dead letter(s) from {}", names::dead_letter(&queue));
+            Ok(())
+        }
+        Command::Dlq(DlqCommand::Purge {
+            queue,
+            ids,
+            all,
+            yes,
+            limit,
+        }) => {
+            check_queue(&queue)?;
+            let sel = select(ids, all, "purge")?;
+            if !yes {
+                return Err(Failure::Other("purge deletes dead letters for good: add --yes to confirm".into()));
+            }
+            let n = dlq::purge(&broker, &queue, &sel, limit).await?;
+            println!("purged {n} dead letter(s) from {}", names::dead_letter(&queue));
+            Ok(())
+        }
+        Command::Run | Command::Config(_) => Ok(()),
+    }
+}
+
+fn dead_letter_json(d: &dlq::DeadLetter) -> serde_json::Value {
+    let e = &d.envelope;
+    let payload = match std::str::from_utf8(&e.payload) {
+        Ok(s) => serde_json::from_str(s).unwrap_or_else(|_| serde_json::Value::String(s.to_string())),
+        Err(_) => serde_json::Value::String(format!("<{} bytes of binary>", e.payload.len())),
+    };
+    serde_json::json!({
+        "id": e.id,
+        "job": e.job,
+        "origin": d.origin,
+        "attempts": d.attempts,
+        "error": d.error,
+        "first_failure": d.first_failure.map(|t| humantime::format_rfc3339_millis(t).to_string()),
+        "last_failure": d.last_failure.map(|t| humantime::format_rfc3339_millis(t).to_string()),
+        "worker": d.worker,
+        "priority": e.priority.as_str(),
+        "headers": e.headers,
+        "payload": payload,
+    })
+}

@@ -1,0 +1,206 @@
+//! Enqueueing jobs from any service.
+//!
+//! ```
+//! # use stevedore::{Client, MemoryBroker, Priority};
+//! # use std::{sync::Arc, time::Duration};
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), stevedore::EnqueueError> {
+//! let client = Client::new(Arc::new(MemoryBroker::new()));
+//! let id = client
+//!     .enqueue("send_email", &serde_json::json!({"to": "a@example.com"}))
+//!     .queue("emails")
+//!     .priority(Priority::High)
+//!     .delay(Duration::from_secs(600))
+//!     .key("order-42")
+//!     .send()
+//!     .await?;
+//! # assert!(!id.is_empty());
+//! # Ok(()) }
+//! ```
+
+use crate::delay::Scheduler;
+use bytes::Bytes;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use stevedore_core::{names, Broker, BrokerError, Envelope, Priority};
+
+/// Why an enqueue failed. Nothing was published unless the variant says otherwise.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EnqueueError {
+    /// The payload could not be serialized.
+    #[error("cannot encode the payload as JSON: {0}")]
+    Encode(#[from] serde_json::Error),
+    /// The queue name is not valid.
+    #[error("invalid queue name {queue:?}: {reason}")]
+    InvalidQueue {
+        /// The name given.
+        queue: String,
+        /// What is allowed.
+        reason: String,
+    },
+    /// The queue holds more than the limit given with [`Enqueue::max_depth`].
+    #[error("queue {queue:?} is full: {depth} messages waiting, limit {max}")]
+    QueueFull {
+        /// Logical queue.
+        queue: String,
+        /// Ready + delayed messages counted.
+        depth: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// The broker refused or failed (see [`BrokerError::is_transient`]; on a transient error the
+    /// message may or may not have been accepted).
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+/// A producer handle. Cheap to clone; thread safe.
+#[derive(Clone, Debug)]
+pub struct Client {
+    scheduler: Scheduler,
+}
+
+impl Client {
+    /// A client publishing to `broker`.
+    pub fn new(broker: Arc<dyn Broker>) -> Self {
+        Client {
+            scheduler: Scheduler::new(broker),
+        }
+    }
+
+    /// Starts an enqueue of `job` with a JSON payload, to queue `default` unless
+    /// [`Enqueue::queue`] says otherwise. Nothing is sent until [`Enqueue::send`].
+    pub fn enqueue<T: serde::Serialize + ?Sized>(&self, job: &str, payload: &T) -> Enqueue {
+        let envelope = serde_json::to_vec(payload)
+            .map(|bytes| Envelope::new(job, bytes).json())
+            .map_err(EnqueueError::from);
+        self.build(envelope)
+    }
+
+    /// Starts an enqueue of `job` with raw payload bytes.
+    pub fn enqueue_bytes(&self, job: &str, payload: impl Into<Bytes>) -> Enqueue {
+        self.build(Ok(Envelope::new(job, payload)))
+    }
+
+    fn build(&self, envelope: Result<Envelope, EnqueueError>) -> Enqueue {
+        Enqueue {
+            client: self.clone(),
+            envelope,
+            queue: "default".into(),
+            max_depth: None,
+        }
+    }
+
+    /// Publishes ready-made envelopes to logical queue `queue`, each to the physical queue of its
+    /// priority, delayed ones through the delay scheduler.
+    pub async fn publish(&self, queue: &str, envelopes: Vec<Envelope>) -> Result<(), EnqueueError> {
+        names::validate(queue).map_err(|reason| EnqueueError::InvalidQueue {
+            queue: queue.to_string(),
+            reason,
+        })?;
+        let mut by_level: BTreeMap<Priority, Vec<Envelope>> = BTreeMap::new();
+        for e in envelopes {
+            by_level.entry(e.priority).or_default().push(e);
+        }
+        let max = self.scheduler.broker().capabilities().max_batch.max(1);
+        for (priority, batch) in by_level {
+            let physical = names::physical(queue, priority);
+            let mut batch = batch;
+            while !batch.is_empty() {
+                let rest = batch.split_off(batch.len().min(max));
+                self.scheduler.publish(&physical, batch).await?;
+                batch = rest;
+            }
+        }
+        Ok(())
+    }
+
+    /// Ready + delayed messages over every priority level of `queue`.
+    pub async fn waiting(&self, queue: &str) -> Result<u64, BrokerError> {
+        let mut n = 0;
+        for p in Priority::ALL {
+            let d = self.scheduler.broker().depth(&names::physical(queue, p)).await?;
+            n += d.ready + d.delayed;
+        }
+        Ok(n)
+    }
+}
+
+/// One enqueue being built. Consumed by [`Enqueue::send`].
+#[must_use = "nothing is enqueued until .send().await"]
+#[derive(Debug)]
+pub struct Enqueue {
+    client: Client,
+    envelope: Result<Envelope, EnqueueError>,
+    queue: String,
+    max_depth: Option<u64>,
+}
+
+impl Enqueue {
+    fn map(mut self, f: impl FnOnce(&mut Envelope)) -> Self {
+        if let Ok(e) = &mut self.envelope {
+            f(e);
+        }
+        self
+    }
+
+    /// The logical queue (default `default`).
+    pub fn queue(mut self, queue: &str) -> Self {
+        self.queue = queue.to_string();
+        self
+    }
+
+    /// Priority level (default normal).
+    pub fn priority(self, priority: Priority) -> Self {
+        self.map(|e| e.priority = priority)
+    }
+
+    /// Not to run before `delay` from now.
+    pub fn delay(self, delay: Duration) -> Self {
+        self.map(|e| e.not_before = Some(SystemTime::now() + delay))
+    }
+
+    /// Not to run before `at`.
+    pub fn at(self, at: SystemTime) -> Self {
+        self.map(|e| e.not_before = Some(at))
+    }
+
+    /// Ordering / partition key.
+    pub fn key(self, key: &str) -> Self {
+        self.map(|e| e.key = Some(key.to_string()))
+    }
+
+    /// A user header.
+    pub fn header(self, key: &str, value: &str) -> Self {
+        self.map(|e| {
+            e.headers.insert(key.to_string(), value.to_string());
+        })
+    }
+
+    /// Refuse with [`EnqueueError::QueueFull`] when the queue already holds `max` or more ready and
+    /// delayed messages (backpressure; the check and the publish are not atomic).
+    pub fn max_depth(mut self, max: u64) -> Self {
+        self.max_depth = Some(max);
+        self
+    }
+
+    /// Publishes; returns the message id once the broker holds it.
+    pub async fn send(self) -> Result<String, EnqueueError> {
+        let envelope = self.envelope?;
+        if let Some(max) = self.max_depth {
+            let depth = self.client.waiting(&self.queue).await?;
+            if depth >= max {
+                return Err(EnqueueError::QueueFull {
+                    queue: self.queue,
+                    depth,
+                    max,
+                });
+            }
+        }
+        let id = envelope.id.clone();
+        self.client.publish(&self.queue, vec![envelope]).await?;
+        Ok(id)
+    }
+}

@@ -1,0 +1,507 @@
+//! The whole configuration of a worker.
+//!
+//! Layers, each overriding the one before: built-in defaults (every field has one, so an empty
+//! file is valid) ← the TOML file ← the selected `[profile.<name>]` section of that same file ←
+//! `STEVEDORE_*` environment variables (`STEVEDORE_WORKER__CONCURRENCY=8` sets
+//! `worker.concurrency`; `__` separates levels). Unknown keys are errors, durations are human
+//! (`"30s"`, `"10m"`), and [`Config::validate`] checks the result against the chosen backend's
+//! [`Capabilities`](stevedore_core::Capabilities) before anything connects. Every error names the
+//! file and key it is about and what is allowed.
+//!
+//! ```
+//! use stevedore::config::{self, PriorityMode};
+//! use stevedore::{Broker, MemoryBroker, Priority};
+//!
+//! let config = config::from_toml_str(
+//!     r#"
+//!     [worker]
+//!     concurrency = 32
+//!
+//!     [queues.emails]
+//!     weights = { high = 4, normal = 2, low = 1 }
+//!     reserved = { high = 2 }
+//!
+//!     [profile.production.worker]
+//!     concurrency = 200
+//!     "#,
+//!     Some("production"),
+//! )?;
+//! assert_eq!(config.queues["emails"].mode, PriorityMode::Weighted);
+//! assert_eq!(config.levels("emails"), [Priority::High, Priority::Normal, Priority::Low]);
+//! assert_eq!(config.worker.concurrency, 200);
+//! let broker = MemoryBroker::new();
+//! let notices = config.validate(broker.capabilities())?; // log these at start-up
+//! # let _ = notices;
+//! # Ok::<(), config::ConfigError>(())
+//! ```
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+use stevedore_core::Priority;
+
+mod load;
+mod redact;
+#[cfg(test)]
+mod tests;
+mod validate;
+
+pub use load::{from_toml_str, load};
+pub use redact::redact_url;
+
+/// Prefix of environment variables that override config keys (`STEVEDORE_WORKER__CONCURRENCY`).
+/// Only variables with `__` after the prefix are config keys, so `STEVEDORE_PROFILE`,
+/// `STEVEDORE_CONFIG` and other single-word variables never are.
+pub const ENV_PREFIX: &str = "STEVEDORE_";
+/// Environment variable naming the profile when none is given explicitly.
+pub const ENV_PROFILE: &str = "STEVEDORE_PROFILE";
+/// Environment variable naming the config file when none is given explicitly.
+pub const ENV_CONFIG: &str = "STEVEDORE_CONFIG";
+/// The queue served when the config defines none.
+pub const DEFAULT_QUEUE: &str = "default";
+
+/// A worker's whole configuration. See the [module docs](self) for how it is loaded.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Which broker to use and how to reach it (`[broker]`).
+    pub broker: BrokerConfig,
+    /// Process-wide settings (`[worker]`).
+    pub worker: WorkerConfig,
+    /// Metrics, health and scale endpoints (`[http]`).
+    pub http: HttpConfig,
+    /// Default retry policy (`[retry]`), overridden per queue and per job.
+    pub retry: RetryConfig,
+    /// Autoscaling hints (`[autoscale]`).
+    pub autoscale: AutoscaleConfig,
+    /// Logical queues to serve, by name (`[queues.<name>]`). Empty means one queue named
+    /// [`DEFAULT_QUEUE`] with default settings; see [`Config::effective_queues`].
+    pub queues: BTreeMap<String, QueueConfig>,
+    /// Per-job-name overrides (`[jobs.<name>]`).
+    pub jobs: BTreeMap<String, JobConfig>,
+    /// The file this config was read from, if any (set by [`load`], never read from TOML).
+    #[serde(skip)]
+    pub source: Option<String>,
+    /// The profile applied, if any (set by [`load`], never read from TOML).
+    #[serde(skip)]
+    pub profile: Option<String>,
+    /// Keys whose value came from the selected profile or the environment, mapped to where the
+    /// user wrote them (`profile.production.worker.concurrency`, `STEVEDORE_WORKER__CONCURRENCY`).
+    /// Keys from the file's top level or the defaults are absent. Set by [`load`]; errors and
+    /// [`Config::redacted`] use it to point at the right place.
+    #[serde(skip)]
+    pub origins: BTreeMap<String, String>,
+}
+
+/// `[broker]`: which backend, and how to reach it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// The backend (`kind = "memory"` by default).
+    pub kind: BrokerKind,
+    /// Connection URL (Redis, RabbitMQ) or bootstrap servers (Kafka). May hold a password: it is
+    /// redacted whenever the config is shown; prefer `STEVEDORE_BROKER__URL` for secrets.
+    pub url: Option<String>,
+    /// Largest payload in bytes (memory broker only; other brokers have their own limit).
+    pub max_payload: Option<u64>,
+    /// Prefix of every key, queue or topic the backend creates, to share one broker.
+    pub key_prefix: Option<String>,
+    /// Cloud region (SQS).
+    pub region: Option<String>,
+    /// Endpoint URL overriding the cloud default (SQS: LocalStack, ElasticMQ).
+    pub endpoint: Option<String>,
+}
+
+/// The broker backends, as written in `broker.kind`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BrokerKind {
+    /// The embedded in-memory broker (not durable; for development and tests).
+    #[default]
+    Memory,
+    /// Redis Streams.
+    Redis,
+    /// RabbitMQ (AMQP 0-9-1).
+    Rabbitmq,
+    /// Amazon SQS.
+    Sqs,
+    /// Apache Kafka.
+    Kafka,
+}
+
+impl BrokerKind {
+    /// Every kind, in the order of the docs.
+    pub const ALL: [BrokerKind; 5] = [
+        BrokerKind::Memory,
+        BrokerKind::Redis,
+        BrokerKind::Rabbitmq,
+        BrokerKind::Sqs,
+        BrokerKind::Kafka,
+    ];
+
+    /// The name used in config (`memory`, `redis`, `rabbitmq`, `sqs`, `kafka`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BrokerKind::Memory => "memory",
+            BrokerKind::Redis => "redis",
+            BrokerKind::Rabbitmq => "rabbitmq",
+            BrokerKind::Sqs => "sqs",
+            BrokerKind::Kafka => "kafka",
+        }
+    }
+
+    /// Whether this build can run the backend. Only `memory` so far: each other backend lands in
+    /// its own issue, which turns its arm to `true` (behind its Cargo feature).
+    pub fn is_available(self) -> bool {
+        matches!(self, BrokerKind::Memory)
+    }
+}
+
+impl fmt::Display for BrokerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `[worker]`: process-wide settings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Worker id in logs, metrics and dead-letter headers; `None` means `hostname-pid` (see
+    /// [`WorkerConfig::worker_id`]).
+    pub id: Option<String>,
+    /// Most jobs in flight in this process, across all queues.
+    pub concurrency: usize,
+    /// How long graceful shutdown waits for in-flight jobs before releasing them.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// Longest idle wait on a queue in one receive call.
+    #[serde(with = "humantime_serde")]
+    pub poll_wait: Duration,
+    /// How often due delayed messages are promoted (for backends with a delay store).
+    #[serde(with = "humantime_serde")]
+    pub promote_interval: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            id: None,
+            concurrency: 64,
+            shutdown_timeout: Duration::from_secs(30),
+            poll_wait: Duration::from_secs(1),
+            promote_interval: Duration::from_millis(250),
+        }
+    }
+}
+
+impl WorkerConfig {
+    /// The configured id, or `hostname-pid` when none is set.
+    pub fn worker_id(&self) -> String {
+        if let Some(id) = self.id.as_deref().filter(|id| !id.is_empty()) {
+            return id.to_string();
+        }
+        let host = hostname::get()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".to_string());
+        format!("{host}-{}", std::process::id())
+    }
+}
+
+/// `[http]`: the metrics, health and scale-hint endpoints.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Whether to serve them.
+    pub enabled: bool,
+    /// Address to listen on (`"127.0.0.1:9464"`; use `"0.0.0.0:9464"` in a container).
+    pub bind: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            enabled: true,
+            bind: SocketAddr::from((Ipv4Addr::LOCALHOST, 9464)),
+        }
+    }
+}
+
+/// `[retry]`: exponential backoff with full jitter. Attempt `n` (from 1) waits a random time up to
+/// `min(cap, base * factor^(n-1))`; after `max_attempts` attempts, or once the job is older than
+/// `max_age`, it goes to the dead-letter queue.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Attempts in total, the first included (1 = never retry).
+    pub max_attempts: u32,
+    /// Backoff before the first retry, before jitter.
+    #[serde(with = "humantime_serde")]
+    pub base: Duration,
+    /// Growth of the backoff per attempt.
+    pub factor: f64,
+    /// Longest backoff.
+    #[serde(with = "humantime_serde")]
+    pub cap: Duration,
+    /// No retry is scheduled once a job was first enqueued this long ago.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            max_attempts: 5,
+            base: Duration::from_secs(1),
+            factor: 2.0,
+            cap: Duration::from_secs(600),
+            max_age: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+/// Per-queue or per-job changes to [`RetryConfig`]: each field set here replaces the inherited one.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryOverride {
+    /// See [`RetryConfig::max_attempts`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    /// See [`RetryConfig::base`].
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub base: Option<Duration>,
+    /// See [`RetryConfig::factor`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub factor: Option<f64>,
+    /// See [`RetryConfig::cap`].
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub cap: Option<Duration>,
+    /// See [`RetryConfig::max_age`].
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub max_age: Option<Duration>,
+}
+
+impl RetryOverride {
+    /// `base` with every field set here replaced.
+    pub fn apply(&self, base: &RetryConfig) -> RetryConfig {
+        RetryConfig {
+            max_attempts: self.max_attempts.unwrap_or(base.max_attempts),
+            base: self.base.unwrap_or(base.base),
+            factor: self.factor.unwrap_or(base.factor),
+            cap: self.cap.unwrap_or(base.cap),
+            max_age: self.max_age.unwrap_or(base.max_age),
+        }
+    }
+
+    /// Whether no field is set.
+    pub fn is_empty(&self) -> bool {
+        *self == RetryOverride::default()
+    }
+}
+
+/// `[autoscale]`: how `desired_workers = clamp(ceil((ready + in_flight) / target_per_worker),
+/// min_workers, max_workers)` is computed and how often.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AutoscaleConfig {
+    /// Ready plus in-flight messages one worker is expected to handle.
+    pub target_per_worker: u64,
+    /// Lower bound of the hint.
+    pub min_workers: u32,
+    /// Upper bound of the hint.
+    pub max_workers: u32,
+    /// How often depths are sampled.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+impl Default for AutoscaleConfig {
+    fn default() -> Self {
+        AutoscaleConfig {
+            target_per_worker: 100,
+            min_workers: 1,
+            max_workers: 10,
+            interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// How a queue's priority levels share its fetching.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PriorityMode {
+    /// Levels are fetched in proportion to their weights.
+    #[default]
+    Weighted,
+    /// A level is fetched only when every higher level is empty (lower levels still age).
+    Strict,
+}
+
+impl PriorityMode {
+    /// The name used in config (`weighted`, `strict`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PriorityMode::Weighted => "weighted",
+            PriorityMode::Strict => "strict",
+        }
+    }
+}
+
+/// `[queues.<name>]`: one logical queue.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueueConfig {
+    /// Most jobs of this queue in flight in this process.
+    pub concurrency: usize,
+    /// Lease taken on each received message; extended in the background while the job runs.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// A job running longer than this fails (and is retried).
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Most messages per receive call (kept small so priority stays real).
+    pub batch: usize,
+    /// How levels share fetching.
+    pub mode: PriorityMode,
+    /// Weight of each level (`high`, `normal`, `low`). The levels present are the levels served.
+    pub weights: BTreeMap<Priority, u32>,
+    /// Concurrency slots only a level may use, so long jobs of other levels never take them all.
+    pub reserved: BTreeMap<Priority, usize>,
+    /// A waiting lower-level message is served as if one level higher after this long.
+    #[serde(with = "humantime_serde")]
+    pub aging: Duration,
+    /// Handler for messages without a job name (foreign producers).
+    pub default_job: Option<String>,
+    /// Retry changes for this queue's jobs.
+    pub retry: RetryOverride,
+    /// Depth beyond which producers reject or wait (backpressure); `None` = unbounded.
+    pub max_depth: Option<u64>,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            concurrency: 16,
+            lease: Duration::from_secs(30),
+            timeout: Duration::from_secs(300),
+            batch: 16,
+            mode: PriorityMode::Weighted,
+            weights: BTreeMap::from([(Priority::Normal, 1)]),
+            reserved: BTreeMap::new(),
+            aging: Duration::from_secs(30),
+            default_job: None,
+            retry: RetryOverride::default(),
+            max_depth: None,
+        }
+    }
+}
+
+impl QueueConfig {
+    /// The levels served, highest first.
+    pub fn levels(&self) -> Vec<Priority> {
+        self.weights.keys().copied().collect()
+    }
+
+    /// Slots reserved across all levels.
+    pub fn reserved_total(&self) -> usize {
+        self.reserved.values().sum()
+    }
+}
+
+/// `[jobs.<name>]`: overrides for one job name, on whichever queue it runs.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JobConfig {
+    /// Retry changes for this job (applied after the queue's).
+    pub retry: RetryOverride,
+    /// Per-job timeout replacing the queue's.
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
+}
+
+impl Config {
+    /// The queues to serve: [`Config::queues`], or one [`DEFAULT_QUEUE`] with default settings when
+    /// none is configured.
+    pub fn effective_queues(&self) -> BTreeMap<String, QueueConfig> {
+        if self.queues.is_empty() {
+            BTreeMap::from([(DEFAULT_QUEUE.to_string(), QueueConfig::default())])
+        } else {
+            self.queues.clone()
+        }
+    }
+
+    /// One served queue's settings, `None` if this worker does not serve it.
+    pub fn queue(&self, name: &str) -> Option<QueueConfig> {
+        if self.queues.is_empty() {
+            (name == DEFAULT_QUEUE).then(QueueConfig::default)
+        } else {
+            self.queues.get(name).cloned()
+        }
+    }
+
+    /// The priority levels served on `queue`, highest first (empty if the queue is not served).
+    pub fn levels(&self, queue: &str) -> Vec<Priority> {
+        self.queue(queue).map(|q| q.levels()).unwrap_or_default()
+    }
+
+    /// Retry policy of `job` on `queue`: `[retry]` ← `[queues.<queue>.retry]` ←
+    /// `[jobs.<job>.retry]`. Unknown queue or job names contribute nothing.
+    pub fn retry_for(&self, queue: &str, job: Option<&str>) -> RetryConfig {
+        let mut retry = self.retry.clone();
+        if let Some(q) = self.queue(queue) {
+            retry = q.retry.apply(&retry);
+        }
+        if let Some(j) = job.and_then(|j| self.jobs.get(j)) {
+            retry = j.retry.apply(&retry);
+        }
+        retry
+    }
+
+    /// Timeout of `job` on `queue`: `[jobs.<job>] timeout`, else the queue's, else the default
+    /// queue timeout.
+    pub fn timeout_for(&self, queue: &str, job: Option<&str>) -> Duration {
+        job.and_then(|j| self.jobs.get(j))
+            .and_then(|j| j.timeout)
+            .or_else(|| self.queue(queue).map(|q| q.timeout))
+            .unwrap_or_else(|| QueueConfig::default().timeout)
+    }
+}
+
+/// A config that cannot be loaded or is not valid. Displays as `file: key: message`, e.g.
+/// `config/dev.toml: queues.emails.concurrency: must be at least 1 (got 0)`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{}", render(.file.as_deref(), .key.as_deref(), .message))]
+pub struct ConfigError {
+    /// The file to edit, when the problem is in one.
+    pub file: Option<String>,
+    /// The key as the user wrote it: a dotted TOML path (`profile.production.worker.concurrency`
+    /// when a profile set it) or an environment variable (`STEVEDORE_WORKER__CONCURRENCY`).
+    pub key: Option<String>,
+    /// What is wrong and what is allowed.
+    pub message: String,
+}
+
+fn render(file: Option<&str>, key: Option<&str>, message: &str) -> String {
+    let mut out = String::new();
+    for part in [file, key].into_iter().flatten() {
+        out.push_str(part);
+        out.push_str(": ");
+    }
+    out.push_str(message);
+    out
+}
+
+impl ConfigError {
+    /// An error about no particular file or key.
+    pub fn new(message: impl Into<String>) -> Self {
+        ConfigError {
+            file: None,
+            key: None,
+            message: message.into(),
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! Showing the effective config without its secrets (`config check`).
+
+use super::Config;
+use serde_json::{Map, Value};
+use std::fmt::Write as _;
+
+/// Query parameters whose value is hidden by [`redact_url`] (matched as substrings, any case).
+const SECRET_PARAMS: [&str; 5] = ["pass", "secret", "token", "key", "credential"];
+
+/// `url` with its password (or whole user-info when there is no password) and secret-looking
+/// query parameters replaced by `***`: `redis://:***@host:6379/0`, `amqp://guest:***@host/`,
+/// `https://host/?token=***`. Text that is not a URL is returned unchanged.
+pub fn redact_url(url: &str) -> String {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    // Up to the query or fragment; the last '@' in there ends the user-info, even when an
+    // unencoded password contains '/'.
+    let end = url[start..]
+        .find(['?', '#'])
+        .map_or(url.len(), |i| start + i);
+    let mut out = String::with_capacity(url.len());
+    match url[start..end].rfind('@') {
+        Some(at) => {
+            let info = &url[start..start + at];
+            out.push_str(&url[..start]);
+            match info.split_once(':') {
+                Some((user, _)) => {
+                    out.push_str(user);
+                    out.push_str(":***");
+                }
+                None => out.push_str("***"),
+            }
+            out.push_str(&url[start + at..end]);
+        }
+        None => out.push_str(&url[..end]),
+    }
+    let rest = &url[end..];
+    let Some(query) = rest.strip_prefix('?') else {
+        out.push_str(rest);
+        return out;
+    };
+    let (query, fragment) = match query.split_once('#') {
+        Some((q, f)) => (q, Some(f)),
+        None => (query, None),
+    };
+    out.push('?');
+    let pairs: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((k, _)) if is_secret(k) => format!("{k}=***"),
+            _ => pair.to_string(),
+        })
+        .collect();
+    out.push_str(&pairs.join("&"));
+    if let Some(f) = fragment {
+        out.push('#');
+        out.push_str(f);
+    }
+    out
+}
+
+fn is_secret(param: &str) -> bool {
+    let p = param.to_ascii_lowercase();
+    SECRET_PARAMS.iter().any(|s| p.contains(s))
+}
+
+impl Config {
+    /// The effective config (defaults, file, profile and environment applied; the implicit
+    /// `default` queue shown) as TOML, with secrets in `broker.url` and `broker.endpoint`
+    /// redacted by [`redact_url`]. Values set by the profile or the environment carry a comment
+    /// saying so. Unset optional keys are left out.
+    pub fn redacted(&self) -> String {
+        let mut shown = self.clone();
+        shown.broker.url = shown.broker.url.as_deref().map(redact_url);
+        shown.broker.endpoint = shown.broker.endpoint.as_deref().map(redact_url);
+        shown.queues = self.effective_queues();
+        let mut out = String::from("# effective configuration (secrets redacted)\n");
+        if let Some(file) = &self.source {
+            let _ = writeln!(out, "# file: {file}");
+        }
+        if let Some(profile) = &self.profile {
+            let _ = writeln!(out, "# profile: {profile}");
+        }
+        match serde_json::to_value(&shown) {
+            Ok(Value::Object(root)) => self.write_table(&mut out, &mut Vec::new(), &root),
+            Ok(_) => {}
+            Err(e) => {
+                let _ = writeln!(out, "# cannot be shown: {e}");
+            }
+        }
+        out
+    }
+
+    /// Writes one table: its plain values under a `[header]`, then its sub-tables. Tables three
+    /// levels deep whose values are all plain (weights, retry overrides) are written inline.
+    fn write_table(&self, out: &mut String, path: &mut Vec<String>, table: &Map<String, Value>) {
+        let depth = path.len();
+        let inline = |v: &Value| match v {
+            Value::Object(m) => depth >= 2 && m.values().all(|v| !v.is_object()),
+            _ => true,
+        };
+        let plain: Vec<(&String, &Value)> = table
+            .iter()
+            .filter(|(_, v)| !v.is_null() && inline(v))
+            .collect();
+        if !plain.is_empty() && !path.is_empty() {
+            if !out.ends_with("\n\n") {
+                out.push('\n');
+            }
+            let header: Vec<String> = path.iter().map(|k| toml_key(k)).collect();
+            let _ = writeln!(out, "[{}]", header.join("."));
+        }
+        for (k, v) in plain {
+            path.push(k.clone());
+            let dotted = path.join(".");
+            let mut from: Vec<&str> = self
+                .origins
+                .iter()
+                .filter(|(o, _)| *o == &dotted || o.starts_with(&format!("{dotted}.")))
+                .map(|(_, w)| w.as_str())
+                .collect();
+            from.dedup();
+            path.pop();
+            let _ = write!(out, "{} = {}", toml_key(k), toml_value(v));
+            if !from.is_empty() {
+                let _ = write!(out, "  # from {}", from.join(", "));
+            }
+            out.push('\n');
+        }
+        for (k, v) in table {
+            if let Value::Object(m) = v {
+                if !inline(v) {
+                    path.push(k.clone());
+                    self.write_table(out, path, m);
+                    path.pop();
+                }
+            }
+        }
+    }
+}
+
+fn toml_key(k: &str) -> String {
+    let bare = !k.is_empty()
+        && k
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if bare {
+        k.to_string()
+    } else {
+        toml_string(k)
+    }
+}
+
+fn toml_string(s: &str) -> String {
+    // JSON string escapes are valid TOML basic-string escapes; TOML also forbids a raw DEL.
+    serde_json::to_string(s)
+        .unwrap_or_default()
+        .replace('\u{7f}', "\\u007F")
+}
+
+fn toml_value(v: &Value) -> String {
+    match v {
+        Value::String(s) => toml_string(s),
+        Value::Object(m) => {
+            let items: Vec<String> = m
+                .iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| format!("{} = {}", toml_key(k), toml_value(v)))
+                .collect();
+            if items.is_empty() {
+                "{}".into()
+            } else {
+                format!("{{ {} }}", items.join(", "))
+            }
+        }
+        Value::Array(a) => {
+            let items: Vec<String> = a.iter().map(toml_value).collect();
+            format!("[{}]", items.join(", "))
+        }
+        Value::Null => "\"\"".into(),
+        other => other.to_string(),
+    }
+}

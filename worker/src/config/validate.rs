@@ -1,0 +1,434 @@
+//! Validation against the chosen backend's capabilities, before anything connects.
+
+use super::{BrokerKind, Config, ConfigError, PriorityMode, QueueConfig, RetryConfig, ENV_PREFIX};
+use std::time::Duration;
+use stevedore_core::{names, Capabilities, DelaySupport, LeaseSupport};
+
+/// Shortest lease accepted: shorter ones expire before the background extension can renew them.
+const MIN_LEASE: Duration = Duration::from_secs(1);
+
+fn human(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+impl Config {
+    /// Checks the config against what the backend declares (`caps`) and returns start-up notices
+    /// to log: one line per feature the runtime emulates, and settings that are legal but risky or
+    /// ignored. The first problem found is an error naming the file, key, value and what is
+    /// allowed. Calls [`Config::check_kind_available`] first.
+    pub fn validate(&self, caps: &Capabilities) -> Result<Vec<String>, ConfigError> {
+        self.check_kind_available()?;
+        self.check(caps)
+    }
+
+    /// Refuses backends this build cannot run (see [`BrokerKind::is_available`]).
+    pub fn check_kind_available(&self) -> Result<(), ConfigError> {
+        let kind = self.broker.kind;
+        if kind.is_available() {
+            return Ok(());
+        }
+        let available: Vec<String> = BrokerKind::ALL
+            .iter()
+            .filter(|k| k.is_available())
+            .map(|k| format!("\"{k}\""))
+            .collect();
+        let (only, list) = if available.len() == 1 {
+            ("only ", available.join(""))
+        } else {
+            ("", available.join(", "))
+        };
+        let verb = if available.len() == 1 { "is" } else { "are" };
+        Err(self.error_at(
+            "broker.kind",
+            format!("\"{kind}\" is not yet available in this build: {only}{list} {verb}"),
+        ))
+    }
+
+    /// Every check of [`Config::validate`] except [`Config::check_kind_available`].
+    pub(super) fn check(&self, caps: &Capabilities) -> Result<Vec<String>, ConfigError> {
+        let mut notices = Vec::new();
+        self.check_broker(&mut notices)?;
+
+        let w = &self.worker;
+        self.at_least("worker.concurrency", w.concurrency as u64, 1)?;
+        self.nonzero("worker.poll_wait", w.poll_wait)?;
+        self.nonzero("worker.promote_interval", w.promote_interval)?;
+
+        let a = &self.autoscale;
+        self.at_least("autoscale.target_per_worker", a.target_per_worker, 1)?;
+        self.at_least("autoscale.max_workers", a.max_workers.into(), 1)?;
+        if a.min_workers > a.max_workers {
+            return Err(self.error_at(
+                "autoscale.min_workers",
+                format!(
+                    "must not exceed autoscale.max_workers ({} > {})",
+                    a.min_workers, a.max_workers
+                ),
+            ));
+        }
+        self.nonzero("autoscale.interval", a.interval)?;
+
+        self.check_retry_fields("retry", &self.retry)?;
+        for (name, q) in &self.effective_queues() {
+            self.check_queue(name, q, caps, &mut notices)?;
+        }
+        for (name, j) in &self.jobs {
+            if name.is_empty() {
+                return Err(self.error_at("jobs", "job names must not be empty".into()));
+            }
+            self.check_retry_fields(&format!("jobs.{name}.retry"), &j.retry.apply(&self.retry))?;
+            if let Some(t) = j.timeout {
+                let key = format!("jobs.{name}.timeout");
+                self.nonzero(&key, t)?;
+                session_notice(&key, t, caps, &mut notices);
+            }
+        }
+        self.check_retry_combinations()?;
+
+        let reserved: usize = self.effective_queues().values().map(|q| q.reserved_total()).sum();
+        if reserved > w.concurrency {
+            notices.push(format!(
+                "reserved: queues reserve {reserved} slots in total but worker.concurrency is {}; \
+                 a busy queue can hold slots another queue reserved",
+                w.concurrency
+            ));
+        }
+        if caps.depth_staleness > Duration::ZERO && self.queues.values().any(|q| q.max_depth.is_some())
+        {
+            notices.push(format!(
+                "max_depth: producers check depths up to {} stale on {}, so a queue may overshoot briefly",
+                human(caps.depth_staleness),
+                self.broker.kind
+            ));
+        }
+        match caps.delay {
+            DelaySupport::None => notices.push(format!(
+                "delay: emulated on {} via its durable delay store",
+                self.broker.kind
+            )),
+            DelaySupport::Native { max: Some(m) } => notices.push(format!(
+                "delay: native up to {}, longer delays hop",
+                human(m)
+            )),
+            DelaySupport::Native { max: None } => {}
+        }
+        Ok(notices)
+    }
+
+    fn check_broker(&self, notices: &mut Vec<String>) -> Result<(), ConfigError> {
+        let b = &self.broker;
+        if let Some(max) = b.max_payload {
+            if b.kind != BrokerKind::Memory {
+                return Err(self.error_at(
+                    "broker.max_payload",
+                    format!(
+                        "only the memory broker takes max_payload; {} has its own limit",
+                        b.kind
+                    ),
+                ));
+            }
+            self.at_least("broker.max_payload", max, 1)?;
+        }
+        let example = match b.kind {
+            BrokerKind::Redis => Some("redis://localhost:6379/0"),
+            BrokerKind::Rabbitmq => Some("amqp://guest:guest@localhost:5672/%2f"),
+            BrokerKind::Kafka => Some("localhost:9092"),
+            BrokerKind::Memory | BrokerKind::Sqs => None,
+        };
+        match (&b.url, example) {
+            (None, Some(example)) => {
+                return Err(self.error_at(
+                    "broker.url",
+                    format!(
+                        "required for kind = \"{}\", e.g. url = \"{example}\" \
+                         (or set {ENV_PREFIX}BROKER__URL)",
+                        b.kind
+                    ),
+                ))
+            }
+            (Some(url), Some(_)) if url.trim().is_empty() => {
+                return Err(self.error_at("broker.url", "must not be empty".into()))
+            }
+            (Some(_), None) => notices.push(format!("broker.url: ignored by the {} broker", b.kind)),
+            _ => {}
+        }
+        if b.kind != BrokerKind::Sqs {
+            for (key, set) in [("region", &b.region), ("endpoint", &b.endpoint)] {
+                if set.is_some() {
+                    notices.push(format!("broker.{key}: ignored by the {} broker", b.kind));
+                }
+            }
+        }
+        if b.kind == BrokerKind::Memory && b.key_prefix.is_some() {
+            notices.push("broker.key_prefix: ignored by the memory broker".into());
+        }
+        Ok(())
+    }
+
+    fn check_queue(
+        &self,
+        name: &str,
+        q: &QueueConfig,
+        caps: &Capabilities,
+        notices: &mut Vec<String>,
+    ) -> Result<(), ConfigError> {
+        let key = |field: &str| format!("queues.{name}.{field}");
+        if let Err(rule) = names::validate(name) {
+            return Err(self.error_at(
+                &format!("queues.{name}"),
+                format!("invalid queue name \"{name}\": {rule}"),
+            ));
+        }
+        self.at_least(&key("concurrency"), q.concurrency as u64, 1)?;
+        if q.batch < 1 || q.batch > caps.max_batch {
+            return Err(self.error_at(
+                &key("batch"),
+                format!(
+                    "must be between 1 and {}, the most {} handles per call (got {})",
+                    caps.max_batch, self.broker.kind, q.batch
+                ),
+            ));
+        }
+        if q.lease < MIN_LEASE {
+            return Err(self.error_at(
+                &key("lease"),
+                format!("must be at least {} (got {})", human(MIN_LEASE), human(q.lease)),
+            ));
+        }
+        if let LeaseSupport::Timed { max: Some(m) } = caps.lease {
+            if q.lease > m {
+                return Err(self.error_at(
+                    &key("lease"),
+                    format!(
+                        "must be at most {}, the longest lease {} allows (got {})",
+                        human(m),
+                        self.broker.kind,
+                        human(q.lease)
+                    ),
+                ));
+            }
+        }
+        self.nonzero(&key("timeout"), q.timeout)?;
+        session_notice(&key("timeout"), q.timeout, caps, notices);
+        self.nonzero(&key("aging"), q.aging)?;
+
+        if q.weights.is_empty() {
+            return Err(self.error_at(
+                &key("weights"),
+                "must name at least one level (high, normal, low): the levels present are served"
+                    .into(),
+            ));
+        }
+        for (level, weight) in &q.weights {
+            if *weight < 1 {
+                return Err(self.error_at(
+                    &key(&format!("weights.{level}")),
+                    format!("must be at least 1 (got {weight}); leave the level out to not serve it"),
+                ));
+            }
+        }
+        let served: Vec<&str> = q.weights.keys().map(|p| p.as_str()).collect();
+        for level in q.reserved.keys() {
+            if !q.weights.contains_key(level) {
+                return Err(self.error_at(
+                    &key(&format!("reserved.{level}")),
+                    format!(
+                        "level {level} is not served by this queue (weights has {}); \
+                         reserve only served levels",
+                        served.join(", ")
+                    ),
+                ));
+            }
+        }
+        let reserved = q.reserved_total();
+        if reserved > 0 && reserved >= q.concurrency {
+            return Err(self.error_at(
+                &key("reserved"),
+                format!(
+                    "reserves {reserved} of the queue's {} slots; at least one must stay \
+                     unreserved (raise {} or reserve fewer)",
+                    q.concurrency,
+                    key("concurrency")
+                ),
+            ));
+        }
+        if reserved > self.worker.concurrency {
+            return Err(self.error_at(
+                &key("reserved"),
+                format!(
+                    "reserves {reserved} slots but worker.concurrency is {}; worker.concurrency \
+                     must be at least every queue's reserved total",
+                    self.worker.concurrency
+                ),
+            ));
+        }
+        if q.default_job.as_deref().is_some_and(|j| j.trim().is_empty()) {
+            return Err(self.error_at(
+                &key("default_job"),
+                "must name a job (leave it out for none)".into(),
+            ));
+        }
+        if let Some(max) = q.max_depth {
+            if max < 1 {
+                return Err(self.error_at(
+                    &key("max_depth"),
+                    "must be at least 1 (got 0); leave it out for no limit".into(),
+                ));
+            }
+        }
+        self.check_retry_fields(&key("retry"), &q.retry.apply(&self.retry))?;
+
+        if served.len() > 1 {
+            let how = match q.mode {
+                PriorityMode::Weighted => {
+                    let w: Vec<String> = q.weights.values().map(u32::to_string).collect();
+                    format!("weighted-fair fetching ({})", w.join(":"))
+                }
+                PriorityMode::Strict => format!(
+                    "strict fetching (lower levels age after {})",
+                    human(q.aging)
+                ),
+            };
+            notices.push(format!(
+                "priority: queue {name}: separate queues per level ({}) with {how}",
+                served.join(", ")
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks the fields of one effective retry policy. `prefix` is the table that set it; the
+    /// individual fields are reported there. `base ≤ cap` is checked across layers by
+    /// [`Config::check_retry_combinations`].
+    fn check_retry_fields(&self, prefix: &str, r: &RetryConfig) -> Result<(), ConfigError> {
+        self.at_least(&format!("{prefix}.max_attempts"), r.max_attempts.into(), 1)?;
+        if !(r.factor.is_finite() && r.factor >= 1.0) {
+            return Err(self.error_at(
+                &format!("{prefix}.factor"),
+                format!("must be a number of at least 1.0 (got {})", r.factor),
+            ));
+        }
+        self.nonzero(&format!("{prefix}.max_age"), r.max_age)?;
+        Ok(())
+    }
+
+    /// `base ≤ cap` for every (queue, job) pair, since each layer may set one of the two.
+    fn check_retry_combinations(&self) -> Result<(), ConfigError> {
+        let queues = self.effective_queues();
+        let mut pairs: Vec<(Option<&str>, Option<&str>)> = vec![(None, None)];
+        for q in queues.keys() {
+            pairs.push((Some(q), None));
+            pairs.extend(self.jobs.keys().map(|j| (Some(q.as_str()), Some(j.as_str()))));
+        }
+        for (queue, job) in pairs {
+            let r = match queue {
+                Some(q) => self.retry_for(q, job),
+                None => self.retry.clone(),
+            };
+            if r.base <= r.cap {
+                continue;
+            }
+            // The most specific table that sets each field is where the user wrote it.
+            let source = |field: &str, set_by_job: bool, set_by_queue: bool| match (job, queue) {
+                (Some(j), _) if set_by_job => format!("jobs.{j}.retry.{field}"),
+                (_, Some(q)) if set_by_queue => format!("queues.{q}.retry.{field}"),
+                _ => format!("retry.{field}"),
+            };
+            let jo = job.and_then(|j| self.jobs.get(j)).map(|j| &j.retry);
+            let qo = queue.and_then(|q| queues.get(q)).map(|q| &q.retry);
+            let base = source(
+                "base",
+                jo.is_some_and(|o| o.base.is_some()),
+                qo.is_some_and(|o| o.base.is_some()),
+            );
+            let cap = source(
+                "cap",
+                jo.is_some_and(|o| o.cap.is_some()),
+                qo.is_some_and(|o| o.cap.is_some()),
+            );
+            let rank = |k: &str| ["jobs.", "queues.", "retry."].iter().position(|p| k.starts_with(p));
+            let (key, other) = if rank(&cap) < rank(&base) {
+                (&cap, &base)
+            } else {
+                (&base, &cap)
+            };
+            let mut context = String::new();
+            if let Some(q) = queue {
+                context = format!(" on queue {q}");
+            }
+            return Err(self.error_at(
+                key,
+                format!(
+                    "retry base {} exceeds cap {}{context} (the other is {other}); \
+                     base must not exceed cap",
+                    human(r.base),
+                    human(r.cap)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn at_least(&self, key: &str, got: u64, min: u64) -> Result<(), ConfigError> {
+        if got < min {
+            return Err(self.error_at(key, format!("must be at least {min} (got {got})")));
+        }
+        Ok(())
+    }
+
+    fn nonzero(&self, key: &str, got: Duration) -> Result<(), ConfigError> {
+        if got.is_zero() {
+            return Err(self.error_at(key, "must be more than 0 (like \"30s\")".into()));
+        }
+        Ok(())
+    }
+
+    /// An error at `key` (a dotted path of the merged config), pointing at where the user wrote it:
+    /// the file's top level, the profile section, or the environment variable.
+    pub(super) fn error_at(&self, key: &str, message: String) -> ConfigError {
+        let prefix = format!("{key}.");
+        let written = self.origins.get(key).or_else(|| {
+            self.origins
+                .iter()
+                .find(|(k, _)| k.starts_with(&prefix))
+                .map(|(_, w)| w)
+        });
+        let (file, key) = match written {
+            Some(w) if w.starts_with(ENV_PREFIX) => {
+                // A table set through several variables: name the table, and the variable.
+                let k = if self.origins.contains_key(key) {
+                    w.clone()
+                } else {
+                    format!("{key} (from {w})")
+                };
+                (None, k)
+            }
+            Some(w) if self.origins.contains_key(key) => (self.source.clone(), w.clone()),
+            Some(w) => {
+                let profile_key = w.split_once(&prefix).map_or(w.as_str(), |(p, _)| p);
+                (self.source.clone(), profile_key.trim_end_matches('.').to_string() + "." + key)
+            }
+            None => (self.source.clone(), key.to_string()),
+        };
+        ConfigError {
+            file,
+            key: Some(key),
+            message,
+        }
+    }
+}
+
+/// Session-lease brokers drop a consumer that holds one message longer than their limit.
+fn session_notice(key: &str, timeout: Duration, caps: &Capabilities, notices: &mut Vec<String>) {
+    if let LeaseSupport::Session { max: Some(m) } = caps.lease {
+        if timeout > m {
+            notices.push(format!(
+                "{key}: {} exceeds the broker's session limit of {}: jobs longer than {} risk \
+                 the broker dropping the consumer",
+                human(timeout),
+                human(m),
+                human(m)
+            ));
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! Delay scheduling that never holds a job in worker memory.
+//!
+//! Where the broker delays natively without a cap (the in-memory broker), a delayed message is
+//! simply published. Where the cap is finite (SQS: 900 s), the broker holds it for the cap and the
+//! runtime, seeing it arrive before its `not_before`, re-publishes it with the remaining delay (a
+//! "hop") and acks the early copy, so any delay works. Where the broker has no native delay, the
+//! message goes to the backend's durable [`DelayStore`] and a promoter task moves due messages
+//! into their queue, in bounded batches.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use stevedore_core::{Broker, BrokerError, DelayStore, DelaySupport, Envelope};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// Most messages one promotion call moves.
+pub const PROMOTE_BATCH: usize = 512;
+
+/// Publishes messages, routing delayed ones natively, by hops, or to the delay store. Cheap to
+/// clone; thread safe.
+#[derive(Clone, Debug)]
+pub struct Scheduler {
+    broker: Arc<dyn Broker>,
+    store: Option<Arc<dyn DelayStore>>,
+}
+
+impl Scheduler {
+    /// A scheduler over `broker` (and its delay store, if it has one).
+    pub fn new(broker: Arc<dyn Broker>) -> Self {
+        let store = broker.delay_store();
+        Scheduler { broker, store }
+    }
+
+    /// The broker it publishes to.
+    pub fn broker(&self) -> &Arc<dyn Broker> {
+        &self.broker
+    }
+
+    /// Whether delayed messages can be handled at all (natively or emulated).
+    pub fn supports_delay(&self) -> bool {
+        !matches!(self.broker.capabilities().delay, DelaySupport::None) || self.store.is_some()
+    }
+
+    /// One line for the start-up log: how delays are done on this backend.
+    pub fn describe(&self) -> String {
+        let name = self.broker.name();
+        match (self.broker.capabilities().delay, &self.store) {
+            (DelaySupport::Native { max: None }, _) => format!("delay: native on {name}"),
+            (DelaySupport::Native { max: Some(cap) }, _) => format!(
+                "delay: native on {name} up to {}s; longer delays are re-published in hops",
+                cap.as_secs()
+            ),
+            (DelaySupport::None, Some(_)) => format!("delay: emulated on {name} by its durable delay store"),
+            (DelaySupport::None, None) => format!("delay: UNAVAILABLE on {name}: delayed jobs and retry backoff are refused"),
+        }
+    }
+
+    /// Publishes to physical queue `queue`. Messages due now go straight to the queue; delayed ones
+    /// as described in the module docs. Fails with [`BrokerError::Unsupported`] for a delayed
+    /// message on a backend with no way to delay.
+    pub async fn publish(&self, queue: &str, messages: Vec<Envelope>) -> Result<(), BrokerError> {
+        if !matches!(self.broker.capabilities().delay, DelaySupport::None) {
+            return self.broker.publish(queue, messages).await;
+        }
+        let now = SystemTime::now();
+        let (later, due): (Vec<_>, Vec<_>) = messages.into_iter().partition(|m| m.delay_remaining(now).is_some());
+        if !due.is_empty() {
+            self.broker.publish(queue, due).await?;
+        }
+        if !later.is_empty() {
+            let store = self.store.as_ref().ok_or(BrokerError::Unsupported {
+                backend: self.broker.name(),
+                what: "delayed delivery (no native delay and no delay store)",
+            })?;
+            store.schedule(queue, later).await?;
+        }
+        Ok(())
+    }
+
+    /// How early a received message is (a hop of a capped delay), or `None` when it is due.
+    pub fn early_by(&self, env: &Envelope, now: SystemTime) -> Option<Duration> {
+        env.delay_remaining(now)
+    }
+}
+
+/// Starts the promoter when the backend has a delay store: it moves due messages into their queues
+/// every `interval` (sooner when the store knows the next due time), in batches of
+/// [`PROMOTE_BATCH`], until `shutdown` turns true. Any number of workers may run one at once.
+pub fn spawn_promoter(broker: &Arc<dyn Broker>, interval: Duration, mut shutdown: watch::Receiver<bool>) -> Option<JoinHandle<()>> {
+    let store = broker.delay_store()?;
+    Some(tokio::spawn(async move {
+        let mut failures = 0u32;
+        while !*shutdown.borrow() {
+            let pause = match store.promote_due(SystemTime::now(), PROMOTE_BATCH).await {
+                Ok(n) if n >= PROMOTE_BATCH => Duration::ZERO,
+                Ok(_) => {
+                    failures = 0;
+                    match store.next_due().await {
+                        Ok(Some(t)) => t.duration_since(SystemTime::now()).unwrap_or_default().min(interval),
+                        _ => interval,
+                    }
+                }
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(error = %e, failures, "delay promotion failed; retrying");
+                    interval * failures.min(20)
+                }
+            };
+            if !pause.is_zero() {
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = shutdown.changed() => {}
+                }
+            }
+        }
+    }))
+}

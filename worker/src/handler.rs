@@ -1,0 +1,150 @@
+//! Handlers are plain async functions whose arguments are extractors, after axum: [`Json<T>`] decodes
+//! the payload, [`JobContext`] tells about the delivery, [`State<S>`] shares application state,
+//! [`Payload`] gives the raw bytes. A payload that fails to decode becomes a permanent failure, so the
+//! message goes to the dead-letter queue with the reason instead of crashing the worker.
+//!
+//! ```
+//! use serde::Deserialize;
+//! use stevedore::{JobContext, JobError, Json, Router};
+//!
+//! #[derive(Deserialize)]
+//! struct SendEmail { to: String }
+//!
+//! async fn send_email(Json(job): Json<SendEmail>, ctx: JobContext) -> Result<(), JobError> {
+//!     println!("attempt {} emailing {}", ctx.attempt, job.to);
+//!     Ok(())
+//! }
+//!
+//! let router = Router::new().route("send_email", send_email);
+//! # let _ = router;
+//! ```
+
+use crate::error::{IntoOutcome, JobError};
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use serde::de::DeserializeOwned;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::SystemTime;
+use stevedore_core::{Envelope, Priority};
+
+/// Facts about the delivery being handled. Also an extractor.
+#[derive(Clone, Debug)]
+pub struct JobContext {
+    /// Message id (stable across retries and redeliveries).
+    pub id: String,
+    /// Job name the message was routed by (the queue's default job for foreign messages).
+    pub job: String,
+    /// Logical queue.
+    pub queue: String,
+    /// Priority level it was received from.
+    pub priority: Priority,
+    /// This attempt, from 1.
+    pub attempt: u32,
+    /// Attempts allowed before the dead-letter queue.
+    pub max_attempts: u32,
+    /// When the job was first enqueued.
+    pub enqueued_at: SystemTime,
+    /// User headers.
+    pub headers: BTreeMap<String, String>,
+    /// The worker running it.
+    pub worker_id: Arc<str>,
+}
+
+/// Everything an extractor may look at.
+#[derive(Debug)]
+pub struct JobParts {
+    /// The message as delivered.
+    pub envelope: Envelope,
+    /// Delivery facts.
+    pub context: JobContext,
+}
+
+/// Builds a handler argument from the job; failing means the payload cannot be handled at all.
+pub trait FromJob<S>: Sized {
+    /// Extracts the value, or says why the message can never be handled (it will be dead-lettered
+    /// with this reason).
+    fn from_job(parts: &JobParts, state: &S) -> Result<Self, JobError>;
+}
+
+/// Extracts and decodes a JSON payload into `T`.
+#[derive(Debug, Clone)]
+pub struct Json<T>(pub T);
+
+impl<T: DeserializeOwned, S> FromJob<S> for Json<T> {
+    fn from_job(parts: &JobParts, _: &S) -> Result<Self, JobError> {
+        serde_json::from_slice(&parts.envelope.payload).map(Json).map_err(|e| {
+            JobError::permanent(format!(
+                "malformed payload: cannot decode as {}: {e}",
+                std::any::type_name::<T>()
+            ))
+        })
+    }
+}
+
+/// The raw payload bytes.
+#[derive(Debug, Clone)]
+pub struct Payload(pub Bytes);
+
+impl<S> FromJob<S> for Payload {
+    fn from_job(parts: &JobParts, _: &S) -> Result<Self, JobError> {
+        Ok(Payload(parts.envelope.payload.clone()))
+    }
+}
+
+impl<S> FromJob<S> for JobContext {
+    fn from_job(parts: &JobParts, _: &S) -> Result<Self, JobError> {
+        Ok(parts.context.clone())
+    }
+}
+
+/// Shared application state given to [`crate::Router::with_state`]. Cloned per job, so wrap large
+/// state in an `Arc`.
+#[derive(Debug, Clone)]
+pub struct State<S>(pub S);
+
+impl<S: Clone> FromJob<S> for State<S> {
+    fn from_job(_: &JobParts, state: &S) -> Result<Self, JobError> {
+        Ok(State(state.clone()))
+    }
+}
+
+/// An async function usable as a job handler; implemented for `async fn`s of up to five extractor
+/// arguments returning `()` or `Result<(), E>`. You never implement it yourself.
+pub trait Handler<T, S>: Clone + Send + Sync + 'static {
+    /// Runs the handler on one job.
+    fn call(&self, parts: Arc<JobParts>, state: S) -> BoxFuture<'static, Result<(), JobError>>;
+}
+
+macro_rules! impl_handler {
+    ($($t:ident),*) => {
+        #[allow(non_snake_case, unused_variables)]
+        impl<F, Fut, R, S, $($t,)*> Handler<($($t,)*), S> for F
+        where
+            F: Fn($($t),*) -> Fut + Clone + Send + Sync + 'static,
+            Fut: Future<Output = R> + Send + 'static,
+            R: IntoOutcome,
+            S: Send + Sync + 'static,
+            $($t: FromJob<S> + Send + 'static,)*
+        {
+            fn call(&self, parts: Arc<JobParts>, state: S) -> BoxFuture<'static, Result<(), JobError>> {
+                $(
+                    let $t = match $t::from_job(&parts, &state) {
+                        Ok(v) => v,
+                        Err(e) => return Box::pin(async move { Err(e) }),
+                    };
+                )*
+                let fut = (self)($($t),*);
+                Box::pin(async move { fut.await.into_outcome() })
+            }
+        }
+    };
+}
+
+impl_handler!();
+impl_handler!(T1);
+impl_handler!(T1, T2);
+impl_handler!(T1, T2, T3);
+impl_handler!(T1, T2, T3, T4);
+impl_handler!(T1, T2, T3, T4, T5);

@@ -1,0 +1,148 @@
+//! Retry policy: exponential backoff with jitter, bounded by attempts and age. Pure logic: the
+//! runtime republishes the retry (with `attempt + 1` and a `not_before`) and acks the original, so a
+//! backoff never sleeps inside a consumer and never holds the message in worker memory.
+
+use crate::error::{FailureKind, JobError};
+use std::time::{Duration, SystemTime};
+
+/// How a queue or job retries. See `[retry]` in the config reference.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included (1 = never retry).
+    pub max_attempts: u32,
+    /// Smallest backoff, and the scale of the exponential curve.
+    pub base: Duration,
+    /// Growth per attempt (≥ 1).
+    pub factor: f64,
+    /// Largest backoff.
+    pub cap: Duration,
+    /// No retry is scheduled once the job is older than this (since first enqueue).
+    pub max_age: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 5,
+            base: Duration::from_secs(1),
+            factor: 2.0,
+            cap: Duration::from_secs(600),
+            max_age: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+/// What to do with a failed delivery.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Decision {
+    /// Republish with attempt + 1, due after `delay`.
+    Retry {
+        /// Backoff before the next attempt.
+        delay: Duration,
+    },
+    /// Give up: dead-letter queue, with this reason appended to the error.
+    DeadLetter {
+        /// Why no retry (attempts exhausted, too old, permanent).
+        reason: String,
+    },
+}
+
+impl RetryPolicy {
+    /// The upper bound of the backoff after failed attempt `attempt` (1-based):
+    /// `min(cap, base × factor^(attempt−1))`.
+    pub fn ceiling(&self, attempt: u32) -> Duration {
+        let exp = self.factor.max(1.0).powi(attempt.saturating_sub(1).min(64) as i32);
+        let secs = self.base.as_secs_f64() * exp;
+        if !secs.is_finite() || secs >= self.cap.as_secs_f64() {
+            self.cap
+        } else {
+            Duration::from_secs_f64(secs)
+        }
+    }
+
+    /// The backoff after failed attempt `attempt`, drawn uniformly from `[base, ceiling(attempt)]`
+    /// ("full jitter" above a floor of `base`), so synchronized failures spread out, yet no retry is
+    /// ever sooner than `base`. `unit` is a uniform random number in `[0, 1)`.
+    pub fn backoff(&self, attempt: u32, unit: f64) -> Duration {
+        let hi = self.ceiling(attempt);
+        let lo = self.base.min(hi);
+        lo + (hi - lo).mul_f64(unit.clamp(0.0, 1.0))
+    }
+
+    /// Decides what follows a failure of `attempt`, for a job first enqueued at `enqueued_at`.
+    pub fn decide(&self, error: &JobError, attempt: u32, enqueued_at: SystemTime, now: SystemTime, unit: f64) -> Decision {
+        let delay = match error.kind() {
+            FailureKind::Permanent => {
+                return Decision::DeadLetter {
+                    reason: "permanent failure".into(),
+                }
+            }
+            FailureKind::Retry => self.backoff(attempt, unit),
+            FailureKind::RetryAfter(d) => d.max(self.base.min(d)),
+        };
+        if attempt >= self.max_attempts {
+            return Decision::DeadLetter {
+                reason: format!("gave up after {attempt} of {} attempts", self.max_attempts),
+            };
+        }
+        let age = now.duration_since(enqueued_at).unwrap_or_default();
+        if age + delay > self.max_age {
+            return Decision::DeadLetter {
+                reason: format!(
+                    "gave up: the next attempt would come {}s after first enqueue, past max_age {}s",
+                    (age + delay).as_secs(),
+                    self.max_age.as_secs()
+                ),
+            };
+        }
+        Decision::Retry { delay }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: 4,
+            base: Duration::from_millis(100),
+            factor: 2.0,
+            cap: Duration::from_millis(500),
+            max_age: Duration::from_secs(60),
+        }
+    }
+
+    #[test]
+    fn ceiling_grows_then_caps() {
+        let p = policy();
+        let c: Vec<u128> = (1..=5).map(|a| p.ceiling(a).as_millis()).collect();
+        assert_eq!(c, vec![100, 200, 400, 500, 500]);
+        assert_eq!(p.ceiling(u32::MAX), p.cap);
+    }
+
+    #[test]
+    fn jitter_stays_within_floor_and_ceiling() {
+        let p = policy();
+        assert_eq!(p.backoff(3, 0.0), Duration::from_millis(100));
+        assert_eq!(p.backoff(3, 1.0), Duration::from_millis(400));
+        assert_eq!(p.backoff(3, 0.5), Duration::from_millis(250));
+        // Out-of-range randomness is clamped, never panics.
+        assert_eq!(p.backoff(1, 7.0), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn decisions() {
+        let p = policy();
+        let now = SystemTime::now();
+        let retry = JobError::retry("boom");
+        assert_eq!(p.decide(&retry, 1, now, now, 0.0), Decision::Retry { delay: Duration::from_millis(100) });
+        assert!(matches!(p.decide(&retry, 4, now, now, 0.0), Decision::DeadLetter { reason } if reason.contains("4 of 4")));
+        let perm = JobError::permanent("bad input");
+        assert!(matches!(p.decide(&perm, 1, now, now, 0.0), Decision::DeadLetter { .. }));
+        let after = JobError::retry_after(Duration::from_secs(3), "rate limited");
+        assert_eq!(p.decide(&after, 1, now, now, 0.9), Decision::Retry { delay: Duration::from_secs(3) });
+        let old = now - Duration::from_secs(59);
+        assert!(matches!(p.decide(&after, 1, old, now, 0.0), Decision::DeadLetter { reason } if reason.contains("max_age")));
+    }
+}

@@ -1,0 +1,92 @@
+//! The router: handlers registered by job name.
+
+use crate::error::JobError;
+use crate::handler::{Handler, JobParts};
+use futures::future::BoxFuture;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+type BoxedHandler = Arc<dyn Fn(Arc<JobParts>) -> BoxFuture<'static, Result<(), JobError>> + Send + Sync>;
+
+/// Handlers by job name, with the application state they share.
+///
+/// Build it once at start-up; it is immutable afterwards and shared by every worker task.
+/// Registering the same job name twice keeps the last handler.
+pub struct Router<S = ()> {
+    state: S,
+    handlers: BTreeMap<String, BoxedHandler>,
+}
+
+impl Router<()> {
+    /// A router without shared state.
+    pub fn new() -> Self {
+        Router {
+            state: (),
+            handlers: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for Router<()> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<S: Clone + Send + Sync + 'static> Router<S> {
+    /// A router whose handlers can take [`crate::State<S>`].
+    pub fn with_state(state: S) -> Self {
+        Router {
+            state,
+            handlers: BTreeMap::new(),
+        }
+    }
+
+    /// Registers `handler` for messages whose job name is `job`.
+    pub fn route<H, T>(mut self, job: &str, handler: H) -> Self
+    where
+        H: Handler<T, S>,
+    {
+        let state = self.state.clone();
+        let boxed: BoxedHandler = Arc::new(move |parts| handler.call(parts, state.clone()));
+        self.handlers.insert(job.to_string(), boxed);
+        self
+    }
+
+    /// Freezes the router into the table the runtime dispatches on.
+    pub fn into_routes(self) -> Routes {
+        Routes {
+            handlers: Arc::new(self.handlers),
+        }
+    }
+}
+
+/// The frozen dispatch table. Cheap to clone.
+#[derive(Clone)]
+pub struct Routes {
+    handlers: Arc<BTreeMap<String, BoxedHandler>>,
+}
+
+impl Routes {
+    /// Starts the handler for `job`, or `None` when no handler has that name.
+    pub fn dispatch(&self, job: &str, parts: Arc<JobParts>) -> Option<BoxFuture<'static, Result<(), JobError>>> {
+        self.handlers.get(job).map(|h| h(parts))
+    }
+
+    /// Whether a handler has this name.
+    pub fn contains(&self, job: &str) -> bool {
+        self.handlers.contains_key(job)
+    }
+
+    /// Registered job names, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        self.handlers.keys().map(String::as_str).collect()
+    }
+}
+
+impl fmt::Debug for Routes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.handlers.keys()).finish()
+    }
+}

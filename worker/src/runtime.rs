@@ -1,0 +1,547 @@
+//! The worker runtime: one fetch loop per logical queue, a task per job, a batched acker.
+//!
+//! ```text
+//!   fetch loop (per queue) --receive--> job task --ack--> acker --ack(batch)--> broker
+//!        ^  priority::Selector             |  retry: republish attempt+1 with backoff, then ack
+//!        |  global + per-queue slots       |  dead letter: publish to <queue>__dlq, then ack
+//!        +------------- finished ----------+  lease heartbeat while it runs; release on hard stop
+//! ```
+
+use crate::config::{Config, PriorityMode, QueueConfig};
+use crate::delay::{self, Scheduler};
+use crate::handler::{JobContext, JobParts};
+use crate::priority::{Level, Mode, Selector};
+use crate::retry::{Decision, RetryPolicy};
+use crate::router::Routes;
+use crate::shutdown::ShutdownHandle;
+use crate::stats::{JobResult, QueueStats, Stats};
+use crate::JobError;
+use futures::FutureExt;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::{Duration, Instant, SystemTime};
+use stevedore_core::{names, to_millis, wire, Broker, BrokerError, Delivery, Envelope, LeaseSupport, Priority, ReceiveOptions, Receipt};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tracing::Instrument;
+
+/// Everything a job task needs, shared per logical queue.
+pub(crate) struct QueueCtx {
+    pub name: String,
+    pub cfg: QueueConfig,
+    pub config: Arc<Config>,
+    pub routes: Routes,
+    pub scheduler: Scheduler,
+    pub stats: Arc<QueueStats>,
+    pub acks: mpsc::UnboundedSender<Receipt>,
+    pub finished: mpsc::UnboundedSender<usize>,
+    pub worker_id: Arc<str>,
+    pub hard_stop: watch::Receiver<bool>,
+    pub lease_timed: bool,
+}
+
+impl QueueCtx {
+    fn broker(&self) -> &Arc<dyn Broker> {
+        self.scheduler.broker()
+    }
+}
+
+/// The levels of a queue as configured (normal only, unless `weights` says otherwise).
+pub(crate) fn levels_of(name: &str, cfg: &QueueConfig) -> Vec<Level> {
+    let mut levels: Vec<Level> = cfg
+        .weights
+        .iter()
+        .map(|(&priority, &weight)| Level {
+            priority,
+            physical: names::physical(name, priority),
+            weight,
+            reserved: cfg.reserved.get(&priority).copied().unwrap_or(0),
+        })
+        .collect();
+    if levels.is_empty() {
+        levels.push(Level {
+            priority: Priority::Normal,
+            physical: name.to_string(),
+            weight: 1,
+            reserved: 0,
+        });
+    }
+    levels
+}
+
+pub(crate) fn policy_of(c: &crate::config::RetryConfig) -> RetryPolicy {
+    RetryPolicy {
+        max_attempts: c.max_attempts,
+        base: c.base,
+        factor: c.factor,
+        cap: c.cap,
+        max_age: c.max_age,
+    }
+}
+
+/// Exponential backoff for broker errors in loops: 100 ms doubling to 5 s.
+#[derive(Debug, Default)]
+pub(crate) struct ErrorBackoff {
+    failures: u32,
+}
+
+impl ErrorBackoff {
+    pub fn next(&mut self) -> Duration {
+        self.failures = self.failures.saturating_add(1);
+        let ms = 100u64.saturating_mul(1 << self.failures.min(6));
+        Duration::from_millis(ms.min(5_000))
+    }
+    pub fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
+
+/// The fetch loop of one logical queue. Ends when `soft` turns true; messages received after that
+/// are released at once.
+pub(crate) async fn fetch_loop(
+    ctx: Arc<QueueCtx>,
+    global: Arc<Semaphore>,
+    mut finished_rx: mpsc::UnboundedReceiver<usize>,
+    mut soft: watch::Receiver<bool>,
+    poll_wait: Duration,
+) {
+    let mode = match ctx.cfg.mode {
+        PriorityMode::Weighted => Mode::Weighted,
+        PriorityMode::Strict => Mode::Strict,
+    };
+    let levels = levels_of(&ctx.name, &ctx.cfg);
+    let n_levels = levels.len() as u32;
+    let probe_after = (poll_wait / 4).clamp(Duration::from_millis(20), Duration::from_millis(250));
+    let mut selector = Selector::new(levels, mode, ctx.cfg.concurrency, ctx.cfg.aging, probe_after, Instant::now());
+    let idle_wait = (poll_wait / n_levels.max(1)).max(Duration::from_millis(10));
+    let mut backoff = ErrorBackoff::default();
+    let mut permits: Vec<OwnedSemaphorePermit> = Vec::new();
+    loop {
+        if *soft.borrow() {
+            break;
+        }
+        while let Ok(i) = finished_rx.try_recv() {
+            selector.finished(i);
+        }
+        let Some(pick) = selector.pick(Instant::now()) else {
+            tokio::select! {
+                Some(i) = finished_rx.recv() => selector.finished(i),
+                _ = soft.changed() => {}
+            }
+            continue;
+        };
+        let want = pick.capacity.min(ctx.cfg.batch).max(1);
+        permits.clear();
+        tokio::select! {
+            p = global.clone().acquire_owned() => match p {
+                Ok(p) => permits.push(p),
+                Err(_) => break,
+            },
+            _ = soft.changed() => continue,
+        }
+        while permits.len() < want {
+            match global.clone().try_acquire_owned() {
+                Ok(p) => permits.push(p),
+                Err(_) => break,
+            }
+        }
+        let level = selector.level(pick.index).clone();
+        let opts = ReceiveOptions {
+            max: permits.len(),
+            wait: if pick.idle { idle_wait } else { Duration::ZERO },
+            lease: ctx.cfg.lease,
+        };
+        match ctx.broker().receive(&level.physical, opts).await {
+            Ok(deliveries) => {
+                backoff.reset();
+                selector.received(pick.index, deliveries.len(), Instant::now());
+                if *soft.borrow() {
+                    release_unstarted(&ctx, deliveries).await;
+                    break;
+                }
+                for d in deliveries {
+                    let Some(permit) = permits.pop() else { break };
+                    let ctx = ctx.clone();
+                    let (index, priority) = (pick.index, level.priority);
+                    tokio::spawn(async move {
+                        run_job(&ctx, priority, d).await;
+                        let _ = ctx.finished.send(index);
+                        drop(permit);
+                    });
+                }
+            }
+            Err(e) => {
+                permits.clear();
+                let pause = backoff.next();
+                tracing::warn!(queue = %ctx.name, physical = %level.physical, error = %e, transient = e.is_transient(), retry_in = ?pause, "receive failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = soft.changed() => {}
+                }
+            }
+        }
+    }
+}
+
+async fn release_unstarted(ctx: &QueueCtx, deliveries: Vec<Delivery>) {
+    if deliveries.is_empty() {
+        return;
+    }
+    let receipts: Vec<Receipt> = deliveries.into_iter().map(|d| d.receipt).collect();
+    if let Err(e) = ctx.broker().release(&receipts).await {
+        tracing::warn!(queue = %ctx.name, error = %e, "could not release messages received during shutdown; they return after their lease");
+    }
+}
+
+/// Runs one delivery to its end: handler, then ack / retry / dead letter / release.
+async fn run_job(ctx: &QueueCtx, priority: Priority, d: Delivery) {
+    let now = SystemTime::now();
+    if let Some(early) = ctx.scheduler.early_by(&d.envelope, now) {
+        hop(ctx, d, early).await;
+        return;
+    }
+    let attempt = d.attempt();
+    let job = d.envelope.job.clone().or_else(|| ctx.cfg.default_job.clone());
+    let span = tracing::info_span!("job", queue = %ctx.name, job = job.as_deref().unwrap_or("-"), id = %d.envelope.id, attempt);
+    async move {
+        let started = Instant::now();
+        ctx.stats.started();
+        let (name, result) = match job {
+            None => {
+                let err = JobError::permanent(format!(
+                    "message has no job name and queue '{}' has no default_job",
+                    ctx.name
+                ));
+                ("-".to_string(), dead_letter(ctx, d, attempt, &err, "unroutable").await)
+            }
+            Some(job) if !ctx.routes.contains(&job) => {
+                let err = JobError::permanent(format!(
+                    "no handler registered for job '{job}' (registered: {})",
+                    ctx.routes.names().join(", ")
+                ));
+                let r = dead_letter(ctx, d, attempt, &err, "unroutable").await;
+                (job, r)
+            }
+            Some(job) => {
+                let r = handle(ctx, &job, priority, d, attempt).await;
+                (job, r)
+            }
+        };
+        ctx.stats.finished(&name, result, started.elapsed());
+    }
+    .instrument(span)
+    .await
+}
+
+enum Supervised {
+    Done(Result<(), JobError>),
+    Aborted,
+}
+
+async fn handle(ctx: &QueueCtx, job: &str, priority: Priority, d: Delivery, attempt: u32) -> JobResult {
+    let retry = policy_of(&ctx.config.retry_for(&ctx.name, Some(job)));
+    let timeout = ctx.config.timeout_for(&ctx.name, Some(job));
+    let parts = Arc::new(JobParts {
+        context: JobContext {
+            id: d.envelope.id.clone(),
+            job: job.to_string(),
+            queue: ctx.name.clone(),
+            priority,
+            attempt,
+            max_attempts: retry.max_attempts,
+            enqueued_at: d.envelope.enqueued_at,
+            headers: d.envelope.headers.clone(),
+            worker_id: ctx.worker_id.clone(),
+        },
+        envelope: d.envelope.clone(),
+    });
+    let Some(fut) = ctx.routes.dispatch(job, parts) else {
+        return dead_letter(ctx, d, attempt, &JobError::permanent("handler vanished"), "unroutable").await;
+    };
+    match supervise(ctx, fut, &d.receipt, timeout).await {
+        Supervised::Aborted => {
+            match ctx.broker().release(std::slice::from_ref(&d.receipt)).await {
+                Ok(()) => tracing::info!("shutdown deadline passed: job released for another worker"),
+                Err(e) => tracing::warn!(error = %e, "shutdown deadline passed and release failed: the job returns after its lease"),
+            }
+            JobResult::Released
+        }
+        Supervised::Done(Ok(())) => {
+            let _ = ctx.acks.send(d.receipt);
+            JobResult::Succeeded
+        }
+        Supervised::Done(Err(err)) => {
+            let unit: f64 = rand::random();
+            match retry.decide(&err, attempt, d.envelope.enqueued_at, SystemTime::now(), unit) {
+                Decision::Retry { delay } => retry_later(ctx, d, attempt, &err, delay).await,
+                Decision::DeadLetter { reason } => dead_letter(ctx, d, attempt, &err, &reason).await,
+            }
+        }
+    }
+}
+
+/// Runs the handler with its timeout, catching panics, extending the lease while it runs, and
+/// giving up when the hard stop fires.
+async fn supervise(
+    ctx: &QueueCtx,
+    fut: futures::future::BoxFuture<'static, Result<(), JobError>>,
+    receipt: &Receipt,
+    timeout: Duration,
+) -> Supervised {
+    let fut = AssertUnwindSafe(fut).catch_unwind();
+    tokio::pin!(fut);
+    // Fast path: most jobs finish on their first poll, with no timers at all.
+    if let Poll::Ready(r) = futures::poll!(&mut fut) {
+        return Supervised::Done(flatten(r));
+    }
+    let lease = ctx.cfg.lease;
+    let beat = (lease / 3).max(Duration::from_millis(50));
+    let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + beat, beat);
+    let deadline = tokio::time::sleep(timeout);
+    tokio::pin!(deadline);
+    let mut hard = ctx.hard_stop.clone();
+    loop {
+        tokio::select! {
+            biased;
+            r = &mut fut => return Supervised::Done(flatten(r)),
+            _ = &mut deadline => {
+                return Supervised::Done(Err(JobError::retry(format!("timed out after {}", humantime::format_duration(timeout)))));
+            }
+            _ = turned_true(&mut hard) => return Supervised::Aborted,
+            _ = heartbeat.tick(), if ctx.lease_timed => {
+                if let Err(e) = ctx.broker().extend_lease(receipt, lease).await {
+                    tracing::warn!(error = %e, "lease extension failed; another worker may receive this job");
+                }
+            }
+        }
+    }
+}
+
+/// Resolves once the watch holds `true` (never, if its sender is gone while false).
+async fn turned_true(rx: &mut watch::Receiver<bool>) {
+    if rx.wait_for(|v| *v).await.is_err() {
+        futures::future::pending::<()>().await;
+    }
+}
+
+fn flatten(r: Result<Result<(), JobError>, Box<dyn std::any::Any + Send>>) -> Result<(), JobError> {
+    r.unwrap_or_else(|panic| {
+        let msg = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "non-string panic payload".into());
+        Err(JobError::retry(format!("handler panicked: {msg}")))
+    })
+}
+
+/// A message that arrived before its `not_before` (a hop of a capped native delay): send it on with
+/// the remaining delay, then ack this copy.
+async fn hop(ctx: &QueueCtx, d: Delivery, early: Duration) {
+    tracing::debug!(id = %d.envelope.id, remaining = ?early, "delayed message arrived early; re-publishing for the rest");
+    match ctx.scheduler.publish(d.receipt.queue(), vec![d.envelope]).await {
+        Ok(()) => {
+            let _ = ctx.acks.send(d.receipt);
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not re-publish a delayed message; releasing it");
+            let _ = ctx.broker().release(&[d.receipt]).await;
+        }
+    }
+}
+
+async fn retry_later(ctx: &QueueCtx, d: Delivery, attempt: u32, err: &JobError, delay: Duration) -> JobResult {
+    let now = SystemTime::now();
+    let mut copy = d.envelope.clone();
+    copy.attempt = attempt + 1;
+    copy.not_before = Some(now + delay);
+    copy.headers
+        .entry(wire::FIRST_FAILURE.to_string())
+        .or_insert_with(|| to_millis(now).to_string());
+    copy.headers.insert("stevedore-last-error".into(), truncate(err.message(), 1024));
+    tracing::info!(error = %err, next_attempt = attempt + 1, in_ms = delay.as_millis() as u64, "job failed; retry scheduled");
+    match ctx.scheduler.publish(d.receipt.queue(), vec![copy]).await {
+        Ok(()) => {
+            let _ = ctx.acks.send(d.receipt);
+            JobResult::Retried
+        }
+        Err(e) => {
+            // Keep the original: it comes back (with a higher delivery count, so attempts still grow).
+            tracing::warn!(error = %e, "could not schedule the retry; releasing the original instead");
+            let _ = ctx.broker().release(&[d.receipt]).await;
+            JobResult::Released
+        }
+    }
+}
+
+/// Builds the dead-letter copy of a message: payload intact, with the standard headers.
+pub(crate) fn dead_letter_copy(env: &Envelope, origin: &str, attempt: u32, error: &str, worker_id: &str) -> Envelope {
+    let now = to_millis(SystemTime::now()).to_string();
+    let mut copy = env.clone();
+    copy.not_before = None;
+    let first = copy.headers.remove(wire::FIRST_FAILURE).unwrap_or_else(|| now.clone());
+    copy.headers.remove("stevedore-last-error");
+    copy.headers.insert(wire::DLQ_ERROR.into(), truncate(error, 4096));
+    copy.headers.insert(wire::DLQ_ATTEMPTS.into(), attempt.to_string());
+    copy.headers.insert(wire::DLQ_FIRST_FAILURE.into(), first);
+    copy.headers.insert(wire::DLQ_LAST_FAILURE.into(), now);
+    copy.headers.insert(wire::DLQ_WORKER.into(), worker_id.to_string());
+    copy.headers.insert(wire::DLQ_ORIGIN.into(), origin.to_string());
+    copy
+}
+
+async fn dead_letter(ctx: &QueueCtx, d: Delivery, attempt: u32, err: &JobError, reason: &str) -> JobResult {
+    let error = format!("{} ({reason})", err.message());
+    let copy = dead_letter_copy(&d.envelope, &ctx.name, attempt, &error, &ctx.worker_id);
+    tracing::warn!(error = %error, "job dead-lettered");
+    match ctx.broker().publish(&names::dead_letter(&ctx.name), vec![copy]).await {
+        Ok(()) => {
+            let _ = ctx.acks.send(d.receipt);
+            JobResult::DeadLettered
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "could not write to the dead-letter queue; releasing the message instead");
+            let _ = ctx.broker().release(&[d.receipt]).await;
+            JobResult::Released
+        }
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+/// Acks in batches: whatever has queued up since the last call goes in one broker call.
+pub(crate) async fn acker(broker: Arc<dyn Broker>, mut rx: mpsc::UnboundedReceiver<Receipt>) {
+    let max = broker.capabilities().max_batch.max(1);
+    let mut buf = Vec::with_capacity(max);
+    while rx.recv_many(&mut buf, max).await > 0 {
+        let mut backoff = ErrorBackoff::default();
+        for tries in 1.. {
+            match broker.ack(&buf).await {
+                Ok(()) => break,
+                Err(BrokerError::LeaseLost { queue }) => {
+                    tracing::warn!(%queue, "ack after the lease was lost: the job may run again elsewhere");
+                    break;
+                }
+                Err(e) if e.is_transient() && tries < 8 => {
+                    let pause = backoff.next();
+                    tracing::warn!(error = %e, retry_in = ?pause, "ack failed; retrying");
+                    tokio::time::sleep(pause).await;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, count = buf.len(), "ack failed for good: these jobs will run again after their lease");
+                    break;
+                }
+            }
+        }
+        buf.clear();
+    }
+}
+
+/// Whether the backend's leases expire on their own (and so need heartbeats).
+pub(crate) fn lease_is_timed(broker: &dyn Broker) -> bool {
+    matches!(broker.capabilities().lease, LeaseSupport::Timed { .. })
+}
+
+/// The pieces [`crate::Worker::run`] starts.
+pub(crate) struct Started {
+    pub fetchers: Vec<tokio::task::JoinHandle<()>>,
+    pub acker: tokio::task::JoinHandle<()>,
+    pub promoter: Option<tokio::task::JoinHandle<()>>,
+    pub hard_tx: watch::Sender<bool>,
+    pub global: Arc<Semaphore>,
+}
+
+/// Starts fetch loops, acker and promoter for every configured queue.
+pub(crate) fn start(
+    config: Arc<Config>,
+    routes: Routes,
+    scheduler: Scheduler,
+    stats: &Stats,
+    shutdown: &ShutdownHandle,
+    worker_id: Arc<str>,
+) -> Started {
+    let broker = scheduler.broker().clone();
+    let (ack_tx, ack_rx) = mpsc::unbounded_channel();
+    let acker = tokio::spawn(acker(broker.clone(), ack_rx));
+    let promoter = delay::spawn_promoter(&broker, config.worker.promote_interval, shutdown.subscribe());
+    let (hard_tx, hard_rx) = watch::channel(false);
+    let global = Arc::new(Semaphore::new(config.worker.concurrency));
+    let lease_timed = lease_is_timed(broker.as_ref());
+    let mut fetchers = Vec::new();
+    for (name, cfg) in config.effective_queues() {
+        let (fin_tx, fin_rx) = mpsc::unbounded_channel();
+        let ctx = Arc::new(QueueCtx {
+            stats: stats.queue(&name),
+            name,
+            cfg,
+            config: config.clone(),
+            routes: routes.clone(),
+            scheduler: scheduler.clone(),
+            acks: ack_tx.clone(),
+            finished: fin_tx,
+            worker_id: worker_id.clone(),
+            hard_stop: hard_rx.clone(),
+            lease_timed,
+        });
+        fetchers.push(tokio::spawn(fetch_loop(
+            ctx,
+            global.clone(),
+            fin_rx,
+            shutdown.subscribe(),
+            config.worker.poll_wait,
+        )));
+    }
+    Started {
+        fetchers,
+        acker,
+        promoter,
+        hard_tx,
+        global,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dead_letter_copy_keeps_payload_and_adds_headers() {
+        let mut env = Envelope::new("j", &b"\x00\xffraw"[..]).with_header("x-a", "1");
+        env.headers.insert(wire::FIRST_FAILURE.into(), "123".into());
+        let copy = dead_letter_copy(&env, "emails", 3, "boom", "w-1");
+        assert_eq!(copy.payload, env.payload);
+        assert_eq!(copy.id, env.id);
+        let h = &copy.headers;
+        assert_eq!(h.get(wire::DLQ_ERROR).map(String::as_str), Some("boom"));
+        assert_eq!(h.get(wire::DLQ_ATTEMPTS).map(String::as_str), Some("3"));
+        assert_eq!(h.get(wire::DLQ_FIRST_FAILURE).map(String::as_str), Some("123"));
+        assert_eq!(h.get(wire::DLQ_ORIGIN).map(String::as_str), Some("emails"));
+        assert_eq!(h.get(wire::DLQ_WORKER).map(String::as_str), Some("w-1"));
+        assert!(h.contains_key(wire::DLQ_LAST_FAILURE));
+        assert_eq!(h.get("x-a").map(String::as_str), Some("1"));
+    }
+
+    #[test]
+    fn truncate_respects_char_boundaries() {
+        assert_eq!(truncate("héllo", 2), "h…");
+        assert_eq!(truncate("abc", 10), "abc");
+    }
+
+    #[test]
+    fn error_backoff_grows_and_caps() {
+        let mut b = ErrorBackoff::default();
+        let v: Vec<u64> = (0..8).map(|_| b.next().as_millis() as u64).collect();
+        assert_eq!(v, vec![200, 400, 800, 1600, 3200, 5000, 5000, 5000]);
+        b.reset();
+        assert_eq!(b.next(), Duration::from_millis(200));
+    }
+}

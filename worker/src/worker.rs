@@ -1,0 +1,225 @@
+//! The worker: validates its config against the backend, runs the runtime until shut down, drains.
+
+use crate::autoscale::{self, Hints, QueueSpec};
+use crate::client::Client;
+use crate::config::{Config, ConfigError};
+use crate::delay::Scheduler;
+use crate::http::{self, HttpState};
+use crate::router::{Router, Routes};
+use crate::runtime::{self, levels_of, ErrorBackoff};
+use crate::shutdown::ShutdownHandle;
+use crate::stats::Stats;
+use std::sync::Arc;
+use std::time::Duration;
+use stevedore_core::{names, Broker, BrokerError};
+
+/// A configured worker, ready to [`Worker::run`].
+///
+/// ```no_run
+/// # use stevedore::{config, Router, Worker, MemoryBroker};
+/// # use std::sync::Arc;
+/// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let config = config::from_toml_str("[queues.emails]\nconcurrency = 8", None)?;
+/// let worker = Worker::new(Arc::new(MemoryBroker::new()), Router::new(), config)?;
+/// let stop = worker.shutdown_handle();
+/// tokio::spawn(async move { tokio::time::sleep(std::time::Duration::from_secs(1)).await; stop.shutdown() });
+/// worker.run().await?;
+/// # Ok(()) }
+/// ```
+pub struct Worker {
+    broker: Arc<dyn Broker>,
+    routes: Routes,
+    config: Arc<Config>,
+    stats: Arc<Stats>,
+    hints: Arc<Hints>,
+    shutdown: ShutdownHandle,
+    worker_id: Arc<str>,
+    notices: Vec<String>,
+}
+
+/// How a run ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunReport {
+    /// Every in-flight job finished within the shutdown deadline.
+    pub drained: bool,
+}
+
+impl Worker {
+    /// Checks `config` against the broker's capabilities and the router (every `default_job` must
+    /// have a handler). Connects nothing.
+    pub fn new<S: Clone + Send + Sync + 'static>(broker: Arc<dyn Broker>, router: Router<S>, config: Config) -> Result<Self, ConfigError> {
+        let mut notices = config.validate(broker.capabilities())?;
+        let routes = router.into_routes();
+        for (name, q) in config.effective_queues() {
+            if let Some(job) = &q.default_job {
+                if !routes.contains(job) {
+                    return Err(ConfigError {
+                        file: config.source.clone(),
+                        key: Some(format!("queues.{name}.default_job")),
+                        message: format!(
+                            "no handler is registered for job \"{job}\"; registered: {}",
+                            routes.names().join(", ")
+                        ),
+                    });
+                }
+            }
+        }
+        let scheduler = Scheduler::new(broker.clone());
+        notices.push(scheduler.describe());
+        notices.push(format!("backend {}: {}", broker.name(), broker.capabilities()));
+        Ok(Worker {
+            worker_id: config.worker.worker_id().into(),
+            broker,
+            routes,
+            config: Arc::new(config),
+            stats: Stats::new(),
+            hints: Hints::new(),
+            shutdown: ShutdownHandle::new(),
+            notices,
+        })
+    }
+
+    /// Live counters.
+    pub fn stats(&self) -> Arc<Stats> {
+        self.stats.clone()
+    }
+
+    /// Autoscale hints, refreshed every `autoscale.interval` while running.
+    pub fn hints(&self) -> Arc<Hints> {
+        self.hints.clone()
+    }
+
+    /// Triggers the graceful shutdown from code (signals are wired by [`crate::App`]).
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        self.shutdown.clone()
+    }
+
+    /// A producer on the same broker.
+    pub fn client(&self) -> Client {
+        Client::new(self.broker.clone())
+    }
+
+    /// What the runtime emulates or notes about this backend, logged at start-up.
+    pub fn notices(&self) -> &[String] {
+        &self.notices
+    }
+
+    /// This worker's id (in dead-letter headers and logs).
+    pub fn id(&self) -> &str {
+        &self.worker_id
+    }
+
+    /// Runs until the shutdown handle fires, then drains: stops fetching, waits for in-flight jobs up
+    /// to `worker.shutdown_timeout`, releases the rest, flushes acks and closes the broker. Returns an
+    /// error only when the broker could not be prepared before shutdown was asked for.
+    pub async fn run(self) -> Result<RunReport, BrokerError> {
+        for n in &self.notices {
+            tracing::info!("{n}");
+        }
+        let queues = self.config.effective_queues();
+        let mut physical = Vec::new();
+        let mut specs = Vec::new();
+        for (name, q) in &queues {
+            let levels: Vec<String> = levels_of(name, q).into_iter().map(|l| l.physical).collect();
+            physical.extend(levels.iter().cloned());
+            physical.push(names::dead_letter(name));
+            specs.push(QueueSpec {
+                name: name.clone(),
+                physical: levels,
+            });
+        }
+        let mut backoff = ErrorBackoff::default();
+        while let Err(e) = self.broker.prepare(&physical).await {
+            if self.shutdown.is_shutting_down() {
+                return Err(e);
+            }
+            let pause = backoff.next();
+            tracing::warn!(error = %e, retry_in = ?pause, "cannot prepare queues on the broker; retrying");
+            tokio::time::sleep(pause).await;
+        }
+        let mut soft = self.shutdown.subscribe();
+        let http_task = self.start_http(soft.clone()).await;
+        let sampler = autoscale::spawn_sampler(
+            self.broker.clone(),
+            specs,
+            self.stats.clone(),
+            autoscale::Settings {
+                target_per_worker: self.config.autoscale.target_per_worker,
+                min_workers: self.config.autoscale.min_workers,
+                max_workers: self.config.autoscale.max_workers,
+                interval: self.config.autoscale.interval,
+                partition_cap: None,
+            },
+            self.hints.clone(),
+            soft.clone(),
+        );
+        let started = runtime::start(
+            self.config.clone(),
+            self.routes.clone(),
+            Scheduler::new(self.broker.clone()),
+            &self.stats,
+            &self.shutdown,
+            self.worker_id.clone(),
+        );
+        tracing::info!(worker = %self.worker_id, queues = ?queues.keys().collect::<Vec<_>>(), "worker started");
+        self.stats.set_ready(true);
+
+        let _ = soft.wait_for(|s| *s).await;
+        self.stats.set_ready(false);
+        tracing::info!("shutting down: no new jobs; draining in-flight jobs");
+        for f in started.fetchers {
+            let _ = f.await;
+        }
+        let all = u32::try_from(self.config.worker.concurrency).unwrap_or(u32::MAX);
+        let deadline = self.config.worker.shutdown_timeout;
+        let drained = tokio::time::timeout(deadline, started.global.acquire_many(all)).await.is_ok();
+        if !drained {
+            tracing::warn!(deadline = ?deadline, "shutdown deadline passed: releasing unfinished jobs");
+            started.hard_tx.send_replace(true);
+            if tokio::time::timeout(Duration::from_secs(30), started.global.acquire_many(all)).await.is_err() {
+                tracing::error!("some jobs did not stop within 30s after release; they return after their lease");
+            }
+        }
+        if tokio::time::timeout(Duration::from_secs(30), started.acker).await.is_err() {
+            tracing::error!("acks did not flush within 30s; those jobs may run again");
+        }
+        if let Some(p) = started.promoter {
+            let _ = p.await;
+        }
+        let _ = sampler.await;
+        if let Some(h) = http_task {
+            let _ = h.await;
+        }
+        if let Err(e) = self.broker.close().await {
+            tracing::warn!(error = %e, "closing the broker failed");
+        }
+        tracing::info!(drained, "worker stopped");
+        Ok(RunReport { drained })
+    }
+
+    async fn start_http(&self, soft: tokio::sync::watch::Receiver<bool>) -> Option<tokio::task::JoinHandle<()>> {
+        if !self.config.http.enabled {
+            return None;
+        }
+        let bind = self.config.http.bind;
+        let listener = match tokio::net::TcpListener::bind(bind).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(%bind, error = %e, "cannot bind the HTTP endpoint (metrics, health, scale); running without it");
+                return None;
+            }
+        };
+        tracing::info!(%bind, "HTTP endpoint: /metrics /healthz /readyz /scale /stats");
+        let state = HttpState {
+            stats: self.stats.clone(),
+            hints: self.hints.clone(),
+            prometheus: crate::stats::install_prometheus().ok(),
+            worker_id: self.worker_id.to_string(),
+        };
+        Some(tokio::spawn(async move {
+            if let Err(e) = http::serve(listener, state, soft).await {
+                tracing::error!(error = %e, "HTTP endpoint stopped");
+            }
+        }))
+    }
+}
