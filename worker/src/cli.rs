@@ -246,6 +246,7 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
                 let caps = backend::capabilities(&cfg)?;
                 let notices = cfg.validate(&caps)?;
                 println!("config OK ({})", cfg.source.as_deref().unwrap_or("built-in defaults and environment"));
+                println!("  backend {}: {caps}", cfg.broker.kind.as_str());
                 for n in notices {
                     println!("  note: {n}");
                 }
@@ -312,6 +313,7 @@ fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .try_init();
 }

@@ -359,7 +359,7 @@ async fn retry_later(ctx: &QueueCtx, d: Delivery, attempt: u32, err: &JobError, 
         .entry(wire::FIRST_FAILURE.to_string())
         .or_insert_with(|| to_millis(now).to_string());
     copy.headers.insert("stevedore-last-error".into(), truncate(err.message(), 1024));
-    tracing::info!(error = %err, next_attempt = attempt + 1, in_ms = delay.as_millis() as u64, "job failed; retry scheduled");
+    tracing::debug!(error = %err, next_attempt = attempt + 1, in_ms = delay.as_millis() as u64, "job failed; retry scheduled");
     match ctx.scheduler.publish(d.receipt.queue(), vec![copy]).await {
         Ok(()) => {
             let _ = ctx.acks.send(d.receipt);

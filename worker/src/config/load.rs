@@ -13,7 +13,15 @@ const PROFILE_KEY: &str = "profile";
 const FILE_LAYER: &str = "config file";
 const PROFILE_LAYER: &str = "profile ";
 /// Top-level tables of [`Config`].
-const SECTIONS: [&str; 7] = ["broker", "worker", "http", "retry", "autoscale", "queues", "jobs"];
+const SECTIONS: [&str; 7] = [
+    "broker",
+    "worker",
+    "http",
+    "retry",
+    "autoscale",
+    "queues",
+    "jobs",
+];
 
 /// Loads the config from `path` (or `$STEVEDORE_CONFIG`, or no file at all) with `profile` (or
 /// `$STEVEDORE_PROFILE`, or none) and the `STEVEDORE_*` environment applied. A file given
@@ -81,7 +89,10 @@ fn env() -> Env {
 fn build(text: &str, file: Option<&str>, profile: Option<&str>) -> Result<Config, ConfigError> {
     let (profile, profile_via_env) = match profile {
         Some(p) => (Some(p.to_string()), false),
-        None => (std::env::var(ENV_PROFILE).ok().filter(|p| !p.is_empty()), true),
+        None => (
+            std::env::var(ENV_PROFILE).ok().filter(|p| !p.is_empty()),
+            true,
+        ),
     };
     let at = |key: Option<&str>, message: String| ConfigError {
         file: file.map(str::to_string),
@@ -101,7 +112,10 @@ fn build(text: &str, file: Option<&str>, profile: Option<&str>) -> Result<Config
             for (name, value) in all {
                 let Value::Dict(_, d) = value else {
                     let key = format!("{PROFILE_KEY}.{name}");
-                    return Err(at(Some(&key), "must be a table like [profile.name.worker]".into()));
+                    return Err(at(
+                        Some(&key),
+                        "must be a table like [profile.name.worker]".into(),
+                    ));
                 };
                 profiles.insert(name, d);
             }
@@ -155,9 +169,7 @@ fn build(text: &str, file: Option<&str>, profile: Option<&str>) -> Result<Config
         figment = figment.merge(layer(name, d));
     }
     let figment = figment.merge(env());
-    let mut config: Config = figment
-        .extract()
-        .map_err(|e| convert(e, &figment, file))?;
+    let mut config: Config = figment.extract().map_err(|e| convert(e, &figment, file))?;
     config.source = file.map(str::to_string);
     config.profile = profile;
     config.origins = origins(&figment);
@@ -207,7 +219,9 @@ fn convert(err: figment::Error, figment: &Figment, file: Option<&str>) -> Config
     };
     let message = match &err.kind {
         Kind::UnknownField(field, allowed) => {
-            path.push(field.clone());
+            if path.last() != Some(field) {
+                path.push(field.clone());
+            }
             if allowed.is_empty() {
                 "unknown key: this table takes no keys".to_string()
             } else {
@@ -223,7 +237,9 @@ fn convert(err: figment::Error, figment: &Figment, file: Option<&str>) -> Config
         }
         other => other.to_string(),
     };
-    let message = if message.contains("time unit") || message.contains("expected a duration") {
+    let message = if path.last().is_some_and(|k| k == "bind") {
+        format!("{message} (like \"127.0.0.1:9464\" or \"0.0.0.0:9464\")")
+    } else if message.contains("time unit") || message.contains("expected a duration") {
         format!("{message} (durations look like \"500ms\", \"30s\", \"10m\", \"1h 30m\", \"7d\")")
     } else {
         message

@@ -4,6 +4,63 @@ use super::Config;
 use serde_json::{Map, Value};
 use std::fmt::Write as _;
 
+/// Top-level tables in the order [`Config`] declares them (serde_json sorts map keys).
+const SECTIONS: [&str; 7] = [
+    "broker",
+    "worker",
+    "http",
+    "retry",
+    "autoscale",
+    "queues",
+    "jobs",
+];
+/// Keys inside tables in the order the structs declare them, then priority levels highest first.
+/// Keys not listed follow in alphabetical order.
+const FIELDS: [&str; 34] = [
+    "kind",
+    "url",
+    "max_payload",
+    "key_prefix",
+    "region",
+    "endpoint", // broker
+    "id",
+    "concurrency",
+    "shutdown_timeout",
+    "poll_wait",
+    "promote_interval", // worker
+    "enabled",
+    "bind", // http
+    "max_attempts",
+    "base",
+    "factor",
+    "cap",
+    "max_age", // retry
+    "target_per_worker",
+    "min_workers",
+    "max_workers",
+    "interval", // autoscale
+    "lease",
+    "timeout",
+    "batch",
+    "mode",
+    "weights",
+    "reserved",
+    "aging",
+    "default_job",
+    "retry",
+    "max_depth", // queues, jobs
+    "high",
+    "normal", // priority levels ("low" sorts last anyway)
+];
+
+fn ordered(table: &Map<String, Value>, top: bool) -> Vec<(&String, &Value)> {
+    let order: &[&str] = if top { &SECTIONS } else { &FIELDS };
+    let rank = |k: &str| order.iter().position(|o| *o == k).unwrap_or(usize::MAX);
+    let mut items: Vec<(&String, &Value)> = table.iter().collect();
+    items.sort_by_key(|(k, _)| rank(k)); // stable: unlisted keys stay alphabetical
+    items
+}
+
 /// Query parameters whose value is hidden by [`redact_url`] (matched as substrings, any case).
 const SECRET_PARAMS: [&str; 5] = ["pass", "secret", "token", "key", "credential"];
 
@@ -98,8 +155,8 @@ impl Config {
             Value::Object(m) => depth >= 2 && m.values().all(|v| !v.is_object()),
             _ => true,
         };
-        let plain: Vec<(&String, &Value)> = table
-            .iter()
+        let plain: Vec<(&String, &Value)> = ordered(table, path.is_empty())
+            .into_iter()
             .filter(|(_, v)| !v.is_null() && inline(v))
             .collect();
         if !plain.is_empty() && !path.is_empty() {
@@ -126,7 +183,7 @@ impl Config {
             }
             out.push('\n');
         }
-        for (k, v) in table {
+        for (k, v) in ordered(table, path.is_empty()) {
             if let Value::Object(m) = v {
                 if !inline(v) {
                     path.push(k.clone());
@@ -140,8 +197,7 @@ impl Config {
 
 fn toml_key(k: &str) -> String {
     let bare = !k.is_empty()
-        && k
-            .chars()
+        && k.chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
     if bare {
         k.to_string()
@@ -161,8 +217,8 @@ fn toml_value(v: &Value) -> String {
     match v {
         Value::String(s) => toml_string(s),
         Value::Object(m) => {
-            let items: Vec<String> = m
-                .iter()
+            let items: Vec<String> = ordered(m, false)
+                .into_iter()
                 .filter(|(_, v)| !v.is_null())
                 .map(|(k, v)| format!("{} = {}", toml_key(k), toml_value(v)))
                 .collect();

@@ -85,7 +85,11 @@ impl Config {
         }
         self.check_retry_combinations()?;
 
-        let reserved: usize = self.effective_queues().values().map(|q| q.reserved_total()).sum();
+        let reserved: usize = self
+            .effective_queues()
+            .values()
+            .map(|q| q.reserved_total())
+            .sum();
         if reserved > w.concurrency {
             notices.push(format!(
                 "reserved: queues reserve {reserved} slots in total but worker.concurrency is {}; \
@@ -93,7 +97,8 @@ impl Config {
                 w.concurrency
             ));
         }
-        if caps.depth_staleness > Duration::ZERO && self.queues.values().any(|q| q.max_depth.is_some())
+        if caps.depth_staleness > Duration::ZERO
+            && self.queues.values().any(|q| q.max_depth.is_some())
         {
             notices.push(format!(
                 "max_depth: producers check depths up to {} stale on {}, so a queue may overshoot briefly",
@@ -149,7 +154,9 @@ impl Config {
             (Some(url), Some(_)) if url.trim().is_empty() => {
                 return Err(self.error_at("broker.url", "must not be empty".into()))
             }
-            (Some(_), None) => notices.push(format!("broker.url: ignored by the {} broker", b.kind)),
+            (Some(_), None) => {
+                notices.push(format!("broker.url: ignored by the {} broker", b.kind))
+            }
             _ => {}
         }
         if b.kind != BrokerKind::Sqs {
@@ -192,7 +199,11 @@ impl Config {
         if q.lease < MIN_LEASE {
             return Err(self.error_at(
                 &key("lease"),
-                format!("must be at least {} (got {})", human(MIN_LEASE), human(q.lease)),
+                format!(
+                    "must be at least {} (got {})",
+                    human(MIN_LEASE),
+                    human(q.lease)
+                ),
             ));
         }
         if let LeaseSupport::Timed { max: Some(m) } = caps.lease {
@@ -223,7 +234,9 @@ impl Config {
             if *weight < 1 {
                 return Err(self.error_at(
                     &key(&format!("weights.{level}")),
-                    format!("must be at least 1 (got {weight}); leave the level out to not serve it"),
+                    format!(
+                        "must be at least 1 (got {weight}); leave the level out to not serve it"
+                    ),
                 ));
             }
         }
@@ -262,7 +275,10 @@ impl Config {
                 ),
             ));
         }
-        if q.default_job.as_deref().is_some_and(|j| j.trim().is_empty()) {
+        if q.default_job
+            .as_deref()
+            .is_some_and(|j| j.trim().is_empty())
+        {
             return Err(self.error_at(
                 &key("default_job"),
                 "must name a job (leave it out for none)".into(),
@@ -318,7 +334,11 @@ impl Config {
         let mut pairs: Vec<(Option<&str>, Option<&str>)> = vec![(None, None)];
         for q in queues.keys() {
             pairs.push((Some(q), None));
-            pairs.extend(self.jobs.keys().map(|j| (Some(q.as_str()), Some(j.as_str()))));
+            pairs.extend(
+                self.jobs
+                    .keys()
+                    .map(|j| (Some(q.as_str()), Some(j.as_str()))),
+            );
         }
         for (queue, job) in pairs {
             let r = match queue {
@@ -346,7 +366,11 @@ impl Config {
                 jo.is_some_and(|o| o.cap.is_some()),
                 qo.is_some_and(|o| o.cap.is_some()),
             );
-            let rank = |k: &str| ["jobs.", "queues.", "retry."].iter().position(|p| k.starts_with(p));
+            let rank = |k: &str| {
+                ["jobs.", "queues.", "retry."]
+                    .iter()
+                    .position(|p| k.starts_with(p))
+            };
             let (key, other) = if rank(&cap) < rank(&base) {
                 (&cap, &base)
             } else {
@@ -406,7 +430,10 @@ impl Config {
             Some(w) if self.origins.contains_key(key) => (self.source.clone(), w.clone()),
             Some(w) => {
                 let profile_key = w.split_once(&prefix).map_or(w.as_str(), |(p, _)| p);
-                (self.source.clone(), profile_key.trim_end_matches('.').to_string() + "." + key)
+                (
+                    self.source.clone(),
+                    profile_key.trim_end_matches('.').to_string() + "." + key,
+                )
             }
             None => (self.source.clone(), key.to_string()),
         };

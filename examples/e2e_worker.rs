@@ -1,0 +1,62 @@
+//! A worker for the end-to-end tests (`tests/e2e/`). It enqueues `E2E_JOBS` jobs in-process at start
+//! and records each handler's start and finish in the file `E2E_OUT`, so a test can see from
+//! outside exactly which jobs ran, how often, and whether shutdown cut any short.
+//!
+//! Job payload: `{"n": 7, "sleep_ms": 300}`.
+
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use stevedore::{App, JobContext, Json, Router, State};
+
+#[derive(Serialize, Deserialize)]
+struct Work {
+    n: u64,
+    sleep_ms: u64,
+}
+
+#[derive(Clone)]
+struct Out(Arc<Mutex<std::fs::File>>);
+
+impl Out {
+    fn line(&self, s: &str) {
+        let mut f = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = writeln!(f, "{s}");
+        let _ = f.flush();
+    }
+}
+
+async fn work(Json(w): Json<Work>, ctx: JobContext, State(out): State<Out>) {
+    out.line(&format!("start {} {}", w.n, ctx.attempt));
+    tokio::time::sleep(Duration::from_millis(w.sleep_ms)).await;
+    out.line(&format!("done {}", w.n));
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let path = std::env::var("E2E_OUT").unwrap_or_else(|_| "e2e-out.txt".into());
+    let file = match std::fs::OpenOptions::new().create(true).append(true).open(&path) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: cannot open {path}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let jobs: u64 = std::env::var("E2E_JOBS").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let sleep_ms: u64 = std::env::var("E2E_SLEEP_MS").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let out = Out(Arc::new(Mutex::new(file)));
+    let router = Router::with_state(out.clone()).route("work", work);
+    App::new(router)
+        .on_start(move |client, _, _| async move {
+            for n in 0..jobs {
+                if let Err(e) = client.enqueue("work", &Work { n, sleep_ms }).send().await {
+                    eprintln!("enqueue failed: {e}");
+                }
+            }
+            out.line("enqueued");
+        })
+        .run()
+        .await
+}

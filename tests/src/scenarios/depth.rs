@@ -1,0 +1,115 @@
+//! 14. depth: ready, in-flight and delayed counts match what the test put there, within the
+//! backend's declared `depth_staleness`.
+
+use crate::backend::Backend;
+use crate::names::unique;
+use crate::support::{close, collect, ensure, handle, millis, pass, s2, secs, Checked, Context};
+use std::sync::Arc;
+use std::time::Duration;
+use stevedore_core::{Broker, DelaySupport, Depth, Envelope};
+use tokio::time::Instant;
+
+const READY: u64 = 10;
+const DELAYED: u64 = 4;
+const HELD: u64 = 3;
+/// Beyond the declared staleness, how long a count may take to show a change.
+const GRACE: Duration = Duration::from_millis(500);
+
+/// A fresh queue reads all zero. Then 10 ready and 4 delayed (60 s: natively, or through the
+/// backend's delay store) read 10/0/4; receiving 3 reads 7/3/4; acking one reads 7/2/4; releasing
+/// one reads 8/1/4. Each count must show within `depth_staleness` + 500 ms, and `oldest_age`, where
+/// reported, must not exceed the age of the oldest message.
+pub(crate) async fn depth(backend: Arc<dyn Backend>) -> Checked {
+    let queue = unique("depth");
+    let h = handle(&backend, &[&queue]).await?;
+    let caps = h.capabilities().clone();
+    let staleness = caps.depth_staleness;
+    await_depth(&h, &queue, (0, 0, 0), "a fresh queue", staleness, None).await?;
+
+    let first_publish = Instant::now();
+    let ready = (0..READY)
+        .map(|i| Envelope::new("conformance.depth", format!("ready {i}")))
+        .collect();
+    h.publish(&queue, ready).await.ctx("publish ready messages")?;
+    let delay_len = match caps.delay {
+        DelaySupport::Native { max } => Some(max.map_or(secs(60), |m| m.min(secs(60)))),
+        DelaySupport::None => None,
+    };
+    let delayed = |d: Duration| -> Vec<Envelope> {
+        (0..DELAYED)
+            .map(|i| Envelope::new("conformance.depth", format!("delayed {i}")).delayed(d))
+            .collect()
+    };
+    let (delayed_n, how) = match (delay_len, h.delay_store()) {
+        (Some(d), _) => {
+            h.publish(&queue, delayed(d)).await.ctx("publish delayed messages")?;
+            (DELAYED, format!("{} natively", s2(d)))
+        }
+        (None, Some(store)) => {
+            store
+                .schedule(&queue, delayed(secs(60)))
+                .await
+                .ctx("schedule delayed messages in the delay store")?;
+            (DELAYED, "60s in the delay store".to_string())
+        }
+        (None, None) => (0, "no delay: backend has neither native delay nor a delay store".into()),
+    };
+    let age = Some(first_publish);
+    await_depth(&h, &queue, (READY, 0, delayed_n), "publishing", staleness, age).await?;
+
+    let held = collect(&h, &queue, HELD as usize, secs(60), secs(10)).await?;
+    await_depth(&h, &queue, (READY - HELD, HELD, delayed_n), "receiving 3", staleness, age)
+        .await?;
+    h.ack(std::slice::from_ref(&held[0].receipt)).await.ctx("ack one")?;
+    let stage = (READY - HELD, HELD - 1, delayed_n);
+    await_depth(&h, &queue, stage, "acking 1 of them", staleness, age).await?;
+    h.release(std::slice::from_ref(&held[1].receipt)).await.ctx("release one")?;
+    let stage = (READY - HELD + 1, HELD - 2, delayed_n);
+    await_depth(&h, &queue, stage, "releasing 1 of them", staleness, age).await?;
+    close(&[&h]).await;
+    pass(format!(
+        "ready/in_flight/delayed read 0/0/0 → 10/0/4 → 7/3/4 → 7/2/4 → 8/1/4 (delayed {how}) within \
+         the declared staleness of {}",
+        s2(staleness)
+    ))
+}
+
+/// Polls `depth` until it reads `(ready, in_flight, delayed)`, for up to `staleness` + [`GRACE`].
+async fn await_depth(
+    h: &Arc<dyn Broker>,
+    queue: &str,
+    want: (u64, u64, u64),
+    after: &str,
+    staleness: Duration,
+    oldest: Option<Instant>,
+) -> Result<(), String> {
+    let deadline = Instant::now() + staleness + GRACE;
+    loop {
+        let d: Depth = h.depth(queue).await.ctx(format!("depth after {after}"))?;
+        if let (Some(age), Some(since)) = (d.oldest_age, oldest) {
+            let bound = since.elapsed() + staleness + secs(1);
+            ensure!(
+                age <= bound,
+                "after {after}: oldest_age {} exceeds the age of the oldest message ({} + staleness)",
+                s2(age),
+                s2(since.elapsed())
+            );
+        }
+        if (d.ready, d.in_flight, d.delayed) == want {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "after {after}: depth reads ready={} in_flight={} delayed={}, expected {}/{}/{} \
+             (declared staleness {})",
+            d.ready,
+            d.in_flight,
+            d.delayed,
+            want.0,
+            want.1,
+            want.2,
+            s2(staleness)
+        );
+        tokio::time::sleep(millis(100)).await;
+    }
+}
