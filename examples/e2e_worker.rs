@@ -37,15 +37,25 @@ async fn work(Json(w): Json<Work>, ctx: JobContext, State(out): State<Out>) {
 #[tokio::main]
 async fn main() -> ExitCode {
     let path = std::env::var("E2E_OUT").unwrap_or_else(|_| "e2e-out.txt".into());
-    let file = match std::fs::OpenOptions::new().create(true).append(true).open(&path) {
+    let file = match std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+    {
         Ok(f) => f,
         Err(e) => {
             eprintln!("error: cannot open {path}: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let jobs: u64 = std::env::var("E2E_JOBS").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
-    let sleep_ms: u64 = std::env::var("E2E_SLEEP_MS").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let jobs: u64 = std::env::var("E2E_JOBS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let sleep_ms: u64 = std::env::var("E2E_SLEEP_MS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     let out = Out(Arc::new(Mutex::new(file)));
     let router = Router::with_state(out.clone()).route("work", work);
     App::new(router)

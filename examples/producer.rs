@@ -46,7 +46,11 @@ async fn main() -> ExitCode {
         let sent = client
             .enqueue("send_email", &job)
             .queue("emails")
-            .priority(if i % 10 == 0 { Priority::High } else { Priority::Normal })
+            .priority(if i % 10 == 0 {
+                Priority::High
+            } else {
+                Priority::Normal
+            })
             .delay(Duration::from_secs(u64::from(i % 3)))
             .key(&format!("customer-{}", i % 4))
             .max_depth(50_000)

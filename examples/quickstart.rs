@@ -42,9 +42,17 @@ struct Reminder {
 async fn send_email(Json(mail): Json<SendEmail>, ctx: JobContext) -> Result<(), JobError> {
     tokio::time::sleep(Duration::from_millis(20)).await;
     if rand::random::<f64>() < 0.25 {
-        return Err(JobError::retry(format!("SMTP server busy while mailing {}", mail.to)));
+        return Err(JobError::retry(format!(
+            "SMTP server busy while mailing {}",
+            mail.to
+        )));
     }
-    tracing::debug!(attempt = ctx.attempt, "mailed {}: {}", mail.to, mail.subject);
+    tracing::debug!(
+        attempt = ctx.attempt,
+        "mailed {}: {}",
+        mail.to,
+        mail.subject
+    );
     Ok(())
 }
 
@@ -57,7 +65,10 @@ async fn resize_image(Json(img): Json<ResizeImage>) -> Result<(), JobError> {
 
 async fn charge_card(Json(c): Json<ChargeCard>) -> Result<(), JobError> {
     if c.cents < 0 {
-        return Err(JobError::permanent(format!("refusing to charge a negative amount ({} cents)", c.cents)));
+        return Err(JobError::permanent(format!(
+            "refusing to charge a negative amount ({} cents)",
+            c.cents
+        )));
     }
     Ok(())
 }
@@ -66,7 +77,11 @@ async fn send_reminder(Json(r): Json<Reminder>, ctx: JobContext) {
     let late = std::time::SystemTime::now()
         .duration_since(ctx.enqueued_at)
         .unwrap_or_default();
-    tracing::info!(user = r.user, "reminder sent {:.1}s after it was enqueued", late.as_secs_f64());
+    tracing::info!(
+        user = r.user,
+        "reminder sent {:.1}s after it was enqueued",
+        late.as_secs_f64()
+    );
 }
 
 /// Enqueues a realistic mix every second until shutdown.
@@ -76,12 +91,21 @@ async fn produce(client: Client) {
         n += 1;
         let result = async {
             for i in 0..5 {
-                let priority = if i == 0 { Priority::High } else { Priority::Normal };
+                let priority = if i == 0 {
+                    Priority::High
+                } else {
+                    Priority::Normal
+                };
                 let mail = SendEmail {
                     to: format!("user{}@example.com", n * 10 + i),
                     subject: "Welcome".into(),
                 };
-                client.enqueue("send_email", &mail).queue("emails").priority(priority).send().await?;
+                client
+                    .enqueue("send_email", &mail)
+                    .queue("emails")
+                    .priority(priority)
+                    .send()
+                    .await?;
             }
             let img = ResizeImage {
                 path: format!("/uploads/{n}.png"),
@@ -89,7 +113,10 @@ async fn produce(client: Client) {
             };
             client.enqueue("resize_image", &img).send().await?;
             let cents = if n % 7 == 0 { -500 } else { 1999 };
-            client.enqueue("charge_card", &ChargeCard { customer: n, cents }).send().await?;
+            client
+                .enqueue("charge_card", &ChargeCard { customer: n, cents })
+                .send()
+                .await?;
             if n % 5 == 1 {
                 client
                     .enqueue("send_reminder", &Reminder { user: n })

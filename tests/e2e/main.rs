@@ -61,7 +61,10 @@ fn lines(path: &Path) -> Vec<String> {
 fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     let t = Instant::now();
     while !f() {
-        assert!(t.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            t.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(25));
     }
 }
@@ -92,10 +95,18 @@ fn finish(run: Run, limit: Duration) -> (Output, Duration, Vec<String>) {
 fn get(port: u16, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the worker's HTTP port");
     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").expect("send request");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send request");
     let mut resp = String::new();
     let _ = s.read_to_string(&mut resp);
-    let status = resp.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let status = resp
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
     let body = resp.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
     (status, body)
 }
@@ -132,7 +143,9 @@ fn runs_every_job_once_and_serves_http() {
     let run = start(CONFIG, 200, 5);
     let port = run.port;
     let out = run.out.clone();
-    wait_until("all 200 jobs done", Duration::from_secs(30), || tally(&lines(&out), "done").len() == 200);
+    wait_until("all 200 jobs done", Duration::from_secs(30), || {
+        tally(&lines(&out), "done").len() == 200
+    });
     let (status, body) = get(port, "/readyz");
     assert_eq!(status, 200, "ready while running: {body}");
     let (status, metrics) = get(port, "/metrics");
@@ -141,15 +154,28 @@ fn runs_every_job_once_and_serves_http() {
         metrics.contains("stevedore_jobs_processed_total{queue=\"default\",job=\"work\"} 200"),
         "metrics count every job:\n{metrics}"
     );
-    wait_until("a scale hint", Duration::from_secs(5), || get(port, "/scale/default").0 == 200);
+    wait_until("a scale hint", Duration::from_secs(5), || {
+        get(port, "/scale/default").0 == 200
+    });
     let (_, hint) = get(port, "/scale/default");
     assert!(hint.contains("\"desired_workers\""), "{hint}");
     signal(&run.child, "-TERM");
     let (output, took, lines) = finish(run, Duration::from_secs(15));
-    assert_eq!(output.status.code(), Some(0), "stderr: {}", String::from_utf8_lossy(&output.stderr));
-    assert!(took < Duration::from_secs(5), "idle worker stops fast, took {took:?}");
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "idle worker stops fast, took {took:?}"
+    );
     let done = tally(&lines, "done");
-    assert!(done.values().all(|&c| c == 1), "each job exactly once: {done:?}");
+    assert!(
+        done.values().all(|&c| c == 1),
+        "each job exactly once: {done:?}"
+    );
 }
 
 #[test]
@@ -157,16 +183,29 @@ fn sigterm_lets_in_flight_jobs_finish_and_starts_no_new_ones() {
     // 8 slots, 40 jobs of 700 ms: at SIGTERM about 8 are running and the rest wait.
     let run = start(CONFIG, 40, 700);
     let out = run.out.clone();
-    wait_until("jobs running", Duration::from_secs(20), || tally(&lines(&out), "start").len() >= 8);
+    wait_until("jobs running", Duration::from_secs(20), || {
+        tally(&lines(&out), "start").len() >= 8
+    });
     signal(&run.child, "-TERM");
     let (output, took, lines) = finish(run, Duration::from_secs(20));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(0), "stderr: {stderr}");
     let started = tally(&lines, "start");
     let done = tally(&lines, "done");
-    assert_eq!(started.keys().collect::<Vec<_>>(), done.keys().collect::<Vec<_>>(), "every started job finished");
-    assert!(started.values().chain(done.values()).all(|&c| c == 1), "nothing ran twice: {started:?}");
-    assert!(started.len() < 40, "no new jobs after SIGTERM: {} started", started.len());
+    assert_eq!(
+        started.keys().collect::<Vec<_>>(),
+        done.keys().collect::<Vec<_>>(),
+        "every started job finished"
+    );
+    assert!(
+        started.values().chain(done.values()).all(|&c| c == 1),
+        "nothing ran twice: {started:?}"
+    );
+    assert!(
+        started.len() < 40,
+        "no new jobs after SIGTERM: {} started",
+        started.len()
+    );
     assert!(took < Duration::from_secs(5), "drain took {took:?}");
     assert!(stderr.contains("drained=true"), "{stderr}");
 }
@@ -176,21 +215,35 @@ fn drain_deadline_releases_unfinished_jobs() {
     let config = CONFIG.replace("shutdown_timeout = \"10s\"", "shutdown_timeout = \"1s\"");
     let run = start(&config, 4, 60_000);
     let out = run.out.clone();
-    wait_until("4 long jobs running", Duration::from_secs(20), || tally(&lines(&out), "start").len() == 4);
+    wait_until("4 long jobs running", Duration::from_secs(20), || {
+        tally(&lines(&out), "start").len() == 4
+    });
     signal(&run.child, "-TERM");
     let (output, took, lines) = finish(run, Duration::from_secs(20));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(0), "stderr: {stderr}");
-    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(5), "deadline 1s, took {took:?}");
-    assert!(tally(&lines, "done").is_empty(), "the long jobs were cut short, not finished");
-    assert_eq!(stderr.matches("job released for another worker").count(), 4, "{stderr}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "deadline 1s, took {took:?}"
+    );
+    assert!(
+        tally(&lines, "done").is_empty(),
+        "the long jobs were cut short, not finished"
+    );
+    assert_eq!(
+        stderr.matches("job released for another worker").count(),
+        4,
+        "{stderr}"
+    );
 }
 
 #[test]
 fn second_signal_exits_at_once() {
     let run = start(CONFIG, 2, 60_000);
     let out = run.out.clone();
-    wait_until("jobs running", Duration::from_secs(20), || tally(&lines(&out), "start").len() == 2);
+    wait_until("jobs running", Duration::from_secs(20), || {
+        tally(&lines(&out), "start").len() == 2
+    });
     signal(&run.child, "-TERM");
     std::thread::sleep(Duration::from_millis(300));
     signal(&run.child, "-INT");
@@ -204,15 +257,26 @@ fn bad_config_fails_at_start_naming_file_and_key() {
     let dir = tempfile::tempdir().expect("temp dir");
     let cfg = dir.path().join("bad.toml");
     std::fs::write(&cfg, "[queues.emails]\nconcurency = 4\n").expect("write");
-    let output = Command::new(WORKER).args(["run", "--config"]).arg(&cfg).output().expect("run");
+    let output = Command::new(WORKER)
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("run");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("bad.toml"), "names the file: {stderr}");
     assert!(stderr.contains("concurency"), "names the key: {stderr}");
-    assert!(stderr.contains("concurrency"), "says what is allowed: {stderr}");
+    assert!(
+        stderr.contains("concurrency"),
+        "says what is allowed: {stderr}"
+    );
 
     std::fs::write(&cfg, "[queues.emails]\nconcurrency = 0\n").expect("write");
-    let output = Command::new(WORKER).args(["config", "check", "--config"]).arg(&cfg).output().expect("run");
+    let output = Command::new(WORKER)
+        .args(["config", "check", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("run");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("queues.emails.concurrency"), "{stderr}");
@@ -222,10 +286,26 @@ fn bad_config_fails_at_start_naming_file_and_key() {
 fn config_check_redacts_secrets_and_lists_notices() {
     let dir = tempfile::tempdir().expect("temp dir");
     let cfg = dir.path().join("ok.toml");
-    std::fs::write(&cfg, "[queues.emails]\nweights = { high = 3, normal = 1 }\n").expect("write");
-    let output = Command::new(WORKER).args(["config", "check", "--config"]).arg(&cfg).output().expect("run");
+    std::fs::write(
+        &cfg,
+        "[queues.emails]\nweights = { high = 3, normal = 1 }\n",
+    )
+    .expect("write");
+    let output = Command::new(WORKER)
+        .args(["config", "check", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("run");
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(stdout.contains("config OK"), "{stdout}");
-    assert!(stdout.contains("delay"), "notices say how delay works: {stdout}");
+    assert!(
+        stdout.contains("delay"),
+        "notices say how delay works: {stdout}"
+    );
 }

@@ -316,7 +316,7 @@ impl Sampler {
             };
             publish_gauges(&hint);
             let previous = self.hints.insert(hint.clone());
-            let changed = previous.map_or(true, |p| {
+            let changed = previous.is_none_or(|p| {
                 p.desired_workers != hint.desired_workers || p.busy != hint.busy
             });
             if changed {

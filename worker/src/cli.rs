@@ -221,7 +221,11 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
             Ok(c) => c,
             Err(e) => {
                 let _ = e.print();
-                return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+                return if e.use_stderr() {
+                    ExitCode::from(2)
+                } else {
+                    ExitCode::SUCCESS
+                };
             }
         };
         init_tracing();
@@ -245,7 +249,12 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
             Command::Config(ConfigCommand::Check) => {
                 let caps = backend::capabilities(&cfg)?;
                 let notices = cfg.validate(&caps)?;
-                println!("config OK ({})", cfg.source.as_deref().unwrap_or("built-in defaults and environment"));
+                println!(
+                    "config OK ({})",
+                    cfg.source
+                        .as_deref()
+                        .unwrap_or("built-in defaults and environment")
+                );
                 println!("  backend {}: {caps}", cfg.broker.kind.as_str());
                 for n in notices {
                     println!("  note: {n}");
@@ -294,7 +303,9 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
         if self.summary.is_some() {
             print_summary(&stats);
         }
-        report.map(|_| ()).map_err(|e| Failure::Other(e.to_string()))
+        report
+            .map(|_| ())
+            .map_err(|e| Failure::Other(e.to_string()))
     }
 }
 
@@ -319,14 +330,17 @@ fn init_tracing() {
 }
 
 fn check_queue(q: &str) -> Result<(), Failure> {
-    names::validate(q).map_err(|reason| Failure::Other(format!("invalid queue name {q:?}: {reason}")))
+    names::validate(q)
+        .map_err(|reason| Failure::Other(format!("invalid queue name {q:?}: {reason}")))
 }
 
 fn select(ids: Vec<String>, all: bool, verb: &str) -> Result<Select, Failure> {
     match (all, ids.is_empty()) {
         (true, _) => Ok(Select::All),
         (false, false) => Ok(Select::Ids(ids)),
-        (false, true) => Err(Failure::Other(format!("say which dead letters to {verb}: --id ID (repeatable) or --all"))),
+        (false, true) => Err(Failure::Other(format!(
+            "say which dead letters to {verb}: --id ID (repeatable) or --all"
+        ))),
     }
 }
 
@@ -342,11 +356,14 @@ async fn admin(command: Command, cfg: &Config, broker: Arc<dyn Broker>) -> Resul
             count,
         } => {
             check_queue(&queue)?;
-            let value: serde_json::Value =
-                serde_json::from_str(&payload).map_err(|e| Failure::Other(format!("payload is not valid JSON: {e}")))?;
+            let value: serde_json::Value = serde_json::from_str(&payload)
+                .map_err(|e| Failure::Other(format!("payload is not valid JSON: {e}")))?;
             let client = Client::new(broker);
             for _ in 0..count {
-                let mut e = client.enqueue(&job, &value).queue(&queue).priority(priority);
+                let mut e = client
+                    .enqueue(&job, &value)
+                    .queue(&queue)
+                    .priority(priority);
                 if let Some(d) = delay {
                     e = e.delay(d);
                 }
@@ -375,10 +392,19 @@ async fn admin(command: Command, cfg: &Config, broker: Arc<dyn Broker>) -> Resul
                     .collect();
                 println!("{}", serde_json::Value::Array(v));
             } else {
-                println!("{:<24} {:<12} {:>10} {:>10} {:>10} {:>12}", "QUEUE", "LEVEL", "READY", "IN FLIGHT", "DELAYED", "OLDEST");
+                println!(
+                    "{:<24} {:<12} {:>10} {:>10} {:>10} {:>12}",
+                    "QUEUE", "LEVEL", "READY", "IN FLIGHT", "DELAYED", "OLDEST"
+                );
                 for (q, l, d) in rows {
-                    let oldest = d.oldest_age.map(|a| format!("{}s", a.as_secs())).unwrap_or_else(|| "-".into());
-                    println!("{q:<24} {l:<12} {:>10} {:>10} {:>10} {oldest:>12}", d.ready, d.in_flight, d.delayed);
+                    let oldest = d
+                        .oldest_age
+                        .map(|a| format!("{}s", a.as_secs()))
+                        .unwrap_or_else(|| "-".into());
+                    println!(
+                        "{q:<24} {l:<12} {:>10} {:>10} {:>10} {oldest:>12}",
+                        d.ready, d.in_flight, d.delayed
+                    );
                 }
             }
             Ok(())
@@ -395,31 +421,47 @@ async fn admin(command: Command, cfg: &Config, broker: Arc<dyn Broker>) -> Resul
                         d.envelope.id,
                         d.envelope.job.as_deref().unwrap_or("-"),
                         d.attempts,
-                        d.last_failure.map(|t| humantime::format_rfc3339_seconds(t).to_string()).unwrap_or_default(),
+                        d.last_failure
+                            .map(|t| humantime::format_rfc3339_seconds(t).to_string())
+                            .unwrap_or_default(),
                         d.error
                     );
                 }
             }
             if !json {
-                println!("{} dead letter(s) in {}", list.len(), names::dead_letter(&queue));
+                println!(
+                    "{} dead letter(s) in {}",
+                    list.len(),
+                    names::dead_letter(&queue)
+                );
             }
             Ok(())
         }
         Command::Dlq(DlqCommand::Inspect { id, queue }) => {
             check_queue(&queue)?;
             let list = dlq::list(&broker, &queue, usize::MAX).await?;
-            let found = list
-                .iter()
-                .find(|d| d.envelope.id == id)
-                .ok_or_else(|| Failure::Other(format!("no dead letter with id {id} in {}", names::dead_letter(&queue))))?;
+            let found = list.iter().find(|d| d.envelope.id == id).ok_or_else(|| {
+                Failure::Other(format!(
+                    "no dead letter with id {id} in {}",
+                    names::dead_letter(&queue)
+                ))
+            })?;
             let pretty = serde_json::to_string_pretty(&dead_letter_json(found)).unwrap_or_default();
             println!("{pretty}");
             Ok(())
         }
-        Command::Dlq(DlqCommand::Replay { queue, ids, all, limit }) => {
+        Command::Dlq(DlqCommand::Replay {
+            queue,
+            ids,
+            all,
+            limit,
+        }) => {
             check_queue(&queue)?;
             let n = dlq::replay(&broker, &queue, &select(ids, all, "replay")?, limit).await?;
-            println!("replayed {n} dead letter(s) from {}", names::dead_letter(&queue));
+            println!(
+                "replayed {n} dead letter(s) from {}",
+                names::dead_letter(&queue)
+            );
             Ok(())
         }
         Command::Dlq(DlqCommand::Purge {
@@ -432,10 +474,15 @@ async fn admin(command: Command, cfg: &Config, broker: Arc<dyn Broker>) -> Resul
             check_queue(&queue)?;
             let sel = select(ids, all, "purge")?;
             if !yes {
-                return Err(Failure::Other("purge deletes dead letters for good: add --yes to confirm".into()));
+                return Err(Failure::Other(
+                    "purge deletes dead letters for good: add --yes to confirm".into(),
+                ));
             }
             let n = dlq::purge(&broker, &queue, &sel, limit).await?;
-            println!("purged {n} dead letter(s) from {}", names::dead_letter(&queue));
+            println!(
+                "purged {n} dead letter(s) from {}",
+                names::dead_letter(&queue)
+            );
             Ok(())
         }
         Command::Run | Command::Config(_) => Ok(()),
@@ -445,7 +492,9 @@ async fn admin(command: Command, cfg: &Config, broker: Arc<dyn Broker>) -> Resul
 fn dead_letter_json(d: &dlq::DeadLetter) -> serde_json::Value {
     let e = &d.envelope;
     let payload = match std::str::from_utf8(&e.payload) {
-        Ok(s) => serde_json::from_str(s).unwrap_or_else(|_| serde_json::Value::String(s.to_string())),
+        Ok(s) => {
+            serde_json::from_str(s).unwrap_or_else(|_| serde_json::Value::String(s.to_string()))
+        }
         Err(_) => serde_json::Value::String(format!("<{} bytes of binary>", e.payload.len())),
     };
     serde_json::json!({

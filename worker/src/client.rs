@@ -121,7 +121,11 @@ impl Client {
     pub async fn waiting(&self, queue: &str) -> Result<u64, BrokerError> {
         let mut n = 0;
         for p in Priority::ALL {
-            let d = self.scheduler.broker().depth(&names::physical(queue, p)).await?;
+            let d = self
+                .scheduler
+                .broker()
+                .depth(&names::physical(queue, p))
+                .await?;
             n += d.ready + d.delayed;
         }
         Ok(n)

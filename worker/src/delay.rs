@@ -50,8 +50,12 @@ impl Scheduler {
                 "delay: native on {name} up to {}s; longer delays are re-published in hops",
                 cap.as_secs()
             ),
-            (DelaySupport::None, Some(_)) => format!("delay: emulated on {name} by its durable delay store"),
-            (DelaySupport::None, None) => format!("delay: UNAVAILABLE on {name}: delayed jobs and retry backoff are refused"),
+            (DelaySupport::None, Some(_)) => {
+                format!("delay: emulated on {name} by its durable delay store")
+            }
+            (DelaySupport::None, None) => {
+                format!("delay: UNAVAILABLE on {name}: delayed jobs and retry backoff are refused")
+            }
         }
     }
 
@@ -63,7 +67,9 @@ impl Scheduler {
             return self.broker.publish(queue, messages).await;
         }
         let now = SystemTime::now();
-        let (later, due): (Vec<_>, Vec<_>) = messages.into_iter().partition(|m| m.delay_remaining(now).is_some());
+        let (later, due): (Vec<_>, Vec<_>) = messages
+            .into_iter()
+            .partition(|m| m.delay_remaining(now).is_some());
         if !due.is_empty() {
             self.broker.publish(queue, due).await?;
         }
@@ -86,7 +92,11 @@ impl Scheduler {
 /// Starts the promoter when the backend has a delay store: it moves due messages into their queues
 /// every `interval` (sooner when the store knows the next due time), in batches of
 /// [`PROMOTE_BATCH`], until `shutdown` turns true. Any number of workers may run one at once.
-pub fn spawn_promoter(broker: &Arc<dyn Broker>, interval: Duration, mut shutdown: watch::Receiver<bool>) -> Option<JoinHandle<()>> {
+pub fn spawn_promoter(
+    broker: &Arc<dyn Broker>,
+    interval: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) -> Option<JoinHandle<()>> {
     let store = broker.delay_store()?;
     Some(tokio::spawn(async move {
         let mut failures = 0u32;
@@ -96,7 +106,10 @@ pub fn spawn_promoter(broker: &Arc<dyn Broker>, interval: Duration, mut shutdown
                 Ok(_) => {
                     failures = 0;
                     match store.next_due().await {
-                        Ok(Some(t)) => t.duration_since(SystemTime::now()).unwrap_or_default().min(interval),
+                        Ok(Some(t)) => t
+                            .duration_since(SystemTime::now())
+                            .unwrap_or_default()
+                            .min(interval),
                         _ => interval,
                     }
                 }

@@ -5,7 +5,9 @@
 use crate::client::Client;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use stevedore_core::{from_millis, names, wire, Broker, BrokerError, Delivery, Envelope, ReceiveOptions};
+use stevedore_core::{
+    from_millis, names, wire, Broker, BrokerError, Delivery, Envelope, ReceiveOptions,
+};
 
 /// Lease taken on dead letters while a tool looks at them.
 const TOOL_LEASE: Duration = Duration::from_secs(60);
@@ -33,7 +35,13 @@ impl DeadLetter {
     /// Reads the dead-letter headers of a message.
     pub fn from_envelope(envelope: Envelope) -> Self {
         let h = |k: &str| envelope.headers.get(k).cloned().unwrap_or_default();
-        let t = |k: &str| envelope.headers.get(k).and_then(|v| v.parse().ok()).map(from_millis);
+        let t = |k: &str| {
+            envelope
+                .headers
+                .get(k)
+                .and_then(|v| v.parse().ok())
+                .map(from_millis)
+        };
         DeadLetter {
             error: h(wire::DLQ_ERROR),
             attempts: h(wire::DLQ_ATTEMPTS).parse().unwrap_or(0),
@@ -64,7 +72,11 @@ impl Select {
     }
 }
 
-async fn take_all(broker: &Arc<dyn Broker>, dlq: &str, limit: usize) -> Result<Vec<Delivery>, BrokerError> {
+async fn take_all(
+    broker: &Arc<dyn Broker>,
+    dlq: &str,
+    limit: usize,
+) -> Result<Vec<Delivery>, BrokerError> {
     let mut out = Vec::new();
     let batch = broker.capabilities().max_batch.clamp(1, 100);
     while out.len() < limit {
@@ -92,9 +104,16 @@ async fn give_back(broker: &Arc<dyn Broker>, rest: Vec<Delivery>) -> Result<(), 
 
 /// Up to `limit` dead letters of logical queue `queue`, oldest first where the broker keeps order.
 /// Leaves the queue as it was (messages are released after reading).
-pub async fn list(broker: &Arc<dyn Broker>, queue: &str, limit: usize) -> Result<Vec<DeadLetter>, BrokerError> {
+pub async fn list(
+    broker: &Arc<dyn Broker>,
+    queue: &str,
+    limit: usize,
+) -> Result<Vec<DeadLetter>, BrokerError> {
     let got = take_all(broker, &names::dead_letter(queue), limit).await?;
-    let out = got.iter().map(|d| DeadLetter::from_envelope(d.envelope.clone())).collect();
+    let out = got
+        .iter()
+        .map(|d| DeadLetter::from_envelope(d.envelope.clone()))
+        .collect();
     give_back(broker, got).await?;
     Ok(out)
 }
@@ -103,19 +122,32 @@ pub async fn list(broker: &Arc<dyn Broker>, queue: &str, limit: usize) -> Result
 /// jobs (attempt 1, dead-letter headers removed) and removes them from the dead-letter queue.
 /// Returns how many were replayed. Each message is published before it is acked, so a crash in
 /// between duplicates rather than loses.
-pub async fn replay(broker: &Arc<dyn Broker>, queue: &str, select: &Select, limit: usize) -> Result<usize, BrokerError> {
+pub async fn replay(
+    broker: &Arc<dyn Broker>,
+    queue: &str,
+    select: &Select,
+    limit: usize,
+) -> Result<usize, BrokerError> {
     let got = take_all(broker, &names::dead_letter(queue), limit).await?;
-    let (chosen, rest): (Vec<_>, Vec<_>) = got.into_iter().partition(|d| select.matches(&d.envelope.id));
+    let (chosen, rest): (Vec<_>, Vec<_>) = got
+        .into_iter()
+        .partition(|d| select.matches(&d.envelope.id));
     let client = Client::new(broker.clone());
     let mut done = 0;
     let mut result = Ok(());
     for d in &chosen {
         let dl = DeadLetter::from_envelope(d.envelope.clone());
-        let origin = if dl.origin.is_empty() { queue.to_string() } else { dl.origin };
+        let origin = if dl.origin.is_empty() {
+            queue.to_string()
+        } else {
+            dl.origin
+        };
         let mut fresh = d.envelope.clone();
         fresh.attempt = 1;
         fresh.not_before = None;
-        fresh.headers.retain(|k, _| !k.starts_with("stevedore-dlq-") && k != wire::FIRST_FAILURE);
+        fresh
+            .headers
+            .retain(|k, _| !k.starts_with("stevedore-dlq-") && k != wire::FIRST_FAILURE);
         if let Err(e) = client.publish(&origin, vec![fresh]).await {
             result = Err(match e {
                 crate::EnqueueError::Broker(b) => b,
@@ -132,9 +164,16 @@ pub async fn replay(broker: &Arc<dyn Broker>, queue: &str, select: &Select, limi
 }
 
 /// Deletes the selected dead letters for good. Returns how many.
-pub async fn purge(broker: &Arc<dyn Broker>, queue: &str, select: &Select, limit: usize) -> Result<usize, BrokerError> {
+pub async fn purge(
+    broker: &Arc<dyn Broker>,
+    queue: &str,
+    select: &Select,
+    limit: usize,
+) -> Result<usize, BrokerError> {
     let got = take_all(broker, &names::dead_letter(queue), limit).await?;
-    let (chosen, rest): (Vec<_>, Vec<_>) = got.into_iter().partition(|d| select.matches(&d.envelope.id));
+    let (chosen, rest): (Vec<_>, Vec<_>) = got
+        .into_iter()
+        .partition(|d| select.matches(&d.envelope.id));
     let receipts: Vec<_> = chosen.iter().map(|d| d.receipt.clone()).collect();
     if !receipts.is_empty() {
         broker.ack(&receipts).await?;
@@ -156,7 +195,9 @@ mod tests {
             let env = Envelope::new("j", format!("{{\"n\":{i}}}"));
             ids.push(env.id.clone());
             let dl = dead_letter_copy(&env, "emails", 5, "boom", "w");
-            broker.publish(&names::dead_letter("emails"), vec![dl]).await?;
+            broker
+                .publish(&names::dead_letter("emails"), vec![dl])
+                .await?;
         }
         Ok((broker, ids))
     }
@@ -165,7 +206,10 @@ mod tests {
     async fn list_leaves_everything_in_place() -> Result<(), BrokerError> {
         let (b, ids) = seeded().await?;
         let l = list(&b, "emails", 100).await?;
-        assert_eq!(l.iter().map(|d| d.envelope.id.clone()).collect::<Vec<_>>(), ids);
+        assert_eq!(
+            l.iter().map(|d| d.envelope.id.clone()).collect::<Vec<_>>(),
+            ids
+        );
         assert_eq!(l[0].attempts, 5);
         assert_eq!(l[0].origin, "emails");
         assert_eq!(b.depth("emails__dlq").await?.ready, 3);
@@ -179,7 +223,14 @@ mod tests {
         assert_eq!(n, 1);
         assert_eq!(b.depth("emails__dlq").await?.ready, 2);
         let got = b
-            .receive("emails", ReceiveOptions { max: 10, wait: Duration::ZERO, lease: TOOL_LEASE })
+            .receive(
+                "emails",
+                ReceiveOptions {
+                    max: 10,
+                    wait: Duration::ZERO,
+                    lease: TOOL_LEASE,
+                },
+            )
             .await?;
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].envelope.id, ids[1]);
@@ -192,7 +243,10 @@ mod tests {
     async fn purge_all_empties_the_dlq() -> Result<(), BrokerError> {
         let (b, _) = seeded().await?;
         assert_eq!(purge(&b, "emails", &Select::All, 100).await?, 3);
-        assert_eq!(b.depth("emails__dlq").await?, stevedore_core::Depth::default());
+        assert_eq!(
+            b.depth("emails__dlq").await?,
+            stevedore_core::Depth::default()
+        );
         Ok(())
     }
 }

@@ -74,12 +74,14 @@ pub struct Json<T>(pub T);
 
 impl<T: DeserializeOwned, S> FromJob<S> for Json<T> {
     fn from_job(parts: &JobParts, _: &S) -> Result<Self, JobError> {
-        serde_json::from_slice(&parts.envelope.payload).map(Json).map_err(|e| {
-            JobError::permanent(format!(
-                "malformed payload: cannot decode as {}: {e}",
-                std::any::type_name::<T>()
-            ))
-        })
+        serde_json::from_slice(&parts.envelope.payload)
+            .map(Json)
+            .map_err(|e| {
+                JobError::permanent(format!(
+                    "malformed payload: cannot decode as {}: {e}",
+                    std::any::type_name::<T>()
+                ))
+            })
     }
 }
 

@@ -70,7 +70,14 @@ pub struct Selector {
 
 impl Selector {
     /// `levels` in any order (sorted here, highest first); `concurrency` is the queue's slot count.
-    pub fn new(mut levels: Vec<Level>, mode: Mode, concurrency: usize, aging: Duration, probe_after: Duration, now: Instant) -> Self {
+    pub fn new(
+        mut levels: Vec<Level>,
+        mode: Mode,
+        concurrency: usize,
+        aging: Duration,
+        probe_after: Duration,
+        now: Instant,
+    ) -> Self {
         levels.sort_by_key(|l| l.priority);
         Selector {
             levels: levels
@@ -127,11 +134,17 @@ impl Selector {
 
     /// Chooses the next level to fetch from, or `None` when no level has a free slot.
     pub fn pick(&mut self, now: Instant) -> Option<Pick> {
-        let eligible: Vec<usize> = (0..self.levels.len()).filter(|&i| self.capacity(i) > 0).collect();
+        let eligible: Vec<usize> = (0..self.levels.len())
+            .filter(|&i| self.capacity(i) > 0)
+            .collect();
         if eligible.is_empty() {
             return None;
         }
-        let ready: Vec<usize> = eligible.iter().copied().filter(|&i| self.has_work(i, now)).collect();
+        let ready: Vec<usize> = eligible
+            .iter()
+            .copied()
+            .filter(|&i| self.has_work(i, now))
+            .collect();
         let pick = |index: usize, idle: bool, s: &Self| Pick {
             index,
             capacity: s.capacity(index),
@@ -153,7 +166,10 @@ impl Selector {
         let index = match self.mode {
             Mode::Strict => ready[0],
             Mode::Weighted => {
-                let total: i64 = ready.iter().map(|&i| i64::from(self.levels[i].level.weight.max(1))).sum();
+                let total: i64 = ready
+                    .iter()
+                    .map(|&i| i64::from(self.levels[i].level.weight.max(1)))
+                    .sum();
                 let mut best = ready[0];
                 for &i in &ready {
                     let l = &mut self.levels[i];
@@ -200,8 +216,19 @@ mod tests {
     }
 
     fn three(mode: Mode, conc: usize) -> Selector {
-        let l = levels(&[(Priority::Low, 1, 0), (Priority::High, 6, 0), (Priority::Normal, 3, 0)]);
-        Selector::new(l, mode, conc, Duration::from_secs(3600), Duration::from_secs(3600), Instant::now())
+        let l = levels(&[
+            (Priority::Low, 1, 0),
+            (Priority::High, 6, 0),
+            (Priority::Normal, 3, 0),
+        ]);
+        Selector::new(
+            l,
+            mode,
+            conc,
+            Duration::from_secs(3600),
+            Duration::from_secs(3600),
+            Instant::now(),
+        )
     }
 
     #[test]
@@ -229,10 +256,21 @@ mod tests {
     fn reserved_slots_stay_free_for_their_level() {
         let l = levels(&[(Priority::High, 1, 2), (Priority::Low, 1, 0)]);
         let now = Instant::now();
-        let mut s = Selector::new(l, Mode::Strict, 5, Duration::from_secs(60), Duration::from_secs(60), now);
+        let mut s = Selector::new(
+            l,
+            Mode::Strict,
+            5,
+            Duration::from_secs(60),
+            Duration::from_secs(60),
+            now,
+        );
         s.received(0, 0, now); // high empty
         let p = s.pick(now).expect("low may run");
-        assert_eq!((p.index, p.capacity), (1, 3), "two of five slots held for high");
+        assert_eq!(
+            (p.index, p.capacity),
+            (1, 3),
+            "two of five slots held for high"
+        );
         s.received(1, 3, now);
         assert_eq!(s.capacity(1), 0, "low cannot take the reserved slots");
         assert_eq!(s.capacity(0), 2, "high still can");
@@ -244,7 +282,14 @@ mod tests {
     fn aging_serves_a_starved_level() {
         let l = levels(&[(Priority::High, 1, 0), (Priority::Low, 1, 0)]);
         let t0 = Instant::now();
-        let mut s = Selector::new(l, Mode::Strict, 10, Duration::from_secs(5), Duration::from_secs(60), t0);
+        let mut s = Selector::new(
+            l,
+            Mode::Strict,
+            10,
+            Duration::from_secs(5),
+            Duration::from_secs(60),
+            t0,
+        );
         for k in 0..5 {
             let now = t0 + Duration::from_secs(k);
             let p = s.pick(now).expect("capacity");
@@ -253,14 +298,25 @@ mod tests {
             s.finished(0);
         }
         let later = t0 + Duration::from_secs(6);
-        assert_eq!(s.pick(later).map(|p| p.index), Some(1), "low waited past aging");
+        assert_eq!(
+            s.pick(later).map(|p| p.index),
+            Some(1),
+            "low waited past aging"
+        );
     }
 
     #[test]
     fn empty_levels_are_long_polled_in_turn_and_reprobed() {
         let l = levels(&[(Priority::High, 1, 0), (Priority::Low, 1, 0)]);
         let t0 = Instant::now();
-        let mut s = Selector::new(l, Mode::Weighted, 10, Duration::from_secs(60), Duration::from_millis(100), t0);
+        let mut s = Selector::new(
+            l,
+            Mode::Weighted,
+            10,
+            Duration::from_secs(60),
+            Duration::from_millis(100),
+            t0,
+        );
         s.received(0, 0, t0);
         s.received(1, 0, t0);
         let a = s.pick(t0).expect("capacity");
@@ -268,7 +324,10 @@ mod tests {
         assert!(a.idle && b.idle);
         assert_ne!(a.index, b.index);
         let later = t0 + Duration::from_millis(150);
-        assert!(!s.pick(later).expect("capacity").idle, "probe again after probe_after");
+        assert!(
+            !s.pick(later).expect("capacity").idle,
+            "probe again after probe_after"
+        );
     }
 
     #[test]

@@ -51,7 +51,10 @@ impl RetryPolicy {
     /// The upper bound of the backoff after failed attempt `attempt` (1-based):
     /// `min(cap, base × factor^(attempt−1))`.
     pub fn ceiling(&self, attempt: u32) -> Duration {
-        let exp = self.factor.max(1.0).powi(attempt.saturating_sub(1).min(64) as i32);
+        let exp = self
+            .factor
+            .max(1.0)
+            .powi(attempt.saturating_sub(1).min(64) as i32);
         let secs = self.base.as_secs_f64() * exp;
         if !secs.is_finite() || secs >= self.cap.as_secs_f64() {
             self.cap
@@ -70,7 +73,14 @@ impl RetryPolicy {
     }
 
     /// Decides what follows a failure of `attempt`, for a job first enqueued at `enqueued_at`.
-    pub fn decide(&self, error: &JobError, attempt: u32, enqueued_at: SystemTime, now: SystemTime, unit: f64) -> Decision {
+    pub fn decide(
+        &self,
+        error: &JobError,
+        attempt: u32,
+        enqueued_at: SystemTime,
+        now: SystemTime,
+        unit: f64,
+    ) -> Decision {
         let delay = match error.kind() {
             FailureKind::Permanent => {
                 return Decision::DeadLetter {
@@ -136,13 +146,30 @@ mod tests {
         let p = policy();
         let now = SystemTime::now();
         let retry = JobError::retry("boom");
-        assert_eq!(p.decide(&retry, 1, now, now, 0.0), Decision::Retry { delay: Duration::from_millis(100) });
-        assert!(matches!(p.decide(&retry, 4, now, now, 0.0), Decision::DeadLetter { reason } if reason.contains("4 of 4")));
+        assert_eq!(
+            p.decide(&retry, 1, now, now, 0.0),
+            Decision::Retry {
+                delay: Duration::from_millis(100)
+            }
+        );
+        assert!(
+            matches!(p.decide(&retry, 4, now, now, 0.0), Decision::DeadLetter { reason } if reason.contains("4 of 4"))
+        );
         let perm = JobError::permanent("bad input");
-        assert!(matches!(p.decide(&perm, 1, now, now, 0.0), Decision::DeadLetter { .. }));
+        assert!(matches!(
+            p.decide(&perm, 1, now, now, 0.0),
+            Decision::DeadLetter { .. }
+        ));
         let after = JobError::retry_after(Duration::from_secs(3), "rate limited");
-        assert_eq!(p.decide(&after, 1, now, now, 0.9), Decision::Retry { delay: Duration::from_secs(3) });
+        assert_eq!(
+            p.decide(&after, 1, now, now, 0.9),
+            Decision::Retry {
+                delay: Duration::from_secs(3)
+            }
+        );
         let old = now - Duration::from_secs(59);
-        assert!(matches!(p.decide(&after, 1, old, now, 0.0), Decision::DeadLetter { reason } if reason.contains("max_age")));
+        assert!(
+            matches!(p.decide(&after, 1, old, now, 0.0), Decision::DeadLetter { reason } if reason.contains("max_age"))
+        );
     }
 }

@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
-type BoxedHandler = Arc<dyn Fn(Arc<JobParts>) -> BoxFuture<'static, Result<(), JobError>> + Send + Sync>;
+type BoxedHandler =
+    Arc<dyn Fn(Arc<JobParts>) -> BoxFuture<'static, Result<(), JobError>> + Send + Sync>;
 
 /// Handlers by job name, with the application state they share.
 ///
@@ -70,7 +71,11 @@ pub struct Routes {
 
 impl Routes {
     /// Starts the handler for `job`, or `None` when no handler has that name.
-    pub fn dispatch(&self, job: &str, parts: Arc<JobParts>) -> Option<BoxFuture<'static, Result<(), JobError>>> {
+    pub fn dispatch(
+        &self,
+        job: &str,
+        parts: Arc<JobParts>,
+    ) -> Option<BoxFuture<'static, Result<(), JobError>>> {
         self.handlers.get(job).map(|h| h(parts))
     }
 

@@ -21,7 +21,10 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
-use stevedore_core::{names, to_millis, wire, Broker, BrokerError, Delivery, Envelope, LeaseSupport, Priority, ReceiveOptions, Receipt};
+use stevedore_core::{
+    names, to_millis, wire, Broker, BrokerError, Delivery, Envelope, LeaseSupport, Priority,
+    Receipt, ReceiveOptions,
+};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
@@ -112,7 +115,14 @@ pub(crate) async fn fetch_loop(
     let levels = levels_of(&ctx.name, &ctx.cfg);
     let n_levels = levels.len() as u32;
     let probe_after = (poll_wait / 4).clamp(Duration::from_millis(20), Duration::from_millis(250));
-    let mut selector = Selector::new(levels, mode, ctx.cfg.concurrency, ctx.cfg.aging, probe_after, Instant::now());
+    let mut selector = Selector::new(
+        levels,
+        mode,
+        ctx.cfg.concurrency,
+        ctx.cfg.aging,
+        probe_after,
+        Instant::now(),
+    );
     let idle_wait = (poll_wait / n_levels.max(1)).max(Duration::from_millis(10));
     let mut backoff = ErrorBackoff::default();
     let mut permits: Vec<OwnedSemaphorePermit> = Vec::new();
@@ -201,7 +211,11 @@ async fn run_job(ctx: &QueueCtx, priority: Priority, d: Delivery) {
         return;
     }
     let attempt = d.attempt();
-    let job = d.envelope.job.clone().or_else(|| ctx.cfg.default_job.clone());
+    let job = d
+        .envelope
+        .job
+        .clone()
+        .or_else(|| ctx.cfg.default_job.clone());
     let span = tracing::info_span!("job", queue = %ctx.name, job = job.as_deref().unwrap_or("-"), id = %d.envelope.id, attempt);
     async move {
         let started = Instant::now();
@@ -212,7 +226,10 @@ async fn run_job(ctx: &QueueCtx, priority: Priority, d: Delivery) {
                     "message has no job name and queue '{}' has no default_job",
                     ctx.name
                 ));
-                ("-".to_string(), dead_letter(ctx, d, attempt, &err, "unroutable").await)
+                (
+                    "-".to_string(),
+                    dead_letter(ctx, d, attempt, &err, "unroutable").await,
+                )
             }
             Some(job) if !ctx.routes.contains(&job) => {
                 let err = JobError::permanent(format!(
@@ -238,31 +255,58 @@ enum Supervised {
     Aborted,
 }
 
-async fn handle(ctx: &QueueCtx, job: &str, priority: Priority, d: Delivery, attempt: u32) -> JobResult {
+async fn handle(
+    ctx: &QueueCtx,
+    job: &str,
+    priority: Priority,
+    d: Delivery,
+    attempt: u32,
+) -> JobResult {
     let retry = policy_of(&ctx.config.retry_for(&ctx.name, Some(job)));
     let timeout = ctx.config.timeout_for(&ctx.name, Some(job));
+    let Delivery {
+        envelope,
+        receipt,
+        delivery_count,
+    } = d;
     let parts = Arc::new(JobParts {
         context: JobContext {
-            id: d.envelope.id.clone(),
+            id: envelope.id.clone(),
             job: job.to_string(),
             queue: ctx.name.clone(),
             priority,
             attempt,
             max_attempts: retry.max_attempts,
-            enqueued_at: d.envelope.enqueued_at,
-            headers: d.envelope.headers.clone(),
+            enqueued_at: envelope.enqueued_at,
+            headers: envelope.headers.clone(),
             worker_id: ctx.worker_id.clone(),
         },
-        envelope: d.envelope.clone(),
+        envelope,
     });
-    let Some(fut) = ctx.routes.dispatch(job, parts) else {
-        return dead_letter(ctx, d, attempt, &JobError::permanent("handler vanished"), "unroutable").await;
+    let fut = ctx.routes.dispatch(job, parts.clone());
+    let outcome = match fut {
+        Some(fut) => supervise(ctx, fut, &receipt, timeout).await,
+        None => Supervised::Done(Err(JobError::permanent("handler vanished"))),
     };
-    match supervise(ctx, fut, &d.receipt, timeout).await {
+    // The handler future is gone, so this is the only reference left: the envelope comes back
+    // without a copy (only failures need it).
+    let envelope = Arc::try_unwrap(parts)
+        .map(|p| p.envelope)
+        .unwrap_or_else(|p| p.envelope.clone());
+    let d = Delivery {
+        envelope,
+        receipt,
+        delivery_count,
+    };
+    match outcome {
         Supervised::Aborted => {
             match ctx.broker().release(std::slice::from_ref(&d.receipt)).await {
-                Ok(()) => tracing::info!("shutdown deadline passed: job released for another worker"),
-                Err(e) => tracing::warn!(error = %e, "shutdown deadline passed and release failed: the job returns after its lease"),
+                Ok(()) => {
+                    tracing::info!("shutdown deadline passed: job released for another worker")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "shutdown deadline passed and release failed: the job returns after its lease")
+                }
             }
             JobResult::Released
         }
@@ -272,9 +316,17 @@ async fn handle(ctx: &QueueCtx, job: &str, priority: Priority, d: Delivery, atte
         }
         Supervised::Done(Err(err)) => {
             let unit: f64 = rand::random();
-            match retry.decide(&err, attempt, d.envelope.enqueued_at, SystemTime::now(), unit) {
+            match retry.decide(
+                &err,
+                attempt,
+                d.envelope.enqueued_at,
+                SystemTime::now(),
+                unit,
+            ) {
                 Decision::Retry { delay } => retry_later(ctx, d, attempt, &err, delay).await,
-                Decision::DeadLetter { reason } => dead_letter(ctx, d, attempt, &err, &reason).await,
+                Decision::DeadLetter { reason } => {
+                    dead_letter(ctx, d, attempt, &err, &reason).await
+                }
             }
         }
     }
@@ -339,7 +391,11 @@ fn flatten(r: Result<Result<(), JobError>, Box<dyn std::any::Any + Send>>) -> Re
 /// the remaining delay, then ack this copy.
 async fn hop(ctx: &QueueCtx, d: Delivery, early: Duration) {
     tracing::debug!(id = %d.envelope.id, remaining = ?early, "delayed message arrived early; re-publishing for the rest");
-    match ctx.scheduler.publish(d.receipt.queue(), vec![d.envelope]).await {
+    match ctx
+        .scheduler
+        .publish(d.receipt.queue(), vec![d.envelope])
+        .await
+    {
         Ok(()) => {
             let _ = ctx.acks.send(d.receipt);
         }
@@ -350,7 +406,13 @@ async fn hop(ctx: &QueueCtx, d: Delivery, early: Duration) {
     }
 }
 
-async fn retry_later(ctx: &QueueCtx, d: Delivery, attempt: u32, err: &JobError, delay: Duration) -> JobResult {
+async fn retry_later(
+    ctx: &QueueCtx,
+    d: Delivery,
+    attempt: u32,
+    err: &JobError,
+    delay: Duration,
+) -> JobResult {
     let now = SystemTime::now();
     let mut copy = d.envelope.clone();
     copy.attempt = attempt + 1;
@@ -358,7 +420,8 @@ async fn retry_later(ctx: &QueueCtx, d: Delivery, attempt: u32, err: &JobError, 
     copy.headers
         .entry(wire::FIRST_FAILURE.to_string())
         .or_insert_with(|| to_millis(now).to_string());
-    copy.headers.insert("stevedore-last-error".into(), truncate(err.message(), 1024));
+    copy.headers
+        .insert("stevedore-last-error".into(), truncate(err.message(), 1024));
     tracing::debug!(error = %err, next_attempt = attempt + 1, in_ms = delay.as_millis() as u64, "job failed; retry scheduled");
     match ctx.scheduler.publish(d.receipt.queue(), vec![copy]).await {
         Ok(()) => {
@@ -375,26 +438,49 @@ async fn retry_later(ctx: &QueueCtx, d: Delivery, attempt: u32, err: &JobError, 
 }
 
 /// Builds the dead-letter copy of a message: payload intact, with the standard headers.
-pub(crate) fn dead_letter_copy(env: &Envelope, origin: &str, attempt: u32, error: &str, worker_id: &str) -> Envelope {
+pub(crate) fn dead_letter_copy(
+    env: &Envelope,
+    origin: &str,
+    attempt: u32,
+    error: &str,
+    worker_id: &str,
+) -> Envelope {
     let now = to_millis(SystemTime::now()).to_string();
     let mut copy = env.clone();
     copy.not_before = None;
-    let first = copy.headers.remove(wire::FIRST_FAILURE).unwrap_or_else(|| now.clone());
+    let first = copy
+        .headers
+        .remove(wire::FIRST_FAILURE)
+        .unwrap_or_else(|| now.clone());
     copy.headers.remove("stevedore-last-error");
-    copy.headers.insert(wire::DLQ_ERROR.into(), truncate(error, 4096));
-    copy.headers.insert(wire::DLQ_ATTEMPTS.into(), attempt.to_string());
+    copy.headers
+        .insert(wire::DLQ_ERROR.into(), truncate(error, 4096));
+    copy.headers
+        .insert(wire::DLQ_ATTEMPTS.into(), attempt.to_string());
     copy.headers.insert(wire::DLQ_FIRST_FAILURE.into(), first);
     copy.headers.insert(wire::DLQ_LAST_FAILURE.into(), now);
-    copy.headers.insert(wire::DLQ_WORKER.into(), worker_id.to_string());
-    copy.headers.insert(wire::DLQ_ORIGIN.into(), origin.to_string());
+    copy.headers
+        .insert(wire::DLQ_WORKER.into(), worker_id.to_string());
+    copy.headers
+        .insert(wire::DLQ_ORIGIN.into(), origin.to_string());
     copy
 }
 
-async fn dead_letter(ctx: &QueueCtx, d: Delivery, attempt: u32, err: &JobError, reason: &str) -> JobResult {
+async fn dead_letter(
+    ctx: &QueueCtx,
+    d: Delivery,
+    attempt: u32,
+    err: &JobError,
+    reason: &str,
+) -> JobResult {
     let error = format!("{} ({reason})", err.message());
     let copy = dead_letter_copy(&d.envelope, &ctx.name, attempt, &error, &ctx.worker_id);
     tracing::warn!(error = %error, "job dead-lettered");
-    match ctx.broker().publish(&names::dead_letter(&ctx.name), vec![copy]).await {
+    match ctx
+        .broker()
+        .publish(&names::dead_letter(&ctx.name), vec![copy])
+        .await
+    {
         Ok(()) => {
             let _ = ctx.acks.send(d.receipt);
             JobResult::DeadLettered
@@ -472,7 +558,11 @@ pub(crate) fn start(
     let broker = scheduler.broker().clone();
     let (ack_tx, ack_rx) = mpsc::unbounded_channel();
     let acker = tokio::spawn(acker(broker.clone(), ack_rx));
-    let promoter = delay::spawn_promoter(&broker, config.worker.promote_interval, shutdown.subscribe());
+    let promoter = delay::spawn_promoter(
+        &broker,
+        config.worker.promote_interval,
+        shutdown.subscribe(),
+    );
     let (hard_tx, hard_rx) = watch::channel(false);
     let global = Arc::new(Semaphore::new(config.worker.concurrency));
     let lease_timed = lease_is_timed(broker.as_ref());
@@ -523,7 +613,10 @@ mod tests {
         let h = &copy.headers;
         assert_eq!(h.get(wire::DLQ_ERROR).map(String::as_str), Some("boom"));
         assert_eq!(h.get(wire::DLQ_ATTEMPTS).map(String::as_str), Some("3"));
-        assert_eq!(h.get(wire::DLQ_FIRST_FAILURE).map(String::as_str), Some("123"));
+        assert_eq!(
+            h.get(wire::DLQ_FIRST_FAILURE).map(String::as_str),
+            Some("123")
+        );
         assert_eq!(h.get(wire::DLQ_ORIGIN).map(String::as_str), Some("emails"));
         assert_eq!(h.get(wire::DLQ_WORKER).map(String::as_str), Some("w-1"));
         assert!(h.contains_key(wire::DLQ_LAST_FAILURE));

@@ -53,7 +53,9 @@ pub fn listen_for_signals(handle: ShutdownHandle) -> tokio::task::JoinHandle<()>
             }
             seen += 1;
             if seen == 1 {
-                tracing::info!("shutdown requested: finishing in-flight jobs (signal again to exit at once)");
+                tracing::info!(
+                    "shutdown requested: finishing in-flight jobs (signal again to exit at once)"
+                );
                 handle.shutdown();
             } else {
                 tracing::warn!("second signal: exiting now; unacked jobs return after their lease");

@@ -47,7 +47,11 @@ pub struct RunReport {
 impl Worker {
     /// Checks `config` against the broker's capabilities and the router (every `default_job` must
     /// have a handler). Connects nothing.
-    pub fn new<S: Clone + Send + Sync + 'static>(broker: Arc<dyn Broker>, router: Router<S>, config: Config) -> Result<Self, ConfigError> {
+    pub fn new<S: Clone + Send + Sync + 'static>(
+        broker: Arc<dyn Broker>,
+        router: Router<S>,
+        config: Config,
+    ) -> Result<Self, ConfigError> {
         let mut notices = config.validate(broker.capabilities())?;
         let routes = router.into_routes();
         for (name, q) in config.effective_queues() {
@@ -66,7 +70,11 @@ impl Worker {
         }
         let scheduler = Scheduler::new(broker.clone());
         notices.push(scheduler.describe());
-        notices.push(format!("backend {}: {}", broker.name(), broker.capabilities()));
+        notices.push(format!(
+            "backend {}: {}",
+            broker.name(),
+            broker.capabilities()
+        ));
         Ok(Worker {
             worker_id: config.worker.worker_id().into(),
             broker,
@@ -172,15 +180,23 @@ impl Worker {
         }
         let all = u32::try_from(self.config.worker.concurrency).unwrap_or(u32::MAX);
         let deadline = self.config.worker.shutdown_timeout;
-        let drained = tokio::time::timeout(deadline, started.global.acquire_many(all)).await.is_ok();
+        let drained = tokio::time::timeout(deadline, started.global.acquire_many(all))
+            .await
+            .is_ok();
         if !drained {
             tracing::warn!(deadline = ?deadline, "shutdown deadline passed: releasing unfinished jobs");
             started.hard_tx.send_replace(true);
-            if tokio::time::timeout(Duration::from_secs(30), started.global.acquire_many(all)).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(30), started.global.acquire_many(all))
+                .await
+                .is_err()
+            {
                 tracing::error!("some jobs did not stop within 30s after release; they return after their lease");
             }
         }
-        if tokio::time::timeout(Duration::from_secs(30), started.acker).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(30), started.acker)
+            .await
+            .is_err()
+        {
             tracing::error!("acks did not flush within 30s; those jobs may run again");
         }
         if let Some(p) = started.promoter {
@@ -197,7 +213,10 @@ impl Worker {
         Ok(RunReport { drained })
     }
 
-    async fn start_http(&self, soft: tokio::sync::watch::Receiver<bool>) -> Option<tokio::task::JoinHandle<()>> {
+    async fn start_http(
+        &self,
+        soft: tokio::sync::watch::Receiver<bool>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
         if !self.config.http.enabled {
             return None;
         }

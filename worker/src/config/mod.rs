@@ -231,8 +231,8 @@ impl Default for HttpConfig {
     }
 }
 
-/// `[retry]`: exponential backoff with full jitter. Attempt `n` (from 1) waits a random time up to
-/// `min(cap, base * factor^(n-1))`; after `max_attempts` attempts, or once the job is older than
+/// `[retry]`: exponential backoff with full jitter. After failed attempt `n` (from 1) the retry waits
+/// a random time drawn from `[base, min(cap, base * factor^(n-1))]`; after `max_attempts` attempts, or once the job is older than
 /// `max_age`, it goes to the dead-letter queue.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -371,7 +371,7 @@ pub struct QueueConfig {
     pub weights: BTreeMap<Priority, u32>,
     /// Concurrency slots only a level may use, so long jobs of other levels never take them all.
     pub reserved: BTreeMap<Priority, usize>,
-    /// A waiting lower-level message is served as if one level higher after this long.
+    /// Aging: a level with work that was not served for this long is served next, whatever the mode.
     #[serde(with = "humantime_serde")]
     pub aging: Duration,
     /// Handler for messages without a job name (foreign producers).
