@@ -16,9 +16,9 @@ pub trait Backend: Send + Sync + 'static {
     async fn connect(&self) -> Result<Arc<dyn Broker>, BrokerError>;
 
     /// Writes `body` to physical queue `queue` the way a plain client of this broker would
-    /// (`redis-cli XADD`, `aws sqs send-message`, ...), with none of Stevedore's headers. The suite has
-    /// already `prepare`d the queue. `Err(reason)` means this backend cannot do it; the scenario is
-    /// then skipped with that reason.
+    /// (`redis-cli XADD`, `aws sqs send-message`, ...), with none of Stevedore's headers. The suite
+    /// has already `prepare`d the queue. `Err(reason)` means this backend cannot do it; the
+    /// scenario is then skipped with that reason.
     async fn publish_foreign(&self, queue: &str, body: &[u8]) -> Result<(), String>;
 
     /// Restarts the broker server while clients stay alive, returning once it accepts connections

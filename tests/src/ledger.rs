@@ -2,7 +2,8 @@
 //!
 //! The rule it enforces: every published id is acked successfully exactly once; an id may be
 //! received more than once only if each earlier delivery's ack came back
-//! [`stevedore_core::BrokerError::LeaseLost`]; and nothing is delivered again after a successful ack.
+//! [`stevedore_core::BrokerError::LeaseLost`]; and nothing is delivered again after a successful
+//! ack.
 
 use crate::support::sample;
 use std::collections::{HashMap, HashSet};

@@ -1,8 +1,8 @@
 //! # stevedore-conformance
 //!
 //! The one conformance suite every Stevedore backend runs against its real broker: the scenarios of
-//! `CONFORMANCE.md`, each holding the backend to the [`Capabilities`](stevedore_core::Capabilities) it
-//! declares. A backend hooks in with a [`Backend`] of a dozen lines and one test:
+//! `CONFORMANCE.md`, each holding the backend to the [`Capabilities`](stevedore_core::Capabilities)
+//! it declares. A backend hooks in with a [`Backend`] of a dozen lines and one test:
 //!
 //! ```
 //! use std::sync::Arc;
@@ -37,12 +37,12 @@
 //! # }
 //! ```
 //!
-//! Every scenario uses fresh queue names ([`unique`]), has a hard time limit (a hanging backend fails
-//! its scenario, not the run), and asserts what a user observes: exact ids, counts, payload bytes and
-//! timings. A scenario is skipped only when the backend's declared capabilities (or its hook) say it
-//! cannot apply, and the skip names what is missing. Scenarios run concurrently in three phases so
-//! timing-sensitive ones never share the machine with the heavy ones, and the broker restart of
-//! scenario 16 never disturbs another scenario.
+//! Every scenario uses fresh queue names ([`unique`]), has a hard time limit (a hanging backend
+//! fails its scenario, not the run), and asserts what a user observes: exact ids, counts, payload
+//! bytes and timings. A scenario is skipped only when the backend's declared capabilities (or its
+//! hook) say it cannot apply, and the skip names what is missing. Scenarios run concurrently in
+//! three phases so timing-sensitive ones never share the machine with the heavy ones, and the
+//! broker restart of scenario 16 never disturbs another scenario.
 
 mod backend;
 mod ledger;

@@ -9,10 +9,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// Longest name [`unique`] returns.
 const MAX_LEN: usize = 40;
 
-/// A fresh queue name valid for every broker: `prefix` (characters other than ASCII letters, digits,
-/// `-` and `_` become `-`, `__` is shortened to `_`, and it is cut to fit) followed by `-` and a
-/// suffix made of the time in milliseconds, a per-process random number and a per-process counter.
-/// At most 40 characters, so the runtime's `__high` / `__dlq` suffixes still fit every broker.
+/// A fresh queue name valid for every broker: `prefix` (characters other than ASCII letters,
+/// digits, `-` and `_` become `-`, `__` is shortened to `_`, and it is cut to fit) followed by `-`
+/// and a suffix made of the time in milliseconds, a per-process random number and a per-process
+/// counter. At most 40 characters, so the runtime's `__high` / `__dlq` suffixes still fit every
+/// broker.
 ///
 /// ```
 /// let a = stevedore_conformance::unique("emails");

@@ -58,12 +58,20 @@ pub struct Report {
 }
 
 impl Report {
-    /// A fixed-width table (number, name, result, seconds, detail or reason) and a summary line such
-    /// as `memory: 13 passed, 0 failed, 5 skipped`.
+    /// A fixed-width table (number, name, result, seconds, detail or reason) and a summary line
+    /// such as `memory: 13 passed, 0 failed, 5 skipped`.
     pub fn table(&self) -> String {
         let mut out = String::new();
-        let _ = writeln!(out, "{:>2}  {:<24}  {:<6}  {:>6}  detail", "#", "scenario", "result", "secs");
-        let _ = writeln!(out, "{:->2}  {:-<24}  {:-<6}  {:->6}  {:-<6}", "", "", "", "", "");
+        let _ = writeln!(
+            out,
+            "{:>2}  {:<24}  {:<6}  {:>6}  detail",
+            "#", "scenario", "result", "secs"
+        );
+        let _ = writeln!(
+            out,
+            "{:->2}  {:-<24}  {:-<6}  {:->6}  {:-<6}",
+            "", "", "", "", ""
+        );
         for (no, name, outcome, took) in &self.rows {
             let _ = writeln!(
                 out,
@@ -105,8 +113,8 @@ impl Report {
         self.assert_ok_except(&[]);
     }
 
-    /// Like [`Report::assert_ok`], but ignores the scenarios numbered in `not_implemented` as long as
-    /// their reason is exactly "not implemented yet" (any other failure of theirs still counts).
+    /// Like [`Report::assert_ok`], but ignores the scenarios numbered in `not_implemented` as long
+    /// as their reason is exactly "not implemented yet" (any other failure of theirs still counts).
     /// Temporary: exists only while the runtime scenarios are being wired.
     pub fn assert_ok_except(&self, not_implemented: &[u8]) {
         let failed: Vec<String> = self
@@ -135,9 +143,27 @@ mod tests {
         Report {
             backend: "test".into(),
             rows: vec![
-                row(1, "one", Outcome::Pass { detail: "fine".into() }),
-                row(2, "two", Outcome::Skip { reason: "no x".into() }),
-                row(8, "eight", Outcome::Fail { reason: NOT_IMPLEMENTED.into() }),
+                row(
+                    1,
+                    "one",
+                    Outcome::Pass {
+                        detail: "fine".into(),
+                    },
+                ),
+                row(
+                    2,
+                    "two",
+                    Outcome::Skip {
+                        reason: "no x".into(),
+                    },
+                ),
+                row(
+                    8,
+                    "eight",
+                    Outcome::Fail {
+                        reason: NOT_IMPLEMENTED.into(),
+                    },
+                ),
             ],
         }
     }
@@ -145,7 +171,10 @@ mod tests {
     #[test]
     fn table_has_rows_and_summary() {
         let t = report().table();
-        assert!(t.contains(" 1  one                       PASS      1.50  fine"), "{t}");
+        assert!(
+            t.contains(" 1  one                       PASS      1.50  fine"),
+            "{t}"
+        );
         assert!(t.ends_with("test: 1 passed, 1 failed, 1 skipped"), "{t}");
     }
 
@@ -153,7 +182,9 @@ mod tests {
     fn except_ignores_only_not_implemented() {
         report().assert_ok_except(&[8]);
         let mut r = report();
-        r.rows[2].2 = Outcome::Fail { reason: "broken".into() };
+        r.rows[2].2 = Outcome::Fail {
+            reason: "broken".into(),
+        };
         let caught = std::panic::catch_unwind(|| r.assert_ok_except(&[8]));
         assert!(caught.is_err());
     }

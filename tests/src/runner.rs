@@ -15,8 +15,8 @@ use tokio::time::Instant;
 ///
 /// Scenarios run concurrently within three phases: the timing-sensitive ones (4, 5, 6, 7, 11)
 /// first, with nothing heavy beside them; then the bulk ones; then scenario 16 alone, since it
-/// restarts the broker under everyone's feet. Each scenario's hard limit is its base limit plus four
-/// times the backend's declared `depth_staleness + delay_tolerance`.
+/// restarts the broker under everyone's feet. Each scenario's hard limit is its base limit plus
+/// four times the backend's declared `depth_staleness + delay_tolerance`.
 pub async fn run(backend: Arc<dyn Backend>, select: Option<&[u8]>) -> Report {
     let chosen: Vec<Scenario> = scenarios::all()
         .into_iter()
@@ -29,7 +29,7 @@ pub async fn run(backend: Arc<dyn Backend>, select: Option<&[u8]>) -> Report {
         backend: backend.name().to_string(),
         rows: Vec::new(),
     };
-    // One handle up front, to read the declared capabilities (and to fail fast if the broker is down).
+    // One handle up front, to read the declared capabilities and to fail fast if the broker is down.
     let caps = match backend.connect().await {
         Ok(probe) => {
             let caps = probe.capabilities().clone();
@@ -40,7 +40,16 @@ pub async fn run(backend: Arc<dyn Backend>, select: Option<&[u8]>) -> Report {
             let reason = format!("connect failed: {e}");
             report.rows = chosen
                 .iter()
-                .map(|s| (s.no, s.name, Outcome::Fail { reason: reason.clone() }, Duration::ZERO))
+                .map(|s| {
+                    (
+                        s.no,
+                        s.name,
+                        Outcome::Fail {
+                            reason: reason.clone(),
+                        },
+                        Duration::ZERO,
+                    )
+                })
                 .collect();
             return report;
         }

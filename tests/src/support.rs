@@ -8,7 +8,8 @@ use std::time::Duration;
 use stevedore_core::{Broker, BrokerError, Capabilities, Delivery, Envelope, ReceiveOptions};
 use tokio::time::Instant;
 
-/// What a scenario body returns: `Ok(Pass | Skip)`, or `Err(reason)` (also for an explicit failure).
+/// What a scenario body returns: `Ok(Pass | Skip)`, or `Err(reason)` (also for an explicit
+/// failure).
 pub(crate) type Checked = Result<Outcome, String>;
 
 /// Fails the scenario with a formatted reason unless `cond` holds.
@@ -106,10 +107,10 @@ pub(crate) async fn publish_all(
     while !rest.is_empty() {
         let tail = rest.split_off(size.min(rest.len()));
         let n = rest.len();
-        broker
-            .publish(queue, rest)
-            .await
-            .ctx(format!("publish messages {done}..{} of {total} to {queue}", done + n))?;
+        broker.publish(queue, rest).await.ctx(format!(
+            "publish messages {done}..{} of {total} to {queue}",
+            done + n
+        ))?;
         done += n;
         rest = tail;
     }
@@ -179,6 +180,7 @@ pub(crate) async fn expect_empty(
         if !got.is_empty() {
             let seen: Vec<String> = got
                 .iter()
+                .take(5)
                 .map(|d| format!("{} (delivery_count {})", d.envelope.id, d.delivery_count))
                 .collect();
             return Err(format!(

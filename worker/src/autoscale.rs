@@ -316,9 +316,8 @@ impl Sampler {
             };
             publish_gauges(&hint);
             let previous = self.hints.insert(hint.clone());
-            let changed = previous.is_none_or(|p| {
-                p.desired_workers != hint.desired_workers || p.busy != hint.busy
-            });
+            let changed = previous
+                .is_none_or(|p| p.desired_workers != hint.desired_workers || p.busy != hint.busy);
             if changed {
                 tracing::info!(
                     queue = %hint.queue,

@@ -1,4 +1,5 @@
-//! 7. crash recovery: a consumer that vanishes mid-message (no ack, no release) loses nothing.
+//! Scenario 7, crash recovery: a consumer that vanishes mid-message (no ack, no release) loses
+//! nothing.
 
 use crate::backend::Backend;
 use crate::ledger::Ledger;
@@ -45,12 +46,20 @@ pub(crate) async fn crash_recovery(backend: Arc<dyn Backend>) -> Checked {
         held.extend(got.iter().map(|d| d.envelope.id.clone()));
         c.close().await.ctx("close the second vanishing handle")?;
     }
-    ensure!(held.len() == 2 * HELD_EACH, "the two handles held {} distinct messages", held.len());
+    ensure!(
+        held.len() == 2 * HELD_EACH,
+        "the two handles held {} distinct messages",
+        held.len()
+    );
     let crashed = Instant::now();
     let within = LEASE + secs(5) + caps.delay_tolerance;
     let mut recovered_at = Duration::ZERO;
     while !ledger.complete() {
-        ensure!(crashed.elapsed() < within, "{}", ledger.shortfall(&s2(within)));
+        ensure!(
+            crashed.elapsed() < within,
+            "{}",
+            ledger.shortfall(&s2(within))
+        );
         let call = Instant::now();
         let got = b
             .receive(&queue, opts(10, Duration::from_millis(500), secs(30)))
@@ -63,7 +72,11 @@ pub(crate) async fn crash_recovery(backend: Arc<dyn Backend>) -> Checked {
                 (d.delivery_count >= 2) == was_held,
                 "message {} ({}) arrived with delivery_count {}",
                 d.envelope.id,
-                if was_held { "held by a vanished handle" } else { "never received before" },
+                if was_held {
+                    "held by a vanished handle"
+                } else {
+                    "never received before"
+                },
                 d.delivery_count
             );
             if was_held {
@@ -71,7 +84,9 @@ pub(crate) async fn crash_recovery(backend: Arc<dyn Backend>) -> Checked {
             }
         }
         if !got.is_empty() {
-            b.ack(&receipts(&got)).await.ctx("ack on the surviving handle")?;
+            b.ack(&receipts(&got))
+                .await
+                .ctx("ack on the surviving handle")?;
             for d in &got {
                 ledger.acked(&d.envelope.id)?;
             }

@@ -1,5 +1,5 @@
-//! 14. depth: ready, in-flight and delayed counts match what the test put there, within the
-//! backend's declared `depth_staleness`.
+//! Scenario 14, depth: ready, in-flight and delayed counts match what the test put there, within
+//! the backend's declared `depth_staleness`.
 
 use crate::backend::Backend;
 use crate::names::unique;
@@ -30,7 +30,9 @@ pub(crate) async fn depth(backend: Arc<dyn Backend>) -> Checked {
     let ready = (0..READY)
         .map(|i| Envelope::new("conformance.depth", format!("ready {i}")))
         .collect();
-    h.publish(&queue, ready).await.ctx("publish ready messages")?;
+    h.publish(&queue, ready)
+        .await
+        .ctx("publish ready messages")?;
     let delay_len = match caps.delay {
         DelaySupport::Native { max } => Some(max.map_or(secs(60), |m| m.min(secs(60)))),
         DelaySupport::None => None,
@@ -42,7 +44,9 @@ pub(crate) async fn depth(backend: Arc<dyn Backend>) -> Checked {
     };
     let (delayed_n, how) = match (delay_len, h.delay_store()) {
         (Some(d), _) => {
-            h.publish(&queue, delayed(d)).await.ctx("publish delayed messages")?;
+            h.publish(&queue, delayed(d))
+                .await
+                .ctx("publish delayed messages")?;
             (DELAYED, format!("{} natively", s2(d)))
         }
         (None, Some(store)) => {
@@ -52,18 +56,40 @@ pub(crate) async fn depth(backend: Arc<dyn Backend>) -> Checked {
                 .ctx("schedule delayed messages in the delay store")?;
             (DELAYED, "60s in the delay store".to_string())
         }
-        (None, None) => (0, "no delay: backend has neither native delay nor a delay store".into()),
+        (None, None) => (
+            0,
+            "no delay: backend has neither native delay nor a delay store".into(),
+        ),
     };
     let age = Some(first_publish);
-    await_depth(&h, &queue, (READY, 0, delayed_n), "publishing", staleness, age).await?;
+    await_depth(
+        &h,
+        &queue,
+        (READY, 0, delayed_n),
+        "publishing",
+        staleness,
+        age,
+    )
+    .await?;
 
     let held = collect(&h, &queue, HELD as usize, secs(60), secs(10)).await?;
-    await_depth(&h, &queue, (READY - HELD, HELD, delayed_n), "receiving 3", staleness, age)
-        .await?;
-    h.ack(std::slice::from_ref(&held[0].receipt)).await.ctx("ack one")?;
+    await_depth(
+        &h,
+        &queue,
+        (READY - HELD, HELD, delayed_n),
+        "receiving 3",
+        staleness,
+        age,
+    )
+    .await?;
+    h.ack(std::slice::from_ref(&held[0].receipt))
+        .await
+        .ctx("ack one")?;
     let stage = (READY - HELD, HELD - 1, delayed_n);
     await_depth(&h, &queue, stage, "acking 1 of them", staleness, age).await?;
-    h.release(std::slice::from_ref(&held[1].receipt)).await.ctx("release one")?;
+    h.release(std::slice::from_ref(&held[1].receipt))
+        .await
+        .ctx("release one")?;
     let stage = (READY - HELD + 1, HELD - 2, delayed_n);
     await_depth(&h, &queue, stage, "releasing 1 of them", staleness, age).await?;
     close(&[&h]).await;

@@ -1,11 +1,13 @@
-//! 3. queue isolation: messages on one queue never appear on another, even on queues whose names
-//! share a prefix (a priority sibling, a dead-letter queue, a longer name).
+//! Scenario 3, queue isolation: messages on one queue never appear on another, even on queues whose
+//! names share a prefix (a priority sibling, a dead-letter queue, a longer name).
 
 use crate::backend::Backend;
 use crate::names::unique;
 use crate::support::{
-    close, collect, ensure, expect_empty, handle, pass, publish_all, receipts, secs, Checked, Context,
+    close, collect, ensure, expect_empty, handle, pass, publish_all, receipts, secs, Checked,
+    Context,
 };
+use futures::future::join_all;
 use std::collections::HashSet;
 use std::sync::Arc;
 use stevedore_core::names::{dead_letter, physical};
@@ -14,8 +16,8 @@ use stevedore_core::{Delivery, Envelope, Priority};
 const N: usize = 50;
 
 /// Publishes 50 messages to `q` and 50 to its priority sibling `q__high`; `q__dlq` and `q2` stay
-/// empty. Each published queue yields exactly its own ids (receipts naming it), the empty ones yield
-/// nothing, and one ack call with receipts from both queues removes all 100.
+/// empty. Each published queue yields exactly its own ids (receipts naming it), the empty ones
+/// yield nothing, and one ack call with receipts from both queues removes all 100.
 pub(crate) async fn queue_isolation(backend: Arc<dyn Backend>) -> Checked {
     let a = unique("iso");
     let b = physical(&a, Priority::High);
@@ -37,17 +39,22 @@ pub(crate) async fn queue_isolation(backend: Arc<dyn Backend>) -> Checked {
     check(&got_a, &a, &ids_a, &b, &ids_b)?;
     let got_b = collect(&h, &b, N, secs(30), secs(15)).await?;
     check(&got_b, &b, &ids_b, &a, &ids_a)?;
-    for q in [&dlq, &longer, &a, &b] {
-        expect_empty(&h, q, secs(1), "every message published was already held").await?;
-    }
+    let held = "every message published was already held";
+    let empties = [&dlq, &longer, &a, &b].map(|q| expect_empty(&h, q, secs(1), held));
+    join_all(empties)
+        .await
+        .into_iter()
+        .collect::<Result<(), String>>()?;
     let mut both = receipts(&got_a);
     both.extend(receipts(&got_b));
     h.ack(&both)
         .await
         .ctx("one ack call with receipts from two queues")?;
-    for q in [&a, &b] {
-        expect_empty(&h, q, secs(1), "every message was acked").await?;
-    }
+    let empties = [&a, &b].map(|q| expect_empty(&h, q, secs(1), "every message was acked"));
+    join_all(empties)
+        .await
+        .into_iter()
+        .collect::<Result<(), String>>()?;
     close(&[&h]).await;
     pass(format!(
         "{N} + {N} messages on {a} and its sibling __high stayed apart; __dlq and a longer name \
@@ -68,7 +75,10 @@ fn check(
             !other.contains(id),
             "message {id} published to {other_queue} was delivered from {queue}"
         );
-        ensure!(own.contains(id), "unknown message {id} delivered from {queue}");
+        ensure!(
+            own.contains(id),
+            "unknown message {id} delivered from {queue}"
+        );
         ensure!(
             d.receipt.queue() == queue,
             "receipt of {id} names queue {:?}, received from {queue:?}",

@@ -1,10 +1,10 @@
-//! 5. lease expiry and 6. lease extension.
+//! Scenarios 5 (lease expiry) and 6 (lease extension).
 //!
-//! Bounds, with L = 1 s and the backend's declared `delay_tolerance` T: an unacked delivery must not
-//! be received again before L − 100 ms after the receive call that leased it *started* (the lease
-//! cannot start earlier; 100 ms absorbs broker timer granularity), and must be back within
-//! L + 2 s + T after that call *returned* (T is the backend's word for how late a due message may
-//! surface to idle consumers; 2 s covers a polling reclaimer such as Redis `XAUTOCLAIM`).
+//! Bounds, with L = 1 s and the backend's declared `delay_tolerance` T: an unacked delivery must
+//! not be received again before L − 100 ms after the receive call that leased it *started* (the
+//! lease cannot start earlier; 100 ms absorbs broker timer granularity), and must be back within
+//! L + 2 s + T after that call *returned* (T is the backend's word for how late a due message
+//! may surface to idle consumers; 2 s covers a polling reclaimer such as Redis `XAUTOCLAIM`).
 
 use crate::backend::Backend;
 use crate::names::unique;
@@ -34,7 +34,11 @@ async fn lease_n(h: &Arc<dyn Broker>, queue: &str, n: usize) -> Result<Vec<Lease
     let deadline = Instant::now() + secs(10);
     let mut out: Vec<Leased> = Vec::new();
     while out.len() < n {
-        ensure!(Instant::now() < deadline, "received {} of {n} messages within 10s", out.len());
+        ensure!(
+            Instant::now() < deadline,
+            "received {} of {n} messages within 10s",
+            out.len()
+        );
         let call_started = Instant::now();
         let got = h
             .receive(queue, opts(n - out.len(), millis(500), LEASE))
@@ -57,10 +61,10 @@ async fn publish_n(h: &Arc<dyn Broker>, queue: &str, n: usize) -> Result<(), Str
     h.publish(queue, msgs).await.ctx("publish")
 }
 
-/// 5. Handle A receives 3 messages with a 1 s lease and does nothing. Handle B polls every 100 ms:
-/// each message must come back within the bounds above with `delivery_count` 2. Then A's stale
-/// receipt must fail `extend_lease` with `LeaseLost`, B's ack must succeed, A's ack of the stale
-/// receipt must fail with `LeaseLost`, and nothing comes back afterwards.
+/// Scenario 5: handle A receives 3 messages with a 1 s lease and does nothing. Handle B polls every
+/// 100 ms: each message must come back within the bounds above with `delivery_count` 2. Then A's
+/// stale receipt must fail `extend_lease` with `LeaseLost`, B's ack must succeed, A's ack of the
+/// stale receipt must fail with `LeaseLost`, and nothing comes back afterwards.
 pub(crate) async fn lease_expiry(backend: Arc<dyn Backend>) -> Checked {
     let queue = unique("expiry");
     let a = handle(&backend, &[&queue]).await?;
@@ -74,9 +78,15 @@ pub(crate) async fn lease_expiry(backend: Arc<dyn Backend>) -> Checked {
     let b = handle(&backend, &[&queue]).await?;
     publish_n(&a, &queue, 3).await?;
     let held = lease_n(&a, &queue, 3).await?;
-    let by_id: HashMap<&str, &Leased> =
-        held.iter().map(|l| (l.delivery.envelope.id.as_str(), l)).collect();
-    let latest = held.iter().map(|l| l.call_returned).max().unwrap_or_else(Instant::now);
+    let by_id: HashMap<&str, &Leased> = held
+        .iter()
+        .map(|l| (l.delivery.envelope.id.as_str(), l))
+        .collect();
+    let latest = held
+        .iter()
+        .map(|l| l.call_returned)
+        .max()
+        .unwrap_or_else(Instant::now);
     let upper = LEASE + GRACE + caps.delay_tolerance;
     let mut back = Vec::new();
     let (mut soonest, mut latest_back) = (Duration::MAX, Duration::ZERO);
@@ -126,12 +136,20 @@ pub(crate) async fn lease_expiry(backend: Arc<dyn Backend>) -> Checked {
     let stale = &held[0].delivery.receipt;
     match a.extend_lease(stale, secs(30)).await {
         Err(BrokerError::LeaseLost { .. }) => {}
-        other => return Err(format!("extend_lease on an expired lease returned {other:?}, expected LeaseLost")),
+        other => {
+            return Err(format!(
+                "extend_lease on an expired lease returned {other:?}, expected LeaseLost"
+            ))
+        }
     }
     b.ack(&receipts(&back)).await.ctx("ack by the new holder")?;
     match a.ack(std::slice::from_ref(stale)).await {
         Err(BrokerError::LeaseLost { .. }) => {}
-        other => return Err(format!("ack of an expired lease returned {other:?}, expected LeaseLost")),
+        other => {
+            return Err(format!(
+                "ack of an expired lease returned {other:?}, expected LeaseLost"
+            ))
+        }
     }
     expect_empty(&b, &queue, LEASE + millis(500), "the messages were acked").await?;
     close(&[&a, &b]).await;
@@ -146,11 +164,11 @@ pub(crate) async fn lease_expiry(backend: Arc<dyn Backend>) -> Checked {
     ))
 }
 
-/// 6. Handle A receives 3 messages with a 1 s lease and extends two of them every L/3 for 3 L
-/// while handle B polls: B must never see those two, and A's ack after 3 L must succeed; nothing
-/// comes back afterwards. For timed leases the third message is not extended and must come back
-/// to B (proof that B would have seen an expired lease). For session leases extending is a no-op
-/// that must succeed, and no message may come back for 3 L.
+/// Scenario 6: handle A receives 3 messages with a 1 s lease and extends two of them every L/3 for
+/// 3 L while handle B polls: B must never see those two, and A's ack after 3 L must succeed;
+/// nothing comes back afterwards. For timed leases the third message is not extended and must come
+/// back to B (proof that B would have seen an expired lease). For session leases extending is a
+/// no-op that must succeed, and no message may come back for 3 L.
 pub(crate) async fn lease_extension(backend: Arc<dyn Backend>) -> Checked {
     let queue = unique("extend");
     let a = handle(&backend, &[&queue]).await?;
@@ -158,11 +176,11 @@ pub(crate) async fn lease_extension(backend: Arc<dyn Backend>) -> Checked {
     let timed = match caps.lease {
         LeaseSupport::Timed { max: Some(m) } if m < LEASE * 4 => {
             return skip(format!(
-                "backend caps a timed lease at {} in total (LeaseSupport::Timed max), less than the \
+            "backend caps a timed lease at {} in total (LeaseSupport::Timed max), less than the \
                  {} this scenario holds",
-                s2(m),
-                s2(LEASE * 4)
-            ))
+            s2(m),
+            s2(LEASE * 4)
+        ))
         }
         LeaseSupport::Timed { .. } => true,
         LeaseSupport::Session { .. } => false,
@@ -199,7 +217,9 @@ pub(crate) async fn lease_extension(backend: Arc<dyn Backend>) -> Checked {
                 .await
                 .ctx("receive on the second handle")?;
             for d in got {
-                let is_control = control.as_ref().is_some_and(|c| c.envelope.id == d.envelope.id);
+                let is_control = control
+                    .as_ref()
+                    .is_some_and(|c| c.envelope.id == d.envelope.id);
                 ensure!(
                     is_control,
                     "message {} was redelivered (delivery_count {}) while its lease was being \
@@ -208,7 +228,9 @@ pub(crate) async fn lease_extension(backend: Arc<dyn Backend>) -> Checked {
                     d.delivery_count,
                     s2(LEASE / 3)
                 );
-                b.ack(std::slice::from_ref(&d.receipt)).await.ctx("ack the control message")?;
+                b.ack(std::slice::from_ref(&d.receipt))
+                    .await
+                    .ctx("ack the control message")?;
                 control_back = Some(Instant::now());
             }
         }
@@ -217,9 +239,10 @@ pub(crate) async fn lease_extension(backend: Arc<dyn Backend>) -> Checked {
     let started = Instant::now();
     let (beats, control_back) = tokio::join!(heartbeat, watch);
     let (beats, control_back) = (beats?, control_back?);
-    a.ack(&receipts(&held))
-        .await
-        .ctx(format!("ack after holding {} with extensions", s2(hold_for)))?;
+    a.ack(&receipts(&held)).await.ctx(format!(
+        "ack after holding {} with extensions",
+        s2(hold_for)
+    ))?;
     if timed {
         ensure!(
             control_back.is_some(),

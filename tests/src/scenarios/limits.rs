@@ -1,4 +1,4 @@
-//! 15. limits: a payload over the backend's declared `max_payload` fails at publish with
+//! Scenario 15, limits: a payload over the backend's declared `max_payload` fails at publish with
 //! `PayloadTooLarge`, and nothing of that call is enqueued; a payload of exactly `max_payload` goes
 //! through intact.
 
@@ -11,15 +11,16 @@ use bytes::Bytes;
 use std::sync::Arc;
 use stevedore_core::{Broker, BrokerError, Envelope};
 
-/// Above this declared limit, the exact-size payload is not sent (only the over-limit one is built).
+/// Above this declared limit, the exact-size payload is not sent (only the over-limit one is
+/// built).
 const EXACT_UP_TO: usize = 8 * 1024 * 1024;
 /// Above this declared limit, nothing is tested: building such a payload would exhaust the machine.
 const TESTABLE_UP_TO: usize = 1024 * 1024 * 1024;
 
 /// Publishes `max_payload + 1` bytes alone, then inside a batch after a small message: both calls
-/// must fail with `PayloadTooLarge { size: max + 1, max }`, and the queue must stay empty (the small
-/// message must not have been sent either). Then, if the limit is at most 8 MiB, a payload of exactly
-/// `max_payload` bytes is published and received byte for byte.
+/// must fail with `PayloadTooLarge { size: max + 1, max }`, and the queue must stay empty (the
+/// small message must not have been sent either). Then, if the limit is at most 8 MiB, a payload of
+/// exactly `max_payload` bytes is published and received byte for byte.
 pub(crate) async fn limits(backend: Arc<dyn Backend>) -> Checked {
     let queue = unique("limits");
     let h = handle(&backend, &[&queue]).await?;
@@ -31,7 +32,14 @@ pub(crate) async fn limits(backend: Arc<dyn Backend>) -> Checked {
         ));
     }
     let over = Bytes::from(vec![b'o'; max + 1]);
-    refused(&h, &queue, vec![Envelope::new("conformance.big", over.clone())], max, "alone").await?;
+    refused(
+        &h,
+        &queue,
+        vec![Envelope::new("conformance.big", over.clone())],
+        max,
+        "alone",
+    )
+    .await?;
     let batch = vec![
         Envelope::new("conformance.small", "small, before the big one"),
         Envelope::new("conformance.big", over),
@@ -47,20 +55,29 @@ pub(crate) async fn limits(backend: Arc<dyn Backend>) -> Checked {
             max + 1
         ));
     }
-    let exact: Bytes = (0..max).map(|i| b'a' + (i % 26) as u8).collect::<Vec<u8>>().into();
+    let exact: Bytes = (0..max)
+        .map(|i| b'a' + (i % 26) as u8)
+        .collect::<Vec<u8>>()
+        .into();
     let env = Envelope::new("conformance.exact", exact.clone());
-    h.publish(&queue, vec![env.clone()])
-        .await
-        .ctx(format!("publish a payload of exactly max_payload = {max} bytes"))?;
+    h.publish(&queue, vec![env.clone()]).await.ctx(format!(
+        "publish a payload of exactly max_payload = {max} bytes"
+    ))?;
     let got = collect(&h, &queue, 1, secs(60), secs(30)).await?;
     ensure!(
         got[0].envelope.id == env.id && got[0].envelope.payload == exact,
         "the {max}-byte message came back as {} with {} bytes{}",
         got[0].envelope.id,
         got[0].envelope.payload.len(),
-        if got[0].envelope.payload.len() == max { " that differ" } else { "" }
+        if got[0].envelope.payload.len() == max {
+            " that differ"
+        } else {
+            ""
+        }
     );
-    h.ack(&receipts(&got)).await.ctx("ack the exact-size message")?;
+    h.ack(&receipts(&got))
+        .await
+        .ctx("ack the exact-size message")?;
     close(&[&h]).await;
     pass(format!(
         "{} bytes refused at publish with PayloadTooLarge, alone and in a batch, nothing enqueued; \

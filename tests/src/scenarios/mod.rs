@@ -59,23 +59,51 @@ pub(crate) fn all() -> Vec<Scenario> {
         run,
     };
     vec![
-        s(1, "publish/receive", Bulk, 60, |b| Box::pin(publish::publish_receive(b))),
-        s(2, "competing consumers", Bulk, 120, |b| Box::pin(consumers::competing_consumers(b))),
-        s(3, "queue isolation", Bulk, 30, |b| Box::pin(isolation::queue_isolation(b))),
-        s(4, "release and redelivery", Timing, 30, |b| Box::pin(redelivery::release_redelivery(b))),
-        s(5, "lease expiry", Timing, 30, |b| Box::pin(leases::lease_expiry(b))),
-        s(6, "lease extension", Timing, 30, |b| Box::pin(leases::lease_extension(b))),
-        s(7, "crash recovery", Timing, 30, |b| Box::pin(crash::crash_recovery(b))),
-        s(8, "retry with backoff", Bulk, 60, |b| Box::pin(runtime::retry_backoff(b))),
-        s(9, "dead letter", Bulk, 60, |b| Box::pin(runtime::dead_letter(b))),
-        s(10, "DLQ replay", Bulk, 60, |b| Box::pin(runtime::dlq_replay(b))),
+        s(1, "publish/receive", Bulk, 60, |b| {
+            Box::pin(publish::publish_receive(b))
+        }),
+        s(2, "competing consumers", Bulk, 120, |b| {
+            Box::pin(consumers::competing_consumers(b))
+        }),
+        s(3, "queue isolation", Bulk, 30, |b| {
+            Box::pin(isolation::queue_isolation(b))
+        }),
+        s(4, "release and redelivery", Timing, 30, |b| {
+            Box::pin(redelivery::release_redelivery(b))
+        }),
+        s(5, "lease expiry", Timing, 30, |b| {
+            Box::pin(leases::lease_expiry(b))
+        }),
+        s(6, "lease extension", Timing, 30, |b| {
+            Box::pin(leases::lease_extension(b))
+        }),
+        s(7, "crash recovery", Timing, 30, |b| {
+            Box::pin(crash::crash_recovery(b))
+        }),
+        s(8, "retry with backoff", Bulk, 60, |b| {
+            Box::pin(runtime::retry_backoff(b))
+        }),
+        s(9, "dead letter", Bulk, 60, |b| {
+            Box::pin(runtime::dead_letter(b))
+        }),
+        s(10, "DLQ replay", Bulk, 60, |b| {
+            Box::pin(runtime::dlq_replay(b))
+        }),
         s(11, "delay", Timing, 30, |b| Box::pin(delay::delay(b))),
         s(12, "priority", Bulk, 60, |b| Box::pin(runtime::priority(b))),
-        s(13, "graceful shutdown", Bulk, 60, |b| Box::pin(runtime::graceful_shutdown(b))),
+        s(13, "graceful shutdown", Bulk, 60, |b| {
+            Box::pin(runtime::graceful_shutdown(b))
+        }),
         s(14, "depth", Bulk, 30, |b| Box::pin(depth::depth(b))),
         s(15, "limits", Bulk, 60, |b| Box::pin(limits::limits(b))),
-        s(16, "reconnect", Restart, 180, |b| Box::pin(reconnect::reconnect(b))),
-        s(17, "ordering", Bulk, 90, |b| Box::pin(ordering::ordering(b))),
-        s(18, "foreign messages", Bulk, 30, |b| Box::pin(foreign::foreign_messages(b))),
+        s(16, "reconnect", Restart, 180, |b| {
+            Box::pin(reconnect::reconnect(b))
+        }),
+        s(17, "ordering", Bulk, 90, |b| {
+            Box::pin(ordering::ordering(b))
+        }),
+        s(18, "foreign messages", Bulk, 30, |b| {
+            Box::pin(foreign::foreign_messages(b))
+        }),
     ]
 }

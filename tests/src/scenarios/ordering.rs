@@ -1,9 +1,11 @@
-//! 17. ordering: where a backend declares per-key ordering, 1,000 messages per key arrive in publish
-//! order, and never two of one key are in flight at once.
+//! Scenario 17, ordering: where a backend declares per-key ordering, 1,000 messages per key arrive
+//! in publish order, and never two of one key are in flight at once.
 
 use crate::backend::Backend;
 use crate::names::unique;
-use crate::support::{close, ensure, handle, millis, opts, pass, publish_all, s2, secs, skip, Checked, Context};
+use crate::support::{
+    close, ensure, handle, millis, opts, pass, publish_all, s2, secs, skip, Checked, Context,
+};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use stevedore_core::{Broker, Envelope, OrderingSupport};
@@ -62,7 +64,11 @@ pub(crate) async fn ordering(backend: Arc<dyn Backend>) -> Checked {
         joined.map_err(|e| format!("consumer task failed: {e}"))??;
     }
     let done = lock(&state).done;
-    ensure!(done == total, "{done} of {total} ordered messages arrived within {}", s2(within));
+    ensure!(
+        done == total,
+        "{done} of {total} ordered messages arrived within {}",
+        s2(within)
+    );
     for h in &handles {
         close(&[h]).await;
     }
@@ -98,7 +104,9 @@ async fn consume(
                 let Some((key, seq)) = body.rsplit_once(':') else {
                     return Err(format!("unexpected payload {body:?}"));
                 };
-                let seq: u32 = seq.parse().map_err(|_| format!("unexpected payload {body:?}"))?;
+                let seq: u32 = seq
+                    .parse()
+                    .map_err(|_| format!("unexpected payload {body:?}"))?;
                 ensure!(
                     d.envelope.key.as_deref() == Some(key),
                     "message {body} arrived with key {:?}",

@@ -1,5 +1,5 @@
-//! 1. publish/receive: 1,000 messages keep payload bytes, headers, job name, id, priority, key,
-//! content type, attempt, enqueue time and trace parent exactly.
+//! Scenario 1, publish/receive: 1,000 messages keep payload bytes, headers, job name, id, priority,
+//! key, content type, attempt, enqueue time and trace parent exactly.
 
 use crate::backend::Backend;
 use crate::ledger::Ledger;
@@ -16,15 +16,14 @@ const N: usize = 1000;
 
 /// Publishes 1,000 varied messages (JSON, UTF-8 text, binary with every byte value, up to 4 KiB;
 /// every priority; keys, content types, attempts and trace parents on some), receives them on a
-/// second handle with a 60 s lease and batch acks, and compares every field. Headers the broker adds
-/// on its own are tolerated but named in the detail.
+/// second handle with a 60 s lease and batch acks, and compares every field. Headers the broker
+/// adds on its own are tolerated but named in the detail.
 pub(crate) async fn publish_receive(backend: Arc<dyn Backend>) -> Checked {
     let queue = unique("publish");
     let producer = handle(&backend, &[&queue]).await?;
     let consumer = handle(&backend, &[&queue]).await?;
     let sent: Vec<Envelope> = (0..N).map(message).collect();
-    let by_id: HashMap<String, Envelope> =
-        sent.iter().map(|e| (e.id.clone(), e.clone())).collect();
+    let by_id: HashMap<String, Envelope> = sent.iter().map(|e| (e.id.clone(), e.clone())).collect();
     ensure!(by_id.len() == N, "Envelope::new produced duplicate ids");
     let ledger = Ledger::new(by_id.keys().cloned());
     publish_all(&producer, &queue, sent).await?;
@@ -34,7 +33,11 @@ pub(crate) async fn publish_receive(backend: Arc<dyn Backend>) -> Checked {
     let max = consumer.capabilities().max_batch.clamp(1, 100);
     let mut extra_headers = BTreeSet::new();
     while !ledger.complete() {
-        ensure!(started.elapsed() < within, "{}", ledger.shortfall(&s2(within)));
+        ensure!(
+            started.elapsed() < within,
+            "{}",
+            ledger.shortfall(&s2(within))
+        );
         let call = Instant::now();
         let got = consumer
             .receive(&queue, opts(max, secs(1), secs(60)))
@@ -50,10 +53,10 @@ pub(crate) async fn publish_receive(backend: Arc<dyn Backend>) -> Checked {
         if got.is_empty() {
             continue;
         }
-        consumer
-            .ack(&receipts(&got))
-            .await
-            .ctx(format!("ack a batch of {} held under a 60s lease", got.len()))?;
+        consumer.ack(&receipts(&got)).await.ctx(format!(
+            "ack a batch of {} held under a 60s lease",
+            got.len()
+        ))?;
         for d in &got {
             ledger.acked(&d.envelope.id)?;
         }
@@ -87,7 +90,11 @@ fn message(i: usize) -> Envelope {
             Some("text/plain; charset=utf-8"),
         ),
         2 => (
-            (0..=255u8).cycle().skip(i % 256).take(256 + i % 7).collect(),
+            (0..=255u8)
+                .cycle()
+                .skip(i % 256)
+                .take(256 + i % 7)
+                .collect(),
             Some("application/octet-stream"),
         ),
         _ => (vec![b'a' + (i % 26) as u8; 1 + (i * 37) % 4096], None),
@@ -133,7 +140,12 @@ fn compare(
             got.payload.len()
         ));
     }
-    ensure!(got.job == sent.job, "{what}: job {:?}, sent {:?}", got.job, sent.job);
+    ensure!(
+        got.job == sent.job,
+        "{what}: job {:?}, sent {:?}",
+        got.job,
+        sent.job
+    );
     for (k, v) in &sent.headers {
         ensure!(
             got.headers.get(k) == Some(v),
@@ -153,7 +165,12 @@ fn compare(
         got.priority,
         sent.priority
     );
-    ensure!(got.key == sent.key, "{what}: key {:?}, sent {:?}", got.key, sent.key);
+    ensure!(
+        got.key == sent.key,
+        "{what}: key {:?}, sent {:?}",
+        got.key,
+        sent.key
+    );
     ensure!(
         got.content_type == sent.content_type,
         "{what}: content type {:?}, sent {:?}",

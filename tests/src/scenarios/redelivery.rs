@@ -1,5 +1,5 @@
-//! 4. release and redelivery: a released message comes back promptly, to any consumer, with its
-//! delivery count and attempt incremented.
+//! Scenario 4, release and redelivery: a released message comes back promptly, to any consumer,
+//! with its delivery count and attempt incremented.
 
 use crate::backend::Backend;
 use crate::names::unique;
@@ -18,8 +18,8 @@ const PROMPT: Duration = Duration::from_secs(1);
 
 /// Publishes 3 messages with `attempt = 2`. Handle A receives them (30 s lease, so only a release
 /// can bring them back) and releases all three in one call; handle B must receive them within 1 s
-/// with `delivery_count` 2 and `attempt()` 3; B releases, A gets them again within 1 s with 3 and 4,
-/// and acks. Payload and id stay the same throughout; nothing comes back after the ack.
+/// with `delivery_count` 2 and `attempt()` 3; B releases, A gets them again within 1 s with 3 and
+/// 4, and acks. Payload and id stay the same throughout; nothing comes back after the ack.
 pub(crate) async fn release_redelivery(backend: Arc<dyn Backend>) -> Checked {
     let queue = unique("release");
     let a = handle(&backend, &[&queue]).await?;
@@ -31,8 +31,7 @@ pub(crate) async fn release_redelivery(backend: Arc<dyn Backend>) -> Checked {
             e
         })
         .collect();
-    let by_id: HashMap<String, Envelope> =
-        sent.iter().map(|e| (e.id.clone(), e.clone())).collect();
+    let by_id: HashMap<String, Envelope> = sent.iter().map(|e| (e.id.clone(), e.clone())).collect();
     a.publish(&queue, sent).await.ctx("publish")?;
 
     let first = collect(&a, &queue, N, secs(30), secs(10)).await?;
@@ -55,7 +54,9 @@ pub(crate) async fn release_redelivery(backend: Arc<dyn Backend>) -> Checked {
         slowest = slowest.max(took);
         check(&held, &by_id, round as u32 + 2)?;
     }
-    a.ack(&receipts(&held)).await.ctx("ack after two releases")?;
+    a.ack(&receipts(&held))
+        .await
+        .ctx("ack after two releases")?;
     expect_empty(&b, &queue, secs(1), "the messages were acked").await?;
     close(&[&a, &b]).await;
     pass(format!(

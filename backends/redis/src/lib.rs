@@ -1,0 +1,849 @@
+//! # stevedore-redis
+//!
+//! Redis Streams backend. One stream per physical queue (key = prefix + queue name, so
+//! `redis-cli XADD emails * payload '{...}'` writes to queue `emails`), one consumer group
+//! (`stevedore`) per stream, one consumer name per worker process.
+//!
+//! | broker method | Redis |
+//! |---|---|
+//! | `publish` | pipelined `XADD` (field `payload` = body, then one field per header) |
+//! | `receive` | `XAUTOCLAIM` (min-idle = lease; gated to a few times a lease) for entries whose lease ran out, then `XREADGROUP COUNT n BLOCK ms` for new ones |
+//! | `ack` | pipelined `XACK`; acked entries are trimmed later by `XTRIM MINID`, never an unacked one |
+//! | `release` | atomic script: re-add at the stream's end with the delivery count so far, `XACK` + `XDEL` the old entry |
+//! | `extend_lease` | atomic script: `XCLAIM ... JUSTID` if this consumer still owns it (resets idle time) |
+//! | `depth` | `XINFO GROUPS` lag and pending, `ZCARD` of the delay set, age of the first undelivered entry |
+//! | delay | [`DelayStore`]: a sorted set scored by due time + a hash per message, promoted by an atomic Lua script in bounded batches |
+//!
+//! Reconnects on its own (a `ConnectionManager` for commands, fresh connections for blocking reads),
+//! re-creates a missing group ("NOGROUP" after a Redis restart without persistence), and warns at
+//! start-up when Redis keeps nothing on disk.
+
+mod parse;
+mod scripts;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use parse::Entry;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::{AsyncConnectionConfig, Client, RedisError, Value};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+use stevedore_core::{
+    to_millis, wire, Broker, BrokerError, Capabilities, DelayStore, DelaySupport, Delivery, Depth,
+    Envelope, LeaseSupport, OrderingSupport, Receipt, ReceiveOptions,
+};
+
+/// Default largest payload: 16 MiB (Redis itself allows 512 MiB per value).
+pub const DEFAULT_MAX_PAYLOAD: usize = 16 * 1024 * 1024;
+/// The consumer group every worker joins.
+pub const GROUP: &str = "stevedore";
+const REDELIVERIES: &[u8] = b"stevedore-redeliveries";
+const TRIM_EVERY: u64 = 2048;
+
+/// Connection settings.
+#[derive(Clone, Debug)]
+pub struct RedisConfig {
+    /// `redis://[:password@]host:port/db` or `rediss://` for TLS (needs a TLS-enabled build).
+    pub url: String,
+    /// Prepended to every key (streams and delay keys), to share one Redis. Default: empty, so a
+    /// stream's key is the queue name.
+    pub key_prefix: String,
+    /// Largest payload accepted at publish.
+    pub max_payload: usize,
+    /// Consumer name of this process; default `<hostname>-<pid>-<random>`.
+    pub consumer: Option<String>,
+}
+
+impl RedisConfig {
+    /// Settings for `url` with defaults for the rest.
+    pub fn new(url: impl Into<String>) -> Self {
+        RedisConfig {
+            url: url.into(),
+            key_prefix: String::new(),
+            max_payload: DEFAULT_MAX_PAYLOAD,
+            consumer: None,
+        }
+    }
+}
+
+/// Redis Streams broker. Cheap to clone (clones share connections and the consumer name); thread
+/// safe.
+#[derive(Clone)]
+pub struct RedisBroker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: Client,
+    conn: ConnectionManager,
+    blocking: Mutex<Vec<MultiplexedConnection>>,
+    prefix: String,
+    consumer: String,
+    caps: Capabilities,
+    last_reclaim: Mutex<HashMap<String, Instant>>,
+    acks: AtomicU64,
+    closed: std::sync::atomic::AtomicBool,
+    url_redacted: String,
+}
+
+impl std::fmt::Debug for RedisBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBroker")
+            .field("url", &self.inner.url_redacted)
+            .field("prefix", &self.inner.prefix)
+            .field("consumer", &self.inner.consumer)
+            .finish()
+    }
+}
+
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}***{}", &url[..s + 3], &url[at..]),
+        _ => url.to_string(),
+    }
+}
+
+fn err(e: RedisError) -> BrokerError {
+    let transient_code = matches!(
+        e.code(),
+        Some("LOADING" | "BUSY" | "TRYAGAIN" | "MASTERDOWN" | "READONLY")
+    );
+    if e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || transient_code
+    {
+        BrokerError::Connection(e.to_string())
+    } else {
+        BrokerError::permanent(format!("redis: {e}"))
+    }
+}
+
+fn is_nogroup(e: &RedisError) -> bool {
+    e.code() == Some("NOGROUP") || e.to_string().contains("NOGROUP")
+}
+
+impl RedisBroker {
+    /// Connects (checking the server answers) and warns if the server keeps nothing on disk.
+    pub async fn connect(config: RedisConfig) -> Result<Self, BrokerError> {
+        let url_redacted = redact(&config.url);
+        let client = Client::open(config.url.as_str()).map_err(|e| {
+            BrokerError::permanent(format!("invalid redis url {url_redacted}: {e}"))
+        })?;
+        let mgr_cfg = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(Some(Duration::from_secs(30)))
+            .set_number_of_retries(6)
+            .set_max_delay(Duration::from_secs(2));
+        let conn = ConnectionManager::new_with_config(client.clone(), mgr_cfg)
+            .await
+            .map_err(|e| {
+                BrokerError::Connection(format!("cannot connect to {url_redacted}: {e}"))
+            })?;
+        let consumer = config.consumer.clone().unwrap_or_else(|| {
+            let host = hostname::get()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "host".into());
+            format!("{host}-{}-{:04x}", std::process::id(), rand_u16())
+        });
+        let broker = RedisBroker {
+            inner: Arc::new(Inner {
+                client,
+                conn,
+                blocking: Mutex::new(Vec::new()),
+                prefix: config.key_prefix.clone(),
+                consumer,
+                caps: Capabilities {
+                    delay: DelaySupport::None,
+                    lease: LeaseSupport::Timed { max: None },
+                    ordering: OrderingSupport::None,
+                    max_payload: config.max_payload,
+                    max_batch: 1000,
+                    durable: true,
+                    delay_tolerance: Duration::from_millis(300),
+                    depth_staleness: Duration::ZERO,
+                },
+                last_reclaim: Mutex::new(HashMap::new()),
+                acks: AtomicU64::new(0),
+                closed: std::sync::atomic::AtomicBool::new(false),
+                url_redacted,
+            }),
+        };
+        broker.warn_if_not_persistent().await;
+        Ok(broker)
+    }
+
+    /// This process's consumer name in every group.
+    pub fn consumer(&self) -> &str {
+        &self.inner.consumer
+    }
+
+    /// The stream key of a physical queue.
+    pub fn stream_key(&self, queue: &str) -> String {
+        format!("{}{queue}", self.inner.prefix)
+    }
+
+    fn delay_key(&self) -> String {
+        format!("{}stevedore:delayed", self.inner.prefix)
+    }
+    fn delay_queue_prefix(&self) -> String {
+        format!("{}stevedore:delayed:q:", self.inner.prefix)
+    }
+    fn delay_msg_prefix(&self) -> String {
+        format!("{}stevedore:delayed:m:", self.inner.prefix)
+    }
+
+    fn conn(&self) -> Result<ConnectionManager, BrokerError> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(BrokerError::Closed);
+        }
+        Ok(self.inner.conn.clone())
+    }
+
+    async fn warn_if_not_persistent(&self) {
+        let Ok(mut c) = self.conn() else { return };
+        let aof: Result<Vec<String>, _> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("appendonly")
+            .query_async(&mut c)
+            .await;
+        let save: Result<Vec<String>, _> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("save")
+            .query_async(&mut c)
+            .await;
+        if let (Ok(aof), Ok(save)) = (aof, save) {
+            let aof_on = aof.get(1).map(|v| v == "yes").unwrap_or(false);
+            let save_on = save.get(1).map(|v| !v.trim().is_empty()).unwrap_or(false);
+            if !aof_on && !save_on {
+                tracing::warn!(
+                    url = %self.inner.url_redacted,
+                    "Redis keeps nothing on disk (appendonly no, save \"\"): a Redis restart loses every queued and delayed job; enable appendonly for durability"
+                );
+            }
+        }
+    }
+
+    async fn ensure_group(&self, stream: &str) -> Result<(), BrokerError> {
+        let mut c = self.conn()?;
+        let r: Result<Value, RedisError> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(stream)
+            .arg(GROUP)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut c)
+            .await;
+        match r {
+            Ok(_) => Ok(()),
+            Err(e) if e.code() == Some("BUSYGROUP") || e.to_string().contains("BUSYGROUP") => {
+                Ok(())
+            }
+            Err(e) => Err(err(e)),
+        }
+    }
+
+    /// Runs `f` on the command connection; on NOGROUP re-creates the group and runs it once more.
+    async fn with_group<T, F, Fut>(&self, stream: &str, f: F) -> Result<T, BrokerError>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = Result<T, RedisError>>,
+    {
+        match f(self.conn()?).await {
+            Err(e) if is_nogroup(&e) => {
+                tracing::info!(
+                    stream,
+                    "consumer group missing (Redis restarted or stream deleted): re-creating it"
+                );
+                self.ensure_group(stream).await?;
+                f(self.conn()?).await.map_err(err)
+            }
+            other => other.map_err(err),
+        }
+    }
+
+    async fn blocking_conn(&self) -> Result<MultiplexedConnection, BrokerError> {
+        let pooled = self
+            .inner
+            .blocking
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop();
+        if let Some(c) = pooled {
+            return Ok(c);
+        }
+        let cfg = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(None);
+        self.inner
+            .client
+            .get_multiplexed_async_connection_with_config(&cfg)
+            .await
+            .map_err(|e| {
+                BrokerError::Connection(format!(
+                    "cannot connect to {}: {e}",
+                    self.inner.url_redacted
+                ))
+            })
+    }
+
+    fn return_blocking(&self, c: MultiplexedConnection) {
+        let mut pool = self
+            .inner
+            .blocking
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if pool.len() < 16 {
+            pool.push(c);
+        }
+    }
+
+    fn reclaim_due(&self, stream: &str, lease: Duration) -> bool {
+        let every = (lease / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+        let mut m = self
+            .inner
+            .last_reclaim
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        match m.get(stream) {
+            Some(t) if now.duration_since(*t) < every => false,
+            _ => {
+                m.insert(stream.to_string(), now);
+                true
+            }
+        }
+    }
+
+    fn to_delivery(&self, queue: &str, e: Entry, pel_count: u32) -> Delivery {
+        let mut body: Option<Bytes> = None;
+        let mut headers: Vec<(String, String)> = Vec::with_capacity(e.fields.len());
+        let mut redeliveries = 0u32;
+        let n_fields = e.fields.len();
+        let mut lone_value = None;
+        for (k, v) in e.fields {
+            if k == b"payload" {
+                body = Some(Bytes::from(v));
+            } else if k == REDELIVERIES {
+                redeliveries = String::from_utf8_lossy(&v).parse().unwrap_or(0);
+            } else {
+                let key = String::from_utf8_lossy(&k).into_owned();
+                if n_fields == 1 {
+                    lone_value = Some(v.clone());
+                }
+                headers.push((key, String::from_utf8_lossy(&v).into_owned()));
+            }
+        }
+        // A foreign entry without a `payload` field: a lone field's value is the body; several
+        // fields become a JSON object.
+        let body = body.unwrap_or_else(|| match lone_value {
+            Some(v) => {
+                headers.clear();
+                Bytes::from(v)
+            }
+            None => {
+                let obj: serde_json::Map<String, serde_json::Value> = headers
+                    .drain(..)
+                    .map(|(k, v)| (k, serde_json::Value::String(v)))
+                    .collect();
+                Bytes::from(serde_json::Value::Object(obj).to_string())
+            }
+        });
+        let envelope = wire::from_wire(headers, body, &e.id);
+        Delivery {
+            envelope,
+            receipt: Receipt::new(queue, e.id, 0),
+            delivery_count: pel_count.max(1).saturating_add(redeliveries),
+        }
+    }
+
+    fn fields_of(env: &Envelope) -> (Vec<(String, String)>, Bytes) {
+        wire::to_wire(env)
+    }
+
+    async fn reclaim(
+        &self,
+        queue: &str,
+        stream: &str,
+        max: usize,
+        lease: Duration,
+    ) -> Result<Vec<Delivery>, BrokerError> {
+        let consumer = self.inner.consumer.clone();
+        let lease_ms = lease.as_millis().max(1) as u64;
+        let reply: Value = self
+            .with_group(stream, |mut c| {
+                let consumer = consumer.clone();
+                async move {
+                    redis::cmd("XAUTOCLAIM")
+                        .arg(stream)
+                        .arg(GROUP)
+                        .arg(&consumer)
+                        .arg(lease_ms)
+                        .arg("0-0")
+                        .arg("COUNT")
+                        .arg(max)
+                        .query_async(&mut c)
+                        .await
+                }
+            })
+            .await?;
+        let claimed = parse::autoclaim_reply(&reply);
+        if claimed.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Delivery counts live in the pending list.
+        let (first, last) = (claimed[0].id.clone(), claimed[claimed.len() - 1].id.clone());
+        let mut c = self.conn()?;
+        let pending: Value = redis::cmd("XPENDING")
+            .arg(stream)
+            .arg(GROUP)
+            .arg(&first)
+            .arg(&last)
+            .arg(claimed.len())
+            .arg(&consumer)
+            .query_async(&mut c)
+            .await
+            .map_err(err)?;
+        let counts: HashMap<String, u32> = parse::pending_ranges(&pending)
+            .into_iter()
+            .map(|(id, _, n)| (id, n))
+            .collect();
+        Ok(claimed
+            .into_iter()
+            .map(|e| {
+                let n = counts.get(&e.id).copied().unwrap_or(2);
+                self.to_delivery(queue, e, n)
+            })
+            .collect())
+    }
+
+    async fn read_new(
+        &self,
+        queue: &str,
+        stream: &str,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<Delivery>, BrokerError> {
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(GROUP)
+            .arg(&self.inner.consumer)
+            .arg("COUNT")
+            .arg(max);
+        let blocking = !wait.is_zero();
+        if blocking {
+            cmd.arg("BLOCK").arg(wait.as_millis().max(1) as u64);
+        }
+        cmd.arg("STREAMS").arg(stream).arg(">");
+        let reply: Result<Value, RedisError> = if blocking {
+            let mut c = self.blocking_conn().await?;
+            let r = cmd.query_async(&mut c).await;
+            if r.is_ok() || r.as_ref().err().is_some_and(is_nogroup) {
+                self.return_blocking(c);
+            }
+            r
+        } else {
+            let mut c = self.conn()?;
+            cmd.query_async(&mut c).await
+        };
+        let reply = match reply {
+            Err(e) if is_nogroup(&e) => {
+                tracing::info!(
+                    stream,
+                    "consumer group missing (Redis restarted or stream deleted): re-creating it"
+                );
+                self.ensure_group(stream).await?;
+                return Ok(Vec::new());
+            }
+            other => other.map_err(err)?,
+        };
+        Ok(parse::read_reply(&reply)
+            .into_iter()
+            .map(|e| self.to_delivery(queue, e, 1))
+            .collect())
+    }
+
+    async fn trim(&self, stream: String) {
+        let Ok(mut c) = self.conn() else { return };
+        let r: Result<i64, RedisError> = scripts::TRIM
+            .key(&stream)
+            .arg(GROUP)
+            .invoke_async(&mut c)
+            .await;
+        match r {
+            Ok(n) if n > 0 => tracing::debug!(stream, trimmed = n, "trimmed acknowledged entries"),
+            Ok(_) => {}
+            Err(e) => tracing::debug!(stream, error = %e, "trim failed; will retry later"),
+        }
+    }
+}
+
+fn rand_u16() -> u16 {
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    (nanos ^ (std::process::id() << 7)) as u16
+}
+
+#[async_trait]
+impl Broker for RedisBroker {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    fn capabilities(&self) -> &Capabilities {
+        &self.inner.caps
+    }
+
+    async fn prepare(&self, queues: &[String]) -> Result<(), BrokerError> {
+        for q in queues {
+            self.ensure_group(&self.stream_key(q)).await?;
+        }
+        Ok(())
+    }
+
+    async fn publish(&self, queue: &str, messages: Vec<Envelope>) -> Result<(), BrokerError> {
+        let max = self.inner.caps.max_payload;
+        if let Some(big) = messages.iter().find(|m| m.payload.len() > max) {
+            return Err(BrokerError::PayloadTooLarge {
+                size: big.payload.len(),
+                max,
+                backend: "redis",
+            });
+        }
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let stream = self.stream_key(queue);
+        let mut pipe = redis::pipe();
+        for env in &messages {
+            let (headers, body) = Self::fields_of(env);
+            let cmd = pipe
+                .cmd("XADD")
+                .arg(&stream)
+                .arg("*")
+                .arg("payload")
+                .arg(body.as_ref());
+            for (k, v) in headers {
+                cmd.arg(k).arg(v);
+            }
+            cmd.ignore();
+        }
+        let mut c = self.conn()?;
+        pipe.query_async::<()>(&mut c).await.map_err(err)
+    }
+
+    async fn receive(
+        &self,
+        queue: &str,
+        opts: ReceiveOptions,
+    ) -> Result<Vec<Delivery>, BrokerError> {
+        let stream = self.stream_key(queue);
+        let max = opts.max.clamp(1, self.inner.caps.max_batch);
+        let mut out = Vec::new();
+        if self.reclaim_due(&stream, opts.lease) {
+            out = self.reclaim(queue, &stream, max, opts.lease).await?;
+        }
+        if out.len() < max {
+            let wait = if out.is_empty() {
+                opts.wait
+            } else {
+                Duration::ZERO
+            };
+            out.extend(self.read_new(queue, &stream, max - out.len(), wait).await?);
+        }
+        Ok(out)
+    }
+
+    async fn ack(&self, receipts: &[Receipt]) -> Result<(), BrokerError> {
+        if receipts.is_empty() {
+            return Ok(());
+        }
+        let mut by_stream: HashMap<&str, Vec<&str>> = HashMap::new();
+        for r in receipts {
+            by_stream.entry(r.queue()).or_default().push(r.handle());
+        }
+        let mut pipe = redis::pipe();
+        for (queue, ids) in &by_stream {
+            pipe.cmd("XACK")
+                .arg(self.stream_key(queue))
+                .arg(GROUP)
+                .arg(ids)
+                .ignore();
+        }
+        let mut c = self.conn()?;
+        pipe.query_async::<()>(&mut c).await.map_err(err)?;
+        let before = self
+            .inner
+            .acks
+            .fetch_add(receipts.len() as u64, Ordering::Relaxed);
+        if before / TRIM_EVERY != (before + receipts.len() as u64) / TRIM_EVERY {
+            for queue in by_stream.keys() {
+                let this = self.clone();
+                let stream = self.stream_key(queue);
+                tokio::spawn(async move { this.trim(stream).await });
+            }
+        }
+        Ok(())
+    }
+
+    async fn release(&self, receipts: &[Receipt]) -> Result<(), BrokerError> {
+        let mut by_stream: HashMap<&str, Vec<&str>> = HashMap::new();
+        for r in receipts {
+            by_stream.entry(r.queue()).or_default().push(r.handle());
+        }
+        let mut lost = None;
+        for (queue, ids) in by_stream {
+            let stream = self.stream_key(queue);
+            let mut c = self.conn()?;
+            let n: i64 = scripts::RELEASE
+                .key(&stream)
+                .arg(GROUP)
+                .arg(&self.inner.consumer)
+                .arg(&ids)
+                .invoke_async(&mut c)
+                .await
+                .map_err(err)?;
+            if (n as usize) < ids.len() {
+                lost = Some(queue.to_string());
+            }
+        }
+        match lost {
+            Some(queue) => Err(BrokerError::LeaseLost { queue }),
+            None => Ok(()),
+        }
+    }
+
+    async fn extend_lease(&self, receipt: &Receipt, _lease: Duration) -> Result<(), BrokerError> {
+        let mut c = self.conn()?;
+        let ok: i64 = scripts::EXTEND
+            .key(self.stream_key(receipt.queue()))
+            .arg(GROUP)
+            .arg(&self.inner.consumer)
+            .arg(receipt.handle())
+            .invoke_async(&mut c)
+            .await
+            .map_err(err)?;
+        if ok == 1 {
+            Ok(())
+        } else {
+            Err(BrokerError::LeaseLost {
+                queue: receipt.queue().to_string(),
+            })
+        }
+    }
+
+    async fn depth(&self, queue: &str) -> Result<Depth, BrokerError> {
+        let stream = self.stream_key(queue);
+        let delayed_key = format!("{}{queue}", self.delay_queue_prefix());
+        let (groups, xlen, delayed): (Value, u64, u64) = self
+            .with_group(&stream, |mut c| {
+                let (stream, delayed_key) = (stream.clone(), delayed_key.clone());
+                async move {
+                    redis::pipe()
+                        .cmd("XINFO")
+                        .arg("GROUPS")
+                        .arg(&stream)
+                        .cmd("XLEN")
+                        .arg(&stream)
+                        .cmd("ZCARD")
+                        .arg(&delayed_key)
+                        .query_async(&mut c)
+                        .await
+                }
+            })
+            .await
+            .or_else(|e| match e {
+                // No stream yet: nothing is there.
+                BrokerError::Other { ref message, .. } if message.contains("no such key") => {
+                    Ok((Value::Array(vec![]), 0, 0))
+                }
+                e => Err(e),
+            })?;
+        let row = parse::group_row(&groups, GROUP);
+        let pending = row
+            .and_then(|r| parse::info_field(r, "pending"))
+            .and_then(parse::int)
+            .unwrap_or(0)
+            .max(0) as u64;
+        let lag = row
+            .and_then(|r| parse::info_field(r, "lag"))
+            .and_then(parse::int);
+        let ready = match lag {
+            Some(l) if l >= 0 => l as u64,
+            _ => xlen.saturating_sub(pending),
+        };
+        let mut oldest_age = None;
+        if ready > 0 {
+            let last = row
+                .and_then(|r| parse::info_field(r, "last-delivered-id"))
+                .and_then(parse::string)
+                .unwrap_or_else(|| "0-0".into());
+            let mut c = self.conn()?;
+            let next: Value = redis::cmd("XRANGE")
+                .arg(&stream)
+                .arg(format!("({last}"))
+                .arg("+")
+                .arg("COUNT")
+                .arg(1)
+                .query_async(&mut c)
+                .await
+                .map_err(err)?;
+            oldest_age = parse::entries(&next)
+                .first()
+                .and_then(|e| parse::id_millis(&e.id))
+                .map(|ms| Duration::from_millis(to_millis(SystemTime::now()).saturating_sub(ms)));
+        }
+        Ok(Depth {
+            ready,
+            in_flight: pending,
+            delayed,
+            oldest_age,
+        })
+    }
+
+    fn delay_store(&self) -> Option<Arc<dyn DelayStore>> {
+        Some(Arc::new(RedisDelayStore {
+            broker: self.clone(),
+        }))
+    }
+
+    async fn close(&self) -> Result<(), BrokerError> {
+        if self.inner.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let streams: Vec<String> = self
+            .inner
+            .last_reclaim
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        let mut c = self.inner.conn.clone();
+        for s in streams {
+            let _: Result<i64, _> = scripts::FORGET_CONSUMER
+                .key(&s)
+                .arg(GROUP)
+                .arg(&self.inner.consumer)
+                .invoke_async(&mut c)
+                .await;
+        }
+        Ok(())
+    }
+}
+
+/// The durable delay store on Redis: a global sorted set (score = due time in ms) for promotion,
+/// one sorted set per queue for counting, and one hash per message holding its stream fields.
+#[derive(Clone, Debug)]
+pub struct RedisDelayStore {
+    broker: RedisBroker,
+}
+
+#[async_trait]
+impl DelayStore for RedisDelayStore {
+    async fn schedule(&self, queue: &str, messages: Vec<Envelope>) -> Result<(), BrokerError> {
+        let b = &self.broker;
+        let max = b.inner.caps.max_payload;
+        if let Some(big) = messages.iter().find(|m| m.payload.len() > max) {
+            return Err(BrokerError::PayloadTooLarge {
+                size: big.payload.len(),
+                max,
+                backend: "redis",
+            });
+        }
+        let (global, per_queue, msg_prefix) = (
+            b.delay_key(),
+            format!("{}{queue}", b.delay_queue_prefix()),
+            b.delay_msg_prefix(),
+        );
+        let stream = b.stream_key(queue);
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for env in &messages {
+            let due = env.not_before.map(to_millis).unwrap_or(0);
+            let member = format!("{}:{}", env.id, env.attempt);
+            let (headers, body) = RedisBroker::fields_of(env);
+            let cmd = pipe
+                .cmd("HSET")
+                .arg(format!("{msg_prefix}{member}"))
+                .arg("_stream")
+                .arg(&stream)
+                .arg("_queue")
+                .arg(queue)
+                .arg("payload")
+                .arg(body.as_ref());
+            for (k, v) in headers {
+                cmd.arg(k).arg(v);
+            }
+            cmd.ignore();
+            pipe.cmd("ZADD").arg(&global).arg(due).arg(&member).ignore();
+            pipe.cmd("ZADD")
+                .arg(&per_queue)
+                .arg(due)
+                .arg(&member)
+                .ignore();
+        }
+        let mut c = b.conn()?;
+        pipe.query_async::<()>(&mut c).await.map_err(err)
+    }
+
+    async fn promote_due(&self, now: SystemTime, limit: usize) -> Result<usize, BrokerError> {
+        let b = &self.broker;
+        let mut c = b.conn()?;
+        let n: i64 = scripts::PROMOTE
+            .key(b.delay_key())
+            .arg(to_millis(now))
+            .arg(limit.max(1))
+            .arg(b.delay_msg_prefix())
+            .arg(b.delay_queue_prefix())
+            .invoke_async(&mut c)
+            .await
+            .map_err(err)?;
+        Ok(n.max(0) as usize)
+    }
+
+    async fn delayed(&self, queue: &str) -> Result<u64, BrokerError> {
+        let b = &self.broker;
+        let mut c = b.conn()?;
+        redis::cmd("ZCARD")
+            .arg(format!("{}{queue}", b.delay_queue_prefix()))
+            .query_async(&mut c)
+            .await
+            .map_err(err)
+    }
+
+    async fn next_due(&self) -> Result<Option<SystemTime>, BrokerError> {
+        let b = &self.broker;
+        let mut c = b.conn()?;
+        let v: Vec<(String, f64)> = redis::cmd("ZRANGE")
+            .arg(b.delay_key())
+            .arg(0)
+            .arg(0)
+            .arg("WITHSCORES")
+            .query_async(&mut c)
+            .await
+            .map_err(err)?;
+        Ok(v.first()
+            .map(|(_, s)| stevedore_core::from_millis(*s as u64)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_password() {
+        assert_eq!(
+            redact("redis://:secret@localhost:6379/0"),
+            "redis://***@localhost:6379/0"
+        );
+        assert_eq!(redact("redis://localhost:6379"), "redis://localhost:6379");
+    }
+}

@@ -1,0 +1,153 @@
+//! Decoding Redis replies (RESP2 and RESP3 shapes) into stream entries.
+
+use redis::Value;
+
+/// One stream entry: id and flat field/value pairs.
+pub(crate) struct Entry {
+    pub id: String,
+    pub fields: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+pub(crate) fn bytes(v: &Value) -> Option<Vec<u8>> {
+    match v {
+        Value::BulkString(b) => Some(b.clone()),
+        Value::SimpleString(s) => Some(s.as_bytes().to_vec()),
+        Value::Int(i) => Some(i.to_string().into_bytes()),
+        Value::Okay => Some(b"OK".to_vec()),
+        _ => None,
+    }
+}
+
+pub(crate) fn string(v: &Value) -> Option<String> {
+    bytes(v).and_then(|b| String::from_utf8(b).ok())
+}
+
+pub(crate) fn int(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(i) => Some(*i),
+        other => string(other).and_then(|s| s.parse().ok()),
+    }
+}
+
+fn items(v: &Value) -> &[Value] {
+    match v {
+        Value::Array(a) | Value::Set(a) => a,
+        _ => &[],
+    }
+}
+
+/// `[id, [f, v, f, v, ...]]` → entry. Deleted entries (nil fields) are skipped.
+fn entry(v: &Value) -> Option<Entry> {
+    let parts = items(v);
+    let id = string(parts.first()?)?;
+    let flat = match parts.get(1)? {
+        Value::Map(m) => m.iter().flat_map(|(k, v)| [k.clone(), v.clone()]).collect(),
+        other => items(other).to_vec(),
+    };
+    let mut fields = Vec::with_capacity(flat.len() / 2);
+    for pair in flat.chunks_exact(2) {
+        fields.push((bytes(&pair[0])?, bytes(&pair[1])?));
+    }
+    Some(Entry { id, fields })
+}
+
+/// Entries of an `XRANGE` reply or of one stream's list.
+pub(crate) fn entries(v: &Value) -> Vec<Entry> {
+    items(v).iter().filter_map(entry).collect()
+}
+
+/// Entries of an `XREADGROUP` reply for a single stream (nil = nothing).
+pub(crate) fn read_reply(v: &Value) -> Vec<Entry> {
+    match v {
+        Value::Nil => Vec::new(),
+        Value::Map(m) => m.iter().flat_map(|(_, list)| entries(list)).collect(),
+        other => items(other)
+            .iter()
+            .flat_map(|stream| items(stream).get(1).map(entries).unwrap_or_default())
+            .collect(),
+    }
+}
+
+/// Entries of an `XAUTOCLAIM` reply: `[cursor, [entries], [deleted ids]]`.
+pub(crate) fn autoclaim_reply(v: &Value) -> Vec<Entry> {
+    items(v).get(1).map(entries).unwrap_or_default()
+}
+
+/// `XPENDING key group start end count` → (id, consumer, deliveries).
+pub(crate) fn pending_ranges(v: &Value) -> Vec<(String, String, u32)> {
+    items(v)
+        .iter()
+        .filter_map(|row| {
+            let r = items(row);
+            Some((
+                string(r.first()?)?,
+                string(r.get(1)?)?,
+                int(r.get(3)?).map(|n| n.clamp(0, u32::MAX as i64) as u32)?,
+            ))
+        })
+        .collect()
+}
+
+/// Field `name` of one `XINFO GROUPS` row (flat array in RESP2, map in RESP3).
+pub(crate) fn info_field<'a>(row: &'a Value, name: &str) -> Option<&'a Value> {
+    match row {
+        Value::Map(m) => m
+            .iter()
+            .find(|(k, _)| string(k).as_deref() == Some(name))
+            .map(|(_, v)| v),
+        other => items(other)
+            .chunks_exact(2)
+            .find(|p| string(&p[0]).as_deref() == Some(name))
+            .map(|p| &p[1]),
+    }
+}
+
+/// The row of group `group` in an `XINFO GROUPS` reply.
+pub(crate) fn group_row<'a>(v: &'a Value, group: &str) -> Option<&'a Value> {
+    items(v)
+        .iter()
+        .find(|row| info_field(row, "name").and_then(string).as_deref() == Some(group))
+}
+
+/// Milliseconds part of a stream id `1700000000000-0`.
+pub(crate) fn id_millis(id: &str) -> Option<u64> {
+    id.split('-').next()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn reads_resp2_xreadgroup() {
+        let v = Value::Array(vec![Value::Array(vec![
+            bulk("q"),
+            Value::Array(vec![
+                Value::Array(vec![
+                    bulk("1-0"),
+                    Value::Array(vec![bulk("payload"), bulk("{}")]),
+                ]),
+                Value::Array(vec![bulk("2-0"), Value::Nil]),
+            ]),
+        ])]);
+        let e = read_reply(&v);
+        assert_eq!(e.len(), 1, "deleted entry skipped");
+        assert_eq!(e[0].id, "1-0");
+        assert_eq!(e[0].fields, vec![(b"payload".to_vec(), b"{}".to_vec())]);
+        assert!(read_reply(&Value::Nil).is_empty());
+    }
+
+    #[test]
+    fn reads_groups_and_ids() {
+        let row = Value::Array(vec![bulk("name"), bulk("g"), bulk("lag"), Value::Int(3)]);
+        let v = Value::Array(vec![row]);
+        let r = group_row(&v, "g").expect("row");
+        assert_eq!(info_field(r, "lag").and_then(int), Some(3));
+        assert!(group_row(&v, "other").is_none());
+        assert_eq!(id_millis("1700000000123-7"), Some(1_700_000_000_123));
+    }
+}

@@ -1,0 +1,140 @@
+//! Lua scripts: each runs atomically on the server, so any number of workers may run them at once.
+
+use redis::Script;
+use std::sync::LazyLock;
+
+/// Moves up to ARGV[2] due messages (score ≤ ARGV[1]) from the delay set into their streams.
+/// KEYS[1] = global delay zset. ARGV[3] = message hash key prefix, ARGV[4] = per-queue zset prefix.
+/// A member is removed in the same script that re-adds it, so it can never be promoted twice.
+pub(crate) static PROMOTE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+local moved = 0
+for _, member in ipairs(due) do
+  local hkey = ARGV[3] .. member
+  local fields = redis.call('HGETALL', hkey)
+  local stream, queue
+  local args = {}
+  for i = 1, #fields, 2 do
+    local f = fields[i]
+    if f == '_stream' then stream = fields[i + 1]
+    elseif f == '_queue' then queue = fields[i + 1]
+    else
+      args[#args + 1] = f
+      args[#args + 1] = fields[i + 1]
+    end
+  end
+  if stream and #args > 0 then
+    redis.call('XADD', stream, '*', unpack(args))
+    moved = moved + 1
+  end
+  redis.call('DEL', hkey)
+  redis.call('ZREM', KEYS[1], member)
+  if queue then redis.call('ZREM', ARGV[4] .. queue, member) end
+end
+return moved
+"#,
+    )
+});
+
+/// Renews the lease on one entry if this consumer still owns it: resets its idle time without
+/// counting a delivery. KEYS[1] = stream; ARGV = group, consumer, id. Returns 1, or 0 if lost.
+pub(crate) static EXTEND: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if #p == 0 or p[1][2] ~= ARGV[2] then return 0 end
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')
+return 1
+"#,
+    )
+});
+
+/// Gives entries back: each one this consumer owns is re-added at the end of the stream (ready for
+/// anyone at once) carrying its delivery count so far, and the old entry is acked and deleted.
+/// KEYS[1] = stream; ARGV = group, consumer, ids... Returns how many were released.
+pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local n = 0
+for i = 3, #ARGV do
+  local id = ARGV[i]
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
+  local e = redis.call('XRANGE', KEYS[1], id, id)
+  if #p == 1 and p[1][2] == ARGV[2] and #e == 1 then
+    local fields = e[1][2]
+    local args = {}
+    local before = 0
+    local has_id = false
+    for j = 1, #fields, 2 do
+      local f = fields[j]
+      if f == 'stevedore-redeliveries' then before = tonumber(fields[j + 1]) or 0
+      else
+        if f == 'stevedore-id' then has_id = true end
+        args[#args + 1] = f
+        args[#args + 1] = fields[j + 1]
+      end
+    end
+    if not has_id then
+      args[#args + 1] = 'stevedore-id'
+      args[#args + 1] = id
+    end
+    args[#args + 1] = 'stevedore-redeliveries'
+    args[#args + 1] = tostring(before + p[1][4])
+    redis.call('XADD', KEYS[1], '*', unpack(args))
+    redis.call('XACK', KEYS[1], ARGV[1], id)
+    redis.call('XDEL', KEYS[1], id)
+    n = n + 1
+  end
+end
+return n
+"#,
+    )
+});
+
+/// Trims acknowledged entries: everything older than both the group's oldest pending entry and its
+/// last delivered entry has been acked, so it goes; nothing unacked or undelivered is touched.
+/// KEYS[1] = stream; ARGV[1] = group. Returns entries removed.
+pub(crate) static TRIM: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local groups = redis.call('XINFO', 'GROUPS', KEYS[1])
+local last
+for _, g in ipairs(groups) do
+  local name, ld
+  for i = 1, #g, 2 do
+    if g[i] == 'name' then name = g[i + 1] elseif g[i] == 'last-delivered-id' then ld = g[i + 1] end
+  end
+  if name == ARGV[1] then last = ld end
+end
+if not last then return 0 end
+local p = redis.call('XPENDING', KEYS[1], ARGV[1])
+local minid = last
+if p[1] > 0 and p[2] then minid = p[2] end
+return redis.call('XTRIM', KEYS[1], 'MINID', minid)
+"#,
+    )
+});
+
+/// Removes this consumer from the group only if it holds no pending entries (deleting a consumer
+/// drops its pending entries, which would lose them). KEYS[1] = stream; ARGV = group, consumer.
+pub(crate) static FORGET_CONSUMER: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local ok, consumers = pcall(redis.call, 'XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
+if not ok then return 0 end
+for _, c in ipairs(consumers) do
+  local name, pending
+  for i = 1, #c, 2 do
+    if c[i] == 'name' then name = c[i + 1] elseif c[i] == 'pending' then pending = c[i + 1] end
+  end
+  if name == ARGV[2] then
+    if pending == 0 then return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2]) end
+    return 0
+  end
+end
+return 0
+"#,
+    )
+});

@@ -1,0 +1,314 @@
+//! The suite checks itself: a broker with one injected fault must fail the scenario that covers it
+//! (so no scenario passes vacuously), and a correct delay store must pass scenarios 11 and 14.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use stevedore_conformance::{async_trait, run, Backend, Outcome};
+use stevedore_core::{
+    new_id, Broker, BrokerError, Capabilities, DelayStore, DelaySupport, Delivery, Depth, Envelope,
+    MemoryBroker, Receipt, ReceiveOptions,
+};
+
+/// One way for a broker to break its contract.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    /// Correct, but with no native delay and a [`Store`] instead.
+    None,
+    /// User headers vanish on the way.
+    DropsUserHeaders,
+    /// `extend_lease` answers Ok and does nothing.
+    IgnoresExtend,
+    /// Declares a 1 KiB limit, enforces none.
+    NoLimitCheck,
+    /// Delivers delayed messages at once.
+    IgnoresDelay,
+    /// Declares per-key ordering, keeps none.
+    NoKeyOrdering,
+    /// Reports no in-flight messages.
+    DepthLies,
+    /// Acks of lost leases succeed.
+    HidesLeaseLost,
+    /// Takes half the requested lease.
+    ShortLease,
+    /// The delay store's promotion is not atomic: concurrent promoters move a message twice.
+    DoublePromote,
+    /// Forgets released messages.
+    LosesReleased,
+    /// Correct and restartable: while "restarting" (500 ms) every call fails with a connection error.
+    Restartable,
+}
+
+#[derive(Debug)]
+struct Faulty {
+    inner: MemoryBroker,
+    fault: Fault,
+    caps: Capabilities,
+    store: Option<Arc<Store>>,
+    down: Arc<AtomicBool>,
+}
+
+impl Faulty {
+    fn up(&self) -> Result<(), BrokerError> {
+        if self.down.load(Ordering::Relaxed) {
+            return Err(BrokerError::Connection(
+                "connection refused (restarting)".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Broker for Faulty {
+    fn name(&self) -> &'static str {
+        "faulty"
+    }
+    fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+    async fn publish(&self, queue: &str, mut messages: Vec<Envelope>) -> Result<(), BrokerError> {
+        self.up()?;
+        for m in &mut messages {
+            match self.fault {
+                Fault::IgnoresDelay => m.not_before = None,
+                Fault::NoKeyOrdering => {
+                    if let Some(k) = m.key.take() {
+                        m.headers.insert("x-hidden-key".into(), k);
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.inner.publish(queue, messages).await
+    }
+    async fn receive(&self, queue: &str, o: ReceiveOptions) -> Result<Vec<Delivery>, BrokerError> {
+        self.up()?;
+        let mut o = o;
+        if self.fault == Fault::ShortLease {
+            o.lease /= 2;
+        }
+        let mut got = self.inner.receive(queue, o).await?;
+        for d in &mut got {
+            match self.fault {
+                Fault::DropsUserHeaders => d.envelope.headers.clear(),
+                Fault::NoKeyOrdering => d.envelope.key = d.envelope.headers.remove("x-hidden-key"),
+                _ => {}
+            }
+        }
+        Ok(got)
+    }
+    async fn ack(&self, receipts: &[Receipt]) -> Result<(), BrokerError> {
+        self.up()?;
+        match self.inner.ack(receipts).await {
+            Err(BrokerError::LeaseLost { .. }) if self.fault == Fault::HidesLeaseLost => Ok(()),
+            other => other,
+        }
+    }
+    async fn release(&self, receipts: &[Receipt]) -> Result<(), BrokerError> {
+        if self.fault == Fault::LosesReleased {
+            return self.inner.ack(receipts).await;
+        }
+        self.inner.release(receipts).await
+    }
+    async fn extend_lease(&self, receipt: &Receipt, lease: Duration) -> Result<(), BrokerError> {
+        if self.fault == Fault::IgnoresExtend {
+            return Ok(());
+        }
+        self.inner.extend_lease(receipt, lease).await
+    }
+    async fn depth(&self, queue: &str) -> Result<Depth, BrokerError> {
+        let mut d = self.inner.depth(queue).await?;
+        if self.fault == Fault::DepthLies {
+            d.in_flight = 0;
+        }
+        if let Some(store) = &self.store {
+            d.delayed += store.delayed(queue).await?;
+        }
+        Ok(d)
+    }
+    fn delay_store(&self) -> Option<Arc<dyn DelayStore>> {
+        self.store.clone().map(|s| s as Arc<dyn DelayStore>)
+    }
+    async fn close(&self) -> Result<(), BrokerError> {
+        self.inner.close().await
+    }
+}
+
+/// A delay store kept in memory, promoting into the memory broker.
+#[derive(Debug)]
+struct Store {
+    broker: MemoryBroker,
+    waiting: Mutex<Vec<(String, Envelope)>>,
+    racy: bool,
+}
+
+impl Store {
+    fn waiting(&self) -> std::sync::MutexGuard<'_, Vec<(String, Envelope)>> {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[async_trait]
+impl DelayStore for Store {
+    async fn schedule(&self, queue: &str, messages: Vec<Envelope>) -> Result<(), BrokerError> {
+        self.waiting()
+            .extend(messages.into_iter().map(|m| (queue.to_string(), m)));
+        Ok(())
+    }
+    async fn promote_due(&self, now: SystemTime, limit: usize) -> Result<usize, BrokerError> {
+        let is_due = |e: &Envelope| match e.not_before {
+            None => true,
+            Some(t) => t <= now,
+        };
+        let due: Vec<(String, Envelope)> = if self.racy {
+            // Read, pause, then remove: two promoters can both read the same message.
+            let seen: Vec<_> = self
+                .waiting()
+                .iter()
+                .filter(|(_, e)| is_due(e))
+                .cloned()
+                .collect();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            self.waiting().retain(|(_, e)| !is_due(e));
+            seen
+        } else {
+            let mut w = self.waiting();
+            let (due, keep): (Vec<_>, Vec<_>) = w.drain(..).partition(|(_, e)| is_due(e));
+            *w = keep;
+            due
+        };
+        let moved = due.len().min(limit);
+        let mut by_queue: BTreeMap<String, Vec<Envelope>> = BTreeMap::new();
+        for (q, e) in due {
+            by_queue.entry(q).or_default().push(e);
+        }
+        for (q, es) in by_queue {
+            self.broker.publish(&q, es).await?;
+        }
+        Ok(moved)
+    }
+    async fn delayed(&self, queue: &str) -> Result<u64, BrokerError> {
+        Ok(self.waiting().iter().filter(|(q, _)| q == queue).count() as u64)
+    }
+}
+
+struct FaultyBackend {
+    broker: MemoryBroker,
+    fault: Fault,
+    store: Option<Arc<Store>>,
+    down: Arc<AtomicBool>,
+}
+
+impl FaultyBackend {
+    fn new(fault: Fault) -> Self {
+        let broker = MemoryBroker::new();
+        let store = matches!(fault, Fault::None | Fault::DoublePromote).then(|| {
+            Arc::new(Store {
+                broker: broker.clone(),
+                waiting: Mutex::new(Vec::new()),
+                racy: fault == Fault::DoublePromote,
+            })
+        });
+        FaultyBackend {
+            broker,
+            fault,
+            store,
+            down: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for FaultyBackend {
+    fn name(&self) -> &'static str {
+        "faulty"
+    }
+    async fn connect(&self) -> Result<Arc<dyn Broker>, BrokerError> {
+        let mut caps = self.broker.capabilities().clone();
+        if self.fault == Fault::NoLimitCheck {
+            caps.max_payload = 1024;
+        }
+        if self.store.is_some() {
+            caps.delay = DelaySupport::None;
+        }
+        if self.fault == Fault::Restartable {
+            caps.durable = true; // the messages never leave the process, so they do survive
+        }
+        Ok(Arc::new(Faulty {
+            inner: self.broker.clone(),
+            fault: self.fault,
+            caps,
+            store: self.store.clone(),
+            down: self.down.clone(),
+        }))
+    }
+    async fn publish_foreign(&self, queue: &str, body: &[u8]) -> Result<(), String> {
+        let e = Envelope::foreign(new_id(), body.to_vec());
+        self.broker
+            .publish(queue, vec![e])
+            .await
+            .map_err(|e| e.to_string())
+    }
+    async fn restart(&self) -> Result<(), String> {
+        if self.fault != Fault::Restartable {
+            return Err("in-process broker".into());
+        }
+        self.down.store(true, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        self.down.store(false, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+async fn outcome(fault: Fault, scenario: u8) -> Outcome {
+    let report = run(Arc::new(FaultyBackend::new(fault)), Some(&[scenario])).await;
+    println!("{fault:?}:\n{}", report.table());
+    match report.rows.as_slice() {
+        [(no, _, outcome, _)] if *no == scenario => outcome.clone(),
+        rows => panic!("expected one row for scenario {scenario}, got {rows:?}"),
+    }
+}
+
+async fn expect_fail(fault: Fault, scenario: u8, reason_has: &str) {
+    match outcome(fault, scenario).await {
+        Outcome::Fail { reason } => assert!(
+            reason.contains(reason_has),
+            "{fault:?}: scenario {scenario} failed for another reason: {reason}"
+        ),
+        other => panic!("{fault:?}: scenario {scenario} should fail, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_fault_fails_its_scenario() {
+    expect_fail(Fault::DropsUserHeaders, 1, "header").await;
+    expect_fail(Fault::IgnoresExtend, 6, "redelivered").await;
+    expect_fail(Fault::NoLimitCheck, 15, "accepted").await;
+    expect_fail(Fault::IgnoresDelay, 11, "delivered after only").await;
+    expect_fail(Fault::NoKeyOrdering, 17, "key").await;
+    expect_fail(Fault::DepthLies, 14, "in_flight=0").await;
+    expect_fail(Fault::HidesLeaseLost, 5, "expected LeaseLost").await;
+    expect_fail(Fault::ShortLease, 5, "before the").await;
+    expect_fail(Fault::DoublePromote, 11, "twice").await;
+    expect_fail(Fault::LosesReleased, 4, "received 0 of 3").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delay_store_passes_delay_and_depth() {
+    for scenario in [11, 14] {
+        match outcome(Fault::None, scenario).await {
+            Outcome::Pass { detail } => assert!(detail.contains("store"), "{detail}"),
+            other => panic!("scenario {scenario} with a correct delay store: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restartable_broker_passes_reconnect() {
+    match outcome(Fault::Restartable, 16).await {
+        Outcome::Pass { detail } => assert!(detail.contains("all 10000 arrived"), "{detail}"),
+        other => panic!("scenario 16 against a restartable broker: {other:?}"),
+    }
+}
