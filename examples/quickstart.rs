@@ -112,7 +112,7 @@ async fn produce(client: Client) {
                 width: 640,
             };
             client.enqueue("resize_image", &img).send().await?;
-            let cents = if n % 7 == 0 { -500 } else { 1999 };
+            let cents = if n.is_multiple_of(7) { -500 } else { 1999 };
             client
                 .enqueue("charge_card", &ChargeCard { customer: n, cents })
                 .send()

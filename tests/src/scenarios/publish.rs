@@ -105,13 +105,13 @@ fn message(i: usize) -> Envelope {
         .with_header("x-tenant", format!("tenant-{}", i % 7));
     env.content_type = content_type.map(str::to_string);
     env.attempt = 1 + (i % 3) as u32;
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         env.key = Some(format!("key-{i}"));
     }
     if i % 4 == 1 {
         env = env.with_header("x-note", "café ☕");
     }
-    if i % 5 == 0 {
+    if i.is_multiple_of(5) {
         env.trace_parent = Some(format!("00-{:032x}-{:016x}-01", i + 1, i + 1));
     }
     env
