@@ -82,7 +82,9 @@ struct Inner {
     prefix: String,
     consumer: String,
     caps: Capabilities,
-    last_reclaim: Mutex<HashMap<String, Instant>>,
+    /// Per stream: when this handle last looked for expired leases, and the shortest lease any
+    /// consumer of the stream holds (it sets how often to look).
+    last_reclaim: Mutex<HashMap<String, (Instant, Duration)>>,
     acks: AtomicU64,
     closed: std::sync::atomic::AtomicBool,
     url_redacted: String,
@@ -157,16 +159,7 @@ impl RedisBroker {
                 blocking: Mutex::new(Vec::new()),
                 prefix: config.key_prefix.clone(),
                 consumer,
-                caps: Capabilities {
-                    delay: DelaySupport::None,
-                    lease: LeaseSupport::Timed { max: None },
-                    ordering: OrderingSupport::None,
-                    max_payload: config.max_payload,
-                    max_batch: 1000,
-                    durable: true,
-                    delay_tolerance: Duration::from_millis(300),
-                    depth_staleness: Duration::ZERO,
-                },
+                caps: capabilities(config.max_payload),
                 last_reclaim: Mutex::new(HashMap::new()),
                 acks: AtomicU64::new(0),
                 closed: std::sync::atomic::AtomicBool::new(false),
@@ -302,20 +295,23 @@ impl RedisBroker {
         }
     }
 
-    fn reclaim_due(&self, stream: &str, lease: Duration) -> bool {
-        let every = (lease / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+    /// Whether to look for expired leases on `stream` now: every quarter of the shortest lease held
+    /// on it (see [`reclaim_interval`]). Also the slice a blocking read waits at most.
+    fn reclaim_due(&self, stream: &str, lease: Duration) -> (bool, Duration) {
         let mut m = self
             .inner
             .last_reclaim
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        match m.get(stream) {
-            Some(t) if now.duration_since(*t) < every => false,
-            _ => {
-                m.insert(stream.to_string(), now);
-                true
-            }
+        let (last, shortest) = m.get(stream).copied().unwrap_or((now, lease));
+        let every = reclaim_interval(shortest.min(lease));
+        let first = !m.contains_key(stream);
+        if first || now.duration_since(last) >= every {
+            m.insert(stream.to_string(), (now, shortest.min(lease)));
+            (true, every)
+        } else {
+            (false, every)
         }
     }
 
@@ -365,6 +361,10 @@ impl RedisBroker {
         wire::to_wire(env)
     }
 
+    fn lease_key(&self, stream: &str) -> String {
+        format!("{}stevedore:leases:{stream}", self.inner.prefix)
+    }
+
     async fn reclaim(
         &self,
         queue: &str,
@@ -374,50 +374,37 @@ impl RedisBroker {
     ) -> Result<Vec<Delivery>, BrokerError> {
         let consumer = self.inner.consumer.clone();
         let lease_ms = lease.as_millis().max(1) as u64;
+        let lease_key = self.lease_key(stream);
         let reply: Value = self
             .with_group(stream, |mut c| {
-                let consumer = consumer.clone();
+                let (consumer, lease_key) = (consumer.clone(), lease_key.clone());
                 async move {
-                    redis::cmd("XAUTOCLAIM")
-                        .arg(stream)
+                    scripts::RECLAIM
+                        .key(stream)
+                        .key(&lease_key)
                         .arg(GROUP)
                         .arg(&consumer)
                         .arg(lease_ms)
-                        .arg("0-0")
-                        .arg("COUNT")
                         .arg(max)
-                        .query_async(&mut c)
+                        .invoke_async(&mut c)
                         .await
                 }
             })
             .await?;
-        let claimed = parse::autoclaim_reply(&reply);
-        if claimed.is_empty() {
-            return Ok(Vec::new());
+        let (shortest, claimed) = parse::claimed(&reply);
+        if let Some(ms) = shortest {
+            let mut m = self
+                .inner
+                .last_reclaim
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if let Some(state) = m.get_mut(stream) {
+                state.1 = Duration::from_millis(ms);
+            }
         }
-        // Delivery counts live in the pending list.
-        let (first, last) = (claimed[0].id.clone(), claimed[claimed.len() - 1].id.clone());
-        let mut c = self.conn()?;
-        let pending: Value = redis::cmd("XPENDING")
-            .arg(stream)
-            .arg(GROUP)
-            .arg(&first)
-            .arg(&last)
-            .arg(claimed.len())
-            .arg(&consumer)
-            .query_async(&mut c)
-            .await
-            .map_err(err)?;
-        let counts: HashMap<String, u32> = parse::pending_ranges(&pending)
-            .into_iter()
-            .map(|(id, _, n)| (id, n))
-            .collect();
         Ok(claimed
             .into_iter()
-            .map(|e| {
-                let n = counts.get(&e.id).copied().unwrap_or(2);
-                self.to_delivery(queue, e, n)
-            })
+            .map(|(e, n)| self.to_delivery(queue, e, n))
             .collect())
     }
 
@@ -480,6 +467,27 @@ impl RedisBroker {
             Err(e) => tracing::debug!(stream, error = %e, "trim failed; will retry later"),
         }
     }
+}
+
+/// What the Redis backend declares: no native delay (a durable delay store instead), timed leases
+/// (claim idle time) with no upper bound, no ordering across competing consumers.
+pub fn capabilities(max_payload: usize) -> Capabilities {
+    Capabilities {
+        delay: DelaySupport::None,
+        lease: LeaseSupport::Timed { max: None },
+        ordering: OrderingSupport::None,
+        max_payload,
+        max_batch: 1000,
+        durable: true,
+        delay_tolerance: Duration::from_millis(300),
+        depth_staleness: Duration::ZERO,
+    }
+}
+
+/// How often a consumer looks for entries whose lease ran out: a quarter of the lease, between
+/// 50 ms and 5 s. A dead consumer's entries come back within lease + this.
+fn reclaim_interval(lease: Duration) -> Duration {
+    (lease / 4).clamp(Duration::from_millis(50), Duration::from_secs(5))
 }
 
 fn rand_u16() -> u16 {
@@ -545,19 +553,28 @@ impl Broker for RedisBroker {
     ) -> Result<Vec<Delivery>, BrokerError> {
         let stream = self.stream_key(queue);
         let max = opts.max.clamp(1, self.inner.caps.max_batch);
-        let mut out = Vec::new();
-        if self.reclaim_due(&stream, opts.lease) {
-            out = self.reclaim(queue, &stream, max, opts.lease).await?;
-        }
-        if out.len() < max {
+        let deadline = Instant::now() + opts.wait;
+        // Block in slices no longer than the reclaim interval, so entries whose lease runs out
+        // while we wait are picked up within that interval.
+        loop {
+            let mut out = Vec::new();
+            let (due, slice) = self.reclaim_due(&stream, opts.lease);
+            if due {
+                out = self.reclaim(queue, &stream, max, opts.lease).await?;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
             let wait = if out.is_empty() {
-                opts.wait
+                left.min(slice)
             } else {
                 Duration::ZERO
             };
-            out.extend(self.read_new(queue, &stream, max - out.len(), wait).await?);
+            if out.len() < max {
+                out.extend(self.read_new(queue, &stream, max - out.len(), wait).await?);
+            }
+            if !out.is_empty() || Instant::now() >= deadline {
+                return Ok(out);
+            }
         }
-        Ok(out)
     }
 
     async fn ack(&self, receipts: &[Receipt]) -> Result<(), BrokerError> {
@@ -568,16 +585,21 @@ impl Broker for RedisBroker {
         for r in receipts {
             by_stream.entry(r.queue()).or_default().push(r.handle());
         }
-        let mut pipe = redis::pipe();
+        let mut lost_in = None;
         for (queue, ids) in &by_stream {
-            pipe.cmd("XACK")
-                .arg(self.stream_key(queue))
+            let mut c = self.conn()?;
+            let lost: i64 = scripts::ACK
+                .key(self.stream_key(queue))
                 .arg(GROUP)
+                .arg(&self.inner.consumer)
                 .arg(ids)
-                .ignore();
+                .invoke_async(&mut c)
+                .await
+                .map_err(err)?;
+            if lost > 0 {
+                lost_in = Some(queue.to_string());
+            }
         }
-        let mut c = self.conn()?;
-        pipe.query_async::<()>(&mut c).await.map_err(err)?;
         let before = self
             .inner
             .acks
@@ -589,7 +611,10 @@ impl Broker for RedisBroker {
                 tokio::spawn(async move { this.trim(stream).await });
             }
         }
-        Ok(())
+        match lost_in {
+            Some(queue) => Err(BrokerError::LeaseLost { queue }),
+            None => Ok(()),
+        }
     }
 
     async fn release(&self, receipts: &[Receipt]) -> Result<(), BrokerError> {
@@ -729,6 +754,7 @@ impl Broker for RedisBroker {
         for s in streams {
             let _: Result<i64, _> = scripts::FORGET_CONSUMER
                 .key(&s)
+                .key(self.lease_key(&s))
                 .arg(GROUP)
                 .arg(&self.inner.consumer)
                 .invoke_async(&mut c)

@@ -68,24 +68,19 @@ pub(crate) fn read_reply(v: &Value) -> Vec<Entry> {
     }
 }
 
-/// Entries of an `XAUTOCLAIM` reply: `[cursor, [entries], [deleted ids]]`.
-pub(crate) fn autoclaim_reply(v: &Value) -> Vec<Entry> {
-    items(v).get(1).map(entries).unwrap_or_default()
-}
-
-/// `XPENDING key group start end count` → (id, consumer, deliveries).
-pub(crate) fn pending_ranges(v: &Value) -> Vec<(String, String, u32)> {
-    items(v)
+/// The reclaim script's reply: `[shortest lease ms, [[id, [fields], delivery_count], ...]]`.
+pub(crate) fn claimed(v: &Value) -> (Option<u64>, Vec<(Entry, u32)>) {
+    let parts = items(v);
+    let min = parts.first().and_then(int).map(|n| n.max(1) as u64);
+    let rows = parts.get(1).map(items).unwrap_or_default();
+    let claimed = rows
         .iter()
         .filter_map(|row| {
-            let r = items(row);
-            Some((
-                string(r.first()?)?,
-                string(r.get(1)?)?,
-                int(r.get(3)?).map(|n| n.clamp(0, u32::MAX as i64) as u32)?,
-            ))
+            let count = int(items(row).get(2)?)?.clamp(1, u32::MAX as i64) as u32;
+            Some((entry(row)?, count))
         })
-        .collect()
+        .collect();
+    (min, claimed)
 }
 
 /// Field `name` of one `XINFO GROUPS` row (flat array in RESP2, map in RESP3).

@@ -117,8 +117,10 @@ return redis.call('XTRIM', KEYS[1], 'MINID', minid)
     )
 });
 
-/// Removes this consumer from the group only if it holds no pending entries (deleting a consumer
-/// drops its pending entries, which would lose them). KEYS[1] = stream; ARGV = group, consumer.
+/// Removes this consumer from the group, and its lease record, only if it holds no pending entries
+/// (deleting a consumer drops its pending entries, which would lose them; its lease record tells
+/// others when they may take them over). KEYS[1] = stream, KEYS[2] = lease hash; ARGV = group,
+/// consumer.
 pub(crate) static FORGET_CONSUMER: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -130,11 +132,72 @@ for _, c in ipairs(consumers) do
     if c[i] == 'name' then name = c[i + 1] elseif c[i] == 'pending' then pending = c[i + 1] end
   end
   if name == ARGV[2] then
-    if pending == 0 then return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2]) end
+    if pending == 0 then
+      redis.call('HDEL', KEYS[2], ARGV[2])
+      return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+    end
     return 0
   end
 end
 return 0
+"#,
+    )
+});
+
+/// Acks entries this consumer still holds; an entry whose lease was taken over by another consumer
+/// (or acked already) is left alone and counted as lost. KEYS[1] = stream; ARGV = group, consumer,
+/// ids... Returns how many were lost.
+pub(crate) static ACK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local mine = {}
+local lost = 0
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if #p == 1 and p[1][2] == ARGV[2] then mine[#mine + 1] = ARGV[i] else lost = lost + 1 end
+end
+if #mine > 0 then redis.call('XACK', KEYS[1], ARGV[1], unpack(mine)) end
+return lost
+"#,
+    )
+});
+
+/// Takes over entries whose holder's lease ran out. Each consumer's lease is recorded in a hash
+/// (KEYS[2]: consumer → lease ms), since Redis keeps no lease per entry: an entry is claimed only
+/// when its idle time reaches the lease of the consumer holding it. Registers the caller's lease.
+/// KEYS[1] = stream; ARGV = group, consumer, lease ms, count.
+/// Returns `{ shortest lease ms, { {id, fields, delivery_count}, ... } }`.
+pub(crate) static RECLAIM: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local mine = tonumber(ARGV[3])
+local want = tonumber(ARGV[4])
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+local leases = redis.call('HGETALL', KEYS[2])
+local lease_of = {}
+local min = mine
+for i = 1, #leases, 2 do
+  local l = tonumber(leases[i + 1])
+  lease_of[leases[i]] = l
+  if l < min then min = l end
+end
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', min, '-', '+', want * 4)
+local ids = {}
+local counts = {}
+for _, e in ipairs(p) do
+  local lease = lease_of[e[2]] or mine
+  if e[3] >= lease and #ids < want then
+    ids[#ids + 1] = e[1]
+    counts[e[1]] = e[4] + 1
+  end
+end
+if #ids == 0 then return { min, {} } end
+local claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, unpack(ids))
+local out = {}
+for _, e in ipairs(claimed) do
+  if e and e[1] then out[#out + 1] = { e[1], e[2], counts[e[1]] or 2 } end
+end
+return { min, out }
 "#,
     )
 });

@@ -152,10 +152,14 @@ impl BrokerKind {
         }
     }
 
-    /// Whether this build can run the backend. Only `memory` so far: each other backend lands in
-    /// its own issue, which turns its arm to `true` (behind its Cargo feature).
+    /// Whether this build can run the backend: `memory` always, the others when the `stevedore`
+    /// crate is built with their Cargo feature (`redis`).
     pub fn is_available(self) -> bool {
-        matches!(self, BrokerKind::Memory)
+        match self {
+            BrokerKind::Memory => true,
+            BrokerKind::Redis => cfg!(feature = "redis"),
+            BrokerKind::Rabbitmq | BrokerKind::Sqs | BrokerKind::Kafka => false,
+        }
     }
 }
 

@@ -123,11 +123,11 @@ impl Config {
     fn check_broker(&self, notices: &mut Vec<String>) -> Result<(), ConfigError> {
         let b = &self.broker;
         if let Some(max) = b.max_payload {
-            if b.kind != BrokerKind::Memory {
+            if !matches!(b.kind, BrokerKind::Memory | BrokerKind::Redis) {
                 return Err(self.error_at(
                     "broker.max_payload",
                     format!(
-                        "only the memory broker takes max_payload; {} has its own limit",
+                        "only the memory and redis brokers take max_payload; {} has its own limit",
                         b.kind
                     ),
                 ));
@@ -153,6 +153,18 @@ impl Config {
             }
             (Some(url), Some(_)) if url.trim().is_empty() => {
                 return Err(self.error_at("broker.url", "must not be empty".into()))
+            }
+            (Some(url), Some(_))
+                if b.kind == BrokerKind::Redis
+                    && !(url.starts_with("redis://") || url.starts_with("rediss://")) =>
+            {
+                return Err(self.error_at(
+                    "broker.url",
+                    format!(
+                        "must start with redis:// or rediss:// (TLS), got {}",
+                        super::redact_url(url)
+                    ),
+                ))
             }
             (Some(_), None) => {
                 notices.push(format!("broker.url: ignored by the {} broker", b.kind))
