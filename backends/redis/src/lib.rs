@@ -315,7 +315,8 @@ impl RedisBroker {
         }
     }
 
-    fn to_delivery(&self, queue: &str, e: Entry, pel_count: u32) -> Delivery {
+    /// `lease_until` (Unix ms) goes into the receipt: an ack well before it cannot meet a takeover.
+    fn to_delivery(&self, queue: &str, e: Entry, pel_count: u32, lease_until: u64) -> Delivery {
         let mut body: Option<Bytes> = None;
         let mut headers: Vec<(String, String)> = Vec::with_capacity(e.fields.len());
         let mut redeliveries = 0u32;
@@ -352,7 +353,7 @@ impl RedisBroker {
         let envelope = wire::from_wire(headers, body, &e.id);
         Delivery {
             envelope,
-            receipt: Receipt::new(queue, e.id, 0),
+            receipt: Receipt::new(queue, e.id, lease_until),
             delivery_count: pel_count.max(1).saturating_add(redeliveries),
         }
     }
@@ -404,7 +405,7 @@ impl RedisBroker {
         }
         Ok(claimed
             .into_iter()
-            .map(|(e, n)| self.to_delivery(queue, e, n))
+            .map(|(e, n)| self.to_delivery(queue, e, n, lease_until(lease)))
             .collect())
     }
 
@@ -414,6 +415,7 @@ impl RedisBroker {
         stream: &str,
         max: usize,
         wait: Duration,
+        lease: Duration,
     ) -> Result<Vec<Delivery>, BrokerError> {
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
@@ -450,7 +452,7 @@ impl RedisBroker {
         };
         Ok(parse::read_reply(&reply)
             .into_iter()
-            .map(|e| self.to_delivery(queue, e, 1))
+            .map(|e| self.to_delivery(queue, e, 1, lease_until(lease)))
             .collect())
     }
 
@@ -482,6 +484,13 @@ pub fn capabilities(max_payload: usize) -> Capabilities {
         delay_tolerance: Duration::from_millis(300),
         depth_staleness: Duration::ZERO,
     }
+}
+
+/// When a lease taken now ends, in Unix ms, less a safety margin (a quarter second plus a tenth of
+/// the lease) for the time the server's idle clock ran before our receive returned.
+fn lease_until(lease: Duration) -> u64 {
+    let margin = Duration::from_millis(250) + lease / 10;
+    to_millis(SystemTime::now() + lease.saturating_sub(margin))
 }
 
 /// How often a consumer looks for entries whose lease ran out: a quarter of the lease, between
@@ -569,7 +578,10 @@ impl Broker for RedisBroker {
                 Duration::ZERO
             };
             if out.len() < max {
-                out.extend(self.read_new(queue, &stream, max - out.len(), wait).await?);
+                out.extend(
+                    self.read_new(queue, &stream, max - out.len(), wait, opts.lease)
+                        .await?,
+                );
             }
             if !out.is_empty() || Instant::now() >= deadline {
                 return Ok(out);
@@ -581,12 +593,29 @@ impl Broker for RedisBroker {
         if receipts.is_empty() {
             return Ok(());
         }
-        let mut by_stream: HashMap<&str, Vec<&str>> = HashMap::new();
+        // Within its lease (receipt seq = lease end), no other consumer can have taken an entry
+        // over, so a plain pipelined XACK is safe; later acks check ownership in a script.
+        let now = to_millis(SystemTime::now());
+        let mut fresh: HashMap<&str, Vec<&str>> = HashMap::new();
+        let mut late: HashMap<&str, Vec<&str>> = HashMap::new();
         for r in receipts {
-            by_stream.entry(r.queue()).or_default().push(r.handle());
+            let m = if r.seq() > now { &mut fresh } else { &mut late };
+            m.entry(r.queue()).or_default().push(r.handle());
+        }
+        if !fresh.is_empty() {
+            let mut pipe = redis::pipe();
+            for (queue, ids) in &fresh {
+                pipe.cmd("XACK")
+                    .arg(self.stream_key(queue))
+                    .arg(GROUP)
+                    .arg(ids)
+                    .ignore();
+            }
+            let mut c = self.conn()?;
+            pipe.query_async::<()>(&mut c).await.map_err(err)?;
         }
         let mut lost_in = None;
-        for (queue, ids) in &by_stream {
+        for (queue, ids) in &late {
             let mut c = self.conn()?;
             let lost: i64 = scripts::ACK
                 .key(self.stream_key(queue))
@@ -605,7 +634,7 @@ impl Broker for RedisBroker {
             .acks
             .fetch_add(receipts.len() as u64, Ordering::Relaxed);
         if before / TRIM_EVERY != (before + receipts.len() as u64) / TRIM_EVERY {
-            for queue in by_stream.keys() {
+            for queue in fresh.keys().chain(late.keys()) {
                 let this = self.clone();
                 let stream = self.stream_key(queue);
                 tokio::spawn(async move { this.trim(stream).await });
