@@ -1,10 +1,11 @@
 //! The suite checks itself: a broker with one injected fault must fail the scenario that covers it
-//! (so no scenario passes vacuously), and a correct delay store must pass scenarios 11 and 14.
+//! (so no scenario passes vacuously), a correct delay store must pass scenarios 11 and 14, and a
+//! broker whose native delay is capped at 1 s must pass scenario 11 through the runtime's hops.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use stevedore_conformance::{async_trait, run, Backend, Outcome};
 use stevedore_core::{
     new_id, Broker, BrokerError, Capabilities, DelayStore, DelaySupport, Delivery, Depth, Envelope,
@@ -38,6 +39,25 @@ enum Fault {
     LosesReleased,
     /// Correct and restartable: while "restarting" (500 ms) every call fails with a connection error.
     Restartable,
+    /// Correct, with native delay capped at [`DELAY_CAP`]: a message due later is held for the cap
+    /// only and arrives early with its true `not_before`, for the runtime to re-publish ("hop").
+    CappedDelay,
+    /// Priority levels are not kept apart: `q__high` and `q__low` are the same queue as `q`.
+    MergesLevels,
+}
+
+/// The longest delay a [`Fault::CappedDelay`] broker holds in one go.
+const DELAY_CAP: Duration = Duration::from_secs(1);
+/// Where a [`Fault::CappedDelay`] broker keeps a capped message's true `not_before` (nanoseconds
+/// since the epoch) while holding it.
+const TRUE_NOT_BEFORE: &str = "x-capped-not-before";
+
+/// The queue a [`Fault::MergesLevels`] broker really uses for `queue`.
+fn merged(queue: &str) -> &str {
+    queue
+        .strip_suffix("__high")
+        .or_else(|| queue.strip_suffix("__low"))
+        .unwrap_or(queue)
 }
 
 #[derive(Debug)]
@@ -47,6 +67,8 @@ struct Faulty {
     caps: Capabilities,
     store: Option<Arc<Store>>,
     down: Arc<AtomicBool>,
+    /// Publishes a [`Fault::CappedDelay`] broker shortened to the cap.
+    capped: Arc<AtomicUsize>,
 }
 
 impl Faulty {
@@ -70,9 +92,25 @@ impl Broker for Faulty {
     }
     async fn publish(&self, queue: &str, mut messages: Vec<Envelope>) -> Result<(), BrokerError> {
         self.up()?;
+        let now = SystemTime::now();
         for m in &mut messages {
             match self.fault {
                 Fault::IgnoresDelay => m.not_before = None,
+                Fault::CappedDelay => {
+                    let due = m.not_before.filter(|t| {
+                        t.duration_since(now)
+                            .is_ok_and(|remaining| remaining > DELAY_CAP)
+                    });
+                    if let Some(due) = due {
+                        let nanos = due
+                            .duration_since(UNIX_EPOCH)
+                            .unwrap_or_default()
+                            .as_nanos();
+                        m.headers.insert(TRUE_NOT_BEFORE.into(), nanos.to_string());
+                        m.not_before = Some(now + DELAY_CAP);
+                        self.capped.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
                 Fault::NoKeyOrdering => {
                     if let Some(k) = m.key.take() {
                         m.headers.insert("x-hidden-key".into(), k);
@@ -81,6 +119,11 @@ impl Broker for Faulty {
                 _ => {}
             }
         }
+        let queue = if self.fault == Fault::MergesLevels {
+            merged(queue)
+        } else {
+            queue
+        };
         self.inner.publish(queue, messages).await
     }
     async fn receive(&self, queue: &str, o: ReceiveOptions) -> Result<Vec<Delivery>, BrokerError> {
@@ -89,10 +132,21 @@ impl Broker for Faulty {
         if self.fault == Fault::ShortLease {
             o.lease /= 2;
         }
+        let queue = if self.fault == Fault::MergesLevels {
+            merged(queue)
+        } else {
+            queue
+        };
         let mut got = self.inner.receive(queue, o).await?;
         for d in &mut got {
             match self.fault {
                 Fault::DropsUserHeaders => d.envelope.headers.clear(),
+                Fault::CappedDelay => {
+                    let held = d.envelope.headers.remove(TRUE_NOT_BEFORE);
+                    if let Some(nanos) = held.and_then(|v| v.parse::<u64>().ok()) {
+                        d.envelope.not_before = Some(UNIX_EPOCH + Duration::from_nanos(nanos));
+                    }
+                }
                 Fault::NoKeyOrdering => d.envelope.key = d.envelope.headers.remove("x-hidden-key"),
                 _ => {}
             }
@@ -199,6 +253,7 @@ struct FaultyBackend {
     fault: Fault,
     store: Option<Arc<Store>>,
     down: Arc<AtomicBool>,
+    capped: Arc<AtomicUsize>,
 }
 
 impl FaultyBackend {
@@ -216,6 +271,7 @@ impl FaultyBackend {
             fault,
             store,
             down: Arc::new(AtomicBool::new(false)),
+            capped: Arc::new(AtomicUsize::new(0)),
         }
     }
 }
@@ -236,12 +292,18 @@ impl Backend for FaultyBackend {
         if self.fault == Fault::Restartable {
             caps.durable = true; // the messages never leave the process, so they do survive
         }
+        if self.fault == Fault::CappedDelay {
+            caps.delay = DelaySupport::Native {
+                max: Some(DELAY_CAP),
+            };
+        }
         Ok(Arc::new(Faulty {
             inner: self.broker.clone(),
             fault: self.fault,
             caps,
             store: self.store.clone(),
             down: self.down.clone(),
+            capped: self.capped.clone(),
         }))
     }
     async fn publish_foreign(&self, queue: &str, body: &[u8]) -> Result<(), String> {
@@ -293,6 +355,38 @@ async fn each_fault_fails_its_scenario() {
     expect_fail(Fault::ShortLease, 5, "before the").await;
     expect_fail(Fault::DoublePromote, 11, "twice").await;
     expect_fail(Fault::LosesReleased, 4, "received 0 of 3").await;
+}
+
+/// The runtime scenarios fail too when the broker under them breaks its contract.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_fault_fails_its_runtime_scenario() {
+    expect_fail(Fault::IgnoresDelay, 8, "earlier than the backoff floor").await;
+    expect_fail(Fault::DropsUserHeaders, 9, "dead letter of").await;
+    expect_fail(Fault::LosesReleased, 10, "replay").await;
+    expect_fail(Fault::MergesLevels, 12, "before the last high").await;
+    expect_fail(Fault::LosesReleased, 13, "released jobs").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capped_delay_hops_through_the_runtime() {
+    let backend = Arc::new(FaultyBackend::new(Fault::CappedDelay));
+    let capped = backend.capped.clone();
+    let report = run(backend, Some(&[11])).await;
+    println!("CappedDelay:\n{}", report.table());
+    match report.rows.as_slice() {
+        [(11, _, Outcome::Pass { detail }, _)] => assert!(
+            detail.contains("a job delayed 2.50s, beyond the native cap of 1.00s, so in 2 hops"),
+            "{detail}"
+        ),
+        rows => panic!("scenario 11 against a 1 s delay cap: {rows:?}"),
+    }
+    // The 2.5 s job was cut to the cap when enqueued and again by the first hop (1.5 s left); the
+    // second hop (0.5 s left) fits under the cap.
+    let capped = capped.load(Ordering::Relaxed);
+    assert_eq!(
+        capped, 2,
+        "publishes held for the cap only (the runtime's hops re-publish early arrivals)"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -45,7 +45,9 @@ const TRIM_EVERY: u64 = 2048;
 /// Connection settings.
 #[derive(Clone, Debug)]
 pub struct RedisConfig {
-    /// `redis://[:password@]host:port/db` or `rediss://` for TLS (needs a TLS-enabled build).
+    /// `redis://[user:password@]host:port/db`, or `rediss://` for TLS (server certificates are
+    /// checked against the system roots and the Mozilla roots; append `#insecure` to skip the check,
+    /// for self-signed test servers only).
     pub url: String,
     /// Prepended to every key (streams and delay keys), to share one Redis. Default: empty, so a
     /// stream's key is the queue name.
@@ -132,6 +134,10 @@ impl RedisBroker {
     /// Connects (checking the server answers) and warns if the server keeps nothing on disk.
     pub async fn connect(config: RedisConfig) -> Result<Self, BrokerError> {
         let url_redacted = redact(&config.url);
+        if config.url.starts_with("rediss://") {
+            // Ignored when a provider is already installed (by us or by the application).
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
         let client = Client::open(config.url.as_str()).map_err(|e| {
             BrokerError::permanent(format!("invalid redis url {url_redacted}: {e}"))
         })?;
@@ -454,6 +460,20 @@ impl RedisBroker {
             .into_iter()
             .map(|e| self.to_delivery(queue, e, 1, lease_until(lease)))
             .collect())
+    }
+
+    /// Trims acknowledged entries of physical queue `queue` now (it also happens on its own every
+    /// few thousand acks). Never removes an entry that is undelivered or pending. Returns how many
+    /// entries went.
+    pub async fn trim_now(&self, queue: &str) -> Result<u64, BrokerError> {
+        let mut c = self.conn()?;
+        let n: i64 = scripts::TRIM
+            .key(self.stream_key(queue))
+            .arg(GROUP)
+            .invoke_async(&mut c)
+            .await
+            .map_err(err)?;
+        Ok(n.max(0) as u64)
     }
 
     async fn trim(&self, stream: String) {

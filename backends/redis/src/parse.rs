@@ -41,6 +41,7 @@ fn entry(v: &Value) -> Option<Entry> {
     let parts = items(v);
     let id = string(parts.first()?)?;
     let flat = match parts.get(1)? {
+        Value::Nil => return None,
         Value::Map(m) => m.iter().flat_map(|(k, v)| [k.clone(), v.clone()]).collect(),
         other => items(other).to_vec(),
     };

@@ -1,0 +1,198 @@
+//! Redis-specific behaviour beyond the conformance suite: TLS (`rediss://`) against a private TLS
+//! redis-server, and stream trimming that never drops an unacked entry (machine Redis, 6379).
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+use stevedore_core::{Broker, BrokerError, Envelope, ReceiveOptions};
+use stevedore_redis::{RedisBroker, RedisConfig};
+
+fn machine_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
+}
+
+fn opts(max: usize, lease: Duration) -> ReceiveOptions {
+    ReceiveOptions {
+        max,
+        wait: Duration::from_millis(200),
+        lease,
+    }
+}
+
+fn xlen(url: &str, key: &str) -> i64 {
+    let mut c = redis::Client::open(url)
+        .and_then(|c| c.get_connection())
+        .expect("redis");
+    redis::cmd("XLEN").arg(key).query(&mut c).expect("XLEN")
+}
+
+#[tokio::test]
+async fn trimming_keeps_every_unacked_entry() -> Result<(), BrokerError> {
+    let url = machine_url();
+    let q = format!("trim-{}", std::process::id());
+    let b = RedisBroker::connect(RedisConfig::new(url.clone())).await?;
+    b.prepare(&[q.clone()]).await?;
+    let msgs: Vec<Envelope> = (0..300)
+        .map(|i| Envelope::new("j", format!("{i}")))
+        .collect();
+    b.publish(&q, msgs).await?;
+    let mut got = Vec::new();
+    while got.len() < 300 {
+        got.extend(b.receive(&q, opts(300, Duration::from_secs(60))).await?);
+    }
+    // Ack all but entries 100..110; leave 50 more never delivered.
+    b.publish(
+        &q,
+        (0..50)
+            .map(|i| Envelope::new("j", format!("late {i}")))
+            .collect(),
+    )
+    .await?;
+    let (held, done): (Vec<_>, Vec<_>) = got
+        .into_iter()
+        .enumerate()
+        .partition(|(i, _)| (100..110).contains(i));
+    let done: Vec<_> = done.into_iter().map(|(_, d)| d.receipt).collect();
+    b.ack(&done).await?;
+    let trimmed = b.trim_now(&q).await?;
+    assert_eq!(
+        trimmed, 100,
+        "only the acked entries before the oldest pending one go"
+    );
+    assert_eq!(
+        xlen(&url, &q),
+        250,
+        "pending 100..110, acked 110..300 behind them, 50 undelivered"
+    );
+    let depth = b.depth(&q).await?;
+    assert_eq!((depth.ready, depth.in_flight), (50, 10));
+    // The held ones are still there to ack; after that, everything acked can go.
+    let held: Vec<_> = held.into_iter().map(|(_, d)| d.receipt).collect();
+    b.ack(&held).await?;
+    let rest = b.receive(&q, opts(100, Duration::from_secs(60))).await?;
+    assert_eq!(rest.len(), 50, "undelivered entries survived trimming");
+    b.ack(&rest.into_iter().map(|d| d.receipt).collect::<Vec<_>>())
+        .await?;
+    b.trim_now(&q).await?;
+    assert!(
+        xlen(&url, &q) <= 1,
+        "all acked entries trimmed (the last delivered may stay)"
+    );
+    let mut c = redis::Client::open(url.as_str())
+        .and_then(|c| c.get_connection())
+        .expect("redis");
+    let _: () = redis::cmd("DEL")
+        .arg(&q)
+        .arg(format!("stevedore:leases:{q}"))
+        .query(&mut c)
+        .expect("DEL");
+    Ok(())
+}
+
+struct TlsServer {
+    port: u16,
+    _dir: tempfile::TempDir,
+    child: std::process::Child,
+}
+
+impl Drop for TlsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tls_server() -> TlsServer {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (key, cert) = (dir.path().join("key.pem"), dir.path().join("cert.pem"));
+    let ok = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+        ])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "openssl is needed to make a test certificate (.ci/run installs it)"
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port");
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--bind",
+            "127.0.0.1",
+            "--tls-port",
+            &port.to_string(),
+            "--save",
+            "",
+        ])
+        .args([
+            "--appendonly",
+            "no",
+            "--tls-auth-clients",
+            "no",
+            "--tls-cert-file",
+        ])
+        .arg(&cert)
+        .arg("--tls-key-file")
+        .arg(&key)
+        .arg("--tls-ca-cert-file")
+        .arg(&cert)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server with TLS");
+    let t = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "TLS redis-server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    TlsServer {
+        port,
+        _dir: dir,
+        child,
+    }
+}
+
+#[tokio::test]
+async fn rediss_url_speaks_tls() -> Result<(), BrokerError> {
+    let server = tls_server();
+    // A self-signed certificate is refused unless the URL says #insecure.
+    let strict = RedisBroker::connect(RedisConfig::new(format!(
+        "rediss://127.0.0.1:{}/0",
+        server.port
+    )))
+    .await;
+    assert!(strict.is_err(), "an untrusted certificate must be refused");
+    let url = format!("rediss://127.0.0.1:{}/0#insecure", server.port);
+    let b = RedisBroker::connect(RedisConfig::new(url)).await?;
+    b.prepare(&["tls".to_string()]).await?;
+    b.publish("tls", vec![Envelope::new("j", "over tls")])
+        .await?;
+    let got = b.receive("tls", opts(1, Duration::from_secs(5))).await?;
+    assert_eq!(got.len(), 1);
+    assert_eq!(&got[0].envelope.payload[..], b"over tls");
+    b.ack(&[got[0].receipt.clone()]).await?;
+    Ok(())
+}
