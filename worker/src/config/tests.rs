@@ -611,20 +611,34 @@ fn lease_rules() {
 
 #[test]
 fn broker_rules() {
-    let c = parse("[broker]\nkind = \"redis\"\nurl = \"redis://localhost\"").unwrap();
+    let c = parse("[broker]\nkind = \"rabbitmq\"\nurl = \"amqp://localhost\"").unwrap();
     let err = c.validate(&memory_caps()).unwrap_err();
     assert_err(
         &err,
         "broker.kind",
-        "\"redis\" is not yet available in this build: only \"memory\" is",
+        "\"rabbitmq\" is not yet available in this build",
     );
     assert!(c.check(&memory_caps()).is_ok());
+    let c = parse("[broker]\nkind = \"redis\"\nurl = \"redis://localhost\"").unwrap();
+    assert_eq!(
+        c.validate(&memory_caps()).is_ok(),
+        BrokerKind::Redis.is_available()
+    );
 
-    let c = parse("[broker]\nkind = \"redis\"\nurl = \"redis://x\"\nmax_payload = 10").unwrap();
+    let c = parse("[broker]\nkind = \"kafka\"\nurl = \"k:9092\"\nmax_payload = 10").unwrap();
     assert_err(
         &c.check(&memory_caps()).unwrap_err(),
         "broker.max_payload",
-        "only the memory broker",
+        "only the memory and redis brokers",
+    );
+    let c = parse("[broker]\nkind = \"redis\"\nurl = \"redis://x\"\nmax_payload = 10").unwrap();
+    assert!(c.check(&memory_caps()).is_ok(), "redis takes max_payload");
+    let c = parse("[broker]\nkind = \"redis\"\nurl = \"http://:pw@x\"").unwrap();
+    let err = c.check(&memory_caps()).unwrap_err();
+    assert_err(&err, "broker.url", "must start with redis:// or rediss://");
+    assert!(
+        !err.to_string().contains("pw"),
+        "the password is redacted: {err}"
     );
     assert_err(
         &invalid("[broker]\nmax_payload = 0", &memory_caps()),
@@ -802,9 +816,11 @@ fn shipped_files_parse() {
         };
         // Valid apart from the backend not being in this build yet.
         c.check(&caps).unwrap_or_else(|e| panic!("{name}: {e}"));
-        if c.broker.kind != BrokerKind::Memory {
+        if !c.broker.kind.is_available() {
             let err = c.validate(&caps).unwrap_err();
             assert!(err.message.contains("not yet available"), "{name}: {err}");
+        }
+        if !matches!(c.broker.kind, BrokerKind::Memory | BrokerKind::Redis) {
             assert!(text.contains("NOT YET AVAILABLE IN THIS BUILD"), "{name}");
         }
     }
