@@ -61,8 +61,21 @@ async fn main() -> ExitCode {
     App::new(router)
         .on_start(move |client, _, _| async move {
             for n in 0..jobs {
-                if let Err(e) = client.enqueue("work", &Work { n, sleep_ms }).send().await {
-                    eprintln!("enqueue failed: {e}");
+                // Like any producer: retry what may succeed later (the broker restarting).
+                let mut pause = Duration::from_millis(50);
+                loop {
+                    match client.enqueue("work", &Work { n, sleep_ms }).send().await {
+                        Ok(_) => break,
+                        Err(stevedore::EnqueueError::Broker(e)) if e.is_transient() => {
+                            eprintln!("enqueue failed, retrying: {e}");
+                            tokio::time::sleep(pause).await;
+                            pause = (pause * 2).min(Duration::from_secs(2));
+                        }
+                        Err(e) => {
+                            eprintln!("enqueue failed: {e}");
+                            break;
+                        }
+                    }
                 }
             }
             out.line("enqueued");

@@ -50,6 +50,7 @@ mod names;
 mod report;
 mod runner;
 mod scenarios;
+pub mod servers;
 mod support;
 
 pub use async_trait::async_trait;

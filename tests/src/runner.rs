@@ -13,9 +13,11 @@ use tokio::time::Instant;
 /// Runs the selected scenarios (`None` = all) against `backend` and reports each outcome. Prints
 /// nothing itself (progress goes to `tracing` at debug level).
 ///
-/// Scenarios run concurrently within three phases: the timing-sensitive ones (4, 5, 6, 7, 11)
-/// first, with nothing heavy beside them; then the bulk ones; then scenario 16 alone, since it
-/// restarts the broker under everyone's feet. Each scenario's hard limit is its base limit plus
+/// Scenarios run concurrently within three phases: the timing-sensitive ones (4, 5, 6, 7, 11, and
+/// the runtime's 8, 12 and 13, whose checks include backoff gaps, start latencies and shutdown
+/// deadlines) first, with nothing heavy beside them; then the bulk ones (9 and 10 among them: their
+/// checks are counts and contents); then scenario 16 alone, since it restarts the broker under
+/// everyone's feet. Each scenario's hard limit is its base limit plus
 /// four times the backend's declared `depth_staleness + delay_tolerance`.
 pub async fn run(backend: Arc<dyn Backend>, select: Option<&[u8]>) -> Report {
     let chosen: Vec<Scenario> = scenarios::all()

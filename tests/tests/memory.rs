@@ -42,6 +42,5 @@ async fn memory_conformance() {
     let table = report.table();
     println!("{table}");
     eprintln!("{table}");
-    // LEAD: replace with `report.assert_ok()` once scenarios 8, 9, 10, 12 and 13 are wired.
-    report.assert_ok_except(&[8, 9, 10, 12, 13]);
+    report.assert_ok();
 }

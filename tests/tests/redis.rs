@@ -4,93 +4,16 @@
 //!   loopback port with `appendonly yes`, so a restart keeps the data, and restarts it. The shared
 //!   server is never restarted (it keeps nothing on disk, and other work may be using it).
 
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
+use stevedore_conformance::servers::RedisServer;
 use stevedore_conformance::{async_trait, run, Backend};
 use stevedore_core::{Broker, BrokerError};
 use stevedore_redis::{RedisBroker, RedisConfig};
 
 struct RedisBackend {
     url: String,
-    server: Option<Private>,
-}
-
-struct Private {
-    port: u16,
-    dir: tempfile::TempDir,
-    child: Mutex<Option<Child>>,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-impl Private {
-    fn start() -> Result<Private, String> {
-        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let p = Private {
-            port: free_port(),
-            dir,
-            child: Mutex::new(None),
-        };
-        p.spawn()?;
-        Ok(p)
-    }
-
-    fn spawn(&self) -> Result<(), String> {
-        let child = Command::new("redis-server")
-            .args([
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                &self.port.to_string(),
-                "--save",
-                "",
-            ])
-            .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
-            .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| {
-                format!("cannot start redis-server (is it installed? .ci/run installs it): {e}")
-            })?;
-        *self.child.lock().unwrap_or_else(|p| p.into_inner()) = Some(child);
-        let t = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            if t.elapsed() > Duration::from_secs(10) {
-                return Err("private redis-server did not start in 10s".into());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(())
-    }
-
-    fn stop(&self) {
-        let _ = Command::new("redis-cli")
-            .args(["-p", &self.port.to_string(), "shutdown"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-        if let Some(mut c) = self.child.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            let t = Instant::now();
-            while c.try_wait().ok().flatten().is_none() && t.elapsed() < Duration::from_secs(5) {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Private {
-    fn drop(&mut self) {
-        self.stop();
-    }
+    server: Option<RedisServer>,
 }
 
 #[async_trait]
@@ -127,9 +50,7 @@ impl Backend for RedisBackend {
         let Some(p) = &self.server else {
             return Err("the machine's shared Redis (no persistence) is never restarted by tests; scenario 16 runs in redis_restart against a private persistent redis-server".into());
         };
-        p.stop();
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        p.spawn()
+        tokio::task::block_in_place(|| p.restart(Duration::from_millis(500)))
     }
 }
 
@@ -151,11 +72,8 @@ async fn redis_conformance() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restart() {
-    let server = match Private::start() {
-        Ok(s) => s,
-        Err(e) => panic!("{e}"),
-    };
-    let url = format!("redis://127.0.0.1:{}/0", server.port);
+    let server = RedisServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let url = server.url();
     let backend = Arc::new(RedisBackend {
         url,
         server: Some(server),

@@ -30,7 +30,7 @@ async fn trimming_keeps_every_unacked_entry() -> Result<(), BrokerError> {
     let url = machine_url();
     let q = format!("trim-{}", std::process::id());
     let b = RedisBroker::connect(RedisConfig::new(url.clone())).await?;
-    b.prepare(&[q.clone()]).await?;
+    b.prepare(std::slice::from_ref(&q)).await?;
     let msgs: Vec<Envelope> = (0..300)
         .map(|i| Envelope::new("j", format!("{i}")))
         .collect();
@@ -194,5 +194,39 @@ async fn rediss_url_speaks_tls() -> Result<(), BrokerError> {
     assert_eq!(got.len(), 1);
     assert_eq!(&got[0].envelope.payload[..], b"over tls");
     b.ack(&[got[0].receipt.clone()]).await?;
+    Ok(())
+}
+
+/// After a Redis restart without persistence the streams and groups are gone: the next publish
+/// re-creates the stream without a group, and receive must re-create the group ("NOGROUP") and
+/// deliver, not stay in an error state.
+#[tokio::test]
+async fn missing_group_is_recreated() -> Result<(), BrokerError> {
+    let url = machine_url();
+    let q = format!("nogroup-{}", std::process::id());
+    let b = RedisBroker::connect(RedisConfig::new(url.clone())).await?;
+    b.prepare(std::slice::from_ref(&q)).await?;
+    let mut c = redis::Client::open(url.as_str())
+        .and_then(|c| c.get_connection())
+        .expect("redis");
+    let _: () = redis::cmd("DEL").arg(&q).query(&mut c).expect("DEL");
+    b.publish(&q, vec![Envelope::new("j", "after the wipe")])
+        .await?;
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got = b.receive(&q, opts(1, Duration::from_secs(5))).await?;
+        if !got.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(got.len(), 1, "delivered once the group was re-created");
+    assert_eq!(&got[0].envelope.payload[..], b"after the wipe");
+    b.ack(&[got[0].receipt.clone()]).await?;
+    assert_eq!(b.depth(&q).await?.in_flight, 0);
+    let _: () = redis::cmd("DEL")
+        .arg(&q)
+        .arg(format!("stevedore:leases:{q}"))
+        .query(&mut c)
+        .expect("DEL");
     Ok(())
 }

@@ -1,11 +1,15 @@
-//! Scenario 11, delay, broker half: native delay, and the backend's durable delay store.
+//! Scenario 11, delay. Broker half: native delay, and the backend's durable delay store. Runtime
+//! half: a delayed job survives a worker restart, and delays beyond a (testably short) native cap
+//! arrive through the runtime's hops.
 //!
 //! Bounds, with D the delay and T the backend's declared `delay_tolerance`: a message is never
 //! received before D − 50 ms after its envelope was built (not_before travels in milliseconds), and
-//! is received within D + T + 500 ms after the publish (or schedule) call returned.
-// LEAD: add the runtime half here (delays beyond the native cap hop; delayed messages survive a
-// worker restart).
+//! is received within D + T + 500 ms after the publish (or schedule) call returned. The runtime
+//! half adds the worker's idle poll and promote interval to T, once per hop.
 
+use super::runtime::{
+    batch_for, delay_slack, producer, queue_toml, wait_drained, wait_for, worker_toml, Log, Running,
+};
 use crate::backend::Backend;
 use crate::names::unique;
 use crate::support::{
@@ -15,7 +19,10 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use stevedore_core::{to_millis, Broker, DelayStore, DelaySupport, Envelope};
+use stevedore::{JobContext, Payload, Router, State};
+use stevedore_core::{
+    to_millis, Broker, Capabilities, DelayStore, DelaySupport, Envelope, Priority,
+};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -25,12 +32,19 @@ const EARLY_MARGIN: Duration = Duration::from_millis(50);
 const LATE_GRACE: Duration = Duration::from_millis(500);
 const PROMOTERS: usize = 4;
 const STORED: usize = 5;
+/// Runtime half: the delay, when hops cannot be tested.
+const RT_DELAY: Duration = Duration::from_millis(1500);
+/// Runtime half: a native cap at most this long is tested with a delay of 2.5 caps, so the runtime
+/// must hop twice; a longer cap (SQS: 900 s) cannot be waited out in a test.
+const HOP_TESTABLE: Duration = Duration::from_secs(2);
+const RT_JOB: &str = "conformance.delayed";
 
 /// Native delay (if declared): one batch of three messages, due now, in 0.5 s and in 1.5 s, each
 /// received within its bounds, with `not_before` intact. Delay store (if the backend has one): five
 /// messages scheduled 1.5 s ahead are counted by `delayed`, are not received before they are due
 /// while four promoters call `promote_due` concurrently every 50 ms, then arrive exactly once each
-/// within the bound (+ 50 ms promoter period), and leave the store.
+/// within the bound (+ 50 ms promoter period), and leave the store. The runtime half (see
+/// [`runtime_delay`]) runs alongside on queues of its own.
 pub(crate) async fn delay(backend: Arc<dyn Backend>) -> Checked {
     let queue = unique("delay");
     let stored_queue = unique("delaystore");
@@ -48,16 +62,139 @@ pub(crate) async fn delay(backend: Arc<dyn Backend>) -> Checked {
         );
     }
     let tolerance = caps.delay_tolerance;
-    let native_detail = match native {
-        Some(max) => native_delay(&h, &queue, max, tolerance).await?,
-        None => "no native delay".to_string(),
+    let broker_half = async {
+        let native_detail = match native {
+            Some(max) => native_delay(&h, &queue, max, tolerance).await?,
+            None => "no native delay".to_string(),
+        };
+        let store_detail = match store {
+            Some(store) => store_delay(&h, store, &stored_queue, tolerance).await?,
+            None => "no delay store".to_string(),
+        };
+        Ok::<_, String>(format!("{native_detail}; {store_detail}"))
     };
-    let store_detail = match store {
-        Some(store) => store_delay(&h, store, &stored_queue, tolerance).await?,
-        None => "no delay store".to_string(),
-    };
+    let (broker, runtime) = tokio::join!(broker_half, runtime_delay(&backend, &caps));
     close(&[&h]).await;
-    pass(format!("{native_detail}; {store_detail}"))
+    let broker = broker?;
+    let runtime = runtime.map_err(|e| format!("runtime: {e}"))?;
+    pass(format!("{broker}; runtime: {runtime}"))
+}
+
+async fn delayed_job(State(log): State<Log>, ctx: JobContext, Payload(body): Payload) {
+    let i = log.start(&ctx, body);
+    log.end(i);
+}
+
+/// Runtime half: worker A enqueues, through its own `client()`, a job delayed by D (1.5 s, or 2.5 ×
+/// the native cap when the backend declares a cap of at most 2 s, so the runtime must re-publish
+/// it twice) and is shut down before D. Worker B, on a fresh handle, runs it exactly once: never
+/// before D − 50 ms, within D + (hops + 1) × (declared tolerance + idle poll + promote interval
+/// where a delay store is used) + 500 ms, at attempt 1 (neither the restart nor a hop is an
+/// attempt), and the queue then holds no copy (ready, in flight or delayed).
+async fn runtime_delay(backend: &Arc<dyn Backend>, caps: &Capabilities) -> Result<String, String> {
+    let queue = unique("delay-rt");
+    let p = producer(backend, &queue, &[Priority::Normal]).await?;
+    let (d, hops, how) = match caps.delay {
+        DelaySupport::Native { max: Some(cap) } if cap <= HOP_TESTABLE => (
+            cap.mul_f64(2.5),
+            2u32,
+            format!(", beyond the native cap of {}, so in 2 hops", s2(cap)),
+        ),
+        DelaySupport::Native { max: Some(cap) } => (
+            RT_DELAY,
+            0,
+            format!(" (native cap {} too long to test hops)", s2(cap)),
+        ),
+        DelaySupport::Native { max: None } => (RT_DELAY, 0, " (native)".to_string()),
+        DelaySupport::None => (RT_DELAY, 0, " (delay store + promoter)".to_string()),
+    };
+    let log = Log::default();
+    let router = || Router::with_state(log.clone()).route(RT_JOB, delayed_job);
+    let batch = batch_for(caps, 2);
+    let config = |id: &str| worker_toml(id, 2, secs(1), &[queue_toml(&queue, 2, batch, &[])]);
+    let mut a = Running::start(backend, router(), &config(&unique("w-delay-a"))).await?;
+    let t0 = Instant::now();
+    let id = a
+        .client
+        .enqueue(
+            RT_JOB,
+            &serde_json::json!({"delay_ms": d.as_millis() as u64}),
+        )
+        .queue(&queue)
+        .delay(d)
+        .send()
+        .await
+        .map_err(|e| format!("enqueue through worker A's client: {e}"))?;
+    a.stop(secs(5)).await?;
+    let down = t0.elapsed();
+    ensure!(
+        down < d,
+        "worker A took {} to shut down, past the {} delay, so the restart was not tested",
+        s2(down),
+        s2(d)
+    );
+    ensure!(
+        log.count(|_| true) == 0,
+        "worker A ran the job delayed {} before it shut down, {} after the enqueue",
+        s2(d),
+        s2(down)
+    );
+    let mut b = Running::start(backend, router(), &config(&unique("w-delay-b"))).await?;
+    let late = d + delay_slack(&p) * (hops + 1) + LATE_GRACE;
+    wait_for(
+        (late + secs(1)).saturating_sub(t0.elapsed()),
+        || log.count(|_| true) >= 1,
+        || format!("worker B never ran the job delayed {}{how}", s2(d)),
+    )
+    .await?;
+    b.stop(secs(5)).await?;
+    wait_drained(&p, &queue, millis(500)).await?;
+    close(&[&p]).await;
+    let runs = log.runs();
+    ensure!(
+        runs.len() == 1,
+        "the delayed job ran {} times (expected once)",
+        runs.len()
+    );
+    let r = &runs[0];
+    ensure!(
+        r.id == id,
+        "a job {} ran, not the one enqueued ({id})",
+        r.id
+    );
+    ensure!(
+        r.worker == b.id,
+        "the job ran on {} rather than on worker B ({})",
+        r.worker,
+        b.id
+    );
+    let at = r.started - t0;
+    ensure!(
+        at + EARLY_MARGIN >= d,
+        "the job delayed {}{how} ran after only {}",
+        s2(d),
+        s2(at)
+    );
+    ensure!(
+        at <= late,
+        "the job delayed {}{how} ran only after {} (limit {})",
+        s2(d),
+        s2(at),
+        s2(late)
+    );
+    ensure!(
+        r.attempt == 1,
+        "the delayed job ran as attempt {}: the restart or a hop counted as an attempt",
+        r.attempt
+    );
+    Ok(format!(
+        "a job delayed {}{how} enqueued by worker A (stopped after {}) ran once on worker B at {} \
+         (limit {}), attempt 1, nothing left behind",
+        s2(d),
+        s2(down),
+        s2(at),
+        s2(late)
+    ))
 }
 
 async fn native_delay(

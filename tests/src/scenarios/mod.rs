@@ -80,7 +80,7 @@ pub(crate) fn all() -> Vec<Scenario> {
         s(7, "crash recovery", Timing, 30, |b| {
             Box::pin(crash::crash_recovery(b))
         }),
-        s(8, "retry with backoff", Bulk, 60, |b| {
+        s(8, "retry with backoff", Timing, 60, |b| {
             Box::pin(runtime::retry_backoff(b))
         }),
         s(9, "dead letter", Bulk, 60, |b| {
@@ -90,8 +90,10 @@ pub(crate) fn all() -> Vec<Scenario> {
             Box::pin(runtime::dlq_replay(b))
         }),
         s(11, "delay", Timing, 30, |b| Box::pin(delay::delay(b))),
-        s(12, "priority", Bulk, 60, |b| Box::pin(runtime::priority(b))),
-        s(13, "graceful shutdown", Bulk, 60, |b| {
+        s(12, "priority", Timing, 60, |b| {
+            Box::pin(runtime::priority(b))
+        }),
+        s(13, "graceful shutdown", Timing, 60, |b| {
             Box::pin(runtime::graceful_shutdown(b))
         }),
         s(14, "depth", Bulk, 30, |b| Box::pin(depth::depth(b))),
