@@ -94,6 +94,19 @@ async fn take_all(
     Ok(out)
 }
 
+/// Leases up to `limit` dead letters of `queue`, split into the selected ones and the rest.
+async fn take_selected(
+    broker: &Arc<dyn Broker>,
+    queue: &str,
+    select: &Select,
+    limit: usize,
+) -> Result<(Vec<Delivery>, Vec<Delivery>), BrokerError> {
+    let got = take_all(broker, &names::dead_letter(queue), limit).await?;
+    Ok(got
+        .into_iter()
+        .partition(|d| select.matches(&d.envelope.id)))
+}
+
 async fn give_back(broker: &Arc<dyn Broker>, rest: Vec<Delivery>) -> Result<(), BrokerError> {
     if rest.is_empty() {
         return Ok(());
@@ -128,10 +141,7 @@ pub async fn replay(
     select: &Select,
     limit: usize,
 ) -> Result<usize, BrokerError> {
-    let got = take_all(broker, &names::dead_letter(queue), limit).await?;
-    let (chosen, rest): (Vec<_>, Vec<_>) = got
-        .into_iter()
-        .partition(|d| select.matches(&d.envelope.id));
+    let (chosen, rest) = take_selected(broker, queue, select, limit).await?;
     let client = Client::new(broker.clone());
     let mut done = 0;
     let mut result = Ok(());
@@ -170,10 +180,7 @@ pub async fn purge(
     select: &Select,
     limit: usize,
 ) -> Result<usize, BrokerError> {
-    let got = take_all(broker, &names::dead_letter(queue), limit).await?;
-    let (chosen, rest): (Vec<_>, Vec<_>) = got
-        .into_iter()
-        .partition(|d| select.matches(&d.envelope.id));
+    let (chosen, rest) = take_selected(broker, queue, select, limit).await?;
     let receipts: Vec<_> = chosen.iter().map(|d| d.receipt.clone()).collect();
     if !receipts.is_empty() {
         broker.ack(&receipts).await?;

@@ -12,16 +12,7 @@ const PROFILE_KEY: &str = "profile";
 /// Metadata names of our layers, to tell them apart in errors.
 const FILE_LAYER: &str = "config file";
 const PROFILE_LAYER: &str = "profile ";
-/// Top-level tables of [`Config`].
-const SECTIONS: [&str; 7] = [
-    "broker",
-    "worker",
-    "http",
-    "retry",
-    "autoscale",
-    "queues",
-    "jobs",
-];
+use super::SECTIONS;
 
 /// Loads the config from `path` (or `$STEVEDORE_CONFIG`, or no file at all) with `profile` (or
 /// `$STEVEDORE_PROFILE`, or none) and the `STEVEDORE_*` environment applied. A file given

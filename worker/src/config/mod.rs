@@ -59,6 +59,16 @@ pub const ENV_PREFIX: &str = "STEVEDORE_";
 pub const ENV_PROFILE: &str = "STEVEDORE_PROFILE";
 /// Environment variable naming the config file when none is given explicitly.
 pub const ENV_CONFIG: &str = "STEVEDORE_CONFIG";
+/// Top-level tables of [`Config`], in declaration order.
+pub(crate) const SECTIONS: [&str; 7] = [
+    "broker",
+    "worker",
+    "http",
+    "retry",
+    "autoscale",
+    "queues",
+    "jobs",
+];
 /// The queue served when the config defines none.
 pub const DEFAULT_QUEUE: &str = "default";
 

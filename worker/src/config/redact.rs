@@ -4,16 +4,8 @@ use super::Config;
 use serde_json::{Map, Value};
 use std::fmt::Write as _;
 
-/// Top-level tables in the order [`Config`] declares them (serde_json sorts map keys).
-const SECTIONS: [&str; 7] = [
-    "broker",
-    "worker",
-    "http",
-    "retry",
-    "autoscale",
-    "queues",
-    "jobs",
-];
+// Top-level tables are written in the order [`Config`] declares them (serde_json sorts map keys).
+use super::SECTIONS;
 /// Keys inside tables in the order the structs declare them, then priority levels highest first.
 /// Keys not listed follow in alphabetical order.
 const FIELDS: [&str; 34] = [
