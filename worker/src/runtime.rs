@@ -41,6 +41,8 @@ pub(crate) struct QueueCtx {
     pub worker_id: Arc<str>,
     pub hard_stop: watch::Receiver<bool>,
     pub lease_timed: bool,
+    /// Retry policy and timeout of every registered job on this queue, resolved once at start.
+    pub jobs: std::collections::HashMap<String, (RetryPolicy, Duration)>,
 }
 
 impl QueueCtx {
@@ -173,11 +175,12 @@ pub(crate) async fn fetch_loop(
                     let Some(permit) = permits.pop() else { break };
                     let ctx = ctx.clone();
                     let (index, priority) = (pick.index, level.priority);
-                    tokio::spawn(async move {
+                    let fut = async move {
                         run_job(&ctx, priority, d).await;
                         let _ = ctx.finished.send(index);
                         drop(permit);
-                    });
+                    };
+                    tokio::spawn(fut);
                 }
             }
             Err(e) => {
@@ -207,7 +210,7 @@ async fn release_unstarted(ctx: &QueueCtx, deliveries: Vec<Delivery>) {
 async fn run_job(ctx: &QueueCtx, priority: Priority, d: Delivery) {
     let now = SystemTime::now();
     if let Some(early) = ctx.scheduler.early_by(&d.envelope, now) {
-        hop(ctx, d, early).await;
+        Box::pin(hop(ctx, d, early)).await;
         return;
     }
     let attempt = d.attempt();
@@ -228,7 +231,7 @@ async fn run_job(ctx: &QueueCtx, priority: Priority, d: Delivery) {
                 ));
                 (
                     "-".to_string(),
-                    dead_letter(ctx, d, attempt, &err, "unroutable").await,
+                    Box::pin(dead_letter(ctx, d, attempt, &err, "unroutable")).await,
                 )
             }
             Some(job) if !ctx.routes.contains(&job) => {
@@ -236,7 +239,7 @@ async fn run_job(ctx: &QueueCtx, priority: Priority, d: Delivery) {
                     "no handler registered for job '{job}' (registered: {})",
                     ctx.routes.names().join(", ")
                 ));
-                let r = dead_letter(ctx, d, attempt, &err, "unroutable").await;
+                let r = Box::pin(dead_letter(ctx, d, attempt, &err, "unroutable")).await;
                 (job, r)
             }
             Some(job) => {
@@ -262,8 +265,13 @@ async fn handle(
     d: Delivery,
     attempt: u32,
 ) -> JobResult {
-    let retry = policy_of(&ctx.config.retry_for(&ctx.name, Some(job)));
-    let timeout = ctx.config.timeout_for(&ctx.name, Some(job));
+    let (retry, timeout) = match ctx.jobs.get(job) {
+        Some(&settings) => settings,
+        None => (
+            policy_of(&ctx.config.retry_for(&ctx.name, Some(job))),
+            ctx.config.timeout_for(&ctx.name, Some(job)),
+        ),
+    };
     let Delivery {
         envelope,
         receipt,
@@ -300,7 +308,7 @@ async fn handle(
     };
     match outcome {
         Supervised::Aborted => {
-            match ctx.broker().release(std::slice::from_ref(&d.receipt)).await {
+            match Box::pin(ctx.broker().release(std::slice::from_ref(&d.receipt))).await {
                 Ok(()) => {
                     tracing::info!("shutdown deadline passed: job released for another worker")
                 }
@@ -323,9 +331,11 @@ async fn handle(
                 SystemTime::now(),
                 unit,
             ) {
-                Decision::Retry { delay } => retry_later(ctx, d, attempt, &err, delay).await,
+                Decision::Retry { delay } => {
+                    Box::pin(retry_later(ctx, d, attempt, &err, delay)).await
+                }
                 Decision::DeadLetter { reason } => {
-                    dead_letter(ctx, d, attempt, &err, &reason).await
+                    Box::pin(dead_letter(ctx, d, attempt, &err, &reason)).await
                 }
             }
         }
@@ -340,12 +350,24 @@ async fn supervise(
     receipt: &Receipt,
     timeout: Duration,
 ) -> Supervised {
-    let fut = AssertUnwindSafe(fut).catch_unwind();
-    tokio::pin!(fut);
-    // Fast path: most jobs finish on their first poll, with no timers at all.
+    let mut fut = AssertUnwindSafe(fut).catch_unwind();
+    // Fast path: most jobs finish on their first poll, with no timers at all. The slow path's
+    // state is boxed so that the common job future stays small (it is moved on every spawn).
     if let Poll::Ready(r) = futures::poll!(&mut fut) {
         return Supervised::Done(flatten(r));
     }
+    Box::pin(supervise_slow(ctx, fut, receipt, timeout)).await
+}
+
+async fn supervise_slow(
+    ctx: &QueueCtx,
+    fut: futures::future::CatchUnwind<
+        AssertUnwindSafe<futures::future::BoxFuture<'static, Result<(), JobError>>>,
+    >,
+    receipt: &Receipt,
+    timeout: Duration,
+) -> Supervised {
+    tokio::pin!(fut);
     let lease = ctx.cfg.lease;
     let beat = (lease / 3).max(Duration::from_millis(50));
     let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + beat, beat);
@@ -357,7 +379,10 @@ async fn supervise(
             biased;
             r = &mut fut => return Supervised::Done(flatten(r)),
             _ = &mut deadline => {
-                return Supervised::Done(Err(JobError::retry(format!("timed out after {}", humantime::format_duration(timeout)))));
+                return Supervised::Done(Err(JobError::retry(format!(
+                    "timed out after {}",
+                    humantime::format_duration(timeout)
+                ))));
             }
             _ = turned_true(&mut hard) => return Supervised::Aborted,
             _ = heartbeat.tick(), if ctx.lease_timed => {
@@ -569,7 +594,19 @@ pub(crate) fn start(
     let mut fetchers = Vec::new();
     for (name, cfg) in config.effective_queues() {
         let (fin_tx, fin_rx) = mpsc::unbounded_channel();
+        let jobs = routes
+            .names()
+            .into_iter()
+            .map(|job| {
+                let retry = policy_of(&config.retry_for(&name, Some(job)));
+                (
+                    job.to_string(),
+                    (retry, config.timeout_for(&name, Some(job))),
+                )
+            })
+            .collect();
         let ctx = Arc::new(QueueCtx {
+            jobs,
             stats: stats.queue(&name),
             name,
             cfg,

@@ -457,6 +457,17 @@ impl Config {
         }
     }
 
+    /// One served queue's settings by reference (no copy), `None` if this worker does not serve it.
+    fn queue_ref(&self, name: &str) -> Option<&QueueConfig> {
+        static DEFAULT: std::sync::LazyLock<QueueConfig> =
+            std::sync::LazyLock::new(QueueConfig::default);
+        if self.queues.is_empty() {
+            (name == DEFAULT_QUEUE).then(|| &*DEFAULT)
+        } else {
+            self.queues.get(name)
+        }
+    }
+
     /// The priority levels served on `queue`, highest first (empty if the queue is not served).
     pub fn levels(&self, queue: &str) -> Vec<Priority> {
         self.queue(queue).map(|q| q.levels()).unwrap_or_default()
@@ -466,7 +477,7 @@ impl Config {
     /// `[jobs.<job>.retry]`. Unknown queue or job names contribute nothing.
     pub fn retry_for(&self, queue: &str, job: Option<&str>) -> RetryConfig {
         let mut retry = self.retry.clone();
-        if let Some(q) = self.queue(queue) {
+        if let Some(q) = self.queue_ref(queue) {
             retry = q.retry.apply(&retry);
         }
         if let Some(j) = job.and_then(|j| self.jobs.get(j)) {
@@ -480,7 +491,7 @@ impl Config {
     pub fn timeout_for(&self, queue: &str, job: Option<&str>) -> Duration {
         job.and_then(|j| self.jobs.get(j))
             .and_then(|j| j.timeout)
-            .or_else(|| self.queue(queue).map(|q| q.timeout))
+            .or_else(|| self.queue_ref(queue).map(|q| q.timeout))
             .unwrap_or_else(|| QueueConfig::default().timeout)
     }
 }
