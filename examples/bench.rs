@@ -137,6 +137,7 @@ fn idle_rss_kib(backend: &str) -> Option<u64> {
     let mut cmd = std::process::Command::new(exe);
     cmd.args(["run"])
         .env("STEVEDORE_HTTP__ENABLED", "false")
+        .env("E2E_OUT", "/dev/null")
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
