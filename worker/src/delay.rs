@@ -128,3 +128,80 @@ pub fn spawn_promoter(
         }
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_trait::async_trait;
+    use stevedore_core::{Capabilities, Delivery, Depth, MemoryBroker, Receipt, ReceiveOptions};
+
+    /// A broker with no native delay and no store: delays must be refused, never ignored.
+    #[derive(Debug)]
+    struct NoDelay(MemoryBroker, Capabilities);
+
+    #[async_trait]
+    impl Broker for NoDelay {
+        fn name(&self) -> &'static str {
+            "no-delay"
+        }
+        fn capabilities(&self) -> &Capabilities {
+            &self.1
+        }
+        async fn publish(&self, q: &str, m: Vec<Envelope>) -> Result<(), BrokerError> {
+            self.0.publish(q, m).await
+        }
+        async fn receive(&self, q: &str, o: ReceiveOptions) -> Result<Vec<Delivery>, BrokerError> {
+            self.0.receive(q, o).await
+        }
+        async fn ack(&self, r: &[Receipt]) -> Result<(), BrokerError> {
+            self.0.ack(r).await
+        }
+        async fn release(&self, r: &[Receipt]) -> Result<(), BrokerError> {
+            self.0.release(r).await
+        }
+        async fn extend_lease(&self, r: &Receipt, l: Duration) -> Result<(), BrokerError> {
+            self.0.extend_lease(r, l).await
+        }
+        async fn depth(&self, q: &str) -> Result<Depth, BrokerError> {
+            self.0.depth(q).await
+        }
+    }
+
+    #[tokio::test]
+    async fn native_delay_is_published_as_is() -> Result<(), BrokerError> {
+        let b: Arc<dyn Broker> = Arc::new(MemoryBroker::new());
+        let s = Scheduler::new(b.clone());
+        assert!(s.supports_delay());
+        assert_eq!(s.describe(), "delay: native on memory");
+        let e = Envelope::new("j", "x").delayed(Duration::from_secs(60));
+        assert!(s.early_by(&e, SystemTime::now()).is_some());
+        s.publish("q", vec![e, Envelope::new("j", "now")]).await?;
+        let d = b.depth("q").await?;
+        assert_eq!((d.ready, d.delayed), (1, 1));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn no_way_to_delay_is_refused_but_due_messages_go_through() -> Result<(), BrokerError> {
+        let mem = MemoryBroker::new();
+        let mut caps = mem.capabilities().clone();
+        caps.delay = DelaySupport::None;
+        let b: Arc<dyn Broker> = Arc::new(NoDelay(mem, caps));
+        let s = Scheduler::new(b.clone());
+        assert!(!s.supports_delay());
+        assert!(s.describe().contains("UNAVAILABLE"));
+        s.publish("q", vec![Envelope::new("j", "now")]).await?;
+        let later = Envelope::new("j", "later").delayed(Duration::from_secs(5));
+        let err = s.publish("q", vec![later]).await;
+        assert!(
+            matches!(err, Err(BrokerError::Unsupported { .. })),
+            "{err:?}"
+        );
+        assert_eq!(
+            b.depth("q").await?.ready,
+            1,
+            "the delayed one was not silently sent now"
+        );
+        Ok(())
+    }
+}

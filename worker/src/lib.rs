@@ -24,7 +24,7 @@
 //! ```
 //!
 //! Modules, one concern each: [`handler`] (extractors), [`router`], [`retry`], [`priority`],
-//! [`delay`], [`shutdown`], [`autoscale`], [`stats`] (metrics), [`http`], [`config`], [`dlq`],
+//! [`delay`], [`lease`], [`shutdown`], [`autoscale`], [`stats`] (metrics), [`http`], [`config`], [`dlq`],
 //! [`client`], [`cli`].
 #![doc(html_no_source)]
 
@@ -38,6 +38,7 @@ pub mod dlq;
 mod error;
 pub mod handler;
 pub mod http;
+pub mod lease;
 pub mod priority;
 pub mod retry;
 pub mod router;

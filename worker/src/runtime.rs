@@ -369,7 +369,7 @@ async fn supervise_slow(
 ) -> Supervised {
     tokio::pin!(fut);
     let lease = ctx.cfg.lease;
-    let beat = (lease / 3).max(Duration::from_millis(50));
+    let beat = crate::lease::beat(lease);
     let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + beat, beat);
     let deadline = tokio::time::sleep(timeout);
     tokio::pin!(deadline);
@@ -386,9 +386,7 @@ async fn supervise_slow(
             }
             _ = turned_true(&mut hard) => return Supervised::Aborted,
             _ = heartbeat.tick(), if ctx.lease_timed => {
-                if let Err(e) = ctx.broker().extend_lease(receipt, lease).await {
-                    tracing::warn!(error = %e, "lease extension failed; another worker may receive this job");
-                }
+                crate::lease::renew(ctx.broker().as_ref(), receipt, lease).await;
             }
         }
     }
@@ -557,11 +555,6 @@ pub(crate) async fn acker(broker: Arc<dyn Broker>, mut rx: mpsc::UnboundedReceiv
     }
 }
 
-/// Whether the backend's leases expire on their own (and so need heartbeats).
-pub(crate) fn lease_is_timed(broker: &dyn Broker) -> bool {
-    matches!(broker.capabilities().lease, LeaseSupport::Timed { .. })
-}
-
 /// The pieces [`crate::Worker::run`] starts.
 pub(crate) struct Started {
     pub fetchers: Vec<tokio::task::JoinHandle<()>>,
@@ -590,7 +583,7 @@ pub(crate) fn start(
     );
     let (hard_tx, hard_rx) = watch::channel(false);
     let global = Arc::new(Semaphore::new(config.worker.concurrency));
-    let lease_timed = lease_is_timed(broker.as_ref());
+    let lease_timed = crate::lease::needs_heartbeat(broker.as_ref());
     let mut fetchers = Vec::new();
     for (name, cfg) in config.effective_queues() {
         let (fin_tx, fin_rx) = mpsc::unbounded_channel();

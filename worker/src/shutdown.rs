@@ -81,3 +81,23 @@ async fn wait_for_signal() -> std::io::Result<()> {
 async fn wait_for_signal() -> std::io::Result<()> {
     tokio::signal::ctrl_c().await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn shutdown_reaches_every_subscriber_and_is_idempotent() {
+        let h = ShutdownHandle::new();
+        let mut a = h.subscribe();
+        let clone = h.clone();
+        assert!(!h.is_shutting_down());
+        let waiter = tokio::spawn(async move { a.wait_for(|s| *s).await.map(|v| *v) });
+        clone.shutdown();
+        clone.shutdown();
+        assert_eq!(waiter.await.ok().and_then(Result::ok), Some(true));
+        assert!(h.is_shutting_down());
+        // A late subscriber sees it too.
+        assert!(*h.subscribe().borrow());
+    }
+}
