@@ -22,8 +22,8 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
 use stevedore_core::{
-    names, to_millis, wire, Broker, BrokerError, Delivery, Envelope, LeaseSupport, Priority,
-    Receipt, ReceiveOptions,
+    names, to_millis, wire, Broker, BrokerError, Delivery, Envelope, Priority, Receipt,
+    ReceiveOptions,
 };
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
