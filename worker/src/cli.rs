@@ -358,7 +358,7 @@ async fn admin(command: Command, cfg: &Config, broker: Arc<dyn Broker>) -> Resul
             check_queue(&queue)?;
             let value: serde_json::Value = serde_json::from_str(&payload)
                 .map_err(|e| Failure::Other(format!("payload is not valid JSON: {e}")))?;
-            let client = Client::new(broker);
+            let client = Client::new(broker).with_limits_from(cfg);
             for _ in 0..count {
                 let mut e = client
                     .enqueue(&job, &value)

@@ -60,6 +60,8 @@ pub enum EnqueueError {
 #[derive(Clone, Debug)]
 pub struct Client {
     scheduler: Scheduler,
+    /// Per logical queue: refuse enqueues once this many messages wait (`queues.<name>.max_depth`).
+    limits: Arc<BTreeMap<String, u64>>,
 }
 
 impl Client {
@@ -67,7 +69,21 @@ impl Client {
     pub fn new(broker: Arc<dyn Broker>) -> Self {
         Client {
             scheduler: Scheduler::new(broker),
+            limits: Arc::new(BTreeMap::new()),
         }
+    }
+
+    /// Applies the `max_depth` of every queue in `config` (backpressure): an enqueue to a queue at
+    /// or over its limit fails with [`EnqueueError::QueueFull`] unless [`Enqueue::max_depth`] says
+    /// otherwise for that call.
+    pub fn with_limits_from(mut self, config: &crate::config::Config) -> Self {
+        let limits = config
+            .effective_queues()
+            .into_iter()
+            .filter_map(|(name, q)| q.max_depth.map(|m| (name, m)))
+            .collect();
+        self.limits = Arc::new(limits);
+        self
     }
 
     /// Starts an enqueue of `job` with a JSON payload, to queue `default` unless
@@ -184,7 +200,8 @@ impl Enqueue {
     }
 
     /// Refuse with [`EnqueueError::QueueFull`] when the queue already holds `max` or more ready and
-    /// delayed messages (backpressure; the check and the publish are not atomic).
+    /// delayed messages (backpressure; the check and the publish are not atomic, so concurrent
+    /// producers may overshoot by a few). Overrides the queue's configured `max_depth`.
     pub fn max_depth(mut self, max: u64) -> Self {
         self.max_depth = Some(max);
         self
@@ -193,7 +210,10 @@ impl Enqueue {
     /// Publishes; returns the message id once the broker holds it.
     pub async fn send(self) -> Result<String, EnqueueError> {
         let envelope = self.envelope?;
-        if let Some(max) = self.max_depth {
+        let limit = self
+            .max_depth
+            .or_else(|| self.client.limits.get(&self.queue).copied());
+        if let Some(max) = limit {
             let depth = self.client.waiting(&self.queue).await?;
             if depth >= max {
                 return Err(EnqueueError::QueueFull {
@@ -206,5 +226,56 @@ impl Enqueue {
         let id = envelope.id.clone();
         self.client.publish(&self.queue, vec![envelope]).await?;
         Ok(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stevedore_core::MemoryBroker;
+
+    #[tokio::test]
+    async fn configured_max_depth_rejects_and_loses_nothing_already_queued() {
+        let cfg =
+            crate::config::from_toml_str("[queues.q]\nmax_depth = 2\n", None).expect("config");
+        let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new());
+        let client = Client::new(broker.clone()).with_limits_from(&cfg);
+        for _ in 0..2 {
+            client
+                .enqueue("j", &1)
+                .queue("q")
+                .send()
+                .await
+                .expect("under the limit");
+        }
+        let full = client.enqueue("j", &1).queue("q").send().await;
+        assert!(
+            matches!(
+                full,
+                Err(EnqueueError::QueueFull {
+                    depth: 2,
+                    max: 2,
+                    ..
+                })
+            ),
+            "{full:?}"
+        );
+        // A delayed message counts too; an explicit limit overrides the configured one.
+        client
+            .enqueue("j", &1)
+            .queue("q")
+            .max_depth(10)
+            .delay(Duration::from_secs(60))
+            .send()
+            .await
+            .expect("override");
+        assert_eq!(client.waiting("q").await.expect("depth"), 3);
+        // Other queues are unlimited.
+        client
+            .enqueue("j", &1)
+            .queue("other")
+            .send()
+            .await
+            .expect("no limit");
     }
 }

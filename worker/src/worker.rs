@@ -104,7 +104,7 @@ impl Worker {
 
     /// A producer on the same broker.
     pub fn client(&self) -> Client {
-        Client::new(self.broker.clone())
+        Client::new(self.broker.clone()).with_limits_from(&self.config)
     }
 
     /// What the runtime emulates or notes about this backend, logged at start-up.
