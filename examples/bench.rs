@@ -5,11 +5,15 @@
 //! ```text
 //! cargo run --release -p stevedore-examples --bin bench -- memory 10000,100000,1000000
 //! cargo run --release -p stevedore-examples --bin bench -- redis 10000,100000,1000000   # REDIS_URL, default 127.0.0.1:6379
+//! cargo run --release -p stevedore-examples --bin bench -- rabbitmq 10000,100000        # RABBITMQ_URL, default 127.0.0.1:5672
 //! ```
 //!
 //! Raw loops: memory — `receive(100)` + `ack(batch)`; redis — `XREADGROUP COUNT 100` + one `XACK`
-//! of the batch, on one connection. Stevedore: a worker with one queue, batch 100, a no-op handler,
-//! counting until every job is processed.
+//! of the batch, on one connection; rabbitmq — lapin on a durable quorum queue (what the backend
+//! declares): publish persistent messages with confirms (1000 in flight), then consume with
+//! prefetch 500 and one `basic.ack` per message. Stevedore: a worker with one queue, batch 100, a
+//! no-op handler, counting until every job is processed (rabbitmq: prefetch 500 too, and the
+//! publish rate of the backlog through `Broker::publish` next to the raw one).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -101,11 +105,143 @@ async fn raw_redis(url: &str, n: usize) -> Res<f64> {
     Ok(rate)
 }
 
+fn rabbitmq_url() -> String {
+    std::env::var("RABBITMQ_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// Raw lapin on a quorum queue: (publish msgs/s with confirms, consume msgs/s with prefetch 500 and
+/// per-message acks).
+async fn raw_rabbitmq(url: &str, n: usize) -> Res<(f64, f64)> {
+    use futures::StreamExt;
+    use lapin::options::{
+        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+        ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+    };
+    use lapin::types::{AMQPValue, FieldTable, LongString};
+    let queue = format!("bench-raw-{}-{n}", std::process::id());
+    let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await?;
+    let ch = conn.create_channel().await?;
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    ch.queue_declare(queue.as_str().into(), durable, args)
+        .await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let props = lapin::BasicProperties::default().with_delivery_mode(2);
+    let t = Instant::now();
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(1000);
+        let mut confirms = Vec::with_capacity(k);
+        for _ in 0..k {
+            confirms.push(
+                ch.basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    b"{}",
+                    props.clone(),
+                )
+                .await?,
+            );
+        }
+        for c in futures::future::join_all(confirms).await {
+            if !c?.is_ack() {
+                return Err("publish nacked".into());
+            }
+        }
+        left -= k;
+    }
+    let publish = n as f64 / t.elapsed().as_secs_f64();
+    let cc = conn.create_channel().await?;
+    cc.basic_qos(500, BasicQosOptions::default()).await?;
+    let mut consumer = cc
+        .basic_consume(
+            queue.as_str().into(),
+            "bench".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let t = Instant::now();
+    for _ in 0..n {
+        let d = consumer.next().await.ok_or("consumer ended")??;
+        d.acker.ack(BasicAckOptions::default()).await?;
+    }
+    let consume = n as f64 / t.elapsed().as_secs_f64();
+    ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await?;
+    let _ = conn.close(200, "bench done".into()).await;
+    Ok((publish, consume))
+}
+
+/// Stevedore on RabbitMQ: (publish msgs/s through `Broker::publish`, worker msgs/s).
+async fn through_rabbitmq(url: &str, n: usize) -> Res<(f64, f64)> {
+    let queue = format!("bench-{}-{n}", std::process::id());
+    let mut cfg = stevedore_rabbitmq::RabbitConfig::new(url);
+    cfg.prefetch.insert(queue.clone(), 500);
+    let broker: Arc<dyn Broker> = Arc::new(stevedore_rabbitmq::RabbitBroker::connect(cfg).await?);
+    broker.prepare(std::slice::from_ref(&queue)).await?;
+    let t = Instant::now();
+    fill(broker.as_ref(), &queue, n).await?;
+    let publish = n as f64 / t.elapsed().as_secs_f64();
+    let consume = work(broker, &queue, n).await?;
+    // Every job was acked, not just run: once the worker closed its connection (returning anything
+    // unacked), nothing is left in the queue. Then delete it and its delay router with a plain
+    // client (the trait has no delete).
+    let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await?;
+    let ch = conn.create_channel().await?;
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..lapin::options::QueueDeclareOptions::default()
+    };
+    let left = ch
+        .queue_declare(queue.as_str().into(), passive, Default::default())
+        .await?
+        .message_count();
+    if left != 0 {
+        return Err(format!("{queue} not drained after the run: {left} left").into());
+    }
+    let _ = conn.close(200, "bench done".into()).await;
+    delete_rabbitmq_queues(url, &[queue.clone(), format!("{queue}__dlq")]).await?;
+    Ok((publish, consume))
+}
+
+/// Deletes queues `bases` with their delay topology (the worker prepares the dead-letter queue too,
+/// and its promoter and depth sampling declare the delay queues).
+async fn delete_rabbitmq_queues(url: &str, bases: &[String]) -> Res<()> {
+    let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await?;
+    let ch = conn.create_channel().await?;
+    for base in bases {
+        let tiers = stevedore_rabbitmq::tiers().map(|ms| format!("{base}.delay.{ms}"));
+        for q in tiers.chain([format!("{base}.delay.ready"), base.clone()]) {
+            ch.queue_delete(
+                q.as_str().into(),
+                lapin::options::QueueDeleteOptions::default(),
+            )
+            .await?;
+        }
+    }
+    let _ = conn.close(200, "bench done".into()).await;
+    Ok(())
+}
+
 async fn noop() {}
 
 async fn through_runtime(broker: Arc<dyn Broker>, queue: &str, n: usize) -> Res<f64> {
     broker.prepare(&[queue.to_string()]).await?;
     fill(broker.as_ref(), queue, n).await?;
+    work(broker, queue, n).await
+}
+
+/// Runs a worker over a backlog of `n` no-op jobs already in `queue`; returns jobs/s.
+async fn work(broker: Arc<dyn Broker>, queue: &str, n: usize) -> Res<f64> {
     let cfg = config::from_toml_str(
         &format!("[http]\nenabled = false\n[worker]\nconcurrency = 512\n[queues.{queue}]\nconcurrency = 512\nbatch = 100\n"),
         None,
@@ -145,6 +281,11 @@ fn idle_rss_kib(backend: &str) -> Option<u64> {
         cmd.env("STEVEDORE_BROKER__KIND", "redis")
             .env("STEVEDORE_BROKER__URL", redis_url());
     }
+    if backend == "rabbitmq" {
+        cmd.env("STEVEDORE_BROKER__KIND", "rabbitmq")
+            .env("STEVEDORE_BROKER__URL", rabbitmq_url())
+            .env("STEVEDORE_BROKER__KEY_PREFIX", idle_prefix());
+    }
     let mut child = cmd.spawn().ok()?;
     std::thread::sleep(Duration::from_secs(2));
     let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).ok();
@@ -157,6 +298,11 @@ fn idle_rss_kib(backend: &str) -> Option<u64> {
         .nth(1)?
         .parse()
         .ok()
+}
+
+/// Queue prefix of the idle RabbitMQ worker, so its queues are its own and can be deleted after.
+fn idle_prefix() -> String {
+    format!("bench-idle-{}.", std::process::id())
 }
 
 fn redis_url() -> String {
@@ -175,11 +321,32 @@ async fn main() -> Res<()> {
         .collect();
     let threads = tokio::runtime::Handle::current().metrics().num_workers();
     println!("backend: {backend}   no-op jobs, one worker process, {threads} runtime threads, release build");
-    println!(
-        "{:>10} {:>14} {:>14} {:>7}",
-        "backlog", "raw msgs/s", "stevedore/s", "ratio"
-    );
-    for n in sizes {
+    if backend == "rabbitmq" {
+        let url = rabbitmq_url();
+        println!(
+            "{:>10} {:>16} {:>16} {:>16} {:>16} {:>7}",
+            "backlog",
+            "raw publish/s",
+            "stevedore pub/s",
+            "raw consume/s",
+            "stevedore jobs/s",
+            "ratio"
+        );
+        for n in &sizes {
+            let (rp, rc) = raw_rabbitmq(&url, *n).await?;
+            let (sp, sc) = through_rabbitmq(&url, *n).await?;
+            println!(
+                "{n:>10} {rp:>16.0} {sp:>16.0} {rc:>16.0} {sc:>16.0} {:>7.2}",
+                sc / rc
+            );
+        }
+    } else {
+        println!(
+            "{:>10} {:>14} {:>14} {:>7}",
+            "backlog", "raw msgs/s", "stevedore/s", "ratio"
+        );
+    }
+    for n in sizes.iter().copied().filter(|_| backend != "rabbitmq") {
         let (r, s) = match backend.as_str() {
             "memory" => (
                 raw_memory(n).await?,
@@ -197,11 +364,22 @@ async fn main() -> Res<()> {
                 let _: () = redis::cmd("DEL").arg(&queue).query_async(&mut c).await?;
                 (r, s)
             }
-            other => return Err(format!("unknown backend {other:?}: memory or redis").into()),
+            other => {
+                return Err(format!("unknown backend {other:?}: memory, redis or rabbitmq").into())
+            }
         };
         println!("{n:>10} {r:>14.0} {s:>14.0} {:>7.2}", s / r);
     }
-    match idle_rss_kib(&backend) {
+    let idle = idle_rss_kib(&backend);
+    if backend == "rabbitmq" {
+        let p = idle_prefix();
+        delete_rabbitmq_queues(
+            &rabbitmq_url(),
+            &[format!("{p}default"), format!("{p}default__dlq")],
+        )
+        .await?;
+    }
+    match idle {
         Some(kib) => println!(
             "idle worker RSS (e2e_worker run, {backend} backend): {:.1} MiB",
             kib as f64 / 1024.0

@@ -22,6 +22,17 @@ pub async fn connect(config: &Config) -> Result<Arc<dyn Broker>, ConfigError> {
                 })?;
             Ok(Arc::new(broker))
         }
+        #[cfg(feature = "rabbitmq")]
+        BrokerKind::Rabbitmq => {
+            let broker = stevedore_rabbitmq::RabbitBroker::connect(rabbitmq_config(config))
+                .await
+                .map_err(|e| ConfigError {
+                    file: config.source.clone(),
+                    key: Some("broker.url".into()),
+                    message: format!("cannot use the rabbitmq broker: {e}"),
+                })?;
+            Ok(Arc::new(broker))
+        }
         other => Err(unavailable(config, other)),
     }
 }
@@ -47,6 +58,31 @@ fn redis_config(config: &Config) -> stevedore_redis::RedisConfig {
     c
 }
 
+/// RabbitMQ settings from the config. Each served queue's levels get a prefetch of the queue's
+/// concurrency plus one batch: a worker never holds more of a queue than it can run at once and
+/// fetch next.
+#[cfg(feature = "rabbitmq")]
+fn rabbitmq_config(config: &Config) -> stevedore_rabbitmq::RabbitConfig {
+    let mut c =
+        stevedore_rabbitmq::RabbitConfig::new(config.broker.url.clone().unwrap_or_default());
+    c.key_prefix = config.broker.key_prefix.clone().unwrap_or_default();
+    c.max_payload = max_payload(config, stevedore_rabbitmq::DEFAULT_MAX_PAYLOAD);
+    c.connection_name = config
+        .worker
+        .id
+        .as_ref()
+        .map(|id| format!("stevedore {id}"));
+    for (name, q) in config.effective_queues() {
+        let slots = q.concurrency.min(config.worker.concurrency).max(1);
+        let prefetch = u16::try_from(slots.saturating_add(q.batch)).unwrap_or(u16::MAX);
+        for level in config.levels(&name) {
+            c.prefetch
+                .insert(stevedore_core::names::physical(&name, level), prefetch);
+        }
+    }
+    c
+}
+
 /// The capabilities the configured backend declares, known without connecting (for validation and
 /// `config check`).
 pub fn capabilities(config: &Config) -> Result<Capabilities, ConfigError> {
@@ -58,6 +94,11 @@ pub fn capabilities(config: &Config) -> Result<Capabilities, ConfigError> {
             config,
             stevedore_redis::DEFAULT_MAX_PAYLOAD,
         ))),
+        #[cfg(feature = "rabbitmq")]
+        BrokerKind::Rabbitmq => Ok(stevedore_rabbitmq::capabilities(
+            max_payload(config, stevedore_rabbitmq::DEFAULT_MAX_PAYLOAD),
+            stevedore_rabbitmq::DEFAULT_CONSUMER_TIMEOUT,
+        )),
         other => Err(unavailable(config, other)),
     }
 }

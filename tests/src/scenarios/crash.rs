@@ -18,8 +18,8 @@ const N: usize = 30;
 const HELD_EACH: usize = 10;
 const LEASE: Duration = Duration::from_secs(1);
 
-/// Publishes 30 messages. Handle A receives 10 (1 s lease) and is dropped without a word; handle C
-/// receives 10 more and is closed. A third handle B must then receive all 30 — the 20 held ones
+/// Publishes 30 messages. Handle A receives 10 (1 s lease) and handle C 10 more; then A is dropped
+/// without a word and C is closed. A third handle B must then receive all 30 — the 20 held ones
 /// with `delivery_count` ≥ 2, the 10 untouched ones with 1 — within L + 5 s + the declared
 /// `delay_tolerance`, ack each exactly once, and see nothing more.
 pub(crate) async fn crash_recovery(backend: Arc<dyn Backend>) -> Checked {
@@ -32,20 +32,19 @@ pub(crate) async fn crash_recovery(backend: Arc<dyn Backend>) -> Checked {
     let ledger = Ledger::new(sent.iter().map(|e| e.id.clone()));
     publish_all(&b, &queue, sent).await?;
 
+    // Both handles hold their messages before either vanishes: with session leases a vanished
+    // handle's messages come back at once, and the second handle must not simply receive those.
     let mut held = HashSet::new();
-    {
-        let a = handle(&backend, &[&queue]).await?;
-        let got = collect(&a, &queue, HELD_EACH, LEASE, secs(10)).await?;
-        held.extend(got.iter().map(|d| d.envelope.id.clone()));
-        drop(got);
-        drop(a); // a crash: no ack, no release, no close
-    }
-    {
-        let c = handle(&backend, &[&queue]).await?;
-        let got = collect(&c, &queue, HELD_EACH, LEASE, secs(10)).await?;
-        held.extend(got.iter().map(|d| d.envelope.id.clone()));
-        c.close().await.ctx("close the second vanishing handle")?;
-    }
+    let a = handle(&backend, &[&queue]).await?;
+    let got_a = collect(&a, &queue, HELD_EACH, LEASE, secs(10)).await?;
+    held.extend(got_a.iter().map(|d| d.envelope.id.clone()));
+    let c = handle(&backend, &[&queue]).await?;
+    let got_c = collect(&c, &queue, HELD_EACH, LEASE, secs(10)).await?;
+    held.extend(got_c.iter().map(|d| d.envelope.id.clone()));
+    drop(got_a);
+    drop(a); // a crash: no ack, no release, no close
+    c.close().await.ctx("close the second vanishing handle")?;
+    drop(got_c);
     ensure!(
         held.len() == 2 * HELD_EACH,
         "the two handles held {} distinct messages",

@@ -163,12 +163,13 @@ impl BrokerKind {
     }
 
     /// Whether this build can run the backend: `memory` always, the others when the `stevedore`
-    /// crate is built with their Cargo feature (`redis`).
+    /// crate is built with their Cargo feature (`redis`, `rabbitmq`).
     pub fn is_available(self) -> bool {
         match self {
             BrokerKind::Memory => true,
             BrokerKind::Redis => cfg!(feature = "redis"),
-            BrokerKind::Rabbitmq | BrokerKind::Sqs | BrokerKind::Kafka => false,
+            BrokerKind::Rabbitmq => cfg!(feature = "rabbitmq"),
+            BrokerKind::Sqs | BrokerKind::Kafka => false,
         }
     }
 }

@@ -611,14 +611,19 @@ fn lease_rules() {
 
 #[test]
 fn broker_rules() {
-    let c = parse("[broker]\nkind = \"rabbitmq\"\nurl = \"amqp://localhost\"").unwrap();
+    let c = parse("[broker]\nkind = \"sqs\"\nregion = \"eu-west-1\"").unwrap();
     let err = c.validate(&memory_caps()).unwrap_err();
     assert_err(
         &err,
         "broker.kind",
-        "\"rabbitmq\" is not yet available in this build",
+        "\"sqs\" is not yet available in this build",
     );
     assert!(c.check(&memory_caps()).is_ok());
+    let c = parse("[broker]\nkind = \"rabbitmq\"\nurl = \"amqp://localhost\"").unwrap();
+    assert_eq!(
+        c.validate(&memory_caps()).is_ok(),
+        BrokerKind::Rabbitmq.is_available()
+    );
     let c = parse("[broker]\nkind = \"redis\"\nurl = \"redis://localhost\"").unwrap();
     assert_eq!(
         c.validate(&memory_caps()).is_ok(),
@@ -629,7 +634,7 @@ fn broker_rules() {
     assert_err(
         &c.check(&memory_caps()).unwrap_err(),
         "broker.max_payload",
-        "only the memory and redis brokers",
+        "only the memory, redis and rabbitmq brokers",
     );
     let c = parse("[broker]\nkind = \"redis\"\nurl = \"redis://x\"\nmax_payload = 10").unwrap();
     assert!(c.check(&memory_caps()).is_ok(), "redis takes max_payload");
@@ -820,7 +825,10 @@ fn shipped_files_parse() {
             let err = c.validate(&caps).unwrap_err();
             assert!(err.message.contains("not yet available"), "{name}: {err}");
         }
-        if !matches!(c.broker.kind, BrokerKind::Memory | BrokerKind::Redis) {
+        if !matches!(
+            c.broker.kind,
+            BrokerKind::Memory | BrokerKind::Redis | BrokerKind::Rabbitmq
+        ) {
             assert!(text.contains("NOT YET AVAILABLE IN THIS BUILD"), "{name}");
         }
     }

@@ -123,11 +123,14 @@ impl Config {
     fn check_broker(&self, notices: &mut Vec<String>) -> Result<(), ConfigError> {
         let b = &self.broker;
         if let Some(max) = b.max_payload {
-            if !matches!(b.kind, BrokerKind::Memory | BrokerKind::Redis) {
+            if !matches!(
+                b.kind,
+                BrokerKind::Memory | BrokerKind::Redis | BrokerKind::Rabbitmq
+            ) {
                 return Err(self.error_at(
                     "broker.max_payload",
                     format!(
-                        "only the memory and redis brokers take max_payload; {} has its own limit",
+                        "only the memory, redis and rabbitmq brokers take max_payload; {} has its own limit",
                         b.kind
                     ),
                 ));

@@ -1,0 +1,287 @@
+//! Envelope ⇄ AMQP message: properties, headers, body, and the delivery count.
+
+use bytes::Bytes;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::BasicProperties;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use stevedore_core::{wire, BrokerError, Envelope};
+
+/// Header RabbitMQ's quorum queues set on every redelivery: how many times the message was returned
+/// (nack/reject with requeue, or a consumer's channel closing with it unacked).
+pub(crate) const DELIVERY_COUNT: &str = "x-delivery-count";
+/// Header of a message waiting in the delay store: the physical queue it is for.
+pub(crate) const TARGET: &str = "stevedore-target";
+
+/// The AMQP properties of an envelope: persistent, `message_id` = id (when it fits a short string),
+/// `timestamp` = enqueued_at, `content_type`, and every field of [`wire::to_wire`] as a long-string
+/// header. `extra` headers (the delay store's target) are added last.
+pub(crate) fn properties(
+    env: &Envelope,
+    extra: &[(&str, &str)],
+) -> Result<(BasicProperties, Bytes), BrokerError> {
+    let (headers, body) = wire::to_wire(env);
+    let mut table = FieldTable::default();
+    for (k, v) in headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .chain(extra.iter().copied())
+    {
+        let key = ShortString::try_new(k).map_err(|_| {
+            BrokerError::permanent(format!(
+                "header name of {} bytes in message {}: AMQP allows at most 255",
+                k.len(),
+                env.id
+            ))
+        })?;
+        table.insert(key, AMQPValue::LongString(LongString::from(v)));
+    }
+    let mut props = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_timestamp(unix_secs(env.enqueued_at))
+        .with_headers(table);
+    if let Ok(id) = ShortString::try_new(env.id.as_str()) {
+        props = props.with_message_id(id);
+    }
+    if let Some(ct) = env.content_type.as_deref() {
+        if let Ok(ct) = ShortString::try_new(ct) {
+            props = props.with_content_type(ct);
+        }
+    }
+    Ok((props, body))
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A header value as text, for the scalar types plain clients send; `None` for tables, arrays and
+/// void, which carry nothing a Stevedore field could hold.
+fn text(v: &AMQPValue) -> Option<String> {
+    Some(match v {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.as_str().to_string(),
+        AMQPValue::Boolean(b) => b.to_string(),
+        AMQPValue::ShortShortInt(n) => n.to_string(),
+        AMQPValue::ShortShortUInt(n) => n.to_string(),
+        AMQPValue::ShortInt(n) => n.to_string(),
+        AMQPValue::ShortUInt(n) => n.to_string(),
+        AMQPValue::LongInt(n) => n.to_string(),
+        AMQPValue::LongUInt(n) => n.to_string(),
+        AMQPValue::LongLongInt(n) => n.to_string(),
+        AMQPValue::Timestamp(n) => n.to_string(),
+        AMQPValue::Float(n) => n.to_string(),
+        AMQPValue::Double(n) => n.to_string(),
+        AMQPValue::ByteArray(b) => String::from_utf8_lossy(b.as_slice()).into_owned(),
+        AMQPValue::DecimalValue(_)
+        | AMQPValue::FieldArray(_)
+        | AMQPValue::FieldTable(_)
+        | AMQPValue::Void => return None,
+    })
+}
+
+fn int(v: &AMQPValue) -> Option<u64> {
+    match v {
+        AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::LongInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::LongUInt(n) => Some(u64::from(*n)),
+        AMQPValue::ShortInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::ShortUInt(n) => Some(u64::from(*n)),
+        AMQPValue::ShortShortInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::ShortShortUInt(n) => Some(u64::from(*n)),
+        AMQPValue::Timestamp(n) => Some(*n),
+        other => text(other).and_then(|s| s.parse().ok()),
+    }
+}
+
+/// Broker bookkeeping headers that are never part of the envelope: the delivery count, and the
+/// dead-letter history RabbitMQ adds when a delay tier expires a message into its router queue.
+fn is_broker_header(k: &str) -> bool {
+    k == DELIVERY_COUNT
+        || k == TARGET
+        || k == "x-death"
+        || k.starts_with("x-first-death-")
+        || k.starts_with("x-last-death-")
+}
+
+/// A message as received, decoded: the envelope, how many times the broker handed it out (this one
+/// included), and the delay store's target header if present.
+pub(crate) struct Decoded {
+    pub envelope: Envelope,
+    pub delivery_count: u32,
+    pub target: Option<String>,
+}
+
+/// Decodes a delivered message. Quorum queues count returns in `x-delivery-count` (absent on the
+/// first delivery); a classic queue only says `redelivered`, which counts as the second delivery.
+/// A message without our headers (a plain AMQP client's) becomes a foreign envelope: job `None`,
+/// body untouched, id = its `message_id`, or a hash of body and properties that is the same on
+/// every redelivery.
+pub(crate) fn decode(props: &BasicProperties, body: Vec<u8>, redelivered: bool) -> Decoded {
+    let mut headers: Vec<(String, String)> = Vec::new();
+    let mut returns: Option<u64> = None;
+    let mut target = None;
+    let mut has_enqueued_at = false;
+    if let Some(table) = props.headers() {
+        for (k, v) in table.inner() {
+            let k = k.as_str();
+            if k == DELIVERY_COUNT {
+                returns = int(v);
+                continue;
+            }
+            if k == TARGET {
+                target = text(v);
+                continue;
+            }
+            if is_broker_header(k) {
+                continue;
+            }
+            if k == wire::ENQUEUED_AT {
+                has_enqueued_at = true;
+            }
+            if let Some(v) = text(v) {
+                headers.push((k.to_string(), v));
+            }
+        }
+    }
+    let fallback = match props.message_id() {
+        Some(id) if !id.as_str().is_empty() => id.as_str().to_string(),
+        _ => content_id(props, &body),
+    };
+    let mut envelope = wire::from_wire(headers, Bytes::from(body), &fallback);
+    if envelope.content_type.is_none() {
+        envelope.content_type = props.content_type().as_ref().map(|c| c.to_string());
+    }
+    if !has_enqueued_at {
+        if let Some(ts) = props.timestamp() {
+            envelope.enqueued_at = UNIX_EPOCH + Duration::from_secs(*ts);
+        }
+    }
+    let delivery_count = match returns {
+        Some(n) => u32::try_from(n.saturating_add(1)).unwrap_or(u32::MAX),
+        None if redelivered => 2,
+        None => 1,
+    };
+    Decoded {
+        envelope,
+        delivery_count,
+        target,
+    }
+}
+
+/// A stable id for a message without `message_id`: 128 bits of FNV-1a over the body and the
+/// properties a redelivery keeps (headers other than the broker's own, content type, timestamp,
+/// correlation id, type, app id). Two byte-identical messages share it.
+fn content_id(props: &BasicProperties, body: &[u8]) -> String {
+    let mut a = Fnv(0xcbf2_9ce4_8422_2325);
+    let mut b = Fnv(0x6c62_272e_07bb_0142);
+    let mut feed = |bytes: &[u8]| {
+        a.write(bytes);
+        b.write(bytes);
+        // Length-separated, so field boundaries cannot shift.
+        a.write(&(bytes.len() as u64).to_le_bytes());
+        b.write(&(bytes.len() as u64).to_le_bytes());
+    };
+    feed(body);
+    for s in [
+        props.content_type(),
+        props.correlation_id(),
+        props.kind(),
+        props.app_id(),
+    ] {
+        feed(s.as_ref().map(|s| s.as_str()).unwrap_or("").as_bytes());
+    }
+    feed(&props.timestamp().unwrap_or(0).to_le_bytes());
+    if let Some(table) = props.headers() {
+        for (k, v) in table.inner() {
+            if is_broker_header(k.as_str()) {
+                continue;
+            }
+            feed(k.as_str().as_bytes());
+            feed(text(v).unwrap_or_default().as_bytes());
+        }
+    }
+    format!("amqp-{:016x}{:016x}", a.0, b.0)
+}
+
+struct Fnv(u64);
+
+impl Fnv {
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.0 ^= u64::from(*byte);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_round_trips_through_properties() {
+        let mut env = Envelope::new("send", "{}")
+            .json()
+            .with_header("x-tenant", "7");
+        env.attempt = 3;
+        let (props, body) = properties(&env, &[]).expect("properties");
+        assert_eq!(props.delivery_mode(), &Some(2));
+        let d = decode(&props, body.to_vec(), false);
+        assert_eq!(d.envelope.id, env.id);
+        assert_eq!(d.envelope.job.as_deref(), Some("send"));
+        assert_eq!(d.envelope.attempt, 3);
+        assert_eq!(d.envelope.content_type.as_deref(), Some("application/json"));
+        assert_eq!(
+            d.envelope.headers.get("x-tenant").map(String::as_str),
+            Some("7")
+        );
+        assert_eq!(d.delivery_count, 1);
+        assert!(d.target.is_none());
+    }
+
+    #[test]
+    fn delivery_count_comes_from_the_quorum_header_or_the_redelivered_flag() {
+        let mut t = FieldTable::default();
+        t.insert(DELIVERY_COUNT.into(), AMQPValue::LongLongInt(2));
+        let props = BasicProperties::default().with_headers(t);
+        assert_eq!(decode(&props, vec![], true).delivery_count, 3);
+        let plain = BasicProperties::default();
+        assert_eq!(decode(&plain, vec![], true).delivery_count, 2);
+        assert_eq!(decode(&plain, vec![], false).delivery_count, 1);
+    }
+
+    #[test]
+    fn foreign_message_id_is_stable_and_ignores_the_delivery_count() {
+        let plain = BasicProperties::default();
+        let a = decode(&plain, b"hello".to_vec(), false);
+        let mut t = FieldTable::default();
+        t.insert(DELIVERY_COUNT.into(), AMQPValue::LongLongInt(1));
+        let again = decode(
+            &BasicProperties::default().with_headers(t),
+            b"hello".to_vec(),
+            true,
+        );
+        assert_eq!(a.envelope.id, again.envelope.id);
+        assert!(a.envelope.job.is_none());
+        assert!(a.envelope.headers.is_empty());
+        let other = decode(&plain, b"hello!".to_vec(), false);
+        assert_ne!(a.envelope.id, other.envelope.id);
+        let with_id = decode(
+            &BasicProperties::default().with_message_id("m-1".into()),
+            b"hello".to_vec(),
+            false,
+        );
+        assert_eq!(with_id.envelope.id, "m-1");
+    }
+
+    #[test]
+    fn overlong_header_names_are_refused_not_panicking() {
+        let env = Envelope::new("j", "p").with_header("h".repeat(300), "v");
+        assert!(properties(&env, &[]).is_err());
+        let long_id = Envelope::foreign("i".repeat(300), "p");
+        let (props, _) = properties(&long_id, &[]).expect("long ids travel in headers");
+        assert!(props.message_id().is_none());
+    }
+}

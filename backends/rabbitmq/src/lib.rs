@@ -1,0 +1,991 @@
+//! # stevedore-rabbitmq
+//!
+//! RabbitMQ (AMQP 0-9-1) backend, on [lapin](https://docs.rs/lapin) with the tokio runtime and
+//! rustls (ring) for `amqps://`. No plugin is needed.
+//!
+//! ## Topology
+//!
+//! Each physical queue is a durable **quorum queue** named `key_prefix + queue`, declared
+//! idempotently by [`Broker::prepare`] and lazily on first use, published to through the default
+//! exchange. So `rabbitmqadmin publish routing_key=emails payload='{...}'` (or any AMQP client
+//! publishing to queue `emails`) reaches queue `emails` with `key_prefix = ""`. Delays live in
+//! tiered TTL queues next to it (see [`RabbitDelayStore`]): `emails.delay.<ms>` and
+//! `emails.delay.ready`.
+//!
+//! | broker method | AMQP |
+//! |---|---|
+//! | `publish` | `basic.publish` (persistent, mandatory) on a confirm-mode channel; returns once every message is confirmed |
+//! | `receive` | deliveries of a `basic.consume` consumer (one channel per queue) buffered in the process; see *Prefetch* |
+//! | `ack` | `basic.ack`, with `multiple` where every unsettled tag up to the last one is being acked |
+//! | `release` | cancels this handle's consumer of the queue, then `basic.nack` with requeue |
+//! | `extend_lease` | no-op (the lease is the channel) that still reports a lost lease |
+//! | `depth` | ready = the queue's message count (from an idempotent `queue.declare`, which unlike a passive one cannot close the channel with a 404) + this process's buffer; in flight = handed out by this process; delayed = the counts of the queue's delay tiers and router (declared too, so every queue whose depth is read has its delay queues) |
+//! | delay | [`RabbitDelayStore`]: TTL tiers that dead-letter into a router queue, promoted by the runtime |
+//!
+//! ## Messages
+//!
+//! The body is the payload, untouched. Every envelope field travels as a long-string header
+//! ([`stevedore_core::wire`]), and also as the AMQP properties `message_id`, `content_type` and
+//! `timestamp`; messages are persistent (`delivery_mode` 2). A message from a plain AMQP client is
+//! received as a foreign message: job `None`, body as sent, id = its `message_id`, or a hash of
+//! body and properties that is the same on every redelivery.
+//!
+//! ## Delivery counting: why quorum queues
+//!
+//! The runtime needs [`Delivery::delivery_count`] to grow with every redelivery (release, crash,
+//! channel loss), or a message that kills its worker would be retried forever. Measured on
+//! RabbitMQ 3.10.8: a quorum queue sets `x-delivery-count` on every return (1 after the first
+//! `basic.nack`/`basic.reject` with requeue, 2 after the next, and it also counts a channel closing
+//! with the message unacked), while a classic queue only sets the `redelivered` flag, which cannot
+//! tell a second redelivery from a tenth. Quorum queues also keep the rest of the contract: a
+//! nacked message is ready again at once (returned messages are served first), a closed channel or
+//! connection returns every message it held, and they are durable (replicated, persisted) across a
+//! broker restart. So `delivery_count = x-delivery-count + 1`. A queue that already exists as a
+//! classic queue (created by someone else) is used as it is, with a warning: there a redelivered
+//! message counts 2, whatever its history. (Release-by-republish with a counter header was the
+//! alternative; it would put released messages at the back of the queue and still could not count
+//! crashes.)
+//!
+//! ## Prefetch, and why the consumer follows demand
+//!
+//! AMQP pushes messages to a consumer up to its prefetch before anyone asks for them, and the
+//! broker counts each push as a delivery. Two things follow. A message pushed to a process that
+//! then crashes comes back with its delivery count raised although no handler ever saw it; and a
+//! consumer with spare credit takes back the very messages its own handle just released, so another
+//! worker never sees them. So this backend sizes the consumer's credit by demand instead of
+//! holding a fixed prefetch from the start: the first `receive(max)` consumes with a per-consumer
+//! prefetch of `max`; when a later receive finds the buffer empty and the consumer's credit used up
+//! by deliveries still in flight, the consumer is replaced by one with credit
+//! `in flight + max`, up to the queue's configured prefetch ([`RabbitConfig::prefetch`], default
+//! [`RabbitConfig::default_prefetch`]). A worker thus holds about what it runs plus one batch, never
+//! more than the prefetch (which the worker sets to the queue's concurrency: a worker cannot run
+//! more of a queue's jobs at once than its prefetch). `release` cancels the consumer before
+//! nacking, so released messages go to whoever asks next; the next receive consumes again.
+//! Messages buffered but not yet handed out count as `ready` in this process's `depth` (other
+//! processes cannot see them).
+//!
+//! ## Leases, consumer_timeout, reconnects
+//!
+//! A delivery is leased for as long as its channel lives ([`LeaseSupport::Session`]). RabbitMQ
+//! closes a channel that holds one delivery longer than its `consumer_timeout` (30 min by default
+//! since 3.8.15) with `PRECONDITION_FAILED`; the backend then logs an error saying to raise
+//! `consumer_timeout` in rabbitmq.conf for longer jobs, counts it
+//! ([`RabbitBroker::consumer_timeouts`]), and reports the channel's loss to the next `receive` as a
+//! transient [`BrokerError::Connection`]. Declare the server's value in
+//! [`RabbitConfig::consumer_timeout`]: it becomes the lease's `max`, so config validation warns
+//! about queue timeouts above it.
+//!
+//! When the connection or a channel breaks, it is marked dead; the next call reconnects (or
+//! re-opens the channel), declares the prepared queues again and consumes again, and a call that
+//! cannot returns [`BrokerError::Connection`] (transient), so the runtime backs off and retries.
+//! Receipts from a channel that died are [`BrokerError::LeaseLost`]: the broker already requeued
+//! those messages.
+//!
+//! Credentials never appear in logs, errors or `Debug` output: the URL is shown as
+//! `amqp://user:***@host:port/vhost`.
+
+mod amqp;
+mod consumer;
+mod delay;
+mod link;
+
+pub use delay::{tier_for, tiers, RabbitDelayStore, SHORTEST_TIER_MS, TIERS};
+
+use async_trait::async_trait;
+use consumer::{send_settle, spawn_pump, Active, Chan, Counters, QueueState, Raw, Settle};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use link::{call, short, Link, QueueKind};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use stevedore_core::{
+    Broker, BrokerError, Capabilities, DelayStore, DelaySupport, Delivery, Depth, Envelope,
+    LeaseSupport, OrderingSupport, Receipt, ReceiveOptions,
+};
+use tokio::time::Instant;
+
+/// Default largest payload: 16 MiB (RabbitMQ's own default `max_message_size` is 128 MiB).
+pub const DEFAULT_MAX_PAYLOAD: usize = 16 * 1024 * 1024;
+/// RabbitMQ's default `consumer_timeout` (since 3.8.15): 30 minutes.
+pub const DEFAULT_CONSUMER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// Default most unsettled deliveries one consumer holds (the worker sets each queue's prefetch to
+/// its concurrency instead).
+pub const DEFAULT_PREFETCH: u16 = 64;
+/// Most messages one call handles.
+pub const MAX_BATCH: usize = 1000;
+/// How long a receive that just started consuming waits for the first push, even with `wait = 0`.
+const START_GRACE: Duration = Duration::from_millis(25);
+/// How long a receive that found the buffer empty but the queue not waits for the broker's push.
+const PUSH_GRACE: Duration = Duration::from_millis(50);
+
+/// Connection and queue settings.
+#[derive(Clone)]
+pub struct RabbitConfig {
+    /// `amqp://user:password@host:port/vhost` (vhost `/` is written `%2f`), or `amqps://` for TLS
+    /// (server certificates are checked against the system roots and the Mozilla roots).
+    pub url: String,
+    /// Prepended to every queue name the backend declares (work, delay and dead-letter queues).
+    /// Default: empty, so the AMQP queue is named exactly like the physical queue.
+    pub key_prefix: String,
+    /// Most unsettled deliveries a consumer of a physical queue may hold (see the crate docs on
+    /// prefetch), by physical queue name; others use [`RabbitConfig::default_prefetch`].
+    pub prefetch: HashMap<String, u16>,
+    /// Prefetch of queues not in [`RabbitConfig::prefetch`] (at least 1).
+    pub default_prefetch: u16,
+    /// The server's `consumer_timeout` (rabbitmq.conf; default 30 min): the longest a delivery may
+    /// stay unacked before RabbitMQ closes its channel. Not sent to the server; it is the lease's
+    /// declared maximum, so config validation can warn about longer job timeouts.
+    pub consumer_timeout: Duration,
+    /// Largest payload accepted at publish.
+    pub max_payload: usize,
+    /// `x-expires` for every queue declared, so unused queues are deleted by the broker after this
+    /// long without consumers or declares. For tests and throw-away setups only (`None`, the
+    /// default, in production: an expired delay tier would take its waiting messages with it).
+    pub queue_expires: Option<Duration>,
+    /// Connection name shown in the management UI; default `stevedore <host>-<pid>`.
+    pub connection_name: Option<String>,
+    /// PEM file of CA certificates to trust for `amqps://` besides the system and Mozilla roots
+    /// (a private CA).
+    pub tls_ca_file: Option<std::path::PathBuf>,
+}
+
+impl RabbitConfig {
+    /// Settings for `url`, defaults for the rest.
+    pub fn new(url: impl Into<String>) -> Self {
+        RabbitConfig {
+            url: url.into(),
+            key_prefix: String::new(),
+            prefetch: HashMap::new(),
+            default_prefetch: DEFAULT_PREFETCH,
+            consumer_timeout: DEFAULT_CONSUMER_TIMEOUT,
+            max_payload: DEFAULT_MAX_PAYLOAD,
+            queue_expires: None,
+            connection_name: None,
+            tls_ca_file: None,
+        }
+    }
+
+    /// The prefetch of physical queue `queue`.
+    pub fn prefetch_for(&self, queue: &str) -> u16 {
+        self.prefetch
+            .get(queue)
+            .copied()
+            .unwrap_or(self.default_prefetch)
+            .max(1)
+    }
+}
+
+impl fmt::Debug for RabbitConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RabbitConfig")
+            .field("url", &redact(&self.url))
+            .field("key_prefix", &self.key_prefix)
+            .field("prefetch", &self.prefetch)
+            .field("default_prefetch", &self.default_prefetch)
+            .field("consumer_timeout", &self.consumer_timeout)
+            .field("max_payload", &self.max_payload)
+            .field("queue_expires", &self.queue_expires)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .finish()
+    }
+}
+
+/// The URL with its password replaced by `***`.
+pub fn redact(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    match authority.rfind('@') {
+        Some(at) => {
+            let userinfo = &authority[..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..scheme_end], &rest[at..])
+        }
+        None => url.to_string(),
+    }
+}
+
+/// What the RabbitMQ backend declares: no native delay (the tiered [`RabbitDelayStore`] instead),
+/// session leases bounded by the server's `consumer_timeout`, no ordering across competing
+/// consumers, durable, exact depth counts. A due delayed message surfaces within the promoter's
+/// interval plus the 50 ms shortest tier; `delay_tolerance` covers that for the default 250 ms
+/// interval.
+pub fn capabilities(max_payload: usize, consumer_timeout: Duration) -> Capabilities {
+    Capabilities {
+        delay: DelaySupport::None,
+        lease: LeaseSupport::Session {
+            max: Some(consumer_timeout),
+        },
+        ordering: OrderingSupport::None,
+        max_payload,
+        max_batch: MAX_BATCH,
+        durable: true,
+        delay_tolerance: Duration::from_millis(400),
+        depth_staleness: Duration::ZERO,
+    }
+}
+
+/// RabbitMQ broker. Cheap to clone (clones share the connection and consumers); thread safe.
+/// Dropping the last clone closes the connection, which returns every unacked message.
+#[derive(Clone)]
+pub struct RabbitBroker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: RabbitConfig,
+    url_redacted: String,
+    connection_name: String,
+    tls_ca_pem: Option<String>,
+    caps: Capabilities,
+    link: Mutex<Option<Arc<Link>>>,
+    connecting: tokio::sync::Mutex<()>,
+    link_gens: AtomicU64,
+    chan_ids: AtomicU64,
+    queues: Mutex<HashMap<String, Arc<QueueState>>>,
+    prepared: Mutex<BTreeSet<String>>,
+    delay: delay::DelayShared,
+    counters: Arc<Counters>,
+    closed: AtomicBool,
+}
+
+impl fmt::Debug for RabbitBroker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RabbitBroker")
+            .field("url", &self.inner.url_redacted)
+            .field("key_prefix", &self.inner.cfg.key_prefix)
+            .field("connection", &self.inner.connection_name)
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The consumer credit for a handle holding `in_flight` deliveries that asks for `want` more.
+fn credit(prefetch: u16, in_flight: usize, want: usize) -> u16 {
+    u16::try_from(
+        in_flight
+            .saturating_add(want)
+            .clamp(1, usize::from(prefetch.max(1))),
+    )
+    .unwrap_or(u16::MAX)
+}
+
+/// What `ensure_consumer` has to do.
+enum Plan {
+    Nothing,
+    Open,
+    Consume(u16),
+    Upgrade(String, u16),
+}
+
+impl RabbitBroker {
+    /// Connects (checking the server answers and accepts the login).
+    pub async fn connect(config: RabbitConfig) -> Result<Self, BrokerError> {
+        if config.url.starts_with("amqps://") {
+            // Ignored when a provider is already installed (by us or by the application).
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+        let url_redacted = redact(&config.url);
+        let connection_name = config.connection_name.clone().unwrap_or_else(|| {
+            let host = hostname();
+            format!("stevedore {host}-{}", std::process::id())
+        });
+        let caps = capabilities(config.max_payload, config.consumer_timeout);
+        let tls_ca_pem = match &config.tls_ca_file {
+            Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
+                BrokerError::permanent(format!("cannot read tls_ca_file {}: {e}", path.display()))
+            })?),
+            None => None,
+        };
+        let broker = RabbitBroker {
+            inner: Arc::new(Inner {
+                cfg: config,
+                url_redacted,
+                connection_name,
+                tls_ca_pem,
+                caps,
+                link: Mutex::new(None),
+                connecting: tokio::sync::Mutex::new(()),
+                link_gens: AtomicU64::new(0),
+                chan_ids: AtomicU64::new(0),
+                queues: Mutex::new(HashMap::new()),
+                prepared: Mutex::new(BTreeSet::new()),
+                delay: delay::DelayShared::default(),
+                counters: Arc::new(Counters::default()),
+                closed: AtomicBool::new(false),
+            }),
+        };
+        broker.link().await?;
+        Ok(broker)
+    }
+
+    /// The AMQP name of physical queue `queue` (prefix included), or why it cannot be one.
+    pub fn queue_name(&self, queue: &str) -> Result<String, BrokerError> {
+        self.amqp_name(queue)
+    }
+
+    /// How many times the broker closed a consumer channel of this handle because a delivery
+    /// outlived the server's `consumer_timeout`.
+    pub fn consumer_timeouts(&self) -> u64 {
+        self.inner
+            .counters
+            .consumer_timeouts
+            .load(Ordering::Relaxed)
+    }
+
+    /// Which connection this handle is on (1 for the first; grows with every reconnect).
+    pub fn connection_generation(&self) -> u64 {
+        lock(&self.inner.link).as_ref().map_or(0, |l| l.gen)
+    }
+
+    pub(crate) fn amqp_name(&self, queue: &str) -> Result<String, BrokerError> {
+        let invalid = |reason: &str| BrokerError::InvalidQueue {
+            queue: queue.to_string(),
+            reason: reason.to_string(),
+        };
+        if queue.is_empty() {
+            return Err(invalid("empty name"));
+        }
+        let name = format!("{}{queue}", self.inner.cfg.key_prefix);
+        if name.starts_with("amq.") {
+            return Err(invalid(
+                "names starting with \"amq.\" are reserved by RabbitMQ",
+            ));
+        }
+        // Room for the longest delay tier suffix (".delay.104857600").
+        if name.len() + 16 > 255 {
+            return Err(invalid(
+                "prefix + name must be at most 239 bytes (AMQP names are at most 255, and delay \
+                 queues add up to 16)",
+            ));
+        }
+        Ok(name)
+    }
+
+    pub(crate) fn expires(&self) -> Option<Duration> {
+        self.inner.cfg.queue_expires
+    }
+
+    pub(crate) fn check_payloads(&self, messages: &[Envelope]) -> Result<(), BrokerError> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(BrokerError::Closed);
+        }
+        let max = self.inner.caps.max_payload;
+        match messages.iter().find(|m| m.payload.len() > max) {
+            Some(big) => Err(BrokerError::PayloadTooLarge {
+                size: big.payload.len(),
+                max,
+                backend: "rabbitmq",
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn current_link(&self) -> Option<Arc<Link>> {
+        lock(&self.inner.link).clone()
+    }
+
+    /// The live connection, reconnecting first if it broke (and declaring the prepared queues on
+    /// the new one).
+    pub(crate) async fn link(&self) -> Result<Arc<Link>, BrokerError> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(BrokerError::Closed);
+        }
+        if let Some(l) = self.current_link().filter(|l| l.alive()) {
+            return Ok(l);
+        }
+        let _connecting = self.inner.connecting.lock().await;
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(BrokerError::Closed);
+        }
+        let old = self.current_link();
+        if let Some(l) = old.as_ref().filter(|l| l.alive()) {
+            return Ok(l.clone());
+        }
+        if old.is_some() {
+            tracing::warn!(url = %self.inner.url_redacted, "connection to RabbitMQ lost; reconnecting");
+        }
+        let gen = self.inner.link_gens.fetch_add(1, Ordering::Relaxed) + 1;
+        let link = Arc::new(
+            Link::open(
+                &self.inner.cfg.url,
+                &self.inner.url_redacted,
+                &self.inner.connection_name,
+                self.inner.tls_ca_pem.as_deref(),
+                gen,
+            )
+            .await?,
+        );
+        *lock(&self.inner.link) = Some(link.clone());
+        if let Some(old) = old {
+            tracing::info!(url = %self.inner.url_redacted, generation = gen, "reconnected to RabbitMQ");
+            // Consumer channels may still hold the old connection open: close it for good.
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    old.conn.close(200, "replaced".into()),
+                )
+                .await;
+            });
+        }
+        let prepared: Vec<String> = lock(&self.inner.prepared).iter().cloned().collect();
+        for q in prepared {
+            link.ensure(&self.amqp_name(&q)?, QueueKind::Work, self.expires())
+                .await?;
+        }
+        Ok(link)
+    }
+
+    fn queue_state(&self, queue: &str) -> Result<Arc<QueueState>, BrokerError> {
+        let amqp = self.amqp_name(queue)?;
+        let mut m = lock(&self.inner.queues);
+        Ok(m.entry(queue.to_string())
+            .or_insert_with(|| {
+                Arc::new(QueueState::new(
+                    amqp,
+                    self.inner.cfg.prefetch_for(queue),
+                    self.inner.counters.clone(),
+                    self.inner.cfg.consumer_timeout,
+                ))
+            })
+            .clone())
+    }
+
+    fn existing_queue_state(&self, queue: &str) -> Option<Arc<QueueState>> {
+        lock(&self.inner.queues).get(queue).cloned()
+    }
+
+    /// Makes sure `qs` has a live channel and a consumer with enough credit for `want` more
+    /// deliveries. Returns whether it started a consumer. The caller holds `qs.setup`.
+    async fn ensure_consumer(
+        &self,
+        qs: &Arc<QueueState>,
+        want: usize,
+    ) -> Result<bool, BrokerError> {
+        let link = self.link().await?;
+        let plan = {
+            let mut slot = qs.slot();
+            match slot.as_mut() {
+                Some(c) if c.failed.is_some() && !c.reported => {
+                    c.reported = true;
+                    let why = c.failed.clone().unwrap_or_default();
+                    return Err(BrokerError::Connection(why));
+                }
+                Some(c)
+                    if c.failed.is_none()
+                        && c.link_gen == link.gen
+                        && c.channel.status().connected() =>
+                {
+                    let next = credit(qs.prefetch, c.outstanding.len(), want);
+                    match &c.active {
+                        None => Plan::Consume(next),
+                        Some(a) => {
+                            let blocked = c.buffer.len() < want
+                                && c.active_unsettled() >= usize::from(a.credit);
+                            if blocked && next > a.credit {
+                                Plan::Upgrade(a.tag.clone(), next)
+                            } else {
+                                Plan::Nothing
+                            }
+                        }
+                    }
+                }
+                _ => Plan::Open,
+            }
+        };
+        match plan {
+            Plan::Nothing => Ok(false),
+            Plan::Open => {
+                link.ensure(&qs.amqp, QueueKind::Work, self.expires())
+                    .await?;
+                let ch = call(
+                    format!("open a consumer channel for {}", qs.amqp),
+                    link.conn.create_channel(),
+                )
+                .await
+                .map_err(|e| link.note(e))?;
+                let id = self.inner.chan_ids.fetch_add(1, Ordering::Relaxed) + 1;
+                let old = qs.slot().replace(Chan::new(id, link.gen, ch));
+                // Closing the old channel (if any) returns what it held to the queue.
+                drop(old);
+                qs.notify.notify_waiters();
+                self.start_consumer(&link, qs, credit(qs.prefetch, 0, want))
+                    .await?;
+                Ok(true)
+            }
+            Plan::Consume(n) => {
+                self.start_consumer(&link, qs, n).await?;
+                Ok(true)
+            }
+            Plan::Upgrade(tag, n) => {
+                let ch = {
+                    let mut slot = qs.slot();
+                    let Some(c) = slot.as_mut() else {
+                        return Ok(false);
+                    };
+                    c.active = None;
+                    c.channel.clone()
+                };
+                call(
+                    "basic.cancel",
+                    ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()),
+                )
+                .await
+                .map_err(|e| self.chan_failed(qs, e))?;
+                self.start_consumer(&link, qs, n).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// Marks the current channel of `qs` as dead when `e` broke it; returns `e`.
+    fn chan_failed(&self, qs: &QueueState, e: BrokerError) -> BrokerError {
+        let mut slot = qs.slot();
+        if let Some(c) = slot.as_mut() {
+            if !c.channel.status().connected() {
+                c.failed.get_or_insert_with(|| e.to_string());
+                c.reported = true;
+                c.buffer.clear();
+            }
+        }
+        e
+    }
+
+    /// Sets the consumer's credit and starts consuming on the queue's current channel.
+    async fn start_consumer(
+        &self,
+        link: &Link,
+        qs: &Arc<QueueState>,
+        credit: u16,
+    ) -> Result<(), BrokerError> {
+        let (ch, id, no) = {
+            let mut slot = qs.slot();
+            let Some(c) = slot.as_mut() else {
+                return Err(BrokerError::Connection("consumer channel went away".into()));
+            };
+            c.consumers += 1;
+            (c.channel.clone(), c.id, c.consumers)
+        };
+        call(
+            "basic.qos",
+            ch.basic_qos(credit, BasicQosOptions { global: false }),
+        )
+        .await
+        .map_err(|e| self.chan_failed(qs, e))?;
+        let tag = format!("stevedore-{id}-{no}");
+        let consumer = match call(
+            format!("basic.consume on {}", qs.amqp),
+            ch.basic_consume(
+                short(&qs.amqp)?,
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                if matches!(&e, BrokerError::Other { message, .. } if message.contains("NOT-FOUND"))
+                {
+                    // Deleted under us: declared again on the next call.
+                    link.forget(&qs.amqp);
+                    return Err(self.chan_failed(qs, BrokerError::transient(e.to_string())));
+                }
+                return Err(self.chan_failed(qs, e));
+            }
+        };
+        let pump = spawn_pump(qs, id, no, consumer);
+        let mut slot = qs.slot();
+        match slot.as_mut().filter(|c| c.id == id) {
+            Some(c) => {
+                c.active = Some(Active { no, tag, credit });
+                c.pumps.push(pump);
+                c.last_change = Some(std::time::Instant::now());
+                Ok(())
+            }
+            None => {
+                pump.abort();
+                Err(BrokerError::Connection(
+                    "consumer channel replaced while consuming".into(),
+                ))
+            }
+        }
+    }
+
+    /// Cancels the consumer of `qs`, if any, so nothing more is pushed to this handle. The caller
+    /// holds `qs.setup`.
+    async fn cancel_consumer(&self, qs: &QueueState) {
+        let cancel = {
+            let mut slot = qs.slot();
+            slot.as_mut()
+                .and_then(|c| c.active.take().map(|a| (c.channel.clone(), a.tag)))
+        };
+        if let Some((ch, tag)) = cancel {
+            if let Err(e) = call(
+                "basic.cancel",
+                ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()),
+            )
+            .await
+            {
+                self.chan_failed(qs, e);
+            }
+        }
+    }
+
+    /// Whether the broker may still push to this handle's consumer of `qs`: it has credit left,
+    /// and either this handle settled deliveries or started consuming moments ago (the broker's
+    /// replacement pushes may be on the wire) or the queue holds ready messages (one declare round
+    /// trip).
+    async fn may_push(&self, qs: &QueueState) -> Result<bool, BrokerError> {
+        let (has_credit, recent) = match qs.slot().as_ref() {
+            Some(c) if c.failed.is_none() => (
+                c.active
+                    .as_ref()
+                    .is_some_and(|a| c.active_unsettled() < usize::from(a.credit)),
+                c.last_change.is_some_and(|t| t.elapsed() < PUSH_GRACE),
+            ),
+            _ => (false, false),
+        };
+        if !has_credit {
+            return Ok(false);
+        }
+        if recent {
+            return Ok(true);
+        }
+        let link = self.link().await?;
+        let ready = link
+            .declare(&qs.amqp, QueueKind::Work, self.expires())
+            .await?;
+        Ok(ready > 0)
+    }
+
+    fn to_delivery(queue: &str, chan_id: u64, tag: u64, raw: Raw) -> Delivery {
+        let d = amqp::decode(&raw.props, raw.data, raw.redelivered);
+        Delivery {
+            envelope: d.envelope,
+            receipt: Receipt::new(queue, chan_id.to_string(), tag),
+            delivery_count: d.delivery_count,
+        }
+    }
+
+    /// Acks or requeues receipts, queue by queue.
+    async fn settle(&self, receipts: &[Receipt], how: Settle) -> Result<(), BrokerError> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(BrokerError::Closed);
+        }
+        let mut by_queue: BTreeMap<&str, Vec<&Receipt>> = BTreeMap::new();
+        for r in receipts {
+            by_queue.entry(r.queue()).or_default().push(r);
+        }
+        let mut lost: Option<String> = None;
+        for (queue, rs) in by_queue {
+            let Some(qs) = self.existing_queue_state(queue) else {
+                lost = Some(queue.to_string());
+                continue;
+            };
+            let _setup = match how {
+                Settle::Requeue => {
+                    let g = qs.setup.lock().await;
+                    // Stop pushes to this handle first, so the released messages go to whoever
+                    // asks next rather than straight back into our own buffer.
+                    self.cancel_consumer(&qs).await;
+                    Some(g)
+                }
+                Settle::Ack => None,
+            };
+            let _wire = qs.wire.lock().await;
+            let planned = {
+                let mut slot = qs.slot();
+                match slot.as_mut().filter(|c| c.failed.is_none()) {
+                    None => None,
+                    Some(c) => {
+                        let mut tags = Vec::with_capacity(rs.len());
+                        for r in &rs {
+                            let ours = r.handle().parse::<u64>().ok() == Some(c.id);
+                            if ours && c.settle(r.seq()) {
+                                tags.push(r.seq());
+                            } else {
+                                lost = Some(queue.to_string());
+                            }
+                        }
+                        let frames = c.plan(&mut tags);
+                        c.last_change = Some(std::time::Instant::now());
+                        Some((c.channel.clone(), c.id, frames))
+                    }
+                }
+            };
+            let Some((channel, id, frames)) = planned else {
+                lost = Some(queue.to_string());
+                continue;
+            };
+            if !send_settle(&channel, how, &frames).await {
+                // The channel is gone: the broker requeues what it held.
+                let mut slot = qs.slot();
+                if let Some(c) = slot.as_mut().filter(|c| c.id == id) {
+                    c.failed
+                        .get_or_insert_with(|| format!("consumer channel of {} closed", qs.amqp));
+                    c.buffer.clear();
+                }
+                lost = Some(queue.to_string());
+            }
+        }
+        match lost {
+            Some(queue) => Err(BrokerError::LeaseLost { queue }),
+            None => Ok(()),
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".into())
+}
+
+#[async_trait]
+impl Broker for RabbitBroker {
+    fn name(&self) -> &'static str {
+        "rabbitmq"
+    }
+
+    fn capabilities(&self) -> &Capabilities {
+        &self.inner.caps
+    }
+
+    /// Declares each queue (durable quorum queue) and registers it for delay promotion.
+    async fn prepare(&self, queues: &[String]) -> Result<(), BrokerError> {
+        let names: Vec<String> = queues
+            .iter()
+            .map(|q| self.amqp_name(q))
+            .collect::<Result<_, _>>()?;
+        let link = self.link().await?;
+        for (q, amqp) in queues.iter().zip(&names) {
+            link.ensure(amqp, QueueKind::Work, self.expires()).await?;
+            lock(&self.inner.prepared).insert(q.clone());
+            self.inner.delay.register(q);
+        }
+        Ok(())
+    }
+
+    async fn publish(&self, queue: &str, messages: Vec<Envelope>) -> Result<(), BrokerError> {
+        self.check_payloads(&messages)?;
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let amqp = self.amqp_name(queue)?;
+        let batch = messages
+            .iter()
+            .map(|m| amqp::properties(m, &[]))
+            .collect::<Result<Vec<_>, _>>()?;
+        let link = self.link().await?;
+        link.ensure(&amqp, QueueKind::Work, self.expires()).await?;
+        link.publish_confirmed(&amqp, batch).await
+    }
+
+    async fn receive(
+        &self,
+        queue: &str,
+        opts: ReceiveOptions,
+    ) -> Result<Vec<Delivery>, BrokerError> {
+        let qs = self.queue_state(queue)?;
+        let max = opts.max.clamp(1, self.inner.caps.max_batch);
+        let mut deadline = Instant::now() + opts.wait;
+        let mut checked = false;
+        loop {
+            let started = {
+                let _setup = qs.setup.lock().await;
+                self.ensure_consumer(&qs, max).await?
+            };
+            if started {
+                deadline = deadline.max(Instant::now() + START_GRACE);
+            }
+            let notified = qs.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let (taken, chan_id, dead) = {
+                let mut slot = qs.slot();
+                match slot.as_mut().filter(|c| c.failed.is_none()) {
+                    Some(c) => {
+                        let mut out = Vec::new();
+                        while out.len() < max {
+                            let Some((tag, raw)) = c.buffer.pop_first() else {
+                                break;
+                            };
+                            c.outstanding.insert(tag, raw.consumer);
+                            out.push((tag, raw));
+                        }
+                        (out, c.id, false)
+                    }
+                    None => (Vec::new(), 0, true),
+                }
+            };
+            if !taken.is_empty() {
+                return Ok(taken
+                    .into_iter()
+                    .map(|(tag, raw)| Self::to_delivery(queue, chan_id, tag, raw))
+                    .collect());
+            }
+            if dead {
+                // ensure_consumer reports the loss once, then opens a new channel.
+                continue;
+            }
+            if Instant::now() >= deadline {
+                // The buffer lags the broker by a push: before saying "empty", ask the broker
+                // whether the queue holds ready messages this consumer could still be sent.
+                if !checked {
+                    checked = true;
+                    if self.may_push(&qs).await? {
+                        deadline = Instant::now() + PUSH_GRACE;
+                        continue;
+                    }
+                }
+                return Ok(Vec::new());
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
+        }
+    }
+
+    async fn ack(&self, receipts: &[Receipt]) -> Result<(), BrokerError> {
+        self.settle(receipts, Settle::Ack).await
+    }
+
+    async fn release(&self, receipts: &[Receipt]) -> Result<(), BrokerError> {
+        self.settle(receipts, Settle::Requeue).await
+    }
+
+    /// A no-op while the delivery is held (the lease is the channel); [`BrokerError::LeaseLost`]
+    /// once it is not (acked, released, or its channel died).
+    async fn extend_lease(&self, receipt: &Receipt, _lease: Duration) -> Result<(), BrokerError> {
+        let held = self
+            .existing_queue_state(receipt.queue())
+            .is_some_and(|qs| {
+                qs.slot().as_ref().is_some_and(|c| {
+                    c.failed.is_none()
+                        && receipt.handle().parse::<u64>().ok() == Some(c.id)
+                        && c.outstanding.contains_key(&receipt.seq())
+                })
+            });
+        if held {
+            Ok(())
+        } else {
+            Err(BrokerError::LeaseLost {
+                queue: receipt.queue().to_string(),
+            })
+        }
+    }
+
+    async fn depth(&self, queue: &str) -> Result<Depth, BrokerError> {
+        let amqp = self.amqp_name(queue)?;
+        let link = self.link().await?;
+        let queued = link.declare(&amqp, QueueKind::Work, self.expires()).await?;
+        let (buffered, in_flight) = self
+            .existing_queue_state(queue)
+            .and_then(|qs| {
+                qs.slot()
+                    .as_ref()
+                    .filter(|c| c.failed.is_none())
+                    .map(|c| (c.buffer.len() as u64, c.outstanding.len() as u64))
+            })
+            .unwrap_or((0, 0));
+        let store = RabbitDelayStore {
+            broker: self.clone(),
+        };
+        let delayed = store.delayed(queue).await?;
+        Ok(Depth {
+            ready: queued + buffered,
+            in_flight,
+            delayed,
+            oldest_age: None,
+        })
+    }
+
+    fn delay_store(&self) -> Option<Arc<dyn DelayStore>> {
+        Some(Arc::new(RabbitDelayStore {
+            broker: self.clone(),
+        }))
+    }
+
+    /// Closes every channel (unacked messages go back to their queues) and the connection.
+    async fn close(&self) -> Result<(), BrokerError> {
+        if self.inner.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let states: Vec<Arc<QueueState>> =
+            lock(&self.inner.queues).drain().map(|(_, qs)| qs).collect();
+        for qs in states {
+            qs.reset();
+        }
+        self.inner.delay.reset().await;
+        let link = lock(&self.inner.link).take();
+        if let Some(link) = link {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(5),
+                link.conn.close(200, "stevedore broker closed".into()),
+            )
+            .await;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_the_password_only() {
+        assert_eq!(
+            redact("amqp://guest:s3cret@127.0.0.1:5672/%2f"),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(
+            redact("amqps://app:p@ss@rabbit:5671/vh"),
+            "amqps://app:***@rabbit:5671/vh"
+        );
+        assert_eq!(redact("amqp://localhost:5672"), "amqp://localhost:5672");
+        let cfg = RabbitConfig::new("amqp://u:topsecret@h/%2f");
+        assert!(!format!("{cfg:?}").contains("topsecret"));
+    }
+
+    #[test]
+    fn credit_follows_demand_up_to_the_prefetch() {
+        assert_eq!(credit(64, 0, 10), 10);
+        assert_eq!(credit(64, 10, 16), 26);
+        assert_eq!(credit(64, 60, 16), 64);
+        assert_eq!(credit(64, 0, 0), 1);
+        assert_eq!(credit(1, 0, 10), 1);
+    }
+
+    #[test]
+    fn capabilities_declare_session_leases_bounded_by_consumer_timeout() {
+        let c = capabilities(1024, Duration::from_secs(60));
+        assert_eq!(
+            c.lease,
+            LeaseSupport::Session {
+                max: Some(Duration::from_secs(60))
+            }
+        );
+        assert_eq!(c.delay, DelaySupport::None);
+        assert!(c.durable);
+    }
+}

@@ -1,0 +1,403 @@
+//! The connection: connecting, its publish and admin channels, declaring queues, publishing with
+//! confirms, and mapping lapin's errors onto [`BrokerError`].
+
+use bytes::Bytes;
+use futures::future::join_all;
+use lapin::auth::AuthProvider;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+use lapin::tcp::OwnedTLSConfig;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::uri::{AMQPUri, SASLMechanism};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ErrorKind};
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+use stevedore_core::BrokerError;
+
+/// Longest wait for the TCP/TLS connection and the AMQP handshake.
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for one synchronous AMQP call or for the confirms of one publish batch.
+pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What kind of queue a name is declared as.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum QueueKind {
+    /// A work queue: durable, quorum (so redeliveries are counted).
+    Work,
+    /// A delay tier: durable, classic, every message expires after `ttl_ms` into the router queue.
+    Tier { ttl_ms: u64 },
+    /// A delay store's router queue: durable, classic.
+    Router,
+}
+
+/// One AMQP connection and what lives on it. Replaced as a whole when it breaks; `gen` tells
+/// receipts and channels of an older connection apart.
+pub(crate) struct Link {
+    pub gen: u64,
+    pub conn: Connection,
+    /// Confirm-mode channel every publish goes through.
+    pub publish: Channel,
+    /// Channel for declares; re-opened when a declare error closes it.
+    admin: tokio::sync::Mutex<Option<Channel>>,
+    /// AMQP queue names declared on this connection.
+    declared: Mutex<HashSet<String>>,
+    broken: AtomicBool,
+}
+
+impl Link {
+    /// Connects and opens the publish channel in confirm mode.
+    pub(crate) async fn open(
+        url: &str,
+        redacted: &str,
+        name: &str,
+        tls_ca_pem: Option<&str>,
+        gen: u64,
+    ) -> Result<Link, BrokerError> {
+        let mut uri: AMQPUri = url.parse().map_err(|e: String| {
+            BrokerError::permanent(format!(
+                "invalid RabbitMQ url {redacted}: {}",
+                e.replace(url, redacted)
+            ))
+        })?;
+        let mut props = ConnectionProperties::default()
+            .with_connection_name(LongString::from(name.to_string()));
+        if matches!(uri.query.auth_mechanism, None | Some(SASLMechanism::Plain)) {
+            // The password goes to the server through this provider only, never inside the URI
+            // that lapin's dependencies log at trace level.
+            let info = &mut uri.authority.userinfo;
+            props = props.with_auth_provider(PlainAuth {
+                user: std::mem::take(&mut info.username),
+                password: std::mem::replace(&mut info.password, "***".into()),
+            });
+        }
+        let tls = OwnedTLSConfig {
+            identity: None,
+            cert_chain: tls_ca_pem.map(str::to_string),
+        };
+        let runtime = lapin::runtime::default_runtime()
+            .map_err(|e| BrokerError::permanent(format!("no async runtime for lapin: {e}")))?;
+        let connecting = Connection::connect_uri_with_config(uri, props, tls, runtime);
+        let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+            Err(_) => {
+                return Err(BrokerError::Connection(format!(
+                    "cannot connect to {redacted}: no answer within {CONNECT_TIMEOUT:?}"
+                )))
+            }
+            Ok(Err(e)) => return Err(connect_error(&e, redacted)),
+            Ok(Ok(c)) => c,
+        };
+        let publish = call("open the publish channel", conn.create_channel()).await?;
+        call(
+            "enable publisher confirms",
+            publish.confirm_select(ConfirmSelectOptions::default()),
+        )
+        .await?;
+        Ok(Link {
+            gen,
+            conn,
+            publish,
+            admin: tokio::sync::Mutex::new(None),
+            declared: Mutex::new(HashSet::new()),
+            broken: AtomicBool::new(false),
+        })
+    }
+
+    /// Whether the connection and its publish channel are still usable.
+    pub(crate) fn alive(&self) -> bool {
+        !self.broken.load(Ordering::Acquire)
+            && self.conn.status().connected()
+            && self.publish.status().connected()
+    }
+
+    /// Marks the connection unusable when `e` says it (or its publish channel) broke, so the next
+    /// call reconnects. Returns `e`.
+    pub(crate) fn note(&self, e: BrokerError) -> BrokerError {
+        if e.is_transient() && !self.alive() {
+            self.broken.store(true, Ordering::Release);
+        }
+        e
+    }
+
+    /// Forces a reconnect on the next call.
+    pub(crate) fn mark_broken(&self) {
+        self.broken.store(true, Ordering::Release);
+    }
+
+    fn declared(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.declared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn is_declared(&self, amqp: &str) -> bool {
+        self.declared().contains(amqp)
+    }
+
+    /// Forgets that `amqp` was declared (it was deleted under us), so the next use declares it.
+    pub(crate) fn forget(&self, amqp: &str) {
+        self.declared().remove(amqp);
+    }
+
+    /// A usable admin channel, opened anew if the last one was closed by an error.
+    async fn admin(&self) -> Result<Channel, BrokerError> {
+        let mut slot = self.admin.lock().await;
+        if let Some(c) = slot.as_ref() {
+            if c.status().connected() {
+                return Ok(c.clone());
+            }
+        }
+        let c = call("open a channel", self.conn.create_channel())
+            .await
+            .map_err(|e| self.note(e))?;
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Declares `amqp` idempotently (durable, with the arguments of `kind`) and returns its ready
+    /// message count. A work queue that already exists as a classic queue (made by another client)
+    /// is used as it is, with a warning: its redeliveries are then counted only as "redelivered".
+    pub(crate) async fn declare(
+        &self,
+        amqp: &str,
+        kind: QueueKind,
+        expires: Option<Duration>,
+    ) -> Result<u64, BrokerError> {
+        let name = short(amqp)?;
+        let mut args = FieldTable::default();
+        match kind {
+            QueueKind::Work => {
+                args.insert("x-queue-type".into(), lstr("quorum"));
+            }
+            QueueKind::Tier { ttl_ms } => {
+                args.insert("x-queue-type".into(), lstr("classic"));
+                args.insert(
+                    "x-message-ttl".into(),
+                    AMQPValue::LongLongInt(ttl_ms.min(i64::MAX as u64) as i64),
+                );
+                args.insert("x-dead-letter-exchange".into(), lstr(""));
+                args.insert(
+                    "x-dead-letter-routing-key".into(),
+                    AMQPValue::LongString(LongString::from(crate::delay::router_of_tier(amqp))),
+                );
+            }
+            QueueKind::Router => {
+                args.insert("x-queue-type".into(), lstr("classic"));
+            }
+        }
+        if let Some(e) = expires {
+            args.insert(
+                "x-expires".into(),
+                AMQPValue::LongLongInt(e.as_millis().clamp(1, i64::MAX as u128) as i64),
+            );
+        }
+        let opts = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        let ch = self.admin().await?;
+        let first = call(
+            format!("declare queue {amqp}"),
+            ch.queue_declare(name.clone(), opts, args),
+        )
+        .await;
+        let count = match first {
+            Ok(q) => q.message_count(),
+            Err(e) if matches!(kind, QueueKind::Work) && is_inequivalent(&e) => {
+                // Made by someone else with other arguments (a classic queue): use it as it is.
+                let ch = self.admin().await?;
+                let passive = QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                };
+                let q = call(
+                    format!("check existing queue {amqp}"),
+                    ch.queue_declare(name, passive, FieldTable::default()),
+                )
+                .await
+                .map_err(|e| self.note(e))?;
+                if !self.is_declared(amqp) {
+                    tracing::warn!(
+                        queue = amqp,
+                        "queue exists with other arguments (not a quorum queue); using it as it \
+                         is: redeliveries are counted only as 'redelivered' (delivery count 2), so \
+                         max attempts may be reached later than configured after crashes"
+                    );
+                }
+                q.message_count()
+            }
+            Err(e) => return Err(self.note(e)),
+        };
+        self.declared().insert(amqp.to_string());
+        Ok(u64::from(count))
+    }
+
+    /// Declares `amqp` unless it was already declared on this connection.
+    pub(crate) async fn ensure(
+        &self,
+        amqp: &str,
+        kind: QueueKind,
+        expires: Option<Duration>,
+    ) -> Result<(), BrokerError> {
+        if self.is_declared(amqp) {
+            return Ok(());
+        }
+        self.declare(amqp, kind, expires).await.map(|_| ())
+    }
+
+    /// Publishes each `(properties, body)` to queue `amqp` through the default exchange (mandatory,
+    /// so a missing queue is noticed) and returns once the broker confirmed every one. A nack, a
+    /// returned message or a missing confirm fails the call (transient: the caller may retry; some
+    /// messages may have been taken).
+    pub(crate) async fn publish_confirmed(
+        &self,
+        amqp: &str,
+        messages: Vec<(BasicProperties, Bytes)>,
+    ) -> Result<(), BrokerError> {
+        let key = short(amqp)?;
+        let opts = BasicPublishOptions {
+            mandatory: true,
+            ..BasicPublishOptions::default()
+        };
+        let mut confirms = Vec::with_capacity(messages.len());
+        for (props, body) in messages {
+            let sent = self
+                .publish
+                .basic_publish(ShortString::from(""), key.clone(), opts, &body, props)
+                .await
+                .map_err(|e| self.note(map(&e, &format!("publish to {amqp}"))))?;
+            confirms.push(sent);
+        }
+        let results = tokio::time::timeout(CALL_TIMEOUT, join_all(confirms))
+            .await
+            .map_err(|_| {
+                // Confirms lost in a stuck connection: start over on a fresh one.
+                self.mark_broken();
+                BrokerError::Timeout(CALL_TIMEOUT)
+            })?;
+        let mut returned = 0usize;
+        let mut nacked = 0usize;
+        for r in results {
+            match r {
+                Ok(Confirmation::Ack(None)) => {}
+                Ok(Confirmation::Ack(Some(_))) => returned += 1,
+                Ok(Confirmation::Nack(_)) => nacked += 1,
+                Ok(Confirmation::NotRequested) => {
+                    self.mark_broken();
+                    return Err(BrokerError::transient(
+                        "publish channel lost confirm mode; reconnecting",
+                    ));
+                }
+                Err(e) => return Err(self.note(map(&e, &format!("confirm of publish to {amqp}")))),
+            }
+        }
+        if returned > 0 {
+            self.forget(amqp);
+            return Err(BrokerError::transient(format!(
+                "{returned} message(s) returned unroutable: queue {amqp} does not exist (deleted?); \
+                 it is declared again on the next call"
+            )));
+        }
+        if nacked > 0 {
+            return Err(BrokerError::transient(format!(
+                "the broker refused {nacked} message(s) for {amqp} (publisher nack)"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// SASL PLAIN with credentials kept out of the URI.
+struct PlainAuth {
+    user: String,
+    password: String,
+}
+
+impl AuthProvider for PlainAuth {
+    fn mechanism(&self) -> ShortString {
+        ShortString::from("PLAIN")
+    }
+
+    fn auth_starter(&self) -> Result<LongString, String> {
+        Ok(LongString::from(format!(
+            "\0{}\0{}",
+            self.user, self.password
+        )))
+    }
+}
+
+fn lstr(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s))
+}
+
+/// `s` as an AMQP short string, or a permanent error naming it.
+pub(crate) fn short(s: &str) -> Result<ShortString, BrokerError> {
+    ShortString::try_new(s).map_err(|_| BrokerError::InvalidQueue {
+        queue: s.to_string(),
+        reason: "AMQP names are at most 255 bytes".into(),
+    })
+}
+
+/// Runs one AMQP call under [`CALL_TIMEOUT`], mapping its error.
+pub(crate) async fn call<T>(
+    what: impl std::fmt::Display,
+    fut: impl std::future::Future<Output = lapin::Result<T>>,
+) -> Result<T, BrokerError> {
+    match tokio::time::timeout(CALL_TIMEOUT, fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(map(&e, &what.to_string())),
+        Err(_) => Err(BrokerError::Timeout(CALL_TIMEOUT)),
+    }
+}
+
+/// The AMQP error inside a lapin error, if it is one.
+pub(crate) fn amqp_error(e: &lapin::Error) -> Option<&lapin::protocol::AMQPError> {
+    match e.kind() {
+        ErrorKind::ProtocolError(a) => Some(a),
+        _ => None,
+    }
+}
+
+fn is_inequivalent(e: &BrokerError) -> bool {
+    matches!(e, BrokerError::Other { message, .. } if message.contains("PRECONDITION") && message.contains("inequivalent"))
+}
+
+/// Maps a lapin error: broken connections and channels are [`BrokerError::Connection`]
+/// (transient: reconnect and retry), refusals by the broker are permanent. Never contains the URL.
+pub(crate) fn map(e: &lapin::Error, what: &str) -> BrokerError {
+    match e.kind() {
+        ErrorKind::ProtocolError(a) => {
+            let text = format!("{what}: {a}");
+            match a.kind() {
+                AMQPErrorKind::Soft(AMQPSoftError::RESOURCELOCKED) => BrokerError::transient(text),
+                AMQPErrorKind::Soft(_) => BrokerError::permanent(text),
+                AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED | AMQPHardError::INVALIDPATH) => {
+                    BrokerError::permanent(text)
+                }
+                AMQPErrorKind::Hard(_) => BrokerError::Connection(text),
+            }
+        }
+        ErrorKind::InvalidProtocolVersion(_)
+        | ErrorKind::SerialisationError(_)
+        | ErrorKind::AuthProviderError(_)
+        | ErrorKind::NoDefaultRuntime
+        | ErrorKind::FutureCompleted => BrokerError::permanent(format!("{what}: {e}")),
+        _ => BrokerError::Connection(format!("{what}: {e}")),
+    }
+}
+
+fn connect_error(e: &lapin::Error, redacted: &str) -> BrokerError {
+    let refused = amqp_error(e).is_some_and(|a| {
+        matches!(
+            a.kind(),
+            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)
+                | AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED)
+        )
+    });
+    if refused {
+        BrokerError::permanent(format!(
+            "{redacted} refused the login or the vhost: {e} (check the user, password and vhost)"
+        ))
+    } else {
+        BrokerError::Connection(format!("cannot connect to {redacted}: {e}"))
+    }
+}
