@@ -10,6 +10,13 @@ use std::time::{Duration, Instant};
 
 const WORKER: &str = env!("CARGO_BIN_EXE_e2e_worker");
 
+/// One test at a time: several start broker nodes or measure timings, and the machine has 2 cores.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 struct Run {
     child: Child,
     out: PathBuf,
@@ -165,6 +172,7 @@ concurrency = 8
 
 #[test]
 fn runs_every_job_once_and_serves_http() {
+    let _serial = serial();
     let run = start(CONFIG, 200, 5);
     let port = run.port;
     let out = run.out.clone();
@@ -205,6 +213,7 @@ fn runs_every_job_once_and_serves_http() {
 
 #[test]
 fn sigterm_lets_in_flight_jobs_finish_and_starts_no_new_ones() {
+    let _serial = serial();
     // 8 slots, 40 jobs of 700 ms: at SIGTERM about 8 are running and the rest wait.
     let run = start(CONFIG, 40, 700);
     let out = run.out.clone();
@@ -237,6 +246,7 @@ fn sigterm_lets_in_flight_jobs_finish_and_starts_no_new_ones() {
 
 #[test]
 fn drain_deadline_releases_unfinished_jobs() {
+    let _serial = serial();
     let config = CONFIG.replace("shutdown_timeout = \"10s\"", "shutdown_timeout = \"1s\"");
     let run = start(&config, 4, 60_000);
     let out = run.out.clone();
@@ -264,6 +274,7 @@ fn drain_deadline_releases_unfinished_jobs() {
 
 #[test]
 fn second_signal_exits_at_once() {
+    let _serial = serial();
     let run = start(CONFIG, 2, 60_000);
     let out = run.out.clone();
     wait_until("jobs running", Duration::from_secs(20), || {
@@ -279,6 +290,7 @@ fn second_signal_exits_at_once() {
 
 #[test]
 fn bad_config_fails_at_start_naming_file_and_key() {
+    let _serial = serial();
     let dir = tempfile::tempdir().expect("temp dir");
     let cfg = dir.path().join("bad.toml");
     std::fs::write(&cfg, "[queues.emails]\nconcurency = 4\n").expect("write");
@@ -309,6 +321,7 @@ fn bad_config_fails_at_start_naming_file_and_key() {
 
 #[test]
 fn config_check_redacts_secrets_and_lists_notices() {
+    let _serial = serial();
     let dir = tempfile::tempdir().expect("temp dir");
     let cfg = dir.path().join("ok.toml");
     std::fs::write(
@@ -339,6 +352,7 @@ fn config_check_redacts_secrets_and_lists_notices() {
 /// finishes every job (the dead one's after their lease). Nothing is lost.
 #[test]
 fn redis_two_workers_one_killed_loses_nothing() {
+    let _serial = serial();
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
     let prefix = format!("e2e{}-{}:", std::process::id(), free_port());
     let config = r#"
@@ -437,6 +451,7 @@ lease = "2s"
 /// and every job is done; nothing is lost.
 #[test]
 fn redis_restart_mid_run_loses_nothing() {
+    let _serial = serial();
     let server =
         stevedore_conformance::servers::RedisServer::start().unwrap_or_else(|e| panic!("{e}"));
     let url = server.url();
@@ -490,6 +505,7 @@ lease = "3s"
 /// broker runs again) or its enqueue was retried after a lost confirm.
 #[test]
 fn rabbitmq_restart_mid_run_loses_nothing() {
+    let _serial = serial();
     let server =
         stevedore_conformance::servers::RabbitServer::start().unwrap_or_else(|e| panic!("{e}"));
     let url = server.url();

@@ -58,8 +58,12 @@ fn machine_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
 }
 
+/// The two tests never overlap (timing scenarios and a server restart on a 2-core machine).
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_conformance() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let backend = Arc::new(RedisBackend {
         url: machine_url(),
         server: None,
@@ -72,6 +76,7 @@ async fn redis_conformance() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restart() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let server = RedisServer::start().unwrap_or_else(|e| panic!("{e}"));
     let url = server.url();
     let backend = Arc::new(RedisBackend {
