@@ -249,8 +249,12 @@ async fn work(broker: Arc<dyn Broker>, queue: &str, n: usize) -> Res<f64> {
     let worker = Worker::new(broker, Router::new().route("noop", noop), cfg)?;
     let stats = worker.stats();
     let stop = worker.shutdown_handle();
-    let t = Instant::now();
     let run = tokio::spawn(worker.run());
+    // The raw loop has no start-up; time the worker from when it reports ready.
+    while !stats.is_ready() {
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    let t = Instant::now();
     loop {
         let done = stats
             .snapshot()
@@ -266,6 +270,12 @@ async fn work(broker: Arc<dyn Broker>, queue: &str, n: usize) -> Res<f64> {
     stop.shutdown();
     run.await??;
     Ok(rate)
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
 }
 
 fn idle_rss_kib(backend: &str) -> Option<u64> {
@@ -346,29 +356,44 @@ async fn main() -> Res<()> {
             "backlog", "raw msgs/s", "stevedore/s", "ratio"
         );
     }
+    // Each size runs ROUNDS times, raw and Stevedore alternating, and reports the medians (the
+    // ratio's spread over rounds shows how noisy the machine was).
+    const ROUNDS: usize = 3;
     for n in sizes.iter().copied().filter(|_| backend != "rabbitmq") {
-        let (r, s) = match backend.as_str() {
-            "memory" => (
-                raw_memory(n).await?,
-                through_runtime(Arc::new(MemoryBroker::new()), "bench", n).await?,
-            ),
-            "redis" => {
-                let url = redis_url();
-                let r = raw_redis(&url, n).await?;
-                let queue = format!("bench-{}-{n}", std::process::id());
-                let broker: Arc<dyn Broker> =
-                    Arc::new(RedisBroker::connect(RedisConfig::new(url.as_str())).await?);
-                let s = through_runtime(broker, &queue, n).await?;
-                let client = redis::Client::open(url.as_str())?;
-                let mut c = client.get_multiplexed_async_connection().await?;
-                let _: () = redis::cmd("DEL").arg(&queue).query_async(&mut c).await?;
-                (r, s)
-            }
-            other => {
-                return Err(format!("unknown backend {other:?}: memory, redis or rabbitmq").into())
-            }
-        };
-        println!("{n:>10} {r:>14.0} {s:>14.0} {:>7.2}", s / r);
+        let mut raws = Vec::new();
+        let mut ours = Vec::new();
+        for _ in 0..ROUNDS {
+            let (r, s) = match backend.as_str() {
+                "memory" => (
+                    raw_memory(n).await?,
+                    through_runtime(Arc::new(MemoryBroker::new()), "bench", n).await?,
+                ),
+                "redis" => {
+                    let url = redis_url();
+                    let r = raw_redis(&url, n).await?;
+                    let queue = format!("bench-{}-{n}", std::process::id());
+                    let broker: Arc<dyn Broker> =
+                        Arc::new(RedisBroker::connect(RedisConfig::new(url.as_str())).await?);
+                    let s = through_runtime(broker, &queue, n).await?;
+                    let client = redis::Client::open(url.as_str())?;
+                    let mut c = client.get_multiplexed_async_connection().await?;
+                    let _: () = redis::cmd("DEL").arg(&queue).query_async(&mut c).await?;
+                    (r, s)
+                }
+                other => {
+                    return Err(
+                        format!("unknown backend {other:?}: memory, redis or rabbitmq").into(),
+                    )
+                }
+            };
+            raws.push(r);
+            ours.push(s);
+        }
+        let ratios: Vec<f64> = ours.iter().zip(&raws).map(|(s, r)| s / r).collect();
+        let (r, s) = (median(&raws), median(&ours));
+        let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = ratios.iter().copied().fold(0.0, f64::max);
+        println!("{n:>10} {r:>14.0} {s:>14.0} {:>7.2}   (per-round ratios {lo:.2}–{hi:.2}, {ROUNDS} rounds)", s / r);
     }
     let idle = idle_rss_kib(&backend);
     if backend == "rabbitmq" {
