@@ -447,92 +447,25 @@ lease = "2s"
     );
 }
 
-/// Redis restarts (down for a second) in the middle of a run: the worker reconnects with backoff
-/// and every job is done; nothing is lost.
-#[test]
-fn redis_restart_mid_run_loses_nothing() {
-    let _serial = serial();
-    let server =
-        stevedore_conformance::servers::RedisServer::start().unwrap_or_else(|e| panic!("{e}"));
-    let url = server.url();
-    let config = r#"
-[broker]
-kind = "redis"
-
-[worker]
-concurrency = 8
-poll_wait = "200ms"
-
-[queues.default]
-concurrency = 8
-lease = "3s"
-"#;
-    const JOBS: u64 = 3000;
-    let run = start_with(config, JOBS, 3, &[("STEVEDORE_BROKER__URL", url.as_str())]);
-    let out = run.out.clone();
-    wait_until("a third done", Duration::from_secs(60), || {
-        tally(&lines(&out), "done").len() as u64 >= JOBS / 3
-    });
-    server
-        .restart(Duration::from_secs(1))
-        .unwrap_or_else(|e| panic!("{e}"));
-    let done_at_restart = tally(&lines(&out), "done").len();
-    wait_until(
-        "every job done after the restart",
-        Duration::from_secs(90),
-        || tally(&lines(&out), "done").len() as u64 == JOBS,
-    );
-    signal(&run.child, "-TERM");
-    let (output, _, lines) = finish(run, Duration::from_secs(15));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(0), "{stderr}");
-    let done = tally(&lines, "done");
-    let twice = done.values().filter(|&&c| c > 1).count();
-    assert!(
-        twice <= 16,
-        "at most the jobs whose ack was lost in the outage run again: {twice}"
-    );
-    eprintln!(
-        "redis restart e2e: {JOBS} jobs, restart after {done_at_restart} done, all done, {twice} ran twice, {} receive errors logged",
-        stderr.matches("receive failed").count()
-    );
-}
-
-/// RabbitMQ restarts in the middle of a run (a private server on free loopback ports, stopped
-/// gracefully and started again on the same data): the worker reconnects with backoff and every job
-/// is done; nothing is lost. A job runs twice only if it was in flight when the connection went
-/// (the broker requeues unacked deliveries, so a job that finished but whose ack did not reach the
-/// broker runs again) or its enqueue was retried after a lost confirm.
-#[test]
-fn rabbitmq_restart_mid_run_loses_nothing() {
-    let _serial = serial();
-    let server =
-        stevedore_conformance::servers::RabbitServer::start().unwrap_or_else(|e| panic!("{e}"));
-    let url = server.url();
-    let config = r#"
-[broker]
-kind = "rabbitmq"
-
-[worker]
-concurrency = 8
-poll_wait = "200ms"
-
-[queues.default]
-concurrency = 8
-batch = 8
-"#;
+/// The real worker on `kind` at `url` runs 3,000 jobs (8 at a time); `restart` takes the broker
+/// down and up again once a third are done. Every job must be done, the worker must exit 0 on
+/// SIGTERM, and a job may run twice only if it was in flight or its ack was on the wire when the
+/// connection went (at most 2 × concurrency), or its enqueue was retried after a lost confirm (+1).
+fn restart_mid_run(kind: &str, url: &str, restart: impl FnOnce() -> Result<(), String>) {
     const JOBS: u64 = 3000;
     const CONCURRENCY: usize = 8;
-    let run = start_with(config, JOBS, 3, &[("STEVEDORE_BROKER__URL", url.as_str())]);
+    let config = format!(
+        "[broker]\nkind = \"{kind}\"\n\n[worker]\nconcurrency = {CONCURRENCY}\npoll_wait = \"200ms\"\n\n\
+         [queues.default]\nconcurrency = {CONCURRENCY}\nbatch = 8\nlease = \"3s\"\n"
+    );
+    let run = start_with(&config, JOBS, 3, &[("STEVEDORE_BROKER__URL", url)]);
     let out = run.out.clone();
     wait_until("a third done", Duration::from_secs(90), || {
         tally(&lines(&out), "done").len() as u64 >= JOBS / 3
     });
-    let restart_began = Instant::now();
-    server
-        .restart(Duration::from_secs(1))
-        .unwrap_or_else(|e| panic!("{e}"));
-    let restart_took = restart_began.elapsed();
+    let began = Instant::now();
+    restart().unwrap_or_else(|e| panic!("{e}"));
+    let restart_took = began.elapsed();
     let done_at_restart = tally(&lines(&out), "done").len();
     wait_until(
         "every job done after the restart",
@@ -550,14 +483,44 @@ batch = 8
         .filter(|(_, &c)| c > 1)
         .map(|(n, _)| *n)
         .collect();
-    // In flight when the connection went (at most `concurrency` handlers), plus as many finished
-    // whose acks were on the wire, plus one enqueue retried after a lost confirm.
     let bound = 2 * CONCURRENCY + 1;
     assert!(
         twice.len() <= bound,
         "{} jobs ran twice (bound {bound}): {twice:?}",
         twice.len()
     );
+    eprintln!(
+        "{kind} restart e2e: {JOBS} jobs, restart (took {restart_took:?}) after {done_at_restart} done, \
+         all done, {} ran twice, {} receive errors logged",
+        twice.len(),
+        stderr.matches("receive failed").count()
+    );
+}
+
+/// Redis restarts (down for a second) in the middle of a run: the worker reconnects with backoff
+/// and every job is done; nothing is lost.
+#[test]
+fn redis_restart_mid_run_loses_nothing() {
+    let _serial = serial();
+    let server =
+        stevedore_conformance::servers::RedisServer::start().unwrap_or_else(|e| panic!("{e}"));
+    restart_mid_run("redis", &server.url(), || {
+        server.restart(Duration::from_secs(1))
+    });
+}
+
+/// RabbitMQ restarts in the middle of a run (a private server on free loopback ports, stopped
+/// gracefully and started again on the same data): the worker reconnects with backoff and every job
+/// is done; nothing is lost. A job runs twice only if it was in flight when the connection went
+/// (the broker requeues unacked deliveries, so a job that finished but whose ack did not reach the
+/// broker runs again) or its enqueue was retried after a lost confirm.
+#[test]
+fn rabbitmq_restart_mid_run_loses_nothing() {
+    let _serial = serial();
+    let server =
+        stevedore_conformance::servers::RabbitServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let url = server.url();
+    restart_mid_run("rabbitmq", &url, || server.restart(Duration::from_secs(1)));
     // Nothing left behind on the broker.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -578,11 +541,5 @@ batch = 8
         (left.ready, left.delayed),
         (0, 0),
         "the queue is empty at the end"
-    );
-    eprintln!(
-        "rabbitmq restart e2e: {JOBS} jobs, restart (took {restart_took:?}) after {done_at_restart} \
-         done, all done, {} ran twice, {} receive errors logged",
-        twice.len(),
-        stderr.matches("receive failed").count()
     );
 }
