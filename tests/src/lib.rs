@@ -57,5 +57,5 @@ pub use async_trait::async_trait;
 pub use backend::Backend;
 pub use names::unique;
 pub use report::{Outcome, Report, Row};
-pub use runner::run;
+pub use runner::{check, run};
 pub use stevedore_core;

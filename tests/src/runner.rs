@@ -106,3 +106,14 @@ fn panic_text(p: Box<dyn Any + Send>) -> String {
             .unwrap_or_else(|| "(non-text panic)".into()),
     }
 }
+
+/// Runs the suite ([`run`]), prints the backend × scenario table to stdout (shown with
+/// `cargo test -- --nocapture`) and to stderr (shown by cargo when the test fails), then panics
+/// listing every failed scenario. The one call a backend's test makes.
+pub async fn check(backend: Arc<dyn Backend>, select: Option<&[u8]>) {
+    let report = run(backend, select).await;
+    let table = report.table();
+    println!("{table}");
+    eprintln!("{table}");
+    report.assert_ok();
+}

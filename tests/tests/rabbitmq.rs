@@ -11,7 +11,7 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 use std::sync::Arc;
 use std::time::Duration;
 use stevedore_conformance::servers::RabbitServer;
-use stevedore_conformance::{async_trait, run, Backend};
+use stevedore_conformance::{async_trait, check, Backend};
 use stevedore_core::{Broker, BrokerError};
 use stevedore_rabbitmq::{RabbitBroker, RabbitConfig};
 
@@ -88,10 +88,7 @@ async fn rabbitmq_conformance() {
         url: machine_url(),
         server: None,
     });
-    let report = run(backend, None).await;
-    println!("{}", report.table());
-    eprintln!("{}", report.table());
-    report.assert_ok();
+    check(backend, None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -103,8 +100,5 @@ async fn rabbitmq_restart() {
         url,
         server: Some(server),
     });
-    let report = run(backend, Some(&[16])).await;
-    println!("{}", report.table());
-    eprintln!("{}", report.table());
-    report.assert_ok();
+    check(backend, Some(&[16])).await;
 }

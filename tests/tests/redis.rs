@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 use stevedore_conformance::servers::RedisServer;
-use stevedore_conformance::{async_trait, run, Backend};
+use stevedore_conformance::{async_trait, check, Backend};
 use stevedore_core::{Broker, BrokerError};
 use stevedore_redis::{RedisBroker, RedisConfig};
 
@@ -68,10 +68,7 @@ async fn redis_conformance() {
         url: machine_url(),
         server: None,
     });
-    let report = run(backend, None).await;
-    println!("{}", report.table());
-    eprintln!("{}", report.table());
-    report.assert_ok();
+    check(backend, None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -83,8 +80,5 @@ async fn redis_restart() {
         url,
         server: Some(server),
     });
-    let report = run(backend, Some(&[16])).await;
-    println!("{}", report.table());
-    eprintln!("{}", report.table());
-    report.assert_ok();
+    check(backend, Some(&[16])).await;
 }
