@@ -14,6 +14,16 @@ pub fn free_port() -> Result<u16, String> {
         .map_err(|e| format!("no free loopback port: {e}"))
 }
 
+/// Waits up to `limit` for a server asked to stop to exit, then kills it; reaps it either way.
+fn exit_or_kill(mut child: Child, limit: Duration) {
+    let t = Instant::now();
+    while child.try_wait().ok().flatten().is_none() && t.elapsed() < limit {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 fn wait_for_port(port: u16, what: &str) -> Result<(), String> {
     let t = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -86,13 +96,8 @@ impl RedisServer {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
-        if let Some(mut c) = self.child.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            let t = Instant::now();
-            while c.try_wait().ok().flatten().is_none() && t.elapsed() < Duration::from_secs(5) {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(c) = self.child.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            exit_or_kill(c, Duration::from_secs(5));
         }
     }
 
@@ -297,16 +302,11 @@ impl RabbitServer {
     /// Stops the node gracefully (`rabbitmqctl stop`, which persists everything) and waits for it
     /// to exit; kills it if it has not within 30 s.
     pub fn stop(&self) {
-        let Some(mut c) = self.child.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+        let Some(c) = self.child.lock().unwrap_or_else(|p| p.into_inner()).take() else {
             return;
         };
         let _ = self.ctl(&["stop"]);
-        let t = Instant::now();
-        while c.try_wait().ok().flatten().is_none() && t.elapsed() < Duration::from_secs(30) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = c.kill();
-        let _ = c.wait();
+        exit_or_kill(c, Duration::from_secs(30));
     }
 
     /// Stops it, stays down for `down`, and starts it again on the same ports and data.
