@@ -213,20 +213,17 @@ async fn through_rabbitmq(url: &str, n: usize) -> Res<(f64, f64)> {
     Ok((publish, consume))
 }
 
-/// Deletes queues `bases` with their delay topology (the worker prepares the dead-letter queue too,
-/// and its promoter and depth sampling declare the delay queues).
-async fn delete_rabbitmq_queues(url: &str, bases: &[String]) -> Res<()> {
+/// Deletes queues `names` (the worker prepares the dead-letter queue too; delays live in the
+/// broker's shared delay topology, which stays).
+async fn delete_rabbitmq_queues(url: &str, names: &[String]) -> Res<()> {
     let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
-    for base in bases {
-        let tiers = stevedore_rabbitmq::tiers().map(|ms| format!("{base}.delay.{ms}"));
-        for q in tiers.chain([format!("{base}.delay.ready"), base.clone()]) {
-            ch.queue_delete(
-                q.as_str().into(),
-                lapin::options::QueueDeleteOptions::default(),
-            )
-            .await?;
-        }
+    for q in names {
+        ch.queue_delete(
+            q.as_str().into(),
+            lapin::options::QueueDeleteOptions::default(),
+        )
+        .await?;
     }
     let _ = conn.close(200, "bench done".into()).await;
     Ok(())

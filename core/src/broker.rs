@@ -87,8 +87,10 @@ pub struct Depth {
     pub ready: u64,
     /// Received and neither acked nor released (leased).
     pub in_flight: u64,
-    /// Waiting for their `not_before` (native delay, or the backend's [`DelayStore`]).
-    pub delayed: u64,
+    /// Waiting for their `not_before` (native delay, or the backend's [`DelayStore`]); `None`
+    /// where the backend cannot count them per queue (RabbitMQ keeps every queue's delayed
+    /// messages in one shared set of delay queues). Never a guess: `Some(0)` means none wait.
+    pub delayed: Option<u64>,
     /// Age of the oldest ready message, where the broker can tell.
     #[serde(with = "opt_secs")]
     pub oldest_age: Option<Duration>,
@@ -141,8 +143,12 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
 
     /// Receives up to `opts.max` ready messages from one physical queue, waiting up to `opts.wait`
     /// for the first. Each returned message is leased to this caller until acked, released, or the
-    /// lease ends. An empty vector means nothing was ready in time. Cancel-safety: do not drop the
-    /// future mid-way; a message received by a dropped call comes back after its lease.
+    /// lease ends. An empty vector means nothing was ready in time: a backend returns empty only
+    /// when the broker held no ready message this caller could be given (after `opts.wait`, or at
+    /// once with a zero wait), never merely because a delivery the broker owes it is still on the
+    /// wire. Strict priority relies on this: an empty receive marks a level empty. Cancel-safety:
+    /// do not drop the future mid-way; a message received by a dropped call comes back after its
+    /// lease.
     async fn receive(
         &self,
         queue: &str,

@@ -387,7 +387,7 @@ impl Broker for MemoryBroker {
         Ok(Depth {
             ready: q.ready.len() as u64,
             in_flight: q.in_flight.len() as u64,
-            delayed: q.delayed.len() as u64,
+            delayed: Some(q.delayed.len() as u64),
             oldest_age: q
                 .ready
                 .iter()
@@ -445,7 +445,7 @@ mod tests {
             vec![Envelope::new("j", "x").delayed(Duration::from_millis(80))],
         )
         .await?;
-        assert_eq!(b.depth("q").await?.delayed, 1);
+        assert_eq!(b.depth("q").await?.delayed, Some(1));
         let got = b.receive("q", opts(1, 2000, 1000)).await?;
         assert_eq!(got.len(), 1);
         assert!(start.elapsed() >= Duration::from_millis(80));

@@ -534,12 +534,13 @@ fn rabbitmq_restart_mid_run_loses_nothing() {
         .await
         .expect("connect");
         let d = b.depth("default").await.expect("depth");
+        let delayed = b.delayed_total().await.expect("delayed total");
         let _ = b.close().await;
-        d
+        (d.ready, d.in_flight, delayed)
     });
     assert_eq!(
-        (left.ready, left.delayed),
-        (0, 0),
-        "the queue is empty at the end"
+        left,
+        (0, 0, 0),
+        "the queue (ready, in flight) and the private node's delay levels are empty at the end"
     );
 }

@@ -25,4 +25,29 @@ pub trait Backend: Send + Sync + 'static {
     /// again. `Err(reason)` when the backend has no server to restart; the scenario is then skipped
     /// with that reason.
     async fn restart(&self) -> Result<(), String>;
+
+    /// Deletes everything the suite created on the broker for `queues`: each name as a physical
+    /// queue and as a logical one (its priority levels `__high`, `__low` and its dead letters
+    /// `__dlq`), with whatever the backend keeps beside them (delay keys, shared structures under a
+    /// test-only key prefix). Called once at the end of every [`run`](crate::run), whether the
+    /// scenarios passed or not, with every name [`unique`](crate::unique) handed out during the
+    /// run. Names that were never used must be accepted. Returns how many broker objects were
+    /// deleted, for the report. The default does nothing (an in-process broker dies with the test).
+    async fn cleanup(&self, queues: &[String]) -> Result<usize, String> {
+        let _ = queues;
+        Ok(0)
+    }
+}
+
+/// Every physical queue the runtime may derive from logical queue `name`, `name` itself first.
+pub fn derived_queues(name: &str) -> Vec<String> {
+    let mut all = vec![name.to_string()];
+    for p in stevedore_core::Priority::ALL {
+        let q = stevedore_core::names::physical(name, p);
+        if !all.contains(&q) {
+            all.push(q);
+        }
+    }
+    all.push(stevedore_core::names::dead_letter(name));
+    all
 }

@@ -54,8 +54,8 @@ pub mod servers;
 mod support;
 
 pub use async_trait::async_trait;
-pub use backend::Backend;
-pub use names::unique;
+pub use backend::{derived_queues, Backend};
+pub use names::{take_created, unique};
 pub use report::{Outcome, Report, Row};
 pub use runner::{check, run};
 pub use stevedore_core;

@@ -22,6 +22,28 @@ const MAX_LEN: usize = 40;
 /// assert!(a.starts_with("emails-") && a.len() <= 40);
 /// ```
 pub fn unique(prefix: &str) -> String {
+    let name = make_unique(prefix);
+    created().push(name.clone());
+    name
+}
+
+fn created() -> std::sync::MutexGuard<'static, Vec<String>> {
+    static CREATED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    CREATED.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Records a queue name made from a [`unique`] one (`{name}2`), so clean-up deletes it too.
+pub(crate) fn track(name: String) -> String {
+    created().push(name.clone());
+    name
+}
+
+/// Every name [`unique`] handed out since the last call, for clean-up.
+pub fn take_created() -> Vec<String> {
+    std::mem::take(&mut *created())
+}
+
+fn make_unique(prefix: &str) -> String {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
     static PROCESS: OnceLock<u64> = OnceLock::new();
     let process = *PROCESS.get_or_init(|| {

@@ -110,10 +110,30 @@ fn panic_text(p: Box<dyn Any + Send>) -> String {
 /// Runs the suite ([`run`]), prints the backend × scenario table to stdout (shown with
 /// `cargo test -- --nocapture`) and to stderr (shown by cargo when the test fails), then panics
 /// listing every failed scenario. The one call a backend's test makes.
+///
+/// Then it deletes what the run created on the broker ([`Backend::cleanup`]), passed or failed,
+/// and fails the test if that clean-up failed: the shared brokers hold afterwards what they held
+/// before.
 pub async fn check(backend: Arc<dyn Backend>, select: Option<&[u8]>) {
-    let report = run(backend, select).await;
+    let report = run(backend.clone(), select).await;
     let table = report.table();
     println!("{table}");
     eprintln!("{table}");
+    let names = crate::names::take_created();
+    let cleaned = backend.cleanup(&names).await;
+    match &cleaned {
+        Ok(n) => println!(
+            "{}: clean-up deleted {n} broker objects for {} test queue names",
+            backend.name(),
+            names.len()
+        ),
+        Err(e) => eprintln!("{}: clean-up FAILED: {e}", backend.name()),
+    }
     report.assert_ok();
+    if let Err(e) = cleaned {
+        panic!(
+            "{}: clean-up of the test queues failed: {e}",
+            backend.name()
+        );
+    }
 }

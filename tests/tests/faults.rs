@@ -44,6 +44,10 @@ enum Fault {
     CappedDelay,
     /// Priority levels are not kept apart: `q__high` and `q__low` are the same queue as `q`.
     MergesLevels,
+    /// The first receive from each high-priority queue on a handle comes back empty although
+    /// messages are ready (a push consumer the broker has not pushed to yet, as RabbitMQ's was
+    /// under load, while the low level's consumer had been pushed to).
+    LagsFirstPush,
 }
 
 /// The longest delay a [`Fault::CappedDelay`] broker holds in one go.
@@ -69,6 +73,8 @@ struct Faulty {
     down: Arc<AtomicBool>,
     /// Publishes a [`Fault::CappedDelay`] broker shortened to the cap.
     capped: Arc<AtomicUsize>,
+    /// Queues this handle received from ([`Fault::LagsFirstPush`]).
+    pushed: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Faulty {
@@ -137,6 +143,16 @@ impl Broker for Faulty {
         } else {
             queue
         };
+        if self.fault == Fault::LagsFirstPush && queue.ends_with("__high") {
+            let first = self
+                .pushed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(queue.to_string());
+            if first {
+                return Ok(Vec::new());
+            }
+        }
         let mut got = self.inner.receive(queue, o).await?;
         for d in &mut got {
             match self.fault {
@@ -178,7 +194,8 @@ impl Broker for Faulty {
             d.in_flight = 0;
         }
         if let Some(store) = &self.store {
-            d.delayed += store.delayed(queue).await?;
+            let stored = store.delayed(queue).await?;
+            d.delayed = Some(d.delayed.unwrap_or(0) + stored);
         }
         Ok(d)
     }
@@ -304,6 +321,7 @@ impl Backend for FaultyBackend {
             store: self.store.clone(),
             down: self.down.clone(),
             capped: self.capped.clone(),
+            pushed: Mutex::new(Default::default()),
         }))
     }
     async fn publish_foreign(&self, queue: &str, body: &[u8]) -> Result<(), String> {
@@ -364,6 +382,12 @@ async fn each_fault_fails_its_runtime_scenario() {
     expect_fail(Fault::DropsUserHeaders, 9, "dead letter of").await;
     expect_fail(Fault::LosesReleased, 10, "replay").await;
     expect_fail(Fault::MergesLevels, 12, "before the last high").await;
+    expect_fail(
+        Fault::LagsFirstPush,
+        12,
+        "a low job ran while high jobs were ready",
+    )
+    .await;
     expect_fail(Fault::LosesReleased, 13, "released jobs").await;
 }
 

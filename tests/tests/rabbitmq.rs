@@ -3,27 +3,47 @@
 //! - scenario 16 (broker restart mid-run) against a private `rabbitmq-server` this test starts on
 //!   free loopback ports ([`RabbitServer`]) and restarts. The machine's server is never restarted.
 //!
-//! Queues declared here get `x-expires` (5 min), so the shared server does not collect the suite's
-//! uniquely named queues run after run.
+//! Every run uses a key prefix of its own (`ct<pid>-<n>.`), so its queues and its shared delay
+//! topology are its own; at the end of the run, passed or failed, [`Backend::cleanup`] deletes
+//! them all and checks with passive declares that none is left. `x-expires` (5 min) on every queue
+//! is the backstop for a run that is killed before it can clean up.
 
-use lapin::options::BasicPublishOptions;
+use lapin::options::{
+    BasicPublishOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use std::sync::Arc;
 use std::time::Duration;
 use stevedore_conformance::servers::RabbitServer;
-use stevedore_conformance::{async_trait, check, Backend};
+use stevedore_conformance::{async_trait, check, derived_queues, Backend};
 use stevedore_core::{Broker, BrokerError};
 use stevedore_rabbitmq::{RabbitBroker, RabbitConfig};
 
 struct RabbitBackend {
     url: String,
     server: Option<RabbitServer>,
+    /// This run's key prefix.
+    prefix: String,
 }
 
-fn config(url: &str) -> RabbitConfig {
-    let mut c = RabbitConfig::new(url);
-    c.queue_expires = Some(Duration::from_secs(5 * 60));
-    c
+impl RabbitBackend {
+    fn new(url: String, server: Option<RabbitServer>) -> Self {
+        static RUNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        RabbitBackend {
+            url,
+            server,
+            prefix: format!("ct{}-{n}.", std::process::id()),
+        }
+    }
+
+    fn config(&self) -> RabbitConfig {
+        let mut c = RabbitConfig::new(&self.url);
+        c.key_prefix = self.prefix.clone();
+        c.queue_expires = Some(Duration::from_secs(5 * 60));
+        c
+    }
 }
 
 #[async_trait]
@@ -33,7 +53,7 @@ impl Backend for RabbitBackend {
     }
 
     async fn connect(&self) -> Result<Arc<dyn Broker>, BrokerError> {
-        Ok(Arc::new(RabbitBroker::connect(config(&self.url)).await?))
+        Ok(Arc::new(RabbitBroker::connect(self.config()).await?))
     }
 
     async fn publish_foreign(&self, queue: &str, body: &[u8]) -> Result<(), String> {
@@ -43,9 +63,10 @@ impl Backend for RabbitBackend {
             .await
             .map_err(|e| e.to_string())?;
         let ch = conn.create_channel().await.map_err(|e| e.to_string())?;
+        let queue = format!("{}{queue}", self.prefix);
         ch.basic_publish(
             "".into(),
-            queue.into(),
+            queue.as_str().into(),
             BasicPublishOptions::default(),
             body,
             BasicProperties::default().with_delivery_mode(2),
@@ -59,6 +80,53 @@ impl Backend for RabbitBackend {
         conn.close(200, "done".into())
             .await
             .map_err(|e| e.to_string())
+    }
+
+    async fn cleanup(&self, queues: &[String]) -> Result<usize, String> {
+        let e = |e: lapin::Error| e.to_string();
+        let conn = Connection::connect(&self.url, ConnectionProperties::default())
+            .await
+            .map_err(e)?;
+        let ch = conn.create_channel().await.map_err(e)?;
+        let (delay_queues, delay_exchanges) = stevedore_rabbitmq::delay::topology(&self.prefix);
+        let mut names: Vec<String> = queues
+            .iter()
+            .flat_map(|q| derived_queues(q))
+            .map(|q| format!("{}{q}", self.prefix))
+            .collect();
+        names.extend(delay_queues);
+        for q in &names {
+            ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await
+                .map_err(|err| format!("delete queue {q}: {err}"))?;
+        }
+        for x in &delay_exchanges {
+            ch.exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
+                .await
+                .map_err(|err| format!("delete exchange {x}: {err}"))?;
+        }
+        // Check: a passive declare of each must fail with NOT_FOUND (which closes the channel).
+        let mut left = Vec::new();
+        for q in &names {
+            let probe = conn.create_channel().await.map_err(e)?;
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            };
+            if probe
+                .queue_declare(q.as_str().into(), passive, FieldTable::default())
+                .await
+                .is_ok()
+            {
+                left.push(q.clone());
+                let _ = probe.close(200, "checked".into()).await;
+            }
+        }
+        let _ = conn.close(200, "cleaned up".into()).await;
+        if !left.is_empty() {
+            return Err(format!("queues still exist after deleting them: {left:?}"));
+        }
+        Ok(names.len() + delay_exchanges.len())
     }
 
     async fn restart(&self) -> Result<(), String> {
@@ -84,10 +152,7 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_conformance() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let backend = Arc::new(RabbitBackend {
-        url: machine_url(),
-        server: None,
-    });
+    let backend = Arc::new(RabbitBackend::new(machine_url(), None));
     check(backend, None).await;
 }
 
@@ -96,9 +161,6 @@ async fn rabbitmq_restart() {
     let _one = ONE_AT_A_TIME.lock().await;
     let server = tokio::task::block_in_place(RabbitServer::start).unwrap_or_else(|e| panic!("{e}"));
     let url = server.url();
-    let backend = Arc::new(RabbitBackend {
-        url,
-        server: Some(server),
-    });
+    let backend = Arc::new(RabbitBackend::new(url, Some(server)));
     check(backend, Some(&[16])).await;
 }

@@ -3,6 +3,10 @@
 //! - scenario 16 (broker restart mid-run) against a private `redis-server` this test starts on a free
 //!   loopback port with `appendonly yes`, so a restart keeps the data, and restarts it. The shared
 //!   server is never restarted (it keeps nothing on disk, and other work may be using it).
+//!
+//! Every run uses a key prefix of its own (`ct<pid>-<n>:`); at the end of the run, passed or
+//! failed, [`Backend::cleanup`] deletes every key under it (streams, delay sets, lease hashes) and
+//! checks that none is left.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +18,41 @@ use stevedore_redis::{RedisBroker, RedisConfig};
 struct RedisBackend {
     url: String,
     server: Option<RedisServer>,
+    /// This run's key prefix.
+    prefix: String,
+}
+
+impl RedisBackend {
+    fn new(url: String, server: Option<RedisServer>) -> Self {
+        static RUNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        RedisBackend {
+            url,
+            server,
+            prefix: format!("ct{}-{n}:", std::process::id()),
+        }
+    }
+
+    async fn keys(&self, c: &mut redis::aio::MultiplexedConnection) -> Result<Vec<String>, String> {
+        let mut cursor: u64 = 0;
+        let mut keys = Vec::new();
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{}*", self.prefix))
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(c)
+                .await
+                .map_err(|e| e.to_string())?;
+            keys.extend(batch);
+            cursor = next;
+            if cursor == 0 {
+                return Ok(keys);
+            }
+        }
+    }
 }
 
 #[async_trait]
@@ -23,9 +62,9 @@ impl Backend for RedisBackend {
     }
 
     async fn connect(&self) -> Result<Arc<dyn Broker>, BrokerError> {
-        Ok(Arc::new(
-            RedisBroker::connect(RedisConfig::new(self.url.clone())).await?,
-        ))
+        let mut cfg = RedisConfig::new(self.url.clone());
+        cfg.key_prefix = self.prefix.clone();
+        Ok(Arc::new(RedisBroker::connect(cfg).await?))
     }
 
     async fn publish_foreign(&self, queue: &str, body: &[u8]) -> Result<(), String> {
@@ -36,7 +75,7 @@ impl Backend for RedisBackend {
             .await
             .map_err(|e| e.to_string())?;
         let _: String = redis::cmd("XADD")
-            .arg(queue)
+            .arg(format!("{}{queue}", self.prefix))
             .arg("*")
             .arg("payload")
             .arg(body)
@@ -44,6 +83,31 @@ impl Backend for RedisBackend {
             .await
             .map_err(|e| e.to_string())?;
         Ok(())
+    }
+
+    async fn cleanup(&self, _queues: &[String]) -> Result<usize, String> {
+        let client = redis::Client::open(self.url.as_str()).map_err(|e| e.to_string())?;
+        let mut c = client
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(|e| e.to_string())?;
+        let keys = self.keys(&mut c).await?;
+        for chunk in keys.chunks(500) {
+            let _: u64 = redis::cmd("DEL")
+                .arg(chunk)
+                .query_async(&mut c)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        let left = self.keys(&mut c).await?;
+        if !left.is_empty() {
+            return Err(format!(
+                "{} keys under {} survived DEL",
+                left.len(),
+                self.prefix
+            ));
+        }
+        Ok(keys.len())
     }
 
     async fn restart(&self) -> Result<(), String> {
@@ -64,10 +128,7 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_conformance() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let backend = Arc::new(RedisBackend {
-        url: machine_url(),
-        server: None,
-    });
+    let backend = Arc::new(RedisBackend::new(machine_url(), None));
     check(backend, None).await;
 }
 
@@ -76,9 +137,6 @@ async fn redis_restart() {
     let _one = ONE_AT_A_TIME.lock().await;
     let server = RedisServer::start().unwrap_or_else(|e| panic!("{e}"));
     let url = server.url();
-    let backend = Arc::new(RedisBackend {
-        url,
-        server: Some(server),
-    });
+    let backend = Arc::new(RedisBackend::new(url, Some(server)));
     check(backend, Some(&[16])).await;
 }

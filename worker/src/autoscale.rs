@@ -41,8 +41,9 @@ pub struct Hint {
     /// Messages being processed: the broker's leased count summed over the levels, or this
     /// worker's own count if that is larger (brokers that only see their own consumer's leases).
     pub in_flight: u64,
-    /// Messages waiting for their delay, summed over the levels.
-    pub delayed: u64,
+    /// Messages waiting for their delay, summed over the levels; `None` (JSON `null`) where the
+    /// backend cannot count them per queue (RabbitMQ's shared delay queues).
+    pub delayed: Option<u64>,
     /// Age of the oldest ready message, in seconds, over all levels; `None` (JSON `null`) when
     /// nothing is ready or the broker cannot tell.
     pub oldest_age_seconds: Option<f64>,
@@ -245,10 +246,14 @@ fn rates(prev: Counts, now: Counts, elapsed: Duration) -> (f64, f64) {
 /// Sums the depths of `physical` (read concurrently): counts add up, the oldest age is the largest.
 async fn total_depth(broker: &dyn Broker, physical: &[String]) -> Result<Depth, BrokerError> {
     let depths = futures::future::try_join_all(physical.iter().map(|q| broker.depth(q))).await?;
-    Ok(depths.into_iter().fold(Depth::default(), |acc, d| Depth {
+    let start = Depth {
+        delayed: Some(0),
+        ..Depth::default()
+    };
+    Ok(depths.into_iter().fold(start, |acc, d| Depth {
         ready: acc.ready.saturating_add(d.ready),
         in_flight: acc.in_flight.saturating_add(d.in_flight),
-        delayed: acc.delayed.saturating_add(d.delayed),
+        delayed: acc.delayed.zip(d.delayed).map(|(a, b)| a.saturating_add(b)),
         oldest_age: acc.oldest_age.max(d.oldest_age),
     }))
 }
@@ -295,7 +300,7 @@ impl Sampler {
                 completed: local.processed.saturating_add(local.failed),
                 backlog: depth
                     .ready
-                    .saturating_add(depth.delayed)
+                    .saturating_add(depth.delayed.unwrap_or(0))
                     .saturating_add(in_flight),
             };
             let (arrival_rate, completion_rate) = match q.previous {
@@ -325,7 +330,7 @@ impl Sampler {
                     busy = hint.busy,
                     ready = hint.ready,
                     in_flight = hint.in_flight,
-                    delayed = hint.delayed,
+                    delayed = ?hint.delayed,
                     arrival_rate = hint.arrival_rate,
                     completion_rate = hint.completion_rate,
                     "autoscale hint changed"
@@ -338,7 +343,9 @@ impl Sampler {
 fn publish_gauges(h: &Hint) {
     let queue = h.queue.clone();
     metrics::gauge!(QUEUE_READY, "queue" => queue.clone()).set(h.ready as f64);
-    metrics::gauge!(QUEUE_DELAYED, "queue" => queue.clone()).set(h.delayed as f64);
+    if let Some(delayed) = h.delayed {
+        metrics::gauge!(QUEUE_DELAYED, "queue" => queue.clone()).set(delayed as f64);
+    }
     metrics::gauge!(QUEUE_OLDEST_AGE, "queue" => queue.clone())
         .set(h.oldest_age_seconds.unwrap_or(0.0));
     metrics::gauge!(DESIRED_WORKERS, "queue" => queue).set(f64::from(h.desired_workers));
@@ -470,7 +477,7 @@ mod tests {
             queue: q.into(),
             ready: 0,
             in_flight: 0,
-            delayed: 0,
+            delayed: Some(0),
             oldest_age_seconds: None,
             arrival_rate: 0.0,
             completion_rate: 0.0,
@@ -606,7 +613,7 @@ mod tests {
             h.in_flight, 5,
             "the broker's leased count (≥ this worker's 1)"
         );
-        assert_eq!(h.delayed, 0);
+        assert_eq!(h.delayed, Some(0));
         assert_eq!(h.desired_workers, 3, "ceil(25 / 10)");
         assert!(h.busy);
         assert!(h.oldest_age_seconds.is_some());

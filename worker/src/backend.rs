@@ -98,6 +98,7 @@ pub fn capabilities(config: &Config) -> Result<Capabilities, ConfigError> {
         BrokerKind::Rabbitmq => Ok(stevedore_rabbitmq::capabilities(
             max_payload(config, stevedore_rabbitmq::DEFAULT_MAX_PAYLOAD),
             stevedore_rabbitmq::DEFAULT_CONSUMER_TIMEOUT,
+            stevedore_rabbitmq::LEVELS,
         )),
         other => Err(unavailable(config, other)),
     }

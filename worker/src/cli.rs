@@ -401,9 +401,12 @@ async fn admin(command: Command, cfg: &Config, broker: Arc<dyn Broker>) -> Resul
                         .oldest_age
                         .map(|a| format!("{}s", a.as_secs()))
                         .unwrap_or_else(|| "-".into());
+                    // Backends that keep delayed messages in shared structures (RabbitMQ)
+                    // cannot count them per queue: shown as "-".
+                    let delayed = d.delayed.map_or_else(|| "-".to_string(), |n| n.to_string());
                     println!(
-                        "{q:<24} {l:<12} {:>10} {:>10} {:>10} {oldest:>12}",
-                        d.ready, d.in_flight, d.delayed
+                        "{q:<24} {l:<12} {:>10} {:>10} {delayed:>10} {oldest:>12}",
+                        d.ready, d.in_flight
                     );
                 }
             }

@@ -142,7 +142,7 @@ impl Client {
                 .broker()
                 .depth(&names::physical(queue, p))
                 .await?;
-            n += d.ready + d.delayed;
+            n += d.ready + d.delayed.unwrap_or(0);
         }
         Ok(n)
     }

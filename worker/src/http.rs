@@ -177,7 +177,7 @@ mod tests {
             queue: queue.into(),
             ready: 42,
             in_flight: 3,
-            delayed: 1,
+            delayed: Some(1),
             oldest_age_seconds: Some(2.5),
             arrival_rate: 10.0,
             completion_rate: 9.5,

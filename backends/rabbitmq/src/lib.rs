@@ -9,18 +9,20 @@
 //! idempotently by [`Broker::prepare`] and lazily on first use, published to through the default
 //! exchange. So `rabbitmqadmin publish routing_key=emails payload='{...}'` (or any AMQP client
 //! publishing to queue `emails`) reaches queue `emails` with `key_prefix = ""`. Delays live in
-//! tiered TTL queues next to it (see [`RabbitDelayStore`]): `emails.delay.<ms>` and
-//! `emails.delay.ready`.
+//! ONE shared set of TTL queues per key prefix, whatever the number of queues (see the [`delay`]
+//! module): 32 level queues `stevedore.delay.00` … `stevedore.delay.31`, their exchanges, a
+//! deliver exchange every work queue is bound to, and `stevedore.delay.unroutable`. A logical
+//! queue with levels high, normal and low and its dead letters is therefore 4 broker queues.
 //!
 //! | broker method | AMQP |
 //! |---|---|
 //! | `publish` | `basic.publish` (persistent, mandatory) on a confirm-mode channel; returns once every message is confirmed |
-//! | `receive` | deliveries of a `basic.consume` consumer (one channel per queue) buffered in the process; see *Prefetch* |
+//! | `receive` | deliveries of a `basic.consume` consumer (one channel per queue) buffered in the process; see *Prefetch*. Returns empty only when the broker reports no ready message in the queue (or this consumer has no credit left): a push the broker owes is waited for |
 //! | `ack` | `basic.ack`, with `multiple` where every unsettled tag up to the last one is being acked |
 //! | `release` | cancels this handle's consumer of the queue, then `basic.nack` with requeue |
 //! | `extend_lease` | no-op (the lease is the channel) that still reports a lost lease |
-//! | `depth` | ready = the queue's message count (from an idempotent `queue.declare`, which unlike a passive one cannot close the channel with a 404) + this process's buffer; in flight = handed out by this process; delayed = the counts of the queue's delay tiers and router (declared too, so every queue whose depth is read has its delay queues) |
-//! | delay | [`RabbitDelayStore`]: TTL tiers that dead-letter into a router queue, promoted by the runtime |
+//! | `depth` | ready = the queue's message count (from an idempotent `queue.declare`, which unlike a passive one cannot close the channel with a 404) + this process's buffer; in flight = handed out by this process; delayed = `None`: waiting messages sit in the shared delay queues, which cannot be counted per queue ([`RabbitBroker::delayed_total`] counts them all) |
+//! | delay | native, by the broker alone: `publish` sends a message with a future `not_before` through the shared TTL levels (binary decomposition of the delay), which hand it to its queue when due; no promoter |
 //!
 //! ## Messages
 //!
@@ -86,24 +88,26 @@
 
 mod amqp;
 mod consumer;
-mod delay;
+pub mod delay;
 mod link;
 
-pub use delay::{tier_for, tiers, RabbitDelayStore, SHORTEST_TIER_MS, TIERS};
+pub use delay::{max_delay, LEVELS};
 
 use async_trait::async_trait;
 use consumer::{send_settle, spawn_pump, Active, Chan, Counters, QueueState, Raw, Settle};
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::FieldTable;
-use link::{call, short, Link, QueueKind};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicQosOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use link::{call, short, ExchangeKind, Link, QueueKind};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 use stevedore_core::{
-    Broker, BrokerError, Capabilities, DelayStore, DelaySupport, Delivery, Depth, Envelope,
-    LeaseSupport, OrderingSupport, Receipt, ReceiveOptions,
+    Broker, BrokerError, Capabilities, DelaySupport, Delivery, Depth, Envelope, LeaseSupport,
+    OrderingSupport, Receipt, ReceiveOptions,
 };
 use tokio::time::Instant;
 
@@ -118,8 +122,14 @@ pub const DEFAULT_PREFETCH: u16 = 64;
 pub const MAX_BATCH: usize = 1000;
 /// How long a receive that just started consuming waits for the first push, even with `wait = 0`.
 const START_GRACE: Duration = Duration::from_millis(25);
-/// How long a receive that found the buffer empty but the queue not waits for the broker's push.
+/// How long a receive that found the buffer empty but the queue not waits for the broker's push
+/// before it asks the broker again whether the queue still holds ready messages.
 const PUSH_GRACE: Duration = Duration::from_millis(50);
+/// Longest a receive keeps waiting for a push the broker owes it (ready messages in the queue and
+/// credit left on our consumer) past its own `wait`. Reached only when the broker serves other
+/// consumers first (consumer priorities, single-active-consumer set by someone else); the receive
+/// then returns empty with a warning instead of hanging.
+const OWED_MAX: Duration = Duration::from_secs(5);
 
 /// Connection and queue settings.
 #[derive(Clone)]
@@ -150,6 +160,11 @@ pub struct RabbitConfig {
     /// PEM file of CA certificates to trust for `amqps://` besides the system and Mozilla roots
     /// (a private CA).
     pub tls_ca_file: Option<std::path::PathBuf>,
+    /// How many of the shared delay levels a delay may use (1 to [`LEVELS`], default [`LEVELS`]):
+    /// the broker holds a message for at most 2^levels − 1 ms, and the runtime re-publishes a
+    /// longer-delayed message when it arrives early. Lower it only to test hops; processes with
+    /// different values share the same topology safely.
+    pub delay_levels: u32,
 }
 
 impl RabbitConfig {
@@ -165,6 +180,7 @@ impl RabbitConfig {
             queue_expires: None,
             connection_name: None,
             tls_ca_file: None,
+            delay_levels: LEVELS,
         }
     }
 
@@ -189,6 +205,7 @@ impl fmt::Debug for RabbitConfig {
             .field("max_payload", &self.max_payload)
             .field("queue_expires", &self.queue_expires)
             .field("tls_ca_file", &self.tls_ca_file)
+            .field("delay_levels", &self.delay_levels)
             .finish()
     }
 }
@@ -211,14 +228,20 @@ pub fn redact(url: &str) -> String {
     }
 }
 
-/// What the RabbitMQ backend declares: no native delay (the tiered [`RabbitDelayStore`] instead),
-/// session leases bounded by the server's `consumer_timeout`, no ordering across competing
-/// consumers, durable, exact depth counts. A due delayed message surfaces within the promoter's
-/// interval plus the 50 ms shortest tier; `delay_tolerance` covers that for the default 250 ms
-/// interval.
-pub fn capabilities(max_payload: usize, consumer_timeout: Duration) -> Capabilities {
+/// What the RabbitMQ backend declares: native delay up to [`max_delay`]`(delay_levels)` (the shared
+/// TTL levels; the runtime hops beyond), session leases bounded by the server's
+/// `consumer_timeout`, no ordering across competing consumers, durable, exact ready and in-flight
+/// counts. A due delayed message is handed to its queue by the broker itself, a few milliseconds
+/// per level it passed; `delay_tolerance` bounds that with room for a loaded machine.
+pub fn capabilities(
+    max_payload: usize,
+    consumer_timeout: Duration,
+    delay_levels: u32,
+) -> Capabilities {
     Capabilities {
-        delay: DelaySupport::None,
+        delay: DelaySupport::Native {
+            max: Some(max_delay(delay_levels)),
+        },
         lease: LeaseSupport::Session {
             max: Some(consumer_timeout),
         },
@@ -226,7 +249,7 @@ pub fn capabilities(max_payload: usize, consumer_timeout: Duration) -> Capabilit
         max_payload,
         max_batch: MAX_BATCH,
         durable: true,
-        delay_tolerance: Duration::from_millis(400),
+        delay_tolerance: Duration::from_millis(250),
         depth_staleness: Duration::ZERO,
     }
 }
@@ -250,7 +273,6 @@ struct Inner {
     chan_ids: AtomicU64,
     queues: Mutex<HashMap<String, Arc<QueueState>>>,
     prepared: Mutex<BTreeSet<String>>,
-    delay: delay::DelayShared,
     counters: Arc<Counters>,
     closed: AtomicBool,
 }
@@ -299,7 +321,17 @@ impl RabbitBroker {
             let host = hostname();
             format!("stevedore {host}-{}", std::process::id())
         });
-        let caps = capabilities(config.max_payload, config.consumer_timeout);
+        if !(1..=LEVELS).contains(&config.delay_levels) {
+            return Err(BrokerError::permanent(format!(
+                "delay_levels = {}: must be 1 to {LEVELS}",
+                config.delay_levels
+            )));
+        }
+        let caps = capabilities(
+            config.max_payload,
+            config.consumer_timeout,
+            config.delay_levels,
+        );
         let tls_ca_pem = match &config.tls_ca_file {
             Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
                 BrokerError::permanent(format!("cannot read tls_ca_file {}: {e}", path.display()))
@@ -319,7 +351,6 @@ impl RabbitBroker {
                 chan_ids: AtomicU64::new(0),
                 queues: Mutex::new(HashMap::new()),
                 prepared: Mutex::new(BTreeSet::new()),
-                delay: delay::DelayShared::default(),
                 counters: Arc::new(Counters::default()),
                 closed: AtomicBool::new(false),
             }),
@@ -361,11 +392,9 @@ impl RabbitBroker {
                 "names starting with \"amq.\" are reserved by RabbitMQ",
             ));
         }
-        // Room for the longest delay tier suffix (".delay.104857600").
-        if name.len() + 16 > 255 {
+        if name.len() > 255 {
             return Err(invalid(
-                "prefix + name must be at most 239 bytes (AMQP names are at most 255, and delay \
-                 queues add up to 16)",
+                "prefix + name must be at most 255 bytes (AMQP's limit)",
             ));
         }
         Ok(name)
@@ -439,8 +468,7 @@ impl RabbitBroker {
         }
         let prepared: Vec<String> = lock(&self.inner.prepared).iter().cloned().collect();
         for q in prepared {
-            link.ensure(&self.amqp_name(&q)?, QueueKind::Work, self.expires())
-                .await?;
+            self.ensure_work(&link, &self.amqp_name(&q)?).await?;
         }
         Ok(link)
     }
@@ -505,8 +533,7 @@ impl RabbitBroker {
         match plan {
             Plan::Nothing => Ok(false),
             Plan::Open => {
-                link.ensure(&qs.amqp, QueueKind::Work, self.expires())
-                    .await?;
+                self.ensure_work(&link, &qs.amqp).await?;
                 let ch = call(
                     format!("open a consumer channel for {}", qs.amqp),
                     link.conn.create_channel(),
@@ -746,6 +773,176 @@ impl RabbitBroker {
     }
 }
 
+impl RabbitBroker {
+    /// Declares work queue `amqp` (once per connection) and binds it to the deliver exchange of
+    /// the shared delay topology, so delayed messages for it reach it when due.
+    async fn ensure_work(&self, link: &Link, amqp: &str) -> Result<(), BrokerError> {
+        link.ensure(amqp, QueueKind::Work, self.expires()).await?;
+        let prefix = &self.inner.cfg.key_prefix;
+        let unroutable = delay::unroutable_name(prefix);
+        let deliver = delay::deliver_name(prefix);
+        link.ensure_exchange(&unroutable, ExchangeKind::Fanout)
+            .await?;
+        link.ensure(&unroutable, QueueKind::Plain, self.expires())
+            .await?;
+        link.ensure_queue_binding(&unroutable, &unroutable, "", FieldTable::default())
+            .await?;
+        link.ensure_exchange(
+            &deliver,
+            ExchangeKind::Headers {
+                alternate: &unroutable,
+            },
+        )
+        .await?;
+        let mut args = FieldTable::default();
+        args.insert("x-match".into(), AMQPValue::LongString("all".into()));
+        args.insert(
+            amqp::TARGET.into(),
+            AMQPValue::LongString(LongString::from(amqp)),
+        );
+        link.ensure_queue_binding(amqp, &deliver, "", args).await
+    }
+
+    /// Declares the shared delay levels of this key prefix (once per connection).
+    async fn ensure_delay_levels(&self, link: &Link) -> Result<(), BrokerError> {
+        let prefix = &self.inner.cfg.key_prefix;
+        let done = format!("delay levels {prefix}");
+        if link.is_declared(&done) {
+            return Ok(());
+        }
+        let expires = self.expires();
+        let level = |k: u32| async move {
+            let name = delay::level_name(prefix, k);
+            let next = delay::next_exchange(prefix, k);
+            link.ensure_exchange(&name, ExchangeKind::Topic).await?;
+            link.ensure(
+                &name,
+                QueueKind::Level {
+                    ttl_ms: 1 << k,
+                    dlx: &next,
+                },
+                expires,
+            )
+            .await?;
+            link.ensure_queue_binding(
+                &name,
+                &name,
+                &delay::pattern(k, true),
+                FieldTable::default(),
+            )
+            .await?;
+            link.ensure_exchange_binding(&next, &name, &delay::pattern(k, false))
+                .await
+        };
+        let results = futures::future::join_all((0..LEVELS).map(level)).await;
+        results.into_iter().collect::<Result<(), _>>()?;
+        link.mark_declared(&done);
+        Ok(())
+    }
+
+    /// Publishes `(delay in ms, message)` pairs for AMQP queue `amqp` into the delay levels, each
+    /// at the level of its delay's highest bit with the delay as its routing key.
+    async fn publish_delayed(
+        &self,
+        link: &Link,
+        amqp: &str,
+        messages: Vec<(u64, &Envelope)>,
+    ) -> Result<(), BrokerError> {
+        self.ensure_delay_levels(link).await?;
+        let prefix = &self.inner.cfg.key_prefix;
+        let batch = messages
+            .into_iter()
+            .map(|(ms, m)| {
+                let (props, body) = amqp::properties(m, &[(amqp::TARGET, amqp)])?;
+                let exchange = short(&delay::level_name(prefix, delay::entry_level(ms)))?;
+                let key = short(&delay::routing_key(ms))?;
+                Ok((exchange, key, props, body))
+            })
+            .collect::<Result<Vec<_>, BrokerError>>()?;
+        let sent = link.publish_routed(amqp, batch).await;
+        if sent.is_err() {
+            // A level may have been deleted under us: declare them all again next time.
+            link.forget(&format!("delay levels {prefix}"));
+        }
+        sent
+    }
+
+    /// Moves messages that came due while their queue did not exist (parked by the deliver
+    /// exchange's alternate exchange) on to their queues, re-declaring them. Bounded per call.
+    async fn rescue_unroutable(&self, link: &Link) -> Result<(), BrokerError> {
+        const MOST: usize = 10_000;
+        let prefix = &self.inner.cfg.key_prefix;
+        let parked = delay::unroutable_name(prefix);
+        let ch = call("open a channel", link.conn.create_channel())
+            .await
+            .map_err(|e| link.note(e))?;
+        let mut moved = 0usize;
+        let mut kept = 0usize;
+        while moved + kept < MOST {
+            let got = call(
+                format!("basic.get from {parked}"),
+                ch.basic_get(short(&parked)?, BasicGetOptions { no_ack: false }),
+            )
+            .await?;
+            let Some(m) = got else { break };
+            let tag = m.delivery.delivery_tag;
+            let d = amqp::decode(&m.delivery.properties, m.delivery.data, false);
+            let physical = d
+                .target
+                .as_deref()
+                .and_then(|t| t.strip_prefix(prefix.as_str()))
+                .filter(|q| self.amqp_name(q).is_ok())
+                .map(str::to_string);
+            match physical {
+                Some(q) => {
+                    self.publish(&q, vec![d.envelope]).await?;
+                    call("ack", ch.basic_ack(tag, BasicAckOptions::default())).await?;
+                    moved += 1;
+                }
+                None => {
+                    kept += 1;
+                    tracing::error!(queue = %parked, id = %d.envelope.id, "a parked delayed message names no valid target queue; left in place for inspection");
+                }
+            }
+        }
+        // Closing the channel returns what was kept to the queue.
+        let _ = call("close", ch.close(200, "done".into())).await;
+        if moved > 0 {
+            tracing::warn!(moved, queue = %parked, "delayed messages came due while their queue did not exist; moved on to the re-declared queues");
+        }
+        Ok(())
+    }
+
+    /// Messages waiting in the shared delay levels of this key prefix, for every queue (RabbitMQ
+    /// cannot count them per queue). Declares the levels if they do not exist yet.
+    pub async fn delayed_total(&self) -> Result<u64, BrokerError> {
+        let link = self.link().await?;
+        self.ensure_delay_levels(&link).await?;
+        let prefix = &self.inner.cfg.key_prefix;
+        let expires = self.expires();
+        let counts = futures::future::join_all((0..LEVELS).map(|k| {
+            let name = delay::level_name(prefix, k);
+            let next = delay::next_exchange(prefix, k);
+            let link = link.clone();
+            async move {
+                link.declare(
+                    &name,
+                    QueueKind::Level {
+                        ttl_ms: 1 << k,
+                        dlx: &next,
+                    },
+                    expires,
+                )
+                .await
+            }
+        }))
+        .await;
+        counts
+            .into_iter()
+            .try_fold(0u64, |sum, c| c.map(|c| sum.saturating_add(c)))
+    }
+}
+
 fn hostname() -> String {
     std::env::var("HOSTNAME")
         .ok()
@@ -769,7 +966,8 @@ impl Broker for RabbitBroker {
         &self.inner.caps
     }
 
-    /// Declares each queue (durable quorum queue) and registers it for delay promotion.
+    /// Declares each queue (durable quorum queue, bound to the shared delay topology's deliver
+    /// exchange), then moves on any delayed message that came due while its queue did not exist.
     async fn prepare(&self, queues: &[String]) -> Result<(), BrokerError> {
         let names: Vec<String> = queues
             .iter()
@@ -777,26 +975,42 @@ impl Broker for RabbitBroker {
             .collect::<Result<_, _>>()?;
         let link = self.link().await?;
         for (q, amqp) in queues.iter().zip(&names) {
-            link.ensure(amqp, QueueKind::Work, self.expires()).await?;
+            self.ensure_work(&link, amqp).await?;
             lock(&self.inner.prepared).insert(q.clone());
-            self.inner.delay.register(q);
         }
-        Ok(())
+        self.rescue_unroutable(&link).await
     }
 
+    /// Messages due now go to the queue; messages with a future `not_before` go through the shared
+    /// delay levels (see the [`delay`] module), held for their remaining delay rounded up to the
+    /// millisecond, at most [`max_delay`]. Returns once the broker confirmed every message.
     async fn publish(&self, queue: &str, messages: Vec<Envelope>) -> Result<(), BrokerError> {
         self.check_payloads(&messages)?;
         if messages.is_empty() {
             return Ok(());
         }
         let amqp = self.amqp_name(queue)?;
-        let batch = messages
-            .iter()
-            .map(|m| amqp::properties(m, &[]))
-            .collect::<Result<Vec<_>, _>>()?;
+        let now = SystemTime::now();
+        let levels = self.inner.cfg.delay_levels;
+        let mut due = Vec::with_capacity(messages.len());
+        let mut later = Vec::new();
+        for m in &messages {
+            match m.delay_remaining(now) {
+                Some(left) if delay::delay_ms(left, levels) > 0 => {
+                    later.push((delay::delay_ms(left, levels), m))
+                }
+                _ => due.push(amqp::properties(m, &[])?),
+            }
+        }
         let link = self.link().await?;
-        link.ensure(&amqp, QueueKind::Work, self.expires()).await?;
-        link.publish_confirmed(&amqp, batch).await
+        self.ensure_work(&link, &amqp).await?;
+        if !due.is_empty() {
+            link.publish_confirmed(&amqp, due).await?;
+        }
+        if !later.is_empty() {
+            self.publish_delayed(&link, &amqp, later).await?;
+        }
+        Ok(())
     }
 
     async fn receive(
@@ -807,7 +1021,8 @@ impl Broker for RabbitBroker {
         let qs = self.queue_state(queue)?;
         let max = opts.max.clamp(1, self.inner.caps.max_batch);
         let mut deadline = Instant::now() + opts.wait;
-        let mut checked = false;
+        // Set once the wait ran out while the broker still owed us deliveries.
+        let mut owed_since: Option<Instant> = None;
         loop {
             let started = {
                 let _setup = qs.setup.lock().await;
@@ -847,14 +1062,17 @@ impl Broker for RabbitBroker {
                 continue;
             }
             if Instant::now() >= deadline {
-                // The buffer lags the broker by a push: before saying "empty", ask the broker
-                // whether the queue holds ready messages this consumer could still be sent.
-                if !checked {
-                    checked = true;
-                    if self.may_push(&qs).await? {
-                        deadline = Instant::now() + PUSH_GRACE;
-                        continue;
-                    }
+                // The buffer lags the broker by a push: "empty" only once the broker says the
+                // queue holds no ready message this consumer could still be sent. While it does,
+                // keep waiting for the push (asking again every PUSH_GRACE), up to OWED_MAX.
+                let since = *owed_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= OWED_MAX {
+                    tracing::warn!(queue = %qs.amqp, waited = ?since.elapsed(), "the queue reports ready messages but the broker pushed none to this consumer (other consumers with priority or single-active-consumer?); returning empty");
+                    return Ok(Vec::new());
+                }
+                if self.may_push(&qs).await? {
+                    deadline = Instant::now() + PUSH_GRACE;
+                    continue;
                 }
                 return Ok(Vec::new());
             }
@@ -907,22 +1125,13 @@ impl Broker for RabbitBroker {
                     .map(|c| (c.buffer.len() as u64, c.outstanding.len() as u64))
             })
             .unwrap_or((0, 0));
-        let store = RabbitDelayStore {
-            broker: self.clone(),
-        };
-        let delayed = store.delayed(queue).await?;
         Ok(Depth {
             ready: queued + buffered,
             in_flight,
-            delayed,
+            // In the shared delay levels, not countable per queue.
+            delayed: None,
             oldest_age: None,
         })
-    }
-
-    fn delay_store(&self) -> Option<Arc<dyn DelayStore>> {
-        Some(Arc::new(RabbitDelayStore {
-            broker: self.clone(),
-        }))
     }
 
     /// Closes every channel (unacked messages go back to their queues) and the connection.
@@ -935,7 +1144,6 @@ impl Broker for RabbitBroker {
         for qs in states {
             qs.reset();
         }
-        self.inner.delay.reset().await;
         let link = lock(&self.inner.link).take();
         if let Some(link) = link {
             let _ = tokio::time::timeout(
@@ -978,14 +1186,19 @@ mod tests {
 
     #[test]
     fn capabilities_declare_session_leases_bounded_by_consumer_timeout() {
-        let c = capabilities(1024, Duration::from_secs(60));
+        let c = capabilities(1024, Duration::from_secs(60), LEVELS);
         assert_eq!(
             c.lease,
             LeaseSupport::Session {
                 max: Some(Duration::from_secs(60))
             }
         );
-        assert_eq!(c.delay, DelaySupport::None);
+        assert_eq!(
+            c.delay,
+            DelaySupport::Native {
+                max: Some(Duration::from_millis((1 << 32) - 1))
+            }
+        );
         assert!(c.durable);
     }
 }

@@ -4,12 +4,18 @@
 use bytes::Bytes;
 use futures::future::join_all;
 use lapin::auth::AuthProvider;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeBindOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
+};
 use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
 use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::uri::{AMQPUri, SASLMechanism};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ErrorKind};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ErrorKind,
+    ExchangeKind as ExchangeKind_,
+};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -23,13 +29,25 @@ pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What kind of queue a name is declared as.
 #[derive(Clone, Copy, Debug)]
-pub(crate) enum QueueKind {
+pub(crate) enum QueueKind<'a> {
     /// A work queue: durable, quorum (so redeliveries are counted).
     Work,
-    /// A delay tier: durable, classic, every message expires after `ttl_ms` into the router queue.
-    Tier { ttl_ms: u64 },
-    /// A delay store's router queue: durable, classic.
-    Router,
+    /// A delay level: durable, classic, every message expires after `ttl_ms` into exchange `dlx`
+    /// with its routing key kept.
+    Level { ttl_ms: u64, dlx: &'a str },
+    /// A plain durable classic queue.
+    Plain,
+}
+
+/// What kind of exchange a name is declared as.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum ExchangeKind<'a> {
+    Topic,
+    Fanout,
+    /// A headers exchange whose unroutable messages go to `alternate`.
+    Headers {
+        alternate: &'a str,
+    },
 }
 
 /// One AMQP connection and what lives on it. Replaced as a whole when it breaks; `gen` tells
@@ -129,13 +147,21 @@ impl Link {
         self.declared.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Records that something (a set of declarations) is done on this connection.
+    pub(crate) fn mark_declared(&self, what: &str) {
+        self.declared().insert(what.to_string());
+    }
+
     pub(crate) fn is_declared(&self, amqp: &str) -> bool {
         self.declared().contains(amqp)
     }
 
-    /// Forgets that `amqp` was declared (it was deleted under us), so the next use declares it.
+    /// Forgets that `amqp` was declared (it was deleted under us), and its bindings, so the next
+    /// use declares and binds it again.
     pub(crate) fn forget(&self, amqp: &str) {
-        self.declared().remove(amqp);
+        let bindings = format!("bind queue {amqp} ");
+        self.declared()
+            .retain(|k| k != amqp && !k.starts_with(&bindings));
     }
 
     /// A usable admin channel, opened anew if the last one was closed by an error.
@@ -159,7 +185,7 @@ impl Link {
     pub(crate) async fn declare(
         &self,
         amqp: &str,
-        kind: QueueKind,
+        kind: QueueKind<'_>,
         expires: Option<Duration>,
     ) -> Result<u64, BrokerError> {
         let name = short(amqp)?;
@@ -168,19 +194,16 @@ impl Link {
             QueueKind::Work => {
                 args.insert("x-queue-type".into(), lstr("quorum"));
             }
-            QueueKind::Tier { ttl_ms } => {
+            QueueKind::Level { ttl_ms, dlx } => {
                 args.insert("x-queue-type".into(), lstr("classic"));
                 args.insert(
                     "x-message-ttl".into(),
                     AMQPValue::LongLongInt(ttl_ms.min(i64::MAX as u64) as i64),
                 );
-                args.insert("x-dead-letter-exchange".into(), lstr(""));
-                args.insert(
-                    "x-dead-letter-routing-key".into(),
-                    AMQPValue::LongString(LongString::from(crate::delay::router_of_tier(amqp))),
-                );
+                // No dead-letter routing key: the message keeps its own, which spells its delay.
+                args.insert("x-dead-letter-exchange".into(), lstr(dlx));
             }
-            QueueKind::Router => {
+            QueueKind::Plain => {
                 args.insert("x-queue-type".into(), lstr("classic"));
             }
         }
@@ -231,11 +254,104 @@ impl Link {
         Ok(u64::from(count))
     }
 
+    /// Declares exchange `name` (durable) unless it was already declared on this connection.
+    pub(crate) async fn ensure_exchange(
+        &self,
+        name: &str,
+        kind: ExchangeKind<'_>,
+    ) -> Result<(), BrokerError> {
+        let key = format!("exchange {name}");
+        if self.is_declared(&key) {
+            return Ok(());
+        }
+        let mut args = FieldTable::default();
+        let kind = match kind {
+            ExchangeKind::Topic => ExchangeKind_::Topic,
+            ExchangeKind::Fanout => ExchangeKind_::Fanout,
+            ExchangeKind::Headers { alternate } => {
+                args.insert("alternate-exchange".into(), lstr(alternate));
+                ExchangeKind_::Headers
+            }
+        };
+        let opts = ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        let ch = self.admin().await?;
+        call(
+            format!("declare exchange {name}"),
+            ch.exchange_declare(short(name)?, kind, opts, args),
+        )
+        .await
+        .map_err(|e| self.note(e))?;
+        self.declared().insert(key);
+        Ok(())
+    }
+
+    /// Binds queue `queue` to exchange `exchange` (with routing key `key` and binding `args`)
+    /// unless this connection already did.
+    pub(crate) async fn ensure_queue_binding(
+        &self,
+        queue: &str,
+        exchange: &str,
+        key: &str,
+        args: FieldTable,
+    ) -> Result<(), BrokerError> {
+        let id = format!("bind queue {queue} {exchange} {key}");
+        if self.is_declared(&id) {
+            return Ok(());
+        }
+        let ch = self.admin().await?;
+        call(
+            format!("bind queue {queue} to {exchange}"),
+            ch.queue_bind(
+                short(queue)?,
+                short(exchange)?,
+                short(key)?,
+                QueueBindOptions::default(),
+                args,
+            ),
+        )
+        .await
+        .map_err(|e| self.note(e))?;
+        self.declared().insert(id);
+        Ok(())
+    }
+
+    /// Binds exchange `destination` to exchange `source` with routing key `key` unless this
+    /// connection already did.
+    pub(crate) async fn ensure_exchange_binding(
+        &self,
+        destination: &str,
+        source: &str,
+        key: &str,
+    ) -> Result<(), BrokerError> {
+        let id = format!("bind exchange {destination} {source} {key}");
+        if self.is_declared(&id) {
+            return Ok(());
+        }
+        let ch = self.admin().await?;
+        call(
+            format!("bind exchange {destination} to {source}"),
+            ch.exchange_bind(
+                short(destination)?,
+                short(source)?,
+                short(key)?,
+                ExchangeBindOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await
+        .map_err(|e| self.note(e))?;
+        self.declared().insert(id);
+        Ok(())
+    }
+
     /// Declares `amqp` unless it was already declared on this connection.
     pub(crate) async fn ensure(
         &self,
         amqp: &str,
-        kind: QueueKind,
+        kind: QueueKind<'_>,
         expires: Option<Duration>,
     ) -> Result<(), BrokerError> {
         if self.is_declared(amqp) {
@@ -254,15 +370,30 @@ impl Link {
         messages: Vec<(BasicProperties, Bytes)>,
     ) -> Result<(), BrokerError> {
         let key = short(amqp)?;
+        let routed = messages
+            .into_iter()
+            .map(|(props, body)| (ShortString::from(""), key.clone(), props, body))
+            .collect();
+        self.publish_routed(amqp, routed).await
+    }
+
+    /// Publishes each `(exchange, routing key, properties, body)` (mandatory) and returns once the
+    /// broker confirmed every one; errors as [`Link::publish_confirmed`]. `amqp` names the
+    /// destination in errors (and is forgotten as declared when a message comes back unroutable).
+    pub(crate) async fn publish_routed(
+        &self,
+        amqp: &str,
+        messages: Vec<(ShortString, ShortString, BasicProperties, Bytes)>,
+    ) -> Result<(), BrokerError> {
         let opts = BasicPublishOptions {
             mandatory: true,
             ..BasicPublishOptions::default()
         };
         let mut confirms = Vec::with_capacity(messages.len());
-        for (props, body) in messages {
+        for (exchange, key, props, body) in messages {
             let sent = self
                 .publish
-                .basic_publish(ShortString::from(""), key.clone(), opts, &body, props)
+                .basic_publish(exchange, key, opts, &body, props)
                 .await
                 .map_err(|e| self.note(map(&e, &format!("publish to {amqp}"))))?;
             confirms.push(sent);

@@ -68,9 +68,10 @@ async fn delayed_messages_survive_a_restart_and_are_never_early() -> Result<(), 
     let q = "delayed-restart".to_string();
     let b = RabbitBroker::connect(RabbitConfig::new(server.url())).await?;
     b.prepare(std::slice::from_ref(&q)).await?;
-    let store = b
-        .delay_store()
-        .expect("the rabbitmq backend has a delay store");
+    assert!(
+        b.delay_store().is_none(),
+        "delay is native: no store, no promoter"
+    );
     // Two due while the broker is down, two after it is back (start-up takes 6-15 s).
     let delays = [2u64, 4, 25, 32].map(Duration::from_secs);
     let sent: Vec<Envelope> = delays
@@ -81,8 +82,13 @@ async fn delayed_messages_survive_a_restart_and_are_never_early() -> Result<(), 
         .iter()
         .map(|e| (e.id.clone(), e.not_before.expect("delayed")))
         .collect();
-    store.schedule(&q, sent).await?;
-    assert_eq!(store.delayed(&q).await?, 4, "all four wait in the tiers");
+    b.publish(&q, sent).await?;
+    assert_eq!(
+        b.delayed_total().await?,
+        4,
+        "all four wait in the delay levels"
+    );
+    assert_eq!(b.depth(&q).await?.ready, 0, "none is ready yet");
 
     let restart_began = Instant::now();
     tokio::task::block_in_place(|| server.restart(Duration::from_millis(500)))
@@ -93,16 +99,7 @@ async fn delayed_messages_survive_a_restart_and_are_never_early() -> Result<(), 
         restart_began.elapsed()
     );
 
-    // A promoter on the same (reconnecting) handle, as the runtime runs it.
-    let promoter = {
-        let store = store.clone();
-        tokio::spawn(async move {
-            loop {
-                let _ = store.promote_due(SystemTime::now(), 512).await;
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-        })
-    };
+    // No promoter: the broker moves due messages on by itself, even those due while it was down.
     let mut seen: HashSet<String> = HashSet::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     while seen.len() < due.len() {
@@ -143,8 +140,7 @@ async fn delayed_messages_survive_a_restart_and_are_never_early() -> Result<(), 
             b.ack(&receipts(&got)).await?;
         }
     }
-    promoter.abort();
-    assert_eq!(store.delayed(&q).await?, 0, "nothing left in the tiers");
+    assert_eq!(b.delayed_total().await?, 0, "nothing left in the levels");
     b.close().await?;
     Ok(())
 }

@@ -776,7 +776,7 @@ impl Broker for RedisBroker {
         Ok(Depth {
             ready,
             in_flight: pending,
-            delayed,
+            delayed: Some(delayed),
             oldest_age,
         })
     }

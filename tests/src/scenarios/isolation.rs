@@ -22,7 +22,7 @@ pub(crate) async fn queue_isolation(backend: Arc<dyn Backend>) -> Checked {
     let a = unique("iso");
     let b = physical(&a, Priority::High);
     let dlq = dead_letter(&a);
-    let longer = format!("{a}2");
+    let longer = crate::names::track(format!("{a}2"));
     let h = handle(&backend, &[&a, &b, &dlq, &longer]).await?;
     let batch = |tag: &str| -> Vec<Envelope> {
         (0..N)

@@ -304,12 +304,12 @@ pub(crate) async fn wait_drained(
             .depth(physical)
             .await
             .ctx(format!("depth({physical})"))?;
-        if d.ready + d.in_flight + d.delayed == 0 {
+        if d.ready + d.in_flight + d.delayed.unwrap_or(0) == 0 {
             return Ok(());
         }
         ensure!(
             Instant::now() < deadline,
-            "{physical} still holds ready/in_flight/delayed {}/{}/{} after {}: a message was left \
+            "{physical} still holds ready/in_flight/delayed {}/{}/{:?} after {}: a message was left \
              behind or a copy was made",
             d.ready,
             d.in_flight,

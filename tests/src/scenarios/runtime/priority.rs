@@ -34,6 +34,9 @@ const AGING: Duration = Duration::from_secs(1);
 const AGING_HIGHS: usize = 60;
 const HIGH_SLEEP: Duration = Duration::from_millis(25);
 const AGING_SLACK: Duration = Duration::from_millis(500);
+/// Start-up: workers started side by side, each on its own backlog of this many jobs per level.
+const STARTUP_WORKERS: usize = 6;
+const STARTUP_EACH: usize = 3;
 
 /// Router state: the log, and how long a job of each level sleeps.
 #[derive(Clone, Debug, Default)]
@@ -81,19 +84,25 @@ async fn prioritized(State(s): State<Sleepy>, ctx: JobContext, Payload(body): Pa
 ///   idle poll), before any low job ends; never more than 3 low jobs at once;
 /// - **aging** (strict, `aging = "1s"`, concurrency 1): one low job behind 60 high jobs of 25 ms;
 ///   the low job runs no sooner than 1 s after the worker started and no later than 1 s + 25 ms
-///   + 0.5 s after it was ready, while high jobs are still waiting.
+///   + 0.5 s after it was ready, while high jobs are still waiting;
+/// - **start-up** (strict, concurrency 1, batch 1): 6 workers started at once, each on a fresh
+///   queue holding 3 low and 3 high jobs; every worker runs its 3 high jobs before any low one.
+///   The first fetches of a fresh worker are where a broker that pushes deliveries (RabbitMQ)
+///   can look empty while it still holds ready messages: strict must hold from the first job.
 pub(crate) async fn priority(backend: Arc<dyn Backend>) -> Checked {
-    let (a, b, c, d) = tokio::join!(
+    let (a, b, c, d, e) = tokio::join!(
         strict(&backend),
         weighted(&backend),
         reserved(&backend),
-        aging(&backend)
+        aging(&backend),
+        startup(&backend)
     );
     let detail = combine(vec![
         ("strict", a),
         ("weighted", b),
         ("reserved", c),
         ("aging", d),
+        ("start-up", e),
     ])?;
     pass(detail)
 }
@@ -415,6 +424,52 @@ async fn aging(backend: &Arc<dyn Backend>) -> Result<String, String> {
         s2(AGING),
         s2(limit)
     ))
+}
+
+async fn startup(backend: &Arc<dyn Backend>) -> Result<String, String> {
+    let runs = futures::future::join_all((0..STARTUP_WORKERS).map(|_| startup_one(backend))).await;
+    let failed: Vec<String> = runs.into_iter().filter_map(Result::err).collect();
+    ensure!(
+        failed.is_empty(),
+        "{} of {STARTUP_WORKERS} fresh workers broke strict order: {}",
+        failed.len(),
+        failed.join("; ")
+    );
+    Ok(format!(
+        "{STARTUP_WORKERS} workers started at once on {STARTUP_EACH} low + {STARTUP_EACH} high \
+         each all ran their high jobs first"
+    ))
+}
+
+async fn startup_one(backend: &Arc<dyn Backend>) -> Result<(), String> {
+    let b = Bench::new(backend, "startup").await?;
+    let mut ids = backlog(&b.client, &b.queue, JOB, Priority::Low, STARTUP_EACH).await?;
+    ids.extend(backlog(&b.client, &b.queue, JOB, Priority::High, STARTUP_EACH).await?);
+    let extra = [
+        "mode = \"strict\"",
+        "weights = { high = 1, low = 1 }",
+        "aging = \"60s\"",
+    ];
+    let w = b
+        .start(backend, 1, 1, &extra, Duration::ZERO, Duration::ZERO)
+        .await?;
+    wait_for(
+        secs(20),
+        || b.log.count(|_| true) >= 2 * STARTUP_EACH,
+        || format!("{} of {} jobs ran", b.log.count(|_| true), 2 * STARTUP_EACH),
+    )
+    .await?;
+    b.finish(w).await?;
+    let runs = b.log.runs();
+    check_once(&runs, &ids)?;
+    check_levels(&runs)?;
+    let order = levels_of(&runs);
+    ensure!(
+        order[..STARTUP_EACH].iter().all(|p| *p == Priority::High),
+        "order {} on a fresh worker: a low job ran while high jobs were ready",
+        letters(&order)
+    );
+    Ok(())
 }
 
 /// `HHL…` for a failure message.
