@@ -355,6 +355,10 @@ fn redis_two_workers_one_killed_loses_nothing() {
     let _serial = serial();
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
     let prefix = format!("e2e{}-{}:", std::process::id(), free_port());
+    let _cleanup = stevedore_conformance::servers::RedisKeys {
+        url: url.clone(),
+        prefix: prefix.clone(),
+    };
     let config = r#"
 [broker]
 kind = "redis"

@@ -322,3 +322,51 @@ impl Drop for RabbitServer {
         self.stop();
     }
 }
+
+/// Deletes every key under `prefix` on the Redis at `url` when dropped (so at the end of a test,
+/// passed or panicked), with `redis-cli` (`--scan`, then `DEL` in chunks). For tests that work on
+/// the machine's shared Redis under a key prefix of their own.
+pub struct RedisKeys {
+    /// `redis://host:port/db`.
+    pub url: String,
+    /// The test's key prefix.
+    pub prefix: String,
+}
+
+impl Drop for RedisKeys {
+    fn drop(&mut self) {
+        let scan = Command::new("redis-cli")
+            .args(["-u", &self.url, "--scan", "--pattern"])
+            .arg(format!("{}*", self.prefix))
+            .output();
+        let keys: Vec<String> = match scan {
+            Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(str::to_string)
+                .filter(|k| !k.is_empty())
+                .collect(),
+            Ok(out) => {
+                eprintln!(
+                    "cleanup of {}: redis-cli --scan failed: {}",
+                    self.prefix,
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                return;
+            }
+            Err(e) => {
+                eprintln!("cleanup of {}: cannot run redis-cli: {e}", self.prefix);
+                return;
+            }
+        };
+        for chunk in keys.chunks(500) {
+            let del = Command::new("redis-cli")
+                .args(["-u", &self.url, "DEL"])
+                .args(chunk)
+                .stdout(Stdio::null())
+                .status();
+            if !del.is_ok_and(|s| s.success()) {
+                eprintln!("cleanup of {}: DEL failed", self.prefix);
+            }
+        }
+    }
+}

@@ -101,6 +101,7 @@ fn is_broker_header(k: &str) -> bool {
     k == DELIVERY_COUNT
         || k == TARGET
         || k == "x-death"
+        || k.starts_with("stevedore-after-")
         || k.starts_with("x-first-death-")
         || k.starts_with("x-last-death-")
 }

@@ -2,16 +2,19 @@
 //! prefix, whatever the number of queues, walked by binary decomposition of the delay (the
 //! technique NServiceBus uses on RabbitMQ).
 //!
-//! For each level `k` in `0..LEVELS` there is a topic exchange and a durable classic queue, both
-//! named `{prefix}stevedore.delay.{k:02}`. The queue holds every message for exactly 2^k ms
-//! (`x-message-ttl`) and then dead-letters it, keeping its routing key, into the exchange of level
-//! `k − 1` (level 0 into the *deliver* exchange). The routing key of a delayed message is its delay
-//! in milliseconds written as [`LEVELS`] binary words, most significant first (`0.0.…1.0.1`).
-//! Exchange `k` routes a key whose word for bit `k` is `1` into its queue (wait 2^k ms) and one
-//! whose word is `0` straight on to exchange `k − 1`. So a message published at the exchange of its
-//! highest set bit waits, in total, exactly the sum of its set bits: its delay, rounded *up* to the
-//! millisecond. Every queue's messages share one TTL, so expiry is first in, first out and a short
-//! delay never waits behind a long one.
+//! For each level `k` in `0..LEVELS` there is a durable classic queue `{prefix}stevedore.delay.{k:02}`
+//! that holds every message for exactly 2^k ms (`x-message-ttl`) and then dead-letters it into the
+//! headers exchange `{prefix}stevedore.delay.after.{k:02}`. A delayed message carries its route:
+//! for its delay in milliseconds, with set bits k₁ > k₂ > … > kₙ, the headers
+//! `stevedore-after-32 = k₁`, `stevedore-after-k₁ = k₂`, …, `stevedore-after-kₙ = deliver`
+//! ([`hops`]). Exchange `after.k` sends a message to the level its `stevedore-after-k` names, or
+//! to the deliver exchange; a message enters at `after.32` ([`entry_name`]). So it waits, in
+//! total, exactly the sum of its set bits: its delay, rounded *up* to the millisecond, and every
+//! move between levels crosses one exchange with at most 33 bindings. (Headers, not a topic key of
+//! 32 binary words as NServiceBus does: RabbitMQ's topic matching of such keys cost ~0.2 ms per
+//! message here, which a burst of 250 due messages turned into 200 ms of lateness.) Every level's
+//! messages share one TTL, so expiry is first in, first out and a short delay never waits behind
+//! a long one. The routing key is the delay written in binary, for people reading the queues.
 //!
 //! The deliver exchange `{prefix}stevedore.delay.deliver` is a headers exchange: each work queue
 //! is bound to it by the `stevedore-target` header (its AMQP name), bound whenever this backend
@@ -28,7 +31,7 @@
 //!   restart keeps waiting messages (their TTL keeps running across it);
 //! - unbounded: delays above [`max_delay`] wait the maximum and arrive early; the runtime
 //!   re-publishes an early arrival for the remaining time ("hops"), as for any capped native delay;
-//! - a fixed topology: `2 × LEVELS + 2` exchanges and `LEVELS + 1` queues per prefix, declared on
+//! - a fixed topology: `LEVELS + 3` exchanges and `LEVELS + 1` queues per prefix, declared on
 //!   first use, instead of two dozen queues per physical queue.
 //!
 //! Trade-off: RabbitMQ cannot count the messages waiting *for one queue* in shared queues, so
@@ -74,17 +77,46 @@ pub fn entry_level(ms: u64) -> u32 {
     63 - ms.max(1).leading_zeros()
 }
 
-/// The binding key that selects, at level `k`, routing keys whose bit `k` is `bit`.
-pub(crate) fn pattern(k: u32, bit: bool) -> String {
-    let mut p = "*.".repeat((LEVELS - 1 - k) as usize);
-    p.push(if bit { '1' } else { '0' });
-    p.push_str(".#");
-    p
+/// The route of a delay of `ms` (> 0): `(k, next)` for the entry (`k = LEVELS`) and each set bit
+/// `k`, where `next` is the next lower set bit, or `None` (deliver) after the lowest.
+pub fn hops(ms: u64) -> Vec<(u32, Option<u32>)> {
+    let bits: Vec<u32> = (0..LEVELS).rev().filter(|k| ms >> k & 1 == 1).collect();
+    let mut out = Vec::with_capacity(bits.len() + 1);
+    let mut at = LEVELS;
+    for b in bits {
+        out.push((at, Some(b)));
+        at = b;
+    }
+    out.push((at, None));
+    out
 }
 
-/// Level `k`'s exchange and queue name.
+/// The header exchange `after.k` routes by.
+pub(crate) fn hop_header(k: u32) -> String {
+    format!("stevedore-after-{k:02}")
+}
+
+/// The value of [`hop_header`] that sends a message to level `next`, or to the deliver exchange.
+pub(crate) fn hop_value(next: Option<u32>) -> String {
+    match next {
+        Some(j) => format!("{j:02}"),
+        None => "deliver".to_string(),
+    }
+}
+
+/// Level `k`'s queue.
 pub fn level_name(prefix: &str, k: u32) -> String {
     format!("{prefix}stevedore.delay.{k:02}")
+}
+
+/// The topic exchange a message leaving level `k` goes to (`k = LEVELS`: where it enters).
+pub fn after_name(prefix: &str, k: u32) -> String {
+    format!("{prefix}stevedore.delay.after.{k:02}")
+}
+
+/// The exchange delayed messages are published to.
+pub fn entry_name(prefix: &str) -> String {
+    after_name(prefix, LEVELS)
 }
 
 /// The headers exchange that hands due messages to their queues.
@@ -97,23 +129,29 @@ pub fn unroutable_name(prefix: &str) -> String {
     format!("{prefix}stevedore.delay.unroutable")
 }
 
-/// Where level `k`'s queue dead-letters to: the exchange one level down, or the deliver exchange.
-pub(crate) fn next_exchange(prefix: &str, k: u32) -> String {
-    if k == 0 {
-        deliver_name(prefix)
-    } else {
-        level_name(prefix, k - 1)
-    }
-}
-
 /// Every queue and exchange of the shared delay topology of `prefix` (for clean-up tools and
 /// tests): `(queues, exchanges)`.
 pub fn topology(prefix: &str) -> (Vec<String>, Vec<String>) {
     let mut queues: Vec<String> = (0..LEVELS).map(|k| level_name(prefix, k)).collect();
     queues.push(unroutable_name(prefix));
-    let mut exchanges = queues.clone();
+    let mut exchanges: Vec<String> = (0..=LEVELS).map(|k| after_name(prefix, k)).collect();
     exchanges.push(deliver_name(prefix));
+    exchanges.push(unroutable_name(prefix));
     (queues, exchanges)
+}
+
+/// Where exchange `after.k` sends a message with `headers`, by its bindings (`x-match = all` on
+/// `stevedore-after-k`): `Some(level)`, or `None` for the deliver exchange. For tests.
+#[cfg(test)]
+fn route(k: u32, headers: &[(String, String)]) -> Vec<Option<u32>> {
+    let targets = (0..k).map(Some).chain([None]);
+    targets
+        .filter(|j| {
+            headers
+                .iter()
+                .any(|(h, v)| *h == hop_header(k) && *v == hop_value(*j))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -131,37 +169,54 @@ mod tests {
         assert_eq!(entry_level(1500), 10);
     }
 
+    const SAMPLES: [u64; 10] = [
+        1,
+        2,
+        3,
+        50,
+        999,
+        1000,
+        1500,
+        65_535,
+        86_400_000,
+        (1 << 32) - 1,
+    ];
+
     #[test]
-    fn patterns_pick_one_word() {
-        assert_eq!(pattern(LEVELS - 1, true), "1.#");
-        assert_eq!(pattern(0, false), format!("{}0.#", "*.".repeat(31)));
+    fn hops_name_the_next_set_bit() {
+        assert_eq!(hops(5), vec![(32, Some(2)), (2, Some(0)), (0, None)]);
+        assert_eq!(hops(1 << 31), vec![(32, Some(31)), (31, None)]);
+        assert_eq!(hop_header(3), "stevedore-after-03");
+        assert_eq!(hop_value(None), "deliver");
     }
 
-    /// Walks a delay through the levels as the broker would and adds up the waits.
+    /// Walks delays through the bindings as the broker would: every exchange sends a message to
+    /// exactly one place, and the waits add up to the delay exactly, one level per set bit.
     #[test]
     fn the_levels_add_up_to_the_delay_exactly() {
-        for ms in [
-            1u64,
-            2,
-            3,
-            50,
-            999,
-            1000,
-            1500,
-            65_535,
-            86_400_000,
-            (1 << 32) - 1,
-        ] {
-            let key = routing_key(ms);
-            let key: Vec<&str> = key.split('.').collect();
-            let mut waited = 0u64;
-            for k in (0..=entry_level(ms)).rev() {
-                let word = key[(LEVELS - 1 - k) as usize];
-                if word == "1" {
-                    waited += 1 << k;
+        for ms in SAMPLES {
+            let headers: Vec<(String, String)> = hops(ms)
+                .into_iter()
+                .map(|(k, next)| (hop_header(k), hop_value(next)))
+                .collect();
+            let (mut at, mut waited, mut levels) = (LEVELS, 0u64, 0);
+            loop {
+                let next = route(at, &headers);
+                assert_eq!(next.len(), 1, "after.{at} routes {ms} ms to {next:?}");
+                match next[0] {
+                    Some(level) => {
+                        if levels == 0 {
+                            assert_eq!(level, entry_level(ms));
+                        }
+                        waited += 1 << level;
+                        at = level;
+                        levels += 1;
+                    }
+                    None => break,
                 }
             }
-            assert_eq!(waited, ms);
+            assert_eq!(waited, ms, "{ms} ms");
+            assert_eq!(levels, ms.count_ones());
         }
     }
 
@@ -183,9 +238,8 @@ mod tests {
     fn topology_is_fixed_per_prefix() {
         let (q, x) = topology("app.");
         assert_eq!(q.len(), LEVELS as usize + 1);
-        assert_eq!(x.len(), LEVELS as usize + 2);
+        assert_eq!(x.len(), LEVELS as usize + 3);
         assert_eq!(q[0], "app.stevedore.delay.00");
-        assert_eq!(next_exchange("app.", 0), "app.stevedore.delay.deliver");
-        assert_eq!(next_exchange("app.", 3), "app.stevedore.delay.02");
+        assert_eq!(entry_name("app."), "app.stevedore.delay.after.32");
     }
 }

@@ -99,7 +99,7 @@ use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicQosOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use link::{call, short, ExchangeKind, Link, QueueKind};
+use link::{call, short, ExchangeKind, Link, QueueKind, Route};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -790,7 +790,7 @@ impl RabbitBroker {
         link.ensure_exchange(
             &deliver,
             ExchangeKind::Headers {
-                alternate: &unroutable,
+                alternate: Some(&unroutable),
             },
         )
         .await?;
@@ -810,53 +810,89 @@ impl RabbitBroker {
         if link.is_declared(&done) {
             return Ok(());
         }
+        let entry = delay::entry_name(prefix);
+        // The entry exchange is declared last: if it exists, a process declared everything
+        // before it. One passive declare (on a channel of its own, which a 404 closes) instead
+        // of ~600 declares and binds on every new connection.
+        if link.exchange_exists(&entry).await? {
+            link.mark_declared(&done);
+            return Ok(());
+        }
         let expires = self.expires();
-        let level = |k: u32| async move {
-            let name = delay::level_name(prefix, k);
-            let next = delay::next_exchange(prefix, k);
-            link.ensure_exchange(&name, ExchangeKind::Topic).await?;
+        let level = |j: u32| async move {
             link.ensure(
-                &name,
+                &delay::level_name(prefix, j),
                 QueueKind::Level {
-                    ttl_ms: 1 << k,
-                    dlx: &next,
+                    ttl_ms: 1 << j,
+                    dlx: &delay::after_name(prefix, j),
                 },
                 expires,
             )
-            .await?;
-            link.ensure_queue_binding(
-                &name,
-                &name,
-                &delay::pattern(k, true),
-                FieldTable::default(),
-            )
-            .await?;
-            link.ensure_exchange_binding(&next, &name, &delay::pattern(k, false))
-                .await
+            .await
         };
-        let results = futures::future::join_all((0..LEVELS).map(level)).await;
-        results.into_iter().collect::<Result<(), _>>()?;
+        let levels = futures::future::join_all((0..LEVELS).map(level)).await;
+        levels.into_iter().collect::<Result<(), _>>()?;
+        // Exchange after.k sends a key to the level of its highest set bit below k, or on to the
+        // deliver exchange; level k's queue dead-letters into after.k.
+        let deliver = delay::deliver_name(prefix);
+        let router = |k: u32| {
+            let deliver = deliver.clone();
+            async move {
+                let after = delay::after_name(prefix, k);
+                link.ensure_exchange(&after, ExchangeKind::Headers { alternate: None })
+                    .await?;
+                let on = |next: Option<u32>| {
+                    let mut args = FieldTable::default();
+                    args.insert("x-match".into(), AMQPValue::LongString("all".into()));
+                    args.insert(
+                        delay::hop_header(k).as_str().into(),
+                        AMQPValue::LongString(delay::hop_value(next).into()),
+                    );
+                    args
+                };
+                for j in 0..k {
+                    link.ensure_queue_binding(
+                        &delay::level_name(prefix, j),
+                        &after,
+                        "",
+                        on(Some(j)),
+                    )
+                    .await?;
+                }
+                link.ensure_exchange_binding(&deliver, &after, "", on(None))
+                    .await
+            }
+        };
+        let routers = futures::future::join_all((0..LEVELS).map(router)).await;
+        routers.into_iter().collect::<Result<(), _>>()?;
+        router(LEVELS).await?;
         link.mark_declared(&done);
         Ok(())
     }
 
-    /// Publishes `(delay in ms, message)` pairs for AMQP queue `amqp` into the delay levels, each
-    /// at the level of its delay's highest bit with the delay as its routing key.
+    /// Publishes `(not_before, message)` pairs for AMQP queue `amqp` into the delay levels, with
+    /// the delay left when each is sent as its routing key.
     async fn publish_delayed(
         &self,
         link: &Link,
         amqp: &str,
-        messages: Vec<(u64, &Envelope)>,
+        messages: Vec<(SystemTime, &Envelope)>,
     ) -> Result<(), BrokerError> {
         self.ensure_delay_levels(link).await?;
         let prefix = &self.inner.cfg.key_prefix;
+        let (entry, queue) = (short(&delay::entry_name(prefix))?, short(amqp)?);
+        let levels = self.inner.cfg.delay_levels;
         let batch = messages
             .into_iter()
-            .map(|(ms, m)| {
+            .map(|(not_before, m)| {
                 let (props, body) = amqp::properties(m, &[(amqp::TARGET, amqp)])?;
-                let exchange = short(&delay::level_name(prefix, delay::entry_level(ms)))?;
-                let key = short(&delay::routing_key(ms))?;
-                Ok((exchange, key, props, body))
+                let route = Route::Delayed {
+                    entry: entry.clone(),
+                    queue: queue.clone(),
+                    not_before,
+                    levels,
+                };
+                Ok((route, props, body))
             })
             .collect::<Result<Vec<_>, BrokerError>>()?;
         let sent = link.publish_routed(amqp, batch).await;
@@ -922,14 +958,14 @@ impl RabbitBroker {
         let expires = self.expires();
         let counts = futures::future::join_all((0..LEVELS).map(|k| {
             let name = delay::level_name(prefix, k);
-            let next = delay::next_exchange(prefix, k);
+            let dlx = delay::after_name(prefix, k);
             let link = link.clone();
             async move {
                 link.declare(
                     &name,
                     QueueKind::Level {
                         ttl_ms: 1 << k,
-                        dlx: &next,
+                        dlx: &dlx,
                     },
                     expires,
                 )
@@ -991,14 +1027,11 @@ impl Broker for RabbitBroker {
         }
         let amqp = self.amqp_name(queue)?;
         let now = SystemTime::now();
-        let levels = self.inner.cfg.delay_levels;
         let mut due = Vec::with_capacity(messages.len());
         let mut later = Vec::new();
         for m in &messages {
-            match m.delay_remaining(now) {
-                Some(left) if delay::delay_ms(left, levels) > 0 => {
-                    later.push((delay::delay_ms(left, levels), m))
-                }
+            match (m.delay_remaining(now), m.not_before) {
+                (Some(_), Some(at)) => later.push((at, m)),
                 _ => due.push(amqp::properties(m, &[])?),
             }
         }

@@ -19,11 +19,13 @@ use lapin::{
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 use stevedore_core::BrokerError;
 
 /// Longest wait for the TCP/TLS connection and the AMQP handshake.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How many channels declares and binds are spread over.
+const ADMIN_CHANNELS: usize = 8;
 /// Longest wait for one synchronous AMQP call or for the confirms of one publish batch.
 pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -42,11 +44,10 @@ pub(crate) enum QueueKind<'a> {
 /// What kind of exchange a name is declared as.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum ExchangeKind<'a> {
-    Topic,
     Fanout,
-    /// A headers exchange whose unroutable messages go to `alternate`.
+    /// A headers exchange, whose unroutable messages go to `alternate` if set.
     Headers {
-        alternate: &'a str,
+        alternate: Option<&'a str>,
     },
 }
 
@@ -58,7 +59,11 @@ pub(crate) struct Link {
     /// Confirm-mode channel every publish goes through.
     pub publish: Channel,
     /// Channel for declares; re-opened when a declare error closes it.
-    admin: tokio::sync::Mutex<Option<Channel>>,
+    /// Channels for declares and binds, used in turn so that many declares (the shared delay
+    /// topology: ~130 of them) run side by side instead of one round trip after another; each is
+    /// re-opened when a declare error closes it.
+    admin: Vec<tokio::sync::Mutex<Option<Channel>>>,
+    next_admin: std::sync::atomic::AtomicUsize,
     /// AMQP queue names declared on this connection.
     declared: Mutex<HashSet<String>>,
     broken: AtomicBool,
@@ -116,7 +121,10 @@ impl Link {
             gen,
             conn,
             publish,
-            admin: tokio::sync::Mutex::new(None),
+            admin: (0..ADMIN_CHANNELS)
+                .map(|_| tokio::sync::Mutex::new(None))
+                .collect(),
+            next_admin: std::sync::atomic::AtomicUsize::new(0),
             declared: Mutex::new(HashSet::new()),
             broken: AtomicBool::new(false),
         })
@@ -164,9 +172,11 @@ impl Link {
             .retain(|k| k != amqp && !k.starts_with(&bindings));
     }
 
-    /// A usable admin channel, opened anew if the last one was closed by an error.
+    /// A usable admin channel (the next in turn), opened anew if the last one there was closed by
+    /// an error.
     async fn admin(&self) -> Result<Channel, BrokerError> {
-        let mut slot = self.admin.lock().await;
+        let i = self.next_admin.fetch_add(1, Ordering::Relaxed) % self.admin.len();
+        let mut slot = self.admin[i].lock().await;
         if let Some(c) = slot.as_ref() {
             if c.status().connected() {
                 return Ok(c.clone());
@@ -266,10 +276,11 @@ impl Link {
         }
         let mut args = FieldTable::default();
         let kind = match kind {
-            ExchangeKind::Topic => ExchangeKind_::Topic,
             ExchangeKind::Fanout => ExchangeKind_::Fanout,
             ExchangeKind::Headers { alternate } => {
-                args.insert("alternate-exchange".into(), lstr(alternate));
+                if let Some(a) = alternate {
+                    args.insert("alternate-exchange".into(), lstr(a));
+                }
                 ExchangeKind_::Headers
             }
         };
@@ -288,6 +299,40 @@ impl Link {
         Ok(())
     }
 
+    /// Whether exchange `name` exists (a passive declare on a channel of its own, since a 404
+    /// closes the channel).
+    pub(crate) async fn exchange_exists(&self, name: &str) -> Result<bool, BrokerError> {
+        let ch = call("open a channel", self.conn.create_channel())
+            .await
+            .map_err(|e| self.note(e))?;
+        let passive = ExchangeDeclareOptions {
+            passive: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        let found = call(
+            format!("check exchange {name}"),
+            ch.exchange_declare(
+                short(name)?,
+                ExchangeKind_::Headers,
+                passive,
+                FieldTable::default(),
+            ),
+        )
+        .await;
+        match found {
+            Ok(()) => {
+                let _ = call("close", ch.close(200, "checked".into())).await;
+                Ok(true)
+            }
+            Err(BrokerError::Other { message, .. })
+                if message.contains("NOT-FOUND") || message.contains("NOT_FOUND") =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(self.note(e)),
+        }
+    }
+
     /// Binds queue `queue` to exchange `exchange` (with routing key `key` and binding `args`)
     /// unless this connection already did.
     pub(crate) async fn ensure_queue_binding(
@@ -297,7 +342,7 @@ impl Link {
         key: &str,
         args: FieldTable,
     ) -> Result<(), BrokerError> {
-        let id = format!("bind queue {queue} {exchange} {key}");
+        let id = format!("bind queue {queue} {exchange} {key} {args:?}");
         if self.is_declared(&id) {
             return Ok(());
         }
@@ -318,15 +363,16 @@ impl Link {
         Ok(())
     }
 
-    /// Binds exchange `destination` to exchange `source` with routing key `key` unless this
-    /// connection already did.
+    /// Binds exchange `destination` to exchange `source` with routing key `key` and binding
+    /// `args` unless this connection already did.
     pub(crate) async fn ensure_exchange_binding(
         &self,
         destination: &str,
         source: &str,
         key: &str,
+        args: FieldTable,
     ) -> Result<(), BrokerError> {
-        let id = format!("bind exchange {destination} {source} {key}");
+        let id = format!("bind exchange {destination} {source} {key} {args:?}");
         if self.is_declared(&id) {
             return Ok(());
         }
@@ -338,7 +384,7 @@ impl Link {
                 short(source)?,
                 short(key)?,
                 ExchangeBindOptions::default(),
-                FieldTable::default(),
+                args,
             ),
         )
         .await
@@ -372,25 +418,33 @@ impl Link {
         let key = short(amqp)?;
         let routed = messages
             .into_iter()
-            .map(|(props, body)| (ShortString::from(""), key.clone(), props, body))
+            .map(|(props, body)| (Route::Direct(key.clone()), props, body))
             .collect();
         self.publish_routed(amqp, routed).await
     }
 
-    /// Publishes each `(exchange, routing key, properties, body)` (mandatory) and returns once the
-    /// broker confirmed every one; errors as [`Link::publish_confirmed`]. `amqp` names the
-    /// destination in errors (and is forgotten as declared when a message comes back unroutable).
+    /// Publishes each `(route, properties, body)` (mandatory) and returns once the broker
+    /// confirmed every one; errors as [`Link::publish_confirmed`]. `amqp` names the destination
+    /// in errors (and is forgotten as declared when a message comes back unroutable).
     pub(crate) async fn publish_routed(
         &self,
         amqp: &str,
-        messages: Vec<(ShortString, ShortString, BasicProperties, Bytes)>,
+        messages: Vec<(Route, BasicProperties, Bytes)>,
     ) -> Result<(), BrokerError> {
         let opts = BasicPublishOptions {
             mandatory: true,
             ..BasicPublishOptions::default()
         };
         let mut confirms = Vec::with_capacity(messages.len());
-        for (exchange, key, props, body) in messages {
+        for (route, mut props, body) in messages {
+            let (exchange, key, hops) = route.resolve()?;
+            if !hops.is_empty() {
+                let mut headers = props.headers().clone().unwrap_or_default();
+                for (k, v) in hops {
+                    headers.insert(ShortString::from(k), lstr(&v));
+                }
+                props = props.with_headers(headers);
+            }
             let sent = self
                 .publish
                 .basic_publish(exchange, key, opts, &body, props)
@@ -434,6 +488,55 @@ impl Link {
             )));
         }
         Ok(())
+    }
+}
+
+/// A resolved [`Route`]: exchange, routing key, and headers to add.
+type Resolved = (ShortString, ShortString, Vec<(String, String)>);
+
+/// Where one message goes.
+pub(crate) enum Route {
+    /// Straight to a queue, through the default exchange.
+    Direct(ShortString),
+    /// Through the delay levels' entry exchange, held until `not_before`; the delay is computed
+    /// when the message is sent (so time spent publishing the rest of a batch, or declaring, is
+    /// not added to it), and a message already due goes to queue `queue` directly.
+    Delayed {
+        entry: ShortString,
+        queue: ShortString,
+        not_before: SystemTime,
+        levels: u32,
+    },
+}
+
+impl Route {
+    /// The exchange, the routing key, and the route headers to add.
+    fn resolve(self) -> Result<Resolved, BrokerError> {
+        match self {
+            Route::Direct(q) => Ok((ShortString::from(""), q, Vec::new())),
+            Route::Delayed {
+                entry,
+                queue,
+                not_before,
+                levels,
+            } => {
+                let left = not_before
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default();
+                match crate::delay::delay_ms(left, levels) {
+                    0 => Ok((ShortString::from(""), queue, Vec::new())),
+                    ms => {
+                        let hops = crate::delay::hops(ms)
+                            .into_iter()
+                            .map(|(k, next)| {
+                                (crate::delay::hop_header(k), crate::delay::hop_value(next))
+                            })
+                            .collect();
+                        Ok((entry, short(&crate::delay::routing_key(ms))?, hops))
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -8,7 +8,9 @@
 //! - `amqps://` against a private server whose certificate is signed by a private CA;
 //! - the password stays out of errors, `Debug` and even trace-level logs.
 //!
-//! The machine's RabbitMQ (127.0.0.1:5672, `RABBITMQ_URL` overrides) is only used as a client.
+//! The machine's RabbitMQ (127.0.0.1:5672, `RABBITMQ_URL` overrides) is only used as a client,
+//! each test under a key prefix of its own, and a [`Cleanup`] guard deletes what the test created
+//! there (its queues and the prefix's delay topology) when it ends, passed or failed.
 
 use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString};
@@ -26,11 +28,80 @@ fn machine_url() -> String {
     std::env::var("RABBITMQ_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
-fn config(url: &str) -> RabbitConfig {
+fn config(url: &str, prefix: &str) -> RabbitConfig {
     let mut c = RabbitConfig::new(url);
-    // Test queues on the shared server go away on their own.
+    c.key_prefix = prefix.to_string();
+    // Backstop for a test process killed before its guard ran.
     c.queue_expires = Some(Duration::from_secs(30 * 60));
     c
+}
+
+/// Deletes, when dropped (the test passed or panicked), queue `queue` (with its dead-letter
+/// queue) and the shared delay topology under `prefix` on the server at `url`.
+struct Cleanup {
+    url: String,
+    prefix: String,
+    queue: String,
+}
+
+impl Cleanup {
+    /// A fresh prefix and queue name for a test on the machine's server.
+    fn machine(tag: &str) -> Cleanup {
+        Cleanup {
+            url: machine_url(),
+            prefix: format!("{}.", unique("bt")),
+            queue: unique(tag),
+        }
+    }
+
+    fn config(&self) -> RabbitConfig {
+        config(&self.url, &self.prefix)
+    }
+
+    /// The AMQP name of the test's queue.
+    fn amqp(&self) -> String {
+        format!("{}{}", self.prefix, self.queue)
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let (url, prefix, queue) = (self.url.clone(), self.prefix.clone(), self.amqp());
+        let done = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            rt.block_on(async {
+                let conn = Connection::connect(&url, ConnectionProperties::default())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let ch = conn.create_channel().await.map_err(|e| e.to_string())?;
+                let (mut queues, exchanges) = stevedore_rabbitmq::delay::topology(&prefix);
+                for suffix in ["__dlq", "__high", "__low", ""] {
+                    queues.push(format!("{queue}{suffix}"));
+                }
+                for q in queues {
+                    ch.queue_delete(q.as_str().into(), Default::default())
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                for x in exchanges {
+                    ch.exchange_delete(x.as_str().into(), Default::default())
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                let _ = conn.close(200, "cleaned up".into()).await;
+                Ok::<(), String>(())
+            })
+        })
+        .join();
+        match done {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("cleanup of {}: {e}", self.prefix),
+            Err(_) => eprintln!("cleanup of {} panicked", self.prefix),
+        }
+    }
 }
 
 fn opts(max: usize, wait: Duration) -> ReceiveOptions {
@@ -218,9 +289,9 @@ async fn consumer_timeout_closing_the_channel_is_reported() -> Result<(), Broker
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_amqp_messages_are_foreign() -> Result<(), BrokerError> {
-    let url = machine_url();
-    let q = unique("plain-amqp");
-    let b = RabbitBroker::connect(config(&url)).await?;
+    let guard = Cleanup::machine("plain-amqp");
+    let (url, q) = (guard.url.clone(), guard.queue.clone());
+    let b = RabbitBroker::connect(guard.config()).await?;
     b.prepare(std::slice::from_ref(&q)).await?;
     let conn = Connection::connect(&url, ConnectionProperties::default())
         .await
@@ -250,7 +321,7 @@ async fn plain_amqp_messages_are_foreign() -> Result<(), BrokerError> {
     for (body, props) in &plain {
         ch.basic_publish(
             "".into(),
-            q.as_str().into(),
+            guard.amqp().as_str().into(),
             BasicPublishOptions::default(),
             body,
             props.clone(),
@@ -306,16 +377,16 @@ async fn plain_amqp_messages_are_foreign() -> Result<(), BrokerError> {
 /// 10 others 1 — nothing a handle was not handed comes back counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_handle_returns_only_what_it_was_handed() -> Result<(), BrokerError> {
-    let url = machine_url();
-    let q = unique("crash-held");
-    let b = RabbitBroker::connect(config(&url)).await?;
+    let guard = Cleanup::machine("crash-held");
+    let q = guard.queue.clone();
+    let b = RabbitBroker::connect(guard.config()).await?;
     b.prepare(std::slice::from_ref(&q)).await?;
     let sent: Vec<Envelope> = (0..30)
         .map(|i| Envelope::new("crash", format!("{i}")))
         .collect();
     b.publish(&q, sent).await?;
-    let a = Arc::new(RabbitBroker::connect(config(&url)).await?);
-    let c = RabbitBroker::connect(config(&url)).await?;
+    let a = Arc::new(RabbitBroker::connect(guard.config()).await?);
+    let c = RabbitBroker::connect(guard.config()).await?;
     let held_a = collect(&a, &q, 10, Duration::from_secs(10)).await;
     let held_c = collect(&c, &q, 10, Duration::from_secs(10)).await;
     let held: HashSet<String> = held_a
@@ -526,5 +597,83 @@ async fn amqps_with_a_private_ca() -> Result<(), BrokerError> {
     b.ack(&receipts(&got)).await?;
     b.close().await?;
     drop(server);
+    Ok(())
+}
+
+/// Names of the queues (or exchanges) on the machine's server that start with `prefix`, read with
+/// `rabbitmqctl` (the AMQP protocol cannot list them).
+fn listed(what: &str, prefix: &str) -> Vec<String> {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["-q", what, "name", "--no-table-headers"])
+        .output()
+        .unwrap_or_else(|e| panic!("rabbitmqctl {what} (installed with rabbitmq-server): {e}"));
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with(prefix))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The broker-side footprint: a logical queue with two priority levels is its two level queues
+/// and its dead-letter queue, whatever it delays; the delay topology (32 level queues and the
+/// unroutable queue, 35 exchanges) is shared by every queue under the key prefix and declared on
+/// first use. Before the shared topology, each physical queue had 22 TTL tiers and a router of
+/// its own: ~50 broker queues for this logical queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delay_topology_is_shared_by_every_queue() -> Result<(), BrokerError> {
+    let guard = Cleanup::machine("topology");
+    let mut second = Cleanup::machine("topology-b");
+    second.prefix = guard.prefix.clone();
+    let b = RabbitBroker::connect(guard.config()).await?;
+    let logical = |q: &str| {
+        vec![
+            format!("{q}__high"),
+            format!("{q}__low"),
+            format!("{q}__dlq"),
+        ]
+    };
+    let (q1, q2) = (guard.queue.clone(), second.queue.clone());
+    b.prepare(&logical(&q1)).await?;
+    let delayed = |q: &str| {
+        vec![Envelope::new("later", "x")
+            .delayed(Duration::from_secs(3600))
+            .with_header("q", q)]
+    };
+    b.publish(&format!("{q1}__low"), delayed(&q1)).await?;
+    let queues = tokio::task::block_in_place(|| listed("list_queues", &guard.prefix));
+    let exchanges = tokio::task::block_in_place(|| listed("list_exchanges", &guard.prefix));
+    let shared = stevedore_rabbitmq::LEVELS as usize + 1;
+    assert_eq!(
+        queues.len(),
+        3 + shared,
+        "one logical queue: its 3 queues + the shared delay set: {queues:?}"
+    );
+    assert_eq!(
+        exchanges.len(),
+        stevedore_rabbitmq::LEVELS as usize + 3,
+        "{exchanges:?}"
+    );
+    b.prepare(&logical(&q2)).await?;
+    b.publish(&format!("{q2}__high"), delayed(&q2)).await?;
+    let queues = tokio::task::block_in_place(|| listed("list_queues", &guard.prefix));
+    assert_eq!(
+        queues.len(),
+        6 + shared,
+        "a second logical queue adds its own 3 queues only: {queues:?}"
+    );
+    assert_eq!(b.delayed_total().await?, 2);
+    eprintln!(
+        "broker queues: 3 per logical queue with two levels, {shared} shared by all (prefix {})",
+        guard.prefix
+    );
+    b.close().await?;
+    // The second guard deletes its own queues; the first, the shared topology too.
+    drop(second);
     Ok(())
 }

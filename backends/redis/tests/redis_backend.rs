@@ -18,6 +18,34 @@ fn opts(max: usize, lease: Duration) -> ReceiveOptions {
     }
 }
 
+/// A test's own key prefix on the machine's Redis; every key under it is deleted when the test
+/// ends, passed or failed.
+struct Cleanup {
+    url: String,
+    prefix: String,
+    _keys: stevedore_conformance::servers::RedisKeys,
+}
+
+impl Cleanup {
+    fn machine(tag: &str) -> Cleanup {
+        let (url, prefix) = (machine_url(), format!("bt-{tag}-{}:", std::process::id()));
+        Cleanup {
+            _keys: stevedore_conformance::servers::RedisKeys {
+                url: url.clone(),
+                prefix: prefix.clone(),
+            },
+            url,
+            prefix,
+        }
+    }
+
+    fn config(&self) -> RedisConfig {
+        let mut c = RedisConfig::new(self.url.clone());
+        c.key_prefix = self.prefix.clone();
+        c
+    }
+}
+
 fn xlen(url: &str, key: &str) -> i64 {
     let mut c = redis::Client::open(url)
         .and_then(|c| c.get_connection())
@@ -27,9 +55,11 @@ fn xlen(url: &str, key: &str) -> i64 {
 
 #[tokio::test]
 async fn trimming_keeps_every_unacked_entry() -> Result<(), BrokerError> {
-    let url = machine_url();
-    let q = format!("trim-{}", std::process::id());
-    let b = RedisBroker::connect(RedisConfig::new(url.clone())).await?;
+    let guard = Cleanup::machine("trim");
+    let url = guard.url.clone();
+    let q = "trim".to_string();
+    let stream = format!("{}{q}", guard.prefix);
+    let b = RedisBroker::connect(guard.config()).await?;
     b.prepare(std::slice::from_ref(&q)).await?;
     let msgs: Vec<Envelope> = (0..300)
         .map(|i| Envelope::new("j", format!("{i}")))
@@ -59,7 +89,7 @@ async fn trimming_keeps_every_unacked_entry() -> Result<(), BrokerError> {
         "only the acked entries before the oldest pending one go"
     );
     assert_eq!(
-        xlen(&url, &q),
+        xlen(&url, &stream),
         250,
         "pending 100..110, acked 110..300 behind them, 50 undelivered"
     );
@@ -74,17 +104,9 @@ async fn trimming_keeps_every_unacked_entry() -> Result<(), BrokerError> {
         .await?;
     b.trim_now(&q).await?;
     assert!(
-        xlen(&url, &q) <= 1,
+        xlen(&url, &stream) <= 1,
         "all acked entries trimmed (the last delivered may stay)"
     );
-    let mut c = redis::Client::open(url.as_str())
-        .and_then(|c| c.get_connection())
-        .expect("redis");
-    let _: () = redis::cmd("DEL")
-        .arg(&q)
-        .arg(format!("stevedore:leases:{q}"))
-        .query(&mut c)
-        .expect("DEL");
     Ok(())
 }
 
@@ -202,14 +224,18 @@ async fn rediss_url_speaks_tls() -> Result<(), BrokerError> {
 /// deliver, not stay in an error state.
 #[tokio::test]
 async fn missing_group_is_recreated() -> Result<(), BrokerError> {
-    let url = machine_url();
-    let q = format!("nogroup-{}", std::process::id());
-    let b = RedisBroker::connect(RedisConfig::new(url.clone())).await?;
+    let guard = Cleanup::machine("nogroup");
+    let url = guard.url.clone();
+    let q = "nogroup".to_string();
+    let b = RedisBroker::connect(guard.config()).await?;
     b.prepare(std::slice::from_ref(&q)).await?;
     let mut c = redis::Client::open(url.as_str())
         .and_then(|c| c.get_connection())
         .expect("redis");
-    let _: () = redis::cmd("DEL").arg(&q).query(&mut c).expect("DEL");
+    let _: () = redis::cmd("DEL")
+        .arg(format!("{}{q}", guard.prefix))
+        .query(&mut c)
+        .expect("DEL");
     b.publish(&q, vec![Envelope::new("j", "after the wipe")])
         .await?;
     let mut got = Vec::new();
@@ -223,10 +249,5 @@ async fn missing_group_is_recreated() -> Result<(), BrokerError> {
     assert_eq!(&got[0].envelope.payload[..], b"after the wipe");
     b.ack(&[got[0].receipt.clone()]).await?;
     assert_eq!(b.depth(&q).await?.in_flight, 0);
-    let _: () = redis::cmd("DEL")
-        .arg(&q)
-        .arg(format!("stevedore:leases:{q}"))
-        .query(&mut c)
-        .expect("DEL");
     Ok(())
 }

@@ -352,7 +352,10 @@ pub enum PriorityMode {
     /// Levels are fetched in proportion to their weights.
     #[default]
     Weighted,
-    /// A level is fetched only when every higher level is empty (lower levels still age).
+    /// A level is fetched only when every higher level is empty (lower levels still age). A level
+    /// counts as empty only when the broker says so (an empty receive, which every backend
+    /// returns only when it holds no ready message for the caller), so strict order holds from
+    /// the first fetch after start-up or a reconnect.
     Strict,
 }
 

@@ -1,0 +1,201 @@
+//! Delay accuracy as a user sees it: delayed jobs enqueued ahead of time, run by a worker with the
+//! default configuration, lateness = when the handler started minus the job's due time. Prints
+//! min / p50 / p99 / max lateness and the number of early starts (must be 0) per backend and
+//! delay, measured in one run, the backends alternating round by round.
+//!
+//! ```text
+//! cargo run --release -p stevedore-examples --bin delay_bench -- rabbitmq,redis 250 1s,10s
+//! ```
+//!
+//! Arguments: backends (`rabbitmq`, `redis`, `memory`; `RABBITMQ_URL` / `REDIS_URL`), jobs per
+//! delay, delays. Each (backend, delay) runs on a fresh queue under a key prefix of its own, which
+//! is deleted afterwards (RabbitMQ: the queues and the prefix's delay topology; Redis: every key
+//! under the prefix).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+use stevedore::core::to_millis;
+use stevedore::delay::Scheduler;
+use stevedore::{config, Broker, Envelope, Json, MemoryBroker, Router, State, Worker};
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Due {
+    due_ms: u64,
+}
+
+/// Lateness of each start, in milliseconds (negative = early).
+type Log = Arc<Mutex<Vec<i64>>>;
+
+async fn delayed(State(log): State<Log>, Json(job): Json<Due>) {
+    let late = to_millis(SystemTime::now()) as i64 - job.due_ms as i64;
+    log.lock().unwrap_or_else(|p| p.into_inner()).push(late);
+}
+
+fn url(var: &str, default: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| default.to_string())
+}
+
+async fn connect(backend: &str, prefix: &str) -> Res<Arc<dyn Broker>> {
+    Ok(match backend {
+        "memory" => Arc::new(MemoryBroker::new()),
+        "redis" => {
+            let mut c =
+                stevedore_redis::RedisConfig::new(url("REDIS_URL", "redis://127.0.0.1:6379/0"));
+            c.key_prefix = prefix.to_string();
+            Arc::new(stevedore_redis::RedisBroker::connect(c).await?)
+        }
+        "rabbitmq" => {
+            let mut c = stevedore_rabbitmq::RabbitConfig::new(url(
+                "RABBITMQ_URL",
+                "amqp://guest:guest@127.0.0.1:5672/%2f",
+            ));
+            c.key_prefix = prefix.to_string();
+            Arc::new(stevedore_rabbitmq::RabbitBroker::connect(c).await?)
+        }
+        other => {
+            return Err(format!("unknown backend {other:?}: rabbitmq, redis or memory").into())
+        }
+    })
+}
+
+async fn cleanup(backend: &str, prefix: &str, queue: &str) -> Res<()> {
+    match backend {
+        "redis" => {
+            let client = redis::Client::open(url("REDIS_URL", "redis://127.0.0.1:6379/0"))?;
+            let mut c = client.get_multiplexed_async_connection().await?;
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{prefix}*"))
+                .query_async(&mut c)
+                .await?;
+            if !keys.is_empty() {
+                let _: u64 = redis::cmd("DEL").arg(&keys).query_async(&mut c).await?;
+            }
+        }
+        "rabbitmq" => {
+            let conn = lapin::Connection::connect(
+                &url("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"),
+                lapin::ConnectionProperties::default(),
+            )
+            .await?;
+            let ch = conn.create_channel().await?;
+            let (mut queues, exchanges) = stevedore_rabbitmq::delay::topology(prefix);
+            queues.push(format!("{prefix}{queue}"));
+            queues.push(format!("{prefix}{queue}__dlq"));
+            for q in queues {
+                ch.queue_delete(q.as_str().into(), Default::default())
+                    .await?;
+            }
+            for x in exchanges {
+                ch.exchange_delete(x.as_str().into(), Default::default())
+                    .await?;
+            }
+            let _ = conn.close(200, "delay bench done".into()).await;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// One round: `n` jobs delayed by `delay`, all enqueued before the worker starts; returns the
+/// lateness of each start.
+async fn round(backend: &str, n: usize, delay: Duration, tag: usize) -> Res<Vec<i64>> {
+    let prefix = format!("delaybench-{}-{tag}.", std::process::id());
+    let queue = "delayed";
+    let broker = connect(backend, &prefix).await?;
+    let log: Log = Arc::default();
+    let cfg = config::from_toml_str(
+        &format!("[http]\nenabled = false\n[queues.{queue}]\nconcurrency = 16\n"),
+        None,
+    )?;
+    let worker = Worker::new(
+        broker.clone(),
+        Router::with_state(log.clone()).route("delayed", delayed),
+        cfg,
+    )?;
+    let stop = worker.shutdown_handle();
+    let run = tokio::spawn(worker.run());
+    let scheduler = Scheduler::new(broker.clone());
+    let jobs: Vec<Envelope> = (0..n)
+        .map(|_| {
+            let mut e = Envelope::new("delayed", Vec::new()).json().delayed(delay);
+            let due_ms = e.not_before.map(to_millis).unwrap_or(0);
+            e.payload = serde_json::to_vec(&Due { due_ms })?.into();
+            Ok(e)
+        })
+        .collect::<Result<_, serde_json::Error>>()?;
+    for chunk in jobs.chunks(100) {
+        scheduler.publish(queue, chunk.to_vec()).await?;
+    }
+    let deadline = Instant::now() + delay + Duration::from_secs(30);
+    while log.lock().map(|l| l.len()).unwrap_or(0) < n {
+        if Instant::now() > deadline {
+            return Err(
+                format!("{backend}: only some of {n} delayed jobs ran within 30 s of due").into(),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.shutdown();
+    run.await??;
+    let _ = broker.close().await;
+    cleanup(backend, &prefix, queue).await?;
+    let out = log.lock().map(|l| l.clone()).unwrap_or_default();
+    Ok(out)
+}
+
+fn pct(sorted: &[i64], p: f64) -> i64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn parse_delay(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    if let Some(ms) = s.strip_suffix("ms") {
+        return ms.parse().ok().map(Duration::from_millis);
+    }
+    s.strip_suffix('s')?.parse().ok().map(Duration::from_secs)
+}
+
+#[tokio::main]
+async fn main() -> Res<()> {
+    let mut args = std::env::args().skip(1);
+    let backends: Vec<String> = args
+        .next()
+        .unwrap_or_else(|| "rabbitmq,redis".into())
+        .split(',')
+        .map(str::to_string)
+        .collect();
+    let n: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(250);
+    let delays: Vec<Duration> = args
+        .next()
+        .unwrap_or_else(|| "1s,10s".into())
+        .split(',')
+        .filter_map(parse_delay)
+        .collect();
+    println!("delay accuracy: {n} jobs per delay enqueued at once, default worker config, lateness = handler start − due time (ms)");
+    println!(
+        "{:<10} {:>6} {:>6} {:>7} {:>7} {:>7} {:>7}",
+        "backend", "delay", "early", "min", "p50", "p99", "max"
+    );
+    let mut tag = 0;
+    for d in &delays {
+        // Alternate the backends for each delay, so both see the same machine.
+        for b in &backends {
+            tag += 1;
+            let mut late = round(b, n, *d, tag).await?;
+            late.sort_unstable();
+            let early = late.iter().filter(|l| **l < 0).count();
+            println!(
+                "{b:<10} {:>5}s {early:>6} {:>7} {:>7} {:>7} {:>7}",
+                d.as_secs_f64(),
+                late[0],
+                pct(&late, 0.5),
+                pct(&late, 0.99),
+                late[late.len() - 1]
+            );
+        }
+    }
+    Ok(())
+}
