@@ -184,7 +184,9 @@ async fn raw_rabbitmq(url: &str, n: usize) -> Res<(f64, f64)> {
 /// Stevedore on RabbitMQ: (publish msgs/s through `Broker::publish`, worker msgs/s).
 async fn through_rabbitmq(url: &str, n: usize) -> Res<(f64, f64)> {
     let queue = format!("bench-{}-{n}", std::process::id());
+    let prefix = format!("bench-{}.", std::process::id());
     let mut cfg = stevedore_rabbitmq::RabbitConfig::new(url);
+    cfg.key_prefix = prefix.clone();
     cfg.prefetch.insert(queue.clone(), 500);
     let broker: Arc<dyn Broker> = Arc::new(stevedore_rabbitmq::RabbitBroker::connect(cfg).await?);
     broker.prepare(std::slice::from_ref(&queue)).await?;
@@ -202,28 +204,38 @@ async fn through_rabbitmq(url: &str, n: usize) -> Res<(f64, f64)> {
         ..lapin::options::QueueDeclareOptions::default()
     };
     let left = ch
-        .queue_declare(queue.as_str().into(), passive, Default::default())
+        .queue_declare(
+            format!("{prefix}{queue}").as_str().into(),
+            passive,
+            Default::default(),
+        )
         .await?
         .message_count();
     if left != 0 {
         return Err(format!("{queue} not drained after the run: {left} left").into());
     }
     let _ = conn.close(200, "bench done".into()).await;
-    delete_rabbitmq_queues(url, &[queue.clone(), format!("{queue}__dlq")]).await?;
+    delete_rabbitmq_queues(url, &prefix, &[queue.clone(), format!("{queue}__dlq")]).await?;
     Ok((publish, consume))
 }
 
-/// Deletes queues `names` (the worker prepares the dead-letter queue too; delays live in the
-/// broker's shared delay topology, which stays).
-async fn delete_rabbitmq_queues(url: &str, names: &[String]) -> Res<()> {
+/// Deletes queues `names` under `prefix` (the worker prepares the dead-letter queue too) and the
+/// prefix's shared delay topology.
+async fn delete_rabbitmq_queues(url: &str, prefix: &str, names: &[String]) -> Res<()> {
     let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
-    for q in names {
+    let (shared, exchanges) = stevedore_rabbitmq::delay::topology(prefix);
+    let queues = names.iter().map(|q| format!("{prefix}{q}")).chain(shared);
+    for q in queues {
         ch.queue_delete(
             q.as_str().into(),
             lapin::options::QueueDeleteOptions::default(),
         )
         .await?;
+    }
+    for x in exchanges {
+        ch.exchange_delete(x.as_str().into(), Default::default())
+            .await?;
     }
     let _ = conn.close(200, "bench done".into()).await;
     Ok(())
@@ -394,10 +406,10 @@ async fn main() -> Res<()> {
     }
     let idle = idle_rss_kib(&backend);
     if backend == "rabbitmq" {
-        let p = idle_prefix();
         delete_rabbitmq_queues(
             &rabbitmq_url(),
-            &[format!("{p}default"), format!("{p}default__dlq")],
+            &idle_prefix(),
+            &["default".to_string(), "default__dlq".to_string()],
         )
         .await?;
     }

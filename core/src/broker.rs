@@ -81,7 +81,9 @@ pub struct ReceiveOptions {
 }
 
 /// How many messages a physical queue holds, by state.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+///
+/// The default is an empty queue: all counts zero, `delayed` `Some(0)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Depth {
     /// Ready to be received now.
     pub ready: u64,
@@ -94,6 +96,17 @@ pub struct Depth {
     /// Age of the oldest ready message, where the broker can tell.
     #[serde(with = "opt_secs")]
     pub oldest_age: Option<Duration>,
+}
+
+impl Default for Depth {
+    fn default() -> Self {
+        Depth {
+            ready: 0,
+            in_flight: 0,
+            delayed: Some(0),
+            oldest_age: None,
+        }
+    }
 }
 
 mod opt_secs {

@@ -25,6 +25,8 @@ struct RabbitBackend {
     server: Option<RabbitServer>,
     /// This run's key prefix.
     prefix: String,
+    /// Whether the prefix's delay topology was created.
+    warmed: std::sync::atomic::AtomicBool,
 }
 
 impl RabbitBackend {
@@ -35,6 +37,7 @@ impl RabbitBackend {
             url,
             server,
             prefix: format!("ct{}-{n}.", std::process::id()),
+            warmed: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -53,7 +56,14 @@ impl Backend for RabbitBackend {
     }
 
     async fn connect(&self) -> Result<Arc<dyn Broker>, BrokerError> {
-        Ok(Arc::new(RabbitBroker::connect(self.config()).await?))
+        let broker = RabbitBroker::connect(self.config()).await?;
+        // This run's prefix is new, so its shared delay topology does not exist yet: create it
+        // on the first connection (the runner's probe, before any scenario), as a broker in
+        // service has it, rather than inside whichever timing-sensitive scenario delays first.
+        if !self.warmed.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            broker.delayed_total().await?;
+        }
+        Ok(Arc::new(broker))
     }
 
     async fn publish_foreign(&self, queue: &str, body: &[u8]) -> Result<(), String> {

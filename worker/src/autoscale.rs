@@ -246,11 +246,7 @@ fn rates(prev: Counts, now: Counts, elapsed: Duration) -> (f64, f64) {
 /// Sums the depths of `physical` (read concurrently): counts add up, the oldest age is the largest.
 async fn total_depth(broker: &dyn Broker, physical: &[String]) -> Result<Depth, BrokerError> {
     let depths = futures::future::try_join_all(physical.iter().map(|q| broker.depth(q))).await?;
-    let start = Depth {
-        delayed: Some(0),
-        ..Depth::default()
-    };
-    Ok(depths.into_iter().fold(start, |acc, d| Depth {
+    Ok(depths.into_iter().fold(Depth::default(), |acc, d| Depth {
         ready: acc.ready.saturating_add(d.ready),
         in_flight: acc.in_flight.saturating_add(d.in_flight),
         delayed: acc.delayed.zip(d.delayed).map(|(a, b)| a.saturating_add(b)),

@@ -273,6 +273,7 @@ struct Inner {
     chan_ids: AtomicU64,
     queues: Mutex<HashMap<String, Arc<QueueState>>>,
     prepared: Mutex<BTreeSet<String>>,
+    delay_setup: tokio::sync::Mutex<()>,
     counters: Arc<Counters>,
     closed: AtomicBool,
 }
@@ -351,6 +352,7 @@ impl RabbitBroker {
                 chan_ids: AtomicU64::new(0),
                 queues: Mutex::new(HashMap::new()),
                 prepared: Mutex::new(BTreeSet::new()),
+                delay_setup: tokio::sync::Mutex::new(()),
                 counters: Arc::new(Counters::default()),
                 closed: AtomicBool::new(false),
             }),
@@ -778,6 +780,19 @@ impl RabbitBroker {
     /// the shared delay topology, so delayed messages for it reach it when due.
     async fn ensure_work(&self, link: &Link, amqp: &str) -> Result<(), BrokerError> {
         link.ensure(amqp, QueueKind::Work, self.expires()).await?;
+        let deliver = self.ensure_deliver(link).await?;
+        let mut args = FieldTable::default();
+        args.insert("x-match".into(), AMQPValue::LongString("all".into()));
+        args.insert(
+            amqp::TARGET.into(),
+            AMQPValue::LongString(LongString::from(amqp)),
+        );
+        link.ensure_queue_binding(amqp, &deliver, "", args).await
+    }
+
+    /// Declares the deliver exchange of the shared delay topology and the alternate exchange and
+    /// queue that park what it cannot route (once per connection); returns its name.
+    async fn ensure_deliver(&self, link: &Link) -> Result<String, BrokerError> {
         let prefix = &self.inner.cfg.key_prefix;
         let unroutable = delay::unroutable_name(prefix);
         let deliver = delay::deliver_name(prefix);
@@ -794,19 +809,19 @@ impl RabbitBroker {
             },
         )
         .await?;
-        let mut args = FieldTable::default();
-        args.insert("x-match".into(), AMQPValue::LongString("all".into()));
-        args.insert(
-            amqp::TARGET.into(),
-            AMQPValue::LongString(LongString::from(amqp)),
-        );
-        link.ensure_queue_binding(amqp, &deliver, "", args).await
+        Ok(deliver)
     }
 
     /// Declares the shared delay levels of this key prefix (once per connection).
     async fn ensure_delay_levels(&self, link: &Link) -> Result<(), BrokerError> {
         let prefix = &self.inner.cfg.key_prefix;
         let done = format!("delay levels {prefix}");
+        if link.is_declared(&done) {
+            return Ok(());
+        }
+        // One setup at a time in this process: concurrent first publishes wait for it instead of
+        // declaring the same ~600 objects side by side.
+        let _setup = self.inner.delay_setup.lock().await;
         if link.is_declared(&done) {
             return Ok(());
         }
@@ -818,6 +833,7 @@ impl RabbitBroker {
             link.mark_declared(&done);
             return Ok(());
         }
+        let deliver = self.ensure_deliver(link).await?;
         let expires = self.expires();
         let level = |j: u32| async move {
             link.ensure(
@@ -832,9 +848,8 @@ impl RabbitBroker {
         };
         let levels = futures::future::join_all((0..LEVELS).map(level)).await;
         levels.into_iter().collect::<Result<(), _>>()?;
-        // Exchange after.k sends a key to the level of its highest set bit below k, or on to the
-        // deliver exchange; level k's queue dead-letters into after.k.
-        let deliver = delay::deliver_name(prefix);
+        // Exchange after.k sends a message to the level its stevedore-after-k header names, or on
+        // to the deliver exchange; level k's queue dead-letters into after.k.
         let router = |k: u32| {
             let deliver = deliver.clone();
             async move {
@@ -1003,7 +1018,9 @@ impl Broker for RabbitBroker {
     }
 
     /// Declares each queue (durable quorum queue, bound to the shared delay topology's deliver
-    /// exchange), then moves on any delayed message that came due while its queue did not exist.
+    /// exchange) and the shared delay levels (so a worker sets them up at start, never on a job's
+    /// retry; one passive declare once they exist), then moves on any delayed message that came
+    /// due while its queue did not exist.
     async fn prepare(&self, queues: &[String]) -> Result<(), BrokerError> {
         let names: Vec<String> = queues
             .iter()
@@ -1014,6 +1031,7 @@ impl Broker for RabbitBroker {
             self.ensure_work(&link, amqp).await?;
             lock(&self.inner.prepared).insert(q.clone());
         }
+        self.ensure_delay_levels(&link).await?;
         self.rescue_unroutable(&link).await
     }
 
