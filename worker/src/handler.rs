@@ -19,6 +19,7 @@
 //! # let _ = router;
 //! ```
 
+use crate::client::Client;
 use crate::error::{IntoOutcome, JobError};
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -59,6 +60,8 @@ pub struct JobParts {
     pub envelope: Envelope,
     /// Delivery facts.
     pub context: JobContext,
+    /// A producer on the broker the job came from (the [`Client`] extractor).
+    pub client: Client,
 }
 
 /// Builds a handler argument from the job; failing means the payload cannot be handled at all.
@@ -92,6 +95,14 @@ pub struct Payload(pub Bytes);
 impl<S> FromJob<S> for Payload {
     fn from_job(parts: &JobParts, _: &S) -> Result<Self, JobError> {
         Ok(Payload(parts.envelope.payload.clone()))
+    }
+}
+
+/// A [`Client`] on the running broker, so a handler can enqueue follow-up jobs (with the same
+/// `max_depth` limits as the worker's own client). Cheap: a few reference-count increments.
+impl<S> FromJob<S> for Client {
+    fn from_job(parts: &JobParts, _: &S) -> Result<Self, JobError> {
+        Ok(parts.client.clone())
     }
 }
 

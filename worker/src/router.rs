@@ -13,10 +13,13 @@ type BoxedHandler =
 /// Handlers by job name, with the application state they share.
 ///
 /// Build it once at start-up; it is immutable afterwards and shared by every worker task.
-/// Registering the same job name twice keeps the last handler.
+/// Registering the same job name twice is an error: [`crate::Worker::new`] refuses the router,
+/// naming the job, rather than silently keeping one of the two handlers.
 pub struct Router<S = ()> {
     state: S,
     handlers: BTreeMap<String, BoxedHandler>,
+    /// Job names registered more than once, in the order the second registration happened.
+    duplicates: Vec<String>,
 }
 
 impl Router<()> {
@@ -25,6 +28,7 @@ impl Router<()> {
         Router {
             state: (),
             handlers: BTreeMap::new(),
+            duplicates: Vec::new(),
         }
     }
 }
@@ -41,6 +45,7 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
         Router {
             state,
             handlers: BTreeMap::new(),
+            duplicates: Vec::new(),
         }
     }
 
@@ -51,8 +56,17 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
     {
         let state = self.state.clone();
         let boxed: BoxedHandler = Arc::new(move |parts| handler.call(parts, state.clone()));
-        self.handlers.insert(job.to_string(), boxed);
+        if self.handlers.insert(job.to_string(), boxed).is_some()
+            && !self.duplicates.iter().any(|d| d == job)
+        {
+            self.duplicates.push(job.to_string());
+        }
         self
+    }
+
+    /// Job names that were registered more than once (empty for a valid router).
+    pub fn duplicates(&self) -> &[String] {
+        &self.duplicates
     }
 
     /// Freezes the router into the table the runtime dispatches on.

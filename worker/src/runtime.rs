@@ -39,6 +39,8 @@ pub(crate) struct QueueCtx {
     pub acks: mpsc::UnboundedSender<Receipt>,
     pub finished: mpsc::UnboundedSender<usize>,
     pub worker_id: Arc<str>,
+    /// Handed to handlers (the `Client` extractor).
+    pub client: crate::Client,
     pub hard_stop: watch::Receiver<bool>,
     pub lease_timed: bool,
     /// Retry policy and timeout of every registered job on this queue, resolved once at start.
@@ -290,6 +292,7 @@ async fn handle(
             worker_id: ctx.worker_id.clone(),
         },
         envelope,
+        client: ctx.client.clone(),
     });
     let fut = ctx.routes.dispatch(job, parts.clone());
     let outcome = match fut {
@@ -584,6 +587,7 @@ pub(crate) fn start(
     let (hard_tx, hard_rx) = watch::channel(false);
     let global = Arc::new(Semaphore::new(config.worker.concurrency));
     let lease_timed = crate::lease::needs_heartbeat(broker.as_ref());
+    let client = crate::Client::new(broker.clone()).with_limits_from(&config);
     let mut fetchers = Vec::new();
     for (name, cfg) in config.effective_queues() {
         let (fin_tx, fin_rx) = mpsc::unbounded_channel();
@@ -609,6 +613,7 @@ pub(crate) fn start(
             acks: ack_tx.clone(),
             finished: fin_tx,
             worker_id: worker_id.clone(),
+            client: client.clone(),
             hard_stop: hard_rx.clone(),
             lease_timed,
         });

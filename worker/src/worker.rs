@@ -53,6 +53,16 @@ impl Worker {
         config: Config,
     ) -> Result<Self, ConfigError> {
         let mut notices = config.validate(broker.capabilities())?;
+        if let Some(job) = router.duplicates().first() {
+            return Err(ConfigError {
+                file: config.source.clone(),
+                key: None,
+                message: format!(
+                    "job \"{job}\" is registered twice on the router (Router::route); each job \
+                     name needs exactly one handler"
+                ),
+            });
+        }
         let routes = router.into_routes();
         for (name, q) in config.effective_queues() {
             if let Some(job) = &q.default_job {
@@ -240,5 +250,97 @@ impl Worker {
                 tracing::error!(error = %e, "HTTP endpoint stopped");
             }
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{config, Json, State};
+    use std::sync::Mutex;
+    use std::time::Duration;
+    use stevedore_core::MemoryBroker;
+
+    fn cfg() -> Config {
+        config::from_toml_str(
+            "[http]\nenabled = false\n[worker]\npoll_wait = \"50ms\"\n[queues.default]\nconcurrency = 2\n",
+            None,
+        )
+        .expect("config")
+    }
+
+    async fn noop() {}
+    async fn other() {}
+
+    #[test]
+    fn registering_a_job_name_twice_is_refused() {
+        let router = Router::new()
+            .route("a", noop)
+            .route("b", noop)
+            .route("a", other);
+        assert_eq!(router.duplicates(), ["a".to_string()]);
+        let err = Worker::new(Arc::new(MemoryBroker::new()), router, cfg())
+            .err()
+            .expect("a duplicate job name is an error");
+        assert!(
+            err.to_string().contains("job \"a\" is registered twice"),
+            "{err}"
+        );
+        let fine = Router::new().route("a", noop).route("b", noop);
+        assert!(fine.duplicates().is_empty());
+        assert!(Worker::new(Arc::new(MemoryBroker::new()), fine, cfg()).is_ok());
+    }
+
+    type Seen = Arc<Mutex<Vec<String>>>;
+
+    /// The first job enqueues a follow-up through its `Client` extractor; the follow-up runs.
+    async fn first(
+        State(seen): State<Seen>,
+        client: Client,
+        Json(n): Json<u32>,
+    ) -> Result<(), crate::JobError> {
+        seen.lock()
+            .map_err(|_| crate::JobError::retry("poisoned"))?
+            .push(format!("first {n}"));
+        client
+            .enqueue("second", &(n + 1))
+            .send()
+            .await
+            .map_err(crate::JobError::retry)?;
+        Ok(())
+    }
+
+    async fn second(State(seen): State<Seen>, Json(n): Json<u32>) -> Result<(), crate::JobError> {
+        seen.lock()
+            .map_err(|_| crate::JobError::retry("poisoned"))?
+            .push(format!("second {n}"));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_handler_enqueues_a_follow_up_job() -> Result<(), Box<dyn std::error::Error>> {
+        let seen: Seen = Arc::default();
+        let router = Router::with_state(seen.clone())
+            .route("first", first)
+            .route("second", second);
+        let worker = Worker::new(Arc::new(MemoryBroker::new()), router, cfg())?;
+        worker.client().enqueue("first", &1u32).send().await?;
+        let stop = worker.shutdown_handle();
+        let run = tokio::spawn(worker.run());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while seen.lock().map(|s| s.len()).unwrap_or(0) < 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "follow-up never ran: {seen:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop.shutdown();
+        run.await??;
+        assert_eq!(
+            *seen.lock().map_err(|_| "poisoned")?,
+            ["first 1", "second 2"]
+        );
+        Ok(())
     }
 }
