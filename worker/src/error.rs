@@ -96,6 +96,10 @@ impl<E: std::error::Error + Send + Sync + 'static> From<E> for JobError {
 }
 
 /// What a handler may return: `()`, `Result<(), E>` with `E: Into<JobError>`.
+#[diagnostic::on_unimplemented(
+    message = "a job handler cannot return `{Self}`",
+    note = "return () or Result<(), E> where E is JobError or implements std::error::Error + Send + Sync + 'static"
+)]
 pub trait IntoOutcome {
     /// Converts into the runtime's view of the result.
     fn into_outcome(self) -> Result<(), JobError>;

@@ -65,6 +65,11 @@ pub struct JobParts {
 }
 
 /// Builds a handler argument from the job; failing means the payload cannot be handled at all.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be a job handler argument",
+    label = "not an extractor",
+    note = "handler arguments are extractors: Json<T>, Payload, JobContext, State<S> (with Router::with_state), Client, or your own type implementing FromJob<S>"
+)]
 pub trait FromJob<S>: Sized {
     /// Extracts the value, or says why the message can never be handled (it will be dead-lettered
     /// with this reason).
@@ -123,8 +128,13 @@ impl<S: Clone> FromJob<S> for State<S> {
     }
 }
 
-/// An async function usable as a job handler; implemented for `async fn`s of up to five extractor
+/// An async function usable as a job handler; implemented for `async fn`s of up to 16 extractor
 /// arguments returning `()` or `Result<(), E>`. You never implement it yourself.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a job handler",
+    label = "not a handler",
+    note = "a handler is an `async fn` (or closure returning a Send future) taking up to 16 extractors (Json<T>, Payload, JobContext, State<S>, Client) and returning () or Result<(), E> with E: Into<JobError>; with Router::with_state(s), State<S> must match the router's state type"
+)]
 pub trait Handler<T, S>: Clone + Send + Sync + 'static {
     /// Runs the handler on one job.
     fn call(&self, parts: Arc<JobParts>, state: S) -> BoxFuture<'static, Result<(), JobError>>;
@@ -161,3 +171,14 @@ impl_handler!(T1, T2);
 impl_handler!(T1, T2, T3);
 impl_handler!(T1, T2, T3, T4);
 impl_handler!(T1, T2, T3, T4, T5);
+impl_handler!(T1, T2, T3, T4, T5, T6);
+impl_handler!(T1, T2, T3, T4, T5, T6, T7);
+impl_handler!(T1, T2, T3, T4, T5, T6, T7, T8);
+impl_handler!(T1, T2, T3, T4, T5, T6, T7, T8, T9);
+impl_handler!(T1, T2, T3, T4, T5, T6, T7, T8, T9, T10);
+impl_handler!(T1, T2, T3, T4, T5, T6, T7, T8, T9, T10, T11);
+impl_handler!(T1, T2, T3, T4, T5, T6, T7, T8, T9, T10, T11, T12);
+impl_handler!(T1, T2, T3, T4, T5, T6, T7, T8, T9, T10, T11, T12, T13);
+impl_handler!(T1, T2, T3, T4, T5, T6, T7, T8, T9, T10, T11, T12, T13, T14);
+impl_handler!(T1, T2, T3, T4, T5, T6, T7, T8, T9, T10, T11, T12, T13, T14, T15);
+impl_handler!(T1, T2, T3, T4, T5, T6, T7, T8, T9, T10, T11, T12, T13, T14, T15, T16);

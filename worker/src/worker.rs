@@ -256,7 +256,7 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{config, Json, State};
+    use crate::{config, JobContext, Json, State};
     use std::sync::Mutex;
     use std::time::Duration;
     use stevedore_core::MemoryBroker;
@@ -315,6 +315,37 @@ mod tests {
             .map_err(|_| crate::JobError::retry("poisoned"))?
             .push(format!("second {n}"));
         Ok(())
+    }
+
+    /// Sixteen extractors: the most a handler takes.
+    #[allow(clippy::too_many_arguments)]
+    async fn wide(
+        _: JobContext,
+        _: crate::Payload,
+        _: Client,
+        _: State<Seen>,
+        _: JobContext,
+        _: crate::Payload,
+        _: Client,
+        _: State<Seen>,
+        _: JobContext,
+        _: crate::Payload,
+        _: Client,
+        _: State<Seen>,
+        _: JobContext,
+        _: crate::Payload,
+        _: Client,
+        State(seen): State<Seen>,
+    ) {
+        if let Ok(mut s) = seen.lock() {
+            s.push("wide".into());
+        }
+    }
+
+    #[test]
+    fn handlers_take_up_to_sixteen_extractors() {
+        let router = Router::with_state(Seen::default()).route("wide", wide);
+        assert!(router.duplicates().is_empty());
     }
 
     #[tokio::test]
