@@ -46,6 +46,15 @@ pub enum OrderingSupport {
     None,
     /// Messages with the same [`crate::Envelope::key`] are delivered in publish order, and the next
     /// one is not handed out while an earlier one of the same key is in flight.
+    ///
+    /// What this covers, on every backend that declares it: first deliveries, and a message that
+    /// comes back by [`crate::Broker::release`] or an ended lease, which is handed out again before
+    /// the later messages of its key. What it does not cover: a **retry**. The runtime retries by
+    /// publishing a copy with a later `not_before` and acking the original, so the next message of
+    /// the same key may run before the retried one (and a dead-lettered message no longer holds
+    /// its key back at all). Handlers that need strict per-key order across failures must not rely
+    /// on retries for it (return `JobError::permanent` and replay from the DLQ, or keep the order
+    /// in the handler's own state).
     PerKey,
 }
 
