@@ -15,14 +15,7 @@
 use std::time::{Duration, Instant};
 use stevedore_core::Priority;
 
-/// How levels share a queue's fetches.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    /// Proportional to weights.
-    Weighted,
-    /// Highest level with work first.
-    Strict,
-}
+use crate::config::PriorityMode as Mode;
 
 /// One priority level of a logical queue.
 #[derive(Clone, Debug)]

@@ -7,10 +7,10 @@
 //!        +------------- finished ----------+  lease heartbeat while it runs; release on hard stop
 //! ```
 
-use crate::config::{Config, PriorityMode, QueueConfig};
+use crate::config::{Config, QueueConfig};
 use crate::delay::{self, Scheduler};
 use crate::handler::{JobContext, JobParts};
-use crate::priority::{Level, Mode, Selector};
+use crate::priority::{Level, Selector};
 use crate::retry::{Decision, RetryPolicy};
 use crate::router::Routes;
 use crate::shutdown::ShutdownHandle;
@@ -53,27 +53,18 @@ impl QueueCtx {
     }
 }
 
-/// The levels of a queue as configured (normal only, unless `weights` says otherwise).
+/// The levels of a queue as configured ([`QueueConfig::levels`], the one place levels come from;
+/// validation refuses a queue without any), with their weights, reservations and physical names.
 pub(crate) fn levels_of(name: &str, cfg: &QueueConfig) -> Vec<Level> {
-    let mut levels: Vec<Level> = cfg
-        .weights
-        .iter()
-        .map(|(&priority, &weight)| Level {
+    cfg.levels()
+        .into_iter()
+        .map(|priority| Level {
             priority,
             physical: names::physical(name, priority),
-            weight,
+            weight: cfg.weights.get(&priority).copied().unwrap_or(1),
             reserved: cfg.reserved.get(&priority).copied().unwrap_or(0),
         })
-        .collect();
-    if levels.is_empty() {
-        levels.push(Level {
-            priority: Priority::Normal,
-            physical: name.to_string(),
-            weight: 1,
-            reserved: 0,
-        });
-    }
-    levels
+        .collect()
 }
 
 pub(crate) fn policy_of(c: &crate::config::RetryConfig) -> RetryPolicy {
@@ -112,10 +103,7 @@ pub(crate) async fn fetch_loop(
     mut soft: watch::Receiver<bool>,
     poll_wait: Duration,
 ) {
-    let mode = match ctx.cfg.mode {
-        PriorityMode::Weighted => Mode::Weighted,
-        PriorityMode::Strict => Mode::Strict,
-    };
+    let mode = ctx.cfg.mode;
     let levels = levels_of(&ctx.name, &ctx.cfg);
     let n_levels = levels.len() as u32;
     let probe_after = (poll_wait / 4).clamp(Duration::from_millis(20), Duration::from_millis(250));
