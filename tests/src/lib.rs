@@ -55,7 +55,7 @@ mod support;
 
 pub use async_trait::async_trait;
 pub use backend::{derived_queues, Backend};
-pub use names::{take_created, unique};
+pub use names::{run_prefix, take_created, unique};
 pub use report::{Outcome, Report, Row};
 pub use runner::{check, run};
 pub use stevedore_core;

@@ -32,6 +32,15 @@ fn created() -> std::sync::MutexGuard<'static, Vec<String>> {
     CREATED.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// A key prefix of its own for one suite run against a shared broker (`ct<pid>-<n>` then
+/// `separator`: `.` for RabbitMQ names, `:` for Redis keys), so clean-up can delete everything
+/// under it.
+pub fn run_prefix(separator: char) -> String {
+    static RUNS: AtomicU32 = AtomicU32::new(0);
+    let n = RUNS.fetch_add(1, Ordering::Relaxed);
+    format!("ct{}-{n}{separator}", std::process::id())
+}
+
 /// Records a queue name made from a [`unique`] one (`{name}2`), so clean-up deletes it too.
 pub(crate) fn track(name: String) -> String {
     created().push(name.clone());

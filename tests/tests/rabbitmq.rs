@@ -31,12 +31,10 @@ struct RabbitBackend {
 
 impl RabbitBackend {
     fn new(url: String, server: Option<RabbitServer>) -> Self {
-        static RUNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         RabbitBackend {
             url,
             server,
-            prefix: format!("ct{}-{n}.", std::process::id()),
+            prefix: stevedore_conformance::run_prefix('.'),
             warmed: std::sync::atomic::AtomicBool::new(false),
         }
     }

@@ -24,12 +24,10 @@ struct RedisBackend {
 
 impl RedisBackend {
     fn new(url: String, server: Option<RedisServer>) -> Self {
-        static RUNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         RedisBackend {
             url,
             server,
-            prefix: format!("ct{}-{n}:", std::process::id()),
+            prefix: stevedore_conformance::run_prefix(':'),
         }
     }
 

@@ -99,7 +99,7 @@ use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicQosOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use link::{call, short, ExchangeKind, Link, QueueKind, Route};
+use link::{call, short, Bind, ExchangeKind, Link, QueueKind, Route};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -779,15 +779,15 @@ impl RabbitBroker {
     /// Declares work queue `amqp` (once per connection) and binds it to the deliver exchange of
     /// the shared delay topology, so delayed messages for it reach it when due.
     async fn ensure_work(&self, link: &Link, amqp: &str) -> Result<(), BrokerError> {
+        if link.is_work_ready(amqp) {
+            return Ok(());
+        }
         link.ensure(amqp, QueueKind::Work, self.expires()).await?;
         let deliver = self.ensure_deliver(link).await?;
-        let mut args = FieldTable::default();
-        args.insert("x-match".into(), AMQPValue::LongString("all".into()));
-        args.insert(
-            amqp::TARGET.into(),
-            AMQPValue::LongString(LongString::from(amqp)),
-        );
-        link.ensure_queue_binding(amqp, &deliver, "", args).await
+        link.ensure_binding(Bind::Queue, amqp, &deliver, header_is(amqp::TARGET, amqp))
+            .await?;
+        link.mark_work_ready(amqp);
+        Ok(())
     }
 
     /// Declares the deliver exchange of the shared delay topology and the alternate exchange and
@@ -800,7 +800,7 @@ impl RabbitBroker {
             .await?;
         link.ensure(&unroutable, QueueKind::Plain, self.expires())
             .await?;
-        link.ensure_queue_binding(&unroutable, &unroutable, "", FieldTable::default())
+        link.ensure_binding(Bind::Queue, &unroutable, &unroutable, FieldTable::default())
             .await?;
         link.ensure_exchange(
             &deliver,
@@ -856,25 +856,18 @@ impl RabbitBroker {
                 let after = delay::after_name(prefix, k);
                 link.ensure_exchange(&after, ExchangeKind::Headers { alternate: None })
                     .await?;
-                let on = |next: Option<u32>| {
-                    let mut args = FieldTable::default();
-                    args.insert("x-match".into(), AMQPValue::LongString("all".into()));
-                    args.insert(
-                        delay::hop_header(k).as_str().into(),
-                        AMQPValue::LongString(delay::hop_value(next).into()),
-                    );
-                    args
-                };
+                let on =
+                    |next: Option<u32>| header_is(&delay::hop_header(k), &delay::hop_value(next));
                 for j in 0..k {
-                    link.ensure_queue_binding(
+                    link.ensure_binding(
+                        Bind::Queue,
                         &delay::level_name(prefix, j),
                         &after,
-                        "",
                         on(Some(j)),
                     )
                     .await?;
                 }
-                link.ensure_exchange_binding(&deliver, &after, "", on(None))
+                link.ensure_binding(Bind::Exchange, &deliver, &after, on(None))
                     .await
             }
         };
@@ -992,6 +985,14 @@ impl RabbitBroker {
             .into_iter()
             .try_fold(0u64, |sum, c| c.map(|c| sum.saturating_add(c)))
     }
+}
+
+/// Binding arguments of a headers exchange that match messages whose header `name` is `value`.
+fn header_is(name: &str, value: &str) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-match".into(), AMQPValue::LongString("all".into()));
+    args.insert(name.into(), AMQPValue::LongString(LongString::from(value)));
+    args
 }
 
 fn hostname() -> String {

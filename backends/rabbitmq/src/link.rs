@@ -41,6 +41,13 @@ pub(crate) enum QueueKind<'a> {
     Plain,
 }
 
+/// What a binding binds to an exchange.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Bind {
+    Queue,
+    Exchange,
+}
+
 /// What kind of exchange a name is declared as.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum ExchangeKind<'a> {
@@ -64,8 +71,10 @@ pub(crate) struct Link {
     /// re-opened when a declare error closes it.
     admin: Vec<tokio::sync::Mutex<Option<Channel>>>,
     next_admin: std::sync::atomic::AtomicUsize,
-    /// AMQP queue names declared on this connection.
+    /// AMQP queue names declared on this connection, and exchanges and bindings by description.
     declared: Mutex<HashSet<String>>,
+    /// Work queues declared and bound to the delay topology's deliver exchange.
+    work_ready: Mutex<HashSet<String>>,
     broken: AtomicBool,
 }
 
@@ -126,6 +135,7 @@ impl Link {
                 .collect(),
             next_admin: std::sync::atomic::AtomicUsize::new(0),
             declared: Mutex::new(HashSet::new()),
+            work_ready: Mutex::new(HashSet::new()),
             broken: AtomicBool::new(false),
         })
     }
@@ -167,9 +177,25 @@ impl Link {
     /// Forgets that `amqp` was declared (it was deleted under us), and its bindings, so the next
     /// use declares and binds it again.
     pub(crate) fn forget(&self, amqp: &str) {
-        let bindings = format!("bind queue {amqp} ");
+        let bindings = format!("bind {:?} {amqp} ", Bind::Queue);
         self.declared()
             .retain(|k| k != amqp && !k.starts_with(&bindings));
+        self.work_ready().remove(amqp);
+    }
+
+    fn work_ready(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.work_ready.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether work queue `amqp` was declared and bound on this connection (the publish path's
+    /// one check: a lookup, no allocation).
+    pub(crate) fn is_work_ready(&self, amqp: &str) -> bool {
+        self.work_ready().contains(amqp)
+    }
+
+    /// Records that work queue `amqp` is declared and bound.
+    pub(crate) fn mark_work_ready(&self, amqp: &str) {
+        self.work_ready().insert(amqp.to_string());
     }
 
     /// A usable admin channel (the next in turn), opened anew if the last one there was closed by
@@ -333,62 +359,40 @@ impl Link {
         }
     }
 
-    /// Binds queue `queue` to exchange `exchange` (with routing key `key` and binding `args`)
+    /// Binds `destination` (a queue or an exchange, per `bind`) to exchange `source` with binding
+    /// `args` (and an empty routing key: the shared delay topology routes by headers or fans out)
     /// unless this connection already did.
-    pub(crate) async fn ensure_queue_binding(
+    pub(crate) async fn ensure_binding(
         &self,
-        queue: &str,
-        exchange: &str,
-        key: &str,
-        args: FieldTable,
-    ) -> Result<(), BrokerError> {
-        let id = format!("bind queue {queue} {exchange} {key} {args:?}");
-        if self.is_declared(&id) {
-            return Ok(());
-        }
-        let ch = self.admin().await?;
-        call(
-            format!("bind queue {queue} to {exchange}"),
-            ch.queue_bind(
-                short(queue)?,
-                short(exchange)?,
-                short(key)?,
-                QueueBindOptions::default(),
-                args,
-            ),
-        )
-        .await
-        .map_err(|e| self.note(e))?;
-        self.declared().insert(id);
-        Ok(())
-    }
-
-    /// Binds exchange `destination` to exchange `source` with routing key `key` and binding
-    /// `args` unless this connection already did.
-    pub(crate) async fn ensure_exchange_binding(
-        &self,
+        bind: Bind,
         destination: &str,
         source: &str,
-        key: &str,
         args: FieldTable,
     ) -> Result<(), BrokerError> {
-        let id = format!("bind exchange {destination} {source} {key} {args:?}");
+        let id = format!("bind {bind:?} {destination} {source} {args:?}");
         if self.is_declared(&id) {
             return Ok(());
         }
         let ch = self.admin().await?;
-        call(
-            format!("bind exchange {destination} to {source}"),
-            ch.exchange_bind(
-                short(destination)?,
-                short(source)?,
-                short(key)?,
-                ExchangeBindOptions::default(),
-                args,
-            ),
-        )
-        .await
-        .map_err(|e| self.note(e))?;
+        let (dest, src, key) = (short(destination)?, short(source)?, ShortString::from(""));
+        let what = format!("bind {destination} to {source}");
+        let bound = match bind {
+            Bind::Queue => {
+                call(
+                    what,
+                    ch.queue_bind(dest, src, key, QueueBindOptions::default(), args),
+                )
+                .await
+            }
+            Bind::Exchange => {
+                call(
+                    what,
+                    ch.exchange_bind(dest, src, key, ExchangeBindOptions::default(), args),
+                )
+                .await
+            }
+        };
+        bound.map_err(|e| self.note(e))?;
         self.declared().insert(id);
         Ok(())
     }

@@ -195,10 +195,17 @@ fn check_once(runs: &[Run], ids: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-async fn strict(backend: &Arc<dyn Backend>) -> Result<String, String> {
-    let b = Bench::new(backend, "strict").await?;
-    let mut ids = backlog(&b.client, &b.queue, JOB, Priority::Low, STRICT_N).await?;
-    ids.extend(backlog(&b.client, &b.queue, JOB, Priority::High, STRICT_N).await?);
+/// A strict worker (concurrency 1, batch 1, aging 60 s) started on a fresh queue that already
+/// holds `n` low and then `n` high jobs; runs them all, stops, and returns the runs in start order
+/// after checking every job ran once.
+async fn strict_run(
+    backend: &Arc<dyn Backend>,
+    prefix: &str,
+    n: usize,
+) -> Result<Vec<Run>, String> {
+    let b = Bench::new(backend, prefix).await?;
+    let mut ids = backlog(&b.client, &b.queue, JOB, Priority::Low, n).await?;
+    ids.extend(backlog(&b.client, &b.queue, JOB, Priority::High, n).await?);
     let extra = [
         "mode = \"strict\"",
         "weights = { high = 1, low = 1 }",
@@ -209,13 +216,18 @@ async fn strict(backend: &Arc<dyn Backend>) -> Result<String, String> {
         .await?;
     wait_for(
         secs(20),
-        || b.log.count(|_| true) >= 2 * STRICT_N,
-        || format!("{} of {} jobs ran", b.log.count(|_| true), 2 * STRICT_N),
+        || b.log.count(|_| true) >= 2 * n,
+        || format!("{} of {} jobs ran", b.log.count(|_| true), 2 * n),
     )
     .await?;
     b.finish(w).await?;
     let runs = b.log.runs();
     check_once(&runs, &ids)?;
+    Ok(runs)
+}
+
+async fn strict(backend: &Arc<dyn Backend>) -> Result<String, String> {
+    let runs = strict_run(backend, "strict", STRICT_N).await?;
     let order = levels_of(&runs);
     let last_high = order
         .iter()
@@ -442,26 +454,7 @@ async fn startup(backend: &Arc<dyn Backend>) -> Result<String, String> {
 }
 
 async fn startup_one(backend: &Arc<dyn Backend>) -> Result<(), String> {
-    let b = Bench::new(backend, "startup").await?;
-    let mut ids = backlog(&b.client, &b.queue, JOB, Priority::Low, STARTUP_EACH).await?;
-    ids.extend(backlog(&b.client, &b.queue, JOB, Priority::High, STARTUP_EACH).await?);
-    let extra = [
-        "mode = \"strict\"",
-        "weights = { high = 1, low = 1 }",
-        "aging = \"60s\"",
-    ];
-    let w = b
-        .start(backend, 1, 1, &extra, Duration::ZERO, Duration::ZERO)
-        .await?;
-    wait_for(
-        secs(20),
-        || b.log.count(|_| true) >= 2 * STARTUP_EACH,
-        || format!("{} of {} jobs ran", b.log.count(|_| true), 2 * STARTUP_EACH),
-    )
-    .await?;
-    b.finish(w).await?;
-    let runs = b.log.runs();
-    check_once(&runs, &ids)?;
+    let runs = strict_run(backend, "startup", STARTUP_EACH).await?;
     check_levels(&runs)?;
     let order = levels_of(&runs);
     ensure!(
