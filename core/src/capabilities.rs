@@ -79,6 +79,16 @@ pub struct Capabilities {
     pub delay_tolerance: Duration,
     /// How stale [`crate::Broker::depth`] may be.
     pub depth_staleness: Duration,
+    /// Whether another process that opens the same settings sees the same queues (a server, or a
+    /// store file several processes may open at once). False for the in-process memory broker:
+    /// `stats` or `dlq` run from a second process would see an empty broker of its own, and the
+    /// CLI says so.
+    pub shared: bool,
+    /// Whether [`crate::Delivery::delivery_count`] counts redeliveries of one copy (a lease that
+    /// ended, a release, a consumer that died). Where false (Kafka commits offsets and counts
+    /// nothing per message) it is always 1, so a job that kills its worker process is redelivered
+    /// without its attempt growing; the worker says so at start-up.
+    pub counts_deliveries: bool,
 }
 
 impl fmt::Display for Capabilities {
@@ -100,8 +110,8 @@ impl fmt::Display for Capabilities {
         };
         write!(
             f,
-            "delay={delay}, lease={lease}, ordering={order}, max_payload={}B, durable={}",
-            self.max_payload, self.durable
+            "delay={delay}, lease={lease}, ordering={order}, max_payload={}B, durable={}, shared={}",
+            self.max_payload, self.durable, self.shared
         )
     }
 }

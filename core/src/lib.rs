@@ -45,12 +45,15 @@ mod broker;
 mod capabilities;
 mod envelope;
 mod error;
+pub mod factory;
 pub mod memory;
 pub mod names;
 pub mod wire;
 
+/// Re-exported for backend crates implementing [`Broker`] and [`factory::BackendSetup`].
+pub use async_trait::async_trait;
 pub use broker::{Broker, DelayStore, Delivery, Depth, Receipt, ReceiveOptions};
 pub use capabilities::{Capabilities, DelaySupport, LeaseSupport, OrderingSupport};
 pub use envelope::{from_millis, new_id, to_millis, Envelope, Priority};
 pub use error::BrokerError;
-pub use memory::MemoryBroker;
+pub use memory::{MemoryBroker, MemoryFactory};

@@ -10,6 +10,7 @@ use crate::broker::{Broker, Delivery, Depth, Receipt, ReceiveOptions};
 use crate::capabilities::{Capabilities, DelaySupport, LeaseSupport, OrderingSupport};
 use crate::envelope::Envelope;
 use crate::error::BrokerError;
+use crate::factory::{BackendFactory, BackendSetup, ConnectContext, Settings, SettingsError};
 use async_trait::async_trait;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -138,6 +139,62 @@ impl Queue {
     }
 }
 
+/// `broker.kind = "memory"`: the in-process broker. Settings: `max_payload` (bytes, default
+/// [`DEFAULT_MAX_PAYLOAD`]). Every [`BackendSetup::connect`] of one setup returns a handle on the
+/// same queues, so a worker and the producers of its process share them; another process never
+/// sees them ([`Capabilities::shared`] is false).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MemoryFactory;
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MemorySettings {
+    max_payload: Option<u64>,
+}
+
+#[derive(Debug)]
+struct MemorySetup {
+    broker: MemoryBroker,
+}
+
+impl BackendFactory for MemoryFactory {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    fn keys(&self) -> &'static [&'static str] {
+        &["max_payload"]
+    }
+
+    fn configure(&self, settings: &Settings) -> Result<Box<dyn BackendSetup>, SettingsError> {
+        let s: MemorySettings = settings.parse()?;
+        let max = match s.max_payload {
+            None => DEFAULT_MAX_PAYLOAD,
+            Some(0) => {
+                return Err(SettingsError::at(
+                    "max_payload",
+                    "must be at least 1 (bytes)",
+                ))
+            }
+            Some(m) => usize::try_from(m).unwrap_or(usize::MAX),
+        };
+        Ok(Box::new(MemorySetup {
+            broker: MemoryBroker::with_max_payload(max),
+        }))
+    }
+}
+
+#[async_trait]
+impl BackendSetup for MemorySetup {
+    fn capabilities(&self) -> Capabilities {
+        self.broker.shared.caps.clone()
+    }
+
+    async fn connect(&self, _ctx: &ConnectContext) -> Result<Arc<dyn Broker>, BrokerError> {
+        Ok(Arc::new(self.broker.clone()))
+    }
+}
+
 impl Default for MemoryBroker {
     fn default() -> Self {
         Self::new()
@@ -174,6 +231,8 @@ impl MemoryBroker {
                     durable: false,
                     delay_tolerance: Duration::from_millis(20),
                     depth_staleness: Duration::ZERO,
+                    shared: false,
+                    counts_deliveries: true,
                 },
                 next_token: AtomicU64::new(1),
             }),

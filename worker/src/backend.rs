@@ -1,116 +1,255 @@
-//! Building the broker the config names.
+//! The registry of backends: which `broker.kind` values this build can run, and building the
+//! broker the config names.
+//!
+//! Each backend crate exports one [`BackendFactory`]; [`Backends::builtin`] holds the in-memory
+//! one and those the `stevedore` crate's Cargo features enable (`redis`, `rabbitmq`), and an
+//! application adds its own with [`Backends::register`] (or [`App::backend`](crate::App::backend)),
+//! so a backend from outside this repository runs under the full CLI. Nothing else in the worker
+//! knows which backends exist.
+//!
+//! ```
+//! use stevedore::backend::Backends;
+//! use stevedore::config;
+//!
+//! let config = config::from_toml_str("[broker]\nkind = \"memory\"\nmax_payload = 1024", None)?;
+//! let backend = Backends::builtin().configure(&config)?;
+//! assert_eq!(backend.capabilities().max_payload, 1024);
+//! let err = Backends::builtin()
+//!     .configure(&config::from_toml_str("[broker]\nkind = \"mongo\"", None)?)
+//!     .unwrap_err();
+//! assert_eq!(err.key.as_deref(), Some("broker.kind"));
+//! # Ok::<(), stevedore::config::ConfigError>(())
+//! ```
 
-use crate::config::{BrokerKind, Config, ConfigError};
+use crate::config::{Config, ConfigError, ENV_PREFIX};
+use serde_json::Map;
+use std::fmt;
 use std::sync::Arc;
-use stevedore_core::{memory::DEFAULT_MAX_PAYLOAD, Broker, Capabilities, MemoryBroker};
+use stevedore_core::factory::{
+    BackendFactory, BackendSetup, ConnectContext, PlannedQueue, Settings, SettingsError,
+};
+use stevedore_core::{names, Broker, Capabilities, MemoryFactory};
 
-/// Connects to the broker of `config.broker` and returns it behind the trait. Does not touch the
-/// network for the in-memory backend. Fails with the config key at fault when the kind is not
-/// available in this build, and with the broker's error (redacted) when it cannot be reached.
-pub async fn connect(config: &Config) -> Result<Arc<dyn Broker>, ConfigError> {
-    config.check_kind_available()?;
-    match config.broker.kind {
-        BrokerKind::Memory => Ok(Arc::new(memory(config))),
-        #[cfg(feature = "redis")]
-        BrokerKind::Redis => {
-            let broker = stevedore_redis::RedisBroker::connect(redis_config(config))
-                .await
-                .map_err(|e| ConfigError {
-                    file: config.source.clone(),
-                    key: Some("broker.url".into()),
-                    message: format!("cannot use the redis broker: {e}"),
-                })?;
-            Ok(Arc::new(broker))
-        }
-        #[cfg(feature = "rabbitmq")]
-        BrokerKind::Rabbitmq => {
-            let broker = stevedore_rabbitmq::RabbitBroker::connect(rabbitmq_config(config))
-                .await
-                .map_err(|e| ConfigError {
-                    file: config.source.clone(),
-                    key: Some("broker.url".into()),
-                    message: format!("cannot use the rabbitmq broker: {e}"),
-                })?;
-            Ok(Arc::new(broker))
-        }
-        other => Err(unavailable(config, other)),
+/// Kinds this project ships or plans that a build may lack, with the `stevedore` Cargo feature
+/// that adds each (`None`: not released yet). Only for error messages.
+const KNOWN: [(&str, Option<&str>); 5] = [
+    ("redis", Some("redis")),
+    ("rabbitmq", Some("rabbitmq")),
+    ("sqlite", None),
+    ("sqs", None),
+    ("kafka", None),
+];
+
+/// The backends a process can run, by kind. Cheap to clone; immutable once built.
+#[derive(Clone)]
+pub struct Backends {
+    factories: Vec<Arc<dyn BackendFactory>>,
+}
+
+impl fmt::Debug for Backends {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.kinds()).finish()
     }
 }
 
-fn memory(config: &Config) -> MemoryBroker {
-    MemoryBroker::with_max_payload(max_payload(config, DEFAULT_MAX_PAYLOAD))
+impl Default for Backends {
+    fn default() -> Self {
+        Self::builtin()
+    }
 }
 
-fn max_payload(config: &Config, default: usize) -> usize {
-    config
-        .broker
-        .max_payload
-        .map(|m| usize::try_from(m).unwrap_or(usize::MAX))
-        .unwrap_or(default)
+impl Backends {
+    /// No backend at all (add them with [`Backends::register`]).
+    pub fn empty() -> Self {
+        Backends {
+            factories: Vec::new(),
+        }
+    }
+
+    /// `memory`, plus `redis` and `rabbitmq` when the crate is built with those features.
+    pub fn builtin() -> Self {
+        #[allow(unused_mut)] // without features there is nothing to add
+        let mut b = Self::empty().register(MemoryFactory);
+        #[cfg(feature = "redis")]
+        {
+            b = b.register(stevedore_redis::RedisFactory);
+        }
+        #[cfg(feature = "rabbitmq")]
+        {
+            b = b.register(stevedore_rabbitmq::RabbitFactory);
+        }
+        b
+    }
+
+    /// Adds `factory`, replacing a registered one of the same kind (so an application can swap a
+    /// built-in backend for its own build of it).
+    pub fn register(mut self, factory: impl BackendFactory) -> Self {
+        self.factories.retain(|f| f.kind() != factory.kind());
+        self.factories.push(Arc::new(factory));
+        self
+    }
+
+    /// The registered kinds, in registration order.
+    pub fn kinds(&self) -> Vec<&'static str> {
+        self.factories.iter().map(|f| f.kind()).collect()
+    }
+
+    /// The factory of `kind`, if registered.
+    pub fn get(&self, kind: &str) -> Option<&dyn BackendFactory> {
+        self.factories
+            .iter()
+            .find(|f| f.kind() == kind)
+            .map(|f| f.as_ref())
+    }
+
+    /// Picks the factory `config.broker.kind` names and hands it the rest of `[broker]`. A key
+    /// that only other registered backends take is dropped with a notice ("ignored by the memory
+    /// broker"), so one file can switch kinds per profile; any other key the backend does not
+    /// take is an error listing the keys it does. Touches no network.
+    pub fn configure(&self, config: &Config) -> Result<Configured, ConfigError> {
+        let kind = config.broker.kind.as_str();
+        let Some(factory) = self.get(kind) else {
+            return Err(config.error_at("broker.kind", self.unknown_kind(kind)));
+        };
+        let mut notices = Vec::new();
+        let mut table = Map::new();
+        for (key, value) in &config.broker.settings {
+            let theirs = !factory.keys().contains(&key.as_str())
+                && self
+                    .factories
+                    .iter()
+                    .any(|f| f.keys().contains(&key.as_str()));
+            if theirs {
+                notices.push(format!("broker.{key}: ignored by the {kind} broker"));
+            } else {
+                table.insert(key.clone(), value.clone());
+            }
+        }
+        let setup = factory
+            .configure(&Settings::new(table))
+            .map_err(|e| settings_error(config, factory, e))?;
+        notices.extend(setup.notices());
+        Ok(Configured {
+            kind: factory.kind(),
+            setup,
+            notices,
+        })
+    }
+
+    /// Configures ([`Backends::configure`]) and connects, with the queues the config serves as
+    /// the consumption plan.
+    pub async fn connect(&self, config: &Config) -> Result<Arc<dyn Broker>, ConfigError> {
+        self.configure(config)?.connect(config).await
+    }
+
+    fn unknown_kind(&self, kind: &str) -> String {
+        let have = self
+            .kinds()
+            .iter()
+            .map(|k| format!("\"{k}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        match KNOWN.iter().find(|(k, _)| *k == kind) {
+            Some((_, Some(feature))) => format!(
+                "\"{kind}\" is not in this build: build the stevedore crate with feature \
+                 \"{feature}\" (this build has {have})"
+            ),
+            Some((_, None)) => {
+                format!("\"{kind}\" is not yet available (this build has {have})")
+            }
+            None => format!("unknown broker kind \"{kind}\"; this build has {have}"),
+        }
+    }
 }
 
-#[cfg(feature = "redis")]
-fn redis_config(config: &Config) -> stevedore_redis::RedisConfig {
-    let mut c = stevedore_redis::RedisConfig::new(config.broker.url.clone().unwrap_or_default());
-    c.key_prefix = config.broker.key_prefix.clone().unwrap_or_default();
-    c.max_payload = max_payload(config, stevedore_redis::DEFAULT_MAX_PAYLOAD);
-    c.consumer = config.worker.id.clone();
-    c
+fn settings_error(config: &Config, factory: &dyn BackendFactory, e: SettingsError) -> ConfigError {
+    let kind = factory.kind();
+    let Some(key) = e.key else {
+        return config.error_at("broker", format!("{kind}: {}", e.message));
+    };
+    let message = if e.message.starts_with("unknown field") {
+        format!(
+            "not a setting of the {kind} broker; it takes {}",
+            factory.keys().join(", ")
+        )
+    } else if e.message.starts_with("required") || e.message.starts_with("missing field") {
+        format!(
+            "{} (or set {ENV_PREFIX}BROKER__{})",
+            e.message,
+            key.to_ascii_uppercase()
+        )
+    } else {
+        e.message
+    };
+    config.error_at(&format!("broker.{key}"), message)
 }
 
-/// RabbitMQ settings from the config. Each served queue's levels get a prefetch of the queue's
-/// concurrency plus one batch: a worker never holds more of a queue than it can run at once and
-/// fetch next.
-#[cfg(feature = "rabbitmq")]
-fn rabbitmq_config(config: &Config) -> stevedore_rabbitmq::RabbitConfig {
-    let mut c =
-        stevedore_rabbitmq::RabbitConfig::new(config.broker.url.clone().unwrap_or_default());
-    c.key_prefix = config.broker.key_prefix.clone().unwrap_or_default();
-    c.max_payload = max_payload(config, stevedore_rabbitmq::DEFAULT_MAX_PAYLOAD);
-    c.connection_name = config
-        .worker
-        .id
-        .as_ref()
-        .map(|id| format!("stevedore {id}"));
+/// A backend configured from a valid `[broker]` table, not yet connected.
+#[derive(Debug)]
+pub struct Configured {
+    kind: &'static str,
+    setup: Box<dyn BackendSetup>,
+    notices: Vec<String>,
+}
+
+impl Configured {
+    /// The kind (`memory`, `redis`, ...).
+    pub fn kind(&self) -> &'static str {
+        self.kind
+    }
+
+    /// What the backend will declare, known without connecting.
+    pub fn capabilities(&self) -> Capabilities {
+        self.setup.capabilities()
+    }
+
+    /// Notices about the `[broker]` settings, to log at start-up.
+    pub fn notices(&self) -> &[String] {
+        &self.notices
+    }
+
+    /// Connects, telling the backend which queues this process consumes (every level of every
+    /// queue `config` serves, each holding at most its concurrency plus one batch). A broker that
+    /// cannot be reached is an error at `broker`, with the broker's (redacted) reason.
+    pub async fn connect(&self, config: &Config) -> Result<Arc<dyn Broker>, ConfigError> {
+        let key = if config.broker.settings.contains_key("url") {
+            "broker.url"
+        } else {
+            "broker"
+        };
+        self.setup
+            .connect(&plan(config))
+            .await
+            .map_err(|e| config.error_at(key, format!("cannot use the {} broker: {e}", self.kind)))
+    }
+}
+
+/// What a process serving `config` consumes.
+fn plan(config: &Config) -> ConnectContext {
+    let mut consumes = Vec::new();
     for (name, q) in config.effective_queues() {
         let slots = q.concurrency.min(config.worker.concurrency).max(1);
-        let prefetch = u16::try_from(slots.saturating_add(q.batch)).unwrap_or(u16::MAX);
-        for level in config.levels(&name) {
-            c.prefetch
-                .insert(stevedore_core::names::physical(&name, level), prefetch);
+        for level in q.levels() {
+            consumes.push(PlannedQueue {
+                queue: names::physical(&name, level),
+                max_unsettled: slots.saturating_add(q.batch),
+            });
         }
     }
-    c
+    ConnectContext {
+        worker_id: config.worker.id.clone().filter(|id| !id.is_empty()),
+        consumes,
+    }
 }
 
-/// The capabilities the configured backend declares, known without connecting (for validation and
-/// `config check`).
+/// Connects to the broker `config.broker` names, with the built-in backends
+/// ([`Backends::builtin`]). Fails with the config key at fault when the kind is not in this build
+/// or a setting is wrong, and with the broker's error (redacted) when it cannot be reached.
+pub async fn connect(config: &Config) -> Result<Arc<dyn Broker>, ConfigError> {
+    Backends::builtin().connect(config).await
+}
+
+/// The capabilities the configured built-in backend declares, known without connecting.
 pub fn capabilities(config: &Config) -> Result<Capabilities, ConfigError> {
-    config.check_kind_available()?;
-    match config.broker.kind {
-        BrokerKind::Memory => Ok(memory(config).capabilities().clone()),
-        #[cfg(feature = "redis")]
-        BrokerKind::Redis => Ok(stevedore_redis::capabilities(max_payload(
-            config,
-            stevedore_redis::DEFAULT_MAX_PAYLOAD,
-        ))),
-        #[cfg(feature = "rabbitmq")]
-        BrokerKind::Rabbitmq => Ok(stevedore_rabbitmq::capabilities(
-            max_payload(config, stevedore_rabbitmq::DEFAULT_MAX_PAYLOAD),
-            stevedore_rabbitmq::DEFAULT_CONSUMER_TIMEOUT,
-            stevedore_rabbitmq::LEVELS,
-        )),
-        other => Err(unavailable(config, other)),
-    }
-}
-
-fn unavailable(config: &Config, kind: BrokerKind) -> ConfigError {
-    ConfigError {
-        file: config.source.clone(),
-        key: Some("broker.kind".into()),
-        message: format!(
-            "broker kind \"{}\" is not available in this build",
-            kind.as_str()
-        ),
-    }
+    Ok(Backends::builtin().configure(config)?.capabilities())
 }

@@ -1,12 +1,13 @@
 //! The entry point a user's binary calls: `App::new(router).run().await` gives it the commands
 //! `run`, `enqueue`, `stats`, `dlq list|inspect|replay|purge` and `config check`.
 
+use crate::backend::Backends;
 use crate::config::{self, Config, ConfigError};
 use crate::dlq::{self, Select};
 use crate::router::Router;
 use crate::shutdown::{listen_for_signals, ShutdownHandle};
 use crate::stats::Stats;
-use crate::{backend, Client, Worker};
+use crate::{Client, Worker};
 use clap::{Parser, Subcommand};
 use futures::future::BoxFuture;
 use std::ffi::OsString;
@@ -14,6 +15,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
+use stevedore_core::factory::BackendFactory;
 use stevedore_core::{names, Broker, Priority};
 
 #[derive(Parser, Debug)]
@@ -154,6 +156,7 @@ type OnStart = Box<dyn FnOnce(Client, Arc<Stats>, ShutdownHandle) -> BoxFuture<'
 /// Your binary's command line. Build it with your router; `run().await` parses `std::env::args`.
 pub struct App<S = ()> {
     router: Router<S>,
+    backends: Backends,
     on_start: Option<OnStart>,
     summary: Option<Duration>,
 }
@@ -186,9 +189,18 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
     pub fn new(router: Router<S>) -> Self {
         App {
             router,
+            backends: Backends::builtin(),
             on_start: None,
             summary: None,
         }
+    }
+
+    /// Adds a backend: `broker.kind = "<its kind>"` then runs on it, with every command (`run`,
+    /// `enqueue`, `stats`, `dlq`, `config check`). A factory of a built-in kind replaces the
+    /// built-in one. See [`stevedore_core::factory`] for writing one.
+    pub fn backend(mut self, factory: impl BackendFactory) -> Self {
+        self.backends = self.backends.register(factory);
+        self
     }
 
     /// Runs `f` once the worker of `run` has started, with a producer on the same broker, the live
@@ -247,15 +259,17 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
         match cli.command {
             Command::Run => self.run_worker(cfg).await,
             Command::Config(ConfigCommand::Check) => {
-                let caps = backend::capabilities(&cfg)?;
-                let notices = cfg.validate(&caps)?;
+                let backend = self.backends.configure(&cfg)?;
+                let caps = backend.capabilities();
+                let mut notices = backend.notices().to_vec();
+                notices.extend(cfg.validate(&caps)?);
                 println!(
                     "config OK ({})",
                     cfg.source
                         .as_deref()
                         .unwrap_or("built-in defaults and environment")
                 );
-                println!("  backend {}: {caps}", cfg.broker.kind.as_str());
+                println!("  backend {}: {caps}", backend.kind());
                 for n in notices {
                     println!("  note: {n}");
                 }
@@ -263,20 +277,23 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
                 Ok(())
             }
             command => {
-                let broker = backend::connect(&cfg).await?;
-                if broker.name() == "memory" {
+                let backend = self.backends.configure(&cfg)?;
+                if !backend.capabilities().shared {
                     eprintln!(
-                        "warning: broker.kind = \"memory\" keeps queues inside one process; this command sees only its own empty broker, not a running worker's"
+                        "warning: broker.kind = \"{}\" keeps queues inside one process; this command sees only its own empty broker, not a running worker's",
+                        backend.kind()
                     );
                 }
+                let broker = backend.connect(&cfg).await?;
                 admin(command, &cfg, broker).await
             }
         }
     }
 
     async fn run_worker(self, cfg: Config) -> Result<(), Failure> {
-        let broker = backend::connect(&cfg).await?;
-        let worker = Worker::new(broker, self.router, cfg)?;
+        let backend = self.backends.configure(&cfg)?;
+        let broker = backend.connect(&cfg).await?;
+        let worker = Worker::new(broker, self.router, cfg)?.with_notices(backend.notices());
         let handle = worker.shutdown_handle();
         let signals = listen_for_signals(handle.clone());
         let stats = worker.stats();

@@ -97,6 +97,13 @@ impl Worker {
         })
     }
 
+    /// Adds start-up notices from outside the runtime (the backend's, about its settings); they are
+    /// logged first.
+    pub fn with_notices(mut self, notices: &[String]) -> Self {
+        self.notices.splice(0..0, notices.iter().cloned());
+        self
+    }
+
     /// Live counters.
     pub fn stats(&self) -> Arc<Stats> {
         self.stats.clone()

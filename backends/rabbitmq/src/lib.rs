@@ -89,9 +89,11 @@
 mod amqp;
 mod consumer;
 pub mod delay;
+mod factory;
 mod link;
 
 pub use delay::{max_delay, LEVELS};
+pub use factory::RabbitFactory;
 
 use async_trait::async_trait;
 use consumer::{send_settle, spawn_pump, Active, Chan, Counters, QueueState, Raw, Settle};
@@ -251,6 +253,8 @@ pub fn capabilities(
         durable: true,
         delay_tolerance: Duration::from_millis(250),
         depth_staleness: Duration::ZERO,
+        shared: true,
+        counts_deliveries: true,
     }
 }
 

@@ -18,8 +18,11 @@
 //! re-creates a missing group ("NOGROUP" after a Redis restart without persistence), and warns at
 //! start-up when Redis keeps nothing on disk.
 
+mod factory;
 mod parse;
 mod scripts;
+
+pub use factory::RedisFactory;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -503,6 +506,8 @@ pub fn capabilities(max_payload: usize) -> Capabilities {
         durable: true,
         delay_tolerance: Duration::from_millis(300),
         depth_staleness: Duration::ZERO,
+        shared: true,
+        counts_deliveries: true,
     }
 }
 

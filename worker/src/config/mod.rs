@@ -37,7 +37,6 @@
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 use stevedore_core::Priority;
@@ -105,80 +104,35 @@ pub struct Config {
     pub origins: BTreeMap<String, String>,
 }
 
-/// `[broker]`: which backend, and how to reach it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+/// `[broker]`: which backend, and its own settings.
+///
+/// `kind` picks a backend registered in [`crate::backend::Backends`]; every other key belongs to
+/// that backend and is checked by it (see each backend crate's factory for its keys: `url`,
+/// `key_prefix`, `max_payload`, ...). A key only another backend takes is ignored with a
+/// start-up notice, so profiles can switch kinds; any other unknown key is an error.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct BrokerConfig {
-    /// The backend (`kind = "memory"` by default).
-    pub kind: BrokerKind,
-    /// Connection URL (Redis, RabbitMQ) or bootstrap servers (Kafka). May hold a password: it is
-    /// redacted whenever the config is shown; prefer `STEVEDORE_BROKER__URL` for secrets.
-    pub url: Option<String>,
-    /// Largest payload in bytes (memory broker only; other brokers have their own limit).
-    pub max_payload: Option<u64>,
-    /// Prefix of every key, queue or topic the backend creates, to share one broker.
-    pub key_prefix: Option<String>,
-    /// Cloud region (SQS).
-    pub region: Option<String>,
-    /// Endpoint URL overriding the cloud default (SQS: LocalStack, ElasticMQ).
-    pub endpoint: Option<String>,
+    /// The backend (`"memory"` by default).
+    pub kind: String,
+    /// The backend's settings: the rest of the `[broker]` table. Values may hold passwords (a
+    /// URL's): they are redacted whenever the config is shown; prefer `STEVEDORE_BROKER__URL`
+    /// for secrets.
+    #[serde(flatten)]
+    pub settings: BTreeMap<String, serde_json::Value>,
 }
 
-/// The broker backends, as written in `broker.kind`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BrokerKind {
-    /// The embedded in-memory broker (not durable; for development and tests).
-    #[default]
-    Memory,
-    /// Redis Streams.
-    Redis,
-    /// RabbitMQ (AMQP 0-9-1).
-    Rabbitmq,
-    /// Amazon SQS.
-    Sqs,
-    /// Apache Kafka.
-    Kafka,
-}
-
-impl BrokerKind {
-    /// Every kind, in the order of the docs.
-    pub const ALL: [BrokerKind; 5] = [
-        BrokerKind::Memory,
-        BrokerKind::Redis,
-        BrokerKind::Rabbitmq,
-        BrokerKind::Sqs,
-        BrokerKind::Kafka,
-    ];
-
-    /// The name used in config (`memory`, `redis`, `rabbitmq`, `sqs`, `kafka`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BrokerKind::Memory => "memory",
-            BrokerKind::Redis => "redis",
-            BrokerKind::Rabbitmq => "rabbitmq",
-            BrokerKind::Sqs => "sqs",
-            BrokerKind::Kafka => "kafka",
-        }
-    }
-
-    /// Whether this build can run the backend: `memory` always, the others when the `stevedore`
-    /// crate is built with their Cargo feature (`redis`, `rabbitmq`).
-    pub fn is_available(self) -> bool {
-        match self {
-            BrokerKind::Memory => true,
-            BrokerKind::Redis => cfg!(feature = "redis"),
-            BrokerKind::Rabbitmq => cfg!(feature = "rabbitmq"),
-            BrokerKind::Sqs | BrokerKind::Kafka => false,
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            kind: DEFAULT_KIND.to_string(),
+            settings: BTreeMap::new(),
         }
     }
 }
 
-impl fmt::Display for BrokerKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+/// The broker kind when the config names none: the in-process memory broker.
+pub const DEFAULT_KIND: &str = "memory";
 
 /// `[worker]`: process-wide settings.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

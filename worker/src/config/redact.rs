@@ -107,6 +107,20 @@ pub fn redact_url(url: &str) -> String {
     out
 }
 
+/// Keys of `[broker]` whose whole value is hidden.
+const SECRET_KEYS: [&str; 4] = ["password", "secret", "token", "credential"];
+
+fn redact_setting(key: &str, value: &mut Value) {
+    let k = key.to_ascii_lowercase();
+    match value {
+        _ if SECRET_KEYS.iter().any(|s| k.contains(s)) => *value = Value::String("***".into()),
+        Value::String(s) => *s = redact_url(s),
+        Value::Array(items) => items.iter_mut().for_each(|v| redact_setting(key, v)),
+        Value::Object(table) => table.iter_mut().for_each(|(k, v)| redact_setting(k, v)),
+        _ => {}
+    }
+}
+
 fn is_secret(param: &str) -> bool {
     let p = param.to_ascii_lowercase();
     SECRET_PARAMS.iter().any(|s| p.contains(s))
@@ -114,13 +128,15 @@ fn is_secret(param: &str) -> bool {
 
 impl Config {
     /// The effective config (defaults, file, profile and environment applied; the implicit
-    /// `default` queue shown) as TOML, with secrets in `broker.url` and `broker.endpoint`
-    /// redacted by [`redact_url`]. Values set by the profile or the environment carry a comment
+    /// `default` queue shown) as TOML, with the backend's secrets redacted: every `[broker]`
+    /// string by [`redact_url`], and the whole value of a key that names a secret (`password`,
+    /// `secret`, `token`, `credential`). Values set by the profile or the environment carry a comment
     /// saying so. Unset optional keys are left out.
     pub fn redacted(&self) -> String {
         let mut shown = self.clone();
-        shown.broker.url = shown.broker.url.as_deref().map(redact_url);
-        shown.broker.endpoint = shown.broker.endpoint.as_deref().map(redact_url);
+        for (key, value) in shown.broker.settings.iter_mut() {
+            redact_setting(key, value);
+        }
         shown.queues = self.effective_queues();
         let mut out = String::from("# effective configuration (secrets redacted)\n");
         if let Some(file) = &self.source {

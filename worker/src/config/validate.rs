@@ -1,6 +1,6 @@
 //! Validation against the chosen backend's capabilities, before anything connects.
 
-use super::{BrokerKind, Config, ConfigError, PriorityMode, QueueConfig, RetryConfig, ENV_PREFIX};
+use super::{Config, ConfigError, PriorityMode, QueueConfig, RetryConfig, ENV_PREFIX};
 use std::time::Duration;
 use stevedore_core::{names, Capabilities, DelaySupport, LeaseSupport};
 
@@ -15,39 +15,18 @@ impl Config {
     /// Checks the config against what the backend declares (`caps`) and returns start-up notices
     /// to log: one line per feature the runtime emulates, and settings that are legal but risky or
     /// ignored. The first problem found is an error naming the file, key, value and what is
-    /// allowed. Calls [`Config::check_kind_available`] first.
+    /// allowed. The `[broker]` settings are the backend's to check
+    /// ([`Backends::configure`](crate::backend::Backends::configure)).
     pub fn validate(&self, caps: &Capabilities) -> Result<Vec<String>, ConfigError> {
-        self.check_kind_available()?;
         self.check(caps)
     }
 
-    /// Refuses backends this build cannot run (see [`BrokerKind::is_available`]).
-    pub fn check_kind_available(&self) -> Result<(), ConfigError> {
-        let kind = self.broker.kind;
-        if kind.is_available() {
-            return Ok(());
-        }
-        let available: Vec<String> = BrokerKind::ALL
-            .iter()
-            .filter(|k| k.is_available())
-            .map(|k| format!("\"{k}\""))
-            .collect();
-        let (only, list) = if available.len() == 1 {
-            ("only ", available.join(""))
-        } else {
-            ("", available.join(", "))
-        };
-        let verb = if available.len() == 1 { "is" } else { "are" };
-        Err(self.error_at(
-            "broker.kind",
-            format!("\"{kind}\" is not yet available in this build: {only}{list} {verb}"),
-        ))
-    }
-
-    /// Every check of [`Config::validate`] except [`Config::check_kind_available`].
+    /// Every check of [`Config::validate`].
     pub(super) fn check(&self, caps: &Capabilities) -> Result<Vec<String>, ConfigError> {
         let mut notices = Vec::new();
-        self.check_broker(&mut notices)?;
+        if self.broker.kind.trim().is_empty() {
+            return Err(self.error_at("broker.kind", "must not be empty".into()));
+        }
 
         let w = &self.worker;
         self.at_least("worker.concurrency", w.concurrency as u64, 1)?;
@@ -117,74 +96,14 @@ impl Config {
             )),
             DelaySupport::Native { max: None } => {}
         }
+        if !caps.counts_deliveries {
+            notices.push(format!(
+                "attempts: {} does not count redeliveries, so a job that kills its worker process \
+                 is run again without its attempt growing (only failures the handler returns count)",
+                self.broker.kind
+            ));
+        }
         Ok(notices)
-    }
-
-    fn check_broker(&self, notices: &mut Vec<String>) -> Result<(), ConfigError> {
-        let b = &self.broker;
-        if let Some(max) = b.max_payload {
-            if !matches!(
-                b.kind,
-                BrokerKind::Memory | BrokerKind::Redis | BrokerKind::Rabbitmq
-            ) {
-                return Err(self.error_at(
-                    "broker.max_payload",
-                    format!(
-                        "only the memory, redis and rabbitmq brokers take max_payload; {} has its own limit",
-                        b.kind
-                    ),
-                ));
-            }
-            self.at_least("broker.max_payload", max, 1)?;
-        }
-        let example = match b.kind {
-            BrokerKind::Redis => Some("redis://localhost:6379/0"),
-            BrokerKind::Rabbitmq => Some("amqp://guest:guest@localhost:5672/%2f"),
-            BrokerKind::Kafka => Some("localhost:9092"),
-            BrokerKind::Memory | BrokerKind::Sqs => None,
-        };
-        match (&b.url, example) {
-            (None, Some(example)) => {
-                return Err(self.error_at(
-                    "broker.url",
-                    format!(
-                        "required for kind = \"{}\", e.g. url = \"{example}\" \
-                         (or set {ENV_PREFIX}BROKER__URL)",
-                        b.kind
-                    ),
-                ))
-            }
-            (Some(url), Some(_)) if url.trim().is_empty() => {
-                return Err(self.error_at("broker.url", "must not be empty".into()))
-            }
-            (Some(url), Some(_))
-                if b.kind == BrokerKind::Redis
-                    && !(url.starts_with("redis://") || url.starts_with("rediss://")) =>
-            {
-                return Err(self.error_at(
-                    "broker.url",
-                    format!(
-                        "must start with redis:// or rediss:// (TLS), got {}",
-                        super::redact_url(url)
-                    ),
-                ))
-            }
-            (Some(_), None) => {
-                notices.push(format!("broker.url: ignored by the {} broker", b.kind))
-            }
-            _ => {}
-        }
-        if b.kind != BrokerKind::Sqs {
-            for (key, set) in [("region", &b.region), ("endpoint", &b.endpoint)] {
-                if set.is_some() {
-                    notices.push(format!("broker.{key}: ignored by the {} broker", b.kind));
-                }
-            }
-        }
-        if b.kind == BrokerKind::Memory && b.key_prefix.is_some() {
-            notices.push("broker.key_prefix: ignored by the memory broker".into());
-        }
-        Ok(())
     }
 
     fn check_queue(
@@ -424,7 +343,7 @@ impl Config {
 
     /// An error at `key` (a dotted path of the merged config), pointing at where the user wrote it:
     /// the file's top level, the profile section, or the environment variable.
-    pub(super) fn error_at(&self, key: &str, message: String) -> ConfigError {
+    pub(crate) fn error_at(&self, key: &str, message: String) -> ConfigError {
         let prefix = format!("{key}.");
         let written = self.origins.get(key).or_else(|| {
             self.origins

@@ -1,0 +1,95 @@
+//! `broker.kind = "redis"`: the settings of `[broker]` and the factory the worker's registry holds.
+
+use crate::{capabilities, RedisBroker, RedisConfig, DEFAULT_MAX_PAYLOAD};
+use serde::Deserialize;
+use std::sync::Arc;
+use stevedore_core::factory::{
+    BackendFactory, BackendSetup, ConnectContext, Settings, SettingsError,
+};
+use stevedore_core::{async_trait, Broker, BrokerError, Capabilities};
+
+/// The factory of `broker.kind = "redis"`. Keys of `[broker]`:
+///
+/// | key | default | meaning |
+/// |---|---|---|
+/// | `url` | required | `redis://[user:password@]host:port/db`, or `rediss://` for TLS |
+/// | `key_prefix` | `""` | prepended to every key the backend creates, to share one Redis |
+/// | `max_payload` | 16 MiB | largest payload accepted at publish, in bytes |
+///
+/// The consumer name is `worker.id` when set, else `<hostname>-<pid>-<random>`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RedisFactory;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RedisSettings {
+    url: Option<String>,
+    key_prefix: Option<String>,
+    max_payload: Option<u64>,
+}
+
+#[derive(Debug)]
+struct RedisSetup {
+    config: RedisConfig,
+}
+
+impl BackendFactory for RedisFactory {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    fn keys(&self) -> &'static [&'static str] {
+        &["url", "key_prefix", "max_payload"]
+    }
+
+    fn configure(&self, settings: &Settings) -> Result<Box<dyn BackendSetup>, SettingsError> {
+        let s: RedisSettings = settings.parse()?;
+        let url = match s.url {
+            None => {
+                return Err(SettingsError::at(
+                    "url",
+                    "required for kind = \"redis\", e.g. url = \"redis://localhost:6379/0\"",
+                ))
+            }
+            Some(u) if u.trim().is_empty() => {
+                return Err(SettingsError::at("url", "must not be empty"))
+            }
+            Some(u) if !(u.starts_with("redis://") || u.starts_with("rediss://")) => {
+                return Err(SettingsError::at(
+                    "url",
+                    format!(
+                        "must start with redis:// or rediss:// (TLS), got {}",
+                        crate::redact(&u)
+                    ),
+                ))
+            }
+            Some(u) => u,
+        };
+        let mut config = RedisConfig::new(url);
+        config.key_prefix = s.key_prefix.unwrap_or_default();
+        config.max_payload = match s.max_payload {
+            None => DEFAULT_MAX_PAYLOAD,
+            Some(0) => {
+                return Err(SettingsError::at(
+                    "max_payload",
+                    "must be at least 1 (bytes)",
+                ))
+            }
+            Some(m) => usize::try_from(m).unwrap_or(usize::MAX),
+        };
+        Ok(Box::new(RedisSetup { config }))
+    }
+}
+
+#[async_trait]
+impl BackendSetup for RedisSetup {
+    fn capabilities(&self) -> Capabilities {
+        capabilities(self.config.max_payload)
+    }
+
+    async fn connect(&self, ctx: &ConnectContext) -> Result<Arc<dyn Broker>, BrokerError> {
+        let mut config = self.config.clone();
+        config.consumer = ctx.worker_id.clone();
+        Ok(Arc::new(RedisBroker::connect(config).await?))
+    }
+}
