@@ -348,7 +348,7 @@ impl Broker for DirBroker {
 // ---- the user's binary ----
 
 async fn ok_job(Json(v): Json<serde_json::Value>) -> Result<(), JobError> {
-    let log = std::env::var("DONE_LOG").map_err(|e| JobError::permanent(e))?;
+    let log = std::env::var("DONE_LOG").map_err(JobError::permanent)?;
     let line = format!("{v}\n");
     use std::io::Write as _;
     std::fs::OpenOptions::new()
@@ -483,7 +483,7 @@ fn test() {
     assert_eq!(depth(&s, "dead-letter", "ready"), 0, "{s}");
 
     // Run the worker in another, until its queue is drained; SIGTERM stops it cleanly.
-    let mut worker = app(&env, &["run"])
+    let worker = app(&env, &["run"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
