@@ -2,7 +2,10 @@
 //!
 //! The one conformance suite every Stevedore backend runs against its real broker: the scenarios of
 //! `CONFORMANCE.md`, each holding the backend to the [`Capabilities`](stevedore_core::Capabilities)
-//! it declares. A backend hooks in with a [`Backend`] of a dozen lines and one test:
+//! it declares. A backend hooks in with a [`Backend`] of a dozen lines in its own crate's
+//! `tests/conformance.rs`, and [`conformance_tests!`] there declares one named test per scenario
+//! (`cargo test` lists `redis::lease_expiry ... ok`; a failure names its scenario and says why;
+//! `cargo test lease` runs only the lease scenarios). [`run`] gives the same report to code:
 //!
 //! ```
 //! use std::sync::Arc;
@@ -51,6 +54,7 @@ mod report;
 mod runner;
 mod scenarios;
 pub mod servers;
+mod suite;
 mod support;
 
 pub use async_trait::async_trait;
@@ -59,3 +63,4 @@ pub use names::{run_prefix, take_created, unique};
 pub use report::{Outcome, Report, Row};
 pub use runner::{check, run};
 pub use stevedore_core;
+pub use suite::{Hooks, StartPrivate, Suite};

@@ -37,6 +37,8 @@ pub(crate) struct Scenario {
     pub no: u8,
     /// Short name for the table.
     pub name: &'static str,
+    /// Its named test (`lease_expiry`), see [`crate::conformance_tests`].
+    pub slug: &'static str,
     /// When it runs.
     pub phase: Phase,
     /// Base hard time limit (the runner adds the backend's declared staleness and tolerance).
@@ -48,12 +50,36 @@ pub(crate) struct Scenario {
 /// A scenario's body: takes the backend, returns its outcome (or failure reason).
 pub(crate) type Run = fn(Arc<dyn Backend>) -> BoxFuture<'static, Checked>;
 
+/// The named test of each scenario, by number from 1 (the names
+/// [`crate::conformance_tests`] declares).
+const SLUGS: [&str; 18] = [
+    "publish_receive",
+    "competing_consumers",
+    "queue_isolation",
+    "release_redelivery",
+    "lease_expiry",
+    "lease_extension",
+    "crash_recovery",
+    "retry_backoff",
+    "dead_letter",
+    "dlq_replay",
+    "delay",
+    "priority",
+    "graceful_shutdown",
+    "depth",
+    "limits",
+    "reconnect",
+    "ordering",
+    "foreign_messages",
+];
+
 /// Every scenario, by number.
 pub(crate) fn all() -> Vec<Scenario> {
     use Phase::*;
     let s = |no, name, phase, limit: u64, run: Run| Scenario {
         no,
         name,
+        slug: SLUGS[usize::from(no) - 1],
         phase,
         limit: secs(limit),
         run,

@@ -1,7 +1,8 @@
-//! The conformance suite against the in-memory broker.
+//! The conformance suite against the in-memory broker: one named test per scenario
+//! (`cargo test -p stevedore-core --test conformance -- --list`).
 
 use std::sync::Arc;
-use stevedore_conformance::{async_trait, check, Backend};
+use stevedore_conformance::{async_trait, Backend};
 use stevedore_core::{new_id, Broker, BrokerError, Envelope, MemoryBroker};
 
 /// The in-memory broker's hook: every handle is a clone of one broker (clones share queues), and
@@ -33,10 +34,8 @@ impl Backend for MemoryBackend {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn memory_conformance() {
-    let backend = Arc::new(MemoryBackend {
-        broker: MemoryBroker::new(),
-    });
-    check(backend, None).await;
+mod memory {
+    stevedore_conformance::conformance_tests! {
+        backend: || std::sync::Arc::new(super::MemoryBackend { broker: stevedore_core::MemoryBroker::new() }),
+    }
 }

@@ -1,4 +1,5 @@
-//! The conformance suite against real RabbitMQ servers:
+//! The conformance suite against real RabbitMQ servers, one named test per scenario
+//! (`cargo test -p stevedore-rabbitmq --test conformance -- --list`):
 //! - every scenario against the machine's RabbitMQ on 127.0.0.1:5672 (`RABBITMQ_URL` overrides);
 //! - scenario 16 (broker restart mid-run) against a private `rabbitmq-server` this test starts on
 //!   free loopback ports ([`RabbitServer`]) and restarts. The machine's server is never restarted.
@@ -16,7 +17,7 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 use std::sync::Arc;
 use std::time::Duration;
 use stevedore_conformance::servers::RabbitServer;
-use stevedore_conformance::{async_trait, check, derived_queues, Backend};
+use stevedore_conformance::{async_trait, derived_queues, Backend};
 use stevedore_core::{Broker, BrokerError};
 use stevedore_rabbitmq::{RabbitBroker, RabbitConfig};
 
@@ -141,7 +142,7 @@ impl Backend for RabbitBackend {
         let Some(server) = &self.server else {
             return Err(
                 "the machine's shared RabbitMQ is never restarted by tests; scenario 16 \
-                        runs in rabbitmq_restart against a private rabbitmq-server"
+                        runs against a private rabbitmq-server"
                     .into(),
             );
         };
@@ -153,22 +154,18 @@ fn machine_url() -> String {
     std::env::var("RABBITMQ_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
-/// The two tests never overlap: booting a private Erlang node next to the suite starves the shared
-/// broker on a 2-core machine.
-static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rabbitmq_conformance() {
-    let _one = ONE_AT_A_TIME.lock().await;
-    let backend = Arc::new(RabbitBackend::new(machine_url(), None));
-    check(backend, None).await;
+/// Scenario 16 restarts a private `rabbitmq-server` on free loopback ports. It boots after the
+/// other scenarios are done (the suite's restart phase), never beside them: a booting Erlang node
+/// starves the shared broker on a 2-core machine.
+fn private_server() -> Result<Arc<dyn Backend>, String> {
+    let server = RabbitServer::start()?;
+    let url = server.url();
+    Ok(Arc::new(RabbitBackend::new(url, Some(server))))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rabbitmq_restart() {
-    let _one = ONE_AT_A_TIME.lock().await;
-    let server = tokio::task::block_in_place(RabbitServer::start).unwrap_or_else(|e| panic!("{e}"));
-    let url = server.url();
-    let backend = Arc::new(RabbitBackend::new(url, Some(server)));
-    check(backend, Some(&[16])).await;
+mod rabbitmq {
+    stevedore_conformance::conformance_tests! {
+        backend: || std::sync::Arc::new(super::RabbitBackend::new(super::machine_url(), None)),
+        restart: super::private_server,
+    }
 }

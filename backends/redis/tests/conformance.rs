@@ -1,4 +1,5 @@
-//! The conformance suite against real Redis servers:
+//! The conformance suite against real Redis servers, one named test per scenario
+//! (`cargo test -p stevedore-redis --test conformance -- --list`):
 //! - every scenario against the machine's Redis on 127.0.0.1:6379 (`REDIS_URL` overrides);
 //! - scenario 16 (broker restart mid-run) against a private `redis-server` this test starts on a free
 //!   loopback port with `appendonly yes`, so a restart keeps the data, and restarts it. The shared
@@ -11,7 +12,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 use stevedore_conformance::servers::RedisServer;
-use stevedore_conformance::{async_trait, check, Backend};
+use stevedore_conformance::{async_trait, Backend};
 use stevedore_core::{Broker, BrokerError};
 use stevedore_redis::{RedisBroker, RedisConfig};
 
@@ -31,11 +32,14 @@ impl RedisBackend {
         }
     }
 
-    async fn keys(&self, c: &mut redis::aio::MultiplexedConnection) -> Result<Vec<String>, String> {
+    async fn keys(
+        &self,
+        c: &mut ::redis::aio::MultiplexedConnection,
+    ) -> Result<Vec<String>, String> {
         let mut cursor: u64 = 0;
         let mut keys = Vec::new();
         loop {
-            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            let (next, batch): (u64, Vec<String>) = ::redis::cmd("SCAN")
                 .arg(cursor)
                 .arg("MATCH")
                 .arg(format!("{}*", self.prefix))
@@ -67,12 +71,12 @@ impl Backend for RedisBackend {
 
     async fn publish_foreign(&self, queue: &str, body: &[u8]) -> Result<(), String> {
         // Exactly what `redis-cli XADD <queue> * payload '<body>'` sends.
-        let client = redis::Client::open(self.url.as_str()).map_err(|e| e.to_string())?;
+        let client = ::redis::Client::open(self.url.as_str()).map_err(|e| e.to_string())?;
         let mut c = client
             .get_multiplexed_async_connection()
             .await
             .map_err(|e| e.to_string())?;
-        let _: String = redis::cmd("XADD")
+        let _: String = ::redis::cmd("XADD")
             .arg(format!("{}{queue}", self.prefix))
             .arg("*")
             .arg("payload")
@@ -84,14 +88,14 @@ impl Backend for RedisBackend {
     }
 
     async fn cleanup(&self, _queues: &[String]) -> Result<usize, String> {
-        let client = redis::Client::open(self.url.as_str()).map_err(|e| e.to_string())?;
+        let client = ::redis::Client::open(self.url.as_str()).map_err(|e| e.to_string())?;
         let mut c = client
             .get_multiplexed_async_connection()
             .await
             .map_err(|e| e.to_string())?;
         let keys = self.keys(&mut c).await?;
         for chunk in keys.chunks(500) {
-            let _: u64 = redis::cmd("DEL")
+            let _: u64 = ::redis::cmd("DEL")
                 .arg(chunk)
                 .query_async(&mut c)
                 .await
@@ -110,7 +114,7 @@ impl Backend for RedisBackend {
 
     async fn restart(&self) -> Result<(), String> {
         let Some(p) = &self.server else {
-            return Err("the machine's shared Redis (no persistence) is never restarted by tests; scenario 16 runs in redis_restart against a private persistent redis-server".into());
+            return Err("the machine's shared Redis (no persistence) is never restarted by tests; scenario 16 runs against a private persistent redis-server".into());
         };
         tokio::task::block_in_place(|| p.restart(Duration::from_millis(500)))
     }
@@ -120,21 +124,16 @@ fn machine_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
 }
 
-/// The two tests never overlap (timing scenarios and a server restart on a 2-core machine).
-static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_conformance() {
-    let _one = ONE_AT_A_TIME.lock().await;
-    let backend = Arc::new(RedisBackend::new(machine_url(), None));
-    check(backend, None).await;
+/// Scenario 16 restarts a private, persistent `redis-server` on a free loopback port.
+fn private_server() -> Result<Arc<dyn Backend>, String> {
+    let server = RedisServer::start()?;
+    let url = server.url();
+    Ok(Arc::new(RedisBackend::new(url, Some(server))))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_restart() {
-    let _one = ONE_AT_A_TIME.lock().await;
-    let server = RedisServer::start().unwrap_or_else(|e| panic!("{e}"));
-    let url = server.url();
-    let backend = Arc::new(RedisBackend::new(url, Some(server)));
-    check(backend, Some(&[16])).await;
+mod redis {
+    stevedore_conformance::conformance_tests! {
+        backend: || std::sync::Arc::new(super::RedisBackend::new(super::machine_url(), None)),
+        restart: super::private_server,
+    }
 }
