@@ -181,6 +181,23 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
     /// backends. Fails with [`BrokerError::LeaseLost`] if the lease already ended.
     async fn extend_lease(&self, receipt: &Receipt, lease: Duration) -> Result<(), BrokerError>;
 
+    /// Reads up to `max` messages of one physical queue without taking them: no lease, no
+    /// delivery counted, nothing moves or is reordered. Returns the ready messages in the order
+    /// they would be delivered, then those leased to consumers; never the delayed ones. For
+    /// operator tools (`dlq list`, `dlq inspect`) on queues that are not being consumed; a
+    /// concurrent consumer may take or settle a listed message at any time.
+    ///
+    /// Backends that cannot read without receiving (AMQP 0-9-1 has no peek) keep the default,
+    /// which fails with [`BrokerError::Unsupported`]; the tools then receive and release instead,
+    /// which counts a delivery per message.
+    async fn browse(&self, queue: &str, max: usize) -> Result<Vec<Envelope>, BrokerError> {
+        let _ = (queue, max);
+        Err(BrokerError::Unsupported {
+            backend: self.name(),
+            what: "reading a queue without receiving",
+        })
+    }
+
     /// Counts of one physical queue, stale by at most [`Capabilities::depth_staleness`]. `delayed`
     /// includes the backend's [`DelayStore`] for that queue.
     async fn depth(&self, queue: &str) -> Result<Depth, BrokerError>;

@@ -438,6 +438,23 @@ impl Broker for MemoryBroker {
         Ok(())
     }
 
+    async fn browse(&self, queue: &str, max: usize) -> Result<Vec<Envelope>, BrokerError> {
+        let now = SystemTime::now();
+        let mut map = self.lock()?;
+        let Some(q) = map.get_mut(queue) else {
+            return Ok(Vec::new());
+        };
+        q.maintain(now, Instant::now());
+        let mut leased: Vec<(&u64, &Leased)> = q.in_flight.iter().collect();
+        leased.sort_by_key(|(token, _)| **token);
+        Ok(q.ready
+            .iter()
+            .chain(leased.into_iter().map(|(_, l)| &l.stored))
+            .take(max)
+            .map(|s| s.env.clone())
+            .collect())
+    }
+
     async fn depth(&self, queue: &str) -> Result<Depth, BrokerError> {
         let now = SystemTime::now();
         let mut map = self.lock()?;

@@ -1,6 +1,8 @@
 //! Dead-letter queue tools: list, inspect, replay, purge. They work on every backend through the
-//! broker trait alone: messages are received under a short lease, and whatever is not replayed or
-//! purged is released untouched.
+//! broker trait alone. Listing reads without taking ([`Broker::browse`]) where the backend can,
+//! so it changes nothing; elsewhere (RabbitMQ) it receives under a short lease and releases, which
+//! counts a delivery. Replay and purge receive under a short lease, and whatever they do not
+//! replay or purge is released untouched.
 
 use crate::client::Client;
 use std::sync::Arc;
@@ -116,12 +118,19 @@ async fn give_back(broker: &Arc<dyn Broker>, rest: Vec<Delivery>) -> Result<(), 
 }
 
 /// Up to `limit` dead letters of logical queue `queue`, oldest first where the broker keeps order.
-/// Leaves the queue as it was (messages are released after reading).
+/// Leaves the queue as it was: read by [`Broker::browse`], or, on a backend that cannot browse,
+/// received and released at once (their delivery counts grow by one, and leased ones are not
+/// seen).
 pub async fn list(
     broker: &Arc<dyn Broker>,
     queue: &str,
     limit: usize,
 ) -> Result<Vec<DeadLetter>, BrokerError> {
+    match broker.browse(&names::dead_letter(queue), limit).await {
+        Ok(found) => return Ok(found.into_iter().map(DeadLetter::from_envelope).collect()),
+        Err(BrokerError::Unsupported { .. }) => {}
+        Err(e) => return Err(e),
+    }
     let got = take_all(broker, &names::dead_letter(queue), limit).await?;
     let out = got
         .iter()

@@ -717,6 +717,64 @@ impl Broker for RedisBroker {
         }
     }
 
+    /// `XRANGE` after the group's last-delivered id (the ready entries, in delivery order), then
+    /// the group's pending entries (`XPENDING`, each read by `XRANGE id id`). Acked entries not
+    /// yet trimmed are neither, so they never show.
+    async fn browse(&self, queue: &str, max: usize) -> Result<Vec<Envelope>, BrokerError> {
+        let stream = self.stream_key(queue);
+        let mut c = self.conn()?;
+        let groups: Value = match redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(&stream)
+            .query_async(&mut c)
+            .await
+        {
+            Ok(v) => v,
+            Err(e) if e.to_string().contains("no such key") => return Ok(Vec::new()),
+            Err(e) => return Err(err(e)),
+        };
+        let row = parse::group_row(&groups, GROUP);
+        let last = row
+            .and_then(|r| parse::info_field(r, "last-delivered-id"))
+            .and_then(parse::string)
+            .unwrap_or_else(|| "0-0".into());
+        let ready: Value = redis::cmd("XRANGE")
+            .arg(&stream)
+            .arg(format!("({last}"))
+            .arg("+")
+            .arg("COUNT")
+            .arg(max.clamp(1, 1 << 40))
+            .query_async(&mut c)
+            .await
+            .map_err(err)?;
+        let mut found = parse::entries(&ready);
+        if found.len() < max && row.is_some() {
+            let pending: Value = redis::cmd("XPENDING")
+                .arg(&stream)
+                .arg(GROUP)
+                .arg("-")
+                .arg("+")
+                .arg((max - found.len()).min(1 << 40))
+                .query_async(&mut c)
+                .await
+                .map_err(err)?;
+            let ids = parse::pending_ids(&pending);
+            if !ids.is_empty() {
+                let mut pipe = redis::pipe();
+                for id in &ids {
+                    pipe.cmd("XRANGE").arg(&stream).arg(id).arg(id);
+                }
+                let each: Vec<Value> = pipe.query_async(&mut c).await.map_err(err)?;
+                found.extend(each.iter().flat_map(parse::entries));
+            }
+        }
+        Ok(found
+            .into_iter()
+            .take(max)
+            .map(|e| self.to_delivery(queue, e, 1, 0).envelope)
+            .collect())
+    }
+
     async fn depth(&self, queue: &str) -> Result<Depth, BrokerError> {
         let stream = self.stream_key(queue);
         let delayed_key = format!("{}{queue}", self.delay_queue_prefix());

@@ -105,6 +105,14 @@ pub(crate) fn group_row<'a>(v: &'a Value, group: &str) -> Option<&'a Value> {
         .find(|row| info_field(row, "name").and_then(string).as_deref() == Some(group))
 }
 
+/// The ids of an extended `XPENDING key group - + n` reply (`[[id, consumer, idle, count], ...]`).
+pub(crate) fn pending_ids(v: &Value) -> Vec<String> {
+    items(v)
+        .iter()
+        .filter_map(|row| string(items(row).first()?))
+        .collect()
+}
+
 /// Milliseconds part of a stream id `1700000000000-0`.
 pub(crate) fn id_millis(id: &str) -> Option<u64> {
     id.split('-').next()?.parse().ok()

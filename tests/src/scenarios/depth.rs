@@ -92,21 +92,83 @@ pub(crate) async fn depth(backend: Arc<dyn Backend>) -> Checked {
         .ctx("release one")?;
     let stage = (READY - HELD + 1, HELD - 2, delayed_n);
     counted &= await_depth(&h, &queue, stage, "releasing 1 of them", staleness, age).await?;
+    let browsed = browse(&h, &queue, &held, stage, staleness, age).await?;
     close(&[&h]).await;
     if counted {
         pass(format!(
             "ready/in_flight/delayed read 0/0/0 → 10/0/4 → 7/3/4 → 7/2/4 → 8/1/4 (delayed {how}) \
-             within the declared staleness of {}",
+             within the declared staleness of {}; {browsed}",
             s2(staleness)
         ))
     } else {
         pass(format!(
             "ready/in_flight read 0/0 → 10/0 → 7/3 → 7/2 → 8/1 within the declared staleness of \
              {}; delayed ({how}) not counted per queue: the backend reports None (shared delay \
-             queues)",
+             queues); {browsed}",
             s2(staleness)
         ))
     }
+}
+
+/// `browse` of the queue at 8 ready / 1 in flight / 4 delayed: exactly the 9 undelayed messages
+/// not acked (the ready ones first, then the held one), and afterwards the same counts and
+/// delivery counts as if nobody had looked (the released message is on its second delivery,
+/// the others on their first). A backend that cannot browse says so with `Unsupported`.
+async fn browse(
+    h: &Arc<dyn Broker>,
+    queue: &str,
+    held: &[stevedore_core::Delivery],
+    stage: (u64, u64, u64),
+    staleness: Duration,
+    age: Option<Instant>,
+) -> Result<String, String> {
+    let seen = match h.browse(queue, 100).await {
+        Ok(seen) => seen,
+        Err(stevedore_core::BrokerError::Unsupported { what, .. }) => {
+            return Ok(format!(
+                "browse unsupported ({what}): DLQ tools receive and release"
+            ))
+        }
+        Err(e) => return Err(format!("browse: {e}")),
+    };
+    let held_id = &held[2].envelope.id;
+    let acked_id = &held[0].envelope.id;
+    ensure!(
+        seen.len() as u64 == stage.0 + stage.1,
+        "browse returned {} messages, expected {} ready + {} in flight",
+        seen.len(),
+        stage.0,
+        stage.1
+    );
+    ensure!(
+        seen.last().map(|e| &e.id) == Some(held_id),
+        "browse: the message leased to a consumer should come after the ready ones"
+    );
+    ensure!(
+        seen.iter()
+            .all(|e| &e.id != acked_id && !e.payload.starts_with(b"delayed")),
+        "browse returned an acked or a delayed message"
+    );
+    await_depth(h, queue, stage, "browsing", staleness, age).await?;
+    let ready = collect(h, queue, stage.0 as usize, secs(60), secs(10)).await?;
+    let released = &held[1].envelope.id;
+    for d in &ready {
+        let want = if &d.envelope.id == released { 2 } else { 1 };
+        ensure!(
+            d.delivery_count == want,
+            "after browse, {} came with delivery_count {} (expected {want}): browsing counted a \
+             delivery",
+            d.envelope.id,
+            d.delivery_count
+        );
+    }
+    let receipts: Vec<_> = ready.iter().map(|d| d.receipt.clone()).collect();
+    h.ack(&receipts).await.ctx("ack after browse")?;
+    Ok(format!(
+        "browse read the {} undelayed messages without taking them (counts and delivery counts \
+         unchanged)",
+        seen.len()
+    ))
 }
 
 /// Polls `depth` until it reads `(ready, in_flight, delayed)`, for up to `staleness` + [`GRACE`].
