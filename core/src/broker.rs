@@ -4,46 +4,55 @@ use crate::capabilities::Capabilities;
 use crate::envelope::Envelope;
 use crate::error::BrokerError;
 use async_trait::async_trait;
+use std::any::Any;
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-/// Proof of one delivery, used to ack, release or extend it. Opaque to the runtime; each backend puts
-/// what it needs in `handle` and `seq` (SQS receipt handle; AMQP channel id and delivery tag; Redis
-/// stream key and entry id; Kafka partition and offset).
-#[derive(Clone, PartialEq, Eq, Hash)]
+/// Proof of one delivery, used to ack, release or extend it: the physical queue plus a token of
+/// the backend's own type, so a backend settles without re-parsing anything (an AMQP channel id
+/// and delivery tag; a Redis entry id and lease end; an SQS receipt handle; a Kafka partition,
+/// offset and group generation). Opaque to the runtime, cheap to clone (the token is shared).
+///
+/// A backend reads its token back with [`Receipt::token`]; a receipt made by another backend
+/// reads as `None`, which backends treat as a lease they do not hold
+/// ([`BrokerError::LeaseLost`]).
+#[derive(Clone)]
 pub struct Receipt {
     queue: Arc<str>,
-    handle: Arc<str>,
-    seq: u64,
+    token: Arc<dyn Any + Send + Sync>,
+    shown: fn(&(dyn Any + Send + Sync), &mut fmt::Formatter<'_>) -> fmt::Result,
 }
 
 impl Receipt {
-    /// Made by backends only.
-    pub fn new(queue: impl Into<Arc<str>>, handle: impl Into<Arc<str>>, seq: u64) -> Self {
+    /// Made by backends only: the delivery of `queue` identified by `token`.
+    pub fn new<T: Any + Send + Sync + fmt::Debug>(queue: impl Into<Arc<str>>, token: T) -> Self {
         Receipt {
             queue: queue.into(),
-            handle: handle.into(),
-            seq,
+            token: Arc::new(token),
+            shown: |t, f| match t.downcast_ref::<T>() {
+                Some(t) => fmt::Debug::fmt(t, f),
+                None => f.write_str("?"),
+            },
         }
     }
+
     /// The physical queue the message was received from.
     pub fn queue(&self) -> &str {
         &self.queue
     }
-    /// Backend-specific handle.
-    pub fn handle(&self) -> &str {
-        &self.handle
-    }
-    /// Backend-specific number.
-    pub fn seq(&self) -> u64 {
-        self.seq
+
+    /// The backend's token, if this receipt holds a `T`.
+    pub fn token<T: Any>(&self) -> Option<&T> {
+        self.token.downcast_ref::<T>()
     }
 }
 
 impl fmt::Debug for Receipt {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Receipt({}#{}:{})", self.queue, self.handle, self.seq)
+        write!(f, "Receipt({}#", self.queue)?;
+        (self.shown)(self.token.as_ref(), f)?;
+        f.write_str(")")
     }
 }
 

@@ -195,6 +195,14 @@ impl BackendSetup for MemorySetup {
     }
 }
 
+/// A memory receipt's token: the lease's number within its queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Token(u64);
+
+fn token_of(r: &Receipt) -> Option<u64> {
+    r.token::<Token>().map(|t| t.0)
+}
+
 impl Default for MemoryBroker {
     fn default() -> Self {
         Self::new()
@@ -287,7 +295,7 @@ impl MemoryBroker {
             let deadline = now_i + opts.lease;
             out.push(Delivery {
                 envelope: s.env.clone(),
-                receipt: Receipt::new(queue, "", token),
+                receipt: Receipt::new(queue, Token(token)),
                 delivery_count: s.deliveries,
             });
             q.expiries.push(Reverse((deadline, token)));
@@ -376,7 +384,7 @@ impl Broker for MemoryBroker {
         let mut map = self.lock()?;
         for r in receipts {
             let removed = map.get_mut(r.queue()).and_then(|q| {
-                let l = q.in_flight.remove(&r.seq())?;
+                let l = q.in_flight.remove(&token_of(r)?)?;
                 q.unlock_key(&l.stored.env);
                 if l.stored.env.key.is_some() {
                     q.notify.notify_waiters();
@@ -403,7 +411,7 @@ impl Broker for MemoryBroker {
                 lost = Some(r.queue().to_string());
                 continue;
             };
-            match q.in_flight.remove(&r.seq()) {
+            match token_of(r).and_then(|t| q.in_flight.remove(&t)) {
                 Some(l) => {
                     q.unlock_key(&l.stored.env);
                     let mut s = l.stored;
@@ -426,15 +434,16 @@ impl Broker for MemoryBroker {
             queue: receipt.queue().to_string(),
         };
         let q = map.get_mut(receipt.queue()).ok_or_else(lost)?;
+        let token = token_of(receipt).ok_or_else(lost)?;
         let now_i = Instant::now();
         // A lease that ran out but was not yet taken back by `maintain` is lost all the same.
         let l = q
             .in_flight
-            .get_mut(&receipt.seq())
+            .get_mut(&token)
             .filter(|l| l.deadline > now_i)
             .ok_or_else(lost)?;
         l.deadline = now_i + lease;
-        q.expiries.push(Reverse((l.deadline, receipt.seq())));
+        q.expiries.push(Reverse((l.deadline, token)));
         Ok(())
     }
 

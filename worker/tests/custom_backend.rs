@@ -15,7 +15,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use stevedore::core::factory::{
     BackendFactory, BackendSetup, ConnectContext, Settings, SettingsError,
@@ -194,12 +194,20 @@ impl DirBroker {
             let envelope = decode(&bytes, &name);
             out.push(Delivery {
                 envelope,
-                receipt: Receipt::new(queue, to, 0),
+                receipt: Receipt::new(queue, Leased(Mutex::new(to))),
                 delivery_count: count + 1,
             });
         }
         Ok(out)
     }
+}
+
+/// A receipt's token: the leased file's current name (extending the lease renames it).
+#[derive(Debug)]
+struct Leased(Mutex<String>);
+
+fn leased_name(r: &Receipt) -> Option<&Mutex<String>> {
+    r.token::<Leased>().map(|l| &l.0)
 }
 
 /// A message file: one line of JSON headers, then the body.
@@ -279,8 +287,12 @@ impl Broker for DirBroker {
     async fn ack(&self, receipts: &[Receipt]) -> Result<(), BrokerError> {
         let mut lost = None;
         for r in receipts {
-            let path = self.dir(r.queue(), "leased")?.join(r.handle());
-            if std::fs::remove_file(path).is_err() {
+            let leased = self.dir(r.queue(), "leased")?;
+            let removed = leased_name(r).is_some_and(|name| {
+                let name = name.lock().unwrap_or_else(|p| p.into_inner());
+                std::fs::remove_file(leased.join(&*name)).is_ok()
+            });
+            if !removed {
                 lost = Some(r.queue().to_string());
             }
         }
@@ -291,35 +303,47 @@ impl Broker for DirBroker {
     }
 
     async fn release(&self, receipts: &[Receipt]) -> Result<(), BrokerError> {
+        let mut lost = None;
         for r in receipts {
             let (leased, ready) = (
                 self.dir(r.queue(), "leased")?,
                 self.dir(r.queue(), "ready")?,
             );
-            let Some((_, inner)) = r.handle().split_once('~') else {
-                continue;
-            };
-            let (_, count) = parse_ready(inner).unwrap_or((0, 0));
-            let _ = std::fs::rename(
-                leased.join(r.handle()),
-                ready.join(ready_name(0, count + 1)),
-            );
+            let back = leased_name(r).is_some_and(|name| {
+                let name = name.lock().unwrap_or_else(|p| p.into_inner());
+                let count = name
+                    .split_once('~')
+                    .and_then(|(_, inner)| parse_ready(inner))
+                    .map_or(0, |(_, c)| c);
+                std::fs::rename(leased.join(&*name), ready.join(ready_name(0, count + 1))).is_ok()
+            });
+            if !back {
+                lost = Some(r.queue().to_string());
+            }
         }
-        Ok(())
+        match lost {
+            Some(queue) => Err(BrokerError::LeaseLost { queue }),
+            None => Ok(()),
+        }
     }
 
+    /// Renames the leased file to the new deadline (the token follows the file).
     async fn extend_lease(&self, receipt: &Receipt, lease: Duration) -> Result<(), BrokerError> {
         let leased = self.dir(receipt.queue(), "leased")?;
-        if leased.join(receipt.handle()).exists() {
-            // The receipt names the file; renaming would change it. This test's jobs are short,
-            // and the store's leases are as long as the runtime asks for in the first place.
-            let _ = lease;
-            Ok(())
-        } else {
-            Err(BrokerError::LeaseLost {
-                queue: receipt.queue().to_string(),
-            })
+        let lost = || BrokerError::LeaseLost {
+            queue: receipt.queue().to_string(),
+        };
+        let name = leased_name(receipt).ok_or_else(lost)?;
+        let mut name = name.lock().unwrap_or_else(|p| p.into_inner());
+        let (deadline, inner) = name.split_once('~').ok_or_else(lost)?;
+        if deadline.parse::<u64>().map_or(true, |d| d <= now_ms()) {
+            return Err(lost()); // ran out: another consumer may have it
         }
+        let until = now_ms() + u64::try_from(lease.as_millis()).unwrap_or(u64::MAX / 2);
+        let renamed = format!("{until:015}~{inner}");
+        std::fs::rename(leased.join(&*name), leased.join(&renamed)).map_err(|_| lost())?;
+        *name = renamed;
+        Ok(())
     }
 
     async fn depth(&self, queue: &str) -> Result<Depth, BrokerError> {

@@ -258,6 +258,15 @@ pub fn capabilities(
     }
 }
 
+/// A RabbitMQ receipt's token: which consumer channel (this broker's own numbering, so a
+/// delivery of a channel that has since been replaced is recognised as lost) and the AMQP
+/// delivery tag on it.
+#[derive(Debug)]
+struct Token {
+    channel: u64,
+    tag: u64,
+}
+
 /// RabbitMQ broker. Cheap to clone (clones share the connection and consumers); thread safe.
 /// Dropping the last clone closes the connection, which returns every unacked message.
 #[derive(Clone)]
@@ -706,7 +715,13 @@ impl RabbitBroker {
         let d = amqp::decode(&raw.props, raw.data, raw.redelivered);
         Delivery {
             envelope: d.envelope,
-            receipt: Receipt::new(queue, chan_id.to_string(), tag),
+            receipt: Receipt::new(
+                queue,
+                Token {
+                    channel: chan_id,
+                    tag,
+                },
+            ),
             delivery_count: d.delivery_count,
         }
     }
@@ -744,11 +759,9 @@ impl RabbitBroker {
                     Some(c) => {
                         let mut tags = Vec::with_capacity(rs.len());
                         for r in &rs {
-                            let ours = r.handle().parse::<u64>().ok() == Some(c.id);
-                            if ours && c.settle(r.seq()) {
-                                tags.push(r.seq());
-                            } else {
-                                lost = Some(queue.to_string());
+                            match r.token::<Token>() {
+                                Some(t) if t.channel == c.id && c.settle(t.tag) => tags.push(t.tag),
+                                _ => lost = Some(queue.to_string()),
                             }
                         }
                         let frames = c.plan(&mut tags);
@@ -1155,8 +1168,9 @@ impl Broker for RabbitBroker {
             .is_some_and(|qs| {
                 qs.slot().as_ref().is_some_and(|c| {
                     c.failed.is_none()
-                        && receipt.handle().parse::<u64>().ok() == Some(c.id)
-                        && c.outstanding.contains_key(&receipt.seq())
+                        && receipt.token::<Token>().is_some_and(|t| {
+                            t.channel == c.id && c.outstanding.contains_key(&t.tag)
+                        })
                 })
             });
         if held {

@@ -73,6 +73,14 @@ impl RedisConfig {
     }
 }
 
+/// A Redis receipt's token: the stream entry id, and when the lease taken with it ends (Unix ms,
+/// less a safety margin), before which an ack needs no ownership check.
+#[derive(Debug)]
+struct Token {
+    id: String,
+    lease_until: u64,
+}
+
 /// Redis Streams broker. Cheap to clone (clones share connections and the consumer name); thread
 /// safe.
 #[derive(Clone)]
@@ -362,7 +370,13 @@ impl RedisBroker {
         let envelope = wire::from_wire(headers, body, &e.id);
         Delivery {
             envelope,
-            receipt: Receipt::new(queue, e.id, lease_until),
+            receipt: Receipt::new(
+                queue,
+                Token {
+                    id: e.id,
+                    lease_until,
+                },
+            ),
             delivery_count: pel_count.max(1).saturating_add(redeliveries),
         }
     }
@@ -618,14 +632,23 @@ impl Broker for RedisBroker {
         if receipts.is_empty() {
             return Ok(());
         }
-        // Within its lease (receipt seq = lease end), no other consumer can have taken an entry
+        // Within its lease (the token's lease end), no other consumer can have taken an entry
         // over, so a plain pipelined XACK is safe; later acks check ownership in a script.
         let now = to_millis(SystemTime::now());
         let mut fresh: HashMap<&str, Vec<&str>> = HashMap::new();
         let mut late: HashMap<&str, Vec<&str>> = HashMap::new();
+        let mut lost_in = None;
         for r in receipts {
-            let m = if r.seq() > now { &mut fresh } else { &mut late };
-            m.entry(r.queue()).or_default().push(r.handle());
+            let Some(t) = r.token::<Token>() else {
+                lost_in = Some(r.queue().to_string());
+                continue;
+            };
+            let m = if t.lease_until > now {
+                &mut fresh
+            } else {
+                &mut late
+            };
+            m.entry(r.queue()).or_default().push(t.id.as_str());
         }
         if !fresh.is_empty() {
             let mut pipe = redis::pipe();
@@ -639,7 +662,6 @@ impl Broker for RedisBroker {
             let mut c = self.conn()?;
             pipe.query_async::<()>(&mut c).await.map_err(err)?;
         }
-        let mut lost_in = None;
         for (queue, ids) in &late {
             let mut c = self.conn()?;
             let lost: i64 = scripts::ACK
@@ -673,10 +695,13 @@ impl Broker for RedisBroker {
 
     async fn release(&self, receipts: &[Receipt]) -> Result<(), BrokerError> {
         let mut by_stream: HashMap<&str, Vec<&str>> = HashMap::new();
-        for r in receipts {
-            by_stream.entry(r.queue()).or_default().push(r.handle());
-        }
         let mut lost = None;
+        for r in receipts {
+            match r.token::<Token>() {
+                Some(t) => by_stream.entry(r.queue()).or_default().push(t.id.as_str()),
+                None => lost = Some(r.queue().to_string()),
+            }
+        }
         for (queue, ids) in by_stream {
             let stream = self.stream_key(queue);
             let mut c = self.conn()?;
@@ -699,21 +724,23 @@ impl Broker for RedisBroker {
     }
 
     async fn extend_lease(&self, receipt: &Receipt, _lease: Duration) -> Result<(), BrokerError> {
+        let lost = || BrokerError::LeaseLost {
+            queue: receipt.queue().to_string(),
+        };
+        let token = receipt.token::<Token>().ok_or_else(lost)?;
         let mut c = self.conn()?;
         let ok: i64 = scripts::EXTEND
             .key(self.stream_key(receipt.queue()))
             .arg(GROUP)
             .arg(&self.inner.consumer)
-            .arg(receipt.handle())
+            .arg(&token.id)
             .invoke_async(&mut c)
             .await
             .map_err(err)?;
         if ok == 1 {
             Ok(())
         } else {
-            Err(BrokerError::LeaseLost {
-                queue: receipt.queue().to_string(),
-            })
+            Err(lost())
         }
     }
 
