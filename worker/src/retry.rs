@@ -1,36 +1,11 @@
-//! Retry policy: exponential backoff with jitter, bounded by attempts and age. Pure logic: the
+//! Retry policy ([`RetryConfig`], the `[retry]` table itself): exponential backoff with jitter,
+//! bounded by attempts and age. Pure logic: the
 //! runtime republishes the retry (with `attempt + 1` and a `not_before`) and acks the original, so a
 //! backoff never sleeps inside a consumer and never holds the message in worker memory.
 
+pub use crate::config::RetryConfig;
 use crate::error::{FailureKind, JobError};
 use std::time::{Duration, SystemTime};
-
-/// How a queue or job retries. See `[retry]` in the config reference.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct RetryPolicy {
-    /// Attempts in all, the first included (1 = never retry).
-    pub max_attempts: u32,
-    /// Smallest backoff, and the scale of the exponential curve.
-    pub base: Duration,
-    /// Growth per attempt (≥ 1).
-    pub factor: f64,
-    /// Largest backoff.
-    pub cap: Duration,
-    /// No retry is scheduled once the job is older than this (since first enqueue).
-    pub max_age: Duration,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        RetryPolicy {
-            max_attempts: 5,
-            base: Duration::from_secs(1),
-            factor: 2.0,
-            cap: Duration::from_secs(600),
-            max_age: Duration::from_secs(7 * 24 * 3600),
-        }
-    }
-}
 
 /// What to do with a failed delivery.
 #[derive(Clone, Debug, PartialEq)]
@@ -47,7 +22,8 @@ pub enum Decision {
     },
 }
 
-impl RetryPolicy {
+/// The backoff maths of a `[retry]` policy (the config type is the policy: one type, no mapping).
+impl RetryConfig {
     /// The upper bound of the backoff after failed attempt `attempt` (1-based):
     /// `min(cap, base × factor^(attempt−1))`.
     pub fn ceiling(&self, attempt: u32) -> Duration {
@@ -113,8 +89,8 @@ impl RetryPolicy {
 mod tests {
     use super::*;
 
-    fn policy() -> RetryPolicy {
-        RetryPolicy {
+    fn policy() -> RetryConfig {
+        RetryConfig {
             max_attempts: 4,
             base: Duration::from_millis(100),
             factor: 2.0,

@@ -11,7 +11,8 @@ use crate::config::{Config, QueueConfig};
 use crate::delay::{self, Scheduler};
 use crate::handler::{JobContext, JobParts};
 use crate::priority::{Level, Selector};
-use crate::retry::{Decision, RetryPolicy};
+use crate::config::RetryConfig;
+use crate::retry::Decision;
 use crate::router::Routes;
 use crate::shutdown::ShutdownHandle;
 use crate::stats::{JobResult, QueueStats, Stats};
@@ -44,7 +45,7 @@ pub(crate) struct QueueCtx {
     pub hard_stop: watch::Receiver<bool>,
     pub lease_timed: bool,
     /// Retry policy and timeout of every registered job on this queue, resolved once at start.
-    pub jobs: std::collections::HashMap<String, (RetryPolicy, Duration)>,
+    pub jobs: std::collections::HashMap<String, (RetryConfig, Duration)>,
 }
 
 impl QueueCtx {
@@ -65,16 +66,6 @@ pub(crate) fn levels_of(name: &str, cfg: &QueueConfig) -> Vec<Level> {
             reserved: cfg.reserved.get(&priority).copied().unwrap_or(0),
         })
         .collect()
-}
-
-pub(crate) fn policy_of(c: &crate::config::RetryConfig) -> RetryPolicy {
-    RetryPolicy {
-        max_attempts: c.max_attempts,
-        base: c.base,
-        factor: c.factor,
-        cap: c.cap,
-        max_age: c.max_age,
-    }
 }
 
 /// Exponential backoff for broker errors in loops: 100 ms doubling to 5 s.
@@ -258,7 +249,7 @@ async fn handle(
     let (retry, timeout) = match ctx.jobs.get(job) {
         Some(&settings) => settings,
         None => (
-            policy_of(&ctx.config.retry_for(&ctx.name, Some(job))),
+            ctx.config.retry_for(&ctx.name, Some(job)),
             ctx.config.timeout_for(&ctx.name, Some(job)),
         ),
     };
@@ -583,7 +574,7 @@ pub(crate) fn start(
             .names()
             .into_iter()
             .map(|job| {
-                let retry = policy_of(&config.retry_for(&name, Some(job)));
+                let retry = config.retry_for(&name, Some(job));
                 (
                     job.to_string(),
                     (retry, config.timeout_for(&name, Some(job))),

@@ -203,7 +203,7 @@ impl Default for HttpConfig {
 /// `[retry]`: exponential backoff with full jitter. After failed attempt `n` (from 1) the retry waits
 /// a random time drawn from `[base, min(cap, base * factor^(n-1))]`; after `max_attempts` attempts, or once the job is older than
 /// `max_age`, it goes to the dead-letter queue.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RetryConfig {
     /// Attempts in total, the first included (1 = never retry).
