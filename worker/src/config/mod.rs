@@ -434,7 +434,7 @@ impl Config {
     /// Retry policy of `job` on `queue`: `[retry]` ← `[queues.<queue>.retry]` ←
     /// `[jobs.<job>.retry]`. Unknown queue or job names contribute nothing.
     pub fn retry_for(&self, queue: &str, job: Option<&str>) -> RetryConfig {
-        let mut retry = self.retry.clone();
+        let mut retry = self.retry;
         if let Some(q) = self.queue_ref(queue) {
             retry = q.retry.apply(&retry);
         }

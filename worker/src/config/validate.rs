@@ -277,7 +277,7 @@ impl Config {
         for (queue, job) in pairs {
             let r = match queue {
                 Some(q) => self.retry_for(q, job),
-                None => self.retry.clone(),
+                None => self.retry,
             };
             if r.base <= r.cap {
                 continue;
