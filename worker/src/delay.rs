@@ -129,6 +129,19 @@ pub fn spawn_promoter(
     }))
 }
 
+/// A message that arrived before its `not_before` (a hop of a capped native delay): send it on with
+/// the remaining delay, then ack this copy.
+pub(crate) async fn hop(ctx: &QueueCtx, d: Delivery, early: Duration) {
+    tracing::debug!(id = %d.envelope.id, remaining = ?early, "delayed message arrived early; re-publishing for the rest");
+    let to = d.receipt.queue().to_string();
+    if let Err(e) = forward(ctx, d.receipt, &to, d.envelope).await {
+        tracing::warn!(error = %e, "could not re-publish a delayed message; released it");
+    }
+}
+
+use crate::runtime::{forward, QueueCtx};
+use stevedore_core::Delivery;
+
 #[cfg(test)]
 mod tests {
     use super::*;

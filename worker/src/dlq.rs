@@ -5,10 +5,13 @@
 //! replay or purge is released untouched.
 
 use crate::client::Client;
+use crate::error::JobError;
+use crate::runtime::{forward, truncate, QueueCtx};
+use crate::stats::JobResult;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use stevedore_core::{
-    from_millis, names, wire, Broker, BrokerError, Delivery, Envelope, ReceiveOptions,
+    from_millis, names, to_millis, wire, Broker, BrokerError, Delivery, Envelope, ReceiveOptions,
 };
 
 /// Lease taken on dead letters while a tool looks at them.
@@ -198,10 +201,80 @@ pub async fn purge(
     Ok(receipts.len())
 }
 
+/// Builds the dead-letter copy of a message: payload intact, with the standard headers.
+pub(crate) fn dead_letter_copy(
+    env: &Envelope,
+    origin: &str,
+    attempt: u32,
+    error: &str,
+    worker_id: &str,
+) -> Envelope {
+    let now = to_millis(SystemTime::now()).to_string();
+    let mut copy = env.clone();
+    copy.not_before = None;
+    let first = copy
+        .headers
+        .remove(wire::FIRST_FAILURE)
+        .unwrap_or_else(|| now.clone());
+    copy.headers.remove("stevedore-last-error");
+    copy.headers
+        .insert(wire::DLQ_ERROR.into(), truncate(error, 4096));
+    copy.headers
+        .insert(wire::DLQ_ATTEMPTS.into(), attempt.to_string());
+    copy.headers.insert(wire::DLQ_FIRST_FAILURE.into(), first);
+    copy.headers.insert(wire::DLQ_LAST_FAILURE.into(), now);
+    copy.headers
+        .insert(wire::DLQ_WORKER.into(), worker_id.to_string());
+    copy.headers
+        .insert(wire::DLQ_ORIGIN.into(), origin.to_string());
+    copy
+}
+
+/// The dead-letter act: publishes the dead-letter copy to `<queue>__dlq`, then acks the original
+/// ([`forward`]); if the DLQ cannot be written the original is released instead.
+pub(crate) async fn dead_letter(
+    ctx: &QueueCtx,
+    d: Delivery,
+    attempt: u32,
+    err: &JobError,
+    reason: &str,
+) -> JobResult {
+    let error = format!("{} ({reason})", err.message());
+    let copy = dead_letter_copy(&d.envelope, &ctx.name, attempt, &error, &ctx.worker_id);
+    tracing::warn!(error = %error, "job dead-lettered");
+    match forward(ctx, d.receipt, &names::dead_letter(&ctx.name), copy).await {
+        Ok(()) => JobResult::DeadLettered,
+        Err(e) => {
+            tracing::error!(error = %e, "could not write to the dead-letter queue; released the message instead");
+            JobResult::Released
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runtime::dead_letter_copy;
+
+    #[test]
+    fn dead_letter_copy_keeps_payload_and_adds_headers() {
+        let mut env = Envelope::new("j", &b"\x00\xffraw"[..]).with_header("x-a", "1");
+        env.headers.insert(wire::FIRST_FAILURE.into(), "123".into());
+        let copy = dead_letter_copy(&env, "emails", 3, "boom", "w-1");
+        assert_eq!(copy.payload, env.payload);
+        assert_eq!(copy.id, env.id);
+        let h = &copy.headers;
+        assert_eq!(h.get(wire::DLQ_ERROR).map(String::as_str), Some("boom"));
+        assert_eq!(h.get(wire::DLQ_ATTEMPTS).map(String::as_str), Some("3"));
+        assert_eq!(
+            h.get(wire::DLQ_FIRST_FAILURE).map(String::as_str),
+            Some("123")
+        );
+        assert_eq!(h.get(wire::DLQ_ORIGIN).map(String::as_str), Some("emails"));
+        assert_eq!(h.get(wire::DLQ_WORKER).map(String::as_str), Some("w-1"));
+        assert!(h.contains_key(wire::DLQ_LAST_FAILURE));
+        assert_eq!(h.get("x-a").map(String::as_str), Some("1"));
+    }
+
     use stevedore_core::MemoryBroker;
 
     async fn seeded() -> Result<(Arc<dyn Broker>, Vec<String>), BrokerError> {

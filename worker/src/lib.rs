@@ -23,7 +23,8 @@
 //! }
 //! ```
 //!
-//! Modules, one concern each: [`handler`] (extractors), [`router`], [`retry`], [`priority`],
+//! Modules, one concern each: [`handler`] (extractors), [`router`], [`layer`] (code around every
+//! handler), [`retry`], [`priority`],
 //! [`delay`], [`lease`], [`shutdown`], [`autoscale`], [`stats`] (metrics), [`http`], [`config`], [`dlq`],
 //! [`client`], [`cli`].
 #![doc(html_no_source)]
@@ -38,6 +39,7 @@ pub mod dlq;
 mod error;
 pub mod handler;
 pub mod http;
+pub mod layer;
 pub mod lease;
 pub mod priority;
 pub mod retry;
@@ -51,6 +53,7 @@ pub use cli::App;
 pub use client::{Client, Enqueue, EnqueueError};
 pub use error::{FailureKind, IntoOutcome, JobError};
 pub use handler::{FromJob, Handler, JobContext, Json, Payload, State};
+pub use layer::Layer;
 pub use router::Router;
 pub use shutdown::ShutdownHandle;
 pub use stevedore_core as core;

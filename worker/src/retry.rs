@@ -5,7 +5,10 @@
 
 pub use crate::config::RetryConfig;
 use crate::error::{FailureKind, JobError};
+use crate::runtime::{forward, truncate, QueueCtx};
+use crate::stats::JobResult;
 use std::time::{Duration, SystemTime};
+use stevedore_core::{to_millis, wire, Delivery};
 
 /// What to do with a failed delivery.
 #[derive(Clone, Debug, PartialEq)]
@@ -82,6 +85,37 @@ impl RetryConfig {
             };
         }
         Decision::Retry { delay }
+    }
+}
+
+/// The retry act: publishes a copy with `attempt + 1`, due after `delay`, carrying the first
+/// failure time and the last error, then acks the original ([`forward`]). If the copy cannot be
+/// published the original is released instead: it comes back with a higher delivery count, so
+/// its attempts still grow.
+pub(crate) async fn retry_later(
+    ctx: &QueueCtx,
+    d: Delivery,
+    attempt: u32,
+    err: &JobError,
+    delay: Duration,
+) -> JobResult {
+    let now = SystemTime::now();
+    let mut copy = d.envelope.clone();
+    copy.attempt = attempt + 1;
+    copy.not_before = Some(now + delay);
+    copy.headers
+        .entry(wire::FIRST_FAILURE.to_string())
+        .or_insert_with(|| to_millis(now).to_string());
+    copy.headers
+        .insert("stevedore-last-error".into(), truncate(err.message(), 1024));
+    tracing::debug!(error = %err, next_attempt = attempt + 1, in_ms = delay.as_millis() as u64, "job failed; retry scheduled");
+    let to = d.receipt.queue().to_string();
+    match forward(ctx, d.receipt, &to, copy).await {
+        Ok(()) => JobResult::Retried,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not schedule the retry; released the original instead");
+            JobResult::Released
+        }
     }
 }
 

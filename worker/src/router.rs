@@ -2,6 +2,7 @@
 
 use crate::error::JobError;
 use crate::handler::{Handler, JobParts};
+use crate::layer::Layer;
 use futures::future::BoxFuture;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -18,6 +19,7 @@ type BoxedHandler =
 pub struct Router<S = ()> {
     state: S,
     handlers: BTreeMap<String, BoxedHandler>,
+    layers: Vec<Arc<dyn Layer>>,
     /// Job names registered more than once, in the order the second registration happened.
     duplicates: Vec<String>,
 }
@@ -28,6 +30,7 @@ impl Router<()> {
         Router {
             state: (),
             handlers: BTreeMap::new(),
+            layers: Vec::new(),
             duplicates: Vec::new(),
         }
     }
@@ -45,6 +48,7 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
         Router {
             state,
             handlers: BTreeMap::new(),
+            layers: Vec::new(),
             duplicates: Vec::new(),
         }
     }
@@ -64,6 +68,13 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
         self
     }
 
+    /// Wraps every route (registered before or after this call) in `layer`; the first layer added
+    /// is the outermost. See [`crate::layer`].
+    pub fn layer(mut self, layer: impl Layer) -> Self {
+        self.layers.push(Arc::new(layer));
+        self
+    }
+
     /// Job names that were registered more than once (empty for a valid router).
     pub fn duplicates(&self) -> &[String] {
         &self.duplicates
@@ -73,6 +84,7 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
     pub fn into_routes(self) -> Routes {
         Routes {
             handlers: Arc::new(self.handlers),
+            layers: self.layers.into(),
         }
     }
 }
@@ -81,16 +93,26 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
 #[derive(Clone)]
 pub struct Routes {
     handlers: Arc<BTreeMap<String, BoxedHandler>>,
+    layers: Arc<[Arc<dyn Layer>]>,
 }
 
 impl Routes {
-    /// Starts the handler for `job`, or `None` when no handler has that name.
+    /// Starts the handler for `job` inside the router's layers, or `None` when no handler has
+    /// that name.
     pub fn dispatch(
         &self,
         job: &str,
         parts: Arc<JobParts>,
     ) -> Option<BoxFuture<'static, Result<(), JobError>>> {
-        self.handlers.get(job).map(|h| h(parts))
+        let handler = self.handlers.get(job)?;
+        if self.layers.is_empty() {
+            return Some(handler(parts));
+        }
+        let mut fut = handler(parts.clone());
+        for layer in self.layers.iter().rev() {
+            fut = layer.wrap(&parts.context, fut);
+        }
+        Some(fut)
     }
 
     /// Whether a handler has this name.

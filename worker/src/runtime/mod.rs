@@ -1,4 +1,7 @@
-//! The worker runtime: one fetch loop per logical queue, a task per job, a batched acker.
+//! The worker runtime: one fetch loop per logical queue, a task per job, a batched acker. The
+//! acts on a finished job live with their subject: [`crate::retry::retry_later`],
+//! [`crate::dlq::dead_letter`], [`crate::delay::hop`], all through [`forward`]; supervision
+//! (timeout, panics, heartbeats, hard stop) is in `supervise`.
 //!
 //! ```text
 //!   fetch loop (per queue) --receive--> job task --ack--> acker --ack(batch)--> broker
@@ -7,27 +10,29 @@
 //!        +------------- finished ----------+  lease heartbeat while it runs; release on hard stop
 //! ```
 
+use crate::config::RetryConfig;
 use crate::config::{Config, QueueConfig};
-use crate::delay::{self, Scheduler};
+use crate::delay::{self, hop, Scheduler};
+use crate::dlq::dead_letter;
 use crate::handler::{JobContext, JobParts};
 use crate::priority::{Level, Selector};
-use crate::config::RetryConfig;
+use crate::retry::retry_later;
 use crate::retry::Decision;
 use crate::router::Routes;
 use crate::shutdown::ShutdownHandle;
 use crate::stats::{JobResult, QueueStats, Stats};
 use crate::JobError;
-use futures::FutureExt;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
 use stevedore_core::{
-    names, to_millis, wire, Broker, BrokerError, Delivery, Envelope, Priority, Receipt,
-    ReceiveOptions,
+    names, Broker, BrokerError, Delivery, Envelope, Priority, Receipt, ReceiveOptions,
 };
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
+
+mod supervise;
+
+use supervise::{supervise, Supervised};
 
 /// Everything a job task needs, shared per logical queue.
 pub(crate) struct QueueCtx {
@@ -49,7 +54,7 @@ pub(crate) struct QueueCtx {
 }
 
 impl QueueCtx {
-    fn broker(&self) -> &Arc<dyn Broker> {
+    pub(crate) fn broker(&self) -> &Arc<dyn Broker> {
         self.scheduler.broker()
     }
 }
@@ -234,11 +239,6 @@ async fn run_job(ctx: &QueueCtx, priority: Priority, d: Delivery) {
     .await
 }
 
-enum Supervised {
-    Done(Result<(), JobError>),
-    Aborted,
-}
-
 async fn handle(
     ctx: &QueueCtx,
     job: &str,
@@ -324,181 +324,32 @@ async fn handle(
     }
 }
 
-/// Runs the handler with its timeout, catching panics, extending the lease while it runs, and
-/// giving up when the hard stop fires.
-async fn supervise(
+/// The one "publish a copy, then settle the original" act (a delay hop, a retry, a dead letter):
+/// publishes `copy` to physical queue `to` through the scheduler (a future `not_before` waits
+/// natively or in the delay store, never in this process), then acks the original. When the
+/// publish fails, releases the original instead, so the message comes back rather than being
+/// lost; the caller logs the error. At-least-once: a crash between the two steps duplicates,
+/// never loses.
+pub(crate) async fn forward(
     ctx: &QueueCtx,
-    fut: futures::future::BoxFuture<'static, Result<(), JobError>>,
-    receipt: &Receipt,
-    timeout: Duration,
-) -> Supervised {
-    let mut fut = AssertUnwindSafe(fut).catch_unwind();
-    // Fast path: most jobs finish on their first poll, with no timers at all. The slow path's
-    // state is boxed so that the common job future stays small (it is moved on every spawn).
-    if let Poll::Ready(r) = futures::poll!(&mut fut) {
-        return Supervised::Done(flatten(r));
-    }
-    Box::pin(supervise_slow(ctx, fut, receipt, timeout)).await
-}
-
-async fn supervise_slow(
-    ctx: &QueueCtx,
-    fut: futures::future::CatchUnwind<
-        AssertUnwindSafe<futures::future::BoxFuture<'static, Result<(), JobError>>>,
-    >,
-    receipt: &Receipt,
-    timeout: Duration,
-) -> Supervised {
-    tokio::pin!(fut);
-    let lease = ctx.cfg.lease;
-    let beat = crate::lease::beat(lease);
-    let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + beat, beat);
-    let deadline = tokio::time::sleep(timeout);
-    tokio::pin!(deadline);
-    let mut hard = ctx.hard_stop.clone();
-    loop {
-        tokio::select! {
-            biased;
-            r = &mut fut => return Supervised::Done(flatten(r)),
-            _ = &mut deadline => {
-                return Supervised::Done(Err(JobError::retry(format!(
-                    "timed out after {}",
-                    humantime::format_duration(timeout)
-                ))));
-            }
-            _ = turned_true(&mut hard) => return Supervised::Aborted,
-            _ = heartbeat.tick(), if ctx.lease_timed => {
-                crate::lease::renew(ctx.broker().as_ref(), receipt, lease).await;
-            }
-        }
-    }
-}
-
-/// Resolves once the watch holds `true` (never, if its sender is gone while false).
-async fn turned_true(rx: &mut watch::Receiver<bool>) {
-    if rx.wait_for(|v| *v).await.is_err() {
-        futures::future::pending::<()>().await;
-    }
-}
-
-fn flatten(r: Result<Result<(), JobError>, Box<dyn std::any::Any + Send>>) -> Result<(), JobError> {
-    r.unwrap_or_else(|panic| {
-        let msg = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "non-string panic payload".into());
-        Err(JobError::retry(format!("handler panicked: {msg}")))
-    })
-}
-
-/// A message that arrived before its `not_before` (a hop of a capped native delay): send it on with
-/// the remaining delay, then ack this copy.
-async fn hop(ctx: &QueueCtx, d: Delivery, early: Duration) {
-    tracing::debug!(id = %d.envelope.id, remaining = ?early, "delayed message arrived early; re-publishing for the rest");
-    match ctx
-        .scheduler
-        .publish(d.receipt.queue(), vec![d.envelope])
-        .await
-    {
+    receipt: Receipt,
+    to: &str,
+    copy: Envelope,
+) -> Result<(), BrokerError> {
+    match ctx.scheduler.publish(to, vec![copy]).await {
         Ok(()) => {
-            let _ = ctx.acks.send(d.receipt);
+            let _ = ctx.acks.send(receipt);
+            Ok(())
         }
         Err(e) => {
-            tracing::warn!(error = %e, "could not re-publish a delayed message; releasing it");
-            let _ = ctx.broker().release(&[d.receipt]).await;
+            let _ = ctx.broker().release(&[receipt]).await;
+            Err(e)
         }
     }
 }
 
-async fn retry_later(
-    ctx: &QueueCtx,
-    d: Delivery,
-    attempt: u32,
-    err: &JobError,
-    delay: Duration,
-) -> JobResult {
-    let now = SystemTime::now();
-    let mut copy = d.envelope.clone();
-    copy.attempt = attempt + 1;
-    copy.not_before = Some(now + delay);
-    copy.headers
-        .entry(wire::FIRST_FAILURE.to_string())
-        .or_insert_with(|| to_millis(now).to_string());
-    copy.headers
-        .insert("stevedore-last-error".into(), truncate(err.message(), 1024));
-    tracing::debug!(error = %err, next_attempt = attempt + 1, in_ms = delay.as_millis() as u64, "job failed; retry scheduled");
-    match ctx.scheduler.publish(d.receipt.queue(), vec![copy]).await {
-        Ok(()) => {
-            let _ = ctx.acks.send(d.receipt);
-            JobResult::Retried
-        }
-        Err(e) => {
-            // Keep the original: it comes back (with a higher delivery count, so attempts still grow).
-            tracing::warn!(error = %e, "could not schedule the retry; releasing the original instead");
-            let _ = ctx.broker().release(&[d.receipt]).await;
-            JobResult::Released
-        }
-    }
-}
-
-/// Builds the dead-letter copy of a message: payload intact, with the standard headers.
-pub(crate) fn dead_letter_copy(
-    env: &Envelope,
-    origin: &str,
-    attempt: u32,
-    error: &str,
-    worker_id: &str,
-) -> Envelope {
-    let now = to_millis(SystemTime::now()).to_string();
-    let mut copy = env.clone();
-    copy.not_before = None;
-    let first = copy
-        .headers
-        .remove(wire::FIRST_FAILURE)
-        .unwrap_or_else(|| now.clone());
-    copy.headers.remove("stevedore-last-error");
-    copy.headers
-        .insert(wire::DLQ_ERROR.into(), truncate(error, 4096));
-    copy.headers
-        .insert(wire::DLQ_ATTEMPTS.into(), attempt.to_string());
-    copy.headers.insert(wire::DLQ_FIRST_FAILURE.into(), first);
-    copy.headers.insert(wire::DLQ_LAST_FAILURE.into(), now);
-    copy.headers
-        .insert(wire::DLQ_WORKER.into(), worker_id.to_string());
-    copy.headers
-        .insert(wire::DLQ_ORIGIN.into(), origin.to_string());
-    copy
-}
-
-async fn dead_letter(
-    ctx: &QueueCtx,
-    d: Delivery,
-    attempt: u32,
-    err: &JobError,
-    reason: &str,
-) -> JobResult {
-    let error = format!("{} ({reason})", err.message());
-    let copy = dead_letter_copy(&d.envelope, &ctx.name, attempt, &error, &ctx.worker_id);
-    tracing::warn!(error = %error, "job dead-lettered");
-    match ctx
-        .broker()
-        .publish(&names::dead_letter(&ctx.name), vec![copy])
-        .await
-    {
-        Ok(()) => {
-            let _ = ctx.acks.send(d.receipt);
-            JobResult::DeadLettered
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "could not write to the dead-letter queue; releasing the message instead");
-            let _ = ctx.broker().release(&[d.receipt]).await;
-            JobResult::Released
-        }
-    }
-}
-
-fn truncate(s: &str, max: usize) -> String {
+/// `s` cut to at most `max` bytes at a character boundary, with `…` when cut.
+pub(crate) fn truncate(s: &str, max: usize) -> String {
     if s.len() <= max {
         return s.to_string();
     }
@@ -616,26 +467,6 @@ pub(crate) fn start(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn dead_letter_copy_keeps_payload_and_adds_headers() {
-        let mut env = Envelope::new("j", &b"\x00\xffraw"[..]).with_header("x-a", "1");
-        env.headers.insert(wire::FIRST_FAILURE.into(), "123".into());
-        let copy = dead_letter_copy(&env, "emails", 3, "boom", "w-1");
-        assert_eq!(copy.payload, env.payload);
-        assert_eq!(copy.id, env.id);
-        let h = &copy.headers;
-        assert_eq!(h.get(wire::DLQ_ERROR).map(String::as_str), Some("boom"));
-        assert_eq!(h.get(wire::DLQ_ATTEMPTS).map(String::as_str), Some("3"));
-        assert_eq!(
-            h.get(wire::DLQ_FIRST_FAILURE).map(String::as_str),
-            Some("123")
-        );
-        assert_eq!(h.get(wire::DLQ_ORIGIN).map(String::as_str), Some("emails"));
-        assert_eq!(h.get(wire::DLQ_WORKER).map(String::as_str), Some("w-1"));
-        assert!(h.contains_key(wire::DLQ_LAST_FAILURE));
-        assert_eq!(h.get("x-a").map(String::as_str), Some("1"));
-    }
 
     #[test]
     fn truncate_respects_char_boundaries() {

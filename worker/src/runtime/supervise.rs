@@ -1,0 +1,84 @@
+//! Job supervision: the handler (with the router's layers) runs under its timeout, with panics
+//! caught, its lease extended while it runs, and the hard-stop signal able to cut it off.
+
+use super::QueueCtx;
+use crate::JobError;
+use futures::FutureExt;
+use std::panic::AssertUnwindSafe;
+use std::task::Poll;
+use std::time::Duration;
+use stevedore_core::Receipt;
+use tokio::sync::watch;
+
+pub(super) enum Supervised {
+    Done(Result<(), JobError>),
+    Aborted,
+}
+
+/// Runs the handler with its timeout, catching panics, extending the lease while it runs, and
+/// giving up when the hard stop fires.
+pub(super) async fn supervise(
+    ctx: &QueueCtx,
+    fut: futures::future::BoxFuture<'static, Result<(), JobError>>,
+    receipt: &Receipt,
+    timeout: Duration,
+) -> Supervised {
+    let mut fut = AssertUnwindSafe(fut).catch_unwind();
+    // Fast path: most jobs finish on their first poll, with no timers at all. The slow path's
+    // state is boxed so that the common job future stays small (it is moved on every spawn).
+    if let Poll::Ready(r) = futures::poll!(&mut fut) {
+        return Supervised::Done(flatten(r));
+    }
+    Box::pin(supervise_slow(ctx, fut, receipt, timeout)).await
+}
+
+async fn supervise_slow(
+    ctx: &QueueCtx,
+    fut: futures::future::CatchUnwind<
+        AssertUnwindSafe<futures::future::BoxFuture<'static, Result<(), JobError>>>,
+    >,
+    receipt: &Receipt,
+    timeout: Duration,
+) -> Supervised {
+    tokio::pin!(fut);
+    let lease = ctx.cfg.lease;
+    let beat = crate::lease::beat(lease);
+    let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + beat, beat);
+    let deadline = tokio::time::sleep(timeout);
+    tokio::pin!(deadline);
+    let mut hard = ctx.hard_stop.clone();
+    loop {
+        tokio::select! {
+            biased;
+            r = &mut fut => return Supervised::Done(flatten(r)),
+            _ = &mut deadline => {
+                return Supervised::Done(Err(JobError::retry(format!(
+                    "timed out after {}",
+                    humantime::format_duration(timeout)
+                ))));
+            }
+            _ = turned_true(&mut hard) => return Supervised::Aborted,
+            _ = heartbeat.tick(), if ctx.lease_timed => {
+                crate::lease::renew(ctx.broker().as_ref(), receipt, lease).await;
+            }
+        }
+    }
+}
+
+/// Resolves once the watch holds `true` (never, if its sender is gone while false).
+async fn turned_true(rx: &mut watch::Receiver<bool>) {
+    if rx.wait_for(|v| *v).await.is_err() {
+        futures::future::pending::<()>().await;
+    }
+}
+
+fn flatten(r: Result<Result<(), JobError>, Box<dyn std::any::Any + Send>>) -> Result<(), JobError> {
+    r.unwrap_or_else(|panic| {
+        let msg = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "non-string panic payload".into());
+        Err(JobError::retry(format!("handler panicked: {msg}")))
+    })
+}
