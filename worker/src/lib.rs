@@ -51,7 +51,7 @@ mod worker;
 
 pub use cli::App;
 pub use client::{Client, Enqueue, EnqueueError};
-pub use error::{FailureKind, IntoOutcome, JobError};
+pub use error::{BoxError, Fail, FailureKind, IntoOutcome, JobError};
 pub use handler::{FromJob, Handler, JobContext, Json, Payload, State};
 pub use layer::Layer;
 pub use router::Router;
