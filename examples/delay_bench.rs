@@ -15,7 +15,6 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use stevedore::core::to_millis;
-use stevedore::delay::Scheduler;
 use stevedore::{config, Broker, Envelope, Json, MemoryBroker, Router, State, Worker};
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
@@ -115,8 +114,9 @@ async fn round(backend: &str, n: usize, delay: Duration, tag: usize) -> Res<Vec<
         cfg,
     )?;
     let stop = worker.shutdown_handle();
+    let worker_client = worker.client();
     let run = tokio::spawn(worker.run());
-    let scheduler = Scheduler::new(broker.clone());
+    let client = worker_client;
     let jobs: Vec<Envelope> = (0..n)
         .map(|_| {
             let mut e = Envelope::new("delayed", Vec::new()).json().delayed(delay);
@@ -126,7 +126,7 @@ async fn round(backend: &str, n: usize, delay: Duration, tag: usize) -> Res<Vec<
         })
         .collect::<Result<_, serde_json::Error>>()?;
     for chunk in jobs.chunks(100) {
-        scheduler.publish(queue, chunk.to_vec()).await?;
+        client.publish(queue, chunk.to_vec()).await?;
     }
     let deadline = Instant::now() + delay + Duration::from_secs(30);
     while log.lock().map(|l| l.len()).unwrap_or(0) < n {

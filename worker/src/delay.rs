@@ -14,35 +14,36 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 /// Most messages one promotion call moves.
-pub const PROMOTE_BATCH: usize = 512;
+pub(crate) const PROMOTE_BATCH: usize = 512;
 
 /// Publishes messages, routing delayed ones natively, by hops, or to the delay store. Cheap to
 /// clone; thread safe.
 #[derive(Clone, Debug)]
-pub struct Scheduler {
+pub(crate) struct Scheduler {
     broker: Arc<dyn Broker>,
     store: Option<Arc<dyn DelayStore>>,
 }
 
 impl Scheduler {
     /// A scheduler over `broker` (and its delay store, if it has one).
-    pub fn new(broker: Arc<dyn Broker>) -> Self {
+    pub(crate) fn new(broker: Arc<dyn Broker>) -> Self {
         let store = broker.delay_store();
         Scheduler { broker, store }
     }
 
     /// The broker it publishes to.
-    pub fn broker(&self) -> &Arc<dyn Broker> {
+    pub(crate) fn broker(&self) -> &Arc<dyn Broker> {
         &self.broker
     }
 
     /// Whether delayed messages can be handled at all (natively or emulated).
-    pub fn supports_delay(&self) -> bool {
+    #[cfg(test)]
+    fn supports_delay(&self) -> bool {
         !matches!(self.broker.capabilities().delay, DelaySupport::None) || self.store.is_some()
     }
 
     /// One line for the start-up log: how delays are done on this backend.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         let name = self.broker.name();
         match (self.broker.capabilities().delay, &self.store) {
             (DelaySupport::Native { max: None }, _) => format!("delay: native on {name}"),
@@ -62,7 +63,11 @@ impl Scheduler {
     /// Publishes to physical queue `queue`. Messages due now go straight to the queue; delayed ones
     /// as described in the module docs. Fails with [`BrokerError::Unsupported`] for a delayed
     /// message on a backend with no way to delay.
-    pub async fn publish(&self, queue: &str, messages: Vec<Envelope>) -> Result<(), BrokerError> {
+    pub(crate) async fn publish(
+        &self,
+        queue: &str,
+        messages: Vec<Envelope>,
+    ) -> Result<(), BrokerError> {
         if !matches!(self.broker.capabilities().delay, DelaySupport::None) {
             return self.broker.publish(queue, messages).await;
         }
@@ -84,7 +89,7 @@ impl Scheduler {
     }
 
     /// How early a received message is (a hop of a capped delay), or `None` when it is due.
-    pub fn early_by(&self, env: &Envelope, now: SystemTime) -> Option<Duration> {
+    pub(crate) fn early_by(&self, env: &Envelope, now: SystemTime) -> Option<Duration> {
         env.delay_remaining(now)
     }
 }
@@ -92,7 +97,7 @@ impl Scheduler {
 /// Starts the promoter when the backend has a delay store: it moves due messages into their queues
 /// every `interval` (sooner when the store knows the next due time), in batches of
 /// [`PROMOTE_BATCH`], until `shutdown` turns true. Any number of workers may run one at once.
-pub fn spawn_promoter(
+pub(crate) fn spawn_promoter(
     broker: &Arc<dyn Broker>,
     interval: Duration,
     mut shutdown: watch::Receiver<bool>,

@@ -318,7 +318,7 @@ mod tests {
     #[test]
     fn fail_picks_the_kind_for_question_mark() {
         let r: Result<u8, _> = "x".parse::<u8>().permanent();
-        let j = r.err().map(|e| outcome(e));
+        let j = r.err().map(outcome);
         assert_eq!(
             j.as_ref().map(|j| (j.kind(), j.message())),
             Some((FailureKind::Permanent, "invalid digit found in string"))

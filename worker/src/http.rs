@@ -28,7 +28,7 @@ const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// What the endpoints read. Cheap to clone (all shared).
 #[derive(Clone)]
-pub struct HttpState {
+pub(crate) struct HttpState {
     /// Live counters and the readiness flag.
     pub stats: Arc<Stats>,
     /// Latest autoscale hints.
@@ -58,7 +58,7 @@ struct StatsBody {
 }
 
 /// The router of every endpoint (what [`serve`] serves); for embedding in another axum app.
-pub fn router(state: HttpState) -> Router {
+pub(crate) fn router(state: HttpState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
@@ -72,7 +72,7 @@ pub fn router(state: HttpState) -> Router {
 /// Serves the endpoints on `listener` (HTTP/1.1) until `shutdown` turns `true` (or its sender is
 /// dropped), then stops accepting, lets requests in progress finish, and returns. Errors are those
 /// of the underlying server (accept errors are retried by axum, so in practice this returns `Ok`).
-pub async fn serve(
+pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     state: HttpState,
     mut shutdown: watch::Receiver<bool>,

@@ -10,20 +10,20 @@ use std::time::Duration;
 use stevedore_core::{Broker, BrokerError, LeaseSupport, Receipt};
 
 /// Shortest renewal period, so tiny test leases do not spin.
-pub const MIN_BEAT: Duration = Duration::from_millis(50);
+pub(crate) const MIN_BEAT: Duration = Duration::from_millis(50);
 
 /// How often to renew a lease of length `lease`: a third of it, at least [`MIN_BEAT`].
-pub fn beat(lease: Duration) -> Duration {
+pub(crate) fn beat(lease: Duration) -> Duration {
     (lease / 3).max(MIN_BEAT)
 }
 
 /// Whether deliveries of `broker` need heartbeats at all.
-pub fn needs_heartbeat(broker: &dyn Broker) -> bool {
+pub(crate) fn needs_heartbeat(broker: &dyn Broker) -> bool {
     matches!(broker.capabilities().lease, LeaseSupport::Timed { .. })
 }
 
 /// Renews one lease; a failure is logged, never fatal to the job.
-pub async fn renew(broker: &dyn Broker, receipt: &Receipt, lease: Duration) {
+pub(crate) async fn renew(broker: &dyn Broker, receipt: &Receipt, lease: Duration) {
     match broker.extend_lease(receipt, lease).await {
         Ok(()) => {}
         Err(BrokerError::LeaseLost { .. }) => {

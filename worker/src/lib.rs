@@ -23,10 +23,11 @@
 //! }
 //! ```
 //!
-//! Modules, one concern each: [`handler`] (extractors), [`router`], [`layer`] (code around every
-//! handler), [`retry`], [`priority`],
-//! [`delay`], [`lease`], [`shutdown`], [`autoscale`], [`stats`] (metrics), [`http`], [`config`], [`dlq`],
-//! [`client`], [`cli`].
+//! Public modules, one concern each: [`handler`] (extractors), [`router`], [`layer`] (code around
+//! every handler), [`client`] (enqueueing), [`config`], [`backend`] (the registry of brokers),
+//! [`cli`] ([`App`]), [`dlq`] (dead-letter tools), [`stats`] (metrics), [`autoscale`] (scale
+//! hints), [`shutdown`]. The runtime's machinery (fetching, priority selection, delay scheduling,
+//! leases, retries, the HTTP endpoints) is private: configure it, do not call it.
 #![doc(html_no_source)]
 
 pub mod autoscale;
@@ -34,15 +35,15 @@ pub mod backend;
 pub mod cli;
 pub mod client;
 pub mod config;
-pub mod delay;
+mod delay;
 pub mod dlq;
 mod error;
 pub mod handler;
-pub mod http;
+mod http;
 pub mod layer;
-pub mod lease;
-pub mod priority;
-pub mod retry;
+mod lease;
+mod priority;
+mod retry;
 pub mod router;
 mod runtime;
 pub mod shutdown;

@@ -19,7 +19,7 @@ use crate::config::PriorityMode as Mode;
 
 /// One priority level of a logical queue.
 #[derive(Clone, Debug)]
-pub struct Level {
+pub(crate) struct Level {
     /// The level.
     pub priority: Priority,
     /// Physical queue it is fetched from.
@@ -41,7 +41,7 @@ struct LevelState {
 
 /// The next fetch to make.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Pick {
+pub(crate) struct Pick {
     /// Index of the level (levels are ordered highest priority first).
     pub index: usize,
     /// Most jobs this level may start now.
@@ -52,7 +52,7 @@ pub struct Pick {
 
 /// Level selection state of one logical queue.
 #[derive(Debug)]
-pub struct Selector {
+pub(crate) struct Selector {
     levels: Vec<LevelState>,
     mode: Mode,
     concurrency: usize,
@@ -63,7 +63,7 @@ pub struct Selector {
 
 impl Selector {
     /// `levels` in any order (sorted here, highest first); `concurrency` is the queue's slot count.
-    pub fn new(
+    pub(crate) fn new(
         mut levels: Vec<Level>,
         mode: Mode,
         concurrency: usize,
@@ -91,23 +91,18 @@ impl Selector {
         }
     }
 
-    /// The levels, highest first.
-    pub fn levels(&self) -> impl Iterator<Item = &Level> {
-        self.levels.iter().map(|s| &s.level)
-    }
-
     /// Level `i`.
-    pub fn level(&self, i: usize) -> &Level {
+    pub(crate) fn level(&self, i: usize) -> &Level {
         &self.levels[i].level
     }
 
     /// Jobs in flight across levels.
-    pub fn in_flight(&self) -> usize {
+    pub(crate) fn in_flight(&self) -> usize {
         self.levels.iter().map(|l| l.in_flight).sum()
     }
 
     /// Slots level `i` may use now: free slots less the unused reservations of other levels.
-    pub fn capacity(&self, i: usize) -> usize {
+    pub(crate) fn capacity(&self, i: usize) -> usize {
         let free = self.concurrency.saturating_sub(self.in_flight());
         let held_for_others: usize = self
             .levels
@@ -126,7 +121,7 @@ impl Selector {
     }
 
     /// Chooses the next level to fetch from, or `None` when no level has a free slot.
-    pub fn pick(&mut self, now: Instant) -> Option<Pick> {
+    pub(crate) fn pick(&mut self, now: Instant) -> Option<Pick> {
         let eligible: Vec<usize> = (0..self.levels.len())
             .filter(|&i| self.capacity(i) > 0)
             .collect();
@@ -179,7 +174,7 @@ impl Selector {
     }
 
     /// Records a fetch from level `i` that returned `n` messages.
-    pub fn received(&mut self, i: usize, n: usize, now: Instant) {
+    pub(crate) fn received(&mut self, i: usize, n: usize, now: Instant) {
         let l = &mut self.levels[i];
         l.in_flight += n;
         l.last_served = now;
@@ -187,7 +182,7 @@ impl Selector {
     }
 
     /// Records that a job of level `i` ended.
-    pub fn finished(&mut self, i: usize) {
+    pub(crate) fn finished(&mut self, i: usize) {
         let l = &mut self.levels[i];
         l.in_flight = l.in_flight.saturating_sub(1);
     }

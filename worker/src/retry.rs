@@ -3,7 +3,7 @@
 //! runtime republishes the retry (with `attempt + 1` and a `not_before`) and acks the original, so a
 //! backoff never sleeps inside a consumer and never holds the message in worker memory.
 
-pub use crate::config::RetryConfig;
+pub(crate) use crate::config::RetryConfig;
 use crate::error::{FailureKind, JobError};
 use crate::runtime::{forward, truncate, QueueCtx};
 use crate::stats::JobResult;

@@ -80,12 +80,12 @@ pub(crate) struct ErrorBackoff {
 }
 
 impl ErrorBackoff {
-    pub fn next(&mut self) -> Duration {
+    pub(crate) fn next(&mut self) -> Duration {
         self.failures = self.failures.saturating_add(1);
         let ms = 100u64.saturating_mul(1 << self.failures.min(6));
         Duration::from_millis(ms.min(5_000))
     }
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.failures = 0;
     }
 }
