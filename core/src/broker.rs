@@ -148,6 +148,16 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
     /// What the backend does natively. Constant for the broker's life.
     fn capabilities(&self) -> &Capabilities;
 
+    /// What the backend does on physical queue `queue`, where that differs between the queues of
+    /// one broker (an SQS FIFO queue takes no per-message delay and keeps per-group order; a
+    /// standard queue delays up to 15 minutes and keeps no order). The runtime asks it for each
+    /// queue it validates, publishes to or delays on. Default: [`Broker::capabilities`] for
+    /// every queue.
+    fn queue_capabilities(&self, queue: &str) -> &Capabilities {
+        let _ = queue;
+        self.capabilities()
+    }
+
     /// Declares the physical queues idempotently (creating them where the broker needs that). Safe to
     /// call repeatedly and from several processes at once. Backends that need nothing return `Ok`.
     async fn prepare(&self, queues: &[String]) -> Result<(), BrokerError> {

@@ -79,6 +79,12 @@ pub struct Capabilities {
     pub delay_tolerance: Duration,
     /// How stale [`crate::Broker::depth`] may be.
     pub depth_staleness: Duration,
+    /// Most headers of the application's own ([`crate::Envelope::headers`] whose names do not
+    /// start with `stevedore-`) one message may carry; `None`: bounded only by
+    /// [`Capabilities::max_payload`]. Stevedore's own metadata never counts against it (a backend
+    /// with a budget packs it itself: SQS allows 10 message attributes per message). The client
+    /// refuses an enqueue over the budget before anything is sent.
+    pub max_headers: Option<usize>,
     /// Whether another process that opens the same settings sees the same queues (a server, or a
     /// store file several processes may open at once). False for the in-process memory broker:
     /// `stats` or `dlq` run from a second process would see an empty broker of its own, and the

@@ -241,6 +241,7 @@ impl MemoryBroker {
                     depth_staleness: Duration::ZERO,
                     shared: false,
                     counts_deliveries: true,
+                    max_headers: None,
                 },
                 next_token: AtomicU64::new(1),
             }),

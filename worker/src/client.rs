@@ -50,6 +50,20 @@ pub enum EnqueueError {
         /// The limit.
         max: u64,
     },
+    /// A message carries more headers of its own than the broker takes
+    /// ([`Capabilities::max_headers`](stevedore_core::Capabilities::max_headers)); nothing was
+    /// sent.
+    #[error("{count} headers on a message for queue {queue:?}, but {backend} takes at most {max} (headers named stevedore-* do not count)")]
+    TooManyHeaders {
+        /// Logical queue.
+        queue: String,
+        /// Headers the message carries (its own, not Stevedore's).
+        count: usize,
+        /// The broker's budget.
+        max: usize,
+        /// Which backend.
+        backend: &'static str,
+    },
     /// The broker refused or failed (see [`BrokerError::is_transient`]; on a transient error the
     /// message may or may not have been accepted).
     #[error(transparent)]
@@ -120,7 +134,29 @@ impl Client {
         for e in envelopes {
             by_level.entry(e.priority).or_default().push(e);
         }
-        let max = self.scheduler.broker().capabilities().max_batch.max(1);
+        let broker = self.scheduler.broker();
+        let max = broker.capabilities().max_batch.max(1);
+        for (priority, batch) in &by_level {
+            let physical = names::physical(queue, *priority);
+            let Some(budget) = broker.queue_capabilities(&physical).max_headers else {
+                continue;
+            };
+            for e in batch {
+                let count = e
+                    .headers
+                    .keys()
+                    .filter(|k| !k.starts_with("stevedore-"))
+                    .count();
+                if count > budget {
+                    return Err(EnqueueError::TooManyHeaders {
+                        queue: queue.to_string(),
+                        count,
+                        max: budget,
+                        backend: broker.name(),
+                    });
+                }
+            }
+        }
         for (priority, batch) in by_level {
             let physical = names::physical(queue, priority);
             let mut batch = batch;
@@ -277,5 +313,142 @@ mod tests {
             .send()
             .await
             .expect("no limit");
+    }
+
+    /// Memory queues, except that queue "strict" (a FIFO-like queue of a broker whose queues
+    /// differ) takes no per-message delay, one header of the application's own, batches of 10.
+    #[derive(Debug)]
+    struct PerQueue {
+        inner: MemoryBroker,
+        strict: stevedore_core::Capabilities,
+    }
+
+    impl PerQueue {
+        fn new() -> Self {
+            let inner = MemoryBroker::new();
+            let mut strict = inner.capabilities().clone();
+            strict.delay = stevedore_core::DelaySupport::None;
+            strict.max_headers = Some(1);
+            strict.max_batch = 10;
+            PerQueue { inner, strict }
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Broker for PerQueue {
+        fn name(&self) -> &'static str {
+            "per-queue"
+        }
+        fn capabilities(&self) -> &stevedore_core::Capabilities {
+            self.inner.capabilities()
+        }
+        fn queue_capabilities(&self, queue: &str) -> &stevedore_core::Capabilities {
+            if queue == "strict" {
+                &self.strict
+            } else {
+                self.inner.capabilities()
+            }
+        }
+        async fn publish(&self, q: &str, m: Vec<Envelope>) -> Result<(), BrokerError> {
+            self.inner.publish(q, m).await
+        }
+        async fn receive(
+            &self,
+            q: &str,
+            o: stevedore_core::ReceiveOptions,
+        ) -> Result<Vec<stevedore_core::Delivery>, BrokerError> {
+            self.inner.receive(q, o).await
+        }
+        async fn ack(&self, r: &[stevedore_core::Receipt]) -> Result<(), BrokerError> {
+            self.inner.ack(r).await
+        }
+        async fn release(&self, r: &[stevedore_core::Receipt]) -> Result<(), BrokerError> {
+            self.inner.release(r).await
+        }
+        async fn extend_lease(
+            &self,
+            r: &stevedore_core::Receipt,
+            l: Duration,
+        ) -> Result<(), BrokerError> {
+            self.inner.extend_lease(r, l).await
+        }
+        async fn depth(&self, q: &str) -> Result<stevedore_core::Depth, BrokerError> {
+            self.inner.depth(q).await
+        }
+    }
+
+    #[tokio::test]
+    async fn per_queue_capabilities_decide_delay_headers_and_validation() {
+        let broker: Arc<dyn Broker> = Arc::new(PerQueue::new());
+        let client = Client::new(broker.clone());
+        // Header budget: two of the application's own headers are refused on "strict" before
+        // anything is sent; Stevedore's own do not count; other queues take any number.
+        let two = client
+            .enqueue("j", &1)
+            .queue("strict")
+            .header("a", "1")
+            .header("b", "2")
+            .send()
+            .await;
+        assert!(
+            matches!(
+                two,
+                Err(EnqueueError::TooManyHeaders {
+                    count: 2,
+                    max: 1,
+                    ..
+                })
+            ),
+            "{two:?}"
+        );
+        assert_eq!(broker.depth("strict").await.map(|d| d.ready).ok(), Some(0));
+        client
+            .enqueue("j", &1)
+            .queue("strict")
+            .header("a", "1")
+            .header("stevedore-trace", "x")
+            .send()
+            .await
+            .expect("one header of its own");
+        client
+            .enqueue("j", &1)
+            .queue("loose")
+            .header("a", "1")
+            .header("b", "2")
+            .send()
+            .await
+            .expect("no budget elsewhere");
+        // Delay: native on "loose", none (and no delay store) on "strict".
+        client
+            .enqueue("j", &1)
+            .queue("loose")
+            .delay(Duration::from_secs(60))
+            .send()
+            .await
+            .expect("native delay");
+        let delayed = client
+            .enqueue("j", &1)
+            .queue("strict")
+            .delay(Duration::from_secs(60))
+            .send()
+            .await;
+        assert!(
+            matches!(
+                delayed,
+                Err(EnqueueError::Broker(BrokerError::Unsupported { .. }))
+            ),
+            "{delayed:?}"
+        );
+        // Validation reads each queue's own limits: batch 16 is fine on "loose", not on "strict".
+        let cfg = crate::config::from_toml_str(
+            "[queues.loose]\nbatch = 16\n[queues.strict]\nbatch = 16\n",
+            None,
+        )
+        .expect("config");
+        let err = cfg
+            .validate_on(broker.as_ref())
+            .expect_err("strict takes 10");
+        assert_eq!(err.key.as_deref(), Some("queues.strict.batch"), "{err}");
+        assert!(cfg.validate(broker.capabilities()).is_ok());
     }
 }

@@ -68,7 +68,10 @@ impl Scheduler {
         queue: &str,
         messages: Vec<Envelope>,
     ) -> Result<(), BrokerError> {
-        if !matches!(self.broker.capabilities().delay, DelaySupport::None) {
+        if !matches!(
+            self.broker.queue_capabilities(queue).delay,
+            DelaySupport::None
+        ) {
             return self.broker.publish(queue, messages).await;
         }
         let now = SystemTime::now();

@@ -52,7 +52,7 @@ impl Worker {
         router: Router<S>,
         config: Config,
     ) -> Result<Self, ConfigError> {
-        let mut notices = config.validate(broker.capabilities())?;
+        let mut notices = config.validate_on(broker.as_ref())?;
         if let Some(job) = router.duplicates().first() {
             return Err(ConfigError {
                 file: config.source.clone(),

@@ -255,6 +255,7 @@ pub fn capabilities(
         depth_staleness: Duration::ZERO,
         shared: true,
         counts_deliveries: true,
+        max_headers: None,
     }
 }
 

@@ -2,7 +2,7 @@
 
 use super::{Config, ConfigError, PriorityMode, QueueConfig, RetryConfig, ENV_PREFIX};
 use std::time::Duration;
-use stevedore_core::{names, Capabilities, DelaySupport, LeaseSupport};
+use stevedore_core::{names, Broker, Capabilities, DelaySupport, LeaseSupport, Priority};
 
 /// Shortest lease accepted: shorter ones expire before the background extension can renew them.
 const MIN_LEASE: Duration = Duration::from_secs(1);
@@ -21,8 +21,33 @@ impl Config {
         self.check(caps)
     }
 
+    /// As [`Config::validate`], against a connected broker: each served queue is checked against
+    /// what the broker declares for it ([`Broker::queue_capabilities`] of its highest level), the
+    /// rest against [`Broker::capabilities`].
+    pub fn validate_on(&self, broker: &dyn Broker) -> Result<Vec<String>, ConfigError> {
+        let levels = |name: &str| {
+            self.queue(name)
+                .and_then(|q| q.levels().first().copied())
+                .unwrap_or(Priority::Normal)
+        };
+        self.check_with(broker.capabilities(), &|name| {
+            broker
+                .queue_capabilities(&names::physical(name, levels(name)))
+                .clone()
+        })
+    }
+
     /// Every check of [`Config::validate`].
     pub(super) fn check(&self, caps: &Capabilities) -> Result<Vec<String>, ConfigError> {
+        self.check_with(caps, &|_| caps.clone())
+    }
+
+    /// [`Config::check`] with per-queue capabilities (`queue_caps` of a logical queue's name).
+    fn check_with(
+        &self,
+        caps: &Capabilities,
+        queue_caps: &dyn Fn(&str) -> Capabilities,
+    ) -> Result<Vec<String>, ConfigError> {
         let mut notices = Vec::new();
         if self.broker.kind.trim().is_empty() {
             return Err(self.error_at("broker.kind", "must not be empty".into()));
@@ -49,7 +74,7 @@ impl Config {
 
         self.check_retry_fields("retry", &self.retry)?;
         for (name, q) in &self.effective_queues() {
-            self.check_queue(name, q, caps, &mut notices)?;
+            self.check_queue(name, q, &queue_caps(name), &mut notices)?;
         }
         for (name, j) in &self.jobs {
             if name.is_empty() {
