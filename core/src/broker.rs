@@ -235,9 +235,9 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
     }
 }
 
-/// Durable delay emulation on the broker itself, for brokers without unbounded native delay
-/// (Redis: a sorted set per queue promoted by an atomic script; RabbitMQ: tiered TTL wait queues that
-/// dead-letter back into the work queue; Kafka: tiered delay topics consumed with paused partitions).
+/// Durable delay emulation on the broker itself, for brokers without native delay (Redis: a
+/// sorted set per queue promoted by an atomic script; Kafka: tiered delay topics consumed with
+/// paused partitions).
 /// Messages never wait in worker memory.
 ///
 /// Thread safety: all methods may run concurrently, from any number of workers; `promote_due` must
