@@ -158,6 +158,43 @@ impl Settings {
     }
 }
 
+/// Checks a required connection URL setting: present, not blank, starting with one of `schemes`
+/// (`["redis://", "rediss://"]`). Errors name `key` and show the URL through `redact`.
+pub fn url_setting(
+    key: &str,
+    value: Option<String>,
+    kind: &str,
+    schemes: &[&str],
+    example: &str,
+    redact: fn(&str) -> String,
+) -> Result<String, SettingsError> {
+    match value {
+        None => Err(SettingsError::at(
+            key,
+            format!("required for kind = \"{kind}\", e.g. {key} = \"{example}\""),
+        )),
+        Some(u) if u.trim().is_empty() => Err(SettingsError::at(key, "must not be empty")),
+        Some(u) if !schemes.iter().any(|s| u.starts_with(s)) => Err(SettingsError::at(
+            key,
+            format!(
+                "must start with {} (TLS), got {}",
+                schemes.join(" or "),
+                redact(&u)
+            ),
+        )),
+        Some(u) => Ok(u),
+    }
+}
+
+/// A size in bytes: `default` when unset, at least 1.
+pub fn size_setting(key: &str, value: Option<u64>, default: usize) -> Result<usize, SettingsError> {
+    match value {
+        None => Ok(default),
+        Some(0) => Err(SettingsError::at(key, "must be at least 1 (bytes)")),
+        Some(n) => Ok(usize::try_from(n).unwrap_or(usize::MAX)),
+    }
+}
+
 /// The field named by serde's "unknown field `x`" and "missing field `x`" messages.
 fn unknown_field(message: &str) -> Option<String> {
     let rest = message

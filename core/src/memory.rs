@@ -10,7 +10,9 @@ use crate::broker::{Broker, Delivery, Depth, Receipt, ReceiveOptions};
 use crate::capabilities::{Capabilities, DelaySupport, LeaseSupport, OrderingSupport};
 use crate::envelope::Envelope;
 use crate::error::BrokerError;
-use crate::factory::{BackendFactory, BackendSetup, ConnectContext, Settings, SettingsError};
+use crate::factory::{
+    size_setting, BackendFactory, BackendSetup, ConnectContext, Settings, SettingsError,
+};
 use async_trait::async_trait;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -168,16 +170,7 @@ impl BackendFactory for MemoryFactory {
 
     fn configure(&self, settings: &Settings) -> Result<Box<dyn BackendSetup>, SettingsError> {
         let s: MemorySettings = settings.parse()?;
-        let max = match s.max_payload {
-            None => DEFAULT_MAX_PAYLOAD,
-            Some(0) => {
-                return Err(SettingsError::at(
-                    "max_payload",
-                    "must be at least 1 (bytes)",
-                ))
-            }
-            Some(m) => usize::try_from(m).unwrap_or(usize::MAX),
-        };
+        let max = size_setting("max_payload", s.max_payload, DEFAULT_MAX_PAYLOAD)?;
         Ok(Box::new(MemorySetup {
             broker: MemoryBroker::with_max_payload(max),
         }))

@@ -475,27 +475,25 @@ fn test() {
 
     // A setting the backend refuses names the key; exit status 2.
     let bad = tmp.path().join("bad.toml");
-    std::fs::write(&bad, "[broker]\nkind = \"dir\"\npth = \"/tmp/x\"\n").expect("write");
-    let out = app(&env, &["config", "check"])
-        .env("STEVEDORE_CONFIG", &bad)
-        .output()
-        .expect("spawn");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(
-        err.contains("broker.pth: not a setting of the dir broker; it takes path, max_payload"),
-        "{err}"
+    let refused = |toml: &str, args: &[&str], says: &str| {
+        std::fs::write(&bad, toml).expect("write");
+        let out = app(&env, args)
+            .env("STEVEDORE_CONFIG", &bad)
+            .output()
+            .expect("spawn");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains(says), "{err}");
+    };
+    refused(
+        "[broker]\nkind = \"dir\"\npth = \"/tmp/x\"\n",
+        &["config", "check"],
+        "broker.pth: not a setting of the dir broker; it takes path, max_payload",
     );
-    std::fs::write(&bad, "[broker]\nkind = \"dir\"\n").expect("write");
-    let out = app(&env, &["stats"])
-        .env("STEVEDORE_CONFIG", &bad)
-        .output()
-        .expect("spawn");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(
-        err.contains("broker.path: required for kind = \"dir\""),
-        "{err}"
+    refused(
+        "[broker]\nkind = \"dir\"\n",
+        &["stats"],
+        "broker.path: required for kind = \"dir\"",
     );
 
     // Enqueue from one process: 3 good jobs, 2 that fail for good.

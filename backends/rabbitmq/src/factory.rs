@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use stevedore_core::factory::{
-    BackendFactory, BackendSetup, ConnectContext, Settings, SettingsError,
+    size_setting, url_setting, BackendFactory, BackendSetup, ConnectContext, Settings,
+    SettingsError,
 };
 use stevedore_core::{async_trait, Broker, BrokerError, Capabilities};
 
@@ -63,36 +64,17 @@ impl BackendFactory for RabbitFactory {
 
     fn configure(&self, settings: &Settings) -> Result<Box<dyn BackendSetup>, SettingsError> {
         let s: RabbitSettings = settings.parse()?;
-        let url = match s.url {
-            None => {
-                return Err(SettingsError::at(
-                    "url",
-                    "required for kind = \"rabbitmq\", e.g. url = \"amqp://guest:guest@localhost:5672/%2f\"",
-                ))
-            }
-            Some(u) if u.trim().is_empty() => {
-                return Err(SettingsError::at("url", "must not be empty"))
-            }
-            Some(u) if !(u.starts_with("amqp://") || u.starts_with("amqps://")) => {
-                return Err(SettingsError::at(
-                    "url",
-                    format!("must start with amqp:// or amqps:// (TLS), got {}", redact(&u)),
-                ))
-            }
-            Some(u) => u,
-        };
+        let url = url_setting(
+            "url",
+            s.url,
+            "rabbitmq",
+            &["amqp://", "amqps://"],
+            "amqp://guest:guest@localhost:5672/%2f",
+            redact,
+        )?;
         let mut config = RabbitConfig::new(url);
         config.key_prefix = s.key_prefix.unwrap_or_default();
-        config.max_payload = match s.max_payload {
-            None => DEFAULT_MAX_PAYLOAD,
-            Some(0) => {
-                return Err(SettingsError::at(
-                    "max_payload",
-                    "must be at least 1 (bytes)",
-                ))
-            }
-            Some(m) => usize::try_from(m).unwrap_or(usize::MAX),
-        };
+        config.max_payload = size_setting("max_payload", s.max_payload, DEFAULT_MAX_PAYLOAD)?;
         if let Some(t) = s.consumer_timeout {
             if t.is_zero() {
                 return Err(SettingsError::at(

@@ -4,7 +4,8 @@ use crate::{capabilities, RedisBroker, RedisConfig, DEFAULT_MAX_PAYLOAD};
 use serde::Deserialize;
 use std::sync::Arc;
 use stevedore_core::factory::{
-    BackendFactory, BackendSetup, ConnectContext, Settings, SettingsError,
+    size_setting, url_setting, BackendFactory, BackendSetup, ConnectContext, Settings,
+    SettingsError,
 };
 use stevedore_core::{async_trait, Broker, BrokerError, Capabilities};
 
@@ -44,39 +45,17 @@ impl BackendFactory for RedisFactory {
 
     fn configure(&self, settings: &Settings) -> Result<Box<dyn BackendSetup>, SettingsError> {
         let s: RedisSettings = settings.parse()?;
-        let url = match s.url {
-            None => {
-                return Err(SettingsError::at(
-                    "url",
-                    "required for kind = \"redis\", e.g. url = \"redis://localhost:6379/0\"",
-                ))
-            }
-            Some(u) if u.trim().is_empty() => {
-                return Err(SettingsError::at("url", "must not be empty"))
-            }
-            Some(u) if !(u.starts_with("redis://") || u.starts_with("rediss://")) => {
-                return Err(SettingsError::at(
-                    "url",
-                    format!(
-                        "must start with redis:// or rediss:// (TLS), got {}",
-                        crate::redact(&u)
-                    ),
-                ))
-            }
-            Some(u) => u,
-        };
+        let url = url_setting(
+            "url",
+            s.url,
+            "redis",
+            &["redis://", "rediss://"],
+            "redis://localhost:6379/0",
+            crate::redact,
+        )?;
         let mut config = RedisConfig::new(url);
         config.key_prefix = s.key_prefix.unwrap_or_default();
-        config.max_payload = match s.max_payload {
-            None => DEFAULT_MAX_PAYLOAD,
-            Some(0) => {
-                return Err(SettingsError::at(
-                    "max_payload",
-                    "must be at least 1 (bytes)",
-                ))
-            }
-            Some(m) => usize::try_from(m).unwrap_or(usize::MAX),
-        };
+        config.max_payload = size_setting("max_payload", s.max_payload, DEFAULT_MAX_PAYLOAD)?;
         Ok(Box::new(RedisSetup { config }))
     }
 }
