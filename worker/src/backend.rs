@@ -193,6 +193,23 @@ pub struct Configured {
 }
 
 impl Configured {
+    /// A broker the application built itself, standing in for whatever `[broker]` says (which
+    /// then only earns a notice that it is not used).
+    pub(crate) fn supplied(broker: Arc<dyn Broker>, config: &Config) -> Configured {
+        let mut notices = Vec::new();
+        if config.broker != crate::config::BrokerConfig::default() {
+            notices.push(format!(
+                "broker: [broker] is not used: the application supplies its own {} broker",
+                broker.name()
+            ));
+        }
+        Configured {
+            kind: broker.name(),
+            setup: Box::new(Supplied(broker)),
+            notices,
+        }
+    }
+
     /// The kind (`memory`, `redis`, ...).
     pub fn kind(&self) -> &'static str {
         self.kind
@@ -221,6 +238,24 @@ impl Configured {
             .connect(&plan(config))
             .await
             .map_err(|e| config.error_at(key, format!("cannot use the {} broker: {e}", self.kind)))
+    }
+}
+
+/// [`Configured::supplied`]: every connect hands out the same broker.
+#[derive(Debug)]
+struct Supplied(Arc<dyn Broker>);
+
+#[stevedore_core::async_trait]
+impl BackendSetup for Supplied {
+    fn capabilities(&self) -> Capabilities {
+        self.0.capabilities().clone()
+    }
+
+    async fn connect(
+        &self,
+        _ctx: &ConnectContext,
+    ) -> Result<Arc<dyn Broker>, stevedore_core::BrokerError> {
+        Ok(self.0.clone())
     }
 }
 

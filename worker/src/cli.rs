@@ -157,6 +157,7 @@ type OnStart = Box<dyn FnOnce(Client, Arc<Stats>, ShutdownHandle) -> BoxFuture<'
 pub struct App<S = ()> {
     router: Router<S>,
     backends: Backends,
+    supplied: Option<Arc<dyn Broker>>,
     on_start: Option<OnStart>,
     summary: Option<Duration>,
 }
@@ -190,6 +191,7 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
         App {
             router,
             backends: Backends::builtin(),
+            supplied: None,
             on_start: None,
             summary: None,
         }
@@ -201,6 +203,22 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
     pub fn backend(mut self, factory: impl BackendFactory) -> Self {
         self.backends = self.backends.register(factory);
         self
+    }
+
+    /// Runs every command on `broker`, built by the application itself, whatever `[broker]` says
+    /// (the worker logs that `[broker]` is not used when it sets anything). For a backend that
+    /// needs no settings of its own, or one wired up in code; [`App::backend`] is the
+    /// config-driven way.
+    pub fn broker(mut self, broker: Arc<dyn Broker>) -> Self {
+        self.supplied = Some(broker);
+        self
+    }
+
+    fn configure(&self, cfg: &Config) -> Result<crate::backend::Configured, ConfigError> {
+        match &self.supplied {
+            Some(b) => Ok(crate::backend::Configured::supplied(b.clone(), cfg)),
+            None => self.backends.configure(cfg),
+        }
     }
 
     /// Runs `f` once the worker of `run` has started, with a producer on the same broker, the live
@@ -259,7 +277,7 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
         match cli.command {
             Command::Run => self.run_worker(cfg).await,
             Command::Config(ConfigCommand::Check) => {
-                let backend = self.backends.configure(&cfg)?;
+                let backend = self.configure(&cfg)?;
                 let caps = backend.capabilities();
                 let mut notices = backend.notices().to_vec();
                 notices.extend(cfg.validate(&caps)?);
@@ -277,7 +295,7 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
                 Ok(())
             }
             command => {
-                let backend = self.backends.configure(&cfg)?;
+                let backend = self.configure(&cfg)?;
                 if !backend.capabilities().shared {
                     eprintln!(
                         "warning: broker.kind = \"{}\" keeps queues inside one process; this command sees only its own empty broker, not a running worker's",
@@ -291,7 +309,7 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
     }
 
     async fn run_worker(self, cfg: Config) -> Result<(), Failure> {
-        let backend = self.backends.configure(&cfg)?;
+        let backend = self.configure(&cfg)?;
         let broker = backend.connect(&cfg).await?;
         let worker = Worker::new(broker, self.router, cfg)?.with_notices(backend.notices());
         let handle = worker.shutdown_handle();

@@ -397,7 +397,16 @@ fn app_main() -> ExitCode {
         }
     };
     let router = Router::new().route("ok", ok_job).route("fail", failing_job);
-    rt.block_on(App::new(router).backend(DirFactory).run())
+    let app = App::new(router);
+    // The same store, as a broker the application builds itself.
+    let app = match std::env::var_os("SUPPLIED_STORE") {
+        Some(root) => app.broker(Arc::new(DirBroker {
+            root: root.into(),
+            caps: caps(1 << 20),
+        })),
+        None => app.backend(DirFactory),
+    };
+    rt.block_on(app.run())
 }
 
 // ---- the test ----
@@ -562,6 +571,29 @@ fn test() {
         "dlq list leaves them: {s}"
     );
     assert_eq!(depth(&s, "dead-letter", "in_flight"), 0, "{s}");
+
+    // The same store as a broker the application supplies (App::broker): [broker] is not used.
+    let none = tmp.path().join("no-broker.toml");
+    std::fs::write(&none, "[http]\nenabled = false\n").expect("write");
+    let out = app(&env, &["stats", "--json"])
+        .env("STEVEDORE_CONFIG", &none)
+        .env("SUPPLIED_STORE", &env.store)
+        .output()
+        .expect("spawn");
+    assert!(out.status.success(), "{out:?}");
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(depth(&s, "dead-letter", "ready"), 2, "{s}");
+    let out = app(&env, &["config", "check"])
+        .env("SUPPLIED_STORE", &env.store)
+        .output()
+        .expect("spawn");
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains(
+            "note: broker: [broker] is not used: the application supplies its own dir broker"
+        ),
+        "{shown}"
+    );
 }
 
 fn main() -> ExitCode {
