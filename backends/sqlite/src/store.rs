@@ -1,0 +1,483 @@
+//! The file: schema, opening (with errors that name the path), and the one writer thread per
+//! broker that runs every write as part of a group commit.
+
+use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Duration;
+use stevedore_core::BrokerError;
+use tokio::sync::oneshot;
+
+/// The schema this build writes and reads. Older files are migrated forward at open; a newer one
+/// is refused (a newer Stevedore wrote it).
+pub(crate) const SCHEMA_VERSION: i64 = 1;
+
+/// The jobs table. One row per message of any physical queue:
+/// - `run_at`: Unix ms from which it may be delivered (0 = at once; a delay is a later value);
+/// - `lease_until`/`lease_token`: set while a consumer holds it; a lease ends at `lease_until`;
+/// - `deliveries`: how many times it was handed out;
+/// - `headers`: the envelope's metadata as a JSON array of `[name, value]` pairs; `body`: bytes.
+///
+/// Acked rows are deleted, so the ready index only ever holds what waits.
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS stevedore_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS stevedore_jobs (
+    id          INTEGER PRIMARY KEY,
+    queue       TEXT    NOT NULL,
+    run_at      INTEGER NOT NULL DEFAULT 0,
+    lease_until INTEGER,
+    lease_token INTEGER,
+    deliveries  INTEGER NOT NULL DEFAULT 0,
+    headers     TEXT    NOT NULL DEFAULT '[]',
+    body        BLOB    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS stevedore_jobs_ready
+    ON stevedore_jobs (queue, run_at, id) WHERE lease_until IS NULL;
+CREATE INDEX IF NOT EXISTS stevedore_jobs_leased
+    ON stevedore_jobs (queue, lease_until) WHERE lease_until IS NOT NULL;
+";
+
+/// How long a connection waits for another process's write lock before giving up.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most operations one group commit carries.
+const GROUP: usize = 128;
+
+/// `synchronous` setting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// `synchronous=FULL`: a commit survives power loss.
+    Full,
+    /// `synchronous=NORMAL`: a commit survives a process crash; the last commits may be lost on
+    /// power loss or an OS crash.
+    Normal,
+}
+
+/// A message to insert.
+pub(crate) struct NewRow {
+    pub run_at: i64,
+    pub headers: String,
+    pub body: Vec<u8>,
+}
+
+/// A claimed row.
+pub(crate) struct Claimed {
+    pub id: i64,
+    pub run_at: i64,
+    pub deliveries: i64,
+    pub headers: String,
+    pub body: Vec<u8>,
+}
+
+/// What a settle does to a leased row.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Settle {
+    Ack,
+    Release,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, BrokerError>>;
+
+/// One write, run by the writer thread inside a group commit.
+pub(crate) enum Op {
+    Publish {
+        queue: String,
+        rows: Vec<NewRow>,
+        reply: Reply<()>,
+    },
+    Claim {
+        queue: String,
+        max: usize,
+        now: i64,
+        lease_until: i64,
+        token: i64,
+        reply: Reply<Vec<Claimed>>,
+    },
+    /// Returns how many of `items` (row id, lease token) were not held any more.
+    Settle {
+        items: Vec<(i64, i64)>,
+        how: Settle,
+        reply: Reply<usize>,
+    },
+    Extend {
+        id: i64,
+        token: i64,
+        now: i64,
+        lease_until: i64,
+        reply: Reply<bool>,
+    },
+}
+
+/// An error of the file at `path`, in words that say what to do.
+pub(crate) fn file_error(path: &Path, e: &rusqlite::Error) -> BrokerError {
+    let p = path.display();
+    let code = e.sqlite_error_code();
+    let message = match code {
+        Some(ErrorCode::NotADatabase) => format!("{p} is not a SQLite database (or is encrypted)"),
+        Some(ErrorCode::ReadOnly) => format!("{p} is read-only: the worker needs to write it"),
+        Some(ErrorCode::PermissionDenied) => format!("{p}: permission denied"),
+        Some(ErrorCode::CannotOpen) => format!("cannot open {p}: {e}"),
+        Some(ErrorCode::DiskFull) => {
+            format!("{p}: the disk is full; nothing of this write was kept")
+        }
+        Some(ErrorCode::DatabaseCorrupt) => format!("{p} is corrupt: {e}"),
+        _ => format!("{p}: {e}"),
+    };
+    let transient = matches!(
+        code,
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked | ErrorCode::DiskFull)
+    ) || matches!(code, Some(ErrorCode::SystemIoFailure));
+    BrokerError::Other { message, transient }
+}
+
+/// Opens (creating if needed) the store for writing: WAL, busy timeout, durability, schema at
+/// [`SCHEMA_VERSION`].
+pub(crate) fn open_writer(path: &Path, durability: Durability) -> Result<Connection, BrokerError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            return Err(BrokerError::permanent(format!(
+                "cannot create {}: directory {} does not exist",
+                path.display(),
+                dir.display()
+            )));
+        }
+    }
+    let fail = |e: rusqlite::Error| file_error(path, &e);
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(fail)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(fail)?;
+    // journal_mode answers with the mode in force; anything but WAL would mean the file cannot
+    // be shared safely by several processes.
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+        .map_err(fail)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(BrokerError::permanent(format!(
+            "{}: cannot use write-ahead logging (journal_mode is {mode}); is it on a network file system?",
+            path.display()
+        )));
+    }
+    let sync = match durability {
+        Durability::Full => "FULL",
+        Durability::Normal => "NORMAL",
+    };
+    conn.pragma_update(None, "synchronous", sync)
+        .map_err(fail)?;
+    migrate(&conn, path)?;
+    Ok(conn)
+}
+
+/// Opens the store read-only, for depth, browsing and change detection.
+pub(crate) fn open_reader(path: &Path) -> Result<Connection, BrokerError> {
+    let fail = |e: rusqlite::Error| file_error(path, &e);
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(fail)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(fail)?;
+    Ok(conn)
+}
+
+/// Creates the schema, or checks and migrates an existing one.
+fn migrate(conn: &Connection, path: &Path) -> Result<(), BrokerError> {
+    let fail = |e: rusqlite::Error| file_error(path, &e);
+    conn.execute_batch("BEGIN IMMEDIATE").map_err(fail)?;
+    let result = (|| {
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS stevedore_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+        )?;
+        let found: Option<i64> = conn
+            .query_row(
+                "SELECT value FROM stevedore_meta WHERE key = 'schema_version'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok::<_, rusqlite::Error>(found)
+    })();
+    let found = match result {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            return Err(fail(e));
+        }
+    };
+    if let Some(v) = found.filter(|v| *v > SCHEMA_VERSION) {
+        let _ = conn.execute_batch("ROLLBACK");
+        return Err(BrokerError::permanent(format!(
+            "{} was written by a newer Stevedore (schema version {v}; this build reads up to \
+             {SCHEMA_VERSION}): upgrade this program, or point broker.path at another file",
+            path.display()
+        )));
+    }
+    // Version 1 is the first: nothing older to migrate from yet. Later versions add their steps
+    // here, each guarded by `found < N`.
+    let created = conn.execute_batch(SCHEMA).and_then(|()| {
+        conn.execute(
+            "INSERT INTO stevedore_meta (key, value) VALUES ('schema_version', ?1)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            params![SCHEMA_VERSION],
+        )
+    });
+    if let Err(e) = created {
+        let _ = conn.execute_batch("ROLLBACK");
+        return Err(fail(e));
+    }
+    conn.execute_batch("COMMIT").map_err(fail)
+}
+
+/// The writer thread: takes the first waiting op, then every op already queued (up to
+/// [`GROUP`]), runs them in one `BEGIN IMMEDIATE` transaction with a savepoint each (one op's
+/// failure does not undo the others), commits once, then answers. Ends when every sender is gone.
+pub(crate) fn writer(mut conn: Connection, path: PathBuf, ops: mpsc::Receiver<Op>) {
+    while let Ok(first) = ops.recv() {
+        let mut batch = vec![first];
+        while batch.len() < GROUP {
+            match ops.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        run_batch(&mut conn, &path, batch);
+    }
+}
+
+/// An op's answer, kept until the commit says whether it holds.
+enum Done {
+    Unit(Reply<()>, Result<(), BrokerError>),
+    Rows(Reply<Vec<Claimed>>, Result<Vec<Claimed>, BrokerError>),
+    Count(Reply<usize>, Result<usize, BrokerError>),
+    Flag(Reply<bool>, Result<bool, BrokerError>),
+}
+
+impl Done {
+    /// The same answer slot, now holding `e`.
+    fn failed(self, e: BrokerError) -> Done {
+        match self {
+            Done::Unit(tx, _) => Done::Unit(tx, Err(e)),
+            Done::Rows(tx, _) => Done::Rows(tx, Err(e)),
+            Done::Count(tx, _) => Done::Count(tx, Err(e)),
+            Done::Flag(tx, _) => Done::Flag(tx, Err(e)),
+        }
+    }
+
+    fn send(self, commit: &Result<(), BrokerError>) {
+        let fail = |e: &BrokerError| BrokerError::Other {
+            message: e.to_string(),
+            transient: e.is_transient(),
+        };
+        match self {
+            Done::Unit(tx, r) => {
+                let _ = tx.send(commit.as_ref().map_err(fail).and(r));
+            }
+            Done::Rows(tx, r) => {
+                let _ = tx.send(commit.as_ref().map_err(fail).and(r));
+            }
+            Done::Count(tx, r) => {
+                let _ = tx.send(commit.as_ref().map_err(fail).and(r));
+            }
+            Done::Flag(tx, r) => {
+                let _ = tx.send(commit.as_ref().map_err(fail).and(r));
+            }
+        }
+    }
+}
+
+fn run_batch(conn: &mut Connection, path: &Path, batch: Vec<Op>) {
+    let fail = |e: rusqlite::Error| file_error(path, &e);
+    let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+        Ok(tx) => tx,
+        Err(e) => {
+            let err = Err(fail(e));
+            for op in batch {
+                answer_now(op, &err);
+            }
+            return;
+        }
+    };
+    let mut done = Vec::with_capacity(batch.len());
+    for op in batch {
+        let sp = match tx.savepoint() {
+            Ok(sp) => sp,
+            Err(e) => {
+                answer_now(op, &Err(fail(e)));
+                continue;
+            }
+        };
+        let (d, ok) = apply(&sp, op, path);
+        // A failed op's savepoint rolls back when dropped; the others' writes stay.
+        let d = match ok.then(|| sp.commit()) {
+            Some(Err(e)) => d.failed(fail(e)),
+            _ => d,
+        };
+        done.push(d);
+    }
+    let commit = tx.commit().map_err(fail);
+    for d in done {
+        d.send(&commit);
+    }
+}
+
+fn answer_now(op: Op, err: &Result<(), BrokerError>) {
+    let e = match err {
+        Err(e) => BrokerError::Other {
+            message: e.to_string(),
+            transient: e.is_transient(),
+        },
+        Ok(()) => BrokerError::transient("not run"),
+    };
+    match op {
+        Op::Publish { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+        Op::Claim { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+        Op::Settle { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+        Op::Extend { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+    }
+}
+
+/// Runs one op on the open savepoint; returns its answer and whether it succeeded.
+fn apply(c: &Connection, op: Op, path: &Path) -> (Done, bool) {
+    let fail = |e: rusqlite::Error| file_error(path, &e);
+    match op {
+        Op::Publish { queue, rows, reply } => {
+            let r = publish(c, &queue, &rows).map_err(fail);
+            let ok = r.is_ok();
+            (Done::Unit(reply, r), ok)
+        }
+        Op::Claim {
+            queue,
+            max,
+            now,
+            lease_until,
+            token,
+            reply,
+        } => {
+            let r = claim(c, &queue, max, now, lease_until, token).map_err(fail);
+            let ok = r.is_ok();
+            (Done::Rows(reply, r), ok)
+        }
+        Op::Settle { items, how, reply } => {
+            let r = settle(c, &items, how).map_err(fail);
+            let ok = r.is_ok();
+            (Done::Count(reply, r), ok)
+        }
+        Op::Extend {
+            id,
+            token,
+            now,
+            lease_until,
+            reply,
+        } => {
+            let r = c
+                .prepare_cached(
+                    "UPDATE stevedore_jobs SET lease_until = ?3
+                     WHERE id = ?1 AND lease_token = ?2 AND lease_until > ?4",
+                )
+                .and_then(|mut s| s.execute(params![id, token, lease_until, now]))
+                .map(|n| n == 1)
+                .map_err(fail);
+            let ok = r.is_ok();
+            (Done::Flag(reply, r), ok)
+        }
+    }
+}
+
+fn publish(c: &Connection, queue: &str, rows: &[NewRow]) -> rusqlite::Result<()> {
+    let mut insert = c.prepare_cached(
+        "INSERT INTO stevedore_jobs (queue, run_at, headers, body) VALUES (?1, ?2, ?3, ?4)",
+    )?;
+    for r in rows {
+        insert.execute(params![queue, r.run_at, r.headers, r.body])?;
+    }
+    Ok(())
+}
+
+fn claim(
+    c: &Connection,
+    queue: &str,
+    max: usize,
+    now: i64,
+    lease_until: i64,
+    token: i64,
+) -> rusqlite::Result<Vec<Claimed>> {
+    // Leases that ended come back first, keeping their place (their run_at is in the past).
+    c.prepare_cached(
+        "UPDATE stevedore_jobs SET lease_until = NULL, lease_token = NULL
+         WHERE queue = ?1 AND lease_until IS NOT NULL AND lease_until <= ?2",
+    )?
+    .execute(params![queue, now])?;
+    let mut take = c.prepare_cached(
+        "UPDATE stevedore_jobs
+         SET lease_until = ?3, lease_token = ?4, deliveries = deliveries + 1
+         WHERE id IN (
+             SELECT id FROM stevedore_jobs
+             WHERE queue = ?1 AND lease_until IS NULL AND run_at <= ?2
+             ORDER BY run_at, id LIMIT ?5)
+         RETURNING id, run_at, deliveries, headers, body",
+    )?;
+    let limit = i64::try_from(max).unwrap_or(i64::MAX);
+    let rows = take.query_map(params![queue, now, lease_until, token, limit], |r| {
+        Ok(Claimed {
+            id: r.get(0)?,
+            run_at: r.get(1)?,
+            deliveries: r.get(2)?,
+            headers: text(r.get_ref(3)?),
+            body: bytes(r.get_ref(4)?),
+        })
+    })?;
+    let mut out = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+    out.sort_by_key(|c| (c.run_at, c.id));
+    Ok(out)
+}
+
+fn settle(c: &Connection, items: &[(i64, i64)], how: Settle) -> rusqlite::Result<usize> {
+    let sql = match how {
+        Settle::Ack => "DELETE FROM stevedore_jobs WHERE id = ?1 AND lease_token = ?2",
+        Settle::Release => {
+            "UPDATE stevedore_jobs SET lease_until = NULL, lease_token = NULL
+             WHERE id = ?1 AND lease_token = ?2"
+        }
+    };
+    let mut s = c.prepare_cached(sql)?;
+    let mut lost = 0;
+    for (id, token) in items {
+        if s.execute(params![id, token])? == 0 {
+            lost += 1;
+        }
+    }
+    Ok(lost)
+}
+
+/// A column as text, whatever a foreign producer stored (NULL and blobs included).
+pub(crate) fn text(v: rusqlite::types::ValueRef<'_>) -> String {
+    use rusqlite::types::ValueRef;
+    match v {
+        ValueRef::Text(t) | ValueRef::Blob(t) => String::from_utf8_lossy(t).into_owned(),
+        ValueRef::Integer(i) => i.to_string(),
+        ValueRef::Real(f) => f.to_string(),
+        ValueRef::Null => String::new(),
+    }
+}
+
+/// A column as bytes, whatever a foreign producer stored (`sqlite3` inserts text literals).
+pub(crate) fn bytes(v: rusqlite::types::ValueRef<'_>) -> Vec<u8> {
+    use rusqlite::types::ValueRef;
+    match v {
+        ValueRef::Text(t) | ValueRef::Blob(t) => t.to_vec(),
+        ValueRef::Integer(i) => i.to_string().into_bytes(),
+        ValueRef::Real(f) => f.to_string().into_bytes(),
+        ValueRef::Null => Vec::new(),
+    }
+}

@@ -1,0 +1,67 @@
+//! The conformance suite against the embedded SQLite store, one named test per scenario
+//! (`cargo test -p stevedore-sqlite --test conformance -- --list`).
+//!
+//! Every [`Backend::connect`] opens the same file anew (its own writer thread and read-only
+//! connection), as another process would: competing consumers, crash recovery and the runtime
+//! scenarios all run across separately opened stores. The file lives in a temporary directory
+//! that goes away with the run.
+
+use std::sync::Arc;
+use stevedore_conformance::{async_trait, Backend};
+use stevedore_core::{Broker, BrokerError};
+use stevedore_sqlite::{SqliteBroker, SqliteConfig};
+
+struct SqliteBackend {
+    dir: tempfile::TempDir,
+}
+
+impl SqliteBackend {
+    fn path(&self) -> std::path::PathBuf {
+        self.dir.path().join("conformance.db")
+    }
+}
+
+#[async_trait]
+impl Backend for SqliteBackend {
+    fn name(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn connect(&self) -> Result<Arc<dyn Broker>, BrokerError> {
+        Ok(Arc::new(
+            SqliteBroker::open(SqliteConfig::new(self.path())).await?,
+        ))
+    }
+
+    async fn publish_foreign(&self, queue: &str, body: &[u8]) -> Result<(), String> {
+        // What `sqlite3 conformance.db "INSERT INTO stevedore_jobs (queue, body) VALUES (...)"`
+        // does: no headers, no run_at, no id of ours.
+        let path = self.path();
+        let (queue, body) = (queue.to_string(), body.to_vec());
+        tokio::task::spawn_blocking(move || {
+            let c = rusqlite::Connection::open(&path).map_err(|e| e.to_string())?;
+            c.busy_timeout(std::time::Duration::from_secs(5))
+                .map_err(|e| e.to_string())?;
+            c.execute(
+                "INSERT INTO stevedore_jobs (queue, body) VALUES (?1, ?2)",
+                rusqlite::params![queue, body],
+            )
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
+    async fn restart(&self) -> Result<(), String> {
+        Err("embedded store: there is no server process to restart".into())
+    }
+}
+
+mod sqlite {
+    stevedore_conformance::conformance_tests! {
+        backend: || std::sync::Arc::new(super::SqliteBackend {
+            dir: tempfile::tempdir().unwrap_or_else(|e| panic!("temporary directory: {e}")),
+        }),
+    }
+}
