@@ -1,11 +1,14 @@
 //! Quickstart: a worker with a few realistic handlers and an in-process producer, on the embedded
-//! in-memory broker. Run it from the repository root:
+//! SQLite store (`stevedore.db` in the working directory; no server). Run it from the repository
+//! root:
 //!
 //! ```text
 //! cargo run -p stevedore-examples --bin quickstart -- run --config config/default.toml
 //! ```
 //!
-//! It enqueues a mix of jobs every second and prints a live summary; Ctrl-C drains and exits.
+//! It enqueues a mix of jobs every second and prints a live summary; Ctrl-C drains and exits. From
+//! a second terminal, `enqueue`, `stats` and `dlq list` (same binary, same `--config`) see the
+//! running worker's queues.
 //! - `send_email` fails now and then (a flaky SMTP server): watch the retries.
 //! - `resize_image` is slow (up to a second).
 //! - `send_reminder` is enqueued with a delay and runs when due.

@@ -44,6 +44,9 @@ fn start_with(config: &str, jobs: u64, sleep_ms: u64, env: &[(&str, &str)]) -> R
     let child = Command::new(WORKER)
         .args(["run", "--config"])
         .arg(&cfg)
+        // The default broker is the SQLite file stevedore.db in the working directory: each
+        // run gets its own.
+        .current_dir(dir.path())
         .env("E2E_OUT", &out)
         .env("E2E_JOBS", jobs.to_string())
         .env("E2E_SLEEP_MS", sleep_ms.to_string())

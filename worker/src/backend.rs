@@ -35,7 +35,7 @@ use stevedore_core::{names, Broker, Capabilities, MemoryFactory};
 const KNOWN: [(&str, Option<&str>); 5] = [
     ("redis", Some("redis")),
     ("rabbitmq", Some("rabbitmq")),
-    ("sqlite", None),
+    ("sqlite", Some("sqlite")),
     ("sqs", None),
     ("kafka", None),
 ];
@@ -66,10 +66,15 @@ impl Backends {
         }
     }
 
-    /// `memory`, plus `redis` and `rabbitmq` when the crate is built with those features.
+    /// `memory`, plus `sqlite` (a default feature), `redis` and `rabbitmq` when the crate is
+    /// built with those features.
     pub fn builtin() -> Self {
         #[allow(unused_mut)] // without features there is nothing to add
         let mut b = Self::empty().register(MemoryFactory);
+        #[cfg(feature = "sqlite")]
+        {
+            b = b.register(stevedore_sqlite::SqliteFactory);
+        }
         #[cfg(feature = "redis")]
         {
             b = b.register(stevedore_redis::RedisFactory);

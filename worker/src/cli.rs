@@ -310,6 +310,8 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
 
     async fn run_worker(self, cfg: Config) -> Result<(), Failure> {
         let backend = self.configure(&cfg)?;
+        // A bad config fails before anything is opened or connected.
+        cfg.validate(&backend.capabilities())?;
         let broker = backend.connect(&cfg).await?;
         let worker = Worker::new(broker, self.router, cfg)?.with_notices(backend.notices());
         let handle = worker.shutdown_handle();

@@ -113,7 +113,7 @@ pub struct Config {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct BrokerConfig {
-    /// The backend (`"memory"` by default).
+    /// The backend ([`DEFAULT_KIND`], `"sqlite"`, by default).
     pub kind: String,
     /// The backend's settings: the rest of the `[broker]` table. Values may hold passwords (a
     /// URL's): they are redacted whenever the config is shown; prefer `STEVEDORE_BROKER__URL`
@@ -131,8 +131,10 @@ impl Default for BrokerConfig {
     }
 }
 
-/// The broker kind when the config names none: the in-process memory broker.
-pub const DEFAULT_KIND: &str = "memory";
+/// The broker kind when the config names none: the embedded SQLite store (`stevedore.db` in the
+/// working directory), durable and shared by every process that opens it. `"memory"` keeps jobs
+/// inside one process (tests).
+pub const DEFAULT_KIND: &str = "sqlite";
 
 /// `[worker]`: process-wide settings.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

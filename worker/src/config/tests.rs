@@ -82,7 +82,7 @@ fn temp_file(text: &str) -> tempfile::NamedTempFile {
 fn empty_file_gives_defaults() {
     let c = parse("").unwrap();
     assert_eq!(c, Config::default());
-    assert_eq!(c.broker.kind, "memory");
+    assert_eq!(c.broker.kind, DEFAULT_KIND);
     assert_eq!(c.worker.concurrency, 64);
     assert_eq!(c.worker.shutdown_timeout, Duration::from_secs(30));
     assert_eq!(c.worker.poll_wait, Duration::from_secs(1));
@@ -677,19 +677,33 @@ fn broker_rules() {
             "not a setting of the redis broker; it takes url, key_prefix, max_payload",
         );
     }
-    let err = configure("[broker]\nmax_payload = 0").unwrap_err();
+    let err = configure("[broker]\nkind = \"memory\"\nmax_payload = 0").unwrap_err();
     assert_err(&err, "broker.max_payload", "at least 1");
-    let err = configure("[broker]\nmax_payload = \"big\"").unwrap_err();
+    let err = configure("[broker]\nkind = \"memory\"\nmax_payload = \"big\"").unwrap_err();
     assert_err(&err, "broker.max_payload", "invalid type");
-    let err = configure("[broker]\nregion = \"eu-west-1\"").unwrap_err();
+    let err = configure("[broker]\nkind = \"memory\"\nregion = \"eu-west-1\"").unwrap_err();
     assert_err(
         &err,
         "broker.region",
         "not a setting of the memory broker; it takes max_payload",
     );
+    if cfg!(feature = "sqlite") {
+        // The default kind: no key needed; its keys are checked like any backend's.
+        let b = configure("").expect("an empty config runs on sqlite");
+        assert_eq!(b.kind(), "sqlite");
+        assert!(b.capabilities().shared && b.capabilities().durable);
+        let err = configure("[broker]\ndurability = \"fast\"").unwrap_err();
+        assert_err(
+            &err,
+            "broker.durability",
+            "\"fast\" is not a durability; allowed: \"full\", \"normal\"",
+        );
+        let err = configure("[broker]\npath = \"\"").unwrap_err();
+        assert_err(&err, "broker.path", "must not be empty");
+    }
 
     // A key only another registered backend takes is ignored with a notice (profiles switch kinds).
-    let memory = configure("[broker]\nurl = \"redis://x\"\nkey_prefix = \"p\"");
+    let memory = configure("[broker]\nkind = \"memory\"\nurl = \"redis://x\"\nkey_prefix = \"p\"");
     if cfg!(any(feature = "redis", feature = "rabbitmq")) {
         let notices = memory.unwrap().notices().to_vec();
         assert!(notices.contains(&"broker.url: ignored by the memory broker".to_string()));
@@ -751,7 +765,7 @@ fn notices_describe_emulation() {
         "priority: queue q: separate queues per level (high, normal) with weighted-fair fetching (3:1)",
         "priority: queue s: separate queues per level (normal, low) with strict fetching (lower levels age after 30s)",
         "delay: native up to 15m, longer delays hop",
-        "max_depth: producers check depths up to 1m stale on memory, so a queue may overshoot briefly",
+        "max_depth: producers check depths up to 1m stale on sqlite, so a queue may overshoot briefly",
     ] {
         assert!(notices.contains(&want.to_string()), "missing {want:?} in {notices:?}");
     }
