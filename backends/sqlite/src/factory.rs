@@ -19,6 +19,7 @@ use stevedore_core::{async_trait, Broker, BrokerError, Capabilities};
 /// | `path` | `"stevedore.db"` | the database file, relative to the working directory; created when missing (its directory must exist) |
 /// | `durability` | `"full"` | `"full"`: a committed job survives power loss (`synchronous=FULL`); `"normal"`: it survives a crash of the process, the last commits may be lost on power loss (`synchronous=NORMAL`), for more speed |
 /// | `max_payload` | 16 MiB | largest payload accepted at publish, in bytes |
+/// | `max_size` | none | largest the file may grow, in bytes: publishes beyond fail (like a full disk), nothing committed is lost |
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SqliteFactory;
 
@@ -28,6 +29,7 @@ struct SqliteSettings {
     path: Option<PathBuf>,
     durability: Option<String>,
     max_payload: Option<u64>,
+    max_size: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -41,7 +43,7 @@ impl BackendFactory for SqliteFactory {
     }
 
     fn keys(&self) -> &'static [&'static str] {
-        &["path", "durability", "max_payload"]
+        &["path", "durability", "max_payload", "max_size"]
     }
 
     fn configure(&self, settings: &Settings) -> Result<Box<dyn BackendSetup>, SettingsError> {
@@ -65,6 +67,15 @@ impl BackendFactory for SqliteFactory {
             }
         };
         config.max_payload = size_setting("max_payload", s.max_payload, DEFAULT_MAX_PAYLOAD)?;
+        config.max_size = match s.max_size {
+            Some(n) if n < 64 * 1024 => {
+                return Err(SettingsError::at(
+                    "max_size",
+                    format!("must be at least 65536 bytes (got {n}); leave it out for no limit"),
+                ))
+            }
+            other => other,
+        };
         Ok(Box::new(SqliteSetup { config }))
     }
 }

@@ -65,6 +65,10 @@ pub struct SqliteConfig {
     pub durability: Durability,
     /// Largest payload accepted at publish.
     pub max_payload: usize,
+    /// Largest the database file may grow, in bytes (`None`: as large as the disk allows). A
+    /// publish that would grow it beyond fails like a full disk: nothing of it is kept, and
+    /// what was committed before stays (acks and claims keep working).
+    pub max_size: Option<u64>,
 }
 
 impl SqliteConfig {
@@ -74,6 +78,7 @@ impl SqliteConfig {
             path: path.into(),
             durability: Durability::Full,
             max_payload: DEFAULT_MAX_PAYLOAD,
+            max_size: None,
         }
     }
 }
@@ -144,9 +149,11 @@ impl SqliteBroker {
     /// is missing, the file is not a database, is read-only, or was written by a newer schema.
     pub async fn open(config: SqliteConfig) -> Result<Self, BrokerError> {
         let path = config.path.clone();
-        let durability = config.durability;
+        let (durability, max_size) = (config.durability, config.max_size);
+        let opening = path.clone();
         let (writer, reader) = tokio::task::spawn_blocking(move || {
-            let w = store::open_writer(&path, durability)?;
+            let path = opening;
+            let w = store::open_writer(&path, durability, max_size)?;
             let r = store::open_reader(&path)?;
             Ok::<_, BrokerError>((w, r))
         })
@@ -156,7 +163,7 @@ impl SqliteBroker {
         let path = config.path.clone();
         std::thread::Builder::new()
             .name("stevedore-sqlite-writer".into())
-            .spawn(move || store::writer(writer, path, rx))
+            .spawn(move || store::writer(writer, path, max_size, rx))
             .map_err(|e| BrokerError::permanent(format!("cannot start the writer thread: {e}")))?;
         let seed = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)

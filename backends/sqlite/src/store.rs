@@ -117,7 +117,7 @@ pub(crate) fn file_error(path: &Path, e: &rusqlite::Error) -> BrokerError {
         Some(ErrorCode::PermissionDenied) => format!("{p}: permission denied"),
         Some(ErrorCode::CannotOpen) => format!("cannot open {p}: {e}"),
         Some(ErrorCode::DiskFull) => {
-            format!("{p}: the disk is full; nothing of this write was kept")
+            format!("{p}: the disk (or broker.max_size) is full; nothing of this write was kept")
         }
         Some(ErrorCode::DatabaseCorrupt) => format!("{p} is corrupt: {e}"),
         _ => format!("{p}: {e}"),
@@ -131,7 +131,11 @@ pub(crate) fn file_error(path: &Path, e: &rusqlite::Error) -> BrokerError {
 
 /// Opens (creating if needed) the store for writing: WAL, busy timeout, durability, schema at
 /// [`SCHEMA_VERSION`].
-pub(crate) fn open_writer(path: &Path, durability: Durability) -> Result<Connection, BrokerError> {
+pub(crate) fn open_writer(
+    path: &Path,
+    durability: Durability,
+    max_size: Option<u64>,
+) -> Result<Connection, BrokerError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         if !dir.is_dir() {
             return Err(BrokerError::permanent(format!(
@@ -168,6 +172,22 @@ pub(crate) fn open_writer(path: &Path, durability: Durability) -> Result<Connect
     conn.pragma_update(None, "synchronous", sync)
         .map_err(fail)?;
     migrate(&conn, path)?;
+    if let Some(bytes) = max_size {
+        let page: i64 = conn
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .map_err(fail)?;
+        // Publishes stop at `max_size` (see `apply`); the pages beyond are headroom so claims,
+        // releases and acks keep working on a store that is "full".
+        let pages = i64::try_from(bytes).unwrap_or(i64::MAX) / page.max(1);
+        let pages = pages.saturating_add((pages / 10).max(64));
+        let _: i64 = conn
+            .query_row(
+                &format!("PRAGMA max_page_count = {}", pages.max(1)),
+                [],
+                |r| r.get(0),
+            )
+            .map_err(fail)?;
+    }
     Ok(conn)
 }
 
@@ -234,16 +254,28 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), BrokerError> {
 /// The writer thread: takes the first waiting op, then every op already queued (up to
 /// [`GROUP`]), runs them in one `BEGIN IMMEDIATE` transaction with a savepoint each (one op's
 /// failure does not undo the others), commits once, then answers. Ends when every sender is gone.
-pub(crate) fn writer(mut conn: Connection, path: PathBuf, ops: mpsc::Receiver<Op>) {
-    while let Ok(first) = ops.recv() {
-        let mut batch = vec![first];
+pub(crate) fn writer(
+    mut conn: Connection,
+    path: PathBuf,
+    max_size: Option<u64>,
+    ops: mpsc::Receiver<Op>,
+) {
+    let mut carried = Vec::new();
+    loop {
+        let mut batch = std::mem::take(&mut carried);
+        if batch.is_empty() {
+            match ops.recv() {
+                Ok(first) => batch.push(first),
+                Err(_) => return,
+            }
+        }
         while batch.len() < GROUP {
             match ops.try_recv() {
                 Ok(op) => batch.push(op),
                 Err(_) => break,
             }
         }
-        run_batch(&mut conn, &path, batch);
+        carried = run_batch(&mut conn, &path, max_size, batch);
     }
 }
 
@@ -271,24 +303,28 @@ impl Done {
             message: e.to_string(),
             transient: e.is_transient(),
         };
+        // An op's own failure says more than the commit's.
         match self {
             Done::Unit(tx, r) => {
-                let _ = tx.send(commit.as_ref().map_err(fail).and(r));
+                let _ = tx.send(r.and_then(|v| commit.as_ref().map_err(fail).map(|()| v)));
             }
             Done::Rows(tx, r) => {
-                let _ = tx.send(commit.as_ref().map_err(fail).and(r));
+                let _ = tx.send(r.and_then(|v| commit.as_ref().map_err(fail).map(|()| v)));
             }
             Done::Count(tx, r) => {
-                let _ = tx.send(commit.as_ref().map_err(fail).and(r));
+                let _ = tx.send(r.and_then(|v| commit.as_ref().map_err(fail).map(|()| v)));
             }
             Done::Flag(tx, r) => {
-                let _ = tx.send(commit.as_ref().map_err(fail).and(r));
+                let _ = tx.send(r.and_then(|v| commit.as_ref().map_err(fail).map(|()| v)));
             }
         }
     }
 }
 
-fn run_batch(conn: &mut Connection, path: &Path, batch: Vec<Op>) {
+/// Runs `batch` in one transaction and answers every op it ran. Returns the ops it did not get to
+/// (SQLite rolled the whole transaction back under an op: a full disk, an I/O error), for the
+/// next transaction.
+fn run_batch(conn: &mut Connection, path: &Path, max_size: Option<u64>, batch: Vec<Op>) -> Vec<Op> {
     let fail = |e: rusqlite::Error| file_error(path, &e);
     let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(tx) => tx,
@@ -297,11 +333,13 @@ fn run_batch(conn: &mut Connection, path: &Path, batch: Vec<Op>) {
             for op in batch {
                 answer_now(op, &err);
             }
-            return;
+            return Vec::new();
         }
     };
     let mut done = Vec::with_capacity(batch.len());
-    for op in batch {
+    let mut ops = batch.into_iter();
+    let mut aborted = None;
+    for op in ops.by_ref() {
         let sp = match tx.savepoint() {
             Ok(sp) => sp,
             Err(e) => {
@@ -309,18 +347,35 @@ fn run_batch(conn: &mut Connection, path: &Path, batch: Vec<Op>) {
                 continue;
             }
         };
-        let (d, ok) = apply(&sp, op, path);
+        let (d, ok) = apply(&sp, op, path, max_size);
         // A failed op's savepoint rolls back when dropped; the others' writes stay.
         let d = match ok.then(|| sp.commit()) {
             Some(Err(e)) => d.failed(fail(e)),
-            _ => d,
+            Some(Ok(())) => d,
+            None => d,
         };
         done.push(d);
+        if tx.is_autocommit() {
+            // Some errors (SQLITE_FULL, I/O errors) make SQLite roll back the whole
+            // transaction, so what the ops before this one wrote is gone too.
+            aborted = Some(BrokerError::transient(format!(
+                "{}: the write was rolled back with another one that failed in the same commit; retry",
+                path.display()
+            )));
+            break;
+        }
     }
-    let commit = tx.commit().map_err(fail);
+    let commit = match aborted {
+        Some(e) => {
+            drop(tx);
+            Err(e)
+        }
+        None => tx.commit().map_err(fail),
+    };
     for d in done {
         d.send(&commit);
     }
+    ops.collect()
 }
 
 fn answer_now(op: Op, err: &Result<(), BrokerError>) {
@@ -348,11 +403,12 @@ fn answer_now(op: Op, err: &Result<(), BrokerError>) {
 }
 
 /// Runs one op on the open savepoint; returns its answer and whether it succeeded.
-fn apply(c: &Connection, op: Op, path: &Path) -> (Done, bool) {
+fn apply(c: &Connection, op: Op, path: &Path, max_size: Option<u64>) -> (Done, bool) {
     let fail = |e: rusqlite::Error| file_error(path, &e);
     match op {
         Op::Publish { queue, rows, reply } => {
-            let r = publish(c, &queue, &rows).map_err(fail);
+            let r = room(c, &rows, max_size, path)
+                .and_then(|()| publish(c, &queue, &rows).map_err(fail));
             let ok = r.is_ok();
             (Done::Unit(reply, r), ok)
         }
@@ -392,6 +448,41 @@ fn apply(c: &Connection, op: Op, path: &Path) -> (Done, bool) {
             (Done::Flag(reply, r), ok)
         }
     }
+}
+
+/// Refuses a publish that would take the file past `max_size` (pages in use, free pages not
+/// counted, plus the new rows).
+fn room(
+    c: &Connection,
+    rows: &[NewRow],
+    max_size: Option<u64>,
+    path: &Path,
+) -> Result<(), BrokerError> {
+    let Some(max) = max_size else {
+        return Ok(());
+    };
+    let pragma = |name: &str| -> Result<u64, BrokerError> {
+        c.query_row(&format!("PRAGMA {name}"), [], |r| r.get::<_, i64>(0))
+            .map(|n| u64::try_from(n).unwrap_or(0))
+            .map_err(|e| file_error(path, &e))
+    };
+    let used =
+        pragma("page_count")?.saturating_sub(pragma("freelist_count")?) * pragma("page_size")?;
+    let adding: u64 = rows
+        .iter()
+        .map(|r| (r.body.len() + r.headers.len() + 64) as u64)
+        .sum();
+    if used + adding > max {
+        return Err(BrokerError::Other {
+            message: format!(
+                "{}: broker.max_size of {max} bytes reached ({used} in use, {adding} more asked); \
+                 nothing of this publish was kept; acked jobs make room",
+                path.display()
+            ),
+            transient: true,
+        });
+    }
+    Ok(())
 }
 
 fn publish(c: &Connection, queue: &str, rows: &[NewRow]) -> rusqlite::Result<()> {

@@ -1,0 +1,197 @@
+//! What the SQLite store does that the conformance suite does not check: files it must refuse
+//! (each error naming the path), a full store losing nothing, waking a waiting receive on another
+//! handle's commit, and the schema version.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+use stevedore_core::{Broker, BrokerError, Envelope, ReceiveOptions};
+use stevedore_sqlite::{SqliteBroker, SqliteConfig};
+
+fn opts(max: usize, wait: Duration) -> ReceiveOptions {
+    ReceiveOptions {
+        max,
+        wait,
+        lease: Duration::from_secs(30),
+    }
+}
+
+async fn open(path: &Path) -> Result<SqliteBroker, BrokerError> {
+    SqliteBroker::open(SqliteConfig::new(path)).await
+}
+
+#[track_caller]
+fn refused(r: Result<SqliteBroker, BrokerError>, path: &Path, says: &str) {
+    let err = r.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        err.contains(&path.display().to_string()),
+        "names the path: {err}"
+    );
+    assert!(err.contains(says), "says {says:?}: {err}");
+}
+
+#[tokio::test]
+async fn files_it_cannot_use_are_refused_naming_the_path() {
+    let dir = tempfile::tempdir().expect("tempdir");
+
+    let missing = dir.path().join("no/such/dir/jobs.db");
+    refused(open(&missing).await, &missing, "directory");
+    assert!(!missing.exists());
+
+    let text = dir.path().join("notes.db");
+    std::fs::write(
+        &text,
+        b"these are my notes, not a database, and they stay as they are",
+    )
+    .expect("write");
+    refused(open(&text).await, &text, "is not a SQLite database");
+    assert_eq!(
+        std::fs::read(&text).expect("read"),
+        b"these are my notes, not a database, and they stay as they are"
+    );
+
+    // A file a newer Stevedore wrote (schema version 99) is refused, and left as it is.
+    let newer = dir.path().join("newer.db");
+    {
+        let b = open(&newer).await.expect("create");
+        b.publish("q", vec![Envelope::new("j", "kept")])
+            .await
+            .expect("publish");
+        b.close().await.expect("close");
+        let c = rusqlite::Connection::open(&newer).expect("open");
+        c.execute(
+            "UPDATE stevedore_meta SET value = 99 WHERE key = 'schema_version'",
+            [],
+        )
+        .expect("bump the version");
+    }
+    refused(
+        open(&newer).await,
+        &newer,
+        "written by a newer Stevedore (schema version 99",
+    );
+    let c = rusqlite::Connection::open(&newer).expect("open");
+    let n: i64 = c
+        .query_row("SELECT COUNT(*) FROM stevedore_jobs", [], |r| r.get(0))
+        .expect("count");
+    assert_eq!(n, 1, "the refused file still holds its job");
+}
+
+#[tokio::test]
+async fn a_full_store_refuses_the_publish_and_loses_nothing_committed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("small.db");
+    let mut cfg = SqliteConfig::new(&path);
+    cfg.max_size = Some(256 * 1024);
+    let b = SqliteBroker::open(cfg).await.expect("open");
+    let body = vec![7u8; 8 * 1024];
+    let mut kept = Vec::new();
+    let err = loop {
+        let e = Envelope::new("j", body.clone());
+        let id = e.id.clone();
+        match b.publish("q", vec![e]).await {
+            Ok(()) => kept.push(id),
+            Err(err) => break err,
+        }
+        assert!(
+            kept.len() < 1000,
+            "a 256 KiB store took {} x 8 KiB",
+            kept.len()
+        );
+    };
+    assert!(
+        err.to_string()
+            .contains("broker.max_size of 262144 bytes reached"),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains(&path.display().to_string()),
+        "{err}"
+    );
+    assert!(err.is_transient(), "space may come back: {err:?}");
+    assert!(!kept.is_empty());
+    // Everything committed before is there, in order, and can be acked (acks free space).
+    let mut got = Vec::new();
+    while got.len() < kept.len() {
+        let ds = b
+            .receive("q", opts(100, Duration::ZERO))
+            .await
+            .expect("receive");
+        assert!(
+            !ds.is_empty(),
+            "only {} of {} came back",
+            got.len(),
+            kept.len()
+        );
+        let receipts: Vec<_> = ds.iter().map(|d| d.receipt.clone()).collect();
+        got.extend(ds.into_iter().map(|d| d.envelope.id));
+        b.ack(&receipts).await.expect("ack on a full store");
+    }
+    assert_eq!(got, kept);
+    b.publish("q", vec![Envelope::new("j", body)])
+        .await
+        .expect("room again after the acks");
+}
+
+#[tokio::test]
+async fn a_waiting_receive_wakes_on_another_handles_commit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("wake.db");
+    let consumer = open(&path).await.expect("open");
+    // A second, separately opened store on the same file: what another process is.
+    let producer = open(&path).await.expect("open again");
+    for round in 0..3 {
+        let waiting = {
+            let c = consumer.clone();
+            tokio::spawn(async move {
+                let t = Instant::now();
+                let got = c.receive("q", opts(1, Duration::from_secs(5))).await;
+                (got, t)
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let sent = Instant::now();
+        producer
+            .publish("q", vec![Envelope::new("j", format!("round {round}"))])
+            .await
+            .expect("publish");
+        let (got, _) = waiting.await.expect("join");
+        let got = got.expect("receive");
+        let late = sent.elapsed();
+        assert_eq!(got.len(), 1);
+        // Polled every 50 ms; the bound leaves room for a loaded 2-core machine.
+        assert!(
+            late < Duration::from_millis(500),
+            "woke {late:?} after the commit"
+        );
+        consumer.ack(&[got[0].receipt.clone()]).await.expect("ack");
+    }
+}
+
+#[tokio::test]
+async fn acked_rows_leave_the_table() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("trim.db");
+    let b = open(&path).await.expect("open");
+    let batch: Vec<_> = (0..500)
+        .map(|i| Envelope::new("j", format!("{i}")))
+        .collect();
+    b.publish("q", batch).await.expect("publish");
+    let mut n = 0;
+    while n < 500 {
+        let ds = b
+            .receive("q", opts(100, Duration::ZERO))
+            .await
+            .expect("receive");
+        n += ds.len();
+        let rs: Vec<_> = ds.into_iter().map(|d| d.receipt).collect();
+        b.ack(&rs).await.expect("ack");
+    }
+    let c = rusqlite::Connection::open(&path).expect("open");
+    let rows: i64 = c
+        .query_row("SELECT COUNT(*) FROM stevedore_jobs", [], |r| r.get(0))
+        .expect("count");
+    assert_eq!(
+        rows, 0,
+        "cost per job must not grow with the jobs ever processed"
+    );
+}
