@@ -21,7 +21,11 @@ struct Run {
     child: Child,
     out: PathBuf,
     port: u16,
-    _dir: tempfile::TempDir,
+    /// Where the worker runs (its working directory, config, logs and default store).
+    dir: PathBuf,
+    /// Suffix of its file names.
+    name: String,
+    _owned: Option<tempfile::TempDir>,
 }
 
 fn free_port() -> u16 {
@@ -37,16 +41,31 @@ fn start(config: &str, jobs: u64, sleep_ms: u64) -> Run {
 
 fn start_with(config: &str, jobs: u64, sleep_ms: u64, env: &[(&str, &str)]) -> Run {
     let dir = tempfile::tempdir().expect("temp dir");
-    let cfg = dir.path().join("worker.toml");
+    let mut run = start_in(dir.path(), "", config, jobs, sleep_ms, env);
+    run._owned = Some(dir);
+    run
+}
+
+/// A worker in `dir` (shared with other workers of the test: the default SQLite store is
+/// `dir/stevedore.db`); its files are named with `name` (`out{name}.txt`, ...).
+fn start_in(
+    dir: &Path,
+    name: &str,
+    config: &str,
+    jobs: u64,
+    sleep_ms: u64,
+    env: &[(&str, &str)],
+) -> Run {
+    let cfg = dir.join(format!("worker{name}.toml"));
     std::fs::write(&cfg, config).expect("write config");
-    let out = dir.path().join("out.txt");
+    let out = dir.join(format!("out{name}.txt"));
     let port = free_port();
     let child = Command::new(WORKER)
         .args(["run", "--config"])
         .arg(&cfg)
         // The default broker is the SQLite file stevedore.db in the working directory: each
         // run gets its own.
-        .current_dir(dir.path())
+        .current_dir(dir)
         .env("E2E_OUT", &out)
         .env("E2E_JOBS", jobs.to_string())
         .env("E2E_SLEEP_MS", sleep_ms.to_string())
@@ -54,15 +73,17 @@ fn start_with(config: &str, jobs: u64, sleep_ms: u64, env: &[(&str, &str)]) -> R
         .env("RUST_LOG", "info")
         .envs(env.iter().copied())
         // Files, not pipes: an unread pipe would block a chatty worker.
-        .stdout(std::fs::File::create(dir.path().join("stdout.txt")).expect("stdout file"))
-        .stderr(std::fs::File::create(dir.path().join("stderr.txt")).expect("stderr file"))
+        .stdout(std::fs::File::create(dir.join(format!("stdout{name}.txt"))).expect("stdout file"))
+        .stderr(std::fs::File::create(dir.join(format!("stderr{name}.txt"))).expect("stderr file"))
         .spawn()
         .expect("start the worker binary");
     Run {
         child,
         out,
         port,
-        _dir: dir,
+        dir: dir.to_path_buf(),
+        name: name.to_string(),
+        _owned: None,
     }
 }
 
@@ -105,7 +126,9 @@ fn finish(run: Run, limit: Duration) -> (Output, Duration, Vec<String>) {
     let Run {
         mut child,
         out,
-        _dir,
+        dir,
+        name,
+        _owned,
         ..
     } = run;
     let status = loop {
@@ -114,15 +137,16 @@ fn finish(run: Run, limit: Duration) -> (Output, Duration, Vec<String>) {
         }
         if t.elapsed() > limit {
             let _ = child.kill();
-            let log = std::fs::read_to_string(_dir.path().join("stderr.txt")).unwrap_or_default();
+            let log =
+                std::fs::read_to_string(dir.join(format!("stderr{name}.txt"))).unwrap_or_default();
             panic!("worker did not exit within {limit:?}; its log:\n{log}");
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    let read = |f: &str| std::fs::read(_dir.path().join(f)).unwrap_or_default();
+    let read = |f: &str| std::fs::read(dir.join(format!("{f}{name}.txt"))).unwrap_or_default();
     let output = Output {
         status,
-        stderr: read("stderr.txt"),
+        stderr: read("stderr"),
     };
     (output, t.elapsed(), lines(&out))
 }
@@ -549,5 +573,132 @@ fn rabbitmq_restart_mid_run_loses_nothing() {
         left,
         (0, 0, 0),
         "the queue (ready, in flight) and the private node's delay levels are empty at the end"
+    );
+}
+
+/// The default backend (the SQLite file in the working directory), the real worker binary:
+/// 5,000 jobs, SIGKILL mid-run, a fresh worker on the same file finishes them. Meanwhile a second
+/// process enqueues a job and reads stats from the file the worker is using. Nothing is lost;
+/// only what the killed worker held (running, or done but not yet acked) runs twice.
+#[test]
+fn sqlite_worker_killed_mid_run_loses_nothing() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = r#"
+[worker]
+concurrency = 8
+shutdown_timeout = "10s"
+poll_wait = "200ms"
+
+[queues.default]
+concurrency = 8
+lease = "2s"
+"#;
+    const JOBS: u64 = 5_000;
+    let a = start_in(dir.path(), "-a", config, JOBS, 10, &[]);
+    let out_a = a.out.clone();
+    wait_until(
+        "worker A enqueued 5,000 and ran 500",
+        Duration::from_secs(120),
+        || {
+            let l = lines(&out_a);
+            l.iter().any(|x| x == "enqueued") && tally(&l, "done").len() >= 500
+        },
+    );
+    // A second process, on the same file, while the worker runs.
+    let cli = |args: &[&str]| {
+        let out = Command::new(WORKER)
+            .args(args)
+            .current_dir(dir.path())
+            .env("STEVEDORE_HTTP__ENABLED", "false")
+            .output()
+            .expect("run the CLI");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            !String::from_utf8_lossy(&out.stderr).contains("keeps queues inside one process"),
+            "no single-process warning for sqlite"
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    cli(&[
+        "enqueue",
+        "work",
+        &format!("{{\"n\":{JOBS},\"sleep_ms\":0}}"),
+    ]);
+    let stats: serde_json::Value =
+        serde_json::from_str(&cli(&["stats", "--json"])).expect("stats --json");
+    let ready = stats
+        .as_array()
+        .and_then(|rows| rows.iter().find(|r| r["level"] == "normal"))
+        .and_then(|r| r["depth"]["ready"].as_u64())
+        .unwrap_or(0);
+    assert!(
+        ready > 0,
+        "stats from another process sees the backlog: {stats}"
+    );
+
+    let mut a = a;
+    let _ = a.child.kill(); // SIGKILL: no drain, no release, no final ack flush
+    let _ = a.child.wait();
+    let done_a = tally(&lines(&out_a), "done");
+    let started_a = tally(&lines(&out_a), "start");
+    let unfinished_a: Vec<u64> = started_a
+        .keys()
+        .filter(|n| !done_a.contains_key(n))
+        .copied()
+        .collect();
+
+    let b = start_in(dir.path(), "-b", config, 0, 1, &[]);
+    let out_b = b.out.clone();
+    wait_until("every job done by A or B", Duration::from_secs(120), || {
+        let mut all = tally(&lines(&out_a), "done");
+        for (n, c) in tally(&lines(&out_b), "done") {
+            *all.entry(n).or_insert(0) += c;
+        }
+        all.len() as u64 == JOBS + 1
+    });
+    signal(&b.child, "-TERM");
+    let (output, _, lines_b) = finish(b, Duration::from_secs(20));
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let done_b = tally(&lines_b, "done");
+    assert!(done_b.values().all(|&c| c == 1), "B ran nothing twice");
+    assert!(
+        done_a.values().all(|&c| c == 1),
+        "A ran nothing twice before it died"
+    );
+    assert!(
+        unfinished_a.iter().all(|n| done_b.contains_key(n)),
+        "B finished every job A was running when it died: {unfinished_a:?}"
+    );
+    let twice: Vec<u64> = done_b
+        .keys()
+        .filter(|n| done_a.contains_key(n))
+        .copied()
+        .collect();
+    // Only jobs A finished whose ack had not been committed yet may run again: at most the
+    // jobs in flight plus one ack batch (the worker acks in batches of what finished meanwhile).
+    assert!(twice.len() <= 8 + 64, "too many duplicates: {twice:?}");
+    // And the store is empty afterwards: every job acked, none left behind.
+    let stats: serde_json::Value =
+        serde_json::from_str(&cli(&["stats", "--json"])).expect("stats --json");
+    for row in stats.as_array().into_iter().flatten() {
+        assert_eq!(row["depth"]["ready"], 0, "{stats}");
+        assert_eq!(row["depth"]["in_flight"], 0, "{stats}");
+    }
+    eprintln!(
+        "sqlite e2e: A done {}, B done {}, {} in flight when A was killed (all finished by B), {} ran on both",
+        done_a.len(),
+        done_b.len(),
+        unfinished_a.len(),
+        twice.len()
     );
 }
