@@ -6,7 +6,13 @@
 //! cargo run --release -p stevedore-examples --bin bench -- memory 10000,100000,1000000
 //! cargo run --release -p stevedore-examples --bin bench -- redis 10000,100000,1000000   # REDIS_URL, default 127.0.0.1:6379
 //! cargo run --release -p stevedore-examples --bin bench -- rabbitmq 10000,100000        # RABBITMQ_URL, default 127.0.0.1:5672
+//! cargo run --release -p stevedore-examples --bin bench -- sqlite 10000,100000,1000000  # files in $TMPDIR, both durability settings
 //! ```
+//!
+//! sqlite's raw loop is the best a hand-written rusqlite client does for the same durable work on
+//! one connection: each `BEGIN IMMEDIATE` transaction deletes the previous batch (the ack) and
+//! claims the next 100 with the same `UPDATE … RETURNING` over the same partial index, so one
+//! commit (one fsync with `synchronous=FULL`) serves 100 jobs.
 //!
 //! Raw loops: memory — `receive(100)` + `ack(batch)`; redis — `XREADGROUP COUNT 100` + one `XACK`
 //! of the batch, on one connection; rabbitmq — lapin on a durable quorum queue (what the backend
@@ -241,6 +247,100 @@ async fn delete_rabbitmq_queues(url: &str, prefix: &str, names: &[String]) -> Re
     Ok(())
 }
 
+/// A fresh store file for the bench, removed (with its WAL) by [`remove_store`].
+fn store_path(tag: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("stevedore-bench-{}-{tag}.db", std::process::id()))
+}
+
+fn remove_store(path: &std::path::Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+async fn open_sqlite(path: &std::path::Path, durability: &str) -> Res<Arc<dyn Broker>> {
+    let mut cfg = stevedore_sqlite::SqliteConfig::new(path);
+    cfg.durability = match durability {
+        "normal" => stevedore_sqlite::Durability::Normal,
+        _ => stevedore_sqlite::Durability::Full,
+    };
+    Ok(Arc::new(stevedore_sqlite::SqliteBroker::open(cfg).await?))
+}
+
+/// The raw rusqlite loop (see the module docs), on a backlog written by the backend itself so
+/// both loops read the same rows.
+async fn raw_sqlite(durability: &str, n: usize) -> Res<f64> {
+    let path = store_path(&format!("raw-{durability}-{n}"));
+    remove_store(&path);
+    let broker = open_sqlite(&path, durability).await?;
+    fill(broker.as_ref(), "raw", n).await?;
+    broker.close().await?;
+    drop(broker);
+    let sync = if durability == "normal" {
+        "NORMAL"
+    } else {
+        "FULL"
+    };
+    let p = path.clone();
+    let rate = tokio::task::spawn_blocking(move || -> Result<f64, rusqlite::Error> {
+        let mut c = rusqlite::Connection::open(&p)?;
+        c.busy_timeout(Duration::from_secs(5))?;
+        let _: String = c.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+        c.pragma_update(None, "synchronous", sync)?;
+        let t = Instant::now();
+        let mut done = 0usize;
+        let mut held: Vec<i64> = Vec::new();
+        let mut token = 0i64;
+        loop {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            {
+                let mut del = tx.prepare_cached(
+                    "DELETE FROM stevedore_jobs WHERE id = ?1 AND lease_token = ?2",
+                )?;
+                for id in &held {
+                    del.execute(rusqlite::params![id, token])?;
+                }
+            }
+            done += held.len();
+            token += 1;
+            let now = i64::try_from(stevedore::core::to_millis(std::time::SystemTime::now()))
+                .unwrap_or(i64::MAX);
+            held = {
+                let mut claim = tx.prepare_cached(
+                    "UPDATE stevedore_jobs
+                     SET lease_until = ?3, lease_token = ?4, deliveries = deliveries + 1
+                     WHERE id IN (
+                         SELECT id FROM stevedore_jobs
+                         WHERE queue = ?1 AND lease_until IS NULL AND run_at <= ?2
+                         ORDER BY run_at, id LIMIT 100)
+                     RETURNING id, headers, body",
+                )?;
+                let rows =
+                    claim.query_map(rusqlite::params!["raw", now, now + 30_000, token], |r| {
+                        // Read what a consumer reads: the headers and the body.
+                        let _: String = r.get(1)?;
+                        let _: Vec<u8> = r.get(2)?;
+                        r.get::<_, i64>(0)
+                    })?;
+                rows.collect::<Result<Vec<_>, _>>()?
+            };
+            tx.commit()?;
+            if held.is_empty() {
+                break;
+            }
+        }
+        Ok(done as f64 / t.elapsed().as_secs_f64())
+    })
+    .await??;
+    remove_store(&path);
+    if rate.is_nan() {
+        return Err("raw sqlite loop processed nothing".into());
+    }
+    Ok(rate)
+}
+
 async fn noop() {}
 
 async fn through_runtime(broker: Arc<dyn Broker>, queue: &str, n: usize) -> Res<f64> {
@@ -296,6 +396,17 @@ fn idle_rss_kib(backend: &str) -> Option<u64> {
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
+    // Its own working directory: the default sqlite store is created there.
+    let dir = std::env::temp_dir().join(format!("stevedore-bench-idle-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).ok()?;
+    cmd.current_dir(&dir).env(
+        "STEVEDORE_BROKER__KIND",
+        if backend == "sqlite" {
+            "sqlite"
+        } else {
+            "memory"
+        },
+    );
     if backend == "redis" {
         cmd.env("STEVEDORE_BROKER__KIND", "redis")
             .env("STEVEDORE_BROKER__URL", redis_url());
@@ -310,6 +421,7 @@ fn idle_rss_kib(backend: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).ok();
     let _ = child.kill();
     let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
     status?
         .lines()
         .find(|l| l.starts_with("VmRSS:"))?
@@ -368,11 +480,30 @@ async fn main() -> Res<()> {
     // Each size runs ROUNDS times, raw and Stevedore alternating, and reports the medians (the
     // ratio's spread over rounds shows how noisy the machine was).
     const ROUNDS: usize = 3;
-    for n in sizes.iter().copied().filter(|_| backend != "rabbitmq") {
+    let settings: &[&str] = if backend == "sqlite" {
+        &["full", "normal"]
+    } else {
+        &[""]
+    };
+    for (n, durability) in sizes
+        .iter()
+        .copied()
+        .filter(|_| backend != "rabbitmq")
+        .flat_map(|n| settings.iter().map(move |d| (n, *d)))
+    {
         let mut raws = Vec::new();
         let mut ours = Vec::new();
         for _ in 0..ROUNDS {
             let (r, s) = match backend.as_str() {
+                "sqlite" => {
+                    let r = raw_sqlite(durability, n).await?;
+                    let path = store_path(&format!("worker-{durability}-{n}"));
+                    remove_store(&path);
+                    let broker = open_sqlite(&path, durability).await?;
+                    let s = through_runtime(broker, "bench", n).await?;
+                    remove_store(&path);
+                    (r, s)
+                }
                 "memory" => (
                     raw_memory(n).await?,
                     through_runtime(Arc::new(MemoryBroker::new()), "bench", n).await?,
@@ -390,9 +521,10 @@ async fn main() -> Res<()> {
                     (r, s)
                 }
                 other => {
-                    return Err(
-                        format!("unknown backend {other:?}: memory, redis or rabbitmq").into(),
+                    return Err(format!(
+                        "unknown backend {other:?}: memory, sqlite, redis or rabbitmq"
                     )
+                    .into())
                 }
             };
             raws.push(r);
@@ -402,7 +534,12 @@ async fn main() -> Res<()> {
         let (r, s) = (median(&raws), median(&ours));
         let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
         let hi = ratios.iter().copied().fold(0.0, f64::max);
-        println!("{n:>10} {r:>14.0} {s:>14.0} {:>7.2}   (per-round ratios {lo:.2}–{hi:.2}, {ROUNDS} rounds)", s / r);
+        let label = if durability.is_empty() {
+            String::new()
+        } else {
+            format!("  durability={durability}")
+        };
+        println!("{n:>10} {r:>14.0} {s:>14.0} {:>7.2}   (per-round ratios {lo:.2}–{hi:.2}, {ROUNDS} rounds){label}", s / r);
     }
     let idle = idle_rss_kib(&backend);
     if backend == "rabbitmq" {

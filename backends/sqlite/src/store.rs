@@ -4,7 +4,7 @@
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use stevedore_core::BrokerError;
 use tokio::sync::oneshot;
 
@@ -41,6 +41,8 @@ CREATE INDEX IF NOT EXISTS stevedore_jobs_leased
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most operations one group commit carries.
 const GROUP: usize = 128;
+/// How long a batch of only acks and releases waits for another operation to share its commit.
+const ACK_LINGER: Duration = Duration::from_millis(2);
 
 /// `synchronous` setting.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -275,6 +277,18 @@ pub(crate) fn writer(
                 Err(_) => break,
             }
         }
+        // Acks alone wait a little for company: the next claim (or more acks) commits with them,
+        // one transaction instead of two. Nothing else waits.
+        let lingering = Instant::now() + ACK_LINGER;
+        while batch.len() < GROUP && batch.iter().all(|op| matches!(op, Op::Settle { .. })) {
+            let Some(left) = lingering.checked_duration_since(Instant::now()) else {
+                break;
+            };
+            match ops.recv_timeout(left) {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
         carried = run_batch(&mut conn, &path, max_size, batch);
     }
 }
@@ -340,19 +354,26 @@ fn run_batch(conn: &mut Connection, path: &Path, max_size: Option<u64>, batch: V
     let mut ops = batch.into_iter();
     let mut aborted = None;
     for op in ops.by_ref() {
-        let sp = match tx.savepoint() {
-            Ok(sp) => sp,
-            Err(e) => {
-                answer_now(op, &Err(fail(e)));
-                continue;
+        // A publish runs in a savepoint of its own, so a failed one keeps nothing of its batch
+        // and takes nothing of the others' with it. Claims, settles and extensions need none:
+        // they cannot fail half-way except by an error that ends the whole transaction, and a
+        // savepoint costs a sub-journal copy of every page they touch.
+        let d = if matches!(op, Op::Publish { .. }) {
+            let sp = match tx.savepoint() {
+                Ok(sp) => sp,
+                Err(e) => {
+                    answer_now(op, &Err(fail(e)));
+                    continue;
+                }
+            };
+            let (d, ok) = apply(&sp, op, path, max_size);
+            // A failed publish's savepoint rolls back when dropped; the others' writes stay.
+            match ok.then(|| sp.commit()) {
+                Some(Err(e)) => d.failed(fail(e)),
+                _ => d,
             }
-        };
-        let (d, ok) = apply(&sp, op, path, max_size);
-        // A failed op's savepoint rolls back when dropped; the others' writes stay.
-        let d = match ok.then(|| sp.commit()) {
-            Some(Err(e)) => d.failed(fail(e)),
-            Some(Ok(())) => d,
-            None => d,
+        } else {
+            apply(&tx, op, path, max_size).0
         };
         done.push(d);
         if tx.is_autocommit() {
