@@ -53,8 +53,47 @@ impl Backend for SqliteBackend {
         .map_err(|e| e.to_string())?
     }
 
+    /// There is no server; what can die is a process holding the file. A `sqlite3` shell opens it,
+    /// takes the write lock in the middle of a transaction (a row inserted, not committed), and
+    /// is killed with SIGKILL half a second later. Meanwhile the suite's handles wait on the lock
+    /// (busy timeout) and then carry on; the dead writer's row must never show.
     async fn restart(&self) -> Result<(), String> {
-        Err("embedded store: there is no server process to restart".into())
+        let path = self.path();
+        tokio::task::spawn_blocking(move || {
+            use std::io::Write as _;
+            let mut shell = std::process::Command::new("sqlite3")
+                .arg(&path)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .map_err(|e| format!("no sqlite3 shell to hold the file ({e}): install sqlite3"))?;
+            let stdin = shell.stdin.as_mut().ok_or("sqlite3 stdin")?;
+            writeln!(
+                stdin,
+                ".timeout 5000\nBEGIN IMMEDIATE;\n\
+                 INSERT INTO stevedore_jobs (queue, body) VALUES ('conformance-dead-writer', 'never committed');"
+            )
+            .map_err(|e| e.to_string())?;
+            stdin.flush().map_err(|e| e.to_string())?;
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            shell.kill().map_err(|e| e.to_string())?;
+            shell.wait().map_err(|e| e.to_string())?;
+            let c = rusqlite::Connection::open(&path).map_err(|e| e.to_string())?;
+            let ghosts: i64 = c
+                .query_row(
+                    "SELECT COUNT(*) FROM stevedore_jobs WHERE queue = 'conformance-dead-writer'",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(|e| e.to_string())?;
+            if ghosts != 0 {
+                return Err("the killed writer's uncommitted row is in the store".into());
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| e.to_string())?
     }
 }
 

@@ -195,3 +195,56 @@ async fn acked_rows_leave_the_table() {
         "cost per job must not grow with the jobs ever processed"
     );
 }
+
+/// The two statements the README gives a non-Rust producer, run as written.
+#[tokio::test]
+async fn the_documented_plain_sqlite_inserts_reach_the_queue() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("stevedore.db");
+    let b = open(&path).await.expect("create the schema");
+    let statements = [
+        r#"INSERT INTO stevedore_jobs (queue, body) VALUES ('emails', '{"to":"a@b.c"}')"#,
+        r#"INSERT INTO stevedore_jobs (queue, headers, body) VALUES ('emails', '[["stevedore-job","send_email"]]', '{}')"#,
+    ];
+    // The sqlite3 shell where the machine has it (as the README runs them), else the same SQL
+    // through another connection.
+    let shell = std::process::Command::new("sqlite3")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    for sql in statements {
+        if shell {
+            let out = std::process::Command::new("sqlite3")
+                .arg(&path)
+                .arg(sql)
+                .output()
+                .expect("run sqlite3");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        } else {
+            let c = rusqlite::Connection::open(&path).expect("a plain client");
+            c.execute(sql, []).expect("the documented insert");
+        }
+    }
+    let got = b
+        .receive("emails", opts(10, Duration::from_secs(2)))
+        .await
+        .expect("receive");
+    assert_eq!(got.len(), 2);
+    assert_eq!(
+        got[0].envelope.job, None,
+        "no job: the queue's default_job runs it"
+    );
+    assert_eq!(&got[0].envelope.payload[..], br#"{"to":"a@b.c"}"#);
+    assert_eq!(got[1].envelope.job.as_deref(), Some("send_email"));
+    assert_eq!(got[1].delivery_count, 1);
+    // Ids are stable per row (the message has none of its own).
+    assert!(
+        got[0].envelope.id.starts_with("sqlite-"),
+        "{}",
+        got[0].envelope.id
+    );
+}
