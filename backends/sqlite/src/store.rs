@@ -4,7 +4,7 @@
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use stevedore_core::BrokerError;
 use tokio::sync::oneshot;
 
@@ -41,8 +41,6 @@ CREATE INDEX IF NOT EXISTS stevedore_jobs_leased
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most operations one group commit carries.
 const GROUP: usize = 128;
-/// How long a batch of only acks and releases waits for another operation to share its commit.
-const ACK_LINGER: Duration = Duration::from_millis(2);
 
 /// `synchronous` setting.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -273,18 +271,6 @@ pub(crate) fn writer(
         }
         while batch.len() < GROUP {
             match ops.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
-            }
-        }
-        // Acks alone wait a little for company: the next claim (or more acks) commits with them,
-        // one transaction instead of two. Nothing else waits.
-        let lingering = Instant::now() + ACK_LINGER;
-        while batch.len() < GROUP && batch.iter().all(|op| matches!(op, Op::Settle { .. })) {
-            let Some(left) = lingering.checked_duration_since(Instant::now()) else {
-                break;
-            };
-            match ops.recv_timeout(left) {
                 Ok(op) => batch.push(op),
                 Err(_) => break,
             }
