@@ -97,6 +97,26 @@ pub struct Capabilities {
     pub counts_deliveries: bool,
 }
 
+impl Capabilities {
+    /// [`crate::BrokerError::PayloadTooLarge`] for the first of `messages` over
+    /// [`Capabilities::max_payload`], before anything is sent: the check every backend's
+    /// `publish` starts with.
+    pub fn check_payloads(
+        &self,
+        messages: &[crate::Envelope],
+        backend: &'static str,
+    ) -> Result<(), crate::BrokerError> {
+        match messages.iter().find(|m| m.payload.len() > self.max_payload) {
+            Some(big) => Err(crate::BrokerError::PayloadTooLarge {
+                size: big.payload.len(),
+                max: self.max_payload,
+                backend,
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
 impl fmt::Display for Capabilities {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let delay = match self.delay {

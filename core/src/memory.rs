@@ -320,14 +320,7 @@ impl Broker for MemoryBroker {
     }
 
     async fn publish(&self, queue: &str, messages: Vec<Envelope>) -> Result<(), BrokerError> {
-        let max = self.shared.caps.max_payload;
-        if let Some(big) = messages.iter().find(|m| m.payload.len() > max) {
-            return Err(BrokerError::PayloadTooLarge {
-                size: big.payload.len(),
-                max,
-                backend: "memory",
-            });
-        }
+        self.shared.caps.check_payloads(&messages, "memory")?;
         let now = SystemTime::now();
         let mut map = self.lock()?;
         let q = map.entry(queue.to_string()).or_default();

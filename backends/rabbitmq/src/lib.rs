@@ -424,15 +424,7 @@ impl RabbitBroker {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(BrokerError::Closed);
         }
-        let max = self.inner.caps.max_payload;
-        match messages.iter().find(|m| m.payload.len() > max) {
-            Some(big) => Err(BrokerError::PayloadTooLarge {
-                size: big.payload.len(),
-                max,
-                backend: "rabbitmq",
-            }),
-            None => Ok(()),
-        }
+        self.inner.caps.check_payloads(messages, "rabbitmq")
     }
 
     fn current_link(&self) -> Option<Arc<Link>> {

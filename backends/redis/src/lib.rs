@@ -565,14 +565,7 @@ impl Broker for RedisBroker {
     }
 
     async fn publish(&self, queue: &str, messages: Vec<Envelope>) -> Result<(), BrokerError> {
-        let max = self.inner.caps.max_payload;
-        if let Some(big) = messages.iter().find(|m| m.payload.len() > max) {
-            return Err(BrokerError::PayloadTooLarge {
-                size: big.payload.len(),
-                max,
-                backend: "redis",
-            });
-        }
+        self.inner.caps.check_payloads(&messages, "redis")?;
         if messages.is_empty() {
             return Ok(());
         }
@@ -915,14 +908,7 @@ pub struct RedisDelayStore {
 impl DelayStore for RedisDelayStore {
     async fn schedule(&self, queue: &str, messages: Vec<Envelope>) -> Result<(), BrokerError> {
         let b = &self.broker;
-        let max = b.inner.caps.max_payload;
-        if let Some(big) = messages.iter().find(|m| m.payload.len() > max) {
-            return Err(BrokerError::PayloadTooLarge {
-                size: big.payload.len(),
-                max,
-                backend: "redis",
-            });
-        }
+        b.inner.caps.check_payloads(&messages, "redis")?;
         let (global, per_queue, msg_prefix) = (
             b.delay_key(),
             format!("{}{queue}", b.delay_queue_prefix()),

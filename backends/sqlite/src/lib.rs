@@ -305,14 +305,8 @@ impl SqliteBroker {
 }
 
 fn to_delivery(queue: &str, row: Claimed, lease: i64) -> Delivery {
-    let headers: Vec<(String, String)> = serde_json::from_str(&row.headers).unwrap_or_default();
-    let envelope = wire::from_wire(
-        headers,
-        Bytes::from(row.body),
-        &format!("sqlite-{}", row.id),
-    );
     Delivery {
-        envelope,
+        envelope: decode(row.id, &row.headers, row.body),
         receipt: Receipt::new(queue, Token { id: row.id, lease }),
         delivery_count: u32::try_from(row.deliveries.max(1)).unwrap_or(u32::MAX),
     }
@@ -334,14 +328,7 @@ impl Broker for SqliteBroker {
     }
 
     async fn publish(&self, queue: &str, messages: Vec<Envelope>) -> Result<(), BrokerError> {
-        let max = self.inner.caps.max_payload;
-        if let Some(big) = messages.iter().find(|m| m.payload.len() > max) {
-            return Err(BrokerError::PayloadTooLarge {
-                size: big.payload.len(),
-                max,
-                backend: "sqlite",
-            });
-        }
+        self.inner.caps.check_payloads(&messages, "sqlite")?;
         // `run_at` is when a message becomes ready: now, or its due time. Claims take the oldest
         // first, so a delayed message that came due queues up by its due time, not behind every
         // message published meanwhile.
