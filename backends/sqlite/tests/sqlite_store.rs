@@ -248,3 +248,62 @@ async fn the_documented_plain_sqlite_inserts_reach_the_queue() {
         got[0].envelope.id
     );
 }
+
+/// A read-only store file is refused with a clear error naming it, and left as it was. Made
+/// read-only with `chattr +i` (which binds root too: these tests run as root here, and root
+/// ignores permission bits), or with `chmod 444` where the tests run as another user.
+#[tokio::test]
+async fn a_read_only_file_is_refused_naming_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("frozen.db");
+    {
+        let b = open(&path).await.expect("create");
+        b.publish("q", vec![Envelope::new("j", "kept")])
+            .await
+            .expect("publish");
+        b.close().await.expect("close");
+    }
+    // Fold the WAL into the file, so the file alone holds the job.
+    {
+        let c = rusqlite::Connection::open(&path).expect("open");
+        let _: (i64, i64, i64) = c
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .expect("checkpoint");
+    }
+    let immutable = std::process::Command::new("chattr")
+        .arg("+i")
+        .arg(&path)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !immutable {
+        let mut perms = std::fs::metadata(&path).expect("metadata").permissions();
+        perms.set_readonly(true);
+        std::fs::set_permissions(&path, perms).expect("chmod");
+        assert!(
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .is_err(),
+            "cannot make {} read-only here: chattr +i failed and this user writes read-only files",
+            path.display()
+        );
+    }
+    let refusal = open(&path).await;
+    // Undo before asserting, so the temporary directory can always be removed.
+    if immutable {
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&path)
+            .status();
+    }
+    refused(refusal, &path, "is read-only");
+    let c =
+        rusqlite::Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .expect("open");
+    let n: i64 = c
+        .query_row("SELECT COUNT(*) FROM stevedore_jobs", [], |r| r.get(0))
+        .expect("count");
+    assert_eq!(n, 1, "the job is still there");
+}
