@@ -375,6 +375,71 @@ fn config_check_redacts_secrets_and_lists_notices() {
     );
 }
 
+/// Worker settings of the kill tests: 8 at a time, a 2 s lease (a killed worker's jobs come back
+/// after it), a 10 s drain.
+const KILL_WORKER: &str = r#"
+[worker]
+concurrency = 8
+shutdown_timeout = "10s"
+poll_wait = "200ms"
+
+[queues.default]
+concurrency = 8
+lease = "2s"
+"#;
+
+/// SIGKILLs `a` (no drain, no release, no final ack flush); returns the jobs it had started but
+/// not finished. `a` stays alive: its directory holds its output.
+fn kill_hard(a: &mut Run) -> Vec<u64> {
+    let _ = a.child.kill();
+    let _ = a.child.wait();
+    let l = lines(&a.out);
+    let done = tally(&l, "done");
+    tally(&l, "start")
+        .into_keys()
+        .filter(|n| !done.contains_key(n))
+        .collect()
+}
+
+/// After worker A was killed with `unfinished_a` in flight: waits until `jobs` distinct jobs are
+/// done by A or B, stops B with SIGTERM and checks that it exited 0, ran nothing twice and
+/// finished everything A was running. Returns (done by A, done by B, done by both).
+fn take_over(
+    out_a: &Path,
+    b: Run,
+    jobs: u64,
+    unfinished_a: &[u64],
+    limit: Duration,
+) -> (BTreeMap<u64, usize>, BTreeMap<u64, usize>, Vec<u64>) {
+    let out_b = b.out.clone();
+    wait_until("every job done by A or B", limit, || {
+        let mut all = tally(&lines(out_a), "done");
+        all.extend(tally(&lines(&out_b), "done"));
+        all.len() as u64 == jobs
+    });
+    signal(&b.child, "-TERM");
+    let (output, _, lines_b) = finish(b, Duration::from_secs(20));
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let done_a = tally(&lines(out_a), "done");
+    let done_b = tally(&lines_b, "done");
+    assert!(done_b.values().all(|&c| c == 1), "B ran nothing twice");
+    assert!(
+        unfinished_a.iter().all(|n| done_b.contains_key(n)),
+        "B finished every job A was running when it died: {unfinished_a:?}"
+    );
+    let twice = done_b
+        .keys()
+        .filter(|n| done_a.contains_key(n))
+        .copied()
+        .collect();
+    (done_a, done_b, twice)
+}
+
 /// Redis, two worker processes sharing a queue: one is killed with SIGKILL mid-run; the other
 /// finishes every job (the dead one's after their lease). Nothing is lost.
 #[test]
@@ -386,24 +451,12 @@ fn redis_two_workers_one_killed_loses_nothing() {
         url: url.clone(),
         prefix: prefix.clone(),
     };
-    let config = r#"
-[broker]
-kind = "redis"
-
-[worker]
-concurrency = 8
-shutdown_timeout = "10s"
-poll_wait = "200ms"
-
-[queues.default]
-concurrency = 8
-lease = "2s"
-"#;
+    let config = format!("[broker]\nkind = \"redis\"\n{KILL_WORKER}");
     let env = [
         ("STEVEDORE_BROKER__URL", url.as_str()),
         ("STEVEDORE_BROKER__KEY_PREFIX", prefix.as_str()),
     ];
-    let spawn = |jobs: u64| start_with(config, jobs, 40, &env);
+    let spawn = |jobs: u64| start_with(&config, jobs, 40, &env);
     const JOBS: u64 = 400;
     let a = spawn(JOBS);
     let out_a = a.out.clone();
@@ -422,43 +475,11 @@ lease = "2s"
     });
     // Kill A hard while it holds jobs.
     let mut a = a;
-    let _ = a.child.kill();
-    let _ = a.child.wait();
-    let started_a = tally(&lines(&out_a), "start");
-    let unfinished_a: Vec<u64> = started_a
-        .keys()
-        .filter(|n| !tally(&lines(&out_a), "done").contains_key(n))
-        .copied()
-        .collect();
-    wait_until("every job done by A or B", Duration::from_secs(60), || {
-        let mut all = tally(&lines(&out_a), "done");
-        for (n, c) in tally(&lines(&out_b), "done") {
-            *all.entry(n).or_insert(0) += c;
-        }
-        all.len() as u64 == JOBS
-    });
-    signal(&b.child, "-TERM");
-    let (output, _, lines_b) = finish(b, Duration::from_secs(15));
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let done_a = tally(&lines(&out_a), "done");
-    let done_b = tally(&lines_b, "done");
-    let twice: Vec<u64> = done_b
-        .keys()
-        .filter(|n| done_a.contains_key(n))
-        .copied()
-        .collect();
+    let unfinished_a = kill_hard(&mut a);
+    let (done_a, done_b, twice) =
+        take_over(&out_a, b, JOBS, &unfinished_a, Duration::from_secs(60));
     // At-least-once: only jobs A had finished but not yet acked when it died may run twice.
     assert!(twice.len() <= 8 + 100, "too many duplicates: {twice:?}");
-    assert!(done_b.values().all(|&c| c == 1), "B ran nothing twice");
-    assert!(
-        unfinished_a.iter().all(|n| done_b.contains_key(n)),
-        "B finished every job A was running when it died: {unfinished_a:?}"
-    );
     // Leave the shared Redis as we found it.
     if let Ok(mut c) = redis::Client::open(url.as_str()).and_then(|c| c.get_connection()) {
         let keys: Vec<String> = redis::cmd("KEYS")
@@ -584,16 +605,7 @@ fn rabbitmq_restart_mid_run_loses_nothing() {
 fn sqlite_worker_killed_mid_run_loses_nothing() {
     let _serial = serial();
     let dir = tempfile::tempdir().expect("temp dir");
-    let config = r#"
-[worker]
-concurrency = 8
-shutdown_timeout = "10s"
-poll_wait = "200ms"
-
-[queues.default]
-concurrency = 8
-lease = "2s"
-"#;
+    let config = KILL_WORKER;
     const JOBS: u64 = 5_000;
     let a = start_in(dir.path(), "-a", config, JOBS, 10, &[]);
     let out_a = a.out.clone();
@@ -642,48 +654,14 @@ lease = "2s"
     );
 
     let mut a = a;
-    let _ = a.child.kill(); // SIGKILL: no drain, no release, no final ack flush
-    let _ = a.child.wait();
-    let done_a = tally(&lines(&out_a), "done");
-    let started_a = tally(&lines(&out_a), "start");
-    let unfinished_a: Vec<u64> = started_a
-        .keys()
-        .filter(|n| !done_a.contains_key(n))
-        .copied()
-        .collect();
-
+    let unfinished_a = kill_hard(&mut a);
     let b = start_in(dir.path(), "-b", config, 0, 1, &[]);
-    let out_b = b.out.clone();
-    wait_until("every job done by A or B", Duration::from_secs(120), || {
-        let mut all = tally(&lines(&out_a), "done");
-        for (n, c) in tally(&lines(&out_b), "done") {
-            *all.entry(n).or_insert(0) += c;
-        }
-        all.len() as u64 == JOBS + 1
-    });
-    signal(&b.child, "-TERM");
-    let (output, _, lines_b) = finish(b, Duration::from_secs(20));
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let done_b = tally(&lines_b, "done");
-    assert!(done_b.values().all(|&c| c == 1), "B ran nothing twice");
+    let (done_a, done_b, twice) =
+        take_over(&out_a, b, JOBS + 1, &unfinished_a, Duration::from_secs(120));
     assert!(
         done_a.values().all(|&c| c == 1),
         "A ran nothing twice before it died"
     );
-    assert!(
-        unfinished_a.iter().all(|n| done_b.contains_key(n)),
-        "B finished every job A was running when it died: {unfinished_a:?}"
-    );
-    let twice: Vec<u64> = done_b
-        .keys()
-        .filter(|n| done_a.contains_key(n))
-        .copied()
-        .collect();
     // Only jobs A finished whose ack had not been committed yet may run again: at most the
     // jobs in flight plus one ack batch (the worker acks in batches of what finished meanwhile).
     assert!(twice.len() <= 8 + 64, "too many duplicates: {twice:?}");
