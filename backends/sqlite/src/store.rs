@@ -299,10 +299,7 @@ impl Done {
     }
 
     fn send(self, commit: &Result<(), BrokerError>) {
-        let fail = |e: &BrokerError| BrokerError::Other {
-            message: e.to_string(),
-            transient: e.is_transient(),
-        };
+        let fail = copy;
         // An op's own failure says more than the commit's.
         match self {
             Done::Unit(tx, r) => {
@@ -329,7 +326,7 @@ fn run_batch(conn: &mut Connection, path: &Path, max_size: Option<u64>, batch: V
     let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(tx) => tx,
         Err(e) => {
-            let err = Err(fail(e));
+            let err = fail(e);
             for op in batch {
                 answer_now(op, &err);
             }
@@ -348,7 +345,7 @@ fn run_batch(conn: &mut Connection, path: &Path, max_size: Option<u64>, batch: V
             let sp = match tx.savepoint() {
                 Ok(sp) => sp,
                 Err(e) => {
-                    answer_now(op, &Err(fail(e)));
+                    answer_now(op, &fail(e));
                     continue;
                 }
             };
@@ -385,14 +382,17 @@ fn run_batch(conn: &mut Connection, path: &Path, max_size: Option<u64>, batch: V
     ops.collect()
 }
 
-fn answer_now(op: Op, err: &Result<(), BrokerError>) {
-    let e = match err {
-        Err(e) => BrokerError::Other {
-            message: e.to_string(),
-            transient: e.is_transient(),
-        },
-        Ok(()) => BrokerError::transient("not run"),
-    };
+/// `e` once more, for each op it answers (`BrokerError` is not `Clone`).
+fn copy(e: &BrokerError) -> BrokerError {
+    BrokerError::Other {
+        message: e.to_string(),
+        transient: e.is_transient(),
+    }
+}
+
+/// Answers an op that did not run with `e`.
+fn answer_now(op: Op, e: &BrokerError) {
+    let e = copy(e);
     match op {
         Op::Publish { reply, .. } => {
             let _ = reply.send(Err(e));
