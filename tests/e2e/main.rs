@@ -18,7 +18,7 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 
 struct Run {
-    child: Child,
+    child: Reaped,
     out: PathBuf,
     port: u16,
     /// Where the worker runs (its working directory, config, logs and default store).
@@ -26,6 +26,32 @@ struct Run {
     /// Suffix of its file names.
     name: String,
     _owned: Option<tempfile::TempDir>,
+}
+
+/// A worker process that is killed if its test ends (or panics) while it still runs, so a failed
+/// test leaves no worker behind writing to the shared brokers.
+struct Reaped(Child);
+
+impl std::ops::Deref for Reaped {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }
 
 fn free_port() -> u16 {
@@ -78,7 +104,7 @@ fn start_in(
         .spawn()
         .expect("start the worker binary");
     Run {
-        child,
+        child: Reaped(child),
         out,
         port,
         dir: dir.to_path_buf(),
