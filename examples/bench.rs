@@ -12,7 +12,8 @@
 //! sqlite's raw loop is the best a hand-written rusqlite client does for the same durable work on
 //! one connection: each `BEGIN IMMEDIATE` transaction deletes the previous batch (the ack) and
 //! claims the next 100 with the same `UPDATE … RETURNING` over the same partial index, so one
-//! commit (one fsync with `synchronous=FULL`) serves 100 jobs.
+//! commit (one fsync with `synchronous=FULL`) serves 100 jobs. Both start from the same file
+//! state: the backlog written through the backend, the store closed, the file opened afresh.
 //!
 //! Raw loops: memory — `receive(100)` + `ack(batch)`; redis — `XREADGROUP COUNT 100` + one `XACK`
 //! of the batch, on one connection; rabbitmq — lapin on a durable quorum queue (what the backend
@@ -499,8 +500,15 @@ async fn main() -> Res<()> {
                     let r = raw_sqlite(durability, n).await?;
                     let path = store_path(&format!("worker-{durability}-{n}"));
                     remove_store(&path);
+                    // As in the raw loop (and as in a deployment, where producers and the
+                    // worker are separate processes): the backlog is written through one
+                    // store, which is closed; the worker opens the file afresh.
+                    let producer = open_sqlite(&path, durability).await?;
+                    fill(producer.as_ref(), "bench", n).await?;
+                    producer.close().await?;
+                    drop(producer);
                     let broker = open_sqlite(&path, durability).await?;
-                    let s = through_runtime(broker, "bench", n).await?;
+                    let s = work(broker, "bench", n).await?;
                     remove_store(&path);
                     (r, s)
                 }

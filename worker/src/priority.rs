@@ -173,6 +173,23 @@ impl Selector {
         Some(pick(index, false, self))
     }
 
+    /// Whether some level has a free slot (so [`Selector::pick`] would choose one).
+    pub(crate) fn pick_would_run(&self) -> bool {
+        (0..self.levels.len()).any(|i| self.capacity(i) > 0)
+    }
+
+    /// Holds `n` slots of level `i` for a receive on its way (so a second receive cannot take
+    /// them too), until [`Selector::unreserve`].
+    pub(crate) fn reserve(&mut self, i: usize, n: usize) {
+        self.levels[i].in_flight += n;
+    }
+
+    /// Gives back slots held by [`Selector::reserve`].
+    pub(crate) fn unreserve(&mut self, i: usize, n: usize) {
+        let l = &mut self.levels[i];
+        l.in_flight = l.in_flight.saturating_sub(n);
+    }
+
     /// Records a fetch from level `i` that returned `n` messages.
     pub(crate) fn received(&mut self, i: usize, n: usize, now: Instant) {
         let l = &mut self.levels[i];
@@ -238,6 +255,25 @@ mod tests {
         assert_eq!(s.pick(now).map(|p| p.index), Some(0));
         s.received(0, 0, now); // high turned out empty
         assert_eq!(s.pick(now).map(|p| p.index), Some(1));
+    }
+
+    #[test]
+    fn slots_held_for_a_receive_on_its_way_are_not_given_twice() {
+        let mut s = three(Mode::Weighted, 10);
+        let now = Instant::now();
+        let p = s.pick(now).expect("slots free");
+        assert_eq!(p.capacity, 10);
+        s.reserve(p.index, 10);
+        assert!(!s.pick_would_run(), "a second receive finds no slot");
+        assert_eq!(s.pick(now), None);
+        // It came back with 4 of the 10: the other 6 are free again, the 4 busy until finished.
+        s.unreserve(p.index, 10);
+        s.received(p.index, 4, now);
+        assert_eq!(s.capacity(p.index), 6);
+        for _ in 0..4 {
+            s.finished(p.index);
+        }
+        assert_eq!(s.capacity(p.index), 10);
     }
 
     #[test]

@@ -313,8 +313,44 @@ fn to_delivery(queue: &str, row: Claimed, lease: i64) -> Delivery {
 }
 
 fn decode(id: i64, headers: &str, body: Vec<u8>) -> Envelope {
-    let headers: Vec<(String, String)> = serde_json::from_str(headers).unwrap_or_default();
-    wire::from_wire(headers, Bytes::from(body), &format!("sqlite-{id}"))
+    let body = Bytes::from(body);
+    let mut env = match plain_pairs(headers) {
+        Some(pairs) => wire::from_wire(pairs, body, ""),
+        None => {
+            let pairs: Vec<(String, String)> = serde_json::from_str(headers).unwrap_or_default();
+            wire::from_wire(pairs, body, "")
+        }
+    };
+    if env.id.is_empty() {
+        env.id = format!("sqlite-{id}");
+    }
+    env
+}
+
+/// The headers column as this backend writes it (`[["name","value"],…]`: no whitespace, no
+/// escapes), as pairs borrowed from the text; `None` for any other JSON (a foreign producer's
+/// spacing or escapes), which then takes serde's path. Whatever it accepts, serde reads the same.
+fn plain_pairs(s: &str) -> Option<Vec<(&str, &str)>> {
+    let mut rest = s.strip_prefix('[')?.strip_suffix(']')?;
+    let mut out = Vec::with_capacity(8);
+    while !rest.is_empty() {
+        let r = rest.strip_prefix("[\"")?;
+        let (name, r) = r.split_once('"')?;
+        let r = r.strip_prefix(",\"")?;
+        let (value, r) = r.split_once('"')?;
+        let r = r.strip_prefix(']')?;
+        if name.contains('\\') || value.contains('\\') {
+            return None;
+        }
+        out.push((name, value));
+        rest = match r.strip_prefix(',') {
+            Some("") => return None,
+            Some(more) => more,
+            None if r.is_empty() => r,
+            None => return None,
+        };
+    }
+    Some(out)
 }
 
 #[async_trait]
@@ -523,5 +559,59 @@ impl Broker for SqliteBroker {
             .unwrap_or_else(|p| p.into_inner())
             .take();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_headers_read_as_serde_reads_them() {
+        let serde = |s: &str| serde_json::from_str::<Vec<(String, String)>>(s).ok();
+        let own = |s: &str| {
+            plain_pairs(s).map(|v| {
+                v.into_iter()
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .collect::<Vec<_>>()
+            })
+        };
+        let written = serde_json::to_string(&vec![
+            ("stevedore-id", "01J"),
+            ("stevedore-job", "send_email"),
+            ("x-note", "héllo, wörld ]["),
+            ("", ""),
+        ])
+        .unwrap();
+        for s in ["[]", r#"[["a","b"]]"#, r#"[["a","b"],["c","d"]]"#, &written] {
+            assert_eq!(own(s), serde(s), "{s}");
+            assert!(own(s).is_some(), "{s}");
+        }
+        // Anything else is left to serde: spacing, escapes, other shapes, broken text.
+        for s in [
+            r#"[ ["a","b"]]"#,
+            r#"[["a", "b"]]"#,
+            r#"[["a\"b","c"]]"#,
+            r#"[["a","b\\"]]"#,
+            r#"[["a","b"],]"#,
+            r#"[["a","b"]"#,
+            r#"[["a","b","c"]]"#,
+            r#"[["a"]]"#,
+            "",
+            "null",
+        ] {
+            assert_eq!(own(s), None, "{s}");
+        }
+    }
+
+    #[test]
+    fn a_row_without_an_id_header_is_named_by_its_row() {
+        let env = decode(7, "[]", b"{}".to_vec());
+        assert_eq!(env.id, "sqlite-7");
+        let env = decode(7, r#"[["stevedore-id","abc"]]"#, b"{}".to_vec());
+        assert_eq!(env.id, "abc");
+        let env = decode(7, r#"[["stevedore-job", "a\u0062"]]"#, b"{}".to_vec());
+        assert_eq!(env.job.as_deref(), Some("ab"));
+        assert_eq!(env.id, "sqlite-7");
     }
 }

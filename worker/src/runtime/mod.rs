@@ -90,6 +90,21 @@ impl ErrorBackoff {
     }
 }
 
+/// Most receives of one fetch loop in flight at once. A second receive is started only while
+/// the last one came back full (a backlog) and slots are free, so the broker has the next batch
+/// on its way while this one is handed out: on a broker that groups writes (sqlite) or pipelines
+/// commands (redis), the next claim then shares a round trip or a commit with the acks.
+const PIPELINE: usize = 2;
+
+/// One receive started by the fetch loop, with the slots it holds for what it brings.
+struct Fetched {
+    index: usize,
+    priority: Priority,
+    physical: String,
+    permits: Vec<OwnedSemaphorePermit>,
+    result: Result<Vec<Delivery>, BrokerError>,
+}
+
 /// The fetch loop of one logical queue. Ends when `soft` turns true; messages received after that
 /// are released at once.
 pub(crate) async fn fetch_loop(
@@ -113,54 +128,119 @@ pub(crate) async fn fetch_loop(
     );
     let idle_wait = (poll_wait / n_levels.max(1)).max(Duration::from_millis(10));
     let mut backoff = ErrorBackoff::default();
-    let mut permits: Vec<OwnedSemaphorePermit> = Vec::new();
-    loop {
+    let mut fetches: tokio::task::JoinSet<Fetched> = tokio::task::JoinSet::new();
+    // The level and slot count each receive on its way holds, by task.
+    let mut reserved: std::collections::HashMap<tokio::task::Id, (usize, usize)> =
+        std::collections::HashMap::new();
+    // Whether the last receive brought all it asked for: only then is another one started
+    // before it is handed out.
+    let mut full = false;
+    'run: loop {
         if *soft.borrow() {
             break;
         }
         while let Ok(i) = finished_rx.try_recv() {
             selector.finished(i);
         }
-        let Some(pick) = selector.pick(Instant::now()) else {
-            tokio::select! {
-                Some(i) = finished_rx.recv() => selector.finished(i),
-                _ = soft.changed() => {}
+        if fetches.is_empty() || (full && fetches.len() < PIPELINE) {
+            let mut permits = Vec::new();
+            if fetches.is_empty() {
+                // Nothing on its way: wait for a slot.
+                if selector.pick_would_run() {
+                    tokio::select! {
+                        p = global.clone().acquire_owned() => match p {
+                            Ok(p) => permits.push(p),
+                            Err(_) => break,
+                        },
+                        _ = soft.changed() => continue,
+                    }
+                }
+            } else if let Ok(p) = global.clone().try_acquire_owned() {
+                permits.push(p);
             }
-            continue;
-        };
-        let want = pick.capacity.min(ctx.cfg.batch).max(1);
-        permits.clear();
-        tokio::select! {
-            p = global.clone().acquire_owned() => match p {
-                Ok(p) => permits.push(p),
-                Err(_) => break,
+            if !permits.is_empty() {
+                match selector.pick(Instant::now()) {
+                    // A long poll only when nothing else is on its way.
+                    Some(pick) if !pick.idle || fetches.is_empty() => {
+                        let want = pick.capacity.min(ctx.cfg.batch).max(1);
+                        while permits.len() < want {
+                            match global.clone().try_acquire_owned() {
+                                Ok(p) => permits.push(p),
+                                Err(_) => break,
+                            }
+                        }
+                        permits.truncate(want);
+                        selector.reserve(pick.index, permits.len());
+                        let level = selector.level(pick.index);
+                        let (priority, physical) = (level.priority, level.physical.clone());
+                        let opts = ReceiveOptions {
+                            max: permits.len(),
+                            wait: if pick.idle { idle_wait } else { Duration::ZERO },
+                            lease: ctx.cfg.lease,
+                        };
+                        let broker = ctx.broker().clone();
+                        let index = pick.index;
+                        let held = permits.len();
+                        let task = fetches.spawn(async move {
+                            let result = broker.receive(&physical, opts).await;
+                            Fetched {
+                                index,
+                                priority,
+                                physical,
+                                permits,
+                                result,
+                            }
+                        });
+                        reserved.insert(task.id(), (index, held));
+                        continue;
+                    }
+                    _ => drop(permits),
+                }
+            }
+        }
+        let fetched = tokio::select! {
+            Some(done) = fetches.join_next_with_id(), if !fetches.is_empty() => match done {
+                Ok((id, f)) => {
+                    reserved.remove(&id);
+                    f
+                }
+                Err(e) => {
+                    // A receive that panicked: its slots come back; what it held returns after
+                    // its lease.
+                    if let Some((index, held)) = reserved.remove(&e.id()) {
+                        selector.unreserve(index, held);
+                    }
+                    tracing::error!(queue = %ctx.name, error = %e, "a receive failed unexpectedly");
+                    full = false;
+                    continue;
+                }
             },
-            _ = soft.changed() => continue,
-        }
-        while permits.len() < want {
-            match global.clone().try_acquire_owned() {
-                Ok(p) => permits.push(p),
-                Err(_) => break,
+            Some(i) = finished_rx.recv() => {
+                selector.finished(i);
+                continue;
             }
-        }
-        let level = selector.level(pick.index).clone();
-        let opts = ReceiveOptions {
-            max: permits.len(),
-            wait: if pick.idle { idle_wait } else { Duration::ZERO },
-            lease: ctx.cfg.lease,
+            _ = soft.changed() => continue,
         };
-        match ctx.broker().receive(&level.physical, opts).await {
+        let Fetched {
+            index,
+            priority,
+            physical,
+            mut permits,
+            result,
+        } = fetched;
+        selector.unreserve(index, permits.len());
+        match result {
             Ok(deliveries) => {
                 backoff.reset();
-                selector.received(pick.index, deliveries.len(), Instant::now());
+                full = !deliveries.is_empty() && deliveries.len() >= permits.len();
+                selector.received(index, deliveries.len(), Instant::now());
                 if *soft.borrow() {
                     release_unstarted(&ctx, deliveries).await;
-                    break;
+                    break 'run;
                 }
                 for d in deliveries {
                     let Some(permit) = permits.pop() else { break };
                     let ctx = ctx.clone();
-                    let (index, priority) = (pick.index, level.priority);
                     let fut = async move {
                         run_job(&ctx, priority, d).await;
                         let _ = ctx.finished.send(index);
@@ -170,14 +250,25 @@ pub(crate) async fn fetch_loop(
                 }
             }
             Err(e) => {
-                permits.clear();
+                full = false;
+                drop(permits);
                 let pause = backoff.next();
-                tracing::warn!(queue = %ctx.name, physical = %level.physical, error = %e, transient = e.is_transient(), retry_in = ?pause, "receive failed");
+                tracing::warn!(queue = %ctx.name, %physical, error = %e, transient = e.is_transient(), retry_in = ?pause, "receive failed");
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => {}
                     _ = soft.changed() => {}
                 }
             }
+        }
+    }
+    // Receives still on their way when the loop stopped: what they bring goes back at once.
+    while let Some(done) = fetches.join_next().await {
+        if let Ok(Fetched {
+            result: Ok(deliveries),
+            ..
+        }) = done
+        {
+            release_unstarted(&ctx, deliveries).await;
         }
     }
 }
