@@ -46,7 +46,7 @@ use stevedore_core::{
     to_millis, wire, Broker, BrokerError, Capabilities, DelaySupport, Delivery, Depth, Envelope,
     LeaseSupport, OrderingSupport, Receipt, ReceiveOptions,
 };
-use store::{Claimed, NewRow, Op, Settle};
+use store::{ClaimedRow, NewRow, Op, Settle};
 use tokio::sync::{oneshot, Notify};
 
 /// Default largest payload: 16 MiB.
@@ -248,9 +248,11 @@ impl SqliteBroker {
                 reply,
             })
             .await?;
+        let buf = Bytes::from(rows.buf);
         Ok(rows
+            .rows
             .into_iter()
-            .map(|row| to_delivery(queue, row, token))
+            .map(|row| to_delivery(queue, &buf, row, token))
             .collect())
     }
 
@@ -304,16 +306,30 @@ impl SqliteBroker {
     }
 }
 
-fn to_delivery(queue: &str, row: Claimed, lease: i64) -> Delivery {
+fn to_delivery(queue: &str, buf: &Bytes, row: ClaimedRow, lease: i64) -> Delivery {
+    let raw = &buf[row.headers];
+    // Validating is cheaper than the lossy scan; only a foreign row that is not UTF-8 pays for it.
+    let headers = match std::str::from_utf8(raw) {
+        Ok(s) => std::borrow::Cow::Borrowed(s),
+        Err(_) => String::from_utf8_lossy(raw),
+    };
     Delivery {
-        envelope: decode(row.id, &row.headers, row.body),
+        envelope: decode(row.id, &headers, body_of(buf, row.body)),
         receipt: Receipt::new(queue, Token { id: row.id, lease }),
         delivery_count: u32::try_from(row.deliveries.max(1)).unwrap_or(u32::MAX),
     }
 }
 
-fn decode(id: i64, headers: &str, body: Vec<u8>) -> Envelope {
-    let body = Bytes::from(body);
+/// A large body gets its own copy, so a long job does not keep its whole batch's buffer alive.
+fn body_of(buf: &Bytes, range: std::ops::Range<usize>) -> Bytes {
+    if range.len() > 64 * 1024 {
+        Bytes::copy_from_slice(&buf[range])
+    } else {
+        buf.slice(range)
+    }
+}
+
+fn decode(id: i64, headers: &str, body: Bytes) -> Envelope {
     let mut env = match plain_pairs(headers) {
         Some(pairs) => wire::from_wire(pairs, body, ""),
         None => {
@@ -485,7 +501,7 @@ impl Broker for SqliteBroker {
                 Ok(decode(
                     r.get(0)?,
                     &store::text(r.get_ref(1)?),
-                    store::bytes(r.get_ref(2)?),
+                    Bytes::from(store::bytes(r.get_ref(2)?)),
                 ))
             })?;
             for e in ready {
@@ -500,7 +516,7 @@ impl Broker for SqliteBroker {
                 Ok(decode(
                     r.get(0)?,
                     &store::text(r.get_ref(1)?),
-                    store::bytes(r.get_ref(2)?),
+                    Bytes::from(store::bytes(r.get_ref(2)?)),
                 ))
             })?;
             for e in held {
@@ -606,11 +622,15 @@ mod tests {
 
     #[test]
     fn a_row_without_an_id_header_is_named_by_its_row() {
-        let env = decode(7, "[]", b"{}".to_vec());
+        let env = decode(7, "[]", Bytes::from_static(b"{}"));
         assert_eq!(env.id, "sqlite-7");
-        let env = decode(7, r#"[["stevedore-id","abc"]]"#, b"{}".to_vec());
+        let env = decode(7, r#"[["stevedore-id","abc"]]"#, Bytes::from_static(b"{}"));
         assert_eq!(env.id, "abc");
-        let env = decode(7, r#"[["stevedore-job", "a\u0062"]]"#, b"{}".to_vec());
+        let env = decode(
+            7,
+            r#"[["stevedore-job", "a\u0062"]]"#,
+            Bytes::from_static(b"{}"),
+        );
         assert_eq!(env.job.as_deref(), Some("ab"));
         assert_eq!(env.id, "sqlite-7");
     }

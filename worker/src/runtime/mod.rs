@@ -241,11 +241,14 @@ pub(crate) async fn fetch_loop(
                 for d in deliveries {
                     let Some(permit) = permits.pop() else { break };
                     let ctx = ctx.clone();
-                    let fut = async move {
+                    // Boxed where it is made: the job's state machine is kilobytes, and tokio
+                    // moves a spawned future several times (into the task cell, its stage);
+                    // boxed, each move is a pointer.
+                    let fut = Box::pin(async move {
                         run_job(&ctx, priority, d).await;
                         let _ = ctx.finished.send(index);
                         drop(permit);
-                    };
+                    });
                     tokio::spawn(fut);
                 }
             }
