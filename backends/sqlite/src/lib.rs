@@ -113,7 +113,10 @@ struct Inner {
     path: PathBuf,
     caps: Capabilities,
     ops: Mutex<Option<mpsc::Sender<Op>>>,
-    reader: Arc<Mutex<Connection>>,
+    /// Joined by `close`, so the file is checkpointed and closed when it returns.
+    writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// `None` once closed.
+    reader: Arc<Mutex<Option<Connection>>>,
     /// Wakes this process's waiting receives when it commits something they may want.
     changed: Notify,
     closed: AtomicBool,
@@ -161,7 +164,7 @@ impl SqliteBroker {
         .map_err(|e| BrokerError::permanent(format!("opening the store panicked: {e}")))??;
         let (tx, rx) = mpsc::channel();
         let path = config.path.clone();
-        std::thread::Builder::new()
+        let writer_thread = std::thread::Builder::new()
             .name("stevedore-sqlite-writer".into())
             .spawn(move || store::writer(writer, path, max_size, rx))
             .map_err(|e| BrokerError::permanent(format!("cannot start the writer thread: {e}")))?;
@@ -175,7 +178,8 @@ impl SqliteBroker {
                 path: config.path,
                 caps: capabilities(config.max_payload),
                 ops: Mutex::new(Some(tx)),
-                reader: Arc::new(Mutex::new(reader)),
+                writer_thread: Mutex::new(Some(writer_thread)),
+                reader: Arc::new(Mutex::new(Some(reader))),
                 changed: Notify::new(),
                 closed: AtomicBool::new(false),
                 tokens: AtomicU64::new(seed),
@@ -219,7 +223,8 @@ impl SqliteBroker {
         let path = self.inner.path.clone();
         tokio::task::spawn_blocking(move || {
             let c = reader.lock().unwrap_or_else(|p| p.into_inner());
-            f(&c).map_err(|e| store::file_error(&path, &e))
+            let c = c.as_ref().ok_or(BrokerError::Closed)?;
+            f(c).map_err(|e| store::file_error(&path, &e))
         })
         .await
         .map_err(|e| BrokerError::transient(format!("a read of the store panicked: {e}")))?
@@ -566,6 +571,9 @@ impl Broker for SqliteBroker {
         })
     }
 
+    /// Stops taking writes, lets the writer finish what is queued, and returns once that is
+    /// committed and both of this broker's connections are closed. Idempotent; every clone is
+    /// closed with it.
     async fn close(&self) -> Result<(), BrokerError> {
         self.inner.closed.store(true, Ordering::Release);
         // Dropping the sender lets the writer finish what is queued, then stop.
@@ -574,6 +582,25 @@ impl Broker for SqliteBroker {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
+        let thread = self
+            .inner
+            .writer_thread
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let reader = self.inner.reader.clone();
+        // A read still running holds the lock; it finishes first.
+        tokio::task::spawn_blocking(move || {
+            reader.lock().unwrap_or_else(|p| p.into_inner()).take()
+        })
+        .await
+        .map_err(|e| BrokerError::permanent(format!("closing the store: {e}")))?;
+        if let Some(thread) = thread {
+            tokio::task::spawn_blocking(move || thread.join())
+                .await
+                .map_err(|e| BrokerError::permanent(format!("closing the store: {e}")))?
+                .map_err(|_| BrokerError::permanent("the store's writer thread panicked"))?;
+        }
         Ok(())
     }
 }

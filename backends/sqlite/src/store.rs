@@ -39,6 +39,8 @@ CREATE INDEX IF NOT EXISTS stevedore_jobs_leased
 
 /// How long a connection waits for another process's write lock before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest the `-wal` file is kept between bursts, in bytes.
+pub(crate) const WAL_LIMIT: i64 = 16 * 1024 * 1024;
 /// Most operations one group commit carries.
 const GROUP: usize = 128;
 
@@ -179,6 +181,15 @@ pub(crate) fn open_writer(
         Durability::Normal => "NORMAL",
     };
     conn.pragma_update(None, "synchronous", sync)
+        .map_err(fail)?;
+    // The WAL file keeps its high-water size unless told otherwise: after a burst (one huge
+    // publish, a backlog drained) it is cut back to this when the log restarts.
+    let _: i64 = conn
+        .query_row(
+            &format!("PRAGMA journal_size_limit = {WAL_LIMIT}"),
+            [],
+            |r| r.get(0),
+        )
         .map_err(fail)?;
     migrate(&conn, path)?;
     if let Some(bytes) = max_size {

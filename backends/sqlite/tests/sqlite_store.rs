@@ -307,3 +307,54 @@ async fn a_read_only_file_is_refused_naming_it() {
         .expect("count");
     assert_eq!(n, 1, "the job is still there");
 }
+
+fn wal_size(db: &Path) -> u64 {
+    let mut p = db.as_os_str().to_owned();
+    p.push("-wal");
+    std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wal_shrinks_back_after_a_burst_and_nothing_is_lost() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("jobs.db");
+    let b = open(&path).await.expect("open");
+    // One 40 MiB publish: the log must hold it whole until it commits.
+    let big: Vec<Envelope> = (0..40)
+        .map(|i| Envelope::new("big", vec![b'x'; 1024 * 1024]).with_header("n", i.to_string()))
+        .collect();
+    b.publish("burst", big).await.expect("publish");
+    let high = wal_size(&path);
+    assert!(
+        high > 40 * 1024 * 1024,
+        "the burst went through the log: {high}"
+    );
+    let mut left = 40;
+    while left > 0 {
+        let got = b
+            .receive("burst", opts(10, Duration::ZERO))
+            .await
+            .expect("receive");
+        assert!(!got.is_empty(), "{left} still to come");
+        left -= got.len();
+        let r: Vec<_> = got.into_iter().map(|d| d.receipt).collect();
+        b.ack(&r).await.expect("ack");
+    }
+    // Ordinary small commits afterwards: the log restarts and is cut back to its limit.
+    for _ in 0..200 {
+        b.publish("small", vec![Envelope::new("small", &b"{}"[..])])
+            .await
+            .expect("publish");
+    }
+    assert_eq!(b.depth("small").await.expect("depth").ready, 200);
+    let after = wal_size(&path);
+    assert!(
+        after <= 17 * 1024 * 1024,
+        "the log is cut back after the burst: {after} bytes (was {high})"
+    );
+    b.close().await.expect("close");
+    let again = open(&path).await.expect("reopen");
+    let d = again.depth("small").await.expect("depth");
+    assert_eq!(d.ready, 200, "everything committed is in the file");
+    again.close().await.expect("close");
+}
