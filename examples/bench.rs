@@ -410,7 +410,8 @@ fn idle_rss_kib(backend: &str) -> Option<u64> {
     );
     if backend == "redis" {
         cmd.env("STEVEDORE_BROKER__KIND", "redis")
-            .env("STEVEDORE_BROKER__URL", redis_url());
+            .env("STEVEDORE_BROKER__URL", redis_url())
+            .env("STEVEDORE_BROKER__KEY_PREFIX", idle_prefix());
     }
     if backend == "rabbitmq" {
         cmd.env("STEVEDORE_BROKER__KIND", "rabbitmq")
@@ -525,7 +526,13 @@ async fn main() -> Res<()> {
                     let s = through_runtime(broker, &queue, n).await?;
                     let client = redis::Client::open(url.as_str())?;
                     let mut c = client.get_multiplexed_async_connection().await?;
-                    let _: () = redis::cmd("DEL").arg(&queue).query_async(&mut c).await?;
+                    // The queue, the dead-letter stream `prepare` made, and the lease hash.
+                    let _: () = redis::cmd("DEL")
+                        .arg(&queue)
+                        .arg(format!("{queue}__dlq"))
+                        .arg(format!("stevedore:leases:{queue}"))
+                        .query_async(&mut c)
+                        .await?;
                     (r, s)
                 }
                 other => {
@@ -550,6 +557,18 @@ async fn main() -> Res<()> {
         println!("{n:>10} {r:>14.0} {s:>14.0} {:>7.2}   (per-round ratios {lo:.2}–{hi:.2}, {ROUNDS} rounds){label}", s / r);
     }
     let idle = idle_rss_kib(&backend);
+    if backend == "redis" {
+        // What the idle worker made, all under its own prefix.
+        let client = redis::Client::open(redis_url().as_str())?;
+        let mut c = client.get_multiplexed_async_connection().await?;
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}*", idle_prefix()))
+            .query_async(&mut c)
+            .await?;
+        if !keys.is_empty() {
+            let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut c).await?;
+        }
+    }
     if backend == "rabbitmq" {
         delete_rabbitmq_queues(
             &rabbitmq_url(),
