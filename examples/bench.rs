@@ -270,15 +270,22 @@ async fn open_sqlite(path: &std::path::Path, durability: &str) -> Res<Arc<dyn Br
     Ok(Arc::new(stevedore_sqlite::SqliteBroker::open(cfg).await?))
 }
 
+/// A fresh store at `path` with `n` jobs in `queue`, written through the backend and closed, so
+/// the loop measured next opens the file afresh (as a worker process does, apart from its
+/// producers).
+async fn fill_store(path: &std::path::Path, durability: &str, queue: &str, n: usize) -> Res<()> {
+    remove_store(path);
+    let producer = open_sqlite(path, durability).await?;
+    fill(producer.as_ref(), queue, n).await?;
+    producer.close().await?;
+    Ok(())
+}
+
 /// The raw rusqlite loop (see the module docs), on a backlog written by the backend itself so
 /// both loops read the same rows.
 async fn raw_sqlite(durability: &str, n: usize) -> Res<f64> {
     let path = store_path(&format!("raw-{durability}-{n}"));
-    remove_store(&path);
-    let broker = open_sqlite(&path, durability).await?;
-    fill(broker.as_ref(), "raw", n).await?;
-    broker.close().await?;
-    drop(broker);
+    fill_store(&path, durability, "raw", n).await?;
     let sync = if durability == "normal" {
         "NORMAL"
     } else {
@@ -500,14 +507,7 @@ async fn main() -> Res<()> {
                 "sqlite" => {
                     let r = raw_sqlite(durability, n).await?;
                     let path = store_path(&format!("worker-{durability}-{n}"));
-                    remove_store(&path);
-                    // As in the raw loop (and as in a deployment, where producers and the
-                    // worker are separate processes): the backlog is written through one
-                    // store, which is closed; the worker opens the file afresh.
-                    let producer = open_sqlite(&path, durability).await?;
-                    fill(producer.as_ref(), "bench", n).await?;
-                    producer.close().await?;
-                    drop(producer);
+                    fill_store(&path, durability, "bench", n).await?;
                     let broker = open_sqlite(&path, durability).await?;
                     let s = work(broker, "bench", n).await?;
                     remove_store(&path);

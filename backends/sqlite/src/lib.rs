@@ -113,7 +113,7 @@ struct Inner {
     path: PathBuf,
     caps: Capabilities,
     ops: Mutex<Option<mpsc::Sender<Op>>>,
-    /// Joined by `close`, so the file is checkpointed and closed when it returns.
+    /// Joined by `close`, so what was queued is committed when it returns.
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// `None` once closed.
     reader: Arc<Mutex<Option<Connection>>>,

@@ -73,7 +73,6 @@ pub(crate) struct ClaimedRow {
 /// The rows one claim took, oldest first. Every row's headers and body are copied into one
 /// buffer: one allocation per claim instead of two per row, made and filled on the writer
 /// thread, and the bodies then share it without another copy.
-#[derive(Default)]
 pub(crate) struct Claimed {
     pub buf: Vec<u8>,
     pub rows: Vec<ClaimedRow>,
@@ -600,22 +599,13 @@ fn settle(c: &Connection, items: &[(i64, i64)], how: Settle) -> rusqlite::Result
 
 /// A column as text, whatever a foreign producer stored (NULL and blobs included).
 pub(crate) fn text(v: rusqlite::types::ValueRef<'_>) -> String {
-    use rusqlite::types::ValueRef;
-    match v {
-        ValueRef::Text(t) | ValueRef::Blob(t) => String::from_utf8_lossy(t).into_owned(),
-        ValueRef::Integer(i) => i.to_string(),
-        ValueRef::Real(f) => f.to_string(),
-        ValueRef::Null => String::new(),
-    }
+    String::from_utf8(bytes(v))
+        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 /// A column as bytes, whatever a foreign producer stored (`sqlite3` inserts text literals).
 pub(crate) fn bytes(v: rusqlite::types::ValueRef<'_>) -> Vec<u8> {
-    use rusqlite::types::ValueRef;
-    match v {
-        ValueRef::Text(t) | ValueRef::Blob(t) => t.to_vec(),
-        ValueRef::Integer(i) => i.to_string().into_bytes(),
-        ValueRef::Real(f) => f.to_string().into_bytes(),
-        ValueRef::Null => Vec::new(),
-    }
+    let mut out = Vec::new();
+    append(&mut out, v);
+    out
 }

@@ -22,6 +22,8 @@ use crate::router::Routes;
 use crate::shutdown::ShutdownHandle;
 use crate::stats::{JobResult, QueueStats, Stats};
 use crate::JobError;
+use futures::FutureExt;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use stevedore_core::{
@@ -129,9 +131,6 @@ pub(crate) async fn fetch_loop(
     let idle_wait = (poll_wait / n_levels.max(1)).max(Duration::from_millis(10));
     let mut backoff = ErrorBackoff::default();
     let mut fetches: tokio::task::JoinSet<Fetched> = tokio::task::JoinSet::new();
-    // The level and slot count each receive on its way holds, by task.
-    let mut reserved: std::collections::HashMap<tokio::task::Id, (usize, usize)> =
-        std::collections::HashMap::new();
     // Whether the last receive brought all it asked for: only then is another one started
     // before it is handed out.
     let mut full = false;
@@ -180,9 +179,15 @@ pub(crate) async fn fetch_loop(
                         };
                         let broker = ctx.broker().clone();
                         let index = pick.index;
-                        let held = permits.len();
-                        let task = fetches.spawn(async move {
-                            let result = broker.receive(&physical, opts).await;
+                        fetches.spawn(async move {
+                            // A receive that panics comes back as an error like any other, with
+                            // its slots, so the selector gets them back.
+                            let result = AssertUnwindSafe(broker.receive(&physical, opts))
+                                .catch_unwind()
+                                .await
+                                .unwrap_or_else(|_| {
+                                    Err(BrokerError::transient("the broker's receive panicked"))
+                                });
                             Fetched {
                                 index,
                                 priority,
@@ -191,7 +196,6 @@ pub(crate) async fn fetch_loop(
                                 result,
                             }
                         });
-                        reserved.insert(task.id(), (index, held));
                         continue;
                     }
                     _ => drop(permits),
@@ -199,18 +203,12 @@ pub(crate) async fn fetch_loop(
             }
         }
         let fetched = tokio::select! {
-            Some(done) = fetches.join_next_with_id(), if !fetches.is_empty() => match done {
-                Ok((id, f)) => {
-                    reserved.remove(&id);
-                    f
-                }
+            Some(done) = fetches.join_next(), if !fetches.is_empty() => match done {
+                Ok(f) => f,
+                // Only a cancelled task ends without its `Fetched`, and none is cancelled while
+                // the loop runs.
                 Err(e) => {
-                    // A receive that panicked: its slots come back; what it held returns after
-                    // its lease.
-                    if let Some((index, held)) = reserved.remove(&e.id()) {
-                        selector.unreserve(index, held);
-                    }
-                    tracing::error!(queue = %ctx.name, error = %e, "a receive failed unexpectedly");
+                    tracing::error!(queue = %ctx.name, error = %e, "a receive task was lost");
                     full = false;
                     continue;
                 }
@@ -232,7 +230,7 @@ pub(crate) async fn fetch_loop(
         match result {
             Ok(deliveries) => {
                 backoff.reset();
-                full = !deliveries.is_empty() && deliveries.len() >= permits.len();
+                full = deliveries.len() >= permits.len();
                 selector.received(index, deliveries.len(), Instant::now());
                 if *soft.borrow() {
                     release_unstarted(&ctx, deliveries).await;
