@@ -370,3 +370,66 @@ impl Drop for RedisKeys {
         }
     }
 }
+
+/// A private moto SQS server (`moto_server` from PyPI's `moto[server]`, which `.ci/run`
+/// installs) on a free 127.0.0.1 port, stopped on drop. moto keeps its state in memory: a
+/// restart comes back with no queues and no messages.
+pub struct MotoServer {
+    port: u16,
+    child: Mutex<Option<Child>>,
+}
+
+impl MotoServer {
+    /// Starts one; fails with a message saying what is missing.
+    pub fn start() -> Result<MotoServer, String> {
+        let s = MotoServer {
+            port: free_port()?,
+            child: Mutex::new(None),
+        };
+        s.spawn()?;
+        Ok(s)
+    }
+
+    /// `http://127.0.0.1:<port>`, the endpoint to give the SDK.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&self) -> Result<(), String> {
+        let child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &self.port.to_string()])
+            // moto itself never calls out, but keep any AWS library in it off the metadata address.
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| {
+                format!(
+                    "cannot start moto_server (pip install 'moto[server]'; .ci/run installs it): {e}"
+                )
+            })?;
+        *self.child.lock().unwrap_or_else(|p| p.into_inner()) = Some(child);
+        wait_for_port(self.port, "private moto_server")
+    }
+
+    /// Stops the server.
+    pub fn stop(&self) {
+        if let Some(mut c) = self.child.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops it, stays down for `down`, and starts it again on the same port (empty).
+    pub fn restart(&self, down: Duration) -> Result<(), String> {
+        self.stop();
+        std::thread::sleep(down);
+        self.spawn()
+    }
+}
+
+impl Drop for MotoServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
