@@ -7,6 +7,7 @@
 //! cargo run --release -p stevedore-examples --bin bench -- redis 10000,100000,1000000   # REDIS_URL, default 127.0.0.1:6379
 //! cargo run --release -p stevedore-examples --bin bench -- rabbitmq 10000,100000        # RABBITMQ_URL, default 127.0.0.1:5672
 //! cargo run --release -p stevedore-examples --bin bench -- sqlite 10000,100000,1000000  # files in $TMPDIR, both durability settings
+//! cargo run --release -p stevedore-examples --bin bench -- sqs 500,2000                 # SQS_ENDPOINT, default http://127.0.0.1:9324 (moto_server)
 //! ```
 //!
 //! sqlite's raw loop is the best a hand-written rusqlite client does for the same durable work on
@@ -359,8 +360,9 @@ async fn through_runtime(broker: Arc<dyn Broker>, queue: &str, n: usize) -> Res<
 
 /// Runs a worker over a backlog of `n` no-op jobs already in `queue`; returns jobs/s.
 async fn work(broker: Arc<dyn Broker>, queue: &str, n: usize) -> Res<f64> {
+    let batch = broker.capabilities().max_batch.min(BATCH);
     let cfg = config::from_toml_str(
-        &format!("[http]\nenabled = false\n[worker]\nconcurrency = 512\n[queues.{queue}]\nconcurrency = 512\nbatch = 100\n"),
+        &format!("[http]\nenabled = false\n[worker]\nconcurrency = 512\n[queues.{queue}]\nconcurrency = 512\nbatch = {batch}\n"),
         None,
     )?;
     let worker = Worker::new(broker, Router::new().route("noop", noop), cfg)?;
@@ -387,6 +389,104 @@ async fn work(broker: Arc<dyn Broker>, queue: &str, n: usize) -> Res<f64> {
     stop.shutdown();
     run.await??;
     Ok(rate)
+}
+
+fn sqs_endpoint() -> String {
+    std::env::var("SQS_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:9324".into())
+}
+
+async fn sqs_broker(endpoint: &str) -> Res<Arc<dyn Broker>> {
+    let mut cfg = stevedore_sqs::SqsConfig::new(
+        "us-east-1",
+        stevedore_sqs::SqsCredentials::Static {
+            access_key_id: "testing".into(),
+            secret_access_key: "testing".into(),
+            session_token: None,
+        },
+    );
+    cfg.endpoint = Some(endpoint.to_string());
+    Ok(Arc::new(stevedore_sqs::SqsBroker::connect(cfg).await?))
+}
+
+/// The raw aws-sdk-sqs loop: `ReceiveMessage` of 10 (long poll), then one `DeleteMessageBatch`
+/// of what came, on one client, over a backlog written through the backend.
+async fn raw_sqs(endpoint: &str, n: usize) -> Res<f64> {
+    let queue = format!("bench-raw-{}-{n}", std::process::id());
+    let broker = sqs_broker(endpoint).await?;
+    broker.prepare(&[queue.clone()]).await?;
+    fill(broker.as_ref(), &queue, n).await?;
+    let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .credentials_provider(aws_credential_types::Credentials::new(
+            "testing", "testing", None, None, "bench",
+        ))
+        .load()
+        .await;
+    let c = aws_sdk_sqs::Client::new(&sdk);
+    let url = c
+        .get_queue_url()
+        .queue_name(&queue)
+        .send()
+        .await?
+        .queue_url
+        .unwrap_or_default();
+    let t = Instant::now();
+    let mut done = 0;
+    while done < n {
+        let got = c
+            .receive_message()
+            .queue_url(&url)
+            .max_number_of_messages(10)
+            .wait_time_seconds(1)
+            .visibility_timeout(60)
+            .send()
+            .await?
+            .messages
+            .unwrap_or_default();
+        if got.is_empty() {
+            continue;
+        }
+        let entries = got
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                aws_sdk_sqs::types::DeleteMessageBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .receipt_handle(m.receipt_handle().unwrap_or_default())
+                    .build()
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        c.delete_message_batch()
+            .queue_url(&url)
+            .set_entries(Some(entries))
+            .send()
+            .await?;
+        done += got.len();
+    }
+    let rate = n as f64 / t.elapsed().as_secs_f64();
+    c.delete_queue().queue_url(&url).send().await?;
+    Ok(rate)
+}
+
+async fn delete_sqs_queues(endpoint: &str, names: &[String]) -> Res<()> {
+    let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .credentials_provider(aws_credential_types::Credentials::new(
+            "testing", "testing", None, None, "bench",
+        ))
+        .load()
+        .await;
+    let c = aws_sdk_sqs::Client::new(&sdk);
+    for name in names {
+        if let Ok(out) = c.get_queue_url().queue_name(name).send().await {
+            if let Some(url) = out.queue_url {
+                c.delete_queue().queue_url(url).send().await?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -424,6 +524,19 @@ fn idle_rss_kib(backend: &str) -> Option<u64> {
         cmd.env("STEVEDORE_BROKER__KIND", "rabbitmq")
             .env("STEVEDORE_BROKER__URL", rabbitmq_url())
             .env("STEVEDORE_BROKER__KEY_PREFIX", idle_prefix());
+    }
+    if backend == "sqs" {
+        cmd.env("STEVEDORE_BROKER__KIND", "sqs")
+            .env("STEVEDORE_BROKER__ENDPOINT", sqs_endpoint())
+            .env("STEVEDORE_BROKER__REGION", "us-east-1")
+            .env("STEVEDORE_BROKER__ACCESS_KEY_ID", "testing")
+            .env("STEVEDORE_BROKER__SECRET_ACCESS_KEY", "testing")
+            .env(
+                "STEVEDORE_BROKER__KEY_PREFIX",
+                idle_prefix().replace('.', "-"),
+            )
+            .env("STEVEDORE_QUEUES__DEFAULT__BATCH", "10")
+            .env("AWS_EC2_METADATA_DISABLED", "true");
     }
     let mut child = cmd.spawn().ok()?;
     std::thread::sleep(Duration::from_secs(2));
@@ -535,9 +648,17 @@ async fn main() -> Res<()> {
                         .await?;
                     (r, s)
                 }
+                "sqs" => {
+                    let endpoint = sqs_endpoint();
+                    let r = raw_sqs(&endpoint, n).await?;
+                    let queue = format!("bench-{}-{n}", std::process::id());
+                    let s = through_runtime(sqs_broker(&endpoint).await?, &queue, n).await?;
+                    delete_sqs_queues(&endpoint, &[queue.clone(), format!("{queue}__dlq")]).await?;
+                    (r, s)
+                }
                 other => {
                     return Err(format!(
-                        "unknown backend {other:?}: memory, sqlite, redis or rabbitmq"
+                        "unknown backend {other:?}: memory, sqlite, redis, rabbitmq or sqs"
                     )
                     .into())
                 }
@@ -574,6 +695,14 @@ async fn main() -> Res<()> {
             &rabbitmq_url(),
             &idle_prefix(),
             &["default".to_string(), "default__dlq".to_string()],
+        )
+        .await?;
+    }
+    if backend == "sqs" {
+        let p = idle_prefix().replace('.', "-");
+        delete_sqs_queues(
+            &sqs_endpoint(),
+            &[format!("{p}default"), format!("{p}default__dlq")],
         )
         .await?;
     }

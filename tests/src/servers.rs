@@ -371,21 +371,32 @@ impl Drop for RedisKeys {
     }
 }
 
-/// A private moto SQS server (`moto_server` from PyPI's `moto[server]`, which `.ci/run`
-/// installs) on a free 127.0.0.1 port, stopped on drop. moto keeps its state in memory: a
-/// restart comes back with no queues and no messages.
+/// A private moto SQS server (PyPI's `moto[server]`, which `.ci/run` installs) on a free
+/// 127.0.0.1 port, stopped on drop. moto keeps its state in memory: a restart comes back with no
+/// queues and no messages.
+///
+/// It runs through `moto_server.py` beside this file, which gives moto a fast clock (moto reads
+/// the time twice per queued message on every request, through a slow datetime path: a receive
+/// on 1,000 queued messages took 1.1 s, 48 ms with the shim); nothing else of moto changes.
 pub struct MotoServer {
     port: u16,
+    dir: tempfile::TempDir,
     child: Mutex<Option<Child>>,
 }
+
+/// The moto launcher (see [`MotoServer`]).
+const MOTO_SHIM: &str = include_str!("moto_server.py");
 
 impl MotoServer {
     /// Starts one; fails with a message saying what is missing.
     pub fn start() -> Result<MotoServer, String> {
         let s = MotoServer {
             port: free_port()?,
+            dir: tempfile::tempdir().map_err(|e| e.to_string())?,
             child: Mutex::new(None),
         };
+        std::fs::write(s.dir.path().join("moto_server.py"), MOTO_SHIM)
+            .map_err(|e| format!("writing the moto launcher: {e}"))?;
         s.spawn()?;
         Ok(s)
     }
@@ -396,7 +407,8 @@ impl MotoServer {
     }
 
     fn spawn(&self) -> Result<(), String> {
-        let child = Command::new("moto_server")
+        let child = Command::new("python3")
+            .arg(self.dir.path().join("moto_server.py"))
             .args(["-H", "127.0.0.1", "-p", &self.port.to_string()])
             // moto itself never calls out, but keep any AWS library in it off the metadata address.
             .env("AWS_EC2_METADATA_DISABLED", "true")
@@ -405,11 +417,33 @@ impl MotoServer {
             .spawn()
             .map_err(|e| {
                 format!(
-                    "cannot start moto_server (pip install 'moto[server]'; .ci/run installs it): {e}"
+                    "cannot start python3 for moto's server (pip install 'moto[server]'; .ci/run installs it): {e}"
                 )
             })?;
+        let mut child = child;
+        let up = {
+            let t = Instant::now();
+            loop {
+                if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                    break Ok(());
+                }
+                if let Ok(Some(status)) = child.try_wait() {
+                    break Err(format!(
+                        "moto's server exited at start ({status}): is moto[server] installed? \
+                         (pip install 'moto[server]'; .ci/run installs it)"
+                    ));
+                }
+                if t.elapsed() > Duration::from_secs(20) {
+                    break Err(format!(
+                        "moto's server did not listen on 127.0.0.1:{} within 20s",
+                        self.port
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
         *self.child.lock().unwrap_or_else(|p| p.into_inner()) = Some(child);
-        wait_for_port(self.port, "private moto_server")
+        up
     }
 
     /// Stops the server.

@@ -36,7 +36,7 @@ const KNOWN: [(&str, Option<&str>); 5] = [
     ("redis", Some("redis")),
     ("rabbitmq", Some("rabbitmq")),
     ("sqlite", Some("sqlite")),
-    ("sqs", None),
+    ("sqs", Some("sqs")),
     ("kafka", None),
 ];
 
@@ -66,8 +66,8 @@ impl Backends {
         }
     }
 
-    /// `memory`, plus `sqlite` (a default feature), `redis` and `rabbitmq` when the crate is
-    /// built with those features.
+    /// `memory`, plus `sqlite` (a default feature), `redis`, `rabbitmq` and `sqs` when the crate
+    /// is built with those features.
     pub fn builtin() -> Self {
         #[allow(unused_mut)] // without features there is nothing to add
         let mut b = Self::empty().register(MemoryFactory);
@@ -82,6 +82,10 @@ impl Backends {
         #[cfg(feature = "rabbitmq")]
         {
             b = b.register(stevedore_rabbitmq::RabbitFactory);
+        }
+        #[cfg(feature = "sqs")]
+        {
+            b = b.register(stevedore_sqs::SqsFactory);
         }
         b
     }

@@ -21,7 +21,7 @@ use stevedore_core::{async_trait, names, Broker, BrokerError, Capabilities};
 /// | `endpoint` | AWS's | another endpoint: a local server (`"http://127.0.0.1:9324"`), a VPC endpoint |
 /// | `access_key_id`, `secret_access_key`, `session_token` | none | static credentials (set them through `STEVEDORE_BROKER__SECRET_ACCESS_KEY` rather than the file); both or neither |
 /// | `instance_metadata` | `false` | without static keys, also ask the EC2 instance-metadata service (on EC2) |
-/// | `queue_prefix` | `""` | prepended to every SQS queue name |
+/// | `key_prefix` | `""` | prepended to every SQS queue name |
 /// | `queue_urls` | none | table of physical queue name → URL of an existing queue, used as it is |
 /// | `fifo` | `false` | every queue is a FIFO queue (`<name>.fifo`) |
 /// | `fifo_queues` | `[]` | these logical queues (with their levels and dead letters) are FIFO queues |
@@ -39,7 +39,7 @@ struct SqsSettings {
     secret_access_key: Option<String>,
     session_token: Option<String>,
     instance_metadata: Option<bool>,
-    queue_prefix: Option<String>,
+    key_prefix: Option<String>,
     queue_urls: Option<BTreeMap<String, String>>,
     fifo: Option<bool>,
     fifo_queues: Option<Vec<String>>,
@@ -66,7 +66,7 @@ impl BackendFactory for SqsFactory {
             "secret_access_key",
             "session_token",
             "instance_metadata",
-            "queue_prefix",
+            "key_prefix",
             "queue_urls",
             "fifo",
             "fifo_queues",
@@ -121,14 +121,14 @@ impl BackendFactory for SqsFactory {
             };
         let mut config = SqsConfig::new(region, credentials);
         config.endpoint = s.endpoint;
-        config.queue_prefix = s.queue_prefix.unwrap_or_default();
+        config.key_prefix = s.key_prefix.unwrap_or_default();
         if !config
-            .queue_prefix
+            .key_prefix
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         {
             return Err(SettingsError::at(
-                "queue_prefix",
+                "key_prefix",
                 "may contain only ASCII letters, digits, '-' and '_' (SQS queue names)",
             ));
         }

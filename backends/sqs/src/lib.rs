@@ -5,7 +5,7 @@
 //!
 //! | Stevedore | SQS |
 //! |---|---|
-//! | physical queue (each priority level, the dead letters) | one SQS queue named `queue_prefix` + name (+ `.fifo`), created idempotently with 14 days' retention, or an existing URL from `queue_urls` |
+//! | physical queue (each priority level, the dead letters) | one SQS queue named `key_prefix` + name (+ `.fifo`), created idempotently with 14 days' retention, or an existing URL from `queue_urls` |
 //! | publish | `SendMessageBatch`, 10 per call, split so no call exceeds the queue's `MaximumMessageSize` (read from the queue, attributes counted) |
 //! | receive | `ReceiveMessage` with long polling (`WaitTimeSeconds` ≤ 20) and `VisibilityTimeout` = the lease, under an operation timeout so a long poll can never hang |
 //! | receipt | the receipt handle plus the lease's end as this process saw it |
@@ -137,7 +137,7 @@ pub struct SqsConfig {
     /// Where credentials come from.
     pub credentials: SqsCredentials,
     /// Prepended to every queue name the backend creates or looks up.
-    pub queue_prefix: String,
+    pub key_prefix: String,
     /// Existing queues by physical queue name, used instead of looking names up.
     pub queue_urls: BTreeMap<String, String>,
     /// Which queues are FIFO.
@@ -155,7 +155,7 @@ impl SqsConfig {
             region: region.into(),
             endpoint: None,
             credentials,
-            queue_prefix: String::new(),
+            key_prefix: String::new(),
             queue_urls: BTreeMap::new(),
             fifo: FifoQueues::default(),
             max_payload: DEFAULT_MAX_PAYLOAD,
@@ -269,6 +269,9 @@ fn now_ms() -> u64 {
     stevedore_core::to_millis(SystemTime::now())
 }
 
+/// What a missing-queue error says.
+const MISSING_QUEUE: &str = "the SQS queue does not exist";
+
 /// Whole seconds, rounded up, within `lo..=hi`.
 fn ceil_secs(d: Duration, lo: i32, hi: i32) -> i32 {
     let s = d.as_secs() + u64::from(d.subsec_nanos() > 0);
@@ -305,9 +308,10 @@ where
     let text = format!("{op} {queue}: SQS said {code}: {message}");
     match code.as_str() {
         "AWS.SimpleQueueService.NonExistentQueue" | "QueueDoesNotExist" => {
-            BrokerError::permanent(format!(
-                "{op} {queue}: the SQS queue does not exist (the worker creates its queues at \
-                 start; check broker.queue_prefix and broker.queue_urls)"
+            // Transient: the queue is looked up (or created) again on the next call.
+            BrokerError::transient(format!(
+                "{op} {queue}: {MISSING_QUEUE} (it is created again on the next call unless \
+                 broker.queue_urls names it; check broker.key_prefix and broker.queue_urls)"
             ))
         }
         "InvalidClientTokenId"
@@ -422,7 +426,7 @@ impl SqsBroker {
         let fifo = self.inner.config.fifo.is_fifo(physical);
         let name = format!(
             "{}{physical}{}",
-            self.inner.config.queue_prefix,
+            self.inner.config.key_prefix,
             if fifo { ".fifo" } else { "" }
         );
         let base = name.strip_suffix(".fifo").unwrap_or(&name);
@@ -436,7 +440,7 @@ impl SqsBroker {
                 queue: physical.to_string(),
                 reason: format!(
                     "SQS queue name {name:?} must be 1 to 80 ASCII letters, digits, '-' and '_' \
-                     (with its broker.queue_prefix and a .fifo suffix)"
+                     (with its broker.key_prefix and a .fifo suffix)"
                 ),
             });
         }
@@ -483,6 +487,19 @@ impl SqsBroker {
             .unwrap_or_else(|e| e.into_inner())
             .insert(physical.to_string(), info.clone());
         Ok(info)
+    }
+
+    /// Drops a queue from the cache after SQS said it does not exist (deleted, or a local
+    /// server restarted empty), so the next call looks it up or creates it again.
+    fn forget_if_missing(&self, physical: &str, e: BrokerError) -> BrokerError {
+        if e.to_string().contains(MISSING_QUEUE) {
+            self.inner
+                .queues
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(physical);
+        }
+        e
     }
 
     fn cached(&self, physical: &str) -> Option<Arc<QueueInfo>> {
@@ -634,7 +651,9 @@ impl SqsBroker {
                 .set_entries(Some(entries.clone()))
                 .send()
                 .await
-                .map_err(|e| sdk_error("SendMessageBatch", physical, e))?;
+                .map_err(|e| {
+                    self.forget_if_missing(physical, sdk_error("SendMessageBatch", physical, e))
+                })?;
             if out.failed.is_empty() {
                 return Ok(());
             }
@@ -808,7 +827,7 @@ impl SqsBroker {
         let out = tokio::time::timeout(limit, call)
             .await
             .map_err(|_| BrokerError::Timeout(limit))?
-            .map_err(|e| sdk_error("ReceiveMessage", queue, e))?;
+            .map_err(|e| self.forget_if_missing(queue, sdk_error("ReceiveMessage", queue, e)))?;
         let url: Arc<str> = url.into();
         let until = taken + Duration::from_secs(visibility as u64);
         let queue_name: Arc<str> = queue.into();

@@ -630,8 +630,21 @@ fn configure(toml: &str) -> Result<crate::backend::Configured, ConfigError> {
 
 #[test]
 fn broker_rules() {
-    let err = configure("[broker]\nkind = \"sqs\"\nregion = \"eu-west-1\"").unwrap_err();
-    assert_err(&err, "broker.kind", "\"sqs\" is not yet available");
+    let err = configure("[broker]\nkind = \"kafka\"").unwrap_err();
+    assert_err(&err, "broker.kind", "\"kafka\" is not yet available");
+    let sqs = configure("[broker]\nkind = \"sqs\"\nregion = \"eu-west-1\"");
+    if cfg!(feature = "sqs") {
+        let b = sqs.expect("sqs with a region is valid");
+        assert_eq!(b.capabilities().max_batch, 10);
+        let err = configure("[broker]\nkind = \"sqs\"").unwrap_err();
+        assert_err(&err, "broker.region", "required");
+    } else {
+        assert_err(
+            &sqs.unwrap_err(),
+            "broker.kind",
+            "build the stevedore crate with feature \"sqs\"",
+        );
+    }
     let err = configure("[broker]\nkind = \"\"").unwrap_err();
     assert_err(&err, "broker.kind", "unknown broker kind \"\"");
 
@@ -681,10 +694,10 @@ fn broker_rules() {
     assert_err(&err, "broker.max_payload", "at least 1");
     let err = configure("[broker]\nkind = \"memory\"\nmax_payload = \"big\"").unwrap_err();
     assert_err(&err, "broker.max_payload", "invalid type");
-    let err = configure("[broker]\nkind = \"memory\"\nregion = \"eu-west-1\"").unwrap_err();
+    let err = configure("[broker]\nkind = \"memory\"\ncolour = \"blue\"").unwrap_err();
     assert_err(
         &err,
-        "broker.region",
+        "broker.colour",
         "not a setting of the memory broker; it takes max_payload",
     );
     if cfg!(feature = "sqlite") {
