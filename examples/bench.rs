@@ -413,7 +413,7 @@ async fn sqs_broker(endpoint: &str) -> Res<Arc<dyn Broker>> {
 async fn raw_sqs(endpoint: &str, n: usize) -> Res<f64> {
     let queue = format!("bench-raw-{}-{n}", std::process::id());
     let broker = sqs_broker(endpoint).await?;
-    broker.prepare(&[queue.clone()]).await?;
+    broker.prepare(std::slice::from_ref(&queue)).await?;
     fill(broker.as_ref(), &queue, n).await?;
     let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
         .region(aws_config::Region::new("us-east-1"))

@@ -26,6 +26,54 @@ for name, f in (("unix_time", unix_time), ("unix_time_millis", unix_time_millis)
     if hasattr(sqs_models, name):
         setattr(sqs_models, name, f)
 
+# moto's server runs each request in a thread, and its SQS backend keeps no lock: two receives at
+# once can hand out one message with two receipt handles, and two deletes at once rebuild the
+# queue's message list from the same snapshot, so a deleted message comes back (seen with 20
+# concurrent consumers: acked messages delivered again 30 s later). SQS itself is atomic here.
+# One lock around every SQS backend call makes moto's requests atomic too (moto is bound by
+# Python's GIL anyway); a long poll gives the lock up while it waits, so it never holds up other
+# requests.
+import functools  # noqa: E402
+import threading  # noqa: E402
+
+_lock = threading.Lock()
+_held = threading.local()
+
+
+def _locked(f):
+    @functools.wraps(f)
+    def call(*args, **kwargs):
+        if getattr(_held, "yes", False):
+            return f(*args, **kwargs)
+        with _lock:
+            _held.yes = True
+            try:
+                return f(*args, **kwargs)
+            finally:
+                _held.yes = False
+
+    return call
+
+
+for _name, _f in list(vars(sqs_models.SQSBackend).items()):
+    if callable(_f) and not _name.startswith("_"):
+        setattr(sqs_models.SQSBackend, _name, _locked(_f))
+
+_wait = sqs_models.Queue.wait_for_messages
+
+
+def wait_for_messages(self, timeout):
+    _held.yes = False
+    _lock.release()
+    try:
+        return _wait(self, timeout)
+    finally:
+        _lock.acquire()
+        _held.yes = True
+
+
+sqs_models.Queue.wait_for_messages = wait_for_messages
+
 from moto.server import main  # noqa: E402
 
 sys.exit(main(sys.argv[1:]))

@@ -678,7 +678,7 @@ impl SqsBroker {
         Ok(())
     }
 
-    fn tokens<'a>(receipts: &'a [Receipt]) -> (Vec<(&'a Receipt, &'a Token)>, Option<String>) {
+    fn tokens(receipts: &[Receipt]) -> (Vec<(&Receipt, &Token)>, Option<String>) {
         let mut lost = None;
         let mut live = Vec::new();
         let now = Instant::now();
