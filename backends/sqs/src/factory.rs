@@ -247,8 +247,9 @@ mod tests {
         assert!(all.contains("FIFO"), "{all}");
         assert!(format!("{s:?}").find("s3cr3t").is_none());
         assert_eq!(
-            s.capabilities().ordering,
-            stevedore_core::OrderingSupport::PerKey
+            s.capabilities().delay,
+            stevedore_core::DelaySupport::None,
+            "FIFO queues take no per-message delay"
         );
     }
 }

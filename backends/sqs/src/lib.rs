@@ -177,11 +177,12 @@ pub fn capabilities(max_payload: usize, fifo: bool) -> Capabilities {
         lease: LeaseSupport::Timed {
             max: Some(MAX_VISIBILITY),
         },
-        ordering: if fifo {
-            OrderingSupport::PerKey
-        } else {
-            OrderingSupport::None
-        },
+        // Not yet on FIFO queues either: one ReceiveMessage hands out several messages of the
+        // same group at once, and the runtime runs a batch concurrently, so the second of a key
+        // could start while the first runs. Per-key order needs the backend to hand out one
+        // message per group at a time (conformance scenario 17 found it); until then it is not
+        // declared. Messages of a group are still delivered in publish order.
+        ordering: OrderingSupport::None,
         max_payload,
         max_batch: 10,
         durable: true,

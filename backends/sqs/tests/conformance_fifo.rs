@@ -1,6 +1,7 @@
-//! The conformance suite on SQS FIFO queues (every queue `<name>.fifo`, per-key order, delays
+//! The conformance suite on SQS FIFO queues (every queue `<name>.fifo`, groups by job key, delays
 //! through the delay queues), against a private moto server this test starts on a free loopback
-//! port (`cargo test -p stevedore-sqs --test conformance_fifo -- --list`).
+//! port: `cargo test -p stevedore-sqs --features fifo-conformance --test conformance_fifo`. Opt
+//! in for now (see the feature's note in Cargo.toml).
 
 #[allow(dead_code)]
 mod common;
