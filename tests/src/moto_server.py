@@ -74,6 +74,20 @@ def wait_for_messages(self, timeout):
 
 sqs_models.Queue.wait_for_messages = wait_for_messages
 
+# The test process holds our stdin open; when it exits (a static suite is never dropped, a test
+# may be killed), stdin reaches end of file and the server goes with it: no orphaned servers.
+import os  # noqa: E402
+
+
+def _exit_with_parent():
+    try:
+        sys.stdin.buffer.read()
+    finally:
+        os._exit(0)
+
+
+threading.Thread(target=_exit_with_parent, daemon=True).start()
+
 from moto.server import main  # noqa: E402
 
 sys.exit(main(sys.argv[1:]))

@@ -414,6 +414,8 @@ impl MotoServer {
             .args(["-H", "127.0.0.1", "-p", &self.port.to_string()])
             // moto itself never calls out, but keep any AWS library in it off the metadata address.
             .env("AWS_EC2_METADATA_DISABLED", "true")
+            // Held open by this process: the server exits when it reads end of file.
+            .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
