@@ -408,13 +408,8 @@ async fn sqs_broker(endpoint: &str) -> Res<Arc<dyn Broker>> {
     Ok(Arc::new(stevedore_sqs::SqsBroker::connect(cfg).await?))
 }
 
-/// The raw aws-sdk-sqs loop: `ReceiveMessage` of 10 (long poll), then one `DeleteMessageBatch`
-/// of what came, on one client, over a backlog written through the backend.
-async fn raw_sqs(endpoint: &str, n: usize) -> Res<f64> {
-    let queue = format!("bench-raw-{}-{n}", std::process::id());
-    let broker = sqs_broker(endpoint).await?;
-    broker.prepare(std::slice::from_ref(&queue)).await?;
-    fill(broker.as_ref(), &queue, n).await?;
+/// A plain aws-sdk-sqs client on `endpoint` with explicit region and static credentials.
+async fn raw_sqs_client(endpoint: &str) -> aws_sdk_sqs::Client {
     let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
         .region(aws_config::Region::new("us-east-1"))
         .endpoint_url(endpoint)
@@ -423,7 +418,17 @@ async fn raw_sqs(endpoint: &str, n: usize) -> Res<f64> {
         ))
         .load()
         .await;
-    let c = aws_sdk_sqs::Client::new(&sdk);
+    aws_sdk_sqs::Client::new(&sdk)
+}
+
+/// The raw aws-sdk-sqs loop: `ReceiveMessage` of 10 (long poll), then one `DeleteMessageBatch`
+/// of what came, on one client, over a backlog written through the backend.
+async fn raw_sqs(endpoint: &str, n: usize) -> Res<f64> {
+    let queue = format!("bench-raw-{}-{n}", std::process::id());
+    let broker = sqs_broker(endpoint).await?;
+    broker.prepare(std::slice::from_ref(&queue)).await?;
+    fill(broker.as_ref(), &queue, n).await?;
+    let c = raw_sqs_client(endpoint).await;
     let url = c
         .get_queue_url()
         .queue_name(&queue)
@@ -470,15 +475,7 @@ async fn raw_sqs(endpoint: &str, n: usize) -> Res<f64> {
 }
 
 async fn delete_sqs_queues(endpoint: &str, names: &[String]) -> Res<()> {
-    let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new("us-east-1"))
-        .endpoint_url(endpoint)
-        .credentials_provider(aws_credential_types::Credentials::new(
-            "testing", "testing", None, None, "bench",
-        ))
-        .load()
-        .await;
-    let c = aws_sdk_sqs::Client::new(&sdk);
+    let c = raw_sqs_client(endpoint).await;
     for name in names {
         if let Ok(out) = c.get_queue_url().queue_name(name).send().await {
             if let Some(url) = out.queue_url {
