@@ -28,7 +28,9 @@
 //! - late only by the broker's expiry and dead-letter work (a few ms per set bit) plus the
 //!   consumer's push: no promoter, no polling;
 //! - durable: exchanges, queues and bindings are durable and messages persistent, so a broker
-//!   restart keeps waiting messages (their TTL keeps running across it);
+//!   restart keeps waiting messages (their TTL keeps running across it). A move between levels
+//!   that falls due while the broker is down happens when the level's queue is back, and the
+//!   next level's wait starts then: such a message arrives late by up to the outage, never early;
 //! - unbounded: delays above [`max_delay`] wait the maximum and arrive early; the runtime
 //!   re-publishes an early arrival for the remaining time ("hops"), as for any capped native delay;
 //! - a fixed topology: `LEVELS + 3` exchanges and `LEVELS + 1` queues per prefix, declared on
