@@ -56,7 +56,7 @@ impl DelayStore for FifoDelay {
             while moved < limit {
                 let got = self
                     .0
-                    .receive_from(&queue, &delay_url, 10, Duration::ZERO, MOVE_LEASE)
+                    .receive_from(&queue, &delay_url, 10, Duration::ZERO, MOVE_LEASE, None)
                     .await?;
                 if got.is_empty() {
                     break;

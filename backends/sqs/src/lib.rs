@@ -11,6 +11,7 @@
 //! | receipt | the receipt handle plus the lease's end as this process saw it |
 //! | ack / release / extend | `DeleteMessageBatch` / `ChangeMessageVisibilityBatch` to 0 / `ChangeMessageVisibility`, refused past SQS's 12 h cap before it is reached |
 //! | delivery count | `ApproximateReceiveCount` |
+//! | per-key order (FIFO) | the job key is the `MessageGroupId`; one message of a group is handed out at a time, the others of the same receive are held (still invisible) until it is settled (`fifo` module) |
 //! | delay | standard queues: `DelaySeconds` up to 900 s, the runtime hops beyond; FIFO queues take no per-message delay, so delayed messages wait durably in a standard companion queue (`<name>-delay`) and a promoter moves them into the FIFO queue when due |
 //! | depth | `ApproximateNumberOfMessages`, `…NotVisible`, `…Delayed` (SQS says these are approximate and may lag about a minute) |
 //! | browse | not supported: `dlq list` receives and releases instead |
@@ -29,6 +30,7 @@
 
 mod delay;
 mod factory;
+mod fifo;
 mod wire;
 
 pub use factory::SqsFactory;
@@ -177,12 +179,14 @@ pub fn capabilities(max_payload: usize, fifo: bool) -> Capabilities {
         lease: LeaseSupport::Timed {
             max: Some(MAX_VISIBILITY),
         },
-        // Not yet on FIFO queues either: one ReceiveMessage hands out several messages of the
-        // same group at once, and the runtime runs a batch concurrently, so the second of a key
-        // could start while the first runs. Per-key order needs the backend to hand out one
-        // message per group at a time (conformance scenario 17 found it); until then it is not
-        // declared. Messages of a group are still delivered in publish order.
-        ordering: OrderingSupport::None,
+        // FIFO: the message group is the job key, and the backend hands out one message of a
+        // group at a time (the `fifo` module), so the next of a key never starts while the one
+        // before it runs.
+        ordering: if fifo {
+            OrderingSupport::PerKey
+        } else {
+            OrderingSupport::None
+        },
         max_payload,
         max_batch: 10,
         durable: true,
@@ -218,6 +222,8 @@ struct Token {
     received: Instant,
     /// When the lease ends; set to `received` once acked or released.
     until: Mutex<Instant>,
+    /// FIFO queues: the message's group and where what came behind it is held.
+    member: Option<fifo::Member>,
 }
 
 impl fmt::Debug for Token {
@@ -253,6 +259,8 @@ struct Inner {
     standard: Capabilities,
     fifo: Capabilities,
     queues: Mutex<HashMap<String, Arc<QueueInfo>>>,
+    /// FIFO queues: messages held behind the one of their group handed out, per physical queue.
+    holds: Mutex<HashMap<String, Arc<fifo::Hold>>>,
     closed: AtomicBool,
 }
 
@@ -264,6 +272,13 @@ impl fmt::Debug for SqsBroker {
             .field("credentials", &self.inner.config.credentials)
             .finish_non_exhaustive()
     }
+}
+
+/// Whether SQS's error code says a receipt handle no longer holds the message.
+fn receipt_gone(code: &str) -> bool {
+    code.contains("ReceiptHandleIsInvalid")
+        || code.contains("InvalidParameterValue")
+        || code.contains("MessageNotInflight")
 }
 
 fn now_ms() -> u64 {
@@ -409,6 +424,7 @@ impl SqsBroker {
                 fifo: capabilities(config.max_payload, true),
                 config,
                 queues: Mutex::new(HashMap::new()),
+                holds: Mutex::new(HashMap::new()),
                 closed: AtomicBool::new(false),
             }),
         })
@@ -692,10 +708,80 @@ impl SqsBroker {
         (live, lost)
     }
 
-    /// Runs a delete or visibility-0 batch per queue URL, 10 at a time; returns the queue of a
-    /// receipt SQS said was no longer valid.
+    /// Acks or releases `receipts`. On FIFO queues, what is held behind a released message (or
+    /// one whose lease is over) goes back with it, so SQS delivers its group again in order, and
+    /// a settled message frees its group for the next one.
     async fn settle(&self, receipts: &[Receipt], release: bool) -> Result<(), BrokerError> {
         self.check_open()?;
+        let now = Instant::now();
+        let mut behind: Vec<Receipt> = Vec::new();
+        for r in receipts {
+            if let Some((hold, group, handle)) = fifo::member_of(r) {
+                let over = r.token::<Token>().is_some_and(|t| !t.live(now));
+                if release || over {
+                    behind.extend(hold.take_behind(group, handle));
+                }
+            }
+        }
+        let result = self.settle_batches(receipts, release).await;
+        if !behind.is_empty() {
+            if let Err(e) = self.settle_batches(&behind, true).await {
+                tracing::debug!(error = %e, "releasing held FIFO messages");
+            }
+        }
+        let now = Instant::now();
+        for r in receipts {
+            if let (Some((hold, group, handle)), Some(t)) = (fifo::member_of(r), r.token::<Token>())
+            {
+                // Settled or lost; one whose settle failed on SQS's side still holds its group.
+                if !t.live(now) {
+                    hold.free(group, handle);
+                }
+            }
+        }
+        result
+    }
+
+    /// `ChangeMessageVisibilityBatch` of at most 10 receipts of one queue URL to `secs`; returns
+    /// the positions SQS refused, with SQS's codes.
+    async fn visibility_batch(
+        &self,
+        url: &str,
+        queue: &str,
+        tokens: &[&Token],
+        secs: i32,
+    ) -> Result<Vec<(usize, String)>, BrokerError> {
+        let entries = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                ChangeMessageVisibilityBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .receipt_handle(&t.handle)
+                    .visibility_timeout(secs)
+                    .build()
+                    .map_err(|e| BrokerError::permanent(e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let out = self
+            .inner
+            .client
+            .change_message_visibility_batch()
+            .queue_url(url)
+            .set_entries(Some(entries))
+            .send()
+            .await
+            .map_err(|e| sdk_error("ChangeMessageVisibilityBatch", queue, e))?;
+        Ok(out
+            .failed
+            .into_iter()
+            .filter_map(|f| Some((f.id.parse().ok()?, f.code)))
+            .collect())
+    }
+
+    /// Runs a delete or visibility-0 batch per queue URL, 10 at a time; returns the queue of a
+    /// receipt SQS said was no longer valid.
+    async fn settle_batches(&self, receipts: &[Receipt], release: bool) -> Result<(), BrokerError> {
         let (live, mut lost) = Self::tokens(receipts);
         let mut by_url: BTreeMap<&str, Vec<(&Receipt, &Token)>> = BTreeMap::new();
         for (r, t) in live {
@@ -704,29 +790,9 @@ impl SqsBroker {
         for (url, all) in by_url {
             for chunk in all.chunks(10) {
                 let queue = chunk[0].0.queue();
-                let failed: Vec<(String, String)> = if release {
-                    let entries = chunk
-                        .iter()
-                        .enumerate()
-                        .map(|(i, (_, t))| {
-                            ChangeMessageVisibilityBatchRequestEntry::builder()
-                                .id(i.to_string())
-                                .receipt_handle(&t.handle)
-                                .visibility_timeout(0)
-                                .build()
-                                .map_err(|e| BrokerError::permanent(e.to_string()))
-                        })
-                        .collect::<Result<Vec<_>, _>>()?;
-                    let out = self
-                        .inner
-                        .client
-                        .change_message_visibility_batch()
-                        .queue_url(url)
-                        .set_entries(Some(entries))
-                        .send()
-                        .await
-                        .map_err(|e| sdk_error("ChangeMessageVisibilityBatch", queue, e))?;
-                    out.failed.into_iter().map(|f| (f.id, f.code)).collect()
+                let failed: Vec<(usize, String)> = if release {
+                    let tokens: Vec<&Token> = chunk.iter().map(|(_, t)| *t).collect();
+                    self.visibility_batch(url, queue, &tokens, 0).await?
                 } else {
                     let entries = chunk
                         .iter()
@@ -748,17 +814,16 @@ impl SqsBroker {
                         .send()
                         .await
                         .map_err(|e| sdk_error("DeleteMessageBatch", queue, e))?;
-                    out.failed.into_iter().map(|f| (f.id, f.code)).collect()
+                    out.failed
+                        .into_iter()
+                        .filter_map(|f| Some((f.id.parse().ok()?, f.code)))
+                        .collect()
                 };
                 let mut transient = None;
                 for (i, (r, t)) in chunk.iter().enumerate() {
-                    match failed.iter().find(|(id, _)| *id == i.to_string()) {
+                    match failed.iter().find(|(id, _)| *id == i) {
                         None => t.set_until(t.received),
-                        Some((_, code))
-                            if code.contains("ReceiptHandleIsInvalid")
-                                || code.contains("InvalidParameterValue")
-                                || code.contains("MessageNotInflight") =>
-                        {
+                        Some((_, code)) if receipt_gone(code) => {
                             t.set_until(t.received);
                             lost = Some(r.queue().to_string());
                         }
@@ -800,6 +865,186 @@ impl SqsBroker {
         ])
     }
 
+    /// The hold of FIFO queue `physical`.
+    fn hold(&self, physical: &str) -> Arc<fifo::Hold> {
+        let mut holds = self.inner.holds.lock().unwrap_or_else(|e| e.into_inner());
+        holds.entry(physical.to_string()).or_default().clone()
+    }
+
+    /// Receive on a FIFO queue: at most one message per group handed out (the `fifo` module).
+    /// A held message whose group comes free is handed out at once; the SQS call this receive
+    /// waits on meanwhile is kept for the next receive.
+    async fn receive_fifo(
+        &self,
+        queue: &str,
+        url: &str,
+        opts: ReceiveOptions,
+    ) -> Result<Vec<Delivery>, BrokerError> {
+        /// Puts a receive back into the hold when the caller stops waiting for it.
+        struct Kept {
+            hold: Arc<fifo::Hold>,
+            task: Option<fifo::Pending>,
+        }
+        impl Drop for Kept {
+            fn drop(&mut self) {
+                if let Some(t) = self.task.take() {
+                    self.hold.keep(t);
+                }
+            }
+        }
+        let hold = self.hold(queue);
+        let max = opts.max.clamp(1, 10);
+        loop {
+            let ready = hold.take_ready(max);
+            if !ready.is_empty() {
+                return Ok(self.refresh(queue, url, &hold, ready, opts.lease).await);
+            }
+            let task = match hold.take_pending() {
+                Some(t) => t,
+                None => {
+                    let (this, q, u, h) = (
+                        self.clone(),
+                        queue.to_string(),
+                        url.to_string(),
+                        hold.clone(),
+                    );
+                    tokio::spawn(async move {
+                        this.receive_from(&q, &u, max, opts.wait, opts.lease, Some(&h))
+                            .await
+                    })
+                }
+            };
+            let mut kept = Kept {
+                hold: hold.clone(),
+                task: Some(task),
+            };
+            let Some(t) = kept.task.as_mut() else {
+                continue;
+            };
+            let joined = tokio::select! {
+                j = t => Some(j),
+                _ = hold.freed.notified() => None,
+            };
+            let Some(joined) = joined else {
+                // A group came free: hand out its next message; `kept` keeps the receive.
+                continue;
+            };
+            kept.task = None;
+            let got =
+                joined.map_err(|e| BrokerError::transient(format!("receive {queue}: {e}")))??;
+            let out = hold.distribute(got, max);
+            return Ok(self.refresh(queue, url, &hold, out, opts.lease).await);
+        }
+    }
+
+    /// Held FIFO messages being handed out: those with less than two thirds of `lease` left get
+    /// the full lease first (the runtime renews a lease a third of the way through). One whose
+    /// receipt SQS no longer honours is dropped, and what is held behind it goes back to SQS.
+    async fn refresh(
+        &self,
+        queue: &str,
+        url: &str,
+        hold: &fifo::Hold,
+        ready: Vec<Delivery>,
+        lease: Duration,
+    ) -> Vec<Delivery> {
+        let secs = ceil_secs(lease, 1, MAX_VISIBILITY.as_secs() as i32);
+        let full = Duration::from_secs(secs as u64);
+        let now = Instant::now();
+        let short: Vec<(usize, &Token)> = ready
+            .iter()
+            .enumerate()
+            .filter_map(|(i, d)| Some((i, d.receipt.token::<Token>()?)))
+            .filter(|(_, t)| {
+                t.until().saturating_duration_since(now) < full * 2 / 3
+                    && now + full <= t.received + MAX_VISIBILITY
+            })
+            .collect();
+        let mut gone = vec![false; ready.len()];
+        for chunk in short.chunks(10) {
+            let tokens: Vec<&Token> = chunk.iter().map(|(_, t)| *t).collect();
+            match self.visibility_batch(url, queue, &tokens, secs).await {
+                Ok(failed) => {
+                    for (j, (i, t)) in chunk.iter().enumerate() {
+                        match failed.iter().find(|(k, _)| *k == j) {
+                            None => t.set_until(now + full),
+                            Some((_, code)) if receipt_gone(code) => {
+                                t.set_until(t.received);
+                                gone[*i] = true;
+                            }
+                            Some(_) => {}
+                        }
+                    }
+                }
+                Err(e) => tracing::debug!(
+                    queue,
+                    error = %e,
+                    "could not extend held FIFO messages before handing them out"
+                ),
+            }
+        }
+        let mut out = Vec::with_capacity(ready.len());
+        for (d, gone) in ready.into_iter().zip(gone) {
+            if !gone {
+                out.push(d);
+                continue;
+            }
+            if let Some((_, group, handle)) = fifo::member_of(&d.receipt) {
+                let behind = hold.take_behind(group, handle);
+                hold.free(group, handle);
+                if let Err(e) = self.settle_batches(&behind, true).await {
+                    tracing::debug!(queue, error = %e, "releasing held FIFO messages");
+                }
+            }
+        }
+        out
+    }
+
+    /// After the lease of a FIFO message handed out was extended to `until`: the held messages of
+    /// its group get the same visibility, so they do not come back while it runs. If SQS refuses
+    /// one, all of them go back (they must not overtake it).
+    async fn extend_behind(&self, receipt: &Receipt, secs: i32, now: Instant, until: Instant) {
+        let Some((hold, group, handle)) = fifo::member_of(receipt) else {
+            return;
+        };
+        let behind = hold.behind(group, handle);
+        let tokens: Vec<&Token> = behind
+            .iter()
+            .filter_map(|r| r.token::<Token>())
+            .filter(|t| t.live(now) && until <= t.received + MAX_VISIBILITY)
+            .collect();
+        if tokens.is_empty() {
+            return;
+        }
+        let url = tokens[0].url.clone();
+        let mut refused = tokens.len() < behind.len();
+        for chunk in tokens.chunks(10) {
+            match self
+                .visibility_batch(&url, receipt.queue(), chunk, secs)
+                .await
+            {
+                Ok(failed) => {
+                    for (j, t) in chunk.iter().enumerate() {
+                        if failed.iter().any(|(k, _)| *k == j) {
+                            refused = true;
+                        } else {
+                            t.set_until(until);
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "extending held FIFO messages; retried at the next beat");
+                }
+            }
+        }
+        if refused {
+            let back = hold.take_behind(group, handle);
+            if let Err(e) = self.settle_batches(&back, true).await {
+                tracing::debug!(error = %e, "releasing held FIFO messages");
+            }
+        }
+    }
+
     /// Receives from `url` and turns SQS messages into deliveries of `queue`.
     async fn receive_from(
         &self,
@@ -808,6 +1053,7 @@ impl SqsBroker {
         max: usize,
         wait: Duration,
         lease: Duration,
+        hold: Option<&Arc<fifo::Hold>>,
     ) -> Result<Vec<Delivery>, BrokerError> {
         let visibility = ceil_secs(lease, 1, MAX_VISIBILITY.as_secs() as i32);
         let wait_secs = ceil_secs(wait.min(MAX_WAIT), 0, MAX_WAIT.as_secs() as i32);
@@ -822,6 +1068,7 @@ impl SqsBroker {
             .visibility_timeout(visibility)
             .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
             .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp)
+            .message_system_attribute_names(MessageSystemAttributeName::MessageGroupId)
             .message_attribute_names("All")
             .send();
         let limit = Duration::from_secs(wait_secs as u64) + self.inner.config.timeout;
@@ -847,6 +1094,13 @@ impl SqsBroker {
                 let sent = sys
                     .get(&MessageSystemAttributeName::SentTimestamp)
                     .and_then(|v| v.parse().ok());
+                let member = match (hold, sys.get(&MessageSystemAttributeName::MessageGroupId)) {
+                    (Some(hold), Some(group)) => Some(fifo::Member {
+                        hold: Arc::downgrade(hold),
+                        group: group.as_str().into(),
+                    }),
+                    _ => None,
+                };
                 let id = m.message_id.unwrap_or_default();
                 let envelope = wire::decode(&id, m.body, m.message_attributes, sent);
                 Some(Delivery {
@@ -858,6 +1112,7 @@ impl SqsBroker {
                             handle,
                             received: taken,
                             until: Mutex::new(until),
+                            member,
                         },
                     ),
                     delivery_count: count,
@@ -925,7 +1180,10 @@ impl Broker for SqsBroker {
     ) -> Result<Vec<Delivery>, BrokerError> {
         self.check_open()?;
         let q = self.queue(queue).await?;
-        self.receive_from(queue, &q.url, opts.max, opts.wait, opts.lease)
+        if q.fifo {
+            return self.receive_fifo(queue, &q.url, opts).await;
+        }
+        self.receive_from(queue, &q.url, opts.max, opts.wait, opts.lease, None)
             .await
     }
 
@@ -970,15 +1228,10 @@ impl Broker for SqsBroker {
         {
             Ok(_) => {
                 token.set_until(until);
+                self.extend_behind(receipt, secs, now, until).await;
                 Ok(())
             }
-            Err(e)
-                if e.code().is_some_and(|c| {
-                    c.contains("ReceiptHandleIsInvalid")
-                        || c.contains("MessageNotInflight")
-                        || c.contains("InvalidParameterValue")
-                }) =>
-            {
+            Err(e) if e.code().is_some_and(receipt_gone) => {
                 token.set_until(token.received);
                 Err(lost())
             }
@@ -1012,8 +1265,30 @@ impl Broker for SqsBroker {
         }
     }
 
+    /// Closes the handle. Held FIFO messages go back to SQS at once (their groups would
+    /// otherwise wait out the lease); a receive kept from an earlier call is given a second to
+    /// finish and what it got goes back too.
     async fn close(&self) -> Result<(), BrokerError> {
-        self.inner.closed.store(true, Ordering::Release);
+        if self.inner.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let holds: Vec<Arc<fifo::Hold>> = {
+            let holds = self.inner.holds.lock().unwrap_or_else(|e| e.into_inner());
+            holds.values().cloned().collect()
+        };
+        for hold in holds {
+            let (mut back, pending) = hold.take_all();
+            for mut task in pending {
+                match tokio::time::timeout(Duration::from_secs(1), &mut task).await {
+                    Ok(Ok(Ok(got))) => back.extend(got.into_iter().map(|d| d.receipt)),
+                    Ok(_) => {}
+                    Err(_) => task.abort(),
+                }
+            }
+            if let Err(e) = self.settle_batches(&back, true).await {
+                tracing::debug!(error = %e, "releasing held FIFO messages at close");
+            }
+        }
         Ok(())
     }
 }

@@ -1,7 +1,7 @@
 //! What the conformance suite does not cover on SQS, against private moto servers on free
 //! loopback ports: stale receipts, the 12 h visibility cap, binary bodies and the attribute
-//! budget on the wire, FIFO delays through the delay queue, an unreachable endpoint, and
-//! recovery after the endpoint went away.
+//! budget on the wire, FIFO delays through the delay queue, one message per key at a time on
+//! FIFO queues, an unreachable endpoint, and recovery after the endpoint went away.
 
 #[allow(dead_code)]
 mod common;
@@ -237,4 +237,125 @@ async fn after_the_endpoint_went_away_and_came_back_the_broker_carries_on() {
         .await
         .expect("receive");
     assert_eq!(got[0].envelope.payload.as_ref(), b"after");
+}
+
+fn body(d: &stevedore_core::Delivery) -> String {
+    String::from_utf8_lossy(&d.envelope.payload).into_owned()
+}
+
+/// A FIFO queue hands out one message per key at a time: a receive of 10 over two keys returns
+/// the first of each only; the next of a key comes as soon as the one before it is acked (a
+/// long poll waiting meanwhile is cut short); a release sends the key's held messages back with
+/// it, so the key starts again from the released message; close hands what it held back at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifo_queues_hand_out_one_message_per_key_at_a_time() {
+    let server = moto();
+    let a = broker(&server, true).await;
+    let q = "perkey".to_string();
+    a.prepare(std::slice::from_ref(&q)).await.expect("prepare");
+    let mut sent = Vec::new();
+    for n in 0..4 {
+        for key in ["a", "b"] {
+            let mut e = Envelope::new("j", format!("{key}{n}"));
+            e.key = Some(key.into());
+            sent.push(e);
+        }
+    }
+    a.publish(&q, sent).await.expect("publish");
+
+    let first = a
+        .receive(&q, opts(10, 1000, 30_000))
+        .await
+        .expect("receive");
+    let mut got: Vec<String> = first.iter().map(body).collect();
+    got.sort();
+    assert_eq!(got, ["a0", "b0"], "one message per key, the first of each");
+
+    // Nothing more while both are out: the held ones wait, the rest of each key is blocked on SQS.
+    assert!(a
+        .receive(&q, opts(10, 0, 30_000))
+        .await
+        .expect("receive")
+        .is_empty());
+
+    // Ack a0 while a receive waits (up to 5 s): a1 comes at once.
+    let a0 = first
+        .iter()
+        .find(|d| body(d) == "a0")
+        .expect("a0")
+        .receipt
+        .clone();
+    let waiter = {
+        let a = a.clone();
+        let q = q.clone();
+        tokio::spawn(async move {
+            let t = Instant::now();
+            let got = a
+                .receive(&q, opts(10, 5000, 30_000))
+                .await
+                .expect("receive");
+            (got, t.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.ack(&[a0]).await.expect("ack a0");
+    let (next, took) = waiter.await.expect("join");
+    assert_eq!(next.iter().map(body).collect::<Vec<_>>(), ["a1"]);
+    assert!(
+        took < Duration::from_secs(3),
+        "a1 took {took:?} to follow the ack of a0"
+    );
+    a.ack(&[next[0].receipt.clone()]).await.expect("ack a1");
+
+    // Release b0: the key starts again from b0, and b1 only after b0 is acked.
+    let b0 = first
+        .iter()
+        .find(|d| body(d) == "b0")
+        .expect("b0")
+        .receipt
+        .clone();
+    a.release(&[b0]).await.expect("release b0");
+    let b = broker(&server, true).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let again = loop {
+        let got = b
+            .receive(&q, opts(10, 1000, 30_000))
+            .await
+            .expect("receive");
+        if !got.is_empty() || Instant::now() > deadline {
+            break got;
+        }
+    };
+    assert_eq!(
+        again.iter().map(body).collect::<Vec<_>>(),
+        ["b0"],
+        "b0 again, alone"
+    );
+    assert_eq!(again[0].delivery_count, 2);
+
+    // `b` holds b1..b3 behind b0 (one receive of 10 brought the rest of the key). Release b0
+    // and close `b`: everything of the key goes back at once, not after the 30 s lease, and
+    // arrives again in order, one at a time.
+    b.release(&[again[0].receipt.clone()])
+        .await
+        .expect("release b0 again");
+    b.close().await.expect("close");
+    let mut order = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while order.len() < 6 && Instant::now() < deadline {
+        let got = a
+            .receive(&q, opts(10, 1000, 30_000))
+            .await
+            .expect("receive");
+        let bodies: Vec<String> = got.iter().map(body).collect();
+        assert!(got.len() <= 2, "at most one per key at a time: {bodies:?}");
+        order.extend(bodies);
+        let receipts: Vec<_> = got.iter().map(|d| d.receipt.clone()).collect();
+        a.ack(&receipts).await.expect("ack");
+    }
+    let of =
+        |k: char| -> Vec<String> { order.iter().filter(|s| s.starts_with(k)).cloned().collect() };
+    assert_eq!(of('a'), ["a2", "a3"]);
+    assert_eq!(of('b'), ["b0", "b1", "b2", "b3"]);
+    a.close().await.expect("close");
 }

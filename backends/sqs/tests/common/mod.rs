@@ -55,7 +55,9 @@ endpoint, name, fifo = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 c = boto3.client("sqs", endpoint_url=endpoint, region_name="us-east-1",
                  aws_access_key_id="testing", aws_secret_access_key="testing")
 url = c.get_queue_url(QueueName=name)["QueueUrl"]
-extra = {"MessageGroupId": "foreign", "MessageDeduplicationId": str(uuid.uuid4())} if fifo else {}
+# A group per message, as a producer keyed by entity would: the scenario holds both messages at
+# once, which one group would rightly forbid (the next of a group waits for the one before it).
+extra = {"MessageGroupId": str(uuid.uuid4()), "MessageDeduplicationId": str(uuid.uuid4())} if fifo else {}
 c.send_message(QueueUrl=url, MessageBody=sys.stdin.read(), **extra)
 "#;
     let mut child = std::process::Command::new("python3")
