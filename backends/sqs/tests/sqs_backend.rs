@@ -243,6 +243,15 @@ fn body(d: &stevedore_core::Delivery) -> String {
     String::from_utf8_lossy(&d.envelope.payload).into_owned()
 }
 
+/// The receipt of the delivery among `ds` whose body is `b`.
+fn receipt_of(ds: &[stevedore_core::Delivery], b: &str) -> stevedore_core::Receipt {
+    ds.iter()
+        .find(|d| body(d) == b)
+        .unwrap_or_else(|| panic!("{b} was not delivered"))
+        .receipt
+        .clone()
+}
+
 /// A FIFO queue hands out one message per key at a time: a receive of 10 over two keys returns
 /// the first of each only; the next of a key comes as soon as the one before it is acked (a
 /// long poll waiting meanwhile is cut short); a release sends the key's held messages back with
@@ -279,12 +288,7 @@ async fn fifo_queues_hand_out_one_message_per_key_at_a_time() {
         .is_empty());
 
     // Ack a0 while a receive waits (up to 5 s): a1 comes at once.
-    let a0 = first
-        .iter()
-        .find(|d| body(d) == "a0")
-        .expect("a0")
-        .receipt
-        .clone();
+    let a0 = receipt_of(&first, "a0");
     let waiter = {
         let a = a.clone();
         let q = q.clone();
@@ -308,12 +312,7 @@ async fn fifo_queues_hand_out_one_message_per_key_at_a_time() {
     a.ack(&[next[0].receipt.clone()]).await.expect("ack a1");
 
     // Release b0: the key starts again from b0, and b1 only after b0 is acked.
-    let b0 = first
-        .iter()
-        .find(|d| body(d) == "b0")
-        .expect("b0")
-        .receipt
-        .clone();
+    let b0 = receipt_of(&first, "b0");
     a.release(&[b0]).await.expect("release b0");
     let b = broker(&server, true).await;
     let deadline = Instant::now() + Duration::from_secs(10);
