@@ -26,6 +26,20 @@ pub trait Backend: Send + Sync + 'static {
     /// with that reason.
     async fn restart(&self) -> Result<(), String>;
 
+    /// A hook on a broker server of its own for one scenario, or `None` (the default): every
+    /// scenario of a phase shares this backend's broker, as services share a production broker.
+    ///
+    /// For a broker emulated by one process with one global lock (moto for SQS), where the
+    /// suite's concurrent scenarios would measure the emulator's queueing rather than the
+    /// backend: each scenario then runs alone on its own server, still with all of its own
+    /// concurrency (many handles, consumers and workers on that server). The runner asks for it
+    /// before the scenario's time limit starts and drops it when the scenario ends. `Err(reason)`
+    /// fails the scenario with that reason. [`cleanup`](Backend::cleanup) is still called on this
+    /// backend only: an isolated server must clean up after itself when dropped.
+    async fn isolated(&self) -> Result<Option<std::sync::Arc<dyn Backend>>, String> {
+        Ok(None)
+    }
+
     /// Deletes everything the suite created on the broker for `queues`: each name as a physical
     /// queue and as a logical one (its priority levels `__high`, `__low` and its dead letters
     /// `__dlq`), with whatever the backend keeps beside them (delay keys, shared structures under a

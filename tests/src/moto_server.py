@@ -136,7 +136,7 @@ _wait = sqs_models.Queue.wait_for_messages
 # moto's long poll waits until the queue has *visible* messages, so on a FIFO queue whose
 # visible messages all belong to groups with a message in flight it returns at once and the
 # receive loop spins (rescanning and deep-copying the queue, holding Python's GIL): three idle
-# consumers of a busy FIFO queue made every other request crawl. Then this waits 50 ms (or until
+# consumers of a busy FIFO queue made every other request crawl. Then this waits 5 ms (or until
 # a message is added) before moto looks again, as SQS's long poll would simply wait.
 def _wait_blocked(self, timeout):
     with self._messages_lock:

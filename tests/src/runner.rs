@@ -18,7 +18,8 @@ use tokio::time::Instant;
 /// deadlines) first, with nothing heavy beside them; then the bulk ones (9 and 10 among them: their
 /// checks are counts and contents); then scenario 16 alone, since it restarts the broker under
 /// everyone's feet. Each scenario's hard limit is its base limit plus
-/// four times the backend's declared `depth_staleness + delay_tolerance`.
+/// four times the backend's declared `depth_staleness + delay_tolerance`. A backend that gives
+/// each scenario a server of its own ([`Backend::isolated`]) gets it before that limit starts.
 pub async fn run(backend: Arc<dyn Backend>, select: Option<&[u8]>) -> Report {
     let chosen: Vec<Scenario> = scenarios::all()
         .into_iter()
@@ -69,6 +70,14 @@ pub async fn run(backend: Arc<dyn Backend>, select: Option<&[u8]>) -> Report {
 
 async fn run_one(backend: Arc<dyn Backend>, s: &Scenario, caps: &Capabilities) -> Row {
     let limit = s.limit + (caps.depth_staleness + caps.delay_tolerance) * 4;
+    let backend = match backend.isolated().await {
+        Ok(Some(own)) => own,
+        Ok(None) => backend,
+        Err(e) => {
+            let reason = format!("starting the scenario's own broker server failed: {e}");
+            return (s.no, s.name, Outcome::Fail { reason }, Duration::ZERO);
+        }
+    };
     tracing::debug!(scenario = s.no, name = s.name, "starting");
     let started = Instant::now();
     let task = tokio::spawn((s.run)(backend));

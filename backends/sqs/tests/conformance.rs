@@ -1,5 +1,5 @@
-//! The conformance suite on SQS standard queues, against a private moto server this test starts
-//! on a free loopback port (`cargo test -p stevedore-sqs --test conformance -- --list`).
+//! The conformance suite on SQS standard queues, each scenario against a private moto server of
+//! its own on a free loopback port (`cargo test -p stevedore-sqs --test conformance -- --list`).
 
 #[allow(dead_code)]
 mod common;

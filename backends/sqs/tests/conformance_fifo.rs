@@ -1,8 +1,6 @@
 //! The conformance suite on SQS FIFO queues (every queue `<name>.fifo`, groups by job key, delays
-//! through the delay queues), against a private moto server this test starts on a free loopback
-//! port: `cargo test -p stevedore-sqs --features fifo-conformance --test conformance_fifo`. Opt
-//! in: moto cannot serve all its scenarios at once within their time limits on 2 cores (see the
-//! feature's note in Cargo.toml).
+//! through the delay queues), each scenario against a private moto server of its own on a free
+//! loopback port (`cargo test -p stevedore-sqs --test conformance_fifo -- --list`).
 
 #[allow(dead_code)]
 mod common;
