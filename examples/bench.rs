@@ -19,7 +19,8 @@
 //! Raw loops: memory — `receive(100)` + `ack(batch)`; redis — `XREADGROUP COUNT 100` + one `XACK`
 //! of the batch, on one connection; rabbitmq — lapin on a durable quorum queue (what the backend
 //! declares): publish persistent messages with confirms (1000 in flight), then consume with
-//! prefetch 500 and one `basic.ack` per message. Stevedore: a worker with one queue, batch 100, a
+//! prefetch 500 and one `basic.ack` per message; sqs — `ReceiveMessage` of 10 and one
+//! `DeleteMessageBatch`, the best of 1, 2 and 4 such loops at once on one client. Stevedore: a worker with one queue, batch 100, a
 //! no-op handler, counting until every job is processed (rabbitmq: prefetch 500 too, and the
 //! publish rate of the backlog through `Broker::publish` next to the raw one).
 
@@ -421,10 +422,14 @@ async fn raw_sqs_client(endpoint: &str) -> aws_sdk_sqs::Client {
     aws_sdk_sqs::Client::new(&sdk)
 }
 
-/// The raw aws-sdk-sqs loop: `ReceiveMessage` of 10 (long poll), then one `DeleteMessageBatch`
-/// of what came, on one client, over a backlog written through the backend.
-async fn raw_sqs(endpoint: &str, n: usize) -> Res<f64> {
-    let queue = format!("bench-raw-{}-{n}", std::process::id());
+/// The raw aws-sdk-sqs loop: `loops` concurrent tasks on one client, each a `ReceiveMessage` of
+/// 10 (long poll) then one `DeleteMessageBatch` of what came, over a backlog written through the
+/// backend. Timed until the last delete of the `n`th message returns. The bench runs it with 1, 2
+/// and 4 loops and takes the best as the reference: a hand-written client keeps several calls in
+/// flight, as the worker does (two receives and its acker).
+async fn raw_sqs(endpoint: &str, n: usize, loops: usize) -> Res<f64> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let queue = format!("bench-raw-{}-{n}-{loops}", std::process::id());
     let broker = sqs_broker(endpoint).await?;
     broker.prepare(std::slice::from_ref(&queue)).await?;
     fill(broker.as_ref(), &queue, n).await?;
@@ -436,42 +441,58 @@ async fn raw_sqs(endpoint: &str, n: usize) -> Res<f64> {
         .await?
         .queue_url
         .unwrap_or_default();
+    let done = Arc::new(AtomicUsize::new(0));
     let t = Instant::now();
-    let mut done = 0;
-    while done < n {
-        let got = c
-            .receive_message()
-            .queue_url(&url)
-            .max_number_of_messages(10)
-            .wait_time_seconds(1)
-            .visibility_timeout(60)
-            .send()
-            .await?
-            .messages
-            .unwrap_or_default();
-        if got.is_empty() {
-            continue;
-        }
-        let entries = got
-            .iter()
-            .enumerate()
-            .map(|(i, m)| {
-                aws_sdk_sqs::types::DeleteMessageBatchRequestEntry::builder()
-                    .id(i.to_string())
-                    .receipt_handle(m.receipt_handle().unwrap_or_default())
-                    .build()
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        c.delete_message_batch()
-            .queue_url(&url)
-            .set_entries(Some(entries))
-            .send()
-            .await?;
-        done += got.len();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..loops {
+        let (c, url, done) = (c.clone(), url.clone(), done.clone());
+        tasks.spawn(async move {
+            let mut finished_at = None;
+            while done.load(Ordering::Relaxed) < n {
+                let got = c
+                    .receive_message()
+                    .queue_url(&url)
+                    .max_number_of_messages(10)
+                    .wait_time_seconds(1)
+                    .visibility_timeout(60)
+                    .send()
+                    .await?
+                    .messages
+                    .unwrap_or_default();
+                if got.is_empty() {
+                    continue;
+                }
+                let entries = got
+                    .iter()
+                    .enumerate()
+                    .map(|(i, m)| {
+                        aws_sdk_sqs::types::DeleteMessageBatchRequestEntry::builder()
+                            .id(i.to_string())
+                            .receipt_handle(m.receipt_handle().unwrap_or_default())
+                            .build()
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                c.delete_message_batch()
+                    .queue_url(&url)
+                    .set_entries(Some(entries))
+                    .send()
+                    .await?;
+                if done.fetch_add(got.len(), Ordering::Relaxed) + got.len() >= n {
+                    finished_at = Some(t.elapsed());
+                }
+            }
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(finished_at)
+        });
     }
-    let rate = n as f64 / t.elapsed().as_secs_f64();
+    let mut took = None;
+    while let Some(r) = tasks.join_next().await {
+        if let Some(at) = r?.map_err(|e| e.to_string())? {
+            took = Some(at);
+        }
+    }
+    let took = took.ok_or("the raw SQS loops ended without draining the queue")?;
     c.delete_queue().queue_url(&url).send().await?;
-    Ok(rate)
+    Ok(n as f64 / took.as_secs_f64())
 }
 
 async fn delete_sqs_queues(endpoint: &str, names: &[String]) -> Res<()> {
@@ -612,6 +633,7 @@ async fn main() -> Res<()> {
     {
         let mut raws = Vec::new();
         let mut ours = Vec::new();
+        let mut best_loops: Vec<usize> = Vec::new();
         for _ in 0..ROUNDS {
             let (r, s) = match backend.as_str() {
                 "sqlite" => {
@@ -647,7 +669,15 @@ async fn main() -> Res<()> {
                 }
                 "sqs" => {
                     let endpoint = sqs_endpoint();
-                    let r = raw_sqs(&endpoint, n).await?;
+                    let mut r: f64 = 0.0;
+                    let mut best = 0;
+                    for loops in [1, 2, 4] {
+                        let rate = raw_sqs(&endpoint, n, loops).await?;
+                        if rate > r {
+                            (r, best) = (rate, loops);
+                        }
+                    }
+                    best_loops.push(best);
                     let queue = format!("bench-{}-{n}", std::process::id());
                     let s = through_runtime(sqs_broker(&endpoint).await?, &queue, n).await?;
                     delete_sqs_queues(&endpoint, &[queue.clone(), format!("{queue}__dlq")]).await?;
@@ -667,10 +697,12 @@ async fn main() -> Res<()> {
         let (r, s) = (median(&raws), median(&ours));
         let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
         let hi = ratios.iter().copied().fold(0.0, f64::max);
-        let label = if durability.is_empty() {
-            String::new()
-        } else {
+        let label = if !durability.is_empty() {
             format!("  durability={durability}")
+        } else if !best_loops.is_empty() {
+            format!("  raw: best of 1, 2, 4 concurrent loops each round (won: {best_loops:?})")
+        } else {
+            String::new()
         };
         println!("{n:>10} {r:>14.0} {s:>14.0} {:>7.2}   (per-round ratios {lo:.2}–{hi:.2}, {ROUNDS} rounds){label}", s / r);
     }

@@ -384,6 +384,7 @@ pub struct MotoServer {
     port: u16,
     dir: tempfile::TempDir,
     child: Mutex<Option<Child>>,
+    env: Vec<(String, String)>,
 }
 
 /// The moto launcher (see [`MotoServer`]).
@@ -392,10 +393,20 @@ const MOTO_SHIM: &str = include_str!("moto_server.py");
 impl MotoServer {
     /// Starts one; fails with a message saying what is missing.
     pub fn start() -> Result<MotoServer, String> {
+        Self::start_with(&[])
+    }
+
+    /// Starts one with extra environment for moto (kept across [`restart`](Self::restart)),
+    /// e.g. `INITIAL_NO_AUTH_ACTION_COUNT=0`, which makes it check credentials as SQS does.
+    pub fn start_with(env: &[(&str, &str)]) -> Result<MotoServer, String> {
         let s = MotoServer {
             port: free_port()?,
             dir: tempfile::tempdir().map_err(|e| e.to_string())?,
             child: Mutex::new(None),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         std::fs::write(s.dir.path().join("moto_server.py"), MOTO_SHIM)
             .map_err(|e| format!("writing the moto launcher: {e}"))?;
@@ -414,6 +425,7 @@ impl MotoServer {
             .args(["-H", "127.0.0.1", "-p", &self.port.to_string()])
             // moto itself never calls out, but keep any AWS library in it off the metadata address.
             .env("AWS_EC2_METADATA_DISABLED", "true")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             // Held open by this process: the server exits when it reads end of file.
             .stdin(Stdio::piped())
             .stdout(Stdio::null())

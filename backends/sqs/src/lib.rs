@@ -36,6 +36,7 @@ mod wire;
 pub use factory::SqsFactory;
 
 use async_trait::async_trait;
+use aws_sdk_sqs::config::http::HttpResponse;
 use aws_sdk_sqs::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_sqs::types::{
     ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry,
@@ -297,10 +298,22 @@ fn ceil_secs(d: Duration, lo: i32, hi: i32) -> i32 {
 /// Maps an SDK failure onto the runtime's errors: timeouts, unreachable endpoints, throttling and
 /// 5xx are transient; a missing queue and refused credentials are permanent and say which
 /// setting to look at. Never includes credentials.
-fn sdk_error<E, R>(op: &str, queue: &str, e: SdkError<E, R>) -> BrokerError
+/// Where a credentials error sends the operator.
+const CREDENTIALS_HINT: &str = "(check broker.access_key_id, broker.secret_access_key and \
+     broker.region, or the AWS credential chain)";
+
+/// The HTTP status of a response the SDK got, if it got one.
+fn raw_status<E>(e: &SdkError<E, HttpResponse>) -> Option<u16> {
+    match e {
+        SdkError::ServiceError(s) => Some(s.raw().status().as_u16()),
+        SdkError::ResponseError(r) => Some(r.raw().status().as_u16()),
+        _ => None,
+    }
+}
+
+fn sdk_error<E>(op: &str, queue: &str, e: SdkError<E, HttpResponse>) -> BrokerError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: fmt::Debug,
 {
     match &e {
         SdkError::TimeoutError(_) => return BrokerError::Timeout(Duration::ZERO),
@@ -321,8 +334,17 @@ where
     }
     let code = e.code().unwrap_or("").to_string();
     let message = e.message().unwrap_or("").to_string();
-    let text = format!("{op} {queue}: SQS said {code}: {message}");
+    // An error body the SDK cannot read (a proxy's, or an emulator answering in XML) still has
+    // its HTTP status: 401 and 403 are the credentials.
+    let status = raw_status(&e);
+    let text = if code.is_empty() {
+        format!("{op} {queue}: SQS answered HTTP {}", status.unwrap_or(0))
+    } else {
+        format!("{op} {queue}: SQS said {code}: {message}")
+    };
+    let denied = code.is_empty() && matches!(status, Some(401 | 403));
     match code.as_str() {
+        _ if denied => BrokerError::permanent(format!("{text} {CREDENTIALS_HINT}")),
         "AWS.SimpleQueueService.NonExistentQueue" | "QueueDoesNotExist" => {
             // Transient: the queue is looked up (or created) again on the next call.
             BrokerError::transient(format!(
@@ -337,10 +359,7 @@ where
         | "MissingAuthenticationToken"
         | "AccessDenied"
         | "AccessDeniedException"
-        | "ExpiredToken" => BrokerError::permanent(format!(
-            "{text} (check broker.access_key_id, broker.secret_access_key and broker.region, or \
-             the AWS credential chain)"
-        )),
+        | "ExpiredToken" => BrokerError::permanent(format!("{text} {CREDENTIALS_HINT}")),
         "ThrottlingException"
         | "RequestThrottled"
         | "ServiceUnavailable"
@@ -470,11 +489,22 @@ impl SqsBroker {
             return Ok(q);
         }
         let fifo = self.inner.config.fifo.is_fifo(physical);
-        let url = match self.inner.config.queue_urls.get(physical) {
+        let configured = self.inner.config.queue_urls.get(physical);
+        let url = match configured {
             Some(url) => url.clone(),
             None => self.create(&self.sqs_name(physical)?, fifo).await?,
         };
-        let max_size = self.max_size(&url, physical).await?;
+        let max_size = match self.max_size(&url, physical).await {
+            // A queue the config names is never created, so waiting cannot help.
+            Err(e) if configured.is_some() && e.to_string().contains(MISSING_QUEUE) => {
+                return Err(BrokerError::permanent(format!(
+                    "queue {physical}: broker.queue_urls.{physical} = {url:?}, but \
+                     {MISSING_QUEUE} (check the URL, its region and account; Stevedore creates \
+                     only the queues it names itself)"
+                )));
+            }
+            got => got?,
+        };
         let delay_url = if fifo {
             let name = format!(
                 "{}-delay",

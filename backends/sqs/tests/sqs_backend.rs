@@ -1,7 +1,8 @@
 //! What the conformance suite does not cover on SQS, against private moto servers on free
 //! loopback ports: stale receipts, the 12 h visibility cap, binary bodies and the attribute
 //! budget on the wire, FIFO delays through the delay queue, one message per key at a time on
-//! FIFO queues, an unreachable endpoint, and recovery after the endpoint went away.
+//! FIFO queues, an unreachable endpoint, wrong credentials, a configured queue URL naming no
+//! queue, and recovery after the endpoint went away.
 
 #[allow(dead_code)]
 mod common;
@@ -237,6 +238,61 @@ async fn after_the_endpoint_went_away_and_came_back_the_broker_carries_on() {
         .await
         .expect("receive");
     assert_eq!(got[0].envelope.payload.as_ref(), b"after");
+}
+
+#[tokio::test]
+async fn wrong_credentials_fail_at_once_naming_the_keys_and_never_showing_the_secret() {
+    // moto checks credentials like SQS once this count of unchecked calls is used up.
+    let server = MotoServer::start_with(&[("INITIAL_NO_AUTH_ACTION_COUNT", "0")])
+        .unwrap_or_else(|e| panic!("{e}"));
+    std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
+    let mut cfg = SqsBackend::config(server.endpoint(), false);
+    cfg.credentials = stevedore_sqs::SqsCredentials::Static {
+        access_key_id: "AKIANOTAREALKEY".into(),
+        secret_access_key: "not-the-secret-0123456789".into(),
+        session_token: None,
+    };
+    let b = SqsBroker::connect(cfg)
+        .await
+        .expect("connect makes no call");
+    let t = Instant::now();
+    let err = b.prepare(&["jobs".into()]).await.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        !err.is_transient(),
+        "retrying cannot fix credentials: {text}"
+    );
+    assert!(text.contains("jobs"), "{text}");
+    assert!(text.contains("broker.access_key_id"), "{text}");
+    assert!(text.contains("broker.secret_access_key"), "{text}");
+    assert!(!text.contains("not-the-secret"), "{text}");
+    // Not retried three times with backoff first.
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+}
+
+#[tokio::test]
+async fn a_configured_queue_url_that_names_no_queue_fails_naming_the_key() {
+    let server = moto();
+    std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
+    let mut cfg = SqsBackend::config(server.endpoint(), false);
+    let url = format!("{}/123456789012/no-such-queue", server.endpoint());
+    cfg.queue_urls.insert("jobs".into(), url.clone());
+    let b = SqsBroker::connect(cfg)
+        .await
+        .expect("connect makes no call");
+    for err in [
+        b.prepare(&["jobs".into()]).await.unwrap_err(),
+        b.publish("jobs", vec![Envelope::new("j", "x")])
+            .await
+            .unwrap_err(),
+    ] {
+        let text = err.to_string();
+        assert!(!err.is_transient(), "waiting cannot create it: {text}");
+        assert!(text.contains("broker.queue_urls.jobs"), "{text}");
+        assert!(text.contains(&url), "{text}");
+    }
+    // Queues the config does not name are still created.
+    b.prepare(&["other".into()]).await.expect("prepare other");
 }
 
 fn body(d: &stevedore_core::Delivery) -> String {
