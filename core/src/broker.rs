@@ -165,6 +165,18 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
         Ok(())
     }
 
+    /// Says that this handle is about to receive from `queues` (the physical queues a worker
+    /// polls: every priority level of its queues). A backend whose consumers must first join
+    /// something (a Kafka consumer group) joins all of them here at once, so that a level the
+    /// runtime polls later does not wait for its own join on its first receive, and may wait
+    /// for the joins before returning. The runtime calls it once before its fetch loops start;
+    /// producers never do (a producer's handle must not take a share of a queue's consumers).
+    /// Idempotent. Default: nothing.
+    async fn subscribe(&self, queues: &[String]) -> Result<(), BrokerError> {
+        let _ = queues;
+        Ok(())
+    }
+
     /// Publishes a batch to one physical queue. Returns only once the broker holds every message
     /// durably (per [`Capabilities::durable`]); on error, some of the batch may have been accepted
     /// (publish is at-least-once, never at-most-once). Payloads over [`Capabilities::max_payload`]

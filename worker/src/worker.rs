@@ -162,6 +162,15 @@ impl Worker {
             tracing::warn!(error = %e, retry_in = ?pause, "cannot prepare queues on the broker; retrying");
             tokio::time::sleep(pause).await;
         }
+        let polled: Vec<String> = specs.iter().flat_map(|s| s.physical.clone()).collect();
+        while let Err(e) = self.broker.subscribe(&polled).await {
+            if self.shutdown.is_shutting_down() {
+                return Err(e);
+            }
+            let pause = backoff.next();
+            tracing::warn!(error = %e, retry_in = ?pause, "cannot subscribe to the queues on the broker; retrying");
+            tokio::time::sleep(pause).await;
+        }
         let mut soft = self.shutdown.subscribe();
         let http_task = self.start_http(soft.clone()).await;
         let sampler = autoscale::spawn_sampler(

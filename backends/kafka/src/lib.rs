@@ -51,9 +51,16 @@ use stevedore_core::{
 };
 use window::{Checkpoint, Keyed, Window};
 
-/// Kafka's default `message.max.bytes` is 1 MiB (1,048,588 with overhead); headers and key
-/// travel in the same record.
-pub const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024 - 16 * 1024;
+/// librdkafka's and many brokers' limit is 1,000,000 bytes per record batch, so the default
+/// leaves 64 KiB of that to headers, key and framing.
+pub const DEFAULT_MAX_PAYLOAD: usize = 1_000_000 - 64 * 1024;
+
+/// Longest a new member's first receive waits to be given its partitions.
+const JOIN_WAIT: Duration = Duration::from_secs(30);
+
+/// How long an empty receive waits more for records the broker holds but the fetcher has not
+/// brought yet.
+const CATCH_UP: Duration = Duration::from_secs(1);
 
 /// Fetched records a partition may hold waiting before it is paused.
 const READY_CAP: usize = 1000;
@@ -217,6 +224,8 @@ struct Shared {
     /// Signalled when a record is settled (for a revocation draining).
     settled: Condvar,
     epochs: AtomicU64,
+    /// Set by the first assignment this member gets (possibly of no partitions).
+    joined: AtomicBool,
     config: KafkaConfig,
     /// Writes checkpoints from the fetch thread (rebalances) and from receive/ack.
     state_producer: FutureProducer,
@@ -479,6 +488,7 @@ fn assign(shared: &Shared, consumer: &BaseConsumer<Ctx>, assigned: &[i32]) {
         st.parts.insert(p, part);
     }
     drop(st);
+    shared.joined.store(true, Ordering::Relaxed);
     shared.arrived.notify_waiters();
 }
 
@@ -800,6 +810,7 @@ impl KafkaBroker {
             arrived: tokio::sync::Notify::new(),
             settled: Condvar::new(),
             epochs: AtomicU64::new(0),
+            joined: AtomicBool::new(false),
             config: c.clone(),
             state_producer: self.inner.state_producer.clone(),
             reader: Mutex::new(reader),
@@ -843,6 +854,32 @@ impl KafkaBroker {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         Ok(all.entry(physical.to_string()).or_insert(tc).clone())
+    }
+
+    /// Whether any partition this member holds has records on the broker it has not fetched
+    /// yet (their high watermark is past what was fetched).
+    async fn behind(&self, tc: &Arc<TopicConsumer>) -> bool {
+        let fetched: Vec<(i32, i64)> = tc
+            .shared
+            .lock()
+            .parts
+            .iter()
+            .map(|(p, part)| (*p, part.window.fetch_from()))
+            .collect();
+        if fetched.is_empty() {
+            return false;
+        }
+        let shared = tc.shared.clone();
+        tokio::task::spawn_blocking(move || {
+            let reader = shared.reader.lock().unwrap_or_else(|e| e.into_inner());
+            fetched.iter().any(|(p, to)| {
+                reader
+                    .fetch_watermarks(&shared.topic, *p, shared.config.timeout)
+                    .is_ok_and(|(_, high)| high > *to)
+            })
+        })
+        .await
+        .unwrap_or(false)
     }
 
     fn existing_consumer(&self, physical: &str) -> Option<Arc<TopicConsumer>> {
@@ -925,6 +962,19 @@ impl Broker for KafkaBroker {
         Ok(())
     }
 
+    async fn subscribe(&self, queues: &[String]) -> Result<(), BrokerError> {
+        self.check_open()?;
+        let mut all = Vec::with_capacity(queues.len());
+        for q in queues {
+            all.push((q, self.consumer(q).await?));
+        }
+        // Every group is joining now; wait for all of them.
+        for (q, tc) in all {
+            wait_joined(q, &tc).await?;
+        }
+        Ok(())
+    }
+
     async fn publish(&self, queue: &str, messages: Vec<Envelope>) -> Result<(), BrokerError> {
         self.check_open()?;
         if messages.is_empty() {
@@ -966,7 +1016,12 @@ impl Broker for KafkaBroker {
         self.check_open()?;
         let tc = self.consumer(queue).await?;
         let max = opts.max.clamp(1, self.inner.caps.max_batch);
-        let deadline = tokio::time::Instant::now() + opts.wait;
+        // Until this member has joined its group it cannot know whether records wait for it,
+        // and an empty answer would say the queue is empty (strict priority reads it so): the
+        // first receive waits for the first assignment, however short its own wait.
+        wait_joined(queue, &tc).await?;
+        let mut deadline = tokio::time::Instant::now() + opts.wait;
+        let mut checked_behind = false;
         loop {
             let arrived = tc.shared.arrived.notified();
             let (deliveries, cps) = self.take(queue, &tc, max);
@@ -982,6 +1037,13 @@ impl Broker for KafkaBroker {
                 return Ok(deliveries);
             }
             if tokio::time::Instant::now() >= deadline {
+                // Empty means nothing is there for this member: not merely that records the
+                // broker holds for it are still on their way (strict priority counts on it).
+                if !checked_behind && self.behind(&tc).await {
+                    checked_behind = true;
+                    deadline = tokio::time::Instant::now() + CATCH_UP;
+                    continue;
+                }
                 return Ok(Vec::new());
             }
             let _ = tokio::time::timeout_at(deadline, arrived).await;
@@ -1095,6 +1157,26 @@ impl Broker for KafkaBroker {
         let _ = tokio::task::spawn_blocking(move || p.flush(t)).await;
         Ok(())
     }
+}
+
+/// Waits (up to [`JOIN_WAIT`]) for the member's first assignment.
+async fn wait_joined(queue: &str, tc: &TopicConsumer) -> Result<(), BrokerError> {
+    let join_by = tokio::time::Instant::now() + JOIN_WAIT;
+    while !tc.shared.joined.load(Ordering::Relaxed) {
+        let arrived = tc.shared.arrived.notified();
+        if tc.shared.joined.load(Ordering::Relaxed) {
+            break;
+        }
+        if tokio::time::timeout_at(join_by, arrived).await.is_err() {
+            return Err(BrokerError::transient(format!(
+                "{queue}: this member was given no partitions of {} within {}s (is the group \
+                 coordinator reachable?)",
+                tc.shared.topic,
+                JOIN_WAIT.as_secs()
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn lost(queue: &str) -> BrokerError {
