@@ -37,7 +37,7 @@ const KNOWN: [(&str, Option<&str>); 5] = [
     ("rabbitmq", Some("rabbitmq")),
     ("sqlite", Some("sqlite")),
     ("sqs", Some("sqs")),
-    ("kafka", None),
+    ("kafka", Some("kafka")),
 ];
 
 /// The backends a process can run, by kind. Cheap to clone; immutable once built.
@@ -86,6 +86,10 @@ impl Backends {
         #[cfg(feature = "sqs")]
         {
             b = b.register(stevedore_sqs::SqsFactory);
+        }
+        #[cfg(feature = "kafka")]
+        {
+            b = b.register(stevedore_kafka::KafkaFactory);
         }
         b
     }

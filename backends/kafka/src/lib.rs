@@ -30,7 +30,10 @@
 //! Limits of the group model, stated: a released record comes back to its partition's owner,
 //! not to any member; no more members get work than the topic has partitions.
 
+mod factory;
 mod window;
+
+pub use factory::KafkaFactory;
 
 use async_trait::async_trait;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -65,10 +68,41 @@ const CATCH_UP: Duration = Duration::from_secs(1);
 /// Fetched records a partition may hold waiting before it is paused.
 const READY_CAP: usize = 1000;
 
+/// `properties` as logs may show them: values of keys naming a password, secret or key are
+/// replaced.
+fn redacted(props: &BTreeMap<String, String>) -> BTreeMap<&str, &str> {
+    props
+        .iter()
+        .map(|(k, v)| {
+            let secret = ["password", "secret", "key", "token", "jaas"]
+                .iter()
+                .any(|w| k.contains(w));
+            (k.as_str(), if secret { "<redacted>" } else { v.as_str() })
+        })
+        .collect()
+}
+
+impl std::fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaConfig")
+            .field("bootstrap", &self.bootstrap)
+            .field("key_prefix", &self.key_prefix)
+            .field("group_prefix", &self.group_prefix)
+            .field("partitions", &self.partitions)
+            .field("replication", &self.replication)
+            .field("max_payload", &self.max_payload)
+            .field("session_timeout", &self.session_timeout)
+            .field("drain", &self.drain)
+            .field("timeout", &self.timeout)
+            .field("properties", &redacted(&self.properties))
+            .finish()
+    }
+}
+
 /// Settings of one Kafka broker handle.
 ///
-/// Thread safety: plain data.
-#[derive(Clone, Debug)]
+/// Thread safety: plain data. Its `Debug` form hides secret-looking properties.
+#[derive(Clone)]
 pub struct KafkaConfig {
     /// `bootstrap.servers`, e.g. `"127.0.0.1:9092"`.
     pub bootstrap: String,

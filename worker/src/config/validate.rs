@@ -112,7 +112,7 @@ impl Config {
         }
         match caps.delay {
             DelaySupport::None => notices.push(format!(
-                "delay: emulated on {} via its durable delay store",
+                "delay: emulated on {} via its durable delay store (where the backend has none, the worker refuses delays and retry backoff, and says so at start-up)",
                 self.broker.kind
             )),
             DelaySupport::Native { max: Some(m) } => notices.push(format!(
