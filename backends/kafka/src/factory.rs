@@ -57,7 +57,6 @@ const OWN_PROPERTIES: &[&str] = &[
     "enable.auto.commit",
     "enable.auto.offset.store",
     "acks",
-    "batch.num.messages",
 ];
 
 fn topic_chars(s: &str) -> bool {

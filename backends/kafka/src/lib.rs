@@ -238,6 +238,8 @@ struct Part {
     paused: bool,
     /// The offset last committed to the group for this partition.
     committed: i64,
+    /// Being revoked: nothing more is handed out while what is out drains.
+    revoking: bool,
 }
 
 #[derive(Default)]
@@ -425,6 +427,11 @@ fn revoke(shared: &Shared, consumer: &BaseConsumer<Ctx>, revoked: &[i32]) {
     tracing::debug!(topic = %shared.topic, ?revoked, "revoking");
     let deadline = Instant::now() + shared.config.drain;
     let mut st = shared.lock();
+    for p in revoked {
+        if let Some(part) = st.parts.get_mut(p) {
+            part.revoking = true;
+        }
+    }
     loop {
         let out: usize = revoked
             .iter()
@@ -509,6 +516,7 @@ fn assign(shared: &Shared, consumer: &BaseConsumer<Ctx>, assigned: &[i32]) {
                 epoch: shared.epochs.fetch_add(1, Ordering::Relaxed) + 1,
                 paused: false,
                 committed: c,
+                revoking: false,
             },
         ));
     }
@@ -943,7 +951,7 @@ impl KafkaBroker {
             if deliveries.len() >= max {
                 break;
             }
-            let Some(part) = st.parts.get_mut(&p) else {
+            let Some(part) = st.parts.get_mut(&p).filter(|part| !part.revoking) else {
                 continue;
             };
             let taken = part.window.take(max - deliveries.len());
