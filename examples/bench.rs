@@ -8,6 +8,7 @@
 //! cargo run --release -p stevedore-examples --bin bench -- rabbitmq 10000,100000        # RABBITMQ_URL, default 127.0.0.1:5672
 //! cargo run --release -p stevedore-examples --bin bench -- sqlite 10000,100000,1000000  # files in $TMPDIR, both durability settings
 //! cargo run --release -p stevedore-examples --bin bench -- sqs 500,2000                 # SQS_ENDPOINT, default http://127.0.0.1:9324 (moto_server)
+//! cargo run --release -p stevedore-examples --bin bench -- kafka 10000,100000           # KAFKA_BOOTSTRAP, default 127.0.0.1:9092 (e.g. tansu)
 //! ```
 //!
 //! sqlite's raw loop is the best a hand-written rusqlite client does for the same durable work on
@@ -20,7 +21,8 @@
 //! of the batch, on one connection; rabbitmq — lapin on a durable quorum queue (what the backend
 //! declares): publish persistent messages with confirms (1000 in flight), then consume with
 //! prefetch 500 and one `basic.ack` per message; sqs — `ReceiveMessage` of 10 and one
-//! `DeleteMessageBatch`, the best of 1, 2 and 4 such loops at once on one client. Stevedore: a worker with one queue, batch 100, a
+//! `DeleteMessageBatch`, the best of 1, 2 and 4 such loops at once on one client; kafka — one
+//! rdkafka group member polling the topic, committing its position every 100 records. Stevedore: a worker with one queue, batch 100, a
 //! no-op handler, counting until every job is processed (rabbitmq: prefetch 500 too, and the
 //! publish rate of the backlog through `Broker::publish` next to the raw one).
 
@@ -495,6 +497,84 @@ async fn raw_sqs(endpoint: &str, n: usize, loops: usize) -> Res<f64> {
     Ok(n as f64 / took.as_secs_f64())
 }
 
+fn kafka_bootstrap() -> String {
+    std::env::var("KAFKA_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+async fn kafka_broker(bootstrap: &str) -> Res<Arc<dyn Broker>> {
+    let mut c = stevedore_kafka::KafkaConfig::new(bootstrap);
+    c.partitions = 4;
+    Ok(Arc::new(stevedore_kafka::KafkaBroker::connect(c).await?))
+}
+
+/// The raw rdkafka loop: one group member polling the topic (4 partitions, the backlog written
+/// through the backend), committing its position without waiting every 100 records and once
+/// at the end. Timed from the first record, as the worker is timed from when it is ready (both
+/// after their group join).
+async fn raw_kafka(bootstrap: &str, n: usize) -> Res<f64> {
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    let topic = format!("bench-raw-{}-{n}", std::process::id());
+    let broker = kafka_broker(bootstrap).await?;
+    broker.prepare(std::slice::from_ref(&topic)).await?;
+    fill(broker.as_ref(), &topic, n).await?;
+    broker.close().await?;
+    let bootstrap = bootstrap.to_string();
+    let t2 = topic.clone();
+    let rate = tokio::task::spawn_blocking(move || -> Result<f64, String> {
+        let c: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("group.id", &t2)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .map_err(|e| e.to_string())?;
+        c.subscribe(&[&t2]).map_err(|e| e.to_string())?;
+        let mut t = None;
+        let mut done = 0;
+        let give_up = Instant::now() + Duration::from_secs(120);
+        while done < n {
+            if Instant::now() > give_up {
+                return Err(format!("raw kafka: {done} of {n} records in 120 s"));
+            }
+            match c.poll(Duration::from_millis(100)) {
+                Some(Ok(_)) => {
+                    t.get_or_insert_with(Instant::now);
+                    done += 1;
+                    if done % 100 == 0 {
+                        let _ = c.commit_consumer_state(CommitMode::Async);
+                    }
+                }
+                Some(Err(e)) => return Err(e.to_string()),
+                None => {}
+            }
+        }
+        c.commit_consumer_state(CommitMode::Sync)
+            .map_err(|e| e.to_string())?;
+        Ok(n as f64 / t.map_or(f64::MIN_POSITIVE, |t| t.elapsed().as_secs_f64()))
+    })
+    .await??;
+    delete_kafka_topics(&kafka_bootstrap(), &[topic]).await?;
+    Ok(rate)
+}
+
+/// Deletes each queue's topic, its dead letters' and both checkpoint topics.
+async fn delete_kafka_topics(bootstrap: &str, queues: &[String]) -> Res<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()?;
+    let mut names = Vec::new();
+    for q in queues {
+        for t in [q.clone(), format!("{q}__dlq")] {
+            names.push(format!("{t}.state"));
+            names.push(t);
+        }
+    }
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let _ = admin.delete_topics(&refs, &AdminOptions::new()).await?;
+    Ok(())
+}
+
 async fn delete_sqs_queues(endpoint: &str, names: &[String]) -> Res<()> {
     let c = raw_sqs_client(endpoint).await;
     for name in names {
@@ -556,8 +636,15 @@ fn idle_rss_kib(backend: &str) -> Option<u64> {
             .env("STEVEDORE_QUEUES__DEFAULT__BATCH", "10")
             .env("AWS_EC2_METADATA_DISABLED", "true");
     }
+    if backend == "kafka" {
+        cmd.env("STEVEDORE_BROKER__KIND", "kafka")
+            .env("STEVEDORE_BROKER__BOOTSTRAP", kafka_bootstrap())
+            .env("STEVEDORE_BROKER__KEY_PREFIX", idle_prefix())
+            .env("STEVEDORE_RETRY__MAX_ATTEMPTS", "1");
+    }
     let mut child = cmd.spawn().ok()?;
-    std::thread::sleep(Duration::from_secs(2));
+    // A Kafka worker joins its groups first (seconds on some brokers).
+    std::thread::sleep(Duration::from_secs(if backend == "kafka" { 8 } else { 2 }));
     let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).ok();
     let _ = child.kill();
     let _ = child.wait();
@@ -683,9 +770,17 @@ async fn main() -> Res<()> {
                     delete_sqs_queues(&endpoint, &[queue.clone(), format!("{queue}__dlq")]).await?;
                     (r, s)
                 }
+                "kafka" => {
+                    let bootstrap = kafka_bootstrap();
+                    let r = raw_kafka(&bootstrap, n).await?;
+                    let queue = format!("bench-{}-{n}", std::process::id());
+                    let s = through_runtime(kafka_broker(&bootstrap).await?, &queue, n).await?;
+                    delete_kafka_topics(&bootstrap, std::slice::from_ref(&queue)).await?;
+                    (r, s)
+                }
                 other => {
                     return Err(format!(
-                        "unknown backend {other:?}: memory, sqlite, redis, rabbitmq or sqs"
+                        "unknown backend {other:?}: memory, sqlite, redis, rabbitmq, sqs or kafka"
                     )
                     .into())
                 }
@@ -734,6 +829,10 @@ async fn main() -> Res<()> {
             &[format!("{p}default"), format!("{p}default__dlq")],
         )
         .await?;
+    }
+    if backend == "kafka" {
+        let p = idle_prefix();
+        delete_kafka_topics(&kafka_bootstrap(), &[format!("{p}default")]).await?;
     }
     match idle {
         Some(kib) => println!(

@@ -240,6 +240,8 @@ struct Part {
     committed: i64,
     /// Being revoked: nothing more is handed out while what is out drains.
     revoking: bool,
+    /// Acked since its checkpoint was last written.
+    dirty: bool,
 }
 
 #[derive(Default)]
@@ -517,6 +519,7 @@ fn assign(shared: &Shared, consumer: &BaseConsumer<Ctx>, assigned: &[i32]) {
                 paused: false,
                 committed: c,
                 revoking: false,
+                dirty: false,
             },
         ));
     }
@@ -538,17 +541,30 @@ fn assign(shared: &Shared, consumer: &BaseConsumer<Ctx>, assigned: &[i32]) {
 /// is what counts; the commit keeps the group's lag true for the tools that read it).
 const COMMIT_EVERY: Duration = Duration::from_millis(200);
 
-/// Commits, without waiting, each partition's lowest unsettled offset where it moved.
+/// Writes the checkpoints of partitions acked since their last one, then commits, without
+/// waiting, each partition's lowest unsettled offset where it moved. Acks are made durable here,
+/// every [`COMMIT_EVERY`], not on each ack call: a worker killed in between runs those jobs again
+/// (at least once), while a rebalance or a close writes them first.
 fn commit_progress(shared: &Shared, consumer: &BaseConsumer<Ctx>) {
     let mut tpl = TopicPartitionList::new();
+    let mut cps = Vec::new();
     {
         let mut st = shared.lock();
         for (p, part) in st.parts.iter_mut() {
+            if part.dirty {
+                part.dirty = false;
+                cps.push((*p, part.window.checkpoint().encode()));
+            }
             let low = part.window.low();
             if low > part.committed {
                 part.committed = low;
                 let _ = tpl.add_partition_offset(&shared.topic, *p, Offset::Offset(low));
             }
+        }
+    }
+    if !cps.is_empty() {
+        if let Err(e) = shared.write_checkpoints_blocking(cps) {
+            tracing::warn!(topic = %shared.topic, error = %e, "writing checkpoints failed (the next round carries them)");
         }
     }
     if tpl.count() > 0 {
@@ -562,7 +578,15 @@ fn commit_progress(shared: &Shared, consumer: &BaseConsumer<Ctx>) {
 fn fetch_loop(shared: Arc<Shared>, consumer: BaseConsumer<Ctx>, stop: Arc<AtomicBool>) {
     let mut last_commit = Instant::now();
     while !stop.load(Ordering::Relaxed) {
-        match consumer.poll(Duration::from_millis(100)) {
+        // A paused partition is resumed by this thread once receive has taken enough from it:
+        // look again soon then, or it waits out a whole idle poll.
+        let any_paused = shared.lock().parts.values().any(|p| p.paused);
+        let wait = if any_paused {
+            Duration::from_millis(2)
+        } else {
+            Duration::from_millis(100)
+        };
+        match consumer.poll(wait) {
             Some(Ok(m)) => {
                 let p = m.partition();
                 let headers: Vec<(&str, &[u8])> = m
@@ -1244,7 +1268,6 @@ impl KafkaBroker {
                 lost_queue = Some(queue.to_string());
                 continue;
             };
-            let mut cps = Vec::new();
             {
                 let mut st = tc.shared.lock();
                 let mut touched = HashSet::new();
@@ -1271,8 +1294,8 @@ impl KafkaBroker {
                 }
                 if ack {
                     for p in touched {
-                        if let Some(part) = st.parts.get(&p) {
-                            cps.push((p, part.window.checkpoint().encode()));
+                        if let Some(part) = st.parts.get_mut(&p) {
+                            part.dirty = true;
                         }
                     }
                 }
@@ -1280,9 +1303,6 @@ impl KafkaBroker {
             tc.shared.settled.notify_all();
             if !ack {
                 tc.shared.arrived.notify_waiters();
-            }
-            if !cps.is_empty() {
-                tc.shared.write_checkpoints(cps).await?;
             }
         }
         match lost_queue {
