@@ -733,15 +733,21 @@ struct Inner {
     closed: AtomicBool,
 }
 
-impl Drop for Inner {
-    fn drop(&mut self) {
-        let all: Vec<Arc<TopicConsumer>> = self
-            .consumers
+impl Inner {
+    /// Takes every topic consumer out of the handle (to stop them).
+    fn take_consumers(&self) -> Vec<Arc<TopicConsumer>> {
+        self.consumers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .drain()
             .map(|(_, c)| c)
-            .collect();
+            .collect()
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let all = self.take_consumers();
         // Dropped without close: leave the groups now, so the partitions go to the other
         // members at once (the fetch thread writes checkpoints, commits and leaves). Waits for
         // the threads: a dropped handle is gone from its groups when drop returns.
@@ -1203,14 +1209,7 @@ impl Broker for KafkaBroker {
         if self.inner.closed.swap(true, Ordering::Relaxed) {
             return Ok(());
         }
-        let all: Vec<Arc<TopicConsumer>> = self
-            .inner
-            .consumers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain()
-            .map(|(_, c)| c)
-            .collect();
+        let all = self.inner.take_consumers();
         tokio::task::spawn_blocking(move || {
             for c in all {
                 c.stop_and_join();
