@@ -2,7 +2,8 @@
 //! and records each handler's start and finish in the file `E2E_OUT`, so a test can see from
 //! outside exactly which jobs ran, how often, and whether shutdown cut any short.
 //!
-//! Job payload: `{"n": 7, "sleep_ms": 300}`.
+//! Job payload: `{"n": 7, "sleep_ms": 300}`. The job numbered `E2E_ABORT_N`, if set, aborts the
+//! process each time it runs.
 
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -30,8 +31,22 @@ impl Out {
 
 async fn work(Json(w): Json<Work>, ctx: JobContext, State(out): State<Out>) {
     out.line(&format!("start {} {}", w.n, ctx.attempt));
+    if poison() == Some(w.n) {
+        // A job that kills its worker: no ack, no release, no failure reported.
+        std::process::abort();
+    }
     tokio::time::sleep(Duration::from_millis(w.sleep_ms)).await;
     out.line(&format!("done {}", w.n));
+}
+
+/// `E2E_ABORT_N`: the job whose handler aborts the process every time it runs.
+fn poison() -> Option<u64> {
+    static N: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("E2E_ABORT_N")
+            .ok()
+            .and_then(|s| s.parse().ok())
+    })
 }
 
 #[tokio::main]

@@ -92,9 +92,29 @@ pub struct Capabilities {
     pub shared: bool,
     /// Whether [`crate::Delivery::delivery_count`] counts redeliveries of one copy (a lease that
     /// ended, a release, a consumer that died). Where false (Kafka commits offsets and counts
-    /// nothing per message) it is always 1, so a job that kills its worker process is redelivered
-    /// without its attempt growing; the worker says so at start-up.
+    /// nothing per message, unless the backend keeps a count of its own as ours does) it is always
+    /// 1, so a job that kills its worker process is redelivered without its attempt growing; the
+    /// worker says so at start-up.
     pub counts_deliveries: bool,
+    /// How the consumers of one queue share its messages.
+    pub sharing: Sharing,
+}
+
+/// How the consumers of one queue share its messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sharing {
+    /// Any consumer may receive any ready message, a released or lease-expired one included.
+    Any,
+    /// Messages are divided by partition, each partition owned by one consumer at a time (a
+    /// Kafka consumer group). A consumer receives only from the partitions it owns; a released
+    /// message comes back to its partition's owner; a consumer that leaves (or dies) hands its
+    /// partitions, with what it held, to the others within `handoff`; and a consumer joining
+    /// takes partitions (and what is held on them) from the others. Consumers beyond the
+    /// partition count receive nothing.
+    Partitioned {
+        /// Longest a departed consumer's partitions take to reach the remaining ones.
+        handoff: Duration,
+    },
 }
 
 impl Capabilities {
@@ -134,9 +154,16 @@ impl fmt::Display for Capabilities {
             OrderingSupport::None => "none",
             OrderingSupport::PerKey => "per key",
         };
+        let sharing = match self.sharing {
+            Sharing::Any => "any consumer".to_string(),
+            Sharing::Partitioned { handoff } => {
+                format!("by partition (handoff {}s)", handoff.as_secs())
+            }
+        };
         write!(
             f,
-            "delay={delay}, lease={lease}, ordering={order}, max_payload={}B, durable={}, shared={}",
+            "delay={delay}, lease={lease}, ordering={order}, sharing={sharing}, max_payload={}B, \
+             durable={}, shared={}",
             self.max_payload, self.durable, self.shared
         )
     }

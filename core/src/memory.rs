@@ -234,6 +234,7 @@ impl MemoryBroker {
                     depth_staleness: Duration::ZERO,
                     shared: false,
                     counts_deliveries: true,
+                    sharing: crate::Sharing::Any,
                     max_headers: None,
                 },
                 next_token: AtomicU64::new(1),

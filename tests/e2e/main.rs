@@ -744,15 +744,91 @@ fn kafka_two_workers_one_killed_loses_nothing() {
     let server =
         stevedore_conformance::servers::TansuServer::start().unwrap_or_else(|e| panic!("{e}"));
     let bootstrap = server.bootstrap();
-    // tansu's high watermark is right only for one record per batch (see TansuServer); retries
-    // need the delay topics, which do not exist yet.
+    // tansu's high watermark is right only for one record per batch (see TansuServer).
     let config = format!(
         "[broker]\nkind = \"kafka\"\npartitions = 4\nsession_timeout = \"6s\"\n\
-         properties = {{ \"batch.num.messages\" = \"1\" }}\n[retry]\nmax_attempts = 1\n{KILL_WORKER}"
+         properties = {{ \"batch.num.messages\" = \"1\" }}\n{KILL_WORKER}"
     );
     let env = [("STEVEDORE_BROKER__BOOTSTRAP", bootstrap.as_str())];
     let spawn = |jobs: u64| start_with(&config, jobs, 200, &env);
     kill_one_of_two("kafka", spawn, 2 * 8 + 16);
+}
+
+/// Kafka keeps no delivery count, so a job that aborts its worker every time must still end:
+/// with `max_attempts = 3`, job 2 of 5 aborts worker after worker (each restarted at once, as
+/// a supervisor would). It runs exactly 3 times (attempts 1, 2, 3, counted by the backend's
+/// checkpoint written before each hand-out), then the next worker dead-letters it without
+/// running it; the other 4 jobs are done.
+#[test]
+fn kafka_a_job_that_kills_its_worker_ends_in_the_dead_letters() {
+    let _serial = serial();
+    let server =
+        stevedore_conformance::servers::TansuServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let bootstrap = server.bootstrap();
+    let config = "[broker]\nkind = \"kafka\"\npartitions = 1\nsession_timeout = \"6s\"\n\
+                  properties = { \"batch.num.messages\" = \"1\" }\n\
+                  [retry]\nmax_attempts = 3\n\
+                  [worker]\nconcurrency = 1\npoll_wait = \"200ms\"\n";
+    let env = [
+        ("STEVEDORE_BROKER__BOOTSTRAP", bootstrap.as_str()),
+        ("E2E_ABORT_N", "2"),
+    ];
+    let dir = tempfile::tempdir().expect("temp dir");
+    let starts = |dir: &Path| -> Vec<String> {
+        (0..8)
+            .flat_map(|i| lines(&dir.join(format!("out{i}.txt"))))
+            .collect()
+    };
+    let mut run = start_in(dir.path(), "0", config, 5, 10, &env);
+    let mut aborted = 0;
+    for i in 1..8 {
+        // Until this worker dies, or has dead-lettered job 2 and done the other four.
+        let t = Instant::now();
+        let exited = loop {
+            if let Some(status) = run.child.try_wait().expect("wait") {
+                break Some(status);
+            }
+            let all = starts(dir.path());
+            let done = tally(&all, "done");
+            let up = done.len() == 4 && TcpStream::connect(("127.0.0.1", run.port)).is_ok();
+            if up
+                && get(run.port, "/metrics").1.contains(
+                    "stevedore_jobs_dead_lettered_total{queue=\"default\",job=\"work\"} 1",
+                )
+            {
+                break None;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(90),
+                "worker {} neither died nor finished within 90s; starts so far: {all:?}",
+                i - 1
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        match exited {
+            Some(status) => {
+                assert!(!status.success(), "worker {} exited cleanly", i - 1);
+                aborted += 1;
+                run = start_in(dir.path(), &i.to_string(), config, 0, 10, &env);
+            }
+            None => break,
+        }
+    }
+    let all = starts(dir.path());
+    let poison: Vec<&String> = all.iter().filter(|l| l.starts_with("start 2 ")).collect();
+    assert_eq!(
+        poison,
+        ["start 2 1", "start 2 2", "start 2 3"]
+            .iter()
+            .collect::<Vec<_>>(),
+        "job 2 runs at attempts 1, 2 and 3 only ({aborted} workers aborted); all lines: {all:?}"
+    );
+    assert_eq!(aborted, 3, "three workers died on job 2");
+    let done = tally(&all, "done");
+    assert_eq!(done.keys().copied().collect::<Vec<u64>>(), vec![0, 1, 3, 4]);
+    signal(&run.child, "-TERM");
+    let (output, _, _) = finish(run, Duration::from_secs(20));
+    assert_eq!(output.status.code(), Some(0));
 }
 
 /// The kill test of the slow brokers: worker A enqueues 1,500 jobs of 200 ms and starts on them;

@@ -160,6 +160,81 @@ pub(crate) async fn collect(
     Ok(out)
 }
 
+/// Handles that are all members of `queue`'s consumers before the scenario goes on: each one
+/// [`Broker::subscribe`]s, concurrently (on a partitioned backend a member that joins later takes
+/// partitions, and what is held on them, from the others).
+pub(crate) async fn members(
+    backend: &Arc<dyn Backend>,
+    queue: &str,
+    n: usize,
+) -> Result<Vec<Arc<dyn Broker>>, String> {
+    let mut hs = Vec::with_capacity(n);
+    for _ in 0..n {
+        hs.push(handle(backend, &[queue]).await?);
+    }
+    let queues = [queue.to_string()];
+    let joins = hs.iter().map(|h| h.subscribe(&queues));
+    for (i, r) in futures::future::join_all(joins)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        r.ctx(format!("subscribe member {i} to {queue}"))?;
+    }
+    Ok(hs)
+}
+
+/// Receives from `queue` on several handles in turn, `step` at a time, without acking, until
+/// `n` distinct messages are held among them; what each handle holds, in the order given. Fails
+/// as [`collect`] does.
+pub(crate) async fn collect_across(
+    handles: &[&Arc<dyn Broker>],
+    queue: &str,
+    n: usize,
+    step: usize,
+    lease: Duration,
+    within: Duration,
+) -> Result<Vec<Vec<Delivery>>, String> {
+    let deadline = Instant::now() + within;
+    let mut out: Vec<Vec<Delivery>> = handles.iter().map(|_| Vec::new()).collect();
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < n {
+        for (h, held) in handles.iter().zip(out.iter_mut()) {
+            let now = Instant::now();
+            ensure!(
+                now < deadline,
+                "received {} of {n} messages from {queue} on {} handles within {}",
+                seen.len(),
+                handles.len(),
+                s2(within)
+            );
+            let max = (n - seen.len()).min(step).max(1);
+            let got = h
+                .receive(queue, opts(max, Duration::from_millis(200), lease))
+                .await
+                .ctx(format!("receive from {queue}"))?;
+            for d in got {
+                ensure!(
+                    seen.insert(d.envelope.id.clone()),
+                    "message {} delivered twice while its {} lease was held",
+                    d.envelope.id,
+                    s2(lease)
+                );
+                held.push(d);
+            }
+            ensure!(
+                seen.len() <= n,
+                "received {} messages from {queue}, {n} expected",
+                seen.len()
+            );
+            if seen.len() == n {
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Checks that nothing at all is received from `queue` for `within`.
 pub(crate) async fn expect_empty(
     broker: &Arc<dyn Broker>,

@@ -166,7 +166,7 @@ impl BackendFactory for KafkaFactory {
 #[async_trait]
 impl BackendSetup for KafkaSetup {
     fn capabilities(&self) -> Capabilities {
-        capabilities(self.config.max_payload)
+        capabilities(&self.config)
     }
 
     fn notices(&self) -> Vec<String> {
@@ -183,8 +183,9 @@ impl BackendSetup for KafkaSetup {
              members: no more workers get work on a level than it has partitions; a released \
              job comes back to its partition's owner"
                 .into(),
-            "kafka: no delay topics yet: delayed jobs and retry backoff are refused (set \
-             retry.max_attempts = 1; failed jobs then go to the dead letters)"
+            "kafka: delayed jobs and retry backoff wait in tiered delay topics per queue level \
+             (<topic>.delay-0s/1s/5s/30s/5m/1h), moved on by the workers of that level when due \
+             (never early; up to about 1 s late)"
                 .into(),
         ]
     }

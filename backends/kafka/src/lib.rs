@@ -15,7 +15,9 @@
 //! | release | the record is ready again at once, for this partition's owner, before the later records of its key |
 //! | delivery count | the checkpoint keeps each unsettled offset's hand-out count, written **before** a record is handed out, so a record that kills its worker every time still reaches `max_attempts` |
 //! | checkpoint | the last record of partition *p* of a compacted companion topic `<topic>.state` (one record per produce request, so every Kafka-protocol broker's high watermark finds it), read by the partition's next owner |
-//! | depth | ready = the group's lag minus what this handle holds, in flight = what this handle holds |
+//! | depth | ready = the group's lag minus what this handle holds, in flight = what this handle holds, delayed = the delay-topic group's lag |
+//! | delay, retry backoff | tiered delay topics per queue (see the `delay` module): a record waits in a paused partition until it is due to leave its tier, never in worker memory, and moves on at or after its due time |
+//! | rebalance | cooperative (incremental): only the partitions that change hands are revoked; their held records get `drain` to be acked, then their receipts answer `LeaseLost` |
 //!
 //! Why a checkpoint topic and not the commit's metadata (what Confluent's parallel consumer
 //! uses): some Kafka-protocol brokers drop offset-commit metadata (tansu, measured here), and a
@@ -30,27 +32,30 @@
 //! Limits of the group model, stated: a released record comes back to its partition's owner,
 //! not to any member; no more members get work than the topic has partitions.
 
+mod delay;
 mod factory;
 mod window;
 
 pub use factory::KafkaFactory;
 
 use async_trait::async_trait;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use delay::KafkaDelayStore;
+use rdkafka::admin::AdminClient;
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 use stevedore_core::{
-    wire, Broker, BrokerError, Capabilities, DelaySupport, Delivery, Depth, Envelope, LeaseSupport,
-    OrderingSupport, Receipt, ReceiveOptions,
+    wire, Broker, BrokerError, Capabilities, DelayStore, DelaySupport, Delivery, Depth, Envelope,
+    LeaseSupport, OrderingSupport, Receipt, ReceiveOptions, Sharing,
 };
 use window::{Checkpoint, Keyed, Window};
 
@@ -64,6 +69,9 @@ const JOIN_WAIT: Duration = Duration::from_secs(30);
 /// How long an empty receive waits more for records the broker holds but the fetcher has not
 /// brought yet.
 const CATCH_UP: Duration = Duration::from_secs(1);
+
+/// Longest an empty receive spends asking the broker whether records are on their way.
+const BEHIND_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Fetched records a partition may hold waiting before it is paused.
 const READY_CAP: usize = 1000;
@@ -175,22 +183,32 @@ impl KafkaConfig {
     }
 }
 
-/// What this backend declares.
-pub fn capabilities(max_payload: usize) -> Capabilities {
+/// What this backend declares with `config`.
+pub fn capabilities(config: &KafkaConfig) -> Capabilities {
     Capabilities {
         delay: DelaySupport::None,
         lease: LeaseSupport::Session { max: None },
         ordering: OrderingSupport::PerKey,
-        max_payload,
+        max_payload: config.max_payload,
         max_batch: 500,
         durable: true,
-        delay_tolerance: Duration::from_secs(1),
+        // Up to 1 s behind a later record in the 0 s delay tier, plus the ~3 s a delay
+        // promoter's group takes to join when a worker starts (Kafka's initial rebalance delay).
+        delay_tolerance: Duration::from_secs(4),
         depth_staleness: Duration::from_secs(1),
         max_headers: None,
         shared: true,
         counts_deliveries: true,
+        // A member that dies is noticed after the session timeout, then every member drains its
+        // revoked partitions before the new assignment.
+        sharing: Sharing::Partitioned {
+            handoff: config.session_timeout + config.drain + HANDOFF_SLACK,
+        },
     }
 }
+
+/// The rejoin round trips of a rebalance, beyond the session timeout and the drain.
+const HANDOFF_SLACK: Duration = Duration::from_secs(3);
 
 fn kafka_error(op: &str, topic: &str, e: &KafkaError) -> BrokerError {
     let text = format!("{op} {topic}: {e}");
@@ -404,21 +422,56 @@ fn partitions_of(topic: &str, tpl: &TopicPartitionList) -> Vec<i32> {
 }
 
 impl ConsumerContext for Ctx {
-    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let Some(shared) = self.shared.upgrade() else {
-            return;
-        };
-        if let Rebalance::Revoke(tpl) = rebalance {
-            revoke(&shared, consumer, &partitions_of(&shared.topic, tpl));
-        }
-    }
-
-    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let Some(shared) = self.shared.upgrade() else {
-            return;
-        };
-        if let Rebalance::Assign(tpl) = rebalance {
-            assign(&shared, consumer, &partitions_of(&shared.topic, tpl));
+    /// Rebalances under the cooperative protocol (only the partitions that move are revoked, so
+    /// a member joining or leaving never interrupts the others' held records) or the eager one
+    /// (a `partition.assignment.strategy` of the user's choosing).
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let shared = self.shared.upgrade();
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                if let Some(shared) = &shared {
+                    assign(shared, consumer, tpl);
+                }
+                let r = if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                };
+                if let Some(shared) = &shared {
+                    if let Err(e) = r {
+                        tracing::warn!(topic = %shared.topic, error = %e, "taking the assigned partitions failed");
+                    }
+                    shared.joined.store(true, Ordering::Relaxed);
+                    shared.arrived.notify_waiters();
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                if let Some(shared) = &shared {
+                    revoke(shared, consumer, &partitions_of(&shared.topic, tpl));
+                }
+                let r = if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                };
+                if let (Some(shared), Err(e)) = (&shared, r) {
+                    tracing::warn!(topic = %shared.topic, error = %e, "giving up the revoked partitions failed");
+                }
+            }
+            other => {
+                let code: RDKafkaErrorCode = other.into();
+                tracing::warn!(error = %code, "rebalance failed (the group retries)");
+                let _ = consumer.unassign();
+            }
         }
     }
 }
@@ -474,15 +527,19 @@ fn revoke(shared: &Shared, consumer: &BaseConsumer<Ctx>, revoked: &[i32]) {
     }
 }
 
-/// Restores newly assigned partitions from the group's commits and their checkpoints, and
-/// points the fetcher at each one's lowest unsettled offset.
-fn assign(shared: &Shared, consumer: &BaseConsumer<Ctx>, assigned: &[i32]) {
+/// Restores newly assigned partitions from the group's commits and their checkpoints, and sets
+/// each one's position in `tpl` to its lowest unsettled offset (the caller then takes them).
+fn assign(shared: &Shared, consumer: &BaseConsumer<Ctx>, tpl: &mut TopicPartitionList) {
+    let assigned = partitions_of(&shared.topic, tpl);
     tracing::debug!(topic = %shared.topic, ?assigned, "assigned");
-    let mut tpl = TopicPartitionList::new();
-    for p in assigned {
-        let _ = tpl.add_partition(&shared.topic, *p);
+    if assigned.is_empty() {
+        return;
     }
-    let committed: HashMap<i32, i64> = match consumer.committed_offsets(tpl, shared.config.timeout)
+    let mut ask = TopicPartitionList::new();
+    for p in &assigned {
+        let _ = ask.add_partition(&shared.topic, *p);
+    }
+    let committed: HashMap<i32, i64> = match consumer.committed_offsets(ask, shared.config.timeout)
     {
         Ok(c) => c
             .elements_for_topic(&shared.topic)
@@ -494,10 +551,8 @@ fn assign(shared: &Shared, consumer: &BaseConsumer<Ctx>, assigned: &[i32]) {
             HashMap::new()
         }
     };
-    let mut at = TopicPartitionList::new();
-    let mut moved = false;
     let mut parts = Vec::new();
-    for p in assigned {
+    for p in &assigned {
         let c = committed.get(p).copied().unwrap_or(0);
         let cp = match shared.read_checkpoint(*p) {
             Ok(cp) => cp,
@@ -508,8 +563,11 @@ fn assign(shared: &Shared, consumer: &BaseConsumer<Ctx>, assigned: &[i32]) {
         };
         tracing::debug!(topic = %shared.topic, partition = p, committed = c, checkpoint = ?cp, "restoring");
         let window = Window::restore(c, cp.as_ref());
-        moved |= window.fetch_from() != c;
-        let _ = at.add_partition_offset(&shared.topic, *p, Offset::Offset(window.fetch_from()));
+        if let Err(e) =
+            tpl.set_partition_offset(&shared.topic, *p, Offset::Offset(window.fetch_from()))
+        {
+            tracing::warn!(topic = %shared.topic, partition = p, error = %e, "setting the restored position failed");
+        }
         parts.push((
             *p,
             Part {
@@ -523,18 +581,10 @@ fn assign(shared: &Shared, consumer: &BaseConsumer<Ctx>, assigned: &[i32]) {
             },
         ));
     }
-    if !moved {
-        // The fetcher starts at the committed offsets already.
-    } else if let Err(e) = consumer.assign(&at) {
-        tracing::warn!(topic = %shared.topic, error = %e, "assigning the restored positions failed");
-    }
     let mut st = shared.lock();
     for (p, part) in parts {
         st.parts.insert(p, part);
     }
-    drop(st);
-    shared.joined.store(true, Ordering::Relaxed);
-    shared.arrived.notify_waiters();
 }
 
 /// How often the fetch thread commits each partition's progress to the group (the checkpoint
@@ -575,7 +625,12 @@ fn commit_progress(shared: &Shared, consumer: &BaseConsumer<Ctx>) {
 }
 
 /// The background fetch loop of one topic on one handle.
-fn fetch_loop(shared: Arc<Shared>, consumer: BaseConsumer<Ctx>, stop: Arc<AtomicBool>) {
+fn fetch_loop(
+    shared: Arc<Shared>,
+    consumer: BaseConsumer<Ctx>,
+    stop: Arc<AtomicBool>,
+    progress: std::sync::mpsc::Sender<()>,
+) {
     let mut last_commit = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         // A paused partition is resumed by this thread once receive has taken enough from it:
@@ -670,21 +725,54 @@ fn fetch_loop(shared: Arc<Shared>, consumer: BaseConsumer<Ctx>, stop: Arc<Atomic
     shared.lock().closed = true;
     shared.settled.notify_all();
     revoke(&shared, &consumer, &parts);
+    // Settled, checkpointed and committed: what close waits for in any case.
+    let _ = progress.send(());
+    // Leaving the group (librdkafka's close) can hang on a broker mid-rebalance; close waits for
+    // it only briefly.
     drop(consumer);
+    let _ = progress.send(());
 }
+
+/// How long closing a handle waits for a consumer to leave its group once its state is saved
+/// (after that the group notices the member gone by its session timeout).
+const LEAVE_WAIT: Duration = Duration::from_secs(3);
+
+/// How long closing a handle waits, beyond the drain, for a consumer's checkpoints and commit.
+const SAVE_WAIT: Duration = Duration::from_secs(3);
 
 /// One topic consumed by one handle.
 struct TopicConsumer {
     shared: Arc<Shared>,
     stop: Arc<AtomicBool>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The fetch thread's two signals on stopping: state saved, then group left.
+    progress: Mutex<std::sync::mpsc::Receiver<()>>,
 }
 
 impl TopicConsumer {
+    /// Stops the fetch thread and waits until it has saved its partitions' state, then up to
+    /// [`LEAVE_WAIT`] for it to leave the group.
     fn stop_and_join(&self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            return;
+        };
+        let progress = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+        // The state is saved within the drain plus a checkpoint write and a commit; a thread
+        // still busy after that (a broker mid-rebalance) is not waited for: what it has not saved
+        // runs again on the partition's next owner, at least once as always.
+        let saved = self.shared.config.drain + SAVE_WAIT;
+        // A thread that is gone (disconnected) has nothing more to wait for.
+        let wait = |d| {
+            !matches!(
+                progress.recv_timeout(d),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+            )
+        };
+        if wait(saved) && wait(LEAVE_WAIT) {
             let _ = t.join();
+        } else {
+            tracing::warn!(topic = %self.shared.topic, "the consumer did not save its state and leave its group in time (the broker is mid-rebalance or gone): the group gives its partitions to the others after the session timeout");
         }
     }
 }
@@ -726,7 +814,9 @@ struct Inner {
     caps: Capabilities,
     producer: FutureProducer,
     state_producer: FutureProducer,
-    admin: AdminClient<DefaultClientContext>,
+    admin: Arc<AdminClient<DefaultClientContext>>,
+    /// The tiered delay topics.
+    delay: Arc<KafkaDelayStore>,
     prepared: Mutex<HashSet<String>>,
     consumers: Mutex<HashMap<String, Arc<TopicConsumer>>>,
     handle: u64,
@@ -757,6 +847,7 @@ impl Drop for Inner {
         for c in all {
             c.stop_and_join();
         }
+        self.delay.stop();
     }
 }
 
@@ -783,17 +874,25 @@ impl KafkaBroker {
             .set("message.timeout.ms", &timeout_ms)
             .create()
             .map_err(|e| mk("checkpoint producer", e))?;
-        let admin: AdminClient<DefaultClientContext> = config
-            .client()
-            .create()
-            .map_err(|e| mk("admin client", e))?;
+        let admin: Arc<AdminClient<DefaultClientContext>> = Arc::new(
+            config
+                .client()
+                .create()
+                .map_err(|e| mk("admin client", e))?,
+        );
+        let delay = Arc::new(KafkaDelayStore::new(
+            config.clone(),
+            state_producer.clone(),
+            admin.clone(),
+        ));
         Ok(KafkaBroker {
             inner: Arc::new(Inner {
-                caps: capabilities(config.max_payload),
+                caps: capabilities(&config),
                 config,
                 producer,
                 state_producer,
                 admin,
+                delay,
                 prepared: Mutex::new(HashSet::new()),
                 consumers: Mutex::new(HashMap::new()),
                 handle: HANDLES.fetch_add(1, Ordering::Relaxed),
@@ -824,29 +923,7 @@ impl KafkaBroker {
         let c = &self.inner.config;
         let topic = c.topic(physical);
         let state = format!("{topic}.state");
-        let main = NewTopic::new(&topic, c.partitions, TopicReplication::Fixed(c.replication));
-        let checkpoints =
-            NewTopic::new(&state, c.partitions, TopicReplication::Fixed(c.replication))
-                .set("cleanup.policy", "compact");
-        let opts = AdminOptions::new().operation_timeout(Some(c.timeout));
-        let results = self
-            .inner
-            .admin
-            .create_topics([&main, &checkpoints], &opts)
-            .await
-            .map_err(|e| kafka_error("create topic", &topic, &e))?;
-        for r in results {
-            match r {
-                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((name, code)) => {
-                    return Err(kafka_error(
-                        "create topic",
-                        &name,
-                        &KafkaError::AdminOp(code),
-                    ))
-                }
-            }
-        }
+        delay::create_topics(&self.inner.admin, c, &[(topic, false), (state, true)]).await?;
         self.inner
             .prepared
             .lock()
@@ -888,8 +965,17 @@ impl KafkaBroker {
             reader: Mutex::new(reader),
         });
         let session_ms = c.session_timeout.as_millis().to_string();
-        let consumer: BaseConsumer<Ctx> = c
-            .client()
+        let mut client = c.client();
+        if !c.properties.contains_key("partition.assignment.strategy") {
+            // Incremental rebalances: a member joining or leaving moves only the partitions that
+            // change hands, and the others keep running what they hold.
+            client.set("partition.assignment.strategy", "cooperative-sticky");
+        }
+        if !c.properties.contains_key("fetch.wait.max.ms") {
+            // An idle queue's next job is fetched within 100 ms, not after a 500 ms long poll.
+            client.set("fetch.wait.max.ms", "100");
+        }
+        let consumer: BaseConsumer<Ctx> = client
             .set("group.id", c.group(physical))
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
@@ -899,7 +985,6 @@ impl KafkaBroker {
                 "heartbeat.interval.ms",
                 (c.session_timeout.as_millis() / 4).max(100).to_string(),
             )
-            .set("partition.assignment.strategy", "roundrobin")
             .create_with_context(Ctx {
                 shared: Arc::downgrade(&shared),
             })
@@ -908,17 +993,19 @@ impl KafkaBroker {
             .subscribe(&[&topic])
             .map_err(|e| kafka_error("subscribe", &topic, &e))?;
         let stop = Arc::new(AtomicBool::new(false));
+        let (progress_tx, progress) = std::sync::mpsc::channel();
         let thread = {
             let (shared, stop) = (shared.clone(), stop.clone());
             std::thread::Builder::new()
                 .name(format!("kafka-{physical}"))
-                .spawn(move || fetch_loop(shared, consumer, stop))
+                .spawn(move || fetch_loop(shared, consumer, stop, progress_tx))
                 .map_err(|e| BrokerError::transient(format!("cannot start a fetch thread: {e}")))?
         };
         let tc = Arc::new(TopicConsumer {
             shared,
             stop,
             thread: Mutex::new(Some(thread)),
+            progress: Mutex::new(progress),
         });
         let mut all = self
             .inner
@@ -942,16 +1029,23 @@ impl KafkaBroker {
             return false;
         }
         let shared = tc.shared.clone();
-        tokio::task::spawn_blocking(move || {
-            let reader = shared.reader.lock().unwrap_or_else(|e| e.into_inner());
+        // A quick look only: a receive must not outlast its wait by much (a shutting-down worker
+        // waits for the receives on their way). A reader busy restoring a partition, or a slow
+        // broker, counts as not behind.
+        let look = tokio::task::spawn_blocking(move || {
+            let Ok(reader) = shared.reader.try_lock() else {
+                return false;
+            };
             fetched.iter().any(|(p, to)| {
                 reader
-                    .fetch_watermarks(&shared.topic, *p, shared.config.timeout)
+                    .fetch_watermarks(&shared.topic, *p, BEHIND_TIMEOUT)
                     .is_ok_and(|(_, high)| high > *to)
             })
-        })
-        .await
-        .unwrap_or(false)
+        });
+        matches!(
+            tokio::time::timeout(BEHIND_TIMEOUT, look).await,
+            Ok(Ok(true))
+        )
     }
 
     fn existing_consumer(&self, physical: &str) -> Option<Arc<TopicConsumer>> {
@@ -1031,7 +1125,8 @@ impl Broker for KafkaBroker {
         for q in queues {
             self.ensure_topic(q).await?;
         }
-        Ok(())
+        // A worker prepares the queues it serves: it promotes their delayed messages.
+        self.inner.delay.watch(queues).await
     }
 
     async fn subscribe(&self, queues: &[String]) -> Result<(), BrokerError> {
@@ -1044,7 +1139,8 @@ impl Broker for KafkaBroker {
         for (q, tc) in all {
             wait_joined(q, &tc).await?;
         }
-        Ok(())
+        // This worker promotes its queues' delayed messages.
+        self.inner.delay.watch(queues).await
     }
 
     async fn publish(&self, queue: &str, messages: Vec<Envelope>) -> Result<(), BrokerError> {
@@ -1130,6 +1226,10 @@ impl Broker for KafkaBroker {
         self.settle(receipts, false).await
     }
 
+    fn delay_store(&self) -> Option<Arc<dyn stevedore_core::DelayStore>> {
+        Some(self.inner.delay.clone())
+    }
+
     async fn extend_lease(&self, receipt: &Receipt, _lease: Duration) -> Result<(), BrokerError> {
         let Some(t) = receipt.token::<Token>() else {
             return Err(lost(receipt.queue()));
@@ -1152,40 +1252,16 @@ impl Broker for KafkaBroker {
     async fn depth(&self, queue: &str) -> Result<Depth, BrokerError> {
         self.check_open()?;
         self.ensure_topic(queue).await?;
-        let c = &self.inner.config;
+        let c = self.inner.config.clone();
         let topic = c.topic(queue);
-        let probe: BaseConsumer = c
-            .client()
-            .set("group.id", c.group(queue))
-            .set("enable.auto.commit", "false")
-            .create()
-            .map_err(|e| kafka_error("depth probe", &topic, &e))?;
-        let timeout = c.timeout;
+        let group = c.group(queue);
         let t = topic.clone();
-        let (lag, partitions) = tokio::task::spawn_blocking(move || {
-            let meta = probe.fetch_metadata(Some(&t), timeout)?;
-            let parts: Vec<i32> = meta
-                .topics()
-                .iter()
-                .flat_map(|mt| mt.partitions().iter().map(|p| p.id()))
-                .collect();
-            let mut tpl = TopicPartitionList::new();
-            for p in &parts {
-                tpl.add_partition(&t, *p);
-            }
-            let committed = probe.committed_offsets(tpl, timeout)?;
-            let mut lag = 0u64;
-            for e in committed.elements_for_topic(&t) {
-                let (low, high) = probe.fetch_watermarks(&t, e.partition(), timeout)?;
-                let from = e.offset().to_raw().filter(|o| *o >= 0).unwrap_or(low);
-                lag += (high - from.max(low)).max(0) as u64;
-            }
-            Ok::<_, KafkaError>((lag, parts.len()))
-        })
-        .await
-        .map_err(|e| BrokerError::transient(format!("depth {topic}: {e}")))?
-        .map_err(|e| kafka_error("depth", &topic, &e))?;
-        let _ = partitions;
+        let lag = tokio::task::spawn_blocking(move || delay::lag(&c, &group, &[t]))
+            .await
+            .map_err(|e| BrokerError::transient(format!("depth {topic}: {e}")))?
+            .map_err(|e| kafka_error("depth", &topic, &e))?;
+        // Delayed: what waits in the queue's delay topics (none where they do not exist yet).
+        let delayed = Some(self.inner.delay.delayed(queue).await?);
         let (held, acked_above) = match self.existing_consumer(queue) {
             Some(tc) => {
                 let st = tc.shared.lock();
@@ -1200,7 +1276,7 @@ impl Broker for KafkaBroker {
         Ok(Depth {
             ready: unsettled.saturating_sub(held),
             in_flight: held,
-            delayed: None,
+            delayed,
             oldest_age: None,
         })
     }
@@ -1210,10 +1286,12 @@ impl Broker for KafkaBroker {
             return Ok(());
         }
         let all = self.inner.take_consumers();
+        let delay = self.inner.delay.clone();
         tokio::task::spawn_blocking(move || {
             for c in all {
                 c.stop_and_join();
             }
+            delay.stop();
         })
         .await
         .map_err(|e| BrokerError::transient(format!("close: {e}")))?;

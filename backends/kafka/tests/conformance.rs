@@ -15,6 +15,10 @@ struct KafkaBackend {
 
 impl KafkaBackend {
     fn start() -> Arc<dyn Backend> {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let server = TansuServer::start().unwrap_or_else(|e| panic!("{e}"));
         Arc::new(KafkaBackend { server })
     }
@@ -25,6 +29,9 @@ impl KafkaBackend {
         c.session_timeout = Duration::from_secs(6);
         // tansu's high watermark is right only for one record per batch (see TansuServer).
         c.properties.insert("batch.num.messages".into(), "1".into());
+        if let Ok(d) = std::env::var("KAFKA_DEBUG") {
+            c.properties.insert("debug".into(), d);
+        }
         c
     }
 }

@@ -255,6 +255,7 @@ pub fn capabilities(
         depth_staleness: Duration::ZERO,
         shared: true,
         counts_deliveries: true,
+        sharing: stevedore_core::Sharing::Any,
         max_headers: None,
     }
 }

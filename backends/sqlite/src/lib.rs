@@ -98,6 +98,7 @@ pub fn capabilities(max_payload: usize) -> Capabilities {
         depth_staleness: Duration::ZERO,
         shared: true,
         counts_deliveries: true,
+        sharing: stevedore_core::Sharing::Any,
         max_headers: None,
     }
 }

@@ -202,6 +202,7 @@ pub fn capabilities(max_payload: usize, fifo: bool) -> Capabilities {
         max_headers: Some(wire::MAX_ATTRIBUTES - 1),
         shared: true,
         counts_deliveries: true,
+        sharing: stevedore_core::Sharing::Any,
     }
 }
 

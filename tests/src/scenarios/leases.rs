@@ -9,13 +9,13 @@
 use crate::backend::Backend;
 use crate::names::unique;
 use crate::support::{
-    close, ensure, expect_empty, handle, millis, opts, pass, receipts, s2, secs, skip, Checked,
-    Context,
+    close, collect_across, ensure, expect_empty, handle, members, millis, opts, pass, receipts, s2,
+    secs, skip, Checked, Context,
 };
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use stevedore_core::{Broker, BrokerError, Delivery, Envelope, LeaseSupport};
+use stevedore_core::{Broker, BrokerError, Delivery, Envelope, LeaseSupport, Sharing};
 use tokio::time::Instant;
 
 const LEASE: Duration = Duration::from_secs(1);
@@ -164,6 +164,91 @@ pub(crate) async fn lease_expiry(backend: Arc<dyn Backend>) -> Checked {
     ))
 }
 
+/// Scenario 6 on a partitioned backend ([`Sharing::Partitioned`]): handles A and B both join
+/// first (a member joining later would take partitions, and what is held on them, from the
+/// other); three messages are held between them, each extended by its holder every L/3 for 3 L
+/// while both keep polling: neither may receive anything, and every ack afterwards succeeds.
+async fn extension_partitioned(backend: Arc<dyn Backend>) -> Checked {
+    let queue = unique("extend");
+    let hs = members(&backend, &queue, 2).await?;
+    let (a, b) = (&hs[0], &hs[1]);
+    // Distinct keys spread the messages over the partitions, so both members may hold some.
+    let msgs = (0..3)
+        .map(|i| {
+            let mut e = Envelope::new("conformance.lease", format!("lease {i}"));
+            e.key = Some(format!("lease-{i}"));
+            e
+        })
+        .collect();
+    a.publish(&queue, msgs).await.ctx("publish")?;
+    let held = collect_across(&[a, b], &queue, 3, 1, LEASE, secs(10)).await?;
+    let hold_for = LEASE * 3;
+    let until = Instant::now() + hold_for;
+    let heartbeat = async {
+        let mut beats = 0;
+        while Instant::now() < until {
+            tokio::time::sleep(LEASE / 3).await;
+            for (h, mine) in [a, b].into_iter().zip(&held) {
+                for d in mine {
+                    h.extend_lease(&d.receipt, LEASE)
+                        .await
+                        .ctx(format!("extend_lease of {} (beat {beats})", d.envelope.id))?;
+                }
+            }
+            beats += 1;
+        }
+        Ok::<_, String>(beats)
+    };
+    let watch = |h: &Arc<dyn Broker>| {
+        let h = h.clone();
+        let queue = queue.clone();
+        async move {
+            while Instant::now() < until {
+                let got = h
+                    .receive(&queue, opts(3, millis(100), secs(30)))
+                    .await
+                    .ctx("receive while the messages are held")?;
+                if let Some(d) = got.first() {
+                    return Err(format!(
+                        "message {} was redelivered (delivery_count {}) while its lease was \
+                         being extended every {}",
+                        d.envelope.id,
+                        d.delivery_count,
+                        s2(LEASE / 3)
+                    ));
+                }
+            }
+            Ok::<_, String>(())
+        }
+    };
+    let (beats, wa, wb) = tokio::join!(heartbeat, watch(a), watch(b));
+    let beats = beats?;
+    wa?;
+    wb?;
+    for (h, mine) in [a, b].into_iter().zip(&held) {
+        h.ack(&receipts(mine)).await.ctx(format!(
+            "ack after holding {} with extensions",
+            s2(hold_for)
+        ))?;
+    }
+    let (ea, eb) = tokio::join!(
+        expect_empty(a, &queue, LEASE + secs(1), "every message was acked"),
+        expect_empty(b, &queue, LEASE + secs(1), "every message was acked")
+    );
+    ea?;
+    eb?;
+    close(&[a, b]).await;
+    pass(format!(
+        "partitioned: 3 messages held {}+{} by two members for {} with {beats} extensions \
+         every {} were never redelivered to either and acked fine (session lease: extension is \
+         a no-op)",
+        held[0].len(),
+        held[1].len(),
+        s2(hold_for),
+        s2(LEASE / 3)
+    ))
+}
+
 /// Scenario 6: handle A receives 3 messages with a 1 s lease and extends two of them every L/3 for
 /// 3 L while handle B polls: B must never see those two, and A's ack after 3 L must succeed;
 /// nothing comes back afterwards. For timed leases the third message is not extended and must come
@@ -185,6 +270,10 @@ pub(crate) async fn lease_extension(backend: Arc<dyn Backend>) -> Checked {
         LeaseSupport::Timed { .. } => true,
         LeaseSupport::Session { .. } => false,
     };
+    if let Sharing::Partitioned { .. } = caps.sharing {
+        close(&[&a]).await;
+        return extension_partitioned(backend).await;
+    }
     let b = handle(&backend, &[&queue]).await?;
     publish_n(&a, &queue, 3).await?;
     let mut held: Vec<Delivery> = lease_n(&a, &queue, 3)

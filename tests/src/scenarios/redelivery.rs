@@ -4,12 +4,13 @@
 use crate::backend::Backend;
 use crate::names::unique;
 use crate::support::{
-    close, collect, ensure, expect_empty, handle, pass, receipts, s2, secs, Checked, Context,
+    close, collect, collect_across, ensure, expect_empty, handle, members, pass, receipts, s2,
+    secs, Checked, Context,
 };
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use stevedore_core::{Broker, Delivery, Envelope};
+use stevedore_core::{Broker, Delivery, Envelope, Sharing};
 use tokio::time::Instant;
 
 const N: usize = 3;
@@ -20,17 +21,20 @@ const PROMPT: Duration = Duration::from_secs(1);
 /// can bring them back) and releases all three in one call; handle B must receive them within 1 s
 /// with `delivery_count` 2 and `attempt()` 3; B releases, A gets them again within 1 s with 3 and
 /// 4, and acks. Payload and id stay the same throughout; nothing comes back after the ack.
+///
+/// On a partitioned backend ([`Sharing::Partitioned`]) a released message comes back to its
+/// partition's owner, so: A and B both join first; each releases what it holds and must get
+/// exactly that back within 1 s (count 2); then both release again and B closes, and A must get
+/// all three within 1 s + the declared handoff (count 3), and acks.
 pub(crate) async fn release_redelivery(backend: Arc<dyn Backend>) -> Checked {
     let queue = unique("release");
     let a = handle(&backend, &[&queue]).await?;
+    if let Sharing::Partitioned { handoff } = a.capabilities().sharing {
+        close(&[&a]).await;
+        return partitioned(backend, handoff).await;
+    }
     let b = handle(&backend, &[&queue]).await?;
-    let sent: Vec<Envelope> = (0..N)
-        .map(|i| {
-            let mut e = Envelope::new("conformance.release", format!("release me {i}"));
-            e.attempt = 2;
-            e
-        })
-        .collect();
+    let sent = sent_messages();
     let by_id: HashMap<String, Envelope> = sent.iter().map(|e| (e.id.clone(), e.clone())).collect();
     a.publish(&queue, sent).await.ctx("publish")?;
 
@@ -64,6 +68,100 @@ pub(crate) async fn release_redelivery(backend: Arc<dyn Backend>) -> Checked {
          delivery_count 1→2→3 and attempt() 2→3→4",
         s2(slowest),
         s2(PROMPT)
+    ))
+}
+
+fn sent_messages() -> Vec<Envelope> {
+    (0..N)
+        .map(|i| {
+            let mut e = Envelope::new("conformance.release", format!("release me {i}"));
+            e.attempt = 2;
+            e
+        })
+        .collect()
+}
+
+/// The partitioned variant (see [`release_redelivery`]).
+async fn partitioned(backend: Arc<dyn Backend>, handoff: Duration) -> Checked {
+    let queue = unique("release");
+    let hs = members(&backend, &queue, 2).await?;
+    let (a, b) = (&hs[0], &hs[1]);
+    // Distinct keys spread the messages over the partitions, so both members may hold some.
+    let sent: Vec<Envelope> = sent_messages()
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut e)| {
+            e.key = Some(format!("release-{i}"));
+            e
+        })
+        .collect();
+    let by_id: HashMap<String, Envelope> = sent.iter().map(|e| (e.id.clone(), e.clone())).collect();
+    a.publish(&queue, sent).await.ctx("publish")?;
+    let mut held = collect_across(&[a, b], &queue, N, 1, secs(30), secs(10)).await?;
+    for h in &held {
+        check(h, &by_id, 1)?;
+    }
+    let split = format!("{}+{}", held[0].len(), held[1].len());
+    // Round 1: each owner releases and gets its own back.
+    let mut slowest = Duration::ZERO;
+    for (h, mine) in [a, b].into_iter().zip(held.iter_mut()) {
+        if mine.is_empty() {
+            continue;
+        }
+        h.release(&receipts(mine))
+            .await
+            .ctx(format!("release {} deliveries", mine.len()))?;
+        let released = Instant::now();
+        let again = collect(h, &queue, mine.len(), secs(30), secs(5))
+            .await
+            .map_err(|e| format!("after a release, on the partition's owner: {e}"))?;
+        let took = released.elapsed();
+        ensure!(
+            took <= PROMPT,
+            "released messages came back to their partition's owner only after {} (limit {})",
+            s2(took),
+            s2(PROMPT)
+        );
+        slowest = slowest.max(took);
+        check(&again, &by_id, 2)?;
+        let want: Vec<&String> = mine.iter().map(|d| &d.envelope.id).collect();
+        ensure!(
+            again.iter().all(|d| want.contains(&&d.envelope.id)),
+            "a release brought back other messages than the released ones"
+        );
+        *mine = again;
+    }
+    // Round 2: both release, B leaves; A gets everything.
+    for (h, mine) in [a, b].into_iter().zip(held.iter()) {
+        if !mine.is_empty() {
+            h.release(&receipts(mine)).await.ctx("release again")?;
+        }
+    }
+    b.close().await.ctx("close B")?;
+    let left = Instant::now();
+    let limit = PROMPT + handoff;
+    let all = collect(a, &queue, N, secs(30), limit + secs(5))
+        .await
+        .map_err(|e| format!("after B released and left: {e}"))?;
+    let took = left.elapsed();
+    ensure!(
+        took <= limit,
+        "B's released messages reached A {} after B left (limit {} = 1 s + the declared handoff)",
+        s2(took),
+        s2(limit)
+    );
+    check(&all, &by_id, 3)?;
+    a.ack(&receipts(&all)).await.ctx("ack after two releases")?;
+    expect_empty(a, &queue, secs(1), "the messages were acked").await?;
+    close(&[a]).await;
+    pass(format!(
+        "partitioned: {N} released messages (held {split} by two members) came back to their \
+         owner within {} (limit {}), then all reached the remaining member {} after the other \
+         left (limit {}), delivery_count 1→2→3 and attempt() 2→3→4",
+        s2(slowest),
+        s2(PROMPT),
+        s2(took),
+        s2(limit)
     ))
 }
 

@@ -43,6 +43,7 @@ fn sqs_caps() -> Capabilities {
         depth_staleness: Duration::from_secs(60),
         shared: true,
         counts_deliveries: true,
+        sharing: stevedore_core::Sharing::Any,
         max_headers: None,
     }
 }

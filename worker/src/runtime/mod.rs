@@ -345,6 +345,16 @@ async fn handle(
             ctx.config.timeout_for(&ctx.name, Some(job)),
         ),
     };
+    if attempt > retry.max_attempts {
+        // Every one of its allowed attempts ended without a result: the worker died (a job that
+        // aborts or exhausts its process) or its lease ended. Running it again would only loop.
+        let err = JobError::permanent(format!(
+            "delivered for attempt {attempt} of {}: the earlier deliveries ended without a \
+             result (the worker died running it, or its lease ended)",
+            retry.max_attempts
+        ));
+        return Box::pin(dead_letter(ctx, d, attempt, &err, "crash loop")).await;
+    }
     let Delivery {
         envelope,
         receipt,
