@@ -153,7 +153,7 @@ pub(crate) async fn create_topics(
 /// watermark where nothing is committed), read by a fresh probe client. Blocking.
 pub(crate) fn lag(config: &KafkaConfig, group: &str, topics: &[String]) -> Result<u64, KafkaError> {
     let probe: BaseConsumer = config
-        .client()
+        .consumer_client()
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .create()?;
@@ -375,6 +375,11 @@ impl ClientContext for PromoterCtx {}
 impl ConsumerContext for PromoterCtx {
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) | Rebalance::Assign(tpl) = rebalance {
+            tracing::debug!(
+                assign = matches!(rebalance, Rebalance::Assign(_)),
+                partitions = tpl.count(),
+                "delay promoter rebalance"
+            );
             let mut paused = lock(&self.paused);
             for e in tpl.elements() {
                 paused.remove(&(e.topic().to_string(), e.partition()));
@@ -404,7 +409,7 @@ impl PromoterRun {
     ) -> Result<Self, KafkaError> {
         let topic = config.topic(queue);
         let tiers: Vec<String> = (0..TIERS.len()).map(|i| tier_topic(&topic, i)).collect();
-        let mut client = config.client();
+        let mut client = config.consumer_client();
         if !config
             .properties
             .contains_key("partition.assignment.strategy")
@@ -418,16 +423,6 @@ impl PromoterRun {
             .set("auto.offset.reset", "earliest")
             // A record hopping to a shorter tier is fetched at once, not after a long poll.
             .set("fetch.wait.max.ms", "50")
-            .set(
-                "session.timeout.ms",
-                config.session_timeout.as_millis().to_string(),
-            )
-            .set(
-                "heartbeat.interval.ms",
-                (config.session_timeout.as_millis() / 4)
-                    .max(100)
-                    .to_string(),
-            )
             .create_with_context(PromoterCtx {
                 paused: Mutex::new(HashMap::new()),
             })?;
@@ -508,6 +503,7 @@ impl PromoterRun {
                             if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
                                 tracing::debug!(topic = %tier_topic, error = %e, "commit of a moved delayed record failed (the next one carries it)");
                             }
+                            tracing::debug!(from = %tier_topic, %to, offset, "delayed record moved");
                             if to == self.topic {
                                 self.moved.fetch_add(1, Ordering::Relaxed);
                             }

@@ -185,7 +185,8 @@ impl BackendSetup for KafkaSetup {
                 .into(),
             "kafka: delayed jobs and retry backoff wait in tiered delay topics per queue level \
              (<topic>.delay-0s/1s/5s/30s/5m/1h), moved on by the workers of that level when due \
-             (never early; up to about 1 s late)"
+             (never early; about 1 s late at most in steady state, up to the group handoff while \
+             workers start or stop)"
                 .into(),
         ]
     }

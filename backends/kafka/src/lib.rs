@@ -171,6 +171,21 @@ impl KafkaConfig {
         c
     }
 
+    /// [`KafkaConfig::client`] for a consumer: with this handle's session timeout (librdkafka
+    /// refuses a `max.poll.interval.ms` below it, for group-less readers too).
+    fn consumer_client(&self) -> ClientConfig {
+        let mut c = self.client();
+        c.set(
+            "session.timeout.ms",
+            self.session_timeout.as_millis().to_string(),
+        );
+        c.set(
+            "heartbeat.interval.ms",
+            (self.session_timeout.as_millis() / 4).max(100).to_string(),
+        );
+        c
+    }
+
     fn topic(&self, physical: &str) -> String {
         format!("{}{physical}", self.key_prefix)
     }
@@ -192,9 +207,10 @@ pub fn capabilities(config: &KafkaConfig) -> Capabilities {
         max_payload: config.max_payload,
         max_batch: 500,
         durable: true,
-        // Up to 1 s behind a later record in the 0 s delay tier, plus the ~3 s a delay
-        // promoter's group takes to join when a worker starts (Kafka's initial rebalance delay).
-        delay_tolerance: Duration::from_secs(4),
+        // In steady state a due record is at most ~1 s late (behind a later one in the 0 s delay
+        // tier); when workers start or stop, the delay partitions they promote change hands like
+        // any others, so the bound is the handoff plus that second.
+        delay_tolerance: handoff(config) + Duration::from_secs(1),
         depth_staleness: Duration::from_secs(1),
         max_headers: None,
         shared: true,
@@ -202,9 +218,14 @@ pub fn capabilities(config: &KafkaConfig) -> Capabilities {
         // A member that dies is noticed after the session timeout, then every member drains its
         // revoked partitions before the new assignment.
         sharing: Sharing::Partitioned {
-            handoff: config.session_timeout + config.drain + HANDOFF_SLACK,
+            handoff: handoff(config),
         },
     }
+}
+
+/// How long a departed member's partitions take to reach the others, at most.
+fn handoff(config: &KafkaConfig) -> Duration {
+    config.session_timeout + config.drain + HANDOFF_SLACK
 }
 
 /// The rejoin round trips of a rebalance, beyond the session timeout and the drain.
@@ -947,7 +968,7 @@ impl KafkaBroker {
         let c = &self.inner.config;
         let topic = c.topic(physical);
         let reader: BaseConsumer = c
-            .client()
+            .consumer_client()
             .set("enable.auto.commit", "false")
             .set("group.id", format!("{}.reader", c.group(physical)))
             .create()
@@ -964,8 +985,7 @@ impl KafkaBroker {
             state_producer: self.inner.state_producer.clone(),
             reader: Mutex::new(reader),
         });
-        let session_ms = c.session_timeout.as_millis().to_string();
-        let mut client = c.client();
+        let mut client = c.consumer_client();
         if !c.properties.contains_key("partition.assignment.strategy") {
             // Incremental rebalances: a member joining or leaving moves only the partitions that
             // change hands, and the others keep running what they hold.
@@ -980,11 +1000,6 @@ impl KafkaBroker {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
-            .set("session.timeout.ms", &session_ms)
-            .set(
-                "heartbeat.interval.ms",
-                (c.session_timeout.as_millis() / 4).max(100).to_string(),
-            )
             .create_with_context(Ctx {
                 shared: Arc::downgrade(&shared),
             })

@@ -145,3 +145,75 @@ async fn a_record_whose_holder_vanishes_comes_back_counted_each_time() {
     }
     producer.close().await.expect("close");
 }
+
+/// A job longer than `max.poll.interval.ms` keeps its partition: the fetch thread polls all the
+/// time, so the member is never thrown out of its group. With the interval at 7 s (librdkafka's
+/// floor is the 6 s session), a record held 10 s by A while B is a member of the same group is
+/// never handed to B, A's ack afterwards succeeds, and nothing comes back.
+#[tokio::test]
+async fn a_job_longer_than_max_poll_interval_keeps_its_record() {
+    let s = server();
+    let mut c = KafkaConfig::new(s.bootstrap());
+    c.partitions = 1;
+    c.session_timeout = Duration::from_secs(6);
+    c.properties.insert("batch.num.messages".into(), "1".into());
+    c.properties
+        .insert("max.poll.interval.ms".into(), "7000".into());
+    let a = KafkaBroker::connect(c.clone()).await.expect("connect a");
+    let b = KafkaBroker::connect(c).await.expect("connect b");
+    let q = "long-job".to_string();
+    a.prepare(std::slice::from_ref(&q)).await.expect("prepare");
+    let (ja, jb) = tokio::join!(
+        a.subscribe(std::slice::from_ref(&q)),
+        b.subscribe(std::slice::from_ref(&q))
+    );
+    ja.expect("a joins");
+    jb.expect("b joins");
+    a.publish(&q, vec![Envelope::new("long", "ten seconds")])
+        .await
+        .expect("publish");
+    // The one partition is A's or B's: whoever got the record is the long job's worker.
+    let t = Instant::now();
+    let (holder, other, d) = loop {
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "the record never arrived"
+        );
+        if let Some(d) = a.receive(&q, opts(1, 200)).await.expect("receive a").pop() {
+            break (&a, &b, d);
+        }
+        if let Some(d) = b.receive(&q, opts(1, 200)).await.expect("receive b").pop() {
+            break (&b, &a, d);
+        }
+    };
+    let held = Instant::now();
+    while held.elapsed() < Duration::from_secs(10) {
+        let got = other
+            .receive(&q, opts(1, 500))
+            .await
+            .expect("receive other");
+        assert!(
+            got.is_empty(),
+            "the record held for {:?} (past max.poll.interval.ms 7s) went to the other member",
+            held.elapsed()
+        );
+        let again = holder
+            .receive(&q, opts(1, 0))
+            .await
+            .expect("receive holder");
+        assert!(again.is_empty(), "the holder got its held record again");
+        holder
+            .extend_lease(&d.receipt, Duration::from_secs(30))
+            .await
+            .expect("the holder still holds it");
+    }
+    holder.ack(&[d.receipt]).await.expect("ack after 10 s");
+    assert!(collect(other, &q, 1, Duration::from_secs(3))
+        .await
+        .is_empty());
+    assert!(collect(holder, &q, 1, Duration::from_secs(1))
+        .await
+        .is_empty());
+    let _ = a.close().await;
+    let _ = b.close().await;
+}
