@@ -217,3 +217,131 @@ async fn a_job_longer_than_max_poll_interval_keeps_its_record() {
     let _ = a.close().await;
     let _ = b.close().await;
 }
+
+/// One consumer of a running group, receiving and acking `q` in a loop until `stop`, recording
+/// every id it acked.
+fn consume(
+    b: KafkaBroker,
+    q: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    acked: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) -> tokio::task::JoinHandle<KafkaBroker> {
+    tokio::spawn(async move {
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let got = match b.receive(&q, opts(10, 200)).await {
+                Ok(got) => got,
+                Err(e) => panic!("receive: {e}"),
+            };
+            for d in got {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                match b.ack(std::slice::from_ref(&d.receipt)).await {
+                    Ok(()) => acked.lock().unwrap().push(d.envelope.id.clone()),
+                    // Revoked while it ran: its partition's next owner runs it (counted there).
+                    Err(stevedore_core::BrokerError::LeaseLost { .. }) => {}
+                    Err(e) => panic!("ack: {e}"),
+                }
+            }
+        }
+        b
+    })
+}
+
+/// A rebalance under load: three members consume 600 keyed records; after 150 acks one leaves
+/// (closes), after 300 a new one joins. Every record is acked, and a record acked twice can only
+/// be one that was out when its partition moved (at most 10 per member and move).
+#[tokio::test]
+async fn members_leaving_and_joining_mid_run_lose_nothing() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let s = server();
+    let q = "rebalance".to_string();
+    let mut members = Vec::new();
+    for _ in 0..3 {
+        members.push(broker(&s, 6).await);
+    }
+    members[0]
+        .prepare(std::slice::from_ref(&q))
+        .await
+        .expect("prepare");
+    let joins = members
+        .iter()
+        .map(|m| m.subscribe(std::slice::from_ref(&q)));
+    for j in futures_join(joins).await {
+        j.expect("join");
+    }
+    const N: usize = 600;
+    let sent: Vec<Envelope> = (0..N)
+        .map(|i| {
+            let mut e = Envelope::new("rebalance", format!("r{i}"));
+            e.key = Some(format!("k{}", i % 60));
+            e
+        })
+        .collect();
+    let ids: Vec<String> = sent.iter().map(|e| e.id.clone()).collect();
+    members[0].publish(&q, sent).await.expect("publish");
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let stops: Vec<Arc<AtomicBool>> = (0..4).map(|_| Arc::new(AtomicBool::new(false))).collect();
+    let mut tasks: Vec<_> = members
+        .into_iter()
+        .zip(&stops)
+        .map(|(m, stop)| consume(m, q.clone(), stop.clone(), acked.clone()))
+        .collect();
+    let count = |a: &Arc<Mutex<Vec<String>>>| a.lock().unwrap().len();
+    let wait_for = |n: usize, what: &'static str| {
+        let acked = acked.clone();
+        async move {
+            let t = Instant::now();
+            while count(&acked) < n {
+                assert!(
+                    t.elapsed() < Duration::from_secs(60),
+                    "{what}: {} of {n} acked within 60 s",
+                    count(&acked)
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    wait_for(N / 4, "before the leave").await;
+    stops[2].store(true, Ordering::Relaxed);
+    let leaving = tasks.remove(2).await.expect("member 2 stops");
+    leaving.close().await.expect("member 2 leaves");
+    wait_for(N / 2, "after the leave").await;
+    let joiner = broker(&s, 6).await;
+    tasks.push(consume(joiner, q.clone(), stops[3].clone(), acked.clone()));
+    let t = Instant::now();
+    loop {
+        let done: std::collections::HashSet<String> =
+            acked.lock().unwrap().iter().cloned().collect();
+        if ids.iter().all(|id| done.contains(id)) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(90),
+            "{} of {N} distinct records acked within 90 s of the join",
+            done.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for s in &stops {
+        s.store(true, Ordering::Relaxed);
+    }
+    for t in tasks {
+        let b = t.await.expect("member stops");
+        let _ = b.close().await;
+    }
+    let all = acked.lock().unwrap().clone();
+    let twice = all.len() - ids.len();
+    eprintln!("rebalance: {N} records, {twice} acked twice");
+    assert!(
+        twice <= 2 * 3 * 10,
+        "{twice} records acked twice (bound: 10 out per member, 3 members, 2 moves)"
+    );
+}
+
+async fn futures_join<F: std::future::Future>(fs: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let mut out = Vec::new();
+    for f in fs.collect::<Vec<_>>() {
+        out.push(f.await);
+    }
+    out
+}
