@@ -114,6 +114,9 @@ pub enum Sharing {
     Partitioned {
         /// Longest a departed consumer's partitions take to reach the remaining ones.
         handoff: Duration,
+        /// Partitions of each queue (level) this backend creates: no more consumers than this
+        /// get work on it at once, so autoscaling hints stop there.
+        partitions: u32,
     },
 }
 
@@ -156,7 +159,7 @@ impl fmt::Display for Capabilities {
         };
         let sharing = match self.sharing {
             Sharing::Any => "any consumer".to_string(),
-            Sharing::Partitioned { handoff } => {
+            Sharing::Partitioned { handoff, .. } => {
                 format!("by partition (handoff {}s)", handoff.as_secs())
             }
         };

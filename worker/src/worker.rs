@@ -182,7 +182,11 @@ impl Worker {
                 min_workers: self.config.autoscale.min_workers,
                 max_workers: self.config.autoscale.max_workers,
                 interval: self.config.autoscale.interval,
-                partition_cap: None,
+                // A partitioned broker gives no more workers work than a level has partitions.
+                partition_cap: match self.broker.capabilities().sharing {
+                    stevedore_core::Sharing::Partitioned { partitions, .. } => Some(partitions),
+                    stevedore_core::Sharing::Any => None,
+                },
             },
             self.hints.clone(),
             soft.clone(),

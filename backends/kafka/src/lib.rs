@@ -219,6 +219,7 @@ pub fn capabilities(config: &KafkaConfig) -> Capabilities {
         // revoked partitions before the new assignment.
         sharing: Sharing::Partitioned {
             handoff: handoff(config),
+            partitions: u32::try_from(config.partitions.max(1)).unwrap_or(1),
         },
     }
 }

@@ -235,7 +235,10 @@ fn consume(
             for d in got {
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 match b.ack(std::slice::from_ref(&d.receipt)).await {
-                    Ok(()) => acked.lock().unwrap().push(d.envelope.id.clone()),
+                    Ok(()) => acked
+                        .lock()
+                        .expect("acked list")
+                        .push(d.envelope.id.clone()),
                     // Revoked while it ran: its partition's next owner runs it (counted there).
                     Err(stevedore_core::BrokerError::LeaseLost { .. }) => {}
                     Err(e) => panic!("ack: {e}"),
@@ -286,7 +289,7 @@ async fn members_leaving_and_joining_mid_run_lose_nothing() {
         .zip(&stops)
         .map(|(m, stop)| consume(m, q.clone(), stop.clone(), acked.clone()))
         .collect();
-    let count = |a: &Arc<Mutex<Vec<String>>>| a.lock().unwrap().len();
+    let count = |a: &Arc<Mutex<Vec<String>>>| a.lock().expect("acked list").len();
     let wait_for = |n: usize, what: &'static str| {
         let acked = acked.clone();
         async move {
@@ -311,7 +314,7 @@ async fn members_leaving_and_joining_mid_run_lose_nothing() {
     let t = Instant::now();
     loop {
         let done: std::collections::HashSet<String> =
-            acked.lock().unwrap().iter().cloned().collect();
+            acked.lock().expect("acked list").iter().cloned().collect();
         if ids.iter().all(|id| done.contains(id)) {
             break;
         }
@@ -329,7 +332,7 @@ async fn members_leaving_and_joining_mid_run_lose_nothing() {
         let b = t.await.expect("member stops");
         let _ = b.close().await;
     }
-    let all = acked.lock().unwrap().clone();
+    let all = acked.lock().expect("acked list").clone();
     let twice = all.len() - ids.len();
     eprintln!("rebalance: {N} records, {twice} acked twice");
     assert!(

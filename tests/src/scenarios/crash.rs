@@ -94,7 +94,7 @@ pub(crate) async fn crash_recovery(backend: Arc<dyn Backend>) -> Checked {
     );
     let crashed = Instant::now();
     let within = match caps.sharing {
-        Sharing::Partitioned { handoff } => handoff + secs(5),
+        Sharing::Partitioned { handoff, .. } => handoff + secs(5),
         Sharing::Any => LEASE + secs(5) + caps.delay_tolerance,
     };
     let mut recovered_at = Duration::ZERO;

@@ -29,7 +29,7 @@ const PROMPT: Duration = Duration::from_secs(1);
 pub(crate) async fn release_redelivery(backend: Arc<dyn Backend>) -> Checked {
     let queue = unique("release");
     let a = handle(&backend, &[&queue]).await?;
-    if let Sharing::Partitioned { handoff } = a.capabilities().sharing {
+    if let Sharing::Partitioned { handoff, .. } = a.capabilities().sharing {
         close(&[&a]).await;
         return partitioned(backend, handoff).await;
     }
