@@ -83,8 +83,9 @@ fn leaves_at(tier: usize, written: Option<i64>, due: SystemTime) -> SystemTime {
     }
 }
 
-/// Produces `env` (with its headers and key) to `topic`, stamped now.
-fn record<'a>(
+/// A record of an encoded envelope (its wire headers, body and key) for `topic`, stamped now:
+/// what publish, schedule and the promoters produce.
+pub(crate) fn record<'a>(
     topic: &'a str,
     key: Option<&'a str>,
     headers: &'a [(String, String)],

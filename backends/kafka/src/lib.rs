@@ -45,7 +45,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -1171,21 +1171,13 @@ impl Broker for KafkaBroker {
             .iter()
             .map(|m| (m.key.clone(), wire::to_wire(m)))
             .collect();
-        let mut sends = Vec::with_capacity(encoded.len());
-        for (key, (headers, body)) in &encoded {
-            let mut h = OwnedHeaders::new_with_capacity(headers.len());
-            for (k, v) in headers {
-                h = h.insert(Header {
-                    key: k.as_str(),
-                    value: Some(v.as_str()),
-                });
-            }
-            let mut rec = FutureRecord::to(&topic).payload(body.as_ref()).headers(h);
-            if let Some(k) = key {
-                rec = rec.key(k.as_str());
-            }
-            sends.push(self.inner.producer.send(rec, self.inner.config.timeout));
-        }
+        let sends: Vec<_> = encoded
+            .iter()
+            .map(|(key, (headers, body))| {
+                let rec = delay::record(&topic, key.as_deref(), headers, body);
+                self.inner.producer.send(rec, self.inner.config.timeout)
+            })
+            .collect();
         for r in futures_join(sends.into_iter()).await {
             r.map_err(|(e, _)| kafka_error("produce to", &topic, &e))?;
         }
