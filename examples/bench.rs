@@ -8,7 +8,7 @@
 //! cargo run --release -p stevedore-examples --bin bench -- rabbitmq 10000,100000        # RABBITMQ_URL, default 127.0.0.1:5672
 //! cargo run --release -p stevedore-examples --bin bench -- sqlite 10000,100000,1000000  # files in $TMPDIR, both durability settings
 //! cargo run --release -p stevedore-examples --bin bench -- sqs 500,2000                 # SQS_ENDPOINT, default http://127.0.0.1:9324 (moto_server)
-//! cargo run --release -p stevedore-examples --bin bench -- kafka 10000,100000           # KAFKA_BOOTSTRAP, default 127.0.0.1:9092 (e.g. tansu)
+//! cargo run --release -p stevedore-examples --bin bench -- kafka 10000,100000           # KAFKA_BOOTSTRAP, default 127.0.0.1:9092 (e.g. nisshi)
 //! ```
 //!
 //! sqlite's raw loop is the best a hand-written rusqlite client does for the same durable work on

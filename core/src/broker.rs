@@ -241,6 +241,17 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
         None
     }
 
+    /// Whether [`ack`](Broker::ack) only changes this handle's own bookkeeping (no broker round
+    /// trip) and is made durable by a later write of the handle, such as the checkpoint written
+    /// with the next hand-out (Kafka). The runtime then acks each job as it ends, before its slot
+    /// is reused, instead of batching acks in the background: the next receive's write then
+    /// carries the ack, and a worker that crashes on the next job does not count a delivery
+    /// against a job that already succeeded. The default, `false`, suits brokers whose ack is a
+    /// broker call worth batching.
+    fn acks_locally(&self) -> bool {
+        false
+    }
+
     /// Flushes and closes connections. Later calls fail with [`BrokerError::Closed`]. Idempotent.
     async fn close(&self) -> Result<(), BrokerError> {
         Ok(())

@@ -36,7 +36,15 @@ pub trait Backend: Send + Sync + 'static {
     /// before the scenario's time limit starts and drops it when the scenario ends. `Err(reason)`
     /// fails the scenario with that reason. [`cleanup`](Backend::cleanup) is still called on this
     /// backend only: an isolated server must clean up after itself when dropped.
-    async fn isolated(&self) -> Result<Option<std::sync::Arc<dyn Backend>>, String> {
+    ///
+    /// `restarts` says the scenario restarts the broker ([`restart`](Backend::restart)): its
+    /// server must keep what it holds across a restart (a server kept in memory, quicker for
+    /// every other scenario, would not).
+    async fn isolated(
+        &self,
+        restarts: bool,
+    ) -> Result<Option<std::sync::Arc<dyn Backend>>, String> {
+        let _ = restarts;
         Ok(None)
     }
 

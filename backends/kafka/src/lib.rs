@@ -755,12 +755,57 @@ fn fetch_loop(
     let _ = progress.send(());
 }
 
-/// How long closing a handle waits for a consumer to leave its group once its state is saved
-/// (after that the group notices the member gone by its session timeout).
-const LEAVE_WAIT: Duration = Duration::from_secs(3);
+/// How long closing a handle waits, once every consumer's state is saved, for them to leave
+/// their groups. A LeaveGroup sent while the group is rebalancing is answered only after the
+/// rebalance (a broker answers a connection's requests in order, behind the held JoinGroup):
+/// close does not wait for that. The request is on its way; if it is lost with the process, the
+/// group notices the member gone by its session timeout, and nothing unsaved is left to lose.
+const LEAVE_WAIT: Duration = Duration::from_millis(500);
 
 /// How long closing a handle waits, beyond the drain, for a consumer's checkpoints and commit.
 const SAVE_WAIT: Duration = Duration::from_secs(3);
+
+/// A background consumer thread told to stop: it signals twice on `progress` (state saved, then
+/// group left) and ends.
+pub(crate) struct Stopping {
+    pub(crate) what: String,
+    pub(crate) thread: std::thread::JoinHandle<()>,
+    pub(crate) progress: std::sync::mpsc::Receiver<()>,
+}
+
+/// Waits for every stopping thread to save its state (up to `saved_by`), then for all of them
+/// together to leave their groups (up to [`LEAVE_WAIT`] more). Joins the threads that are done;
+/// leaves the others to finish on their own. Blocking.
+pub(crate) fn finish_stopping(all: Vec<Stopping>, saved_by: Instant) {
+    use std::sync::mpsc::RecvTimeoutError;
+    // A thread that is gone (disconnected) has nothing more to wait for.
+    let wait = |s: &Stopping, by: Instant| {
+        !matches!(
+            s.progress
+                .recv_timeout(by.saturating_duration_since(Instant::now())),
+            Err(RecvTimeoutError::Timeout)
+        )
+    };
+    let mut saved = Vec::with_capacity(all.len());
+    for s in all {
+        if wait(&s, saved_by) {
+            saved.push(s);
+        } else {
+            // Still busy after the drain plus a checkpoint write and a commit (a broker
+            // mid-rebalance or gone): what it has not saved runs again on the partition's next
+            // owner, at least once as always.
+            tracing::warn!(consumer = %s.what, "the consumer did not save its state in time (the broker is mid-rebalance or gone): its partitions go to the others after the session timeout");
+        }
+    }
+    let left_by = Instant::now() + LEAVE_WAIT;
+    for s in saved {
+        if wait(&s, left_by) {
+            let _ = s.thread.join();
+        } else {
+            tracing::info!(consumer = %s.what, "state saved; the group leave is still waiting for the broker (a rebalance in progress): not waiting for it");
+        }
+    }
+}
 
 /// One topic consumed by one handle.
 struct TopicConsumer {
@@ -768,34 +813,28 @@ struct TopicConsumer {
     stop: Arc<AtomicBool>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// The fetch thread's two signals on stopping: state saved, then group left.
-    progress: Mutex<std::sync::mpsc::Receiver<()>>,
+    progress: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
 }
 
 impl TopicConsumer {
-    /// Stops the fetch thread and waits until it has saved its partitions' state, then up to
-    /// [`LEAVE_WAIT`] for it to leave the group.
-    fn stop_and_join(&self) {
+    /// Tells the fetch thread to stop; what to wait for (once).
+    fn begin_stop(&self) -> Option<Stopping> {
         self.stop.store(true, Ordering::Relaxed);
-        let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() else {
-            return;
-        };
-        let progress = self.progress.lock().unwrap_or_else(|p| p.into_inner());
-        // The state is saved within the drain plus a checkpoint write and a commit; a thread
-        // still busy after that (a broker mid-rebalance) is not waited for: what it has not saved
-        // runs again on the partition's next owner, at least once as always.
-        let saved = self.shared.config.drain + SAVE_WAIT;
-        // A thread that is gone (disconnected) has nothing more to wait for.
-        let wait = |d| {
-            !matches!(
-                progress.recv_timeout(d),
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout)
-            )
-        };
-        if wait(saved) && wait(LEAVE_WAIT) {
-            let _ = t.join();
-        } else {
-            tracing::warn!(topic = %self.shared.topic, "the consumer did not save its state and leave its group in time (the broker is mid-rebalance or gone): the group gives its partitions to the others after the session timeout");
-        }
+        let thread = self
+            .thread
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()?;
+        let progress = self
+            .progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()?;
+        Some(Stopping {
+            what: self.shared.topic.clone(),
+            thread,
+            progress,
+        })
     }
 }
 
@@ -857,19 +896,25 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// Stops every fetch thread and promoter at once, and waits for them (see
+    /// [`finish_stopping`]). Blocking.
+    fn stop_all(&self) {
+        let mut stopping: Vec<Stopping> = self
+            .take_consumers()
+            .iter()
+            .filter_map(|c| c.begin_stop())
+            .collect();
+        stopping.extend(self.delay.begin_stop());
+        finish_stopping(stopping, Instant::now() + self.config.drain + SAVE_WAIT);
+    }
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
-        let all = self.take_consumers();
         // Dropped without close: leave the groups now, so the partitions go to the other
-        // members at once (the fetch thread writes checkpoints, commits and leaves). Waits for
-        // the threads: a dropped handle is gone from its groups when drop returns.
-        for c in &all {
-            c.stop.store(true, Ordering::Relaxed);
-        }
-        for c in all {
-            c.stop_and_join();
-        }
-        self.delay.stop();
+        // members at once (the fetch thread writes checkpoints, commits and leaves).
+        self.stop_all();
     }
 }
 
@@ -1021,7 +1066,7 @@ impl KafkaBroker {
             shared,
             stop,
             thread: Mutex::new(Some(thread)),
-            progress: Mutex::new(progress),
+            progress: Mutex::new(Some(progress)),
         });
         let mut all = self
             .inner
@@ -1238,6 +1283,12 @@ impl Broker for KafkaBroker {
         Some(self.inner.delay.clone())
     }
 
+    /// An ack settles the record in this handle's window; the checkpoint written with the next
+    /// hand-out (or within [`COMMIT_EVERY`]) makes it durable.
+    fn acks_locally(&self) -> bool {
+        true
+    }
+
     async fn extend_lease(&self, receipt: &Receipt, _lease: Duration) -> Result<(), BrokerError> {
         let Some(t) = receipt.token::<Token>() else {
             return Err(lost(receipt.queue()));
@@ -1293,16 +1344,10 @@ impl Broker for KafkaBroker {
         if self.inner.closed.swap(true, Ordering::Relaxed) {
             return Ok(());
         }
-        let all = self.inner.take_consumers();
-        let delay = self.inner.delay.clone();
-        tokio::task::spawn_blocking(move || {
-            for c in all {
-                c.stop_and_join();
-            }
-            delay.stop();
-        })
-        .await
-        .map_err(|e| BrokerError::transient(format!("close: {e}")))?;
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || inner.stop_all())
+            .await
+            .map_err(|e| BrokerError::transient(format!("close: {e}")))?;
         let p = self.inner.producer.clone();
         let t = self.inner.config.timeout;
         let _ = tokio::task::spawn_blocking(move || p.flush(t)).await;

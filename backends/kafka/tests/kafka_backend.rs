@@ -1,25 +1,23 @@
-//! The Kafka backend against a private tansu broker on a free loopback port: per-key hand-out,
+//! The Kafka backend against a private Kafka-protocol broker (nisshi) on a free loopback port: per-key hand-out,
 //! acks, releases, and delivery counts that survive the handle holding a record going away.
 
 use std::time::{Duration, Instant};
-use stevedore_conformance::servers::TansuServer;
+use stevedore_conformance::servers::KafkaServer;
 use stevedore_core::{Broker, Delivery, Envelope, ReceiveOptions};
 use stevedore_kafka::{KafkaBroker, KafkaConfig};
 
-fn server() -> TansuServer {
+fn server() -> KafkaServer {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
-    TansuServer::start().unwrap_or_else(|e| panic!("{e}"))
+    KafkaServer::start().unwrap_or_else(|e| panic!("{e}"))
 }
 
-async fn broker(s: &TansuServer, partitions: i32) -> KafkaBroker {
+async fn broker(s: &KafkaServer, partitions: i32) -> KafkaBroker {
     let mut c = KafkaConfig::new(s.bootstrap());
     c.partitions = partitions;
     c.session_timeout = Duration::from_secs(6);
-    // tansu's high watermark is right only for one record per batch (see TansuServer).
-    c.properties.insert("batch.num.messages".into(), "1".into());
     if let Ok(d) = std::env::var("KAFKA_DEBUG") {
         c.properties.insert("debug".into(), d);
     }
@@ -156,7 +154,6 @@ async fn a_job_longer_than_max_poll_interval_keeps_its_record() {
     let mut c = KafkaConfig::new(s.bootstrap());
     c.partitions = 1;
     c.session_timeout = Duration::from_secs(6);
-    c.properties.insert("batch.num.messages".into(), "1".into());
     c.properties
         .insert("max.poll.interval.ms".into(), "7000".into());
     let a = KafkaBroker::connect(c.clone()).await.expect("connect a");

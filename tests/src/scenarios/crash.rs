@@ -52,9 +52,8 @@ pub(crate) async fn crash_recovery(backend: Arc<dyn Backend>) -> Checked {
     let mut held = HashSet::new();
     let (a, c, got_a, got_c) = if partitioned {
         // All three join first (a member joining later takes partitions, and what is held on
-        // them, from the others; and the test broker, tansu, never completes a join into a group
-        // its last members have just left). A and C then hold up to 20 between them, from their
-        // own partitions; the rest wait on B's.
+        // them, from the others). A and C then hold up to 20 between them, from their own
+        // partitions; the rest wait on B's.
         let mut hs = members(&backend, &queue, 2).await?;
         let (c, a) = (hs.remove(1), hs.remove(0));
         b.subscribe(std::slice::from_ref(&queue))

@@ -403,7 +403,7 @@ async fn handle(
             JobResult::Released
         }
         Supervised::Done(Ok(())) => {
-            let _ = ctx.acks.send(d.receipt);
+            ack(ctx, d.receipt).await;
             JobResult::Succeeded
         }
         Supervised::Done(Err(err)) => {
@@ -440,7 +440,7 @@ pub(crate) async fn forward(
 ) -> Result<(), BrokerError> {
     match ctx.scheduler.publish(to, vec![copy]).await {
         Ok(()) => {
-            let _ = ctx.acks.send(receipt);
+            ack(ctx, receipt).await;
             Ok(())
         }
         Err(e) => {
@@ -460,6 +460,26 @@ pub(crate) fn truncate(s: &str, max: usize) -> String {
         end -= 1;
     }
     format!("{}…", &s[..end])
+}
+
+/// Settles a finished job: in the background acker's next batch, or at once where the broker
+/// acks locally ([`Broker::acks_locally`]: the next receive's write then carries it).
+async fn ack(ctx: &QueueCtx, receipt: Receipt) {
+    let broker = ctx.broker();
+    if broker.acks_locally() {
+        match broker.ack(std::slice::from_ref(&receipt)).await {
+            Ok(()) => {}
+            Err(BrokerError::LeaseLost { queue }) => {
+                tracing::warn!(%queue, "ack after the lease was lost: the job may run again elsewhere");
+            }
+            // A local ack fails only on a closed handle; the acker retries what it can.
+            Err(_) => {
+                let _ = ctx.acks.send(receipt);
+            }
+        }
+    } else {
+        let _ = ctx.acks.send(receipt);
+    }
 }
 
 /// Acks in batches: whatever has queued up since the last call goes in one broker call.

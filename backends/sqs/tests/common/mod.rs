@@ -125,7 +125,7 @@ impl Backend for SqsBackend {
     /// extension call took over 0.5 s and the 3,000-message ordering scenario missed its minute
     /// behind scenario 2's 20 consumers. SQS itself is a fleet with no such shared queue; every
     /// scenario keeps its own concurrency on its server.
-    async fn isolated(&self) -> Result<Option<Arc<dyn Backend>>, String> {
+    async fn isolated(&self, _restarts: bool) -> Result<Option<Arc<dyn Backend>>, String> {
         let fifo = self.fifo;
         let server = tokio::task::spawn_blocking(MotoServer::start)
             .await
