@@ -675,14 +675,17 @@ fn fetch_loop(
                     })
                     .unwrap_or_default();
                 let body = bytes::Bytes::copy_from_slice(m.payload().unwrap_or_default());
-                let fallback = format!("kafka-{}-{p}-{}", shared.topic, m.offset());
-                let envelope = wire::from_wire(
+                let mut envelope = wire::from_wire(
                     headers
                         .iter()
-                        .map(|(k, v)| (*k, String::from_utf8_lossy(v).into_owned())),
+                        .map(|(k, v)| (*k, String::from_utf8_lossy(v))),
                     body,
-                    &fallback,
+                    "",
                 );
+                if envelope.id.is_empty() {
+                    // A foreign record: an id stable across releases and owners.
+                    envelope.id = format!("kafka-{}-{p}-{}", shared.topic, m.offset());
+                }
                 let key = envelope.key.clone().or_else(|| {
                     m.key()
                         .map(|k| String::from_utf8_lossy(k).into_owned())

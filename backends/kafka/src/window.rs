@@ -112,18 +112,18 @@ impl<T: Keyed> Window<T> {
     /// Hands out up to `max` ready records in offset order, skipping those whose key has a
     /// record out (and so every later record of that key). Counts each hand-out.
     pub(crate) fn take(&mut self, max: usize) -> Vec<Out<T>> {
-        let mut taken = Vec::new();
-        let mut kept = VecDeque::with_capacity(self.ready.len());
-        while let Some(r) = self.ready.pop_front() {
-            if taken.len() >= max {
-                kept.push_back(r);
-                kept.extend(self.ready.drain(..));
+        let mut taken = Vec::with_capacity(max.min(self.ready.len()));
+        // Records passed over (their key is busy), to go back in front in their order: only what
+        // was looked at moves, not the whole ready list.
+        let mut skipped = Vec::new();
+        while taken.len() < max {
+            let Some(r) = self.ready.pop_front() else {
                 break;
-            }
+            };
             let key = r.key().map(str::to_owned);
             if let Some(k) = &key {
                 if self.busy.contains(k) {
-                    kept.push_back(r);
+                    skipped.push(r);
                     continue;
                 }
                 self.busy.insert(k.clone());
@@ -138,7 +138,9 @@ impl<T: Keyed> Window<T> {
                 delivery_count,
             });
         }
-        self.ready = kept;
+        for r in skipped.into_iter().rev() {
+            self.ready.push_front(r);
+        }
         taken
     }
 
@@ -372,6 +374,30 @@ mod tests {
         assert!(w.ack(0));
         assert_eq!(offsets(&w.take(10)), [1]);
         assert_eq!(w.low(), 1);
+    }
+
+    #[test]
+    fn records_passed_over_keep_their_place_when_the_take_stops_early() {
+        let mut w = Window::new(0);
+        for r in [
+            R(0, Some("a")),
+            R(1, Some("a")),
+            R(2, Some("a")),
+            R(3, Some("b")),
+            R(4, Some("c")),
+            R(5, Some("d")),
+        ] {
+            assert!(w.push(r));
+        }
+        assert_eq!(offsets(&w.take(1)), [0]);
+        // a@1 and a@2 are passed over; the take stops after c@4, before d@5.
+        assert_eq!(offsets(&w.take(2)), [3, 4]);
+        assert_eq!(w.ready_len(), 3);
+        assert!(w.ack(0));
+        assert_eq!(offsets(&w.take(10)), [1, 5]);
+        assert!(w.ack(1));
+        assert_eq!(offsets(&w.take(10)), [2]);
+        assert_eq!(w.ready_len(), 0);
     }
 
     #[test]
