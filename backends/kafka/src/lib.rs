@@ -814,22 +814,17 @@ pub(crate) fn finish_stopping(all: Vec<Stopping>, saved_by: Instant) {
 struct TopicConsumer {
     shared: Arc<Shared>,
     stop: Arc<AtomicBool>,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
-    /// The fetch thread's two signals on stopping: state saved, then group left.
-    progress: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+    /// The fetch thread and its two signals on stopping (state saved, then group left): taken by
+    /// the first stop.
+    thread: Mutex<Option<(std::thread::JoinHandle<()>, std::sync::mpsc::Receiver<()>)>>,
 }
 
 impl TopicConsumer {
     /// Tells the fetch thread to stop; what to wait for (once).
     fn begin_stop(&self) -> Option<Stopping> {
         self.stop.store(true, Ordering::Relaxed);
-        let thread = self
+        let (thread, progress) = self
             .thread
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()?;
-        let progress = self
-            .progress
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take()?;
@@ -897,9 +892,7 @@ impl Inner {
             .map(|(_, c)| c)
             .collect()
     }
-}
 
-impl Inner {
     /// Stops every fetch thread and promoter at once, and waits for them (see
     /// [`finish_stopping`]). Blocking.
     fn stop_all(&self) {
@@ -1068,8 +1061,7 @@ impl KafkaBroker {
         let tc = Arc::new(TopicConsumer {
             shared,
             stop,
-            thread: Mutex::new(Some(thread)),
-            progress: Mutex::new(Some(progress)),
+            thread: Mutex::new(Some((thread, progress))),
         });
         let mut all = self
             .inner
