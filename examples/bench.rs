@@ -24,7 +24,9 @@
 //! `DeleteMessageBatch`, the best of 1, 2 and 4 such loops at once on one client; kafka — one
 //! rdkafka group member polling the topic, committing its position every 100 records. Stevedore: a worker with one queue, batch 100, a
 //! no-op handler, counting until every job is processed (rabbitmq: prefetch 500 too, and the
-//! publish rate of the backlog through `Broker::publish` next to the raw one).
+//! publish rate of the backlog through `Broker::publish` next to the raw one). kafka runs that
+//! worker as a process of its own (`bench --worker kafka QUEUE N`, the real deployment), and
+//! prints its peak RSS.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -361,6 +363,80 @@ async fn through_runtime(broker: Arc<dyn Broker>, queue: &str, n: usize) -> Res<
     work(broker, queue, n).await
 }
 
+/// A backlog of `n` no-op jobs in `queue`, written through `broker`, which is then closed; then
+/// a worker process of its own ([`worker_process`]) drains it. Returns jobs/s and the worker's
+/// peak RSS in KiB.
+async fn through_process(
+    broker: Arc<dyn Broker>,
+    backend: &str,
+    queue: &str,
+    n: usize,
+) -> Res<(f64, u64)> {
+    broker.prepare(&[queue.to_string()]).await?;
+    fill(broker.as_ref(), queue, n).await?;
+    broker.close().await?;
+    drop(broker);
+    worker_process(backend, queue, n, &[]).await
+}
+
+/// Runs `bench --worker BACKEND QUEUE N [EXTRA..]` (the real deployment: the worker as a process
+/// of its own, not sharing the bench's) and reads its rate and peak RSS from its last line.
+async fn worker_process(backend: &str, queue: &str, n: usize, extra: &[&str]) -> Res<(f64, u64)> {
+    let exe = std::env::current_exe()?;
+    let out = tokio::process::Command::new(exe)
+        .arg("--worker")
+        .args([backend, queue, &n.to_string()])
+        .args(extra)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .await?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().last().unwrap_or_default();
+    let field = |name: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    match (out.status.success(), field("rate="), field("hwm_kib=")) {
+        (true, Some(rate), Some(hwm)) => Ok((rate, hwm as u64)),
+        _ => Err(format!("the worker process failed ({}): {text}", out.status).into()),
+    }
+}
+
+/// The `--worker` mode: connects to the backend, drains `n` jobs of `queue` with [`work`], and
+/// prints `rate=<jobs/s> hwm_kib=<peak RSS>`.
+async fn worker_main(mut args: impl Iterator<Item = String>) -> Res<()> {
+    let usage = "bench --worker BACKEND QUEUE N [SQLITE_PATH DURABILITY]";
+    let (Some(backend), Some(queue), Some(n)) = (args.next(), args.next(), args.next()) else {
+        return Err(usage.into());
+    };
+    let n: usize = n.parse().map_err(|_| usage)?;
+    let broker: Arc<dyn Broker> = match backend.as_str() {
+        "kafka" => kafka_broker(&kafka_bootstrap()).await?,
+        "redis" => Arc::new(RedisBroker::connect(RedisConfig::new(redis_url().as_str())).await?),
+        "sqs" => sqs_broker(&sqs_endpoint()).await?,
+        "sqlite" => {
+            let (Some(path), Some(durability)) = (args.next(), args.next()) else {
+                return Err(usage.into());
+            };
+            open_sqlite(std::path::Path::new(&path), &durability).await?
+        }
+        other => return Err(format!("--worker: no worker process for {other:?}").into()),
+    };
+    let rate = work(broker, &queue, n).await?;
+    let hwm = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    println!("rate={rate} hwm_kib={hwm}");
+    Ok(())
+}
+
 /// Runs a worker over a backlog of `n` no-op jobs already in `queue`; returns jobs/s.
 async fn work(broker: Arc<dyn Broker>, queue: &str, n: usize) -> Res<f64> {
     let batch = broker.capabilities().max_batch.min(BATCH);
@@ -669,7 +745,11 @@ fn redis_url() -> String {
 
 #[tokio::main]
 async fn main() -> Res<()> {
-    let mut args = std::env::args().skip(1);
+    let mut args = std::env::args().skip(1).peekable();
+    if args.peek().map(String::as_str) == Some("--worker") {
+        args.next();
+        return worker_main(args).await;
+    }
     let backend = args.next().unwrap_or_else(|| "memory".into());
     let sizes: Vec<usize> = args
         .next()
@@ -721,6 +801,8 @@ async fn main() -> Res<()> {
         let mut raws = Vec::new();
         let mut ours = Vec::new();
         let mut best_loops: Vec<usize> = Vec::new();
+        // The largest peak RSS of the worker processes of this size (0: ran in-process).
+        let mut peak_kib: u64 = 0;
         for _ in 0..ROUNDS {
             let (r, s) = match backend.as_str() {
                 "sqlite" => {
@@ -773,8 +855,11 @@ async fn main() -> Res<()> {
                 "kafka" => {
                     let bootstrap = kafka_bootstrap();
                     let r = raw_kafka(&bootstrap, n).await?;
-                    let queue = format!("bench-{}-{n}", std::process::id());
-                    let s = through_runtime(kafka_broker(&bootstrap).await?, &queue, n).await?;
+                    let queue = format!("bench-{}-{n}-{}", std::process::id(), raws.len());
+                    let (s, hwm) =
+                        through_process(kafka_broker(&bootstrap).await?, "kafka", &queue, n)
+                            .await?;
+                    peak_kib = peak_kib.max(hwm);
                     delete_kafka_topics(&bootstrap, std::slice::from_ref(&queue)).await?;
                     (r, s)
                 }
@@ -799,7 +884,12 @@ async fn main() -> Res<()> {
         } else {
             String::new()
         };
-        println!("{n:>10} {r:>14.0} {s:>14.0} {:>7.2}   (per-round ratios {lo:.2}–{hi:.2}, {ROUNDS} rounds){label}", s / r);
+        let peak = if peak_kib > 0 {
+            format!(", worker peak RSS {:.1} MiB", peak_kib as f64 / 1024.0)
+        } else {
+            String::new()
+        };
+        println!("{n:>10} {r:>14.0} {s:>14.0} {:>7.2}   (per-round ratios {lo:.2}–{hi:.2}, {ROUNDS} rounds{peak}){label}", s / r);
     }
     let idle = idle_rss_kib(&backend);
     if backend == "redis" {

@@ -280,8 +280,8 @@ struct Part {
     committed: i64,
     /// Being revoked: nothing more is handed out while what is out drains.
     revoking: bool,
-    /// Acked since its checkpoint was last written.
-    dirty: bool,
+    /// Changed (handed out, acked) since its checkpoint was last written.
+    unsaved: bool,
 }
 
 #[derive(Default)]
@@ -307,6 +307,10 @@ struct Shared {
     config: KafkaConfig,
     /// Writes checkpoints from the fetch thread (rebalances) and from receive/ack.
     state_producer: FutureProducer,
+    /// The checkpoint writes shared by concurrent callers (see [`Shared::save`]).
+    saves: Mutex<Saves>,
+    /// Signalled when a checkpoint write ends.
+    saved: tokio::sync::Notify,
     /// Reads checkpoints back (no group).
     reader: Mutex<BaseConsumer>,
 }
@@ -342,29 +346,77 @@ impl Shared {
         ))
     }
 
-    /// Writes checkpoints of partitions, each as its own produce (see the crate docs), and
-    /// waits for all.
-    async fn write_checkpoints(&self, cps: Vec<(i32, String)>) -> Result<(), BrokerError> {
-        let keys: Vec<String> = cps.iter().map(|(p, _)| p.to_string()).collect();
-        let sends = cps.iter().zip(&keys).map(|((p, text), key)| {
-            self.state_producer.send(
-                FutureRecord::to(&self.state_topic)
-                    .partition(*p)
-                    .key(key)
-                    .payload(text),
-                self.config.timeout,
-            )
-        });
-        for r in futures_join(sends).await {
-            r.map_err(|(e, _)| kafka_error("checkpoint", &self.topic, &e))?;
-        }
-        Ok(())
+    fn saves(&self) -> MutexGuard<'_, Saves> {
+        self.saves.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The same, from a thread outside the runtime (the fetch thread's rebalance callbacks).
-    fn write_checkpoints_blocking(&self, cps: Vec<(i32, String)>) -> Result<(), KafkaError> {
-        let mut waits = Vec::new();
-        for (p, text) in &cps {
+    /// Makes every change to this consumer's windows made before the call durable: writes the
+    /// checkpoint of each partition marked unsaved. Concurrent callers share writes (group
+    /// commit): one write is on its way at a time, and a caller waits for the first write that
+    /// started after its call, so a write serves every receive and ack that came before it and a
+    /// partition's checkpoints reach the broker in the order they were taken. Works on the
+    /// runtime and, through [`block_on`], on the fetch thread.
+    async fn save(&self) -> Result<(), BrokerError> {
+        let ticket = {
+            let mut s = self.saves();
+            s.asked += 1;
+            s.asked
+        };
+        loop {
+            let ended = self.saved.notified();
+            let mut ended = std::pin::pin!(ended);
+            ended.as_mut().enable();
+            let lead = {
+                let mut s = self.saves();
+                if s.saved >= ticket {
+                    return Ok(());
+                }
+                if let Some((upto, e)) = &s.failed {
+                    if *upto >= ticket {
+                        return Err(BrokerError::transient(e.clone()));
+                    }
+                }
+                if s.writing {
+                    None
+                } else {
+                    s.writing = true;
+                    Some(s.asked)
+                }
+            };
+            let Some(covers) = lead else {
+                ended.await;
+                continue;
+            };
+            // This caller writes for everyone asking up to `covers`.
+            let mut round = SaveRound {
+                shared: self,
+                parts: Vec::new(),
+                ended: false,
+            };
+            let result = round.write().await;
+            round.end(covers, result);
+        }
+    }
+
+    /// Waits until no checkpoint write is on its way (a revocation then writes the final
+    /// checkpoints of partitions no later write can touch, so they land last).
+    async fn no_write_on_its_way(&self) {
+        loop {
+            let ended = self.saved.notified();
+            let mut ended = std::pin::pin!(ended);
+            ended.as_mut().enable();
+            if !self.saves().writing {
+                return;
+            }
+            ended.await;
+        }
+    }
+
+    /// Writes checkpoints of partitions, each as its own produce (see the crate docs), and
+    /// waits for all. Runtime-agnostic (the fetch thread runs it through [`block_on`]).
+    async fn write_checkpoints(&self, cps: &[(i32, String)]) -> Result<(), KafkaError> {
+        let mut waits = Vec::with_capacity(cps.len());
+        for (p, text) in cps {
             let key = p.to_string();
             let rec = FutureRecord::to(&self.state_topic)
                 .partition(*p)
@@ -376,13 +428,99 @@ impl Shared {
             }
         }
         for w in waits {
-            match block_on(w) {
+            match w.await {
                 Ok(Ok(_)) => {}
                 Ok(Err((e, _))) => return Err(e),
                 Err(_) => return Err(KafkaError::Canceled),
             }
         }
         Ok(())
+    }
+
+    /// The same, from a thread outside the runtime (the fetch thread's rebalance callbacks).
+    fn write_checkpoints_blocking(&self, cps: Vec<(i32, String)>) -> Result<(), KafkaError> {
+        block_on(self.write_checkpoints(&cps))
+    }
+}
+
+/// The state of [`Shared::save`]'s group commit.
+#[derive(Default)]
+struct Saves {
+    /// Calls numbered so far.
+    asked: u64,
+    /// Every call up to this number is saved.
+    saved: u64,
+    /// The last failed write: the calls it served, and why.
+    failed: Option<(u64, String)>,
+    /// A write is on its way.
+    writing: bool,
+}
+
+/// One checkpoint write of [`Shared::save`]. Dropped unfinished (its caller gave up), it hands
+/// the job back: its partitions stay unsaved and the next caller writes.
+struct SaveRound<'a> {
+    shared: &'a Shared,
+    parts: Vec<i32>,
+    ended: bool,
+}
+
+impl SaveRound<'_> {
+    /// Writes the checkpoint of every unsaved partition, each as its own produce (see the crate
+    /// docs), and waits for all.
+    async fn write(&mut self) -> Result<(), String> {
+        let shared = self.shared;
+        let cps: Vec<(i32, String)> = {
+            let mut st = shared.lock();
+            st.parts
+                .iter_mut()
+                .filter(|(_, part)| part.unsaved)
+                .map(|(p, part)| {
+                    part.unsaved = false;
+                    (*p, part.window.checkpoint().encode())
+                })
+                .collect()
+        };
+        self.parts = cps.iter().map(|(p, _)| *p).collect();
+        shared
+            .write_checkpoints(&cps)
+            .await
+            .map_err(|e| kafka_error("checkpoint", &shared.topic, &e).to_string())
+    }
+
+    /// Records the write's outcome for the calls up to `covers` and wakes every waiter.
+    fn end(&mut self, covers: u64, result: Result<(), String>) {
+        self.ended = true;
+        if result.is_err() {
+            self.unsave();
+        }
+        let mut s = self.shared.saves();
+        s.writing = false;
+        match result {
+            Ok(()) => s.saved = s.saved.max(covers),
+            Err(e) => s.failed = Some((covers, e)),
+        }
+        drop(s);
+        self.shared.saved.notify_waiters();
+    }
+
+    /// Marks this round's partitions unsaved again (those still assigned).
+    fn unsave(&self) {
+        let mut st = self.shared.lock();
+        for p in &self.parts {
+            if let Some(part) = st.parts.get_mut(p) {
+                part.unsaved = true;
+            }
+        }
+    }
+}
+
+impl Drop for SaveRound<'_> {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.unsave();
+            self.shared.saves().writing = false;
+            self.shared.saved.notify_waiters();
+        }
     }
 }
 
@@ -539,6 +677,8 @@ fn revoke(shared: &Shared, consumer: &BaseConsumer<Ctx>, revoked: &[i32]) {
         }
     }
     drop(st);
+    // A save on its way may carry an older checkpoint of these partitions: this one lands after.
+    block_on(shared.no_write_on_its_way());
     if let Err(e) = shared.write_checkpoints_blocking(cps) {
         tracing::warn!(topic = %shared.topic, error = %e, "checkpoint at revocation failed: acked records above the commit may run again");
     }
@@ -599,7 +739,7 @@ fn assign(shared: &Shared, consumer: &BaseConsumer<Ctx>, tpl: &mut TopicPartitio
                 paused: false,
                 committed: c,
                 revoking: false,
-                dirty: false,
+                unsaved: false,
             },
         ));
     }
@@ -619,23 +759,21 @@ const COMMIT_EVERY: Duration = Duration::from_millis(200);
 /// (at least once), while a rebalance or a close writes them first.
 fn commit_progress(shared: &Shared, consumer: &BaseConsumer<Ctx>) {
     let mut tpl = TopicPartitionList::new();
-    let mut cps = Vec::new();
-    {
+    let unsaved = {
         let mut st = shared.lock();
+        let mut unsaved = false;
         for (p, part) in st.parts.iter_mut() {
-            if part.dirty {
-                part.dirty = false;
-                cps.push((*p, part.window.checkpoint().encode()));
-            }
+            unsaved |= part.unsaved;
             let low = part.window.low();
             if low > part.committed {
                 part.committed = low;
                 let _ = tpl.add_partition_offset(&shared.topic, *p, Offset::Offset(low));
             }
         }
-    }
-    if !cps.is_empty() {
-        if let Err(e) = shared.write_checkpoints_blocking(cps) {
+        unsaved
+    };
+    if unsaved {
+        if let Err(e) = block_on(shared.save()) {
             tracing::warn!(topic = %shared.topic, error = %e, "writing checkpoints failed (the next round carries them)");
         }
     }
@@ -643,6 +781,35 @@ fn commit_progress(shared: &Shared, consumer: &BaseConsumer<Ctx>) {
         if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
             tracing::debug!(topic = %shared.topic, error = %e, "commit failed (the next one carries it)");
         }
+    }
+}
+
+/// Most fetched records the fetch thread decodes before handing them to the window at once.
+const FETCH_BATCH: usize = 256;
+
+/// A fetched record as the window keeps it: Stevedore's headers read into the envelope, a
+/// foreign record given an id stable across releases and owners, and its key (the envelope's,
+/// else the record's).
+fn decode<M: Message>(topic: &str, m: &M) -> Rec {
+    let headers = m.headers();
+    let fields = headers.iter().flat_map(|h| {
+        h.iter()
+            .filter_map(|h| h.value.map(|v| (h.key, String::from_utf8_lossy(v))))
+    });
+    let body = bytes::Bytes::copy_from_slice(m.payload().unwrap_or_default());
+    let mut envelope = wire::from_wire(fields, body, "");
+    if envelope.id.is_empty() {
+        envelope.id = format!("kafka-{topic}-{}-{}", m.partition(), m.offset());
+    }
+    let key = envelope.key.clone().or_else(|| {
+        m.key()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .filter(|k| !k.is_empty())
+    });
+    Rec {
+        offset: m.offset(),
+        key,
+        envelope,
     }
 }
 
@@ -663,63 +830,43 @@ fn fetch_loop(
         } else {
             Duration::from_millis(100)
         };
-        match consumer.poll(wait) {
-            Some(Ok(m)) => {
-                let p = m.partition();
-                let headers: Vec<(&str, &[u8])> = m
-                    .headers()
-                    .map(|h| {
-                        h.iter()
-                            .filter_map(|h| h.value.map(|v| (h.key, v)))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                let body = bytes::Bytes::copy_from_slice(m.payload().unwrap_or_default());
-                let mut envelope = wire::from_wire(
-                    headers
-                        .iter()
-                        .map(|(k, v)| (*k, String::from_utf8_lossy(v))),
-                    body,
-                    "",
-                );
-                if envelope.id.is_empty() {
-                    // A foreign record: an id stable across releases and owners.
-                    envelope.id = format!("kafka-{}-{p}-{}", shared.topic, m.offset());
+        // What librdkafka has fetched, up to a batch: decoded without the lock, then pushed
+        // under one lock with one wake-up for the receives.
+        let mut batch: Vec<(i32, Rec)> = Vec::new();
+        let mut next = consumer.poll(wait);
+        while let Some(polled) = next {
+            match polled {
+                Ok(m) => batch.push((m.partition(), decode(&shared.topic, &m))),
+                Err(e) => {
+                    tracing::warn!(topic = %shared.topic, error = %e, "fetch failed (retrying)");
+                    break;
                 }
-                let key = envelope.key.clone().or_else(|| {
-                    m.key()
-                        .map(|k| String::from_utf8_lossy(k).into_owned())
-                        .filter(|k| !k.is_empty())
-                });
-                let rec = Rec {
-                    offset: m.offset(),
-                    key,
-                    envelope,
-                };
-                let mut pause = None;
-                {
-                    let mut st = shared.lock();
+            }
+            if batch.len() >= FETCH_BATCH {
+                break;
+            }
+            next = consumer.poll(Duration::ZERO);
+        }
+        if !batch.is_empty() {
+            let mut pause = TopicPartitionList::new();
+            {
+                let mut st = shared.lock();
+                for (p, rec) in batch {
                     if let Some(part) = st.parts.get_mut(&p) {
                         part.window.push(rec);
                         if part.window.ready_len() >= READY_CAP && !part.paused {
                             part.paused = true;
-                            pause = Some(p);
+                            let _ = pause.add_partition(&shared.topic, p);
                         }
                     }
                 }
-                if let Some(p) = pause {
-                    let mut tpl = TopicPartitionList::new();
-                    let _ = tpl.add_partition(&shared.topic, p);
-                    if let Err(e) = consumer.pause(&tpl) {
-                        tracing::warn!(topic = %shared.topic, partition = p, error = %e, "pause failed");
-                    }
+            }
+            if pause.count() > 0 {
+                if let Err(e) = consumer.pause(&pause) {
+                    tracing::warn!(topic = %shared.topic, error = %e, "pause failed");
                 }
-                shared.arrived.notify_waiters();
             }
-            Some(Err(e)) => {
-                tracing::warn!(topic = %shared.topic, error = %e, "fetch failed (retrying)");
-            }
-            None => {}
+            shared.arrived.notify_waiters();
         }
         if last_commit.elapsed() >= COMMIT_EVERY {
             last_commit = Instant::now();
@@ -1025,6 +1172,8 @@ impl KafkaBroker {
             joined: AtomicBool::new(false),
             config: c.clone(),
             state_producer: self.inner.state_producer.clone(),
+            saves: Mutex::new(Saves::default()),
+            saved: tokio::sync::Notify::new(),
             reader: Mutex::new(reader),
         });
         let mut client = c.consumer_client();
@@ -1113,17 +1262,11 @@ impl KafkaBroker {
             .cloned()
     }
 
-    /// Hands out up to `max` ready records across the assigned partitions, with the
-    /// checkpoints that record their hand-out counts.
-    fn take(
-        &self,
-        physical: &str,
-        tc: &TopicConsumer,
-        max: usize,
-    ) -> (Vec<Delivery>, Vec<(i32, String)>) {
+    /// Hands out up to `max` ready records across the assigned partitions, marking those
+    /// partitions unsaved: their hand-out counts must be written before the records go out.
+    fn take(&self, physical: &str, tc: &TopicConsumer, max: usize) -> Vec<Delivery> {
         let mut st = tc.shared.lock();
         let mut deliveries = Vec::new();
-        let mut cps = Vec::new();
         let receipt_queue: Arc<str> = Arc::from(physical);
         let mut resume = Vec::new();
         let parts: Vec<i32> = st.parts.keys().copied().collect();
@@ -1156,13 +1299,13 @@ impl KafkaBroker {
                 });
                 part.out.insert(rec.offset, (rec, out.delivery_count));
             }
-            cps.push((p, part.window.checkpoint().encode()));
+            part.unsaved = true;
             if part.paused && part.window.ready_len() < READY_CAP / 2 {
                 resume.push(p);
             }
         }
         st.resume.extend(resume);
-        (deliveries, cps)
+        deliveries
     }
 }
 
@@ -1240,9 +1383,11 @@ impl Broker for KafkaBroker {
         let mut checked_behind = false;
         loop {
             let arrived = tc.shared.arrived.notified();
-            let (deliveries, cps) = self.take(queue, &tc, max);
+            let deliveries = self.take(queue, &tc, max);
             if !deliveries.is_empty() {
-                if let Err(e) = tc.shared.write_checkpoints(cps).await {
+                // Their hand-out counts, and every ack before them, are written before they
+                // go out (shared with the other receives and acks of the moment).
+                if let Err(e) = tc.shared.save().await {
                     // Not handed out after all: back where they were, counted (a count too
                     // many is safe, one too few is not).
                     let receipts: Vec<Receipt> =
@@ -1420,7 +1565,7 @@ impl KafkaBroker {
                 if ack {
                     for p in touched {
                         if let Some(part) = st.parts.get_mut(&p) {
-                            part.dirty = true;
+                            part.unsaved = true;
                         }
                     }
                 }
