@@ -387,14 +387,15 @@ impl Shared {
                 ended.await;
                 continue;
             };
-            // This caller writes for everyone asking up to `covers`.
+            // This caller writes for everyone asking up to `covers`; the round reports how it
+            // went when it ends (dropped unfinished too).
             let mut round = SaveRound {
                 shared: self,
+                covers,
                 parts: Vec::new(),
-                ended: false,
+                outcome: None,
             };
-            let result = round.write().await;
-            round.end(covers, result);
+            round.outcome = Some(round.write().await);
         }
     }
 
@@ -456,17 +457,18 @@ struct Saves {
     writing: bool,
 }
 
-/// One checkpoint write of [`Shared::save`]. Dropped unfinished (its caller gave up), it hands
-/// the job back: its partitions stay unsaved and the next caller writes.
+/// One checkpoint write of [`Shared::save`], for the calls up to `covers`. Its drop records the
+/// outcome and wakes every waiter; a round that failed, or was dropped unfinished (its caller
+/// gave up), leaves its partitions unsaved for the next write.
 struct SaveRound<'a> {
     shared: &'a Shared,
+    covers: u64,
     parts: Vec<i32>,
-    ended: bool,
+    outcome: Option<Result<(), String>>,
 }
 
 impl SaveRound<'_> {
-    /// Writes the checkpoint of every unsaved partition, each as its own produce (see the crate
-    /// docs), and waits for all.
+    /// Writes the checkpoint of every unsaved partition and waits for all.
     async fn write(&mut self) -> Result<(), String> {
         let shared = self.shared;
         let cps: Vec<(i32, String)> = {
@@ -486,41 +488,28 @@ impl SaveRound<'_> {
             .await
             .map_err(|e| kafka_error("checkpoint", &shared.topic, &e).to_string())
     }
-
-    /// Records the write's outcome for the calls up to `covers` and wakes every waiter.
-    fn end(&mut self, covers: u64, result: Result<(), String>) {
-        self.ended = true;
-        if result.is_err() {
-            self.unsave();
-        }
-        let mut s = self.shared.saves();
-        s.writing = false;
-        match result {
-            Ok(()) => s.saved = s.saved.max(covers),
-            Err(e) => s.failed = Some((covers, e)),
-        }
-        drop(s);
-        self.shared.saved.notify_waiters();
-    }
-
-    /// Marks this round's partitions unsaved again (those still assigned).
-    fn unsave(&self) {
-        let mut st = self.shared.lock();
-        for p in &self.parts {
-            if let Some(part) = st.parts.get_mut(p) {
-                part.unsaved = true;
-            }
-        }
-    }
 }
 
 impl Drop for SaveRound<'_> {
     fn drop(&mut self) {
-        if !self.ended {
-            self.unsave();
-            self.shared.saves().writing = false;
-            self.shared.saved.notify_waiters();
+        if !matches!(self.outcome, Some(Ok(()))) {
+            let mut st = self.shared.lock();
+            for p in &self.parts {
+                if let Some(part) = st.parts.get_mut(p) {
+                    part.unsaved = true;
+                }
+            }
         }
+        let mut s = self.shared.saves();
+        s.writing = false;
+        match self.outcome.take() {
+            Some(Ok(())) => s.saved = s.saved.max(self.covers),
+            Some(Err(e)) => s.failed = Some((self.covers, e)),
+            // Unfinished: its callers wait on, and one of them writes.
+            None => {}
+        }
+        drop(s);
+        self.shared.saved.notify_waiters();
     }
 }
 
