@@ -6,7 +6,7 @@
 //!
 //! | broker method | Redis |
 //! |---|---|
-//! | `publish` | pipelined `XADD` (field `payload` = body, then one field per header) |
+//! | `publish` | pipelined `XADD` of one field: its name the metadata, its value the body (layout in the `format` module; `payload` entries of other producers read too) |
 //! | `receive` | `XAUTOCLAIM` (min-idle = lease; gated to a few times a lease) for entries whose lease ran out, then `XREADGROUP COUNT n BLOCK ms` for new ones |
 //! | `ack` | pipelined `XACK`; acked entries are trimmed later by `XTRIM MINID`, never an unacked one |
 //! | `release` | atomic script: re-add at the stream's end with the delivery count so far, `XACK` + `XDEL` the old entry |
@@ -19,13 +19,13 @@
 //! start-up when Redis keeps nothing on disk.
 
 mod factory;
+mod format;
 mod parse;
 mod scripts;
 
 pub use factory::RedisFactory;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use parse::Entry;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, Client, RedisError, Value};
@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use stevedore_core::{
-    to_millis, wire, Broker, BrokerError, Capabilities, DelayStore, DelaySupport, Delivery, Depth,
+    to_millis, Broker, BrokerError, Capabilities, DelayStore, DelaySupport, Delivery, Depth,
     Envelope, LeaseSupport, OrderingSupport, Receipt, ReceiveOptions,
 };
 
@@ -42,7 +42,6 @@ use stevedore_core::{
 pub const DEFAULT_MAX_PAYLOAD: usize = 16 * 1024 * 1024;
 /// The consumer group every worker joins.
 pub const GROUP: &str = "stevedore";
-const REDELIVERIES: &[u8] = b"stevedore-redeliveries";
 const TRIM_EVERY: u64 = 2048;
 
 /// Connection settings.
@@ -334,40 +333,7 @@ impl RedisBroker {
 
     /// `lease_until` (Unix ms) goes into the receipt: an ack well before it cannot meet a takeover.
     fn to_delivery(&self, queue: &str, e: Entry, pel_count: u32, lease_until: u64) -> Delivery {
-        let mut body: Option<Bytes> = None;
-        let mut headers: Vec<(String, String)> = Vec::with_capacity(e.fields.len());
-        let mut redeliveries = 0u32;
-        let n_fields = e.fields.len();
-        let mut lone_value = None;
-        for (k, v) in e.fields {
-            if k == b"payload" {
-                body = Some(Bytes::from(v));
-            } else if k == REDELIVERIES {
-                redeliveries = String::from_utf8_lossy(&v).parse().unwrap_or(0);
-            } else {
-                let key = String::from_utf8_lossy(&k).into_owned();
-                if n_fields == 1 {
-                    lone_value = Some(v.clone());
-                }
-                headers.push((key, String::from_utf8_lossy(&v).into_owned()));
-            }
-        }
-        // A foreign entry without a `payload` field: a lone field's value is the body; several
-        // fields become a JSON object.
-        let body = body.unwrap_or_else(|| match lone_value {
-            Some(v) => {
-                headers.clear();
-                Bytes::from(v)
-            }
-            None => {
-                let obj: serde_json::Map<String, serde_json::Value> = headers
-                    .drain(..)
-                    .map(|(k, v)| (k, serde_json::Value::String(v)))
-                    .collect();
-                Bytes::from(serde_json::Value::Object(obj).to_string())
-            }
-        });
-        let envelope = wire::from_wire(headers, body, &e.id);
+        let (envelope, redeliveries) = format::decode(&e.id, e.fields);
         Delivery {
             envelope,
             receipt: Receipt::new(
@@ -379,10 +345,6 @@ impl RedisBroker {
             ),
             delivery_count: pel_count.max(1).saturating_add(redeliveries),
         }
-    }
-
-    fn fields_of(env: &Envelope) -> (Vec<(String, String)>, Bytes) {
-        wire::to_wire(env)
     }
 
     fn lease_key(&self, stream: &str) -> String {
@@ -415,7 +377,7 @@ impl RedisBroker {
                 }
             })
             .await?;
-        let (shortest, claimed) = parse::claimed(&reply);
+        let (shortest, claimed) = parse::claimed(reply);
         if let Some(ms) = shortest {
             let mut m = self
                 .inner
@@ -473,7 +435,7 @@ impl RedisBroker {
             }
             other => other.map_err(err)?,
         };
-        Ok(parse::read_reply(&reply)
+        Ok(parse::read_reply(reply)
             .into_iter()
             .map(|e| self.to_delivery(queue, e, 1, lease_until(lease)))
             .collect())
@@ -573,17 +535,13 @@ impl Broker for RedisBroker {
         let stream = self.stream_key(queue);
         let mut pipe = redis::pipe();
         for env in &messages {
-            let (headers, body) = Self::fields_of(env);
-            let cmd = pipe
-                .cmd("XADD")
+            let (meta, body) = format::encode(env);
+            pipe.cmd("XADD")
                 .arg(&stream)
                 .arg("*")
-                .arg("payload")
-                .arg(body.as_ref());
-            for (k, v) in headers {
-                cmd.arg(k).arg(v);
-            }
-            cmd.ignore();
+                .arg(meta)
+                .arg(body.as_ref())
+                .ignore();
         }
         let mut c = self.conn()?;
         pipe.query_async::<()>(&mut c).await.map_err(err)
@@ -769,7 +727,7 @@ impl Broker for RedisBroker {
             .query_async(&mut c)
             .await
             .map_err(err)?;
-        let mut found = parse::entries(&ready);
+        let mut found = parse::entries(ready);
         if found.len() < max && row.is_some() {
             let pending: Value = redis::cmd("XPENDING")
                 .arg(&stream)
@@ -787,7 +745,7 @@ impl Broker for RedisBroker {
                     pipe.cmd("XRANGE").arg(&stream).arg(id).arg(id);
                 }
                 let each: Vec<Value> = pipe.query_async(&mut c).await.map_err(err)?;
-                found.extend(each.iter().flat_map(parse::entries));
+                found.extend(each.into_iter().flat_map(parse::entries));
             }
         }
         Ok(found
@@ -853,7 +811,7 @@ impl Broker for RedisBroker {
                 .query_async(&mut c)
                 .await
                 .map_err(err)?;
-            oldest_age = parse::entries(&next)
+            oldest_age = parse::entries(next)
                 .first()
                 .and_then(|e| parse::id_millis(&e.id))
                 .map(|ms| Duration::from_millis(to_millis(SystemTime::now()).saturating_sub(ms)));
@@ -921,20 +879,16 @@ impl DelayStore for RedisDelayStore {
         for env in &messages {
             let due = env.not_before.map(to_millis).unwrap_or(0);
             let member = format!("{}:{}", env.id, env.attempt);
-            let (headers, body) = RedisBroker::fields_of(env);
-            let cmd = pipe
-                .cmd("HSET")
+            let (meta, body) = format::encode(env);
+            pipe.cmd("HSET")
                 .arg(format!("{msg_prefix}{member}"))
                 .arg("_stream")
                 .arg(&stream)
                 .arg("_queue")
                 .arg(queue)
-                .arg("payload")
-                .arg(body.as_ref());
-            for (k, v) in headers {
-                cmd.arg(k).arg(v);
-            }
-            cmd.ignore();
+                .arg(meta)
+                .arg(body.as_ref())
+                .ignore();
             pipe.cmd("ZADD").arg(&global).arg(due).arg(&member).ignore();
             pipe.cmd("ZADD")
                 .arg(&per_queue)

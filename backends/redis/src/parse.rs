@@ -36,48 +36,74 @@ fn items(v: &Value) -> &[Value] {
     }
 }
 
-/// `[id, [f, v, f, v, ...]]` → entry. Deleted entries (nil fields) are skipped.
-fn entry(v: &Value) -> Option<Entry> {
-    let parts = items(v);
-    let id = string(parts.first()?)?;
-    let flat = match parts.get(1)? {
+/// A bulk or simple string, moved out of the reply (no copy).
+fn into_bytes(v: Value) -> Option<Vec<u8>> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.into_bytes()),
+        Value::Int(i) => Some(i.to_string().into_bytes()),
+        Value::Okay => Some(b"OK".to_vec()),
+        _ => None,
+    }
+}
+
+fn into_items(v: Value) -> Vec<Value> {
+    match v {
+        Value::Array(a) | Value::Set(a) => a,
+        _ => Vec::new(),
+    }
+}
+
+/// `[id, [f, v, f, v, ...]]` → entry, its strings moved out of the reply. Deleted entries (nil
+/// fields) are skipped.
+fn entry(v: Value) -> Option<Entry> {
+    let mut parts = into_items(v).into_iter();
+    let id = String::from_utf8(into_bytes(parts.next()?)?).ok()?;
+    let flat: Vec<Value> = match parts.next()? {
         Value::Nil => return None,
-        Value::Map(m) => m.iter().flat_map(|(k, v)| [k.clone(), v.clone()]).collect(),
-        other => items(other).to_vec(),
+        Value::Map(m) => m.into_iter().flat_map(|(k, v)| [k, v]).collect(),
+        other => into_items(other),
     };
     let mut fields = Vec::with_capacity(flat.len() / 2);
-    for pair in flat.chunks_exact(2) {
-        fields.push((bytes(&pair[0])?, bytes(&pair[1])?));
+    let mut flat = flat.into_iter();
+    while let (Some(k), Some(v)) = (flat.next(), flat.next()) {
+        fields.push((into_bytes(k)?, into_bytes(v)?));
     }
     Some(Entry { id, fields })
 }
 
 /// Entries of an `XRANGE` reply or of one stream's list.
-pub(crate) fn entries(v: &Value) -> Vec<Entry> {
-    items(v).iter().filter_map(entry).collect()
+pub(crate) fn entries(v: Value) -> Vec<Entry> {
+    into_items(v).into_iter().filter_map(entry).collect()
 }
 
 /// Entries of an `XREADGROUP` reply for a single stream (nil = nothing).
-pub(crate) fn read_reply(v: &Value) -> Vec<Entry> {
+pub(crate) fn read_reply(v: Value) -> Vec<Entry> {
     match v {
         Value::Nil => Vec::new(),
-        Value::Map(m) => m.iter().flat_map(|(_, list)| entries(list)).collect(),
-        other => items(other)
-            .iter()
-            .flat_map(|stream| items(stream).get(1).map(entries).unwrap_or_default())
+        Value::Map(m) => m.into_iter().flat_map(|(_, list)| entries(list)).collect(),
+        other => into_items(other)
+            .into_iter()
+            .flat_map(|stream| {
+                into_items(stream)
+                    .into_iter()
+                    .nth(1)
+                    .map(entries)
+                    .unwrap_or_default()
+            })
             .collect(),
     }
 }
 
 /// The reclaim script's reply: `[shortest lease ms, [[id, [fields], delivery_count], ...]]`.
-pub(crate) fn claimed(v: &Value) -> (Option<u64>, Vec<(Entry, u32)>) {
-    let parts = items(v);
-    let min = parts.first().and_then(int).map(|n| n.max(1) as u64);
-    let rows = parts.get(1).map(items).unwrap_or_default();
+pub(crate) fn claimed(v: Value) -> (Option<u64>, Vec<(Entry, u32)>) {
+    let mut parts = into_items(v).into_iter();
+    let min = parts.next().as_ref().and_then(int).map(|n| n.max(1) as u64);
+    let rows = parts.next().map(into_items).unwrap_or_default();
     let claimed = rows
-        .iter()
+        .into_iter()
         .filter_map(|row| {
-            let count = int(items(row).get(2)?)?.clamp(1, u32::MAX as i64) as u32;
+            let count = int(items(&row).get(2)?)?.clamp(1, u32::MAX as i64) as u32;
             Some((entry(row)?, count))
         })
         .collect();
@@ -138,11 +164,11 @@ mod tests {
                 Value::Array(vec![bulk("2-0"), Value::Nil]),
             ]),
         ])]);
-        let e = read_reply(&v);
+        let e = read_reply(v);
         assert_eq!(e.len(), 1, "deleted entry skipped");
         assert_eq!(e[0].id, "1-0");
         assert_eq!(e[0].fields, vec![(b"payload".to_vec(), b"{}".to_vec())]);
-        assert!(read_reply(&Value::Nil).is_empty());
+        assert!(read_reply(Value::Nil).is_empty());
     }
 
     #[test]

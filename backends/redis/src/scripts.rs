@@ -71,7 +71,7 @@ for i = 3, #ARGV do
       local f = fields[j]
       if f == 'stevedore-redeliveries' then before = tonumber(fields[j + 1]) or 0
       else
-        if f == 'stevedore-id' then has_id = true end
+        if f == 'stevedore-id' or string.sub(f, 1, 12) == 'stevedore/1 ' then has_id = true end
         args[#args + 1] = f
         args[#args + 1] = fields[j + 1]
       end
