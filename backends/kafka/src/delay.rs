@@ -108,6 +108,54 @@ pub(crate) fn record<'a>(
     rec
 }
 
+/// Produces every record and waits for each to be delivered. All are handed to librdkafka
+/// before the first is awaited, so they travel in a few batched requests (one round trip per
+/// partition and batch, where awaiting each in turn cost one round trip per record). A full
+/// local queue is waited out (the earliest delivery frees room), up to `timeout`; nothing is
+/// dropped. Order within a partition is the order given (the producers keep one request in
+/// flight per connection, so a retried batch cannot overtake).
+pub(crate) async fn produce_all<'a>(
+    producer: &FutureProducer,
+    records: Vec<FutureRecord<'a, str, [u8]>>,
+    timeout: Duration,
+) -> Result<(), KafkaError> {
+    let give_up = tokio::time::Instant::now() + timeout;
+    let mut waits = std::collections::VecDeque::new();
+    for mut rec in records {
+        loop {
+            match producer.send_result(rec) {
+                Ok(w) => {
+                    waits.push_back(w);
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
+                    if tokio::time::Instant::now() < give_up =>
+                {
+                    rec = back;
+                    match waits.pop_front() {
+                        Some(w) => delivered(w.await)?,
+                        None => tokio::time::sleep(Duration::from_millis(10)).await,
+                    }
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+    }
+    for w in waits {
+        delivered(w.await)?;
+    }
+    Ok(())
+}
+
+/// What a delivery future's outcome says: delivered, or why not.
+fn delivered<T, M, C>(w: Result<Result<T, (KafkaError, M)>, C>) -> Result<(), KafkaError> {
+    match w {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err((e, _))) => Err(e),
+        Err(_) => Err(KafkaError::Canceled),
+    }
+}
+
 /// Creates topics (idempotently).
 pub(crate) async fn create_topics(
     admin: &AdminClient<DefaultClientContext>,
@@ -337,20 +385,13 @@ impl DelayStore for KafkaDelayStore {
                 (tier_topic(&topic, tier), m.key.clone(), wire::to_wire(m))
             })
             .collect();
-        let sends: Vec<_> = encoded
+        let records: Vec<_> = encoded
             .iter()
-            .map(|(t, key, (headers, body))| {
-                self.producer.send(
-                    record(t, key.as_deref(), headers, body),
-                    self.config.timeout,
-                )
-            })
+            .map(|(t, key, (headers, body))| record(t, key.as_deref(), headers, body))
             .collect();
-        for s in sends {
-            s.await
-                .map_err(|(e, _)| kafka_error("schedule into", &topic, &e))?;
-        }
-        Ok(())
+        produce_all(&self.producer, records, self.config.timeout)
+            .await
+            .map_err(|e| kafka_error("schedule into", &topic, &e))
     }
 
     async fn promote_due(&self, _now: SystemTime, _limit: usize) -> Result<usize, BrokerError> {

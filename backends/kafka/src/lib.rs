@@ -513,16 +513,6 @@ impl Drop for SaveRound<'_> {
     }
 }
 
-/// Waits for every future, in order.
-async fn futures_join<F: std::future::Future>(fs: impl Iterator<Item = F>) -> Vec<F::Output> {
-    let handles: Vec<_> = fs.collect();
-    let mut out = Vec::with_capacity(handles.len());
-    for f in handles {
-        out.push(f.await);
-    }
-    out
-}
-
 /// Runs a future to completion on this (non-runtime) thread.
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
     use std::task::{Context, Poll, Wake, Waker};
@@ -1061,6 +1051,8 @@ impl KafkaBroker {
             .client()
             .set("acks", "all")
             .set("linger.ms", "1")
+            // A retried batch never overtakes a later one: per-key order holds (see produce_all).
+            .set("max.in.flight.requests.per.connection", "1")
             .set("message.timeout.ms", &timeout_ms)
             .create()
             .map_err(|e| mk("producer", e))?;
@@ -1343,17 +1335,13 @@ impl Broker for KafkaBroker {
             .iter()
             .map(|m| (m.key.clone(), wire::to_wire(m)))
             .collect();
-        let sends: Vec<_> = encoded
+        let records: Vec<_> = encoded
             .iter()
-            .map(|(key, (headers, body))| {
-                let rec = delay::record(&topic, key.as_deref(), headers, body);
-                self.inner.producer.send(rec, self.inner.config.timeout)
-            })
+            .map(|(key, (headers, body))| delay::record(&topic, key.as_deref(), headers, body))
             .collect();
-        for r in futures_join(sends.into_iter()).await {
-            r.map_err(|(e, _)| kafka_error("produce to", &topic, &e))?;
-        }
-        Ok(())
+        delay::produce_all(&self.inner.producer, records, self.inner.config.timeout)
+            .await
+            .map_err(|e| kafka_error("produce to", &topic, &e))
     }
 
     async fn receive(
