@@ -405,19 +405,23 @@ async fn through_runtime(broker: Arc<dyn Broker>, queue: &str, n: usize) -> Res<
 }
 
 /// A backlog of `n` no-op jobs in `queue`, written through `broker`, which is then closed; then
-/// a worker process of its own ([`worker_process`]) drains it. Returns jobs/s and the worker's
-/// peak RSS in KiB.
+/// a worker process of its own ([`worker_process`]) drains it. Returns jobs/s, the worker's
+/// peak RSS in KiB, and the rate the backlog was published at (`Broker::publish` of 1000 at a
+/// time).
 async fn through_process(
     broker: Arc<dyn Broker>,
     backend: &str,
     queue: &str,
     n: usize,
-) -> Res<(f64, u64)> {
+) -> Res<(f64, u64, f64)> {
     broker.prepare(&[queue.to_string()]).await?;
+    let t = Instant::now();
     fill(broker.as_ref(), queue, n).await?;
+    let published = n as f64 / t.elapsed().as_secs_f64();
     broker.close().await?;
     drop(broker);
-    worker_process(backend, queue, n, &[]).await
+    let (rate, hwm) = worker_process(backend, queue, n, &[]).await?;
+    Ok((rate, hwm, published))
 }
 
 /// Runs `bench --worker BACKEND QUEUE N [EXTRA..]` (the real deployment: the worker as a process
@@ -844,6 +848,8 @@ async fn main() -> Res<()> {
         let mut best_loops: Vec<usize> = Vec::new();
         // The largest peak RSS of the worker processes of this size (0: ran in-process).
         let mut peak_kib: u64 = 0;
+        // The rates the worker's backlog was published at through the backend (process runs).
+        let mut publish_rates: Vec<f64> = Vec::new();
         for _ in 0..ROUNDS {
             let (r, s) = match backend.as_str() {
                 "sqlite" => {
@@ -865,8 +871,9 @@ async fn main() -> Res<()> {
                     let queue = format!("bench-{}-{n}", std::process::id());
                     let broker: Arc<dyn Broker> =
                         Arc::new(RedisBroker::connect(RedisConfig::new(url.as_str())).await?);
-                    let (s, hwm) = through_process(broker, "redis", &queue, n).await?;
+                    let (s, hwm, p) = through_process(broker, "redis", &queue, n).await?;
                     peak_kib = peak_kib.max(hwm);
+                    publish_rates.push(p);
                     let client = redis::Client::open(url.as_str())?;
                     let mut c = client.get_multiplexed_async_connection().await?;
                     // The queue, the dead-letter stream `prepare` made, and the lease hash.
@@ -898,10 +905,11 @@ async fn main() -> Res<()> {
                     let bootstrap = kafka_bootstrap();
                     let r = raw_kafka(&bootstrap, n).await?;
                     let queue = format!("bench-{}-{n}-{}", std::process::id(), raws.len());
-                    let (s, hwm) =
+                    let (s, hwm, p) =
                         through_process(kafka_broker(&bootstrap).await?, "kafka", &queue, n)
                             .await?;
                     peak_kib = peak_kib.max(hwm);
+                    publish_rates.push(p);
                     delete_kafka_topics(&bootstrap, std::slice::from_ref(&queue)).await?;
                     (r, s)
                 }
@@ -927,7 +935,11 @@ async fn main() -> Res<()> {
             String::new()
         };
         let peak = if peak_kib > 0 {
-            format!(", worker peak RSS {:.1} MiB", peak_kib as f64 / 1024.0)
+            format!(
+                ", worker peak RSS {:.1} MiB, backlog published at {:.0}/s",
+                peak_kib as f64 / 1024.0,
+                median(&publish_rates)
+            )
         } else {
             String::new()
         };

@@ -103,22 +103,24 @@ pub(crate) fn decode(entry_id: &str, fields: Vec<(Vec<u8>, Vec<u8>)>) -> (Envelo
 
 fn compact(entry_id: &str, meta: &[u8], body: Bytes) -> Envelope {
     let mut parts = meta.splitn(5, |b| *b == b' ');
-    let mut pairs: Vec<(Cow<'_, str>, Cow<'_, str>)> = Vec::with_capacity(8);
-    for name in [wire::ENQUEUED_AT, wire::ATTEMPT, wire::ID, wire::JOB] {
-        match parts.next() {
-            Some(p) if !p.is_empty() => pairs.push((Cow::Borrowed(name), decoded(p))),
-            _ => {}
-        }
-    }
-    if let Some(rest) = parts.next() {
-        for pair in rest.split(|b| *b == b'&').filter(|p| !p.is_empty()) {
+    let head = [wire::ENQUEUED_AT, wire::ATTEMPT, wire::ID, wire::JOB].map(|name| {
+        parts
+            .next()
+            .filter(|p| !p.is_empty())
+            .map(|p| (Cow::Borrowed(name), decoded(p)))
+    });
+    let has_id = head[2].is_some();
+    let rest = parts
+        .next()
+        .unwrap_or_default()
+        .split(|b| *b == b'&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
             let mut kv = pair.splitn(2, |b| *b == b'=');
             let k = decoded(kv.next().unwrap_or_default());
-            let v = decoded(kv.next().unwrap_or_default());
-            pairs.push((k, v));
-        }
-    }
-    let has_id = pairs.iter().any(|(k, _)| k == wire::ID);
+            (k, decoded(kv.next().unwrap_or_default()))
+        });
+    let pairs = head.into_iter().flatten().chain(rest);
     wire::from_wire(pairs, body, if has_id { "" } else { entry_id })
 }
 

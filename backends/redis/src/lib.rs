@@ -332,12 +332,12 @@ impl RedisBroker {
     }
 
     /// `lease_until` (Unix ms) goes into the receipt: an ack well before it cannot meet a takeover.
-    fn to_delivery(&self, queue: &str, e: Entry, pel_count: u32, lease_until: u64) -> Delivery {
+    fn to_delivery(queue: &Arc<str>, e: Entry, pel_count: u32, lease_until: u64) -> Delivery {
         let (envelope, redeliveries) = format::decode(&e.id, e.fields);
         Delivery {
             envelope,
             receipt: Receipt::new(
-                queue,
+                queue.clone(),
                 Token {
                     id: e.id,
                     lease_until,
@@ -388,9 +388,10 @@ impl RedisBroker {
                 state.1 = Duration::from_millis(ms);
             }
         }
+        let queue: Arc<str> = Arc::from(queue);
         Ok(claimed
             .into_iter()
-            .map(|(e, n)| self.to_delivery(queue, e, n, lease_until(lease)))
+            .map(|(e, n)| Self::to_delivery(&queue, e, n, lease_until(lease)))
             .collect())
     }
 
@@ -435,9 +436,10 @@ impl RedisBroker {
             }
             other => other.map_err(err)?,
         };
+        let queue: Arc<str> = Arc::from(queue);
         Ok(parse::read_reply(reply)
             .into_iter()
-            .map(|e| self.to_delivery(queue, e, 1, lease_until(lease)))
+            .map(|e| Self::to_delivery(&queue, e, 1, lease_until(lease)))
             .collect())
     }
 
@@ -751,7 +753,7 @@ impl Broker for RedisBroker {
         Ok(found
             .into_iter()
             .take(max)
-            .map(|e| self.to_delivery(queue, e, 1, 0).envelope)
+            .map(|e| format::decode(&e.id, e.fields).0)
             .collect())
     }
 

@@ -251,3 +251,95 @@ async fn missing_group_is_recreated() -> Result<(), BrokerError> {
     assert_eq!(b.depth(&q).await?.in_flight, 0);
     Ok(())
 }
+
+/// What a plain client sees of a published job: one field whose value is the body. Entries in
+/// the earlier header-per-field layout (left in a stream across an upgrade) are read with their
+/// id, job and attempt; a released entry and a delayed one keep the envelope whole.
+#[tokio::test]
+async fn entries_hold_one_field_and_the_earlier_layout_still_reads() -> Result<(), BrokerError> {
+    let guard = Cleanup::machine("layout");
+    let q = "layout".to_string();
+    let stream = format!("{}{q}", guard.prefix);
+    let b = RedisBroker::connect(guard.config()).await?;
+    b.prepare(std::slice::from_ref(&q)).await?;
+    let mut env = Envelope::new("send", &br#"{"to":"a@b"}"#[..]).with_header("x-tenant", "4 2&=");
+    env.key = Some("k 1".into());
+    b.publish(&q, vec![env.clone()]).await?;
+
+    let mut c = redis::Client::open(guard.url.as_str())
+        .and_then(|c| c.get_connection())
+        .expect("redis");
+    let raw: Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)> = redis::cmd("XRANGE")
+        .arg(&stream)
+        .arg("-")
+        .arg("+")
+        .query(&mut c)
+        .expect("XRANGE");
+    assert_eq!(raw.len(), 1);
+    let fields = &raw[0].1;
+    assert_eq!(fields.len(), 1, "one field per entry");
+    assert_eq!(fields[0].1, br#"{"to":"a@b"}"#, "its value is the body");
+    let name = String::from_utf8_lossy(&fields[0].0);
+    assert!(name.starts_with("stevedore/1 "), "{name}");
+    assert!(name.contains(&env.id), "{name}");
+
+    // An entry as the earlier layout wrote it.
+    let _: String = redis::cmd("XADD")
+        .arg(&stream)
+        .arg("*")
+        .arg("payload")
+        .arg("{}")
+        .arg("stevedore-id")
+        .arg("old-1")
+        .arg("stevedore-job")
+        .arg("legacy")
+        .arg("stevedore-attempt")
+        .arg("2")
+        .query(&mut c)
+        .expect("XADD");
+
+    let got = b.receive(&q, opts(10, Duration::from_secs(30))).await?;
+    assert_eq!(got.len(), 2);
+    let new = &got[0].envelope;
+    assert_eq!(
+        (new.id.as_str(), new.job.as_deref(), new.key.as_deref()),
+        (env.id.as_str(), Some("send"), Some("k 1"))
+    );
+    assert_eq!(
+        new.headers.get("x-tenant").map(String::as_str),
+        Some("4 2&=")
+    );
+    assert_eq!(&new.payload[..], br#"{"to":"a@b"}"#);
+    let old = &got[1].envelope;
+    assert_eq!(
+        (old.id.as_str(), old.job.as_deref(), old.attempt),
+        ("old-1", Some("legacy"), 2)
+    );
+
+    // Released: re-added with its count, the envelope unchanged.
+    b.release(&[got[0].receipt.clone()]).await?;
+    b.ack(&[got[1].receipt.clone()]).await?;
+    let again = b.receive(&q, opts(10, Duration::from_secs(30))).await?;
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].envelope.id, env.id);
+    assert_eq!(again[0].envelope.job.as_deref(), Some("send"));
+    assert_eq!(again[0].delivery_count, 2);
+    b.ack(&[again[0].receipt.clone()]).await?;
+
+    // Delayed through the delay store, then promoted: the same envelope.
+    let store = b.delay_store().expect("redis has a delay store");
+    let mut later = env.clone();
+    later.id = "delayed-1".into();
+    later.not_before = Some(std::time::SystemTime::now());
+    store.schedule(&q, vec![later]).await?;
+    store
+        .promote_due(std::time::SystemTime::now() + Duration::from_secs(1), 10)
+        .await?;
+    let promoted = b.receive(&q, opts(10, Duration::from_secs(30))).await?;
+    assert_eq!(promoted.len(), 1);
+    assert_eq!(promoted[0].envelope.id, "delayed-1");
+    assert_eq!(promoted[0].envelope.job.as_deref(), Some("send"));
+    assert_eq!(&promoted[0].envelope.payload[..], br#"{"to":"a@b"}"#);
+    b.ack(&[promoted[0].receipt.clone()]).await?;
+    Ok(())
+}
