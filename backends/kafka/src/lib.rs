@@ -73,8 +73,12 @@ const CATCH_UP: Duration = Duration::from_secs(1);
 /// Longest an empty receive spends asking the broker whether records are on their way.
 const BEHIND_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// Fetched records a partition may hold waiting before it is paused.
-const READY_CAP: usize = 1000;
+/// Fetched records a partition may hold waiting before it is paused. It is resumed once fewer
+/// than a quarter of these wait. Each pause costs a round of refetching (librdkafka drops what it
+/// had prefetched for a paused partition and fetches again from the position on resume), so
+/// the two are far apart: with 1000 and a half, a backlog drained at ~13–22k jobs/s, with these
+/// at ~65–100k (bench, 100k backlog on nisshi), for ~11 MiB more peak RSS.
+const READY_CAP: usize = 4000;
 
 /// `properties` as logs may show them: values of keys naming a password, secret or key are
 /// replaced.
@@ -1281,7 +1285,7 @@ impl KafkaBroker {
                 part.out.insert(rec.offset, (rec, out.delivery_count));
             }
             part.unsaved = true;
-            if part.paused && part.window.ready_len() < READY_CAP / 2 {
+            if part.paused && part.window.ready_len() < READY_CAP / 4 {
                 resume.push(p);
             }
         }
