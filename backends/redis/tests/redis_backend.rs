@@ -269,7 +269,8 @@ async fn entries_hold_one_field_and_the_earlier_layout_still_reads() -> Result<(
     let mut c = redis::Client::open(guard.url.as_str())
         .and_then(|c| c.get_connection())
         .expect("redis");
-    let raw: Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)> = redis::cmd("XRANGE")
+    type Fields = Vec<(Vec<u8>, Vec<u8>)>;
+    let raw: Vec<(String, Fields)> = redis::cmd("XRANGE")
         .arg(&stream)
         .arg("-")
         .arg("+")
