@@ -45,7 +45,7 @@ def mark_received(self, visibility_timeout=None):
 
 def messages(self):
     now = time.time() * 1000.0
-    return [m for m in self._messages if now > m.visible_at and not now < m.delayed_until]
+    return [m for m in self._messages if now >= m.visible_at and not now < m.delayed_until]
 
 
 def delete_message(self, receipt_handle):
@@ -78,7 +78,7 @@ def _counts(self):
         ready = delayed = hidden = 0
         for m in self._messages:
             d = now < m.delayed_until
-            v = now > m.visible_at
+            v = now >= m.visible_at
             delayed += d
             hidden += not v
             ready += v and not d
@@ -92,6 +92,19 @@ sqs_models.Queue.approximate_number_of_messages = property(lambda q: _counts(q)[
 sqs_models.Queue.approximate_number_of_messages_delayed = property(lambda q: _counts(q)[1])
 sqs_models.Queue.approximate_number_of_messages_not_visible = property(lambda q: _counts(q)[2])
 sqs_models.Message.mark_received = mark_received
+
+
+# A message is visible once its visibility time has come (moto: only strictly after it). moto's
+# ChangeMessageVisibility to 0 sets the time to now and asks at once whether the message is
+# visible, to take it off the in-flight set; the clock reads the same value about half the time
+# (time.time() is coarser than two calls), so the released message stayed "in flight" and held
+# its FIFO group shut: the next receive skipped it and handed out a later message of the group
+# (seen in CI: b2 came back before the released b0). SQS makes such a message visible at once.
+def visible(self):
+    return time.time() * 1000.0 >= self.visible_at
+
+
+sqs_models.Message.visible = property(visible)
 sqs_models.Queue.messages = property(messages)
 sqs_models.Queue.delete_message = delete_message
 
