@@ -127,7 +127,7 @@ pub(crate) fn all() -> Vec<Scenario> {
         s(16, "reconnect", Restart, 180, |b| {
             Box::pin(reconnect::reconnect(b))
         }),
-        s(17, "ordering", Bulk, 90, |b| {
+        s(17, "ordering", Bulk, 150, |b| {
             Box::pin(ordering::ordering(b))
         }),
         s(18, "foreign messages", Bulk, 30, |b| {
