@@ -9,7 +9,7 @@
 //! | physical queue (each priority level, the dead letters) | one topic `key_prefix` + name, `partitions` partitions, created idempotently |
 //! | consumers of a queue | one consumer group per physical queue (`group_prefix` + name); each handle is one member |
 //! | lease | the group session: a record stays with its partition's owner until acked or released; a rebalance or a dead member returns it (`LeaseSupport::Session`) |
-//! | receive | records fetched by a background thread per topic (it polls all the time, so a long job never trips `max.poll.interval.ms`; a partition with enough fetched records waiting is paused, never buffered without bound) |
+//! | receive | records fetched by a background thread per topic, each partition through its own librdkafka queue (the thread polls the group all the time, so a long job never trips `max.poll.interval.ms`; a partition with enough fetched records waiting is simply not read from, and librdkafka's bounded prefetch stops fetching it: nothing is buffered without bound, nothing fetched twice) |
 //! | per-key order | key = the job key, so a key lives in one partition; within it, a record is not handed out while an earlier one of its key is out (records without a key flow freely) |
 //! | ack | per record: the group's committed offset is the lowest unsettled offset of the partition; the acked offsets above it are kept in the partition's checkpoint |
 //! | release | the record is ready again at once, for this partition's owner, before the later records of its key |
@@ -43,7 +43,10 @@ use delay::KafkaDelayStore;
 use rdkafka::admin::AdminClient;
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::consumer::{
+    base_consumer::PartitionQueue, BaseConsumer, CommitMode, Consumer, ConsumerContext,
+    RebalanceProtocol,
+};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -51,7 +54,7 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 use stevedore_core::{
     wire, Broker, BrokerError, Capabilities, DelayStore, DelaySupport, Delivery, Depth, Envelope,
@@ -73,12 +76,25 @@ const CATCH_UP: Duration = Duration::from_secs(1);
 /// Longest an empty receive spends asking the broker whether records are on their way.
 const BEHIND_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// Fetched records a partition may hold waiting before it is paused. It is resumed once fewer
-/// than a quarter of these wait. Each pause costs a round of refetching (librdkafka drops what it
-/// had prefetched for a paused partition and fetches again from the position on resume), so
-/// the two are far apart: with 1000 and a half, a backlog drained at ~13–22k jobs/s, with these
-/// at ~65–100k (bench, 100k backlog on nisshi), for ~11 MiB more peak RSS.
+/// Fetched records a partition may hold waiting in its window before the fetch thread stops
+/// reading its librdkafka queue; it reads again once receive has taken half of them. Nothing is
+/// paused: librdkafka stops fetching a partition whose queue holds `queued.min.messages` (or
+/// `queued.max.messages.kbytes`), and its prefetch is the buffer. (Pausing made librdkafka drop
+/// that prefetch and fetch it again on resume: a backlog drained at 13–100k jobs/s depending on
+/// how often it paused.)
 const READY_CAP: usize = 4000;
+
+/// librdkafka's prefetch per partition, in records, unless the config sets `queued.min.messages`
+/// (librdkafka: 100,000, which held a 1M backlog's first 400k records in a worker of 260 MiB;
+/// bench on nisshi, 1M backlog, 4 partitions: 260 MiB peak RSS at 100,000, 78 MiB with these
+/// two, at the same or a better rate). Fetching resumes 10 ms after the queue drains below it
+/// (`fetch.queue.backoff.ms`; librdkafka's 1 s stalled the worker: 2,000 and 10,000 ran at
+/// 28–76k jobs/s with it, 10,000 at 87–114k without).
+const PREFETCH: &str = "10000";
+
+/// The same in KiB of fetched data per partition, unless the config sets
+/// `queued.max.messages.kbytes` (librdkafka: 64 MiB).
+const PREFETCH_KIB: &str = "4096";
 
 /// `properties` as logs may show them: values of keys naming a password, secret or key are
 /// replaced.
@@ -279,11 +295,13 @@ struct Part {
     out: HashMap<i64, (Rec, u32)>,
     /// Changes on every assignment: receipts of an earlier one are lost.
     epoch: u64,
-    paused: bool,
     /// The offset last committed to the group for this partition.
     committed: i64,
     /// Being revoked: nothing more is handed out while what is out drains.
     revoking: bool,
+    /// The fetch thread stopped reading this partition's queue at [`READY_CAP`]: receive wakes
+    /// it once half of that is taken.
+    full: bool,
     /// Changed (handed out, acked) since its checkpoint was last written.
     unsaved: bool,
 }
@@ -291,8 +309,6 @@ struct Part {
 #[derive(Default)]
 struct State {
     parts: BTreeMap<i32, Part>,
-    /// Partitions the fetch thread should resume.
-    resume: HashSet<i32>,
     closed: bool,
 }
 
@@ -317,11 +333,21 @@ struct Shared {
     saved: tokio::sync::Notify,
     /// Reads checkpoints back (no group).
     reader: Mutex<BaseConsumer>,
+    /// The fetch thread, once it runs: woken when a queue it reads from gets records or
+    /// events, when receive makes room, and to stop.
+    fetcher: OnceLock<std::thread::Thread>,
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wakes the fetch thread (a wake-up before it sleeps is kept: it does not sleep then).
+    fn wake_fetcher(&self) {
+        if let Some(t) = self.fetcher.get() {
+            t.unpark();
+        }
     }
 
     /// Reads partition `p`'s last checkpoint, if it has one this backend can read.
@@ -540,6 +566,49 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
 /// The fetch thread's client context: rebalances.
 struct Ctx {
     shared: Weak<Shared>,
+    /// The consumer itself, for splitting an assigned partition's queue off the group's queue.
+    me: OnceLock<Weak<BaseConsumer<Ctx>>>,
+    /// Partition queues split off or given up in a rebalance, for the fetch thread to take.
+    changes: Mutex<Vec<QueueChange>>,
+}
+
+/// A partition's own queue, split off at its assignment or dropped at its revocation.
+enum QueueChange {
+    Split(i32, PartitionQueue<Ctx>),
+    Gone(i32),
+}
+
+impl Ctx {
+    fn changes(&self) -> MutexGuard<'_, Vec<QueueChange>> {
+        self.changes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Gives each newly assigned partition its own queue (before it is assigned, so librdkafka
+    /// never forwards its records to the group's queue), which wakes the fetch thread when
+    /// records arrive on it. A partition that cannot be split keeps delivering through the
+    /// group's queue, which the fetch thread reads too.
+    fn split(&self, shared: &Arc<Shared>, assigned: &[i32]) {
+        let Some(me) = self.me.get().and_then(Weak::upgrade) else {
+            return;
+        };
+        let mut changes = self.changes();
+        for p in assigned {
+            match me.split_partition_queue(&shared.topic, *p) {
+                Some(mut q) => {
+                    let wake = Arc::downgrade(shared);
+                    q.set_nonempty_callback(move || {
+                        if let Some(s) = wake.upgrade() {
+                            s.wake_fetcher();
+                        }
+                    });
+                    changes.push(QueueChange::Split(*p, q));
+                }
+                None => {
+                    tracing::warn!(topic = %shared.topic, partition = p, "could not give the partition its own queue: it is read through the group's")
+                }
+            }
+        }
+    }
 }
 
 impl ClientContext for Ctx {
@@ -583,6 +652,7 @@ impl ConsumerContext for Ctx {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 if let Some(shared) = &shared {
                     assign(shared, consumer, tpl);
+                    self.split(shared, &partitions_of(&shared.topic, tpl));
                 }
                 let r = if cooperative {
                     consumer.incremental_assign(tpl)
@@ -599,7 +669,10 @@ impl ConsumerContext for Ctx {
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 if let Some(shared) = &shared {
-                    revoke(shared, consumer, &partitions_of(&shared.topic, tpl));
+                    let revoked = partitions_of(&shared.topic, tpl);
+                    revoke(shared, consumer, &revoked);
+                    self.changes()
+                        .extend(revoked.into_iter().map(QueueChange::Gone));
                 }
                 let r = if cooperative {
                     consumer.incremental_unassign(tpl)
@@ -719,9 +792,9 @@ fn assign(shared: &Shared, consumer: &BaseConsumer<Ctx>, tpl: &mut TopicPartitio
                 window,
                 out: HashMap::new(),
                 epoch: shared.epochs.fetch_add(1, Ordering::Relaxed) + 1,
-                paused: false,
                 committed: c,
                 revoking: false,
+                full: false,
                 unsaved: false,
             },
         ));
@@ -796,83 +869,103 @@ fn decode<M: Message>(topic: &str, m: &M) -> Rec {
     }
 }
 
+/// Longest the fetch thread sleeps with nothing to do: it polls the group at least this often
+/// (librdkafka's own timers, `max.poll.interval.ms`) and commits progress.
+const IDLE: Duration = Duration::from_millis(100);
+
+/// Reads up to `max` records from `next` (a queue's poll with no wait) into `batch`; returns
+/// whether the queue ran dry.
+fn drain<'a, M: Message + 'a>(
+    topic: &str,
+    max: usize,
+    batch: &mut Vec<(i32, Rec)>,
+    mut next: impl FnMut() -> Option<rdkafka::error::KafkaResult<M>>,
+) -> bool {
+    let mut n = 0;
+    while n < max {
+        match next() {
+            Some(Ok(m)) => {
+                batch.push((m.partition(), decode(topic, &m)));
+                n += 1;
+            }
+            Some(Err(e)) => {
+                tracing::warn!(topic, error = %e, "fetch failed (retrying)");
+                return false;
+            }
+            None => return true,
+        }
+    }
+    false
+}
+
 /// The background fetch loop of one topic on one handle.
+///
+/// It polls the group's queue (rebalances, errors, and the records of a partition that could not
+/// be split) and each assigned partition's own queue while that partition's window has room, and
+/// sleeps when none of them has anything, woken by librdkafka when a queue gets something, by
+/// receive when it makes room, and by close.
 fn fetch_loop(
     shared: Arc<Shared>,
-    consumer: BaseConsumer<Ctx>,
+    consumer: Arc<BaseConsumer<Ctx>>,
     stop: Arc<AtomicBool>,
     progress: std::sync::mpsc::Sender<()>,
 ) {
+    let _ = shared.fetcher.set(std::thread::current());
+    let mut queues: BTreeMap<i32, PartitionQueue<Ctx>> = BTreeMap::new();
     let mut last_commit = Instant::now();
+    let mut batch: Vec<(i32, Rec)> = Vec::new();
     while !stop.load(Ordering::Relaxed) {
-        // A paused partition is resumed by this thread once receive has taken enough from it:
-        // look again soon then, or it waits out a whole idle poll.
-        let any_paused = shared.lock().parts.values().any(|p| p.paused);
-        let wait = if any_paused {
-            Duration::from_millis(2)
-        } else {
-            Duration::from_millis(100)
-        };
-        // What librdkafka has fetched, up to a batch: decoded without the lock, then pushed
-        // under one lock with one wake-up for the receives.
-        let mut batch: Vec<(i32, Rec)> = Vec::new();
-        let mut next = consumer.poll(wait);
-        while let Some(polled) = next {
-            match polled {
-                Ok(m) => batch.push((m.partition(), decode(&shared.topic, &m))),
-                Err(e) => {
-                    tracing::warn!(topic = %shared.topic, error = %e, "fetch failed (retrying)");
-                    break;
+        // The group's queue first: a rebalance in it splits or drops partition queues.
+        let mut idle = drain(&shared.topic, FETCH_BATCH, &mut batch, || {
+            consumer.poll(Duration::ZERO)
+        });
+        for change in std::mem::take(&mut *consumer.context().changes()) {
+            match change {
+                QueueChange::Split(p, q) => {
+                    queues.insert(p, q);
+                }
+                QueueChange::Gone(p) => {
+                    queues.remove(&p);
                 }
             }
-            if batch.len() >= FETCH_BATCH {
-                break;
+        }
+        // Each partition with room in its window, up to the room.
+        let room: Vec<(i32, usize)> = {
+            let mut st = shared.lock();
+            queues
+                .keys()
+                .filter_map(|p| {
+                    let part = st.parts.get_mut(p)?;
+                    let room = READY_CAP.saturating_sub(part.window.ready_len());
+                    part.full = room == 0;
+                    Some((*p, room.min(FETCH_BATCH)))
+                })
+                .collect()
+        };
+        for (p, room) in room {
+            if room == 0 {
+                continue;
             }
-            next = consumer.poll(Duration::ZERO);
+            if let Some(q) = queues.get(&p) {
+                idle &= drain(&shared.topic, room, &mut batch, || q.poll(Duration::ZERO));
+            }
         }
         if !batch.is_empty() {
-            let mut pause = TopicPartitionList::new();
-            {
-                let mut st = shared.lock();
-                for (p, rec) in batch {
-                    if let Some(part) = st.parts.get_mut(&p) {
-                        part.window.push(rec);
-                        if part.window.ready_len() >= READY_CAP && !part.paused {
-                            part.paused = true;
-                            let _ = pause.add_partition(&shared.topic, p);
-                        }
-                    }
+            let mut st = shared.lock();
+            for (p, rec) in batch.drain(..) {
+                if let Some(part) = st.parts.get_mut(&p) {
+                    part.window.push(rec);
                 }
             }
-            if pause.count() > 0 {
-                if let Err(e) = consumer.pause(&pause) {
-                    tracing::warn!(topic = %shared.topic, error = %e, "pause failed");
-                }
-            }
+            drop(st);
             shared.arrived.notify_waiters();
         }
         if last_commit.elapsed() >= COMMIT_EVERY {
             last_commit = Instant::now();
             commit_progress(&shared, &consumer);
         }
-        let resume: Vec<i32> = {
-            let mut st = shared.lock();
-            let r: Vec<i32> = st.resume.drain().collect();
-            for p in &r {
-                if let Some(part) = st.parts.get_mut(p) {
-                    part.paused = false;
-                }
-            }
-            r
-        };
-        if !resume.is_empty() {
-            let mut tpl = TopicPartitionList::new();
-            for p in &resume {
-                let _ = tpl.add_partition(&shared.topic, *p);
-            }
-            if let Err(e) = consumer.resume(&tpl) {
-                tracing::warn!(topic = %shared.topic, error = %e, "resume failed");
-            }
+        if idle {
+            std::thread::park_timeout(IDLE.min(COMMIT_EVERY.saturating_sub(last_commit.elapsed())));
         }
     }
     // Leaving: what is settled is committed and checkpointed, then the group is left (on drop).
@@ -882,6 +975,9 @@ fn fetch_loop(
     revoke(&shared, &consumer, &parts);
     // Settled, checkpointed and committed: what close waits for in any case.
     let _ = progress.send(());
+    // The partition queues hold the consumer: they go first, so it is the last holder.
+    drop(queues);
+    consumer.context().changes().clear();
     // Leaving the group (librdkafka's close) can hang on a broker mid-rebalance; close waits for
     // it only briefly.
     drop(consumer);
@@ -953,6 +1049,7 @@ impl TopicConsumer {
     /// Tells the fetch thread to stop; what to wait for (once).
     fn begin_stop(&self) -> Option<Stopping> {
         self.stop.store(true, Ordering::Relaxed);
+        self.shared.wake_fetcher();
         let (thread, progress) = self
             .thread
             .lock()
@@ -1160,6 +1257,7 @@ impl KafkaBroker {
             saves: Mutex::new(Saves::default()),
             saved: tokio::sync::Notify::new(),
             reader: Mutex::new(reader),
+            fetcher: OnceLock::new(),
         });
         let mut client = c.consumer_client();
         if !c.properties.contains_key("partition.assignment.strategy") {
@@ -1171,15 +1269,38 @@ impl KafkaBroker {
             // An idle queue's next job is fetched within 100 ms, not after a 500 ms long poll.
             client.set("fetch.wait.max.ms", "100");
         }
-        let consumer: BaseConsumer<Ctx> = client
+        if !c.properties.contains_key("queued.min.messages") {
+            client.set("queued.min.messages", PREFETCH);
+        }
+        if !c.properties.contains_key("queued.max.messages.kbytes") {
+            client.set("queued.max.messages.kbytes", PREFETCH_KIB);
+        }
+        if !c.properties.contains_key("fetch.queue.backoff.ms") {
+            // A partition whose prefetch is full is fetched again this soon after its queue
+            // drains below it (librdkafka's 1 s default stalled a fast worker on a bounded
+            // prefetch).
+            client.set("fetch.queue.backoff.ms", "10");
+        }
+        let mut consumer: BaseConsumer<Ctx> = client
             .set("group.id", c.group(physical))
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .create_with_context(Ctx {
                 shared: Arc::downgrade(&shared),
+                me: OnceLock::new(),
+                changes: Mutex::new(Vec::new()),
             })
             .map_err(|e| kafka_error("consumer", &topic, &e))?;
+        // Rebalances and errors arrive on the group's queue: they wake the fetch thread.
+        let wake = Arc::downgrade(&shared);
+        consumer.set_nonempty_callback(move || {
+            if let Some(s) = wake.upgrade() {
+                s.wake_fetcher();
+            }
+        });
+        let consumer = Arc::new(consumer);
+        let _ = consumer.context().me.set(Arc::downgrade(&consumer));
         consumer
             .subscribe(&[&topic])
             .map_err(|e| kafka_error("subscribe", &topic, &e))?;
@@ -1253,7 +1374,7 @@ impl KafkaBroker {
         let mut st = tc.shared.lock();
         let mut deliveries = Vec::new();
         let receipt_queue: Arc<str> = Arc::from(physical);
-        let mut resume = Vec::new();
+        let mut room = false;
         let parts: Vec<i32> = st.parts.keys().copied().collect();
         for p in parts {
             if deliveries.len() >= max {
@@ -1285,11 +1406,15 @@ impl KafkaBroker {
                 part.out.insert(rec.offset, (rec, out.delivery_count));
             }
             part.unsaved = true;
-            if part.paused && part.window.ready_len() < READY_CAP / 4 {
-                resume.push(p);
+            if part.full && part.window.ready_len() <= READY_CAP / 2 {
+                part.full = false;
+                room = true;
             }
         }
-        st.resume.extend(resume);
+        drop(st);
+        if room {
+            tc.shared.wake_fetcher();
+        }
         deliveries
     }
 }
@@ -1515,12 +1640,16 @@ impl KafkaBroker {
             }
         }
         for (queue, tokens) in by_queue {
+            let mut draining = false;
             let Some(tc) = self.existing_consumer(queue) else {
                 lost_queue = Some(queue.to_string());
                 continue;
             };
             {
                 let mut st = tc.shared.lock();
+                // A revocation or a close waits for what is out: only then is it woken (a
+                // wake-up is a system call, and acks come one job at a time).
+                draining |= st.closed;
                 let mut touched = HashSet::new();
                 for t in tokens {
                     let Some(part) = st.parts.get_mut(&t.partition) else {
@@ -1537,6 +1666,7 @@ impl KafkaBroker {
                         Some((rec, _)) => part.window.release(rec),
                         None => false,
                     };
+                    draining |= part.revoking;
                     if done {
                         touched.insert(t.partition);
                     } else {
@@ -1551,7 +1681,9 @@ impl KafkaBroker {
                     }
                 }
             }
-            tc.shared.settled.notify_all();
+            if draining {
+                tc.shared.settled.notify_all();
+            }
             if !ack {
                 tc.shared.arrived.notify_waiters();
             }
