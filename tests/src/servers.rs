@@ -6,12 +6,29 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
+/// A free TCP port on 127.0.0.1 for a test server to listen on (checked free by binding it).
+///
+/// Ports come from 10000–31999, below Linux's ephemeral range (32768–60999), and each is handed
+/// out once per process (a counter from a start that depends on the process id). With a port
+/// from binding port 0, two servers started at once could be given the same port (it is free
+/// again between the check and the server's bind): the second server then fails to bind while
+/// its starter, connecting to the port, finds the first one and takes it for its own, until the
+/// first one's owner stops it. A client connection's local port (ephemeral) never takes one of
+/// these either.
 pub fn free_port() -> Result<u16, String> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| format!("no free loopback port: {e}"))
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 10_000;
+    const SPAN: u32 = 22_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(2_654_435_761) % SPAN;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (LOW + start.wrapping_add(n) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(format!("no free loopback port in {LOW}-{}", LOW + SPAN - 1))
 }
 
 /// Waits up to `limit` for a server asked to stop to exit, then kills it; reaps it either way.
