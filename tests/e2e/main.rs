@@ -754,9 +754,10 @@ fn kafka_two_workers_one_killed_loses_nothing() {
 
 /// Kafka keeps no delivery count, so a job that aborts its worker every time must still end:
 /// with `max_attempts = 3`, job 2 of 5 aborts worker after worker (each restarted at once, as
-/// a supervisor would). It runs exactly 3 times (attempts 1, 2, 3, counted by the backend's
-/// checkpoint written before each hand-out), then the next worker dead-letters it without
-/// running it; the other 4 jobs are done.
+/// a supervisor would). It runs exactly 3 times (attempts 1, 2, 3: its first hand-out is
+/// covered by the backend's written reservation, each later one by its count written before
+/// it goes out), then the next worker dead-letters it without running it; the other 4 jobs
+/// are done, none dead-lettered.
 #[test]
 fn kafka_a_job_that_kills_its_worker_ends_in_the_dead_letters() {
     let _serial = serial();
@@ -823,15 +824,22 @@ fn kafka_a_job_that_kills_its_worker_ends_in_the_dead_letters() {
     assert_eq!(aborted, 3, "three workers died on job 2");
     let done = tally(&all, "done");
     assert_eq!(done.keys().copied().collect::<Vec<u64>>(), vec![0, 1, 3, 4]);
-    // Job 1 succeeded just before each crash on job 2: its ack went out with job 2's hand-out,
-    // so no crash counted a delivery against it (before, it ran again after every crash and was
-    // dead-lettered as a crash loop itself).
+    // Jobs 0 and 1 succeeded just before the first crash, within the ack-write interval: they
+    // may run once more (at least once), never more. From then on every hand-out is a second
+    // one, written before it goes out with the acks before it: no later crash repeats them
+    // (before that write existed, job 1 ran again after every crash and was dead-lettered as a
+    // crash loop itself). Jobs 3 and 4 were never out before the poison job was dead-lettered.
     for job in [0, 1, 3, 4] {
         let runs: Vec<&String> = all
             .iter()
             .filter(|l| l.starts_with(&format!("start {job} ")))
             .collect();
-        assert_eq!(runs.len(), 1, "job {job} ran once; all lines: {all:?}");
+        let most = if job < 2 { 2 } else { 1 };
+        assert!(
+            (1..=most).contains(&runs.len()),
+            "job {job} ran {} times (at most {most}); all lines: {all:?}",
+            runs.len()
+        );
     }
     signal(&run.child, "-TERM");
     let (output, _, _) = finish(run, Duration::from_secs(20));

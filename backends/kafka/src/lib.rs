@@ -13,7 +13,7 @@
 //! | per-key order | key = the job key, so a key lives in one partition; within it, a record is not handed out while an earlier one of its key is out (records without a key flow freely) |
 //! | ack | per record: the group's committed offset is the lowest unsettled offset of the partition; the acked offsets above it are kept in the partition's checkpoint |
 //! | release | the record is ready again at once, for this partition's owner, before the later records of its key |
-//! | delivery count | the checkpoint keeps each unsettled offset's hand-out count, written **before** a record is handed out, so a record that kills its worker every time still reaches `max_attempts` |
+//! | delivery count | the checkpoint keeps each unsettled offset's hand-out count and a reservation: first hand-outs are made durable ahead, 1,000 offsets per partition at a time (written in the background before they are needed), a record handed out again waits for its own count, so a record that kills its worker every time still reaches `max_attempts`; after a crash, unsettled records of the reservation count one delivery more (as SQS counts every message of a received batch), after a clean hand-over none |
 //! | checkpoint | the last record of partition *p* of a compacted companion topic `<topic>.state` (one record per produce request, so every Kafka-protocol broker's high watermark finds it), read by the partition's next owner |
 //! | depth | ready = the group's lag minus what this handle holds, in flight = what this handle holds, delayed = the delay-topic group's lag |
 //! | delay, retry backoff | tiered delay topics per queue (see the `delay` module): a record waits in a paused partition until it is due to leave its tier, never in worker memory, and moves on at or after its due time |
@@ -304,7 +304,18 @@ struct Part {
     full: bool,
     /// Changed (handed out, acked) since its checkpoint was last written.
     unsaved: bool,
+    /// The reservation of the last checkpoint written: a first hand-out below it needs no
+    /// write (see [`RESERVE`]).
+    durable_to: i64,
 }
+
+/// How many offsets a checkpoint reserves for first hand-outs beyond the highest one handed
+/// out: a receive that stays below the last written reservation hands out at once, and one
+/// that gets within half of it starts the next write in the background, so a backlog is
+/// handed out without waiting on the broker. The price, after a crash only: up to this many
+/// unsettled records per partition are counted as delivered once more than they were (the
+/// window's module docs).
+const RESERVE: i64 = 1000;
 
 #[derive(Default)]
 struct State {
@@ -493,7 +504,8 @@ struct Saves {
 struct SaveRound<'a> {
     shared: &'a Shared,
     covers: u64,
-    parts: Vec<i32>,
+    /// Partitions written: number, epoch, and the reservation written.
+    parts: Vec<(i32, u64, i64)>,
     outcome: Option<Result<(), String>>,
 }
 
@@ -503,16 +515,15 @@ impl SaveRound<'_> {
         let shared = self.shared;
         let cps: Vec<(i32, String)> = {
             let mut st = shared.lock();
-            st.parts
-                .iter_mut()
-                .filter(|(_, part)| part.unsaved)
-                .map(|(p, part)| {
-                    part.unsaved = false;
-                    (*p, part.window.checkpoint().encode())
-                })
-                .collect()
+            let mut cps = Vec::new();
+            for (p, part) in st.parts.iter_mut().filter(|(_, part)| part.unsaved) {
+                part.unsaved = false;
+                let cp = part.window.checkpoint();
+                self.parts.push((*p, part.epoch, cp.upto));
+                cps.push((*p, cp.encode()));
+            }
+            cps
         };
-        self.parts = cps.iter().map(|(p, _)| *p).collect();
         shared
             .write_checkpoints(&cps)
             .await
@@ -522,10 +533,16 @@ impl SaveRound<'_> {
 
 impl Drop for SaveRound<'_> {
     fn drop(&mut self) {
-        if !matches!(self.outcome, Some(Ok(()))) {
+        let ok = matches!(self.outcome, Some(Ok(())));
+        if !self.parts.is_empty() {
             let mut st = self.shared.lock();
-            for p in &self.parts {
-                if let Some(part) = st.parts.get_mut(p) {
+            for (p, epoch, upto) in &self.parts {
+                let Some(part) = st.parts.get_mut(p).filter(|part| part.epoch == *epoch) else {
+                    continue;
+                };
+                if ok {
+                    part.durable_to = part.durable_to.max(*upto);
+                } else {
                     part.unsaved = true;
                 }
             }
@@ -723,7 +740,7 @@ fn revoke(shared: &Shared, consumer: &BaseConsumer<Ctx>, revoked: &[i32]) {
     let mut tpl = TopicPartitionList::new();
     for p in revoked {
         if let Some(mut part) = st.parts.remove(p) {
-            let cp = part.window.checkpoint();
+            let cp = part.window.final_checkpoint();
             let lost = part.window.clear();
             if !lost.is_empty() {
                 tracing::info!(topic = %shared.topic, partition = p, held = lost.len(), "partition revoked with records held: its next owner runs them");
@@ -796,6 +813,8 @@ fn assign(shared: &Shared, consumer: &BaseConsumer<Ctx>, tpl: &mut TopicPartitio
                 revoking: false,
                 full: false,
                 unsaved: false,
+                // Nothing reserved by this owner yet.
+                durable_to: 0,
             },
         ));
     }
@@ -1063,10 +1082,23 @@ impl TopicConsumer {
     }
 }
 
+/// What a hand-out needs written first (see [`KafkaBroker::take`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Save {
+    /// Nothing: every record handed out is covered by a written reservation.
+    None,
+    /// The next reservation, written in the background.
+    Background,
+    /// A checkpoint, written before the records go out.
+    Wait,
+}
+
 /// A receipt's token.
 #[derive(Debug)]
 struct Token {
     handle: u64,
+    /// The consumer that handed it out (gone once that consumer is closed: the receipt is lost).
+    shared: std::sync::Weak<Shared>,
     partition: i32,
     offset: i64,
     epoch: u64,
@@ -1368,12 +1400,16 @@ impl KafkaBroker {
             .cloned()
     }
 
-    /// Hands out up to `max` ready records across the assigned partitions, marking those
-    /// partitions unsaved: their hand-out counts must be written before the records go out.
-    fn take(&self, physical: &str, tc: &TopicConsumer, max: usize) -> Vec<Delivery> {
+    /// Hands out up to `max` ready records across the assigned partitions, and says what must be
+    /// written first: a record handed out again (its count), or one at or above its partition's
+    /// written reservation ([`RESERVE`]), makes the caller wait for a checkpoint; a partition
+    /// near the end of its reservation asks for the next one in the background.
+    fn take(&self, physical: &str, tc: &TopicConsumer, max: usize) -> (Vec<Delivery>, Save) {
         let mut st = tc.shared.lock();
         let mut deliveries = Vec::new();
+        let mut save = Save::None;
         let receipt_queue: Arc<str> = Arc::from(physical);
+        let weak = Arc::downgrade(&tc.shared);
         let mut room = false;
         let parts: Vec<i32> = st.parts.keys().copied().collect();
         for p in parts {
@@ -1387,14 +1423,21 @@ impl KafkaBroker {
             if taken.is_empty() {
                 continue;
             }
+            let mut highest = -1;
             for out in taken {
                 let rec = out.record;
+                if out.delivery_count > 1 || rec.offset >= part.durable_to {
+                    save = Save::Wait;
+                    part.unsaved = true;
+                }
+                highest = highest.max(rec.offset);
                 deliveries.push(Delivery {
                     envelope: rec.envelope.clone(),
                     receipt: Receipt::new(
                         receipt_queue.clone(),
                         Token {
                             handle: self.inner.handle,
+                            shared: weak.clone(),
                             partition: p,
                             offset: rec.offset,
                             epoch: part.epoch,
@@ -1405,7 +1448,13 @@ impl KafkaBroker {
                 });
                 part.out.insert(rec.offset, (rec, out.delivery_count));
             }
-            part.unsaved = true;
+            if highest + RESERVE / 2 >= part.window.reserved() {
+                part.window.reserve(highest + 1 + RESERVE);
+                part.unsaved = true;
+                if save == Save::None {
+                    save = Save::Background;
+                }
+            }
             if part.full && part.window.ready_len() <= READY_CAP / 2 {
                 part.full = false;
                 room = true;
@@ -1415,7 +1464,7 @@ impl KafkaBroker {
         if room {
             tc.shared.wake_fetcher();
         }
-        deliveries
+        (deliveries, save)
     }
 }
 
@@ -1489,17 +1538,27 @@ impl Broker for KafkaBroker {
         let mut checked_behind = false;
         loop {
             let arrived = tc.shared.arrived.notified();
-            let deliveries = self.take(queue, &tc, max);
+            let (deliveries, save) = self.take(queue, &tc, max);
+            if save == Save::Background {
+                let shared = tc.shared.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = shared.save().await {
+                        tracing::debug!(topic = %shared.topic, error = %e, "writing a reservation failed (the next hand-out waits for one)");
+                    }
+                });
+            }
             if !deliveries.is_empty() {
-                // Their hand-out counts, and every ack before them, are written before they
-                // go out (shared with the other receives and acks of the moment).
-                if let Err(e) = tc.shared.save().await {
-                    // Not handed out after all: back where they were, counted (a count too
-                    // many is safe, one too few is not).
-                    let receipts: Vec<Receipt> =
-                        deliveries.iter().map(|d| d.receipt.clone()).collect();
-                    let _ = self.release(&receipts).await;
-                    return Err(e);
+                // Counts that are not yet durable are written before the records go out
+                // (shared with the other receives of the moment).
+                if save == Save::Wait {
+                    if let Err(e) = tc.shared.save().await {
+                        // Not handed out after all: back where they were, counted (a count
+                        // too many is safe, one too few is not).
+                        let receipts: Vec<Receipt> =
+                            deliveries.iter().map(|d| d.receipt.clone()).collect();
+                        let _ = self.release(&receipts).await;
+                        return Err(e);
+                    }
                 }
                 return Ok(deliveries);
             }
@@ -1529,8 +1588,9 @@ impl Broker for KafkaBroker {
         Some(self.inner.delay.clone())
     }
 
-    /// An ack settles the record in this handle's window; the checkpoint written with the next
-    /// hand-out (or within [`COMMIT_EVERY`]) makes it durable.
+    /// An ack settles the record in this handle's window at once (before the job's slot is free
+    /// again, so a checkpoint written for a later hand-out carries it); the next checkpoint
+    /// written (within [`COMMIT_EVERY`], or for a hand-out) makes it durable.
     fn acks_locally(&self) -> bool {
         true
     }
@@ -1540,8 +1600,8 @@ impl Broker for KafkaBroker {
             return Err(lost(receipt.queue()));
         };
         let held = t.handle == self.inner.handle
-            && self.existing_consumer(receipt.queue()).is_some_and(|tc| {
-                tc.shared.lock().parts.get(&t.partition).is_some_and(|p| {
+            && t.shared.upgrade().is_some_and(|shared| {
+                shared.lock().parts.get(&t.partition).is_some_and(|p| {
                     p.epoch == t.epoch
                         && p.window.is_out(t.offset)
                         && p.out.get(&t.offset).is_some_and(|(_, n)| *n == t.count)
@@ -1628,37 +1688,51 @@ fn lost(queue: &str) -> BrokerError {
 }
 
 impl KafkaBroker {
+    /// Acks (`ack`) or releases receipts. Each receipt reaches its consumer through its token,
+    /// and a run of receipts of one consumer is settled under one lock: no allocation, no
+    /// lookup by name, one job at a time being the common call.
     async fn settle(&self, receipts: &[Receipt], ack: bool) -> Result<(), BrokerError> {
-        let mut by_queue: BTreeMap<&str, Vec<&Token>> = BTreeMap::new();
-        let mut lost_queue: Option<String> = None;
-        for r in receipts {
-            match r.token::<Token>() {
-                Some(t) if t.handle == self.inner.handle => {
-                    by_queue.entry(r.queue()).or_default().push(t)
-                }
-                _ => lost_queue = Some(r.queue().to_string()),
-            }
-        }
-        for (queue, tokens) in by_queue {
-            let mut draining = false;
-            let Some(tc) = self.existing_consumer(queue) else {
-                lost_queue = Some(queue.to_string());
+        let mut lost_queue: Option<&str> = None;
+        let mut rest = receipts;
+        while let Some(first) = rest.first() {
+            let shared = first
+                .token::<Token>()
+                .filter(|t| t.handle == self.inner.handle)
+                .and_then(|t| t.shared.upgrade());
+            let Some(shared) = shared else {
+                lost_queue = Some(first.queue());
+                rest = &rest[1..];
                 continue;
             };
+            // The run of receipts of this consumer.
+            let run = rest
+                .iter()
+                .take_while(|r| {
+                    r.token::<Token>()
+                        .is_some_and(|t| std::ptr::eq(t.shared.as_ptr(), Arc::as_ptr(&shared)))
+                })
+                .count()
+                .max(1);
+            let (these, later) = rest.split_at(run);
+            rest = later;
+            let mut draining = false;
             {
-                let mut st = tc.shared.lock();
+                let mut st = shared.lock();
                 // A revocation or a close waits for what is out: only then is it woken (a
                 // wake-up is a system call, and acks come one job at a time).
                 draining |= st.closed;
-                let mut touched = HashSet::new();
-                for t in tokens {
+                for r in these {
+                    let Some(t) = r.token::<Token>() else {
+                        lost_queue = Some(r.queue());
+                        continue;
+                    };
                     let Some(part) = st.parts.get_mut(&t.partition) else {
-                        lost_queue = Some(queue.to_string());
+                        lost_queue = Some(r.queue());
                         continue;
                     };
                     let current = part.out.get(&t.offset).is_some_and(|(_, n)| *n == t.count);
                     if part.epoch != t.epoch || !current {
-                        lost_queue = Some(queue.to_string());
+                        lost_queue = Some(r.queue());
                         continue;
                     }
                     let done = match part.out.remove(&t.offset) {
@@ -1667,29 +1741,22 @@ impl KafkaBroker {
                         None => false,
                     };
                     draining |= part.revoking;
-                    if done {
-                        touched.insert(t.partition);
-                    } else {
-                        lost_queue = Some(queue.to_string());
-                    }
-                }
-                if ack {
-                    for p in touched {
-                        if let Some(part) = st.parts.get_mut(&p) {
-                            part.unsaved = true;
-                        }
+                    if !done {
+                        lost_queue = Some(r.queue());
+                    } else if ack {
+                        part.unsaved = true;
                     }
                 }
             }
             if draining {
-                tc.shared.settled.notify_all();
+                shared.settled.notify_all();
             }
             if !ack {
-                tc.shared.arrived.notify_waiters();
+                shared.arrived.notify_waiters();
             }
         }
         match lost_queue {
-            Some(q) => Err(lost(&q)),
+            Some(q) => Err(lost(q)),
             None => Ok(()),
         }
     }

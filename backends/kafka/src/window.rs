@@ -7,9 +7,15 @@
 //! record of that key (they wait in offset order behind it). Records without a key have no order.
 //!
 //! What survives a crash or a rebalance is a [`Checkpoint`]: the lowest unsettled offset, the acked
-//! offsets above it, and the hand-out counts of the unsettled ones. The backend writes it before a
-//! record is handed out (so a record that kills its worker is counted) and after acks; a new owner
-//! of the partition restores it, skips what was acked and counts on from there.
+//! offsets above it, the hand-out counts of the unsettled ones, and how far records may have been
+//! handed out since (`upto`, a reservation). The backend makes a first hand-out durable in
+//! advance, a reservation at a time: before a record at or above the last durable `upto` goes
+//! out, a checkpoint reserving the next offsets (the backend's `RESERVE`) is written; a record handed out
+//! again (released, or restored with a count) waits for its own count to be written. So a record
+//! that kills its worker is always counted, and a new owner after a crash counts every unsettled
+//! record below `upto` as handed out once even if it was not (as SQS counts each message of a
+//! received batch): one delivery too many at most, for at most a reservation of records, never
+//! one too few. A clean hand-over (revocation, close) writes the exact counts and no reservation.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::fmt::Write as _;
@@ -44,6 +50,12 @@ pub(crate) struct Window<T> {
     /// Where the next fetched record starts (the offset after the last one fetched), or where
     /// fetching starts.
     fetched_to: i64,
+    /// Unsettled offsets below this without a count may have been handed out by an owner that
+    /// crashed: their first hand-out here is counted as their second.
+    maybe_to: i64,
+    /// The reservation the next checkpoint writes: offsets below it may be handed out before
+    /// another checkpoint is written.
+    reserved: i64,
 }
 
 impl<T: Keyed> Window<T> {
@@ -56,6 +68,8 @@ impl<T: Keyed> Window<T> {
             acked: BTreeSet::new(),
             tries: BTreeMap::new(),
             fetched_to: from.max(0),
+            maybe_to: from.max(0),
+            reserved: from.max(0),
         }
     }
 
@@ -73,8 +87,20 @@ impl<T: Keyed> Window<T> {
                 .filter(|(o, _)| **o >= low)
                 .map(|(o, n)| (*o, *n))
                 .collect();
+            w.maybe_to = cp.upto.max(low);
+            w.reserved = w.maybe_to;
         }
         w
+    }
+
+    /// Reserves offsets below `to` for hand-out: the next checkpoint says they may be out.
+    pub(crate) fn reserve(&mut self, to: i64) {
+        self.reserved = self.reserved.max(to);
+    }
+
+    /// What the next checkpoint reserves (see [`Window::reserve`]).
+    pub(crate) fn reserved(&self) -> i64 {
+        self.reserved.max(self.maybe_to)
     }
 
     /// The offset the consumer should fetch from after a restore or a seek.
@@ -129,7 +155,8 @@ impl<T: Keyed> Window<T> {
                 self.busy.insert(k.clone());
             }
             let o = r.offset();
-            let n = self.tries.entry(o).or_insert(0);
+            let before = u32::from(o < self.maybe_to);
+            let n = self.tries.entry(o).or_insert(before);
             *n = n.saturating_add(1);
             let delivery_count = *n;
             self.out.insert(o, key);
@@ -158,9 +185,14 @@ impl<T: Keyed> Window<T> {
             self.busy.remove(&k);
         }
         self.tries.remove(&offset);
-        self.acked.insert(offset);
         let low = self.low();
-        self.acked = self.acked.split_off(&low);
+        if offset >= low {
+            self.acked.insert(offset);
+        }
+        // Everything below the low mark is implied: dropped from the front, without a copy.
+        while self.acked.first().is_some_and(|o| *o < low) {
+            self.acked.pop_first();
+        }
         true
     }
 
@@ -192,11 +224,23 @@ impl<T: Keyed> Window<T> {
             .min(self.fetched_to)
     }
 
-    /// What a new owner needs: see the module docs.
+    /// What a new owner needs if this one may crash: see the module docs. Carries the
+    /// reservation.
     pub(crate) fn checkpoint(&self) -> Checkpoint {
+        self.checkpoint_upto(self.reserved())
+    }
+
+    /// What a new owner needs when this one hands over cleanly (revocation, close): the exact
+    /// counts, and no reservation beyond what an earlier crash left uncertain.
+    pub(crate) fn final_checkpoint(&self) -> Checkpoint {
+        self.checkpoint_upto(self.maybe_to)
+    }
+
+    fn checkpoint_upto(&self, upto: i64) -> Checkpoint {
         let low = self.low();
         Checkpoint {
             low,
+            upto: upto.max(low),
             acked: self.acked.range(low..).copied().collect(),
             tries: self.tries.range(low..).map(|(o, n)| (*o, *n)).collect(),
         }
@@ -213,11 +257,16 @@ impl<T: Keyed> Window<T> {
 }
 
 /// The durable part of a [`Window`], written to the partition's checkpoint and read back by its
-/// next owner. Text, so operators can read it: `v1 low=120 acked=125-127,130 tries=120-124:1,128:3`.
+/// next owner. Text, so operators can read it:
+/// `v2 low=120 upto=1130 acked=125-127,130 tries=120-124:1,128:3` (`v1`, without `upto`, is
+/// read too).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Checkpoint {
     /// Every offset below is acked.
     pub(crate) low: i64,
+    /// Unsettled offsets from `low` up to here without a count in `tries` may have been handed
+    /// out once.
+    pub(crate) upto: i64,
     /// Acked offsets at or above `low`.
     pub(crate) acked: BTreeSet<i64>,
     /// Hand-out counts of unsettled offsets at or above `low`.
@@ -227,7 +276,7 @@ pub(crate) struct Checkpoint {
 impl Checkpoint {
     /// The text form (runs of consecutive offsets written as ranges).
     pub(crate) fn encode(&self) -> String {
-        let mut s = format!("v1 low={}", self.low);
+        let mut s = format!("v2 low={} upto={}", self.low, self.upto.max(self.low));
         s.push_str(" acked=");
         push_runs(&mut s, self.acked.iter().map(|o| (*o, ())), |_, _| {});
         s.push_str(" tries=");
@@ -241,11 +290,14 @@ impl Checkpoint {
     /// not write is ignored, never trusted).
     pub(crate) fn decode(text: &str) -> Option<Checkpoint> {
         let mut parts = text.split(' ');
-        if parts.next()? != "v1" {
-            return None;
-        }
+        let v2 = match parts.next()? {
+            "v1" => false,
+            "v2" => true,
+            _ => return None,
+        };
         let mut cp = Checkpoint::default();
         let mut seen_low = false;
+        let mut upto = None;
         for part in parts {
             let (name, value) = part.split_once('=')?;
             match name {
@@ -253,6 +305,7 @@ impl Checkpoint {
                     cp.low = value.parse().ok()?;
                     seen_low = true;
                 }
+                "upto" if v2 => upto = Some(value.parse::<i64>().ok()?),
                 "acked" => {
                     for (lo, hi, _) in runs(value)? {
                         cp.acked.extend(lo..=hi);
@@ -267,6 +320,10 @@ impl Checkpoint {
                 _ => return None,
             }
         }
+        if v2 && upto.is_none() {
+            return None;
+        }
+        cp.upto = upto.unwrap_or(cp.low).max(cp.low);
         seen_low.then_some(cp)
     }
 }
@@ -412,13 +469,16 @@ mod tests {
         }
         assert_eq!(w.low(), 10);
         let cp = w.checkpoint();
-        assert_eq!(cp.encode(), "v1 low=10 acked=11-12,14 tries=10:1,13:1");
+        assert_eq!(
+            cp.encode(),
+            "v2 low=10 upto=10 acked=11-12,14 tries=10:1,13:1"
+        );
         assert!(w.ack(10));
         assert_eq!(w.low(), 13);
         assert!(!w.ack(10), "acked twice");
         assert!(w.ack(13));
         assert_eq!(w.low(), 15);
-        assert_eq!(w.checkpoint().encode(), "v1 low=15 acked= tries=");
+        assert_eq!(w.checkpoint().encode(), "v2 low=15 upto=15 acked= tries=");
     }
 
     #[test]
@@ -483,11 +543,12 @@ mod tests {
     fn checkpoints_read_back_and_refuse_what_they_did_not_write() {
         let cp = Checkpoint {
             low: 3,
+            upto: 12,
             acked: [5, 6, 7, 9].into_iter().collect(),
             tries: [(3, 1), (4, 1), (8, 4)].into_iter().collect(),
         };
         let text = cp.encode();
-        assert_eq!(text, "v1 low=3 acked=5-7,9 tries=3-4:1,8:4");
+        assert_eq!(text, "v2 low=3 upto=12 acked=5-7,9 tries=3-4:1,8:4");
         assert_eq!(Checkpoint::decode(&text), Some(cp));
         for bad in [
             "",
@@ -498,8 +559,87 @@ mod tests {
             "v1 low=1 tries=4",
             "v1 low=1 acked=0-99999999",
             "v1 low=1 other=2",
+            "v1 low=1 upto=4",
+            "v2 low=1 acked=",
+            "v2 low=1 upto=x",
         ] {
             assert_eq!(Checkpoint::decode(bad), None, "{bad:?}");
         }
+    }
+    #[test]
+    fn version_one_checkpoints_read_back_without_a_reservation() {
+        let cp = Checkpoint::decode("v1 low=4 acked=6 tries=4:2").expect("decodes");
+        assert_eq!(cp.upto, 4);
+        assert_eq!(cp.acked, [6].into_iter().collect());
+    }
+
+    #[test]
+    fn after_a_crash_every_unsettled_record_of_the_reservation_counts_as_handed_out_once() {
+        let mut w = Window::new(0);
+        for o in 0..10 {
+            w.push(R(o, None));
+        }
+        w.reserve(8);
+        let _ = w.take(3);
+        assert!(w.ack(1));
+        // Killed: the last checkpoint written is one with the reservation.
+        let cp = Checkpoint::decode(&w.checkpoint().encode()).expect("decodes");
+        assert_eq!((cp.low, cp.upto), (0, 8));
+        let mut next = Window::restore(0, Some(&cp));
+        for o in 0..10 {
+            next.push(R(o, None));
+        }
+        let out = next.take(10);
+        let counts: Vec<(i64, u32)> = out.iter().map(|o| (o.record.0, o.delivery_count)).collect();
+        // 0 and 2 were out (counted 1 each): now their second; 3..8 may have been out; 8 and 9
+        // were beyond the reservation.
+        assert_eq!(
+            counts,
+            [
+                (0, 2),
+                (2, 2),
+                (3, 2),
+                (4, 2),
+                (5, 2),
+                (6, 2),
+                (7, 2),
+                (8, 1),
+                (9, 1)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_clean_hand_over_writes_exact_counts_and_keeps_what_a_crash_left_uncertain() {
+        let mut w = Window::new(0);
+        for o in 0..6 {
+            w.push(R(o, None));
+        }
+        w.reserve(1000);
+        let _ = w.take(2);
+        let cp = w.final_checkpoint();
+        assert_eq!(cp.upto, 0, "no reservation in a hand-over");
+        assert_eq!(cp.tries, [(0, 1), (1, 1)].into_iter().collect());
+
+        // A window restored after a crash hands over cleanly: the uncertain range stays.
+        let crashed = Checkpoint {
+            low: 0,
+            upto: 5,
+            ..Checkpoint::default()
+        };
+        let mut r: Window<R> = Window::restore(0, Some(&crashed));
+        for o in 0..6 {
+            r.push(R(o, None));
+        }
+        let first = r.take(1);
+        assert_eq!(first[0].delivery_count, 2);
+        let cp = r.final_checkpoint();
+        assert_eq!(cp.upto, 5);
+        let mut again: Window<R> = Window::restore(0, Some(&cp));
+        for o in 0..6 {
+            again.push(R(o, None));
+        }
+        let counts: Vec<u32> = again.take(10).iter().map(|o| o.delivery_count).collect();
+        assert_eq!(counts, [3, 2, 2, 2, 2, 1], "uncertain once, never twice");
     }
 }
