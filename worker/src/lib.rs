@@ -30,6 +30,13 @@
 //! leases, retries, the HTTP endpoints) is private: configure it, do not call it.
 #![doc(html_no_source)]
 
+/// With the `mimalloc` feature, mimalloc is the process's allocator (see the feature's note in
+/// `Cargo.toml`): thread-safe as every global allocator; a binary that declares its own
+/// `#[global_allocator]` must leave the feature off.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 pub mod autoscale;
 pub mod backend;
 pub mod cli;
