@@ -276,7 +276,9 @@ fn kafka_error(op: &str, topic: &str, e: &KafkaError) -> BrokerError {
 struct Rec {
     offset: i64,
     key: Option<String>,
-    envelope: Envelope,
+    /// Shared with the copy kept while the record is out (for a release), so that copy costs
+    /// no allocation under the partition's lock; a delivery gets its own envelope, made outside.
+    envelope: Arc<Envelope>,
 }
 
 impl Keyed for Rec {
@@ -884,7 +886,7 @@ fn decode<M: Message>(topic: &str, m: &M) -> Rec {
     Rec {
         offset: m.offset(),
         key,
-        envelope,
+        envelope: Arc::new(envelope),
     }
 }
 
@@ -1405,21 +1407,20 @@ impl KafkaBroker {
     /// written reservation ([`RESERVE`]), makes the caller wait for a checkpoint; a partition
     /// near the end of its reservation asks for the next one in the background.
     fn take(&self, physical: &str, tc: &TopicConsumer, max: usize) -> (Vec<Delivery>, Save) {
-        let mut st = tc.shared.lock();
-        let mut deliveries = Vec::new();
+        // Under the lock only bookkeeping: the deliveries (envelopes, receipts) are made after.
+        let mut handed: Vec<(i32, u64, u32, Rec)> = Vec::new();
         let mut save = Save::None;
-        let receipt_queue: Arc<str> = Arc::from(physical);
-        let weak = Arc::downgrade(&tc.shared);
         let mut room = false;
+        let mut st = tc.shared.lock();
         let parts: Vec<i32> = st.parts.keys().copied().collect();
         for p in parts {
-            if deliveries.len() >= max {
+            if handed.len() >= max {
                 break;
             }
             let Some(part) = st.parts.get_mut(&p).filter(|part| !part.revoking) else {
                 continue;
             };
-            let taken = part.window.take(max - deliveries.len());
+            let taken = part.window.take(max - handed.len());
             if taken.is_empty() {
                 continue;
             }
@@ -1431,21 +1432,7 @@ impl KafkaBroker {
                     part.unsaved = true;
                 }
                 highest = highest.max(rec.offset);
-                deliveries.push(Delivery {
-                    envelope: rec.envelope.clone(),
-                    receipt: Receipt::new(
-                        receipt_queue.clone(),
-                        Token {
-                            handle: self.inner.handle,
-                            shared: weak.clone(),
-                            partition: p,
-                            offset: rec.offset,
-                            epoch: part.epoch,
-                            count: out.delivery_count,
-                        },
-                    ),
-                    delivery_count: out.delivery_count,
-                });
+                handed.push((p, part.epoch, out.delivery_count, rec.clone()));
                 part.out.insert(rec.offset, (rec, out.delivery_count));
             }
             if highest + RESERVE / 2 >= part.window.reserved() {
@@ -1464,6 +1451,26 @@ impl KafkaBroker {
         if room {
             tc.shared.wake_fetcher();
         }
+        let receipt_queue: Arc<str> = Arc::from(physical);
+        let weak = Arc::downgrade(&tc.shared);
+        let deliveries = handed
+            .into_iter()
+            .map(|(partition, epoch, count, rec)| Delivery {
+                envelope: Envelope::clone(&rec.envelope),
+                receipt: Receipt::new(
+                    receipt_queue.clone(),
+                    Token {
+                        handle: self.inner.handle,
+                        shared: weak.clone(),
+                        partition,
+                        offset: rec.offset,
+                        epoch,
+                        count,
+                    },
+                ),
+                delivery_count: count,
+            })
+            .collect();
         (deliveries, save)
     }
 }
@@ -1716,6 +1723,8 @@ impl KafkaBroker {
             let (these, later) = rest.split_at(run);
             rest = later;
             let mut draining = false;
+            // Settled records, dropped once the lock is given back.
+            let mut settled: Vec<Rec> = Vec::new();
             {
                 let mut st = shared.lock();
                 // A revocation or a close waits for what is out: only then is it woken (a
@@ -1736,7 +1745,10 @@ impl KafkaBroker {
                         continue;
                     }
                     let done = match part.out.remove(&t.offset) {
-                        Some(_) if ack => part.window.ack(t.offset),
+                        Some((rec, _)) if ack => {
+                            settled.push(rec);
+                            part.window.ack(t.offset)
+                        }
                         Some((rec, _)) => part.window.release(rec),
                         None => false,
                     };
@@ -1748,6 +1760,7 @@ impl KafkaBroker {
                     }
                 }
             }
+            drop(settled);
             if draining {
                 shared.settled.notify_all();
             }
