@@ -790,11 +790,13 @@ fn redis_url() -> String {
 
 #[tokio::main]
 async fn main() -> Res<()> {
-    // The subscriber a worker binary runs with (`App`'s: fmt at info), so each job's span costs
-    // what it costs in deployment (~10% of a no-op job on Redis); its few lines go nowhere.
+    // The subscriber a deployed worker binary runs with (`App`'s: fmt at info, no colours when
+    // stderr is not a terminal), so each job's span costs what it costs in deployment; its few
+    // lines go nowhere.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
         .with_target(false)
+        .with_ansi(false)
         .with_writer(std::io::sink)
         .try_init();
     let mut args = std::env::args().skip(1).peekable();
