@@ -27,7 +27,10 @@
 //! no-op handler, counting until every job is processed (rabbitmq: prefetch 500 too, and the
 //! publish rate of the backlog through `Broker::publish` next to the raw one). kafka runs that
 //! worker as a process of its own (`bench --worker kafka QUEUE N`, the real deployment), and
-//! prints its peak RSS; so does redis.
+//! prints its peak RSS; so does redis. The worker runs under the subscriber `App` installs (fmt
+//! at info, no colours), its lines discarded. `BENCH_KAFKA_PROPERTIES=name=value,...` adds
+//! librdkafka properties to the backend's clients (not the raw loop's), to try tunings such as a
+//! smaller prefetch.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -625,6 +628,15 @@ fn kafka_bootstrap() -> String {
 async fn kafka_broker(bootstrap: &str) -> Res<Arc<dyn Broker>> {
     let mut c = stevedore_kafka::KafkaConfig::new(bootstrap);
     c.partitions = 4;
+    // Tuning to try (`name=value,...`), e.g. BENCH_KAFKA_PROPERTIES=queued.min.messages=2000
+    if let Ok(props) = std::env::var("BENCH_KAFKA_PROPERTIES") {
+        for kv in props.split(',').filter(|kv| !kv.is_empty()) {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or("BENCH_KAFKA_PROPERTIES: name=value,...")?;
+            c.properties.insert(k.to_string(), v.to_string());
+        }
+    }
     Ok(Arc::new(stevedore_kafka::KafkaBroker::connect(c).await?))
 }
 

@@ -409,6 +409,13 @@ mod tests {
         }
     }
 
+    /// Pushes keyless records at offsets `0..n`.
+    fn fill(w: &mut Window<R>, n: i64) {
+        for o in 0..n {
+            w.push(R(o, None));
+        }
+    }
+
     fn offsets(out: &[Out<R>]) -> Vec<i64> {
         out.iter().map(|o| o.record.0).collect()
     }
@@ -576,9 +583,7 @@ mod tests {
     #[test]
     fn after_a_crash_every_unsettled_record_of_the_reservation_counts_as_handed_out_once() {
         let mut w = Window::new(0);
-        for o in 0..10 {
-            w.push(R(o, None));
-        }
+        fill(&mut w, 10);
         w.reserve(8);
         let _ = w.take(3);
         assert!(w.ack(1));
@@ -586,9 +591,7 @@ mod tests {
         let cp = Checkpoint::decode(&w.checkpoint().encode()).expect("decodes");
         assert_eq!((cp.low, cp.upto), (0, 8));
         let mut next = Window::restore(0, Some(&cp));
-        for o in 0..10 {
-            next.push(R(o, None));
-        }
+        fill(&mut next, 10);
         let out = next.take(10);
         let counts: Vec<(i64, u32)> = out.iter().map(|o| (o.record.0, o.delivery_count)).collect();
         // 0 and 2 were out (counted 1 each): now their second; 3..8 may have been out; 8 and 9
@@ -612,9 +615,7 @@ mod tests {
     #[test]
     fn a_clean_hand_over_writes_exact_counts_and_keeps_what_a_crash_left_uncertain() {
         let mut w = Window::new(0);
-        for o in 0..6 {
-            w.push(R(o, None));
-        }
+        fill(&mut w, 6);
         w.reserve(1000);
         let _ = w.take(2);
         let cp = w.final_checkpoint();
@@ -628,17 +629,13 @@ mod tests {
             ..Checkpoint::default()
         };
         let mut r: Window<R> = Window::restore(0, Some(&crashed));
-        for o in 0..6 {
-            r.push(R(o, None));
-        }
+        fill(&mut r, 6);
         let first = r.take(1);
         assert_eq!(first[0].delivery_count, 2);
         let cp = r.final_checkpoint();
         assert_eq!(cp.upto, 5);
         let mut again: Window<R> = Window::restore(0, Some(&cp));
-        for o in 0..6 {
-            again.push(R(o, None));
-        }
+        fill(&mut again, 6);
         let counts: Vec<u32> = again.take(10).iter().map(|o| o.delivery_count).collect();
         assert_eq!(counts, [3, 2, 2, 2, 2, 1], "uncertain once, never twice");
     }
