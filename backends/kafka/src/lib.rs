@@ -371,6 +371,17 @@ impl Shared {
         }
     }
 
+    /// A librdkafka queue's non-empty callback that wakes the fetch thread (and holds no
+    /// reference that would keep this consumer alive).
+    fn waker(shared: &Arc<Shared>) -> impl Fn() + Send + Sync + 'static {
+        let wake = Arc::downgrade(shared);
+        move || {
+            if let Some(s) = wake.upgrade() {
+                s.wake_fetcher();
+            }
+        }
+    }
+
     /// Reads partition `p`'s last checkpoint, if it has one this backend can read.
     fn read_checkpoint(&self, p: i32) -> Result<Option<Checkpoint>, KafkaError> {
         let reader = self.reader.lock().unwrap_or_else(|e| e.into_inner());
@@ -622,12 +633,7 @@ impl Ctx {
         for p in assigned {
             match me.split_partition_queue(&shared.topic, *p) {
                 Some(mut q) => {
-                    let wake = Arc::downgrade(shared);
-                    q.set_nonempty_callback(move || {
-                        if let Some(s) = wake.upgrade() {
-                            s.wake_fetcher();
-                        }
-                    });
+                    q.set_nonempty_callback(Shared::waker(shared));
                     changes.push(QueueChange::Split(*p, q));
                 }
                 None => {
@@ -904,7 +910,7 @@ const IDLE: Duration = Duration::from_millis(100);
 
 /// Reads up to `max` records from `next` (a queue's poll with no wait) into `batch`; returns
 /// whether the queue ran dry.
-fn drain<'a, M: Message + 'a>(
+fn drain<M: Message>(
     topic: &str,
     max: usize,
     batch: &mut Vec<(i32, Rec)>,
@@ -1338,12 +1344,7 @@ impl KafkaBroker {
             })
             .map_err(|e| kafka_error("consumer", &topic, &e))?;
         // Rebalances and errors arrive on the group's queue: they wake the fetch thread.
-        let wake = Arc::downgrade(&shared);
-        consumer.set_nonempty_callback(move || {
-            if let Some(s) = wake.upgrade() {
-                s.wake_fetcher();
-            }
-        });
+        consumer.set_nonempty_callback(Shared::waker(&shared));
         let consumer = Arc::new(consumer);
         let _ = consumer.context().me.set(Arc::downgrade(&consumer));
         consumer
@@ -1423,14 +1424,13 @@ impl KafkaBroker {
         let mut save = Save::None;
         let mut room = false;
         let mut st = tc.shared.lock();
-        let parts: Vec<i32> = st.parts.keys().copied().collect();
-        for p in parts {
+        for (&p, part) in st.parts.iter_mut() {
             if handed.len() >= max {
                 break;
             }
-            let Some(part) = st.parts.get_mut(&p).filter(|part| !part.revoking) else {
+            if part.revoking {
                 continue;
-            };
+            }
             let taken = part.window.take(max - handed.len());
             if taken.is_empty() {
                 continue;
