@@ -54,11 +54,10 @@ impl Drop for Reaped {
     }
 }
 
+/// A free loopback port for a worker's HTTP server: the suite's (below the ephemeral range,
+/// each handed out once per process).
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    stevedore_conformance::servers::free_port().unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn start(config: &str, jobs: u64, sleep_ms: u64) -> Run {
