@@ -30,13 +30,86 @@
 //! prints its peak RSS; so does redis. The worker runs under the subscriber `App` installs (fmt
 //! at info, no colours), its lines discarded. `BENCH_KAFKA_PROPERTIES=name=value,...` adds
 //! librdkafka properties to the backend's clients (not the raw loop's), to try tunings such as a
-//! smaller prefetch.
+//! smaller prefetch. `BENCH_BACKEND_LOOP=1` (redis, kafka) also drains a backlog with the
+//! backend alone in a process of its own (`receive(100)` beside the previous batch's `ack`, no
+//! runtime) and prints its rate beside the raw loop's and the worker's: where a gap lies.
+//! Built with `--no-default-features --features count-allocs`, it also prints the heap
+//! allocations per job of the worker (and of the backend loop alone): rates are then not
+//! comparable, the counts are.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use stevedore::core::ReceiveOptions;
 use stevedore::{config, Broker, Envelope, MemoryBroker, Router, Worker};
 use stevedore_redis::{RedisBroker, RedisConfig};
+
+/// Heap allocations so far, in a `count-allocs` build (see the feature in `Cargo.toml`).
+#[cfg(feature = "count-allocs")]
+mod counting {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    static ALLOCS: AtomicU64 = AtomicU64::new(0);
+
+    /// The system allocator, counting every allocation and reallocation.
+    pub(crate) struct Counting;
+
+    // SAFETY: every call is forwarded unchanged to `System`, which upholds the contract.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            ALLOCS.fetch_add(1, Ordering::Relaxed);
+            // SAFETY: forwarded with the caller's guarantees.
+            unsafe { System.alloc(layout) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            // SAFETY: forwarded with the caller's guarantees.
+            unsafe { System.dealloc(ptr, layout) }
+        }
+        unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+            ALLOCS.fetch_add(1, Ordering::Relaxed);
+            // SAFETY: forwarded with the caller's guarantees.
+            unsafe { System.alloc_zeroed(layout) }
+        }
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            ALLOCS.fetch_add(1, Ordering::Relaxed);
+            // SAFETY: forwarded with the caller's guarantees.
+            unsafe { System.realloc(ptr, layout, new_size) }
+        }
+    }
+
+    #[global_allocator]
+    static GLOBAL: Counting = Counting;
+
+    pub(crate) fn allocs() -> Option<u64> {
+        Some(ALLOCS.load(Ordering::Relaxed))
+    }
+}
+
+#[cfg(not(feature = "count-allocs"))]
+mod counting {
+    pub(crate) fn allocs() -> Option<u64> {
+        None
+    }
+}
+
+/// Allocations per job measured in this size's runs (a `count-allocs` build): by the worker, and
+/// by the backend loop alone; the worker processes report theirs on their last line.
+static ALLOCS_PER_JOB: std::sync::Mutex<(Vec<f64>, Vec<f64>)> =
+    std::sync::Mutex::new((Vec::new(), Vec::new()));
+
+/// Records the allocations per job since `before` (a [`counting::allocs`] reading) over `n` jobs,
+/// as the worker's (`backend == false`) or the backend loop's; returns them.
+fn record_allocs(before: Option<u64>, n: usize, backend: bool) -> Option<f64> {
+    let per_job = (counting::allocs()? - before?) as f64 / n.max(1) as f64;
+    push_allocs(per_job, backend);
+    Some(per_job)
+}
+
+fn push_allocs(per_job: f64, backend: bool) {
+    if let Ok(mut a) = ALLOCS_PER_JOB.lock() {
+        if backend { &mut a.1 } else { &mut a.0 }.push(per_job);
+    }
+}
 
 const BATCH: usize = 100;
 /// Every job's body in every loop: 24 bytes of JSON.
@@ -416,6 +489,7 @@ async fn through_process(
     backend: &str,
     queue: &str,
     n: usize,
+    extra: &[&str],
 ) -> Res<(f64, u64, f64)> {
     broker.prepare(&[queue.to_string()]).await?;
     let t = Instant::now();
@@ -423,7 +497,7 @@ async fn through_process(
     let published = n as f64 / t.elapsed().as_secs_f64();
     broker.close().await?;
     drop(broker);
-    let (rate, hwm) = worker_process(backend, queue, n, &[]).await?;
+    let (rate, hwm) = worker_process(backend, queue, n, extra).await?;
     Ok((rate, hwm, published))
 }
 
@@ -445,6 +519,9 @@ async fn worker_process(backend: &str, queue: &str, n: usize, extra: &[&str]) ->
             .find_map(|w| w.strip_prefix(name))
             .and_then(|v| v.parse::<f64>().ok())
     };
+    if let Some(a) = field("allocs_per_job=") {
+        push_allocs(a, extra.contains(&"--loop"));
+    }
     match (out.status.success(), field("rate="), field("hwm_kib=")) {
         (true, Some(rate), Some(hwm)) => Ok((rate, hwm as u64)),
         _ => Err(format!("the worker process failed ({}): {text}", out.status).into()),
@@ -471,7 +548,18 @@ async fn worker_main(mut args: impl Iterator<Item = String>) -> Res<()> {
         }
         other => return Err(format!("--worker: no worker process for {other:?}").into()),
     };
-    let rate = work(broker, &queue, n).await?;
+    let alone = args.any(|a| a == "--loop");
+    let rate = if alone {
+        backend_loop(broker, &queue, n).await?
+    } else {
+        work(broker, &queue, n).await?
+    };
+    let allocs = ALLOCS_PER_JOB
+        .lock()
+        .ok()
+        .and_then(|a| if alone { &a.1 } else { &a.0 }.last().copied())
+        .map(|a| format!(" allocs_per_job={a}"))
+        .unwrap_or_default();
     let hwm = std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -481,8 +569,52 @@ async fn worker_main(mut args: impl Iterator<Item = String>) -> Res<()> {
                 .and_then(|v| v.parse::<u64>().ok())
         })
         .unwrap_or(0);
-    println!("rate={rate} hwm_kib={hwm}");
+    println!("rate={rate} hwm_kib={hwm}{allocs}");
     Ok(())
+}
+
+/// The backend without the runtime (`BENCH_BACKEND_LOOP=1`): `receive(100)` and the previous
+/// batch's `ack` at once, in one task, until `n` messages are settled; returns messages/s. What
+/// the backend itself costs beside the raw loop, so that a gap can be placed in the backend or
+/// in the runtime (task, span, dispatch and stats per job).
+async fn backend_loop(broker: Arc<dyn Broker>, queue: &str, n: usize) -> Res<f64> {
+    broker.prepare(&[queue.to_string()]).await?;
+    let opts = ReceiveOptions {
+        max: broker.capabilities().max_batch.min(BATCH),
+        wait: Duration::from_millis(100),
+        lease: Duration::from_secs(60),
+    };
+    let mut t = None;
+    let mut before = None;
+    let mut done = 0;
+    let mut pending: Vec<stevedore::core::Receipt> = Vec::new();
+    let give_up = Instant::now() + Duration::from_secs(300);
+    while done < n {
+        if Instant::now() > give_up {
+            return Err(format!("backend loop: {done} of {n} messages in 300 s").into());
+        }
+        let acks = std::mem::take(&mut pending);
+        let (got, acked) = tokio::join!(broker.receive(queue, opts), async {
+            if acks.is_empty() {
+                Ok(())
+            } else {
+                broker.ack(&acks).await
+            }
+        });
+        acked?;
+        let got = got?;
+        if !got.is_empty() && t.is_none() {
+            t = Some(Instant::now());
+            before = counting::allocs();
+        }
+        done += got.len();
+        pending = got.into_iter().map(|d| d.receipt).collect();
+    }
+    broker.ack(&pending).await?;
+    let rate = n as f64 / t.map_or(f64::MIN_POSITIVE, |t: Instant| t.elapsed().as_secs_f64());
+    record_allocs(before, n, true);
+    broker.close().await?;
+    Ok(rate)
 }
 
 /// Runs a worker over a backlog of `n` no-op jobs already in `queue`; returns jobs/s.
@@ -501,6 +633,7 @@ async fn work(broker: Arc<dyn Broker>, queue: &str, n: usize) -> Res<f64> {
         tokio::time::sleep(Duration::from_micros(200)).await;
     }
     let t = Instant::now();
+    let before = counting::allocs();
     loop {
         let done = stats
             .snapshot()
@@ -513,6 +646,7 @@ async fn work(broker: Arc<dyn Broker>, queue: &str, n: usize) -> Res<f64> {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let rate = n as f64 / t.elapsed().as_secs_f64();
+    record_allocs(before, n, false);
     stop.shutdown();
     run.await??;
     Ok(rate)
@@ -806,6 +940,7 @@ async fn main() -> Res<()> {
     // stderr is not a terminal), so each job's span costs what it costs in deployment; its few
     // lines go nowhere.
     let _ = tracing_subscriber::fmt()
+        .fmt_fields(stevedore::LogFields)
         .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
         .with_target(false)
         .with_ansi(false)
@@ -824,6 +959,7 @@ async fn main() -> Res<()> {
         .filter_map(|s| s.trim().parse().ok())
         .collect();
     let threads = tokio::runtime::Handle::current().metrics().num_workers();
+    let backend_loop_too = std::env::var_os("BENCH_BACKEND_LOOP").is_some_and(|v| v == "1");
     println!("backend: {backend}   no-op jobs, one worker process, {threads} runtime threads, release build");
     if backend == "rabbitmq" {
         let url = rabbitmq_url();
@@ -871,6 +1007,8 @@ async fn main() -> Res<()> {
         let mut peak_kib: u64 = 0;
         // The rates the worker's backlog was published at through the backend (process runs).
         let mut publish_rates: Vec<f64> = Vec::new();
+        // BENCH_BACKEND_LOOP=1 (redis, kafka): the backend's own loop's rates ([`backend_loop`]).
+        let mut backend_rates: Vec<f64> = Vec::new();
         for _ in 0..ROUNDS {
             let (r, s) = match backend.as_str() {
                 "sqlite" => {
@@ -892,7 +1030,7 @@ async fn main() -> Res<()> {
                     let queue = format!("bench-{}-{n}", std::process::id());
                     let broker: Arc<dyn Broker> =
                         Arc::new(RedisBroker::connect(RedisConfig::new(url.as_str())).await?);
-                    let (s, hwm, p) = through_process(broker, "redis", &queue, n).await?;
+                    let (s, hwm, p) = through_process(broker, "redis", &queue, n, &[]).await?;
                     peak_kib = peak_kib.max(hwm);
                     publish_rates.push(p);
                     let client = redis::Client::open(url.as_str())?;
@@ -904,6 +1042,19 @@ async fn main() -> Res<()> {
                         .arg(format!("stevedore:leases:{queue}"))
                         .query_async(&mut c)
                         .await?;
+                    if backend_loop_too {
+                        let broker: Arc<dyn Broker> =
+                            Arc::new(RedisBroker::connect(RedisConfig::new(url.as_str())).await?);
+                        let (b, _, _) =
+                            through_process(broker, "redis", &queue, n, &["--loop"]).await?;
+                        backend_rates.push(b);
+                        let _: () = redis::cmd("DEL")
+                            .arg(&queue)
+                            .arg(format!("{queue}__dlq"))
+                            .arg(format!("stevedore:leases:{queue}"))
+                            .query_async(&mut c)
+                            .await?;
+                    }
                     (r, s)
                 }
                 "sqs" => {
@@ -927,11 +1078,19 @@ async fn main() -> Res<()> {
                     let r = raw_kafka(&bootstrap, n).await?;
                     let queue = format!("bench-{}-{n}-{}", std::process::id(), raws.len());
                     let (s, hwm, p) =
-                        through_process(kafka_broker(&bootstrap).await?, "kafka", &queue, n)
+                        through_process(kafka_broker(&bootstrap).await?, "kafka", &queue, n, &[])
                             .await?;
                     peak_kib = peak_kib.max(hwm);
                     publish_rates.push(p);
                     delete_kafka_topics(&bootstrap, std::slice::from_ref(&queue)).await?;
+                    if backend_loop_too {
+                        let queue = format!("{queue}-loop");
+                        let broker = kafka_broker(&bootstrap).await?;
+                        let (b, _, _) =
+                            through_process(broker, "kafka", &queue, n, &["--loop"]).await?;
+                        backend_rates.push(b);
+                        delete_kafka_topics(&bootstrap, std::slice::from_ref(&queue)).await?;
+                    }
                     (r, s)
                 }
                 other => {
@@ -948,13 +1107,31 @@ async fn main() -> Res<()> {
         let (r, s) = (median(&raws), median(&ours));
         let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
         let hi = ratios.iter().copied().fold(0.0, f64::max);
-        let label = if !durability.is_empty() {
+        let mut label = if !durability.is_empty() {
             format!("  durability={durability}")
         } else if !best_loops.is_empty() {
             format!("  raw: best of 1, 2, 4 concurrent loops each round (won: {best_loops:?})")
         } else {
             String::new()
         };
+        if !backend_rates.is_empty() {
+            let b = median(&backend_rates);
+            label.push_str(&format!(
+                "  backend loop alone {b:.0}/s: {:.2}x raw, worker {:.2}x of it",
+                b / r,
+                s / b
+            ));
+        }
+        if let Ok(mut a) = ALLOCS_PER_JOB.lock() {
+            if !a.0.is_empty() {
+                label.push_str(&format!("  allocations per job: {:.1}", median(&a.0)));
+            }
+            if !a.1.is_empty() {
+                label.push_str(&format!(" (backend loop alone {:.1})", median(&a.1)));
+            }
+            a.0.clear();
+            a.1.clear();
+        }
         let peak = if peak_kib > 0 {
             format!(
                 ", worker peak RSS {:.1} MiB, backlog published at {:.0}/s",
