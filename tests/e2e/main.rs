@@ -560,6 +560,12 @@ fn restart_mid_run(kind: &str, url: &str, restart: impl FnOnce() -> Result<(), S
         .filter(|(_, &c)| c > 1)
         .map(|(n, _)| *n)
         .collect();
+    if stderr.contains("receive failed") {
+        assert!(
+            stderr.contains("receive works again"),
+            "the recovery is logged: {stderr}"
+        );
+    }
     let bound = 2 * CONCURRENCY + 1;
     assert!(
         twice.len() <= bound,
@@ -891,4 +897,207 @@ fn kill_one_of_two(backend: &str, spawn: impl Fn(u64) -> Run, duplicates: usize)
         unfinished_a.len(),
         twice.len()
     );
+}
+
+/// Runs the worker binary's CLI in `dir` with `config` (and `stdin`); returns (exit code, stdout,
+/// stderr).
+fn cli_in(dir: &Path, config: &Path, args: &[&str], stdin: &str) -> (Option<i32>, String, String) {
+    let mut child = Command::new(WORKER)
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .current_dir(dir)
+        .env("STEVEDORE_HTTP__ENABLED", "false")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run the CLI");
+    if let Some(mut i) = child.stdin.take() {
+        i.write_all(stdin.as_bytes()).expect("write stdin");
+    }
+    let out = child.wait_with_output().expect("wait for the CLI");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `enqueue` refuses what no worker of this binary and config would take (a job without a
+/// handler, a queue the config does not define), naming what exists, unless `--force`; reads the
+/// payload from stdin (`-`) or a file (`@FILE`); `dlq list --limit` says how many there are in all.
+#[test]
+fn enqueue_refuses_what_no_worker_takes_and_reads_payloads_from_stdin_and_files() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = "[worker]\npoll_wait = \"100ms\"\n\n[queues.default]\nconcurrency = 4\n";
+    let cfg = dir.path().join("cli.toml");
+    std::fs::write(&cfg, config).expect("write config");
+    let cli = |args: &[&str], stdin: &str| cli_in(dir.path(), &cfg, args, stdin);
+
+    let (code, _, err) = cli(&["enqueue", "nosuch", "{}"], "");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("no handler is registered for job \"nosuch\"") && err.contains("work"),
+        "names the job and the ones there are: {err}"
+    );
+    assert!(err.contains("--force"), "{err}");
+    let (code, _, err) = cli(&["enqueue", "work", "{}", "--queue", "elsewhere"], "");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("queue \"elsewhere\" is not defined in")
+            && err.contains("cli.toml")
+            && err.contains("default"),
+        "names the queue, the file and the queues there are: {err}"
+    );
+    let (code, _, err) = cli(&["enqueue", "work", "@missing.json"], "");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("missing.json"), "{err}");
+    let ready = || {
+        let (_, out, _) = cli(&["stats", "--json"], "");
+        let v: serde_json::Value = serde_json::from_str(&out).expect("stats --json");
+        v.as_array()
+            .and_then(|rows| rows.iter().find(|r| r["level"] == "normal"))
+            .and_then(|r| r["depth"]["ready"].as_u64())
+            .unwrap_or(0)
+    };
+    assert_eq!(ready(), 0, "nothing refused was sent");
+
+    // From stdin, from a file, and forced: three jobs without a handler.
+    std::fs::write(dir.path().join("job.json"), r#"{"n":2,"sleep_ms":0}"#).expect("write");
+    for (args, stdin) in [
+        (vec!["enqueue", "work", "-"], r#"{"n":1,"sleep_ms":0}"#),
+        (vec!["enqueue", "work", "@job.json"], ""),
+        (
+            vec!["enqueue", "nosuch", "{}", "--force", "--count", "3"],
+            "",
+        ),
+    ] {
+        let (code, out, err) = cli(&args, stdin);
+        assert_eq!(code, Some(0), "{args:?}: {err}");
+        assert!(!out.trim().is_empty(), "prints the id(s)");
+    }
+    assert_eq!(ready(), 5);
+
+    // A worker runs the two and dead-letters the three as unroutable.
+    let run = start_in(dir.path(), "", config, 0, 0, &[]);
+    let out = run.out.clone();
+    wait_until("both jobs done", Duration::from_secs(30), || {
+        tally(&lines(&out), "done").len() == 2
+    });
+    wait_until("three dead letters", Duration::from_secs(30), || {
+        cli(&["dlq", "list"], "").1.contains("3 dead letter(s)")
+    });
+    signal(&run.child, "-TERM");
+    let (output, _, _) = finish(run, Duration::from_secs(15));
+    assert_eq!(output.status.code(), Some(0));
+    let (code, out, err) = cli(&["dlq", "list", "--limit", "1"], "");
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("1 of 3 dead letter(s)"),
+        "shown of total: {out}"
+    );
+}
+
+/// A worker started before its broker (compose, Kubernetes) keeps trying, logging each attempt,
+/// and runs once the broker is up; one that never comes up makes it exit 1 (a broker failure,
+/// not a bad config) after `[worker] startup_timeout`, saying so.
+#[test]
+fn run_waits_for_a_broker_that_starts_late_and_gives_up_after_startup_timeout() {
+    let _serial = serial();
+    let server =
+        stevedore_conformance::servers::RedisServer::start().unwrap_or_else(|e| panic!("{e}"));
+    server.stop();
+    let config = |timeout: &str| {
+        format!(
+            "[broker]\nkind = \"redis\"\nurl = \"{}\"\nkey_prefix = \"e2e-late-{}.\"\n\n\
+             [worker]\nstartup_timeout = \"{timeout}\"\npoll_wait = \"200ms\"\n",
+            server.url(),
+            std::process::id()
+        )
+    };
+
+    // Never up: exit 1 after the timeout, with the reason.
+    let run = start_with(&config("2s"), 0, 0, &[]);
+    let (output, took, _) = finish(run, Duration::from_secs(30));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(took < Duration::from_secs(15), "gave up in {took:?}");
+    assert!(stderr.contains("startup_timeout"), "{stderr}");
+    assert!(stderr.contains("broker.url"), "names the key: {stderr}");
+
+    // Up after 8 s (longer than the Redis client's own reconnect attempts, ~5 s): the worker
+    // waits, logging, then runs every job.
+    let run = start_with(&config("60s"), 20, 0, &[]);
+    std::thread::sleep(Duration::from_secs(8));
+    server
+        .restart(Duration::ZERO)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let out = run.out.clone();
+    wait_until("every job done", Duration::from_secs(60), || {
+        tally(&lines(&out), "done").len() == 20
+    });
+    signal(&run.child, "-TERM");
+    let (output, _, _) = finish(run, Duration::from_secs(15));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("cannot reach the redis broker yet"),
+        "each attempt is logged: {stderr}"
+    );
+    assert!(stderr.contains("reached the redis broker"), "{stderr}");
+}
+
+/// The machine's Redis keeps nothing on disk: a worker says so once at start; the CLI's commands,
+/// which hold no jobs, do not repeat it every time.
+#[test]
+fn redis_volatility_warning_comes_once_per_worker_not_with_every_command() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = format!(
+        "[broker]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6379/0\"\nkey_prefix = \"e2e-warn-{}.\"\n",
+        std::process::id()
+    );
+    let cfg = dir.path().join("redis.toml");
+    std::fs::write(&cfg, &config).expect("write config");
+    let (code, _, err) = cli_in(dir.path(), &cfg, &["stats"], "");
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!err.contains("keeps nothing on disk"), "{err}");
+
+    let run = start_in(dir.path(), "", &config, 0, 0, &[]);
+    wait_until("the worker ready", Duration::from_secs(30), || {
+        get_status(run.port, "/readyz") == Some(200)
+    });
+    signal(&run.child, "-TERM");
+    let (output, _, _) = finish(run, Duration::from_secs(15));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert_eq!(
+        stderr.matches("keeps nothing on disk").count(),
+        1,
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr.matches("delay: ").count(),
+        1,
+        "one start-up line on how delays are done: {stderr}"
+    );
+    // What the worker made under its prefix goes.
+    let keys = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", "6379", "--scan", "--pattern"])
+        .arg(format!("e2e-warn-{}.*", std::process::id()))
+        .output()
+        .expect("redis-cli");
+    for key in String::from_utf8_lossy(&keys.stdout).lines() {
+        let _ = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", "6379", "del", key])
+            .output();
+    }
+}
+
+/// The HTTP status of `path` on the worker's port, `None` while nothing listens there.
+fn get_status(port: u16, path: &str) -> Option<u16> {
+    TcpStream::connect(("127.0.0.1", port)).ok()?;
+    Some(get(port, path).0)
 }

@@ -242,15 +242,43 @@ impl Configured {
     /// queue `config` serves, each holding at most its concurrency plus one batch). A broker that
     /// cannot be reached is an error at `broker`, with the broker's (redacted) reason.
     pub async fn connect(&self, config: &Config) -> Result<Arc<dyn Broker>, ConfigError> {
+        self.try_connect(config)
+            .await
+            .map_err(|e| self.connect_error(config, &e))
+    }
+
+    /// One connection attempt, with the broker's own error (whether it is worth retrying:
+    /// [`stevedore_core::BrokerError::is_transient`]).
+    pub(crate) async fn try_connect(
+        &self,
+        config: &Config,
+    ) -> Result<Arc<dyn Broker>, stevedore_core::BrokerError> {
+        self.setup.connect(&plan(config)).await
+    }
+
+    /// One connection attempt for a process that consumes nothing (the CLI's commands: empty
+    /// [`ConnectContext::consumes`]).
+    pub(crate) async fn try_connect_client(
+        &self,
+        config: &Config,
+    ) -> Result<Arc<dyn Broker>, stevedore_core::BrokerError> {
+        let mut ctx = plan(config);
+        ctx.consumes.clear();
+        self.setup.connect(&ctx).await
+    }
+
+    /// A failed connection as an error at the `[broker]` key that says where the broker is.
+    pub(crate) fn connect_error(
+        &self,
+        config: &Config,
+        e: &stevedore_core::BrokerError,
+    ) -> ConfigError {
         let key = if config.broker.settings.contains_key("url") {
             "broker.url"
         } else {
             "broker"
         };
-        self.setup
-            .connect(&plan(config))
-            .await
-            .map_err(|e| config.error_at(key, format!("cannot use the {} broker: {e}", self.kind)))
+        config.error_at(key, format!("cannot use the {} broker: {e}", self.kind))
     }
 }
 

@@ -1,7 +1,7 @@
 //! The entry point a user's binary calls: `App::new(router).run().await` gives it the commands
 //! `run`, `enqueue`, `stats`, `dlq list|inspect|replay|purge` and `config check`.
 
-use crate::backend::Backends;
+use crate::backend::{Backends, Configured};
 use crate::config::{self, Config, ConfigError};
 use crate::dlq::{self, Select};
 use crate::router::Router;
@@ -50,7 +50,8 @@ enum Command {
     Enqueue {
         /// Job name (the handler registered under it runs the job).
         job: String,
-        /// JSON payload.
+        /// JSON payload: the JSON itself, `-` to read it from stdin, or `@FILE` to read it from
+        /// a file.
         #[arg(default_value = "{}")]
         payload: String,
         /// Logical queue.
@@ -68,6 +69,10 @@ enum Command {
         /// Enqueue this many copies (each with its own id).
         #[arg(long, default_value_t = 1)]
         count: u32,
+        /// Send it even if this binary has no handler for the job or the config does not define
+        /// the queue (for a worker built or configured differently).
+        #[arg(long)]
+        force: bool,
     },
     /// Show queue depths (ready, in flight, delayed, oldest age) per priority level and dead letters.
     Stats {
@@ -295,6 +300,14 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
                 Ok(())
             }
             command => {
+                if let Command::Enqueue {
+                    job, queue, force, ..
+                } = &command
+                {
+                    if !force {
+                        check_enqueue(&self.router.job_names(), &cfg, job, queue)?;
+                    }
+                }
                 let backend = self.configure(&cfg)?;
                 if !backend.capabilities().shared {
                     eprintln!(
@@ -302,7 +315,16 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
                         backend.kind()
                     );
                 }
-                let broker = backend.connect(&cfg).await?;
+                // A command answers now: one attempt. A broker that does not answer is a
+                // broker failure (1), not a bad config (2).
+                let broker = backend.try_connect_client(&cfg).await.map_err(|e| {
+                    let err = backend.connect_error(&cfg, &e);
+                    if e.is_transient() {
+                        Failure::Other(err.to_string())
+                    } else {
+                        Failure::Config(err)
+                    }
+                })?;
                 admin(command, &cfg, broker).await
             }
         }
@@ -312,7 +334,7 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
         let backend = self.configure(&cfg)?;
         // A bad config fails before anything is opened or connected.
         cfg.validate(&backend.capabilities())?;
-        let broker = backend.connect(&cfg).await?;
+        let broker = connect_patiently(&backend, &cfg).await?;
         let worker = Worker::new(broker, self.router, cfg)?.with_notices(backend.notices());
         let handle = worker.shutdown_handle();
         let signals = listen_for_signals(handle.clone());
@@ -346,6 +368,61 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
     }
 }
 
+/// Connects for `run`: a broker that does not answer yet is tried again with backoff (200 ms
+/// doubling to 5 s) until `[worker] startup_timeout`, each failure logged; after that, a broker
+/// failure (exit 1). A broker that refuses the settings fails at once, as a bad config (exit 2).
+async fn connect_patiently(backend: &Configured, cfg: &Config) -> Result<Arc<dyn Broker>, Failure> {
+    let within = cfg.worker.startup_timeout;
+    let started = tokio::time::Instant::now();
+    let deadline = started + within;
+    let mut pause = Duration::from_millis(200);
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        // An attempt never runs past the deadline (a client's own retries can take longer).
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let tried =
+            tokio::time::timeout(left.max(Duration::from_secs(1)), backend.try_connect(cfg)).await;
+        let error = match tried {
+            Ok(Ok(broker)) => {
+                if attempt > 1 {
+                    tracing::info!(
+                        attempt,
+                        waited = ?started.elapsed(),
+                        "reached the {} broker",
+                        backend.kind()
+                    );
+                }
+                return Ok(broker);
+            }
+            Ok(Err(e)) if !e.is_transient() => {
+                return Err(Failure::Config(backend.connect_error(cfg, &e)))
+            }
+            Ok(Err(e)) => e,
+            Err(_) => stevedore_core::BrokerError::Timeout(left.max(Duration::from_secs(1))),
+        };
+        let now = tokio::time::Instant::now();
+        if now + pause > deadline {
+            return Err(Failure::Other(format!(
+                "{} (gave up after {attempt} attempt(s) in {}: [worker] startup_timeout = \"{}\")",
+                backend.connect_error(cfg, &error),
+                humantime::format_duration(Duration::from_secs(started.elapsed().as_secs())),
+                humantime::format_duration(within)
+            )));
+        }
+        tracing::warn!(
+            attempt,
+            error = %error,
+            retry_in = ?pause,
+            "cannot reach the {} broker yet; retrying until [worker] startup_timeout ({})",
+            backend.kind(),
+            humantime::format_duration(within)
+        );
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
+}
+
 fn print_summary(stats: &Stats) {
     for (queue, s) in stats.snapshot() {
         println!(
@@ -365,6 +442,46 @@ fn init_tracing() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+/// Refuses an enqueue no worker of this binary and config would ever take: a job name none of
+/// its handlers serves (when it has any: a binary without handlers cannot tell), or a queue its
+/// config does not define.
+fn check_enqueue(jobs: &[&str], cfg: &Config, job: &str, queue: &str) -> Result<(), Failure> {
+    let file = cfg.source.as_deref().unwrap_or("the built-in defaults");
+    if cfg.queue(queue).is_none() {
+        let defined: Vec<String> = cfg.effective_queues().into_keys().collect();
+        return Err(Failure::Other(format!(
+            "queue {queue:?} is not defined in {file} (it defines: {}): no worker with this \
+             config would take the job. Define [queues.{queue}], pick one of those with \
+             --queue, or add --force to send it anyway",
+            defined.join(", ")
+        )));
+    }
+    if !jobs.is_empty() && !jobs.contains(&job) {
+        return Err(Failure::Other(format!(
+            "no handler is registered for job {job:?} in this binary (it has: {}): the job would \
+             be dead-lettered as unroutable. Add --force to send it anyway (for a worker built \
+             with that handler)",
+            jobs.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// The payload argument: JSON as given, `-` for stdin, `@FILE` for a file's contents.
+fn read_payload(arg: &str) -> Result<String, Failure> {
+    if arg == "-" {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+            .map_err(|e| Failure::Other(format!("cannot read the payload from stdin: {e}")))?;
+        return Ok(text);
+    }
+    match arg.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path)
+            .map_err(|e| Failure::Other(format!("cannot read the payload file {path}: {e}"))),
+        None => Ok(arg.to_string()),
+    }
 }
 
 fn check_queue(q: &str) -> Result<(), Failure> {
@@ -392,8 +509,10 @@ async fn admin(command: Command, cfg: &Config, broker: Arc<dyn Broker>) -> Resul
             delay,
             key,
             count,
+            force: _,
         } => {
             check_queue(&queue)?;
+            let payload = read_payload(&payload)?;
             let value: serde_json::Value = serde_json::from_str(&payload)
                 .map_err(|e| Failure::Other(format!("payload is not valid JSON: {e}")))?;
             let client = Client::new(broker).with_limits_from(cfg);
@@ -470,11 +589,25 @@ async fn admin(command: Command, cfg: &Config, broker: Arc<dyn Broker>) -> Resul
                 }
             }
             if !json {
-                println!(
-                    "{} dead letter(s) in {}",
-                    list.len(),
-                    names::dead_letter(&queue)
-                );
+                // How many there are in all, where the broker can count them.
+                let total = broker
+                    .depth(&names::dead_letter(&queue))
+                    .await
+                    .ok()
+                    .map(|d| d.ready + d.in_flight)
+                    .filter(|&t| t > list.len() as u64);
+                match total {
+                    Some(total) => println!(
+                        "{} of {total} dead letter(s) in {} (--limit shows more)",
+                        list.len(),
+                        names::dead_letter(&queue)
+                    ),
+                    None => println!(
+                        "{} dead letter(s) in {}",
+                        list.len(),
+                        names::dead_letter(&queue)
+                    ),
+                }
             }
             Ok(())
         }

@@ -75,6 +75,11 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
         self
     }
 
+    /// Registered job names, sorted.
+    pub(crate) fn job_names(&self) -> Vec<&str> {
+        self.handlers.keys().map(String::as_str).collect()
+    }
+
     /// Job names that were registered more than once (empty for a valid router).
     pub fn duplicates(&self) -> &[String] {
         &self.duplicates

@@ -79,6 +79,9 @@ impl Worker {
             }
         }
         let scheduler = Scheduler::new(broker.clone());
+        // The scheduler knows how delays are done on this connected broker: its line replaces
+        // the config check's (which is written without a connection).
+        notices.retain(|n| !n.starts_with("delay:"));
         notices.push(scheduler.describe());
         notices.push(format!(
             "backend {}: {}",

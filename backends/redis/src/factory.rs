@@ -69,6 +69,8 @@ impl BackendSetup for RedisSetup {
     async fn connect(&self, ctx: &ConnectContext) -> Result<Arc<dyn Broker>, BrokerError> {
         let mut config = self.config.clone();
         config.consumer = ctx.worker_id.clone();
+        // Only a process that consumes warns about a Redis that keeps nothing on disk.
+        config.warn_if_volatile = !ctx.consumes.is_empty();
         Ok(Arc::new(RedisBroker::connect(config).await?))
     }
 }

@@ -58,6 +58,10 @@ pub struct RedisConfig {
     pub max_payload: usize,
     /// Consumer name of this process; default `<hostname>-<pid>-<random>`.
     pub consumer: Option<String>,
+    /// Whether [`RedisBroker::connect`] warns when the server keeps nothing on disk (default
+    /// true). The factory turns it off for processes that only enqueue or inspect (the CLI's
+    /// commands), so the warning comes once per worker start, not with every command.
+    pub warn_if_volatile: bool,
 }
 
 impl RedisConfig {
@@ -68,6 +72,7 @@ impl RedisConfig {
             key_prefix: String::new(),
             max_payload: DEFAULT_MAX_PAYLOAD,
             consumer: None,
+            warn_if_volatile: true,
         }
     }
 }
@@ -182,7 +187,9 @@ impl RedisBroker {
                 url_redacted,
             }),
         };
-        broker.warn_if_not_persistent().await;
+        if config.warn_if_volatile {
+            broker.warn_if_not_persistent().await;
+        }
         Ok(broker)
     }
 

@@ -154,6 +154,12 @@ pub struct WorkerConfig {
     /// How often due delayed messages are promoted (for backends with a delay store).
     #[serde(with = "humantime_serde")]
     pub promote_interval: Duration,
+    /// How long `run` keeps trying to reach a broker that does not answer yet at start-up (a
+    /// worker started before its broker, as compose and Kubernetes do), logging each attempt,
+    /// before it exits with code 1. `"0s"`: one attempt. A broker that refuses the settings
+    /// (a bad URL, say) fails at once with code 2.
+    #[serde(with = "humantime_serde")]
+    pub startup_timeout: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -164,6 +170,7 @@ impl Default for WorkerConfig {
             shutdown_timeout: Duration::from_secs(30),
             poll_wait: Duration::from_secs(1),
             promote_interval: Duration::from_millis(250),
+            startup_timeout: Duration::from_secs(60),
         }
     }
 }

@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use super::SECTIONS;
 /// Keys inside tables in the order the structs declare them, then priority levels highest first.
 /// Keys not listed follow in alphabetical order.
-const FIELDS: [&str; 34] = [
+const FIELDS: [&str; 35] = [
     "kind",
     "url",
     "max_payload",
@@ -19,7 +19,8 @@ const FIELDS: [&str; 34] = [
     "concurrency",
     "shutdown_timeout",
     "poll_wait",
-    "promote_interval", // worker
+    "promote_interval",
+    "startup_timeout", // worker
     "enabled",
     "bind", // http
     "max_attempts",

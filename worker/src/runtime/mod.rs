@@ -79,16 +79,27 @@ pub(crate) fn levels_of(name: &str, cfg: &QueueConfig) -> Vec<Level> {
 #[derive(Debug, Default)]
 pub(crate) struct ErrorBackoff {
     failures: u32,
+    /// When the current run of failures began.
+    since: Option<Instant>,
 }
 
 impl ErrorBackoff {
     pub(crate) fn next(&mut self) -> Duration {
         self.failures = self.failures.saturating_add(1);
+        self.since.get_or_insert_with(Instant::now);
         let ms = 100u64.saturating_mul(1 << self.failures.min(6));
         Duration::from_millis(ms.min(5_000))
     }
     pub(crate) fn reset(&mut self) {
         self.failures = 0;
+        self.since = None;
+    }
+    /// After a success: how many failures in a row it ends and for how long they lasted, if
+    /// any (then resets).
+    pub(crate) fn recovered(&mut self) -> Option<(u32, Duration)> {
+        let ended = self.since.map(|t| (self.failures, t.elapsed()));
+        self.reset();
+        ended
     }
 }
 
@@ -229,7 +240,9 @@ pub(crate) async fn fetch_loop(
         selector.unreserve(index, permits.len());
         match result {
             Ok(deliveries) => {
-                backoff.reset();
+                if let Some((failures, down)) = backoff.recovered() {
+                    tracing::info!(queue = %ctx.name, %physical, failures, down = ?down, "receive works again: the broker answers");
+                }
                 full = deliveries.len() >= permits.len();
                 selector.received(index, deliveries.len(), Instant::now());
                 if *soft.borrow() {
@@ -603,5 +616,17 @@ mod tests {
         assert_eq!(v, vec![200, 400, 800, 1600, 3200, 5000, 5000, 5000]);
         b.reset();
         assert_eq!(b.next(), Duration::from_millis(200));
+    }
+
+    #[test]
+    fn error_backoff_reports_a_recovery_once() {
+        let mut b = ErrorBackoff::default();
+        assert_eq!(b.recovered(), None, "no failures, nothing to report");
+        b.next();
+        b.next();
+        let (failures, _) = b.recovered().expect("a recovery");
+        assert_eq!(failures, 2);
+        assert_eq!(b.recovered(), None, "reported once");
+        assert_eq!(b.next(), Duration::from_millis(200), "and reset");
     }
 }
