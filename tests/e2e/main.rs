@@ -1101,3 +1101,59 @@ fn get_status(port: u16, path: &str) -> Option<u16> {
     TcpStream::connect(("127.0.0.1", port)).ok()?;
     Some(get(port, path).0)
 }
+
+/// A second worker whose HTTP address is taken fails its start (exit 1) naming the address and
+/// the key, instead of running on without metrics and health checks; port 0 takes a free port
+/// and the log says which.
+#[test]
+fn a_taken_http_address_fails_the_start_and_port_zero_logs_the_port() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let a = start_in(dir.path(), "-a", KILL_WORKER, 0, 0, &[]);
+    wait_until("A serves HTTP", Duration::from_secs(30), || {
+        get_status(a.port, "/healthz") == Some(200)
+    });
+    let taken = format!("127.0.0.1:{}", a.port);
+    let b = start_in(
+        dir.path(),
+        "-b",
+        KILL_WORKER,
+        0,
+        0,
+        &[("STEVEDORE_HTTP__BIND", taken.as_str())],
+    );
+    let (output, _, _) = finish(b, Duration::from_secs(30));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&taken), "names the address: {stderr}");
+    assert!(stderr.contains("http.bind"), "names the key: {stderr}");
+
+    let c = start_in(
+        dir.path(),
+        "-c",
+        KILL_WORKER,
+        0,
+        0,
+        &[("STEVEDORE_HTTP__BIND", "127.0.0.1:0")],
+    );
+    let log = dir.path().join("stderr-c.txt");
+    let mut port = None;
+    wait_until("C logs its port", Duration::from_secs(30), || {
+        port = std::fs::read_to_string(&log).ok().and_then(|l| {
+            l.split("HTTP endpoints listening addr=127.0.0.1:")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<u16>()
+                .ok()
+        });
+        port.is_some()
+    });
+    let port = port.unwrap_or_default();
+    assert_eq!(get_status(port, "/healthz"), Some(200));
+    for run in [a, c] {
+        signal(&run.child, "-TERM");
+        let (output, _, _) = finish(run, Duration::from_secs(15));
+        assert_eq!(output.status.code(), Some(0));
+    }
+}

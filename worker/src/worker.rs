@@ -139,11 +139,15 @@ impl Worker {
 
     /// Runs until the shutdown handle fires, then drains: stops fetching, waits for in-flight jobs up
     /// to `worker.shutdown_timeout`, releases the rest, flushes acks and closes the broker. Returns an
-    /// error only when the broker could not be prepared before shutdown was asked for.
+    /// error only when the broker could not be prepared before shutdown was asked for, or when
+    /// the HTTP endpoints cannot listen on `http.bind` (a permanent error naming the address).
     pub async fn run(self) -> Result<RunReport, BrokerError> {
         for n in &self.notices {
             tracing::info!("{n}");
         }
+        // First, so that a taken address fails the start rather than leaving a worker without
+        // metrics and health checks; and health is served while the broker is being prepared.
+        let http_task = self.start_http(self.shutdown.subscribe()).await?;
         let queues = self.config.effective_queues();
         let mut physical = Vec::new();
         let mut specs = Vec::new();
@@ -175,7 +179,6 @@ impl Worker {
             tokio::time::sleep(pause).await;
         }
         let mut soft = self.shutdown.subscribe();
-        let http_task = self.start_http(soft.clone()).await;
         let sampler = autoscale::spawn_sampler(
             self.broker.clone(),
             specs,
@@ -249,18 +252,19 @@ impl Worker {
     async fn start_http(
         &self,
         soft: tokio::sync::watch::Receiver<bool>,
-    ) -> Option<tokio::task::JoinHandle<()>> {
+    ) -> Result<Option<tokio::task::JoinHandle<()>>, BrokerError> {
         if !self.config.http.enabled {
-            return None;
+            return Ok(None);
         }
         let bind = self.config.http.bind;
-        let listener = match tokio::net::TcpListener::bind(bind).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(%bind, error = %e, "cannot bind the HTTP endpoint (metrics, health, scale); running without it");
-                return None;
-            }
-        };
+        let listener = tokio::net::TcpListener::bind(bind).await.map_err(|e| {
+            let file = self.config.source.as_deref().unwrap_or("the config");
+            BrokerError::permanent(format!(
+                "cannot serve the HTTP endpoints (metrics, health, scale) on {bind}: {e}. \
+                 Set http.bind in {file} (or STEVEDORE_HTTP__BIND) to a free address \
+                 (\"127.0.0.1:0\" takes any free port and logs it), or http.enabled = false"
+            ))
+        })?;
         tracing::info!(%bind, "HTTP endpoint: /metrics /healthz /readyz /scale /stats");
         let state = HttpState {
             stats: self.stats.clone(),
@@ -268,11 +272,11 @@ impl Worker {
             prometheus: crate::stats::install_prometheus().ok(),
             worker_id: self.worker_id.to_string(),
         };
-        Some(tokio::spawn(async move {
+        Ok(Some(tokio::spawn(async move {
             if let Err(e) = http::serve(listener, state, soft).await {
                 tracing::error!(error = %e, "HTTP endpoint stopped");
             }
-        }))
+        })))
     }
 }
 
