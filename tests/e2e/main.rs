@@ -931,7 +931,8 @@ fn cli_in(dir: &Path, config: &Path, args: &[&str], stdin: &str) -> (Option<i32>
 fn enqueue_refuses_what_no_worker_takes_and_reads_payloads_from_stdin_and_files() {
     let _serial = serial();
     let dir = tempfile::tempdir().expect("temp dir");
-    let config = "[worker]\npoll_wait = \"100ms\"\n\n[queues.default]\nconcurrency = 4\n";
+    let config = "[worker]\npoll_wait = \"100ms\"\n\n[autoscale]\ntarget_per_worker = 2\n\n\
+                  [queues.default]\nconcurrency = 4\n";
     let cfg = dir.path().join("cli.toml");
     std::fs::write(&cfg, config).expect("write config");
     let cli = |args: &[&str], stdin: &str| cli_in(dir.path(), &cfg, args, stdin);
@@ -979,6 +980,19 @@ fn enqueue_refuses_what_no_worker_takes_and_reads_payloads_from_stdin_and_files(
         assert!(!out.trim().is_empty(), "prints the id(s)");
     }
     assert_eq!(ready(), 5);
+    // The autoscale hint: ceil(5 / 2) workers, in the table and in the JSON.
+    let (_, table, _) = cli(&["stats"], "");
+    assert!(
+        table.contains("autoscale: default wants 3 worker(s)"),
+        "{table}"
+    );
+    let (_, out, _) = cli(&["stats", "--json"], "");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("stats --json");
+    assert!(
+        v.as_array()
+            .is_some_and(|rows| rows.iter().all(|r| r["desired_workers"] == 3)),
+        "{v}"
+    );
 
     // A worker runs the two and dead-letters the three as unroutable.
     let run = start_in(dir.path(), "", config, 0, 0, &[]);

@@ -542,10 +542,36 @@ async fn admin(command: Command, cfg: &Config, broker: Arc<dyn Broker>) -> Resul
                 let d = broker.depth(&names::dead_letter(&name)).await?;
                 rows.push((name.clone(), "dead-letter".to_string(), d));
             }
+            // The autoscale hint of each queue, from the same depths the worker's sampler
+            // reads (ready + in flight over its levels, dead letters excluded).
+            let settings = crate::autoscale::Settings {
+                target_per_worker: cfg.autoscale.target_per_worker,
+                min_workers: cfg.autoscale.min_workers,
+                max_workers: cfg.autoscale.max_workers,
+                interval: cfg.autoscale.interval,
+                partition_cap: match broker.capabilities().sharing {
+                    stevedore_core::Sharing::Partitioned { partitions, .. } => Some(partitions),
+                    stevedore_core::Sharing::Any => None,
+                },
+            };
+            let mut wanted: std::collections::BTreeMap<&str, (u64, u64)> = Default::default();
+            for (q, l, d) in &rows {
+                if l != "dead-letter" {
+                    let w = wanted.entry(q.as_str()).or_default();
+                    w.0 += d.ready;
+                    w.1 += d.in_flight;
+                }
+            }
+            let desired = |q: &str| {
+                let (ready, in_flight) = wanted.get(q).copied().unwrap_or_default();
+                crate::autoscale::desired_workers(ready, in_flight, &settings)
+            };
             if json {
                 let v: Vec<_> = rows
                     .iter()
-                    .map(|(q, l, d)| serde_json::json!({"queue": q, "level": l, "depth": d}))
+                    .map(|(q, l, d)| {
+                        serde_json::json!({"queue": q, "level": l, "depth": d, "desired_workers": desired(q)})
+                    })
                     .collect();
                 println!("{}", serde_json::Value::Array(v));
             } else {
@@ -553,7 +579,7 @@ async fn admin(command: Command, cfg: &Config, broker: Arc<dyn Broker>) -> Resul
                     "{:<24} {:<12} {:>10} {:>10} {:>10} {:>12}",
                     "QUEUE", "LEVEL", "READY", "IN FLIGHT", "DELAYED", "OLDEST"
                 );
-                for (q, l, d) in rows {
+                for (q, l, d) in &rows {
                     let oldest = d
                         .oldest_age
                         .map(|a| format!("{}s", a.as_secs()))
@@ -564,6 +590,17 @@ async fn admin(command: Command, cfg: &Config, broker: Arc<dyn Broker>) -> Resul
                     println!(
                         "{q:<24} {l:<12} {:>10} {:>10} {delayed:>10} {oldest:>12}",
                         d.ready, d.in_flight
+                    );
+                }
+                println!();
+                for (q, (ready, in_flight)) in &wanted {
+                    println!(
+                        "autoscale: {q} wants {} worker(s) (ready + in flight {} / target_per_worker {}, between {} and {})",
+                        desired(q),
+                        ready + in_flight,
+                        settings.target_per_worker,
+                        settings.min_workers,
+                        settings.max_workers
                     );
                 }
             }
