@@ -1171,3 +1171,42 @@ fn a_taken_http_address_fails_the_start_and_port_zero_logs_the_port() {
         assert_eq!(output.status.code(), Some(0));
     }
 }
+
+/// RabbitMQ: a clean run logs no ERROR (the client library's own lines for expected conditions,
+/// such as a passive declare's 404, stay quiet), and a wrong password gives one clear message
+/// (exit 2), not the client's three ERROR lines before it.
+#[test]
+fn rabbitmq_clean_run_and_wrong_password_log_no_client_errors() {
+    let _serial = serial();
+    let server =
+        stevedore_conformance::servers::RabbitServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let config = "[broker]\nkind = \"rabbitmq\"\n\n[worker]\npoll_wait = \"200ms\"\n";
+    let run = start_with(config, 20, 0, &[("STEVEDORE_BROKER__URL", &server.url())]);
+    let out = run.out.clone();
+    wait_until("every job done", Duration::from_secs(60), || {
+        tally(&lines(&out), "done").len() == 20
+    });
+    signal(&run.child, "-TERM");
+    let (output, _, _) = finish(run, Duration::from_secs(15));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains(" ERROR "), "{stderr}");
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cfg = dir.path().join("rabbit.toml");
+    let wrong = server.url().replacen("guest:guest@", "guest:wrong@", 1);
+    assert_ne!(wrong, server.url(), "the URL carries guest:guest");
+    std::fs::write(
+        &cfg,
+        format!("[broker]\nkind = \"rabbitmq\"\nurl = \"{wrong}\"\n"),
+    )
+    .expect("write config");
+    let (code, _, err) = cli_in(dir.path(), &cfg, &["stats"], "");
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("refused the login"), "{err}");
+    assert!(
+        !err.contains(" ERROR "),
+        "one message, not the client's: {err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}

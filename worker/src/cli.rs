@@ -432,9 +432,23 @@ fn print_summary(stats: &Stats) {
     }
 }
 
+/// `RUST_LOG`, `info` when unset; lapin (the RabbitMQ client) stays quiet unless `RUST_LOG`
+/// names it: it logs expected conditions as errors (a passive declare's 404, a channel closed on
+/// shutdown) and repeats, as three ERROR lines, what the backend then reports in one clear
+/// message.
+fn log_filter(rust_log: Option<&str>) -> String {
+    let base = rust_log.filter(|s| !s.trim().is_empty()).unwrap_or("info");
+    if base.contains("lapin") {
+        base.to_string()
+    } else {
+        format!("{base},lapin=off")
+    }
+}
+
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let filter = tracing_subscriber::EnvFilter::try_new(log_filter(rust_log.as_deref()))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lapin=off"));
     let _ = tracing_subscriber::fmt()
         .fmt_fields(crate::LogFields)
         .with_env_filter(filter)
@@ -721,4 +735,17 @@ fn dead_letter_json(d: &dlq::DeadLetter) -> serde_json::Value {
         "headers": e.headers,
         "payload": payload,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+
+    #[test]
+    fn lapin_is_quiet_unless_named() {
+        assert_eq!(log_filter(None), "info,lapin=off");
+        assert_eq!(log_filter(Some("")), "info,lapin=off");
+        assert_eq!(log_filter(Some("debug")), "debug,lapin=off");
+        assert_eq!(log_filter(Some("info,lapin=debug")), "info,lapin=debug");
+    }
 }
