@@ -274,6 +274,8 @@ impl MemoryBroker {
         let max = opts.max.min(self.shared.caps.max_batch);
         let mut out = Vec::new();
         let mut skipped = VecDeque::new();
+        // One name shared by every receipt of this receive.
+        let receipt_queue: Arc<str> = Arc::from(queue);
         while out.len() < max {
             let Some(mut s) = q.ready.pop_front() else {
                 break;
@@ -290,7 +292,7 @@ impl MemoryBroker {
             let deadline = now_i + opts.lease;
             out.push(Delivery {
                 envelope: s.env.clone(),
-                receipt: Receipt::new(queue, Token(token)),
+                receipt: Receipt::new(receipt_queue.clone(), Token(token)),
                 delivery_count: s.deliveries,
             });
             q.expiries.push(Reverse((deadline, token)));

@@ -120,46 +120,50 @@ impl Selector {
             .is_none_or(|t| now.saturating_duration_since(t) >= self.probe_after)
     }
 
-    /// Chooses the next level to fetch from, or `None` when no level has a free slot.
+    /// Chooses the next level to fetch from, or `None` when no level has a free slot. Allocates
+    /// nothing: the fetch loop asks after every finished job.
     pub(crate) fn pick(&mut self, now: Instant) -> Option<Pick> {
-        let eligible: Vec<usize> = (0..self.levels.len())
-            .filter(|&i| self.capacity(i) > 0)
-            .collect();
-        if eligible.is_empty() {
+        // Sets of level indexes as bit masks (a queue has at most a handful of levels).
+        let n = self.levels.len().min(64);
+        let mut eligible = 0u64;
+        let mut ready = 0u64;
+        for i in 0..n {
+            if self.capacity(i) > 0 {
+                eligible |= 1 << i;
+                if self.has_work(i, now) {
+                    ready |= 1 << i;
+                }
+            }
+        }
+        if eligible == 0 {
             return None;
         }
-        let ready: Vec<usize> = eligible
-            .iter()
-            .copied()
-            .filter(|&i| self.has_work(i, now))
-            .collect();
         let pick = |index: usize, idle: bool, s: &Self| Pick {
             index,
             capacity: s.capacity(index),
             idle,
         };
-        if ready.is_empty() {
-            let index = eligible[self.rotate % eligible.len()];
+        if ready == 0 {
+            let nth = self.rotate % eligible.count_ones() as usize;
+            let index = bits(eligible).nth(nth).unwrap_or_default();
             self.rotate = self.rotate.wrapping_add(1);
             return Some(pick(index, true, self));
         }
-        let starving = ready
-            .iter()
-            .copied()
+        let starving = bits(ready)
             .filter(|&i| now.saturating_duration_since(self.levels[i].last_served) >= self.aging)
             .max_by_key(|&i| now.saturating_duration_since(self.levels[i].last_served));
         if let Some(i) = starving {
             return Some(pick(i, false, self));
         }
+        let first = ready.trailing_zeros() as usize;
         let index = match self.mode {
-            Mode::Strict => ready[0],
+            Mode::Strict => first,
             Mode::Weighted => {
-                let total: i64 = ready
-                    .iter()
-                    .map(|&i| i64::from(self.levels[i].level.weight.max(1)))
+                let total: i64 = bits(ready)
+                    .map(|i| i64::from(self.levels[i].level.weight.max(1)))
                     .sum();
-                let mut best = ready[0];
-                for &i in &ready {
+                let mut best = first;
+                for i in bits(ready) {
                     let l = &mut self.levels[i];
                     l.current += i64::from(l.level.weight.max(1));
                     if l.current > self.levels[best].current {
@@ -203,6 +207,18 @@ impl Selector {
         let l = &mut self.levels[i];
         l.in_flight = l.in_flight.saturating_sub(1);
     }
+}
+
+/// The indexes of the set bits of `mask`, lowest first.
+fn bits(mut mask: u64) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        if mask == 0 {
+            return None;
+        }
+        let i = mask.trailing_zeros() as usize;
+        mask &= mask - 1;
+        Some(i)
+    })
 }
 
 #[cfg(test)]

@@ -705,12 +705,12 @@ impl RabbitBroker {
         Ok(ready > 0)
     }
 
-    fn to_delivery(queue: &str, chan_id: u64, tag: u64, raw: Raw) -> Delivery {
+    fn to_delivery(queue: &Arc<str>, chan_id: u64, tag: u64, raw: Raw) -> Delivery {
         let d = amqp::decode(&raw.props, raw.data, raw.redelivered);
         Delivery {
             envelope: d.envelope,
             receipt: Receipt::new(
-                queue,
+                queue.clone(),
                 Token {
                     channel: chan_id,
                     tag,
@@ -1115,9 +1115,11 @@ impl Broker for RabbitBroker {
                 }
             };
             if !taken.is_empty() {
+                // One name shared by every receipt of this receive.
+                let receipt_queue: Arc<str> = Arc::from(queue);
                 return Ok(taken
                     .into_iter()
-                    .map(|(tag, raw)| Self::to_delivery(queue, chan_id, tag, raw))
+                    .map(|(tag, raw)| Self::to_delivery(&receipt_queue, chan_id, tag, raw))
                     .collect());
             }
             if dead {

@@ -255,10 +255,12 @@ impl SqliteBroker {
             })
             .await?;
         let buf = Bytes::from(rows.buf);
+        // One name shared by every receipt of this receive.
+        let receipt_queue: Arc<str> = Arc::from(queue);
         Ok(rows
             .rows
             .into_iter()
-            .map(|row| to_delivery(queue, &buf, row, token))
+            .map(|row| to_delivery(&receipt_queue, &buf, row, token))
             .collect())
     }
 
@@ -312,7 +314,7 @@ impl SqliteBroker {
     }
 }
 
-fn to_delivery(queue: &str, buf: &Bytes, row: ClaimedRow, lease: i64) -> Delivery {
+fn to_delivery(queue: &Arc<str>, buf: &Bytes, row: ClaimedRow, lease: i64) -> Delivery {
     let raw = &buf[row.headers];
     // Validating is cheaper than the lossy scan; only a foreign row that is not UTF-8 pays for it.
     let headers = match std::str::from_utf8(raw) {
@@ -321,7 +323,7 @@ fn to_delivery(queue: &str, buf: &Bytes, row: ClaimedRow, lease: i64) -> Deliver
     };
     Delivery {
         envelope: decode(row.id, &headers, body_of(buf, row.body)),
-        receipt: Receipt::new(queue, Token { id: row.id, lease }),
+        receipt: Receipt::new(queue.clone(), Token { id: row.id, lease }),
         delivery_count: u32::try_from(row.deliveries.max(1)).unwrap_or(u32::MAX),
     }
 }

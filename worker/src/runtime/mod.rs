@@ -333,10 +333,7 @@ async fn run_job(ctx: &QueueCtx, priority: Priority, d: Delivery) {
                 let r = Box::pin(dead_letter(ctx, d, attempt, &err, "unroutable")).await;
                 (job, r)
             }
-            Some(job) => {
-                let r = handle(ctx, &job, priority, d, attempt).await;
-                (job, r)
-            }
+            Some(job) => handle(ctx, job, priority, d, attempt).await,
         };
         ctx.stats.finished(&name, result, started.elapsed());
     }
@@ -344,18 +341,20 @@ async fn run_job(ctx: &QueueCtx, priority: Priority, d: Delivery) {
     .await
 }
 
+/// Runs a routed job; returns its job name (given back by the job's context, not copied) and
+/// how it ended.
 async fn handle(
     ctx: &QueueCtx,
-    job: &str,
+    job: String,
     priority: Priority,
     d: Delivery,
     attempt: u32,
-) -> JobResult {
-    let (retry, timeout) = match ctx.jobs.get(job) {
+) -> (String, JobResult) {
+    let (retry, timeout) = match ctx.jobs.get(&job) {
         Some(&settings) => settings,
         None => (
-            ctx.config.retry_for(&ctx.name, Some(job)),
-            ctx.config.timeout_for(&ctx.name, Some(job)),
+            ctx.config.retry_for(&ctx.name, Some(&job)),
+            ctx.config.timeout_for(&ctx.name, Some(&job)),
         ),
     };
     if attempt > retry.max_attempts {
@@ -366,7 +365,10 @@ async fn handle(
              result (the worker died running it, or its lease ended)",
             retry.max_attempts
         ));
-        return Box::pin(dead_letter(ctx, d, attempt, &err, "crash loop")).await;
+        return (
+            job,
+            Box::pin(dead_letter(ctx, d, attempt, &err, "crash loop")).await,
+        );
     }
     let Delivery {
         envelope,
@@ -376,7 +378,7 @@ async fn handle(
     let parts = Arc::new(JobParts {
         context: JobContext {
             id: envelope.id.clone(),
-            job: job.to_string(),
+            job,
             queue: ctx.name.clone(),
             priority,
             attempt,
@@ -388,22 +390,22 @@ async fn handle(
         envelope,
         client: ctx.client.clone(),
     });
-    let fut = ctx.routes.dispatch(job, parts.clone());
+    let fut = ctx.routes.dispatch(&parts.context.job, parts.clone());
     let outcome = match fut {
         Some(fut) => supervise(ctx, fut, &receipt, timeout).await,
         None => Supervised::Done(Err(JobError::permanent("handler vanished"))),
     };
-    // The handler future is gone, so this is the only reference left: the envelope comes back
-    // without a copy (only failures need it).
-    let envelope = Arc::try_unwrap(parts)
-        .map(|p| p.envelope)
-        .unwrap_or_else(|p| p.envelope.clone());
+    // The handler future is gone, so this is the only reference left: the envelope (only
+    // failures need it) and the job name come back without a copy.
+    let (envelope, job) = Arc::try_unwrap(parts)
+        .map(|p| (p.envelope, p.context.job))
+        .unwrap_or_else(|p| (p.envelope.clone(), p.context.job.clone()));
     let d = Delivery {
         envelope,
         receipt,
         delivery_count,
     };
-    match outcome {
+    let result = match outcome {
         Supervised::Aborted => {
             match Box::pin(ctx.broker().release(std::slice::from_ref(&d.receipt))).await {
                 Ok(()) => {
@@ -436,7 +438,8 @@ async fn handle(
                 }
             }
         }
-    }
+    };
+    (job, result)
 }
 
 /// The one "publish a copy, then settle the original" act (a delay hop, a retry, a dead letter):
