@@ -311,7 +311,7 @@ async fn through_rabbitmq(url: &str, n: usize) -> Res<(f64, f64)> {
     // BENCH_BACKEND_LOOP=1, on a second backlog).
     let (consume, _, publish) =
         through_process(broker, "rabbitmq", &queue, n, &[prefix.as_str()]).await?;
-    if std::env::var_os("BENCH_BACKEND_LOOP").is_some_and(|v| v == "1") {
+    if backend_loop_wanted() {
         let broker = rabbit_broker(url, &prefix, &queue).await?;
         let (b, _, _) =
             through_process(broker, "rabbitmq", &queue, n, &[prefix.as_str(), "--loop"]).await?;
@@ -532,7 +532,7 @@ async fn worker_main(mut args: impl Iterator<Item = String>) -> Res<()> {
     let n: usize = n.parse().map_err(|_| usage)?;
     let broker: Arc<dyn Broker> = match backend.as_str() {
         "kafka" => kafka_broker(&kafka_bootstrap()).await?,
-        "redis" => Arc::new(RedisBroker::connect(RedisConfig::new(redis_url().as_str())).await?),
+        "redis" => redis_broker(&redis_url()).await?,
         "sqs" => sqs_broker(&sqs_endpoint()).await?,
         "rabbitmq" => {
             let prefix = args.next().ok_or(usage)?;
@@ -932,6 +932,28 @@ fn idle_prefix() -> String {
     format!("bench-idle-{}.", std::process::id())
 }
 
+async fn redis_broker(url: &str) -> Res<Arc<dyn Broker>> {
+    Ok(Arc::new(RedisBroker::connect(RedisConfig::new(url)).await?))
+}
+
+/// Deletes `queue`'s stream, the dead-letter stream `prepare` made, and its lease hash.
+async fn delete_redis_queue(url: &str, queue: &str) -> Res<()> {
+    let client = redis::Client::open(url)?;
+    let mut c = client.get_multiplexed_async_connection().await?;
+    let _: () = redis::cmd("DEL")
+        .arg(queue)
+        .arg(format!("{queue}__dlq"))
+        .arg(format!("stevedore:leases:{queue}"))
+        .query_async(&mut c)
+        .await?;
+    Ok(())
+}
+
+/// `BENCH_BACKEND_LOOP=1`: also measure the backend alone ([`backend_loop`]).
+fn backend_loop_wanted() -> bool {
+    std::env::var_os("BENCH_BACKEND_LOOP").is_some_and(|v| v == "1")
+}
+
 fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
 }
@@ -961,7 +983,7 @@ async fn main() -> Res<()> {
         .filter_map(|s| s.trim().parse().ok())
         .collect();
     let threads = tokio::runtime::Handle::current().metrics().num_workers();
-    let backend_loop_too = std::env::var_os("BENCH_BACKEND_LOOP").is_some_and(|v| v == "1");
+    let backend_loop_too = backend_loop_wanted();
     println!("backend: {backend}   no-op jobs, one worker process, {threads} runtime threads, release build");
     if backend == "rabbitmq" {
         let url = rabbitmq_url();
@@ -1030,32 +1052,22 @@ async fn main() -> Res<()> {
                     let url = redis_url();
                     let r = raw_redis(&url, n).await?;
                     let queue = format!("bench-{}-{n}", std::process::id());
-                    let broker: Arc<dyn Broker> =
-                        Arc::new(RedisBroker::connect(RedisConfig::new(url.as_str())).await?);
-                    let (s, hwm, p) = through_process(broker, "redis", &queue, n, &[]).await?;
+                    let (s, hwm, p) =
+                        through_process(redis_broker(&url).await?, "redis", &queue, n, &[]).await?;
                     peak_kib = peak_kib.max(hwm);
                     publish_rates.push(p);
-                    let client = redis::Client::open(url.as_str())?;
-                    let mut c = client.get_multiplexed_async_connection().await?;
-                    // The queue, the dead-letter stream `prepare` made, and the lease hash.
-                    let _: () = redis::cmd("DEL")
-                        .arg(&queue)
-                        .arg(format!("{queue}__dlq"))
-                        .arg(format!("stevedore:leases:{queue}"))
-                        .query_async(&mut c)
-                        .await?;
+                    delete_redis_queue(&url, &queue).await?;
                     if backend_loop_too {
-                        let broker: Arc<dyn Broker> =
-                            Arc::new(RedisBroker::connect(RedisConfig::new(url.as_str())).await?);
-                        let (b, _, _) =
-                            through_process(broker, "redis", &queue, n, &["--loop"]).await?;
+                        let (b, _, _) = through_process(
+                            redis_broker(&url).await?,
+                            "redis",
+                            &queue,
+                            n,
+                            &["--loop"],
+                        )
+                        .await?;
                         backend_rates.push(b);
-                        let _: () = redis::cmd("DEL")
-                            .arg(&queue)
-                            .arg(format!("{queue}__dlq"))
-                            .arg(format!("stevedore:leases:{queue}"))
-                            .query_async(&mut c)
-                            .await?;
+                        delete_redis_queue(&url, &queue).await?;
                     }
                     (r, s)
                 }

@@ -899,6 +899,15 @@ fn kill_one_of_two(backend: &str, spawn: impl Fn(u64) -> Run, duplicates: usize)
     );
 }
 
+/// Stops `run` with SIGTERM and checks that it exits 0 within 15 s; returns its log.
+fn stop_cleanly(run: Run) -> String {
+    signal(&run.child, "-TERM");
+    let (output, _, _) = finish(run, Duration::from_secs(15));
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    stderr
+}
+
 /// Runs the worker binary's CLI in `dir` with `config` (and `stdin`); returns (exit code, stdout,
 /// stderr).
 fn cli_in(dir: &Path, config: &Path, args: &[&str], stdin: &str) -> (Option<i32>, String, String) {
@@ -1003,9 +1012,7 @@ fn enqueue_refuses_what_no_worker_takes_and_reads_payloads_from_stdin_and_files(
     wait_until("three dead letters", Duration::from_secs(30), || {
         cli(&["dlq", "list"], "").1.contains("3 dead letter(s)")
     });
-    signal(&run.child, "-TERM");
-    let (output, _, _) = finish(run, Duration::from_secs(15));
-    assert_eq!(output.status.code(), Some(0));
+    stop_cleanly(run);
     let (code, out, err) = cli(&["dlq", "list", "--limit", "1"], "");
     assert_eq!(code, Some(0), "{err}");
     assert!(
@@ -1052,10 +1059,7 @@ fn run_waits_for_a_broker_that_starts_late_and_gives_up_after_startup_timeout() 
     wait_until("every job done", Duration::from_secs(60), || {
         tally(&lines(&out), "done").len() == 20
     });
-    signal(&run.child, "-TERM");
-    let (output, _, _) = finish(run, Duration::from_secs(15));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    let stderr = stop_cleanly(run);
     assert!(
         stderr.contains("cannot reach the redis broker yet"),
         "each attempt is logged: {stderr}"
@@ -1083,10 +1087,7 @@ fn redis_volatility_warning_comes_once_per_worker_not_with_every_command() {
     wait_until("the worker ready", Duration::from_secs(30), || {
         get_status(run.port, "/readyz") == Some(200)
     });
-    signal(&run.child, "-TERM");
-    let (output, _, _) = finish(run, Duration::from_secs(15));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    let stderr = stop_cleanly(run);
     assert_eq!(
         stderr.matches("keeps nothing on disk").count(),
         1,
@@ -1166,9 +1167,7 @@ fn a_taken_http_address_fails_the_start_and_port_zero_logs_the_port() {
     let port = port.unwrap_or_default();
     assert_eq!(get_status(port, "/healthz"), Some(200));
     for run in [a, c] {
-        signal(&run.child, "-TERM");
-        let (output, _, _) = finish(run, Duration::from_secs(15));
-        assert_eq!(output.status.code(), Some(0));
+        stop_cleanly(run);
     }
 }
 
@@ -1186,10 +1185,7 @@ fn rabbitmq_clean_run_and_wrong_password_log_no_client_errors() {
     wait_until("every job done", Duration::from_secs(60), || {
         tally(&lines(&out), "done").len() == 20
     });
-    signal(&run.child, "-TERM");
-    let (output, _, _) = finish(run, Duration::from_secs(15));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    let stderr = stop_cleanly(run);
     assert!(!stderr.contains(" ERROR "), "{stderr}");
 
     let dir = tempfile::tempdir().expect("temp dir");

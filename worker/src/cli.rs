@@ -368,14 +368,15 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
     }
 }
 
-/// Connects for `run`: a broker that does not answer yet is tried again with backoff (200 ms
-/// doubling to 5 s) until `[worker] startup_timeout`, each failure logged; after that, a broker
-/// failure (exit 1). A broker that refuses the settings fails at once, as a bad config (exit 2).
+/// Connects for `run`: a broker that does not answer yet is tried again with the runtime's
+/// backoff (200 ms doubling to 5 s) until `[worker] startup_timeout`, each failure logged; after
+/// that, a broker failure (exit 1). A broker that refuses the settings fails at once, as a bad
+/// config (exit 2).
 async fn connect_patiently(backend: &Configured, cfg: &Config) -> Result<Arc<dyn Broker>, Failure> {
     let within = cfg.worker.startup_timeout;
     let started = tokio::time::Instant::now();
     let deadline = started + within;
-    let mut pause = Duration::from_millis(200);
+    let mut backoff = crate::runtime::ErrorBackoff::default();
     let mut attempt = 0u32;
     loop {
         attempt += 1;
@@ -401,8 +402,8 @@ async fn connect_patiently(backend: &Configured, cfg: &Config) -> Result<Arc<dyn
             Ok(Err(e)) => e,
             Err(_) => stevedore_core::BrokerError::Timeout(left.max(Duration::from_secs(1))),
         };
-        let now = tokio::time::Instant::now();
-        if now + pause > deadline {
+        let pause = backoff.next();
+        if tokio::time::Instant::now() + pause > deadline {
             return Err(Failure::Other(format!(
                 "{} (gave up after {attempt} attempt(s) in {}: [worker] startup_timeout = \"{}\")",
                 backend.connect_error(cfg, &error),
@@ -419,7 +420,6 @@ async fn connect_patiently(backend: &Configured, cfg: &Config) -> Result<Arc<dyn
             humantime::format_duration(within)
         );
         tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_secs(5));
     }
 }
 
