@@ -11,7 +11,7 @@
 //! autoscaler this worker is running jobs, so scale-in should pick another one.
 
 use crate::stats::{QueueStats, Stats};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 use stevedore_core::{names, Broker, BrokerError, Depth, Priority};
@@ -77,6 +77,41 @@ pub struct Settings {
     pub partition_cap: Option<u32>,
 }
 
+impl Settings {
+    /// What `[autoscale]` of `config` says, on a broker with `caps` (a partitioned broker gives no
+    /// more workers work than a level has partitions).
+    pub(crate) fn from_config(
+        config: &crate::config::Config,
+        caps: &stevedore_core::Capabilities,
+    ) -> Settings {
+        Settings {
+            target_per_worker: config.autoscale.target_per_worker,
+            min_workers: config.autoscale.min_workers,
+            max_workers: config.autoscale.max_workers,
+            interval: config.autoscale.interval,
+            partition_cap: match caps.sharing {
+                stevedore_core::Sharing::Partitioned { partitions, .. } => Some(partitions),
+                stevedore_core::Sharing::Any => None,
+            },
+        }
+    }
+}
+
+/// Every queue `config` serves, with the physical queues of its priority levels.
+pub(crate) fn specs(config: &crate::config::Config) -> Vec<QueueSpec> {
+    config
+        .effective_queues()
+        .iter()
+        .map(|(name, q)| QueueSpec {
+            name: name.clone(),
+            physical: crate::runtime::levels_of(name, q)
+                .into_iter()
+                .map(|l| l.physical)
+                .collect(),
+        })
+        .collect()
+}
+
 /// `clamp(ceil((ready + in_flight) / target_per_worker), min_workers, max_workers)`, then at most
 /// `partition_cap`. Never panics: `target_per_worker = 0` counts as 1, `max_workers < min_workers`
 /// counts as `max_workers = min_workers`, and sums saturate.
@@ -97,6 +132,19 @@ pub fn desired_workers(ready: u64, in_flight: u64, s: &Settings) -> u32 {
 #[derive(Debug, Default)]
 pub struct Hints {
     by_queue: RwLock<BTreeMap<String, Hint>>,
+    history: RwLock<BTreeMap<String, VecDeque<Rates>>>,
+}
+
+/// Samples of rates kept per queue for [`Hints::history`] (the dashboard's chart).
+pub const HISTORY: usize = 120;
+
+/// One sample's rates ([`Hints::history`]).
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct Rates {
+    /// [`Hint::arrival_rate`].
+    pub arrival: f64,
+    /// [`Hint::completion_rate`].
+    pub completion: f64,
 }
 
 impl Hints {
@@ -124,9 +172,34 @@ impl Hints {
             .cloned()
     }
 
+    /// The rates of the last [`HISTORY`] samples of `queue`, oldest first (empty for a queue not
+    /// sampled yet).
+    pub fn history(&self, queue: &str) -> Vec<Rates> {
+        self.history
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(queue)
+            .map(|q| q.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
     /// Stores `hint` under `hint.queue`, returning the one it replaces. The sampler calls it;
     /// public for custom samplers and tests.
     pub fn insert(&self, hint: Hint) -> Option<Hint> {
+        {
+            let mut h = self.history.write().unwrap_or_else(PoisonError::into_inner);
+            let q = match h.get_mut(&hint.queue) {
+                Some(q) => q,
+                None => h.entry(hint.queue.clone()).or_default(),
+            };
+            if q.len() == HISTORY {
+                q.pop_front();
+            }
+            q.push_back(Rates {
+                arrival: hint.arrival_rate,
+                completion: hint.completion_rate,
+            });
+        }
         self.by_queue
             .write()
             .unwrap_or_else(PoisonError::into_inner)
@@ -363,6 +436,29 @@ mod tests {
             interval: Duration::from_millis(20),
             partition_cap: cap,
         }
+    }
+
+    #[test]
+    fn history_keeps_the_last_samples_per_queue_oldest_first() {
+        let hints = Hints::new();
+        for i in 0..(HISTORY + 5) {
+            hints.insert(Hint {
+                queue: "q".into(),
+                ready: 0,
+                in_flight: 0,
+                delayed: Some(0),
+                oldest_age_seconds: None,
+                arrival_rate: i as f64,
+                completion_rate: 2.0 * i as f64,
+                desired_workers: 1,
+                busy: false,
+            });
+        }
+        let h = hints.history("q");
+        assert_eq!(h.len(), HISTORY);
+        assert_eq!(h[0].arrival, 5.0);
+        assert_eq!(h[HISTORY - 1].completion, 2.0 * (HISTORY + 4) as f64);
+        assert!(hints.history("other").is_empty());
     }
 
     #[test]

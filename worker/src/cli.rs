@@ -25,6 +25,7 @@ use stevedore_core::{names, Broker, Priority};
         run --config config/default.toml            start the worker (Ctrl-C drains and exits)\n  \
         enqueue send_email '{\"to\":\"a@b.c\"}' --queue emails --priority high --delay 10m\n  \
         stats                                        queue depths per priority level and dead letters\n  \
+        dashboard                                    the web dashboard alone (run serves it too, at /ui)\n  \
         dlq list --queue emails                      what died, and why\n  \
         dlq replay --queue emails --all              send dead letters back to their queue\n  \
         config check --profile production            validate and print the effective config (secrets redacted)\n\n\
@@ -73,6 +74,13 @@ enum Command {
         /// the queue (for a worker built or configured differently).
         #[arg(long)]
         force: bool,
+    },
+    /// Serve the web dashboard (`/ui`, with /healthz, /metrics and /scale) without running jobs,
+    /// until SIGTERM or Ctrl-C. `run` serves the same dashboard beside its jobs.
+    Dashboard {
+        /// Address to listen on (default: http.bind).
+        #[arg(long)]
+        bind: Option<std::net::SocketAddr>,
     },
     /// Show queue depths (ready, in flight, delayed, oldest age) per priority level and dead letters.
     Stats {
@@ -281,6 +289,7 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
         let cfg = config::load(cli.config.as_deref(), cli.profile.as_deref())?;
         match cli.command {
             Command::Run => self.run_worker(cfg).await,
+            Command::Dashboard { bind } => self.run_dashboard(cfg, bind).await,
             Command::Config(ConfigCommand::Check) => {
                 let backend = self.configure(&cfg)?;
                 let caps = backend.capabilities();
@@ -334,7 +343,7 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
         let backend = self.configure(&cfg)?;
         // A bad config fails before anything is opened or connected.
         cfg.validate(&backend.capabilities())?;
-        let broker = connect_patiently(&backend, &cfg).await?;
+        let broker = connect_patiently(&backend, &cfg, false).await?;
         let worker = Worker::new(broker, self.router, cfg)?.with_notices(backend.notices());
         let handle = worker.shutdown_handle();
         let signals = listen_for_signals(handle.clone());
@@ -368,11 +377,99 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
     }
 }
 
+impl<S: Clone + Send + Sync + 'static> App<S> {
+    /// `dashboard`: the web dashboard and the read-only endpoints, with an autoscale sampler of
+    /// its own, and no jobs.
+    async fn run_dashboard(
+        self,
+        cfg: Config,
+        bind: Option<std::net::SocketAddr>,
+    ) -> Result<(), Failure> {
+        let backend = self.configure(&cfg)?;
+        let caps = backend.capabilities();
+        let mut notices = backend.notices().to_vec();
+        notices.extend(cfg.validate(&caps)?);
+        if !cfg.http.ui {
+            return Err(Failure::Config(
+                cfg.error_at(
+                    "http.ui",
+                    "is false, so there is no dashboard to serve; set it to true (or leave it out)"
+                        .into(),
+                ),
+            ));
+        }
+        if !caps.shared {
+            tracing::warn!(
+                "broker.kind = \"{}\" keeps queues inside one process: this dashboard shows its own empty broker, not a worker's",
+                backend.kind()
+            );
+        }
+        let broker = connect_patiently(&backend, &cfg, true).await?;
+        let bind = bind.unwrap_or(cfg.http.bind);
+        let listener = tokio::net::TcpListener::bind(bind).await.map_err(|e| {
+            Failure::Other(format!(
+                "cannot serve the dashboard on {bind}: {e}; pass --bind with a free address (127.0.0.1:0 takes any free port)"
+            ))
+        })?;
+        let shown = listener.local_addr().unwrap_or(bind);
+        let cfg = Arc::new(cfg);
+        let handle = ShutdownHandle::new();
+        let signals = listen_for_signals(handle.clone());
+        let stats = Stats::new();
+        let hints = crate::autoscale::Hints::new();
+        let sampler = crate::autoscale::spawn_sampler(
+            broker.clone(),
+            crate::autoscale::specs(&cfg),
+            stats.clone(),
+            crate::autoscale::Settings::from_config(&cfg, broker.capabilities()),
+            hints.clone(),
+            handle.subscribe(),
+        );
+        let ui = crate::ui::Ui::new(crate::ui::UiParts {
+            broker: broker.clone(),
+            config: cfg.clone(),
+            jobs: self
+                .router
+                .job_names()
+                .into_iter()
+                .map(str::to_string)
+                .collect(),
+            stats: stats.clone(),
+            hints: hints.clone(),
+            worker_id: cfg.worker.worker_id(),
+            notices,
+            runs_jobs: false,
+        });
+        let state = crate::http::HttpState {
+            stats,
+            hints,
+            prometheus: crate::stats::install_prometheus().ok(),
+            worker_id: cfg.worker.worker_id(),
+            ui: Some(ui),
+        };
+        tracing::info!(%bind, "dashboard at http://{shown}/ui (no jobs run in this process)");
+        state.stats.set_ready(true);
+        let served = crate::http::serve(listener, state, handle.subscribe()).await;
+        signals.abort();
+        let _ = sampler.await;
+        if let Err(e) = broker.close().await {
+            tracing::warn!(error = %e, "closing the broker failed");
+        }
+        served.map_err(|e| Failure::Other(format!("the dashboard's HTTP server failed: {e}")))
+    }
+}
+
 /// Connects for `run`: a broker that does not answer yet is tried again with the runtime's
 /// backoff (200 ms doubling to 5 s) until `[worker] startup_timeout`, each failure logged; after
 /// that, a broker failure (exit 1). A broker that refuses the settings fails at once, as a bad
 /// config (exit 2).
-async fn connect_patiently(backend: &Configured, cfg: &Config) -> Result<Arc<dyn Broker>, Failure> {
+///
+/// `client`: the process consumes nothing (the dashboard).
+async fn connect_patiently(
+    backend: &Configured,
+    cfg: &Config,
+    client: bool,
+) -> Result<Arc<dyn Broker>, Failure> {
     let within = cfg.worker.startup_timeout;
     let started = tokio::time::Instant::now();
     let deadline = started + within;
@@ -382,8 +479,14 @@ async fn connect_patiently(backend: &Configured, cfg: &Config) -> Result<Arc<dyn
         attempt += 1;
         // An attempt never runs past the deadline (a client's own retries can take longer).
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let tried =
-            tokio::time::timeout(left.max(Duration::from_secs(1)), backend.try_connect(cfg)).await;
+        let attempt_once = async {
+            if client {
+                backend.try_connect_client(cfg).await
+            } else {
+                backend.try_connect(cfg).await
+            }
+        };
+        let tried = tokio::time::timeout(left.max(Duration::from_secs(1)), attempt_once).await;
         let error = match tried {
             Ok(Ok(broker)) => {
                 if attempt > 1 {
@@ -558,16 +661,7 @@ async fn admin(command: Command, cfg: &Config, broker: Arc<dyn Broker>) -> Resul
             }
             // The autoscale hint of each queue, from the same depths the worker's sampler
             // reads (ready + in flight over its levels, dead letters excluded).
-            let settings = crate::autoscale::Settings {
-                target_per_worker: cfg.autoscale.target_per_worker,
-                min_workers: cfg.autoscale.min_workers,
-                max_workers: cfg.autoscale.max_workers,
-                interval: cfg.autoscale.interval,
-                partition_cap: match broker.capabilities().sharing {
-                    stevedore_core::Sharing::Partitioned { partitions, .. } => Some(partitions),
-                    stevedore_core::Sharing::Any => None,
-                },
-            };
+            let settings = crate::autoscale::Settings::from_config(cfg, broker.capabilities());
             let mut wanted: std::collections::BTreeMap<&str, (u64, u64)> = Default::default();
             for (q, l, d) in &rows {
                 if l != "dead-letter" {
@@ -710,7 +804,7 @@ async fn admin(command: Command, cfg: &Config, broker: Arc<dyn Broker>) -> Resul
             );
             Ok(())
         }
-        Command::Run | Command::Config(_) => Ok(()),
+        Command::Run | Command::Config(_) | Command::Dashboard { .. } => Ok(()),
     }
 }
 

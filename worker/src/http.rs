@@ -8,6 +8,7 @@
 //! | `GET /scale` | JSON array of every queue's [`Hint`] |
 //! | `GET /scale/{queue}` | one [`Hint`] as a flat JSON object (KEDA `metrics-api`: `valueLocation: desired_workers`); 404 `{"error": ...}` for a queue without a hint |
 //! | `GET /stats` | JSON `{"worker_id", "ready", "queues": {name: QueueSnapshot}}` |
+//! | `GET /ui` ... | the web dashboard (`http.ui`, on by default; see `ui`) |
 //!
 //! Other paths answer 404, other methods 405.
 
@@ -37,6 +38,8 @@ pub(crate) struct HttpState {
     pub prometheus: Option<PrometheusHandle>,
     /// This worker's id, reported by `/stats`.
     pub worker_id: String,
+    /// The dashboard, when `http.ui` is on.
+    pub ui: Option<Arc<crate::ui::Ui>>,
 }
 
 impl std::fmt::Debug for HttpState {
@@ -59,14 +62,19 @@ struct StatsBody {
 
 /// The router of every endpoint (what [`serve`] serves); for embedding in another axum app.
 pub(crate) fn router(state: HttpState) -> Router {
-    Router::new()
+    let ui = state.ui.clone();
+    let api = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/scale", get(scale_all))
         .route("/scale/{queue}", get(scale_one))
         .route("/stats", get(stats))
-        .with_state(state)
+        .with_state(state);
+    match ui {
+        Some(ui) => api.merge(crate::ui::router(ui)),
+        None => api,
+    }
 }
 
 /// Serves the endpoints on `listener` (HTTP/1.1) until `shutdown` turns `true` (or its sender is
@@ -221,6 +229,7 @@ mod tests {
             hints: Hints::new(),
             prometheus,
             worker_id: "worker-7".into(),
+            ui: None,
         }
     }
 

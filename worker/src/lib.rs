@@ -56,6 +56,7 @@ pub mod router;
 mod runtime;
 pub mod shutdown;
 pub mod stats;
+mod ui;
 mod worker;
 
 pub use cli::App;

@@ -21,8 +21,8 @@
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, PoisonError, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
+use std::time::{Duration, Instant};
 
 /// Counter: jobs that succeeded. Labels `queue`, `job`.
 pub const JOBS_PROCESSED: &str = "stevedore_jobs_processed_total";
@@ -103,6 +103,20 @@ impl Stats {
             .collect()
     }
 
+    /// The jobs this worker is running now, over every queue, longest-running first (the
+    /// dashboard's "this worker" page). A copy: cheap, and never blocks the runtime for long.
+    pub fn running(&self) -> Vec<RunningJob> {
+        let mut all: Vec<RunningJob> = self
+            .queues
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .flat_map(|q| q.running())
+            .collect();
+        all.sort_by(|a, b| b.age.cmp(&a.age));
+        all
+    }
+
     /// Sets whether this worker should receive traffic (`/readyz`). The runtime sets it to `true`
     /// once it is fetching and back to `false` as soon as shutdown begins.
     pub fn set_ready(&self, ready: bool) {
@@ -165,6 +179,7 @@ pub struct QueueStats {
     in_flight: AtomicU64,
     jobs: SlotCache<JobMetrics, JOB_SLOTS>,
     in_flight_gauge: SlotCache<OnceLock<metrics::Gauge>, 4>,
+    running: Mutex<Running>,
 }
 
 impl std::fmt::Debug for QueueStats {
@@ -187,7 +202,50 @@ impl QueueStats {
             in_flight: AtomicU64::new(0),
             jobs: SlotCache::new(),
             in_flight_gauge: SlotCache::new(),
+            running: Mutex::new(Running::default()),
         }
+    }
+
+    /// Records a job as running until the returned guard is dropped (what [`QueueStats::running`]
+    /// and the dashboard show). Allocates nothing once as many jobs have run at once as the
+    /// worker's concurrency: the id and job name are copied (up to [`SHORT`] bytes) into reused
+    /// slots.
+    pub(crate) fn track(&self, job: &str, id: &str, attempt: u32) -> Tracked<'_> {
+        let slot = RunSlot {
+            job: Short::new(job),
+            id: Short::new(id),
+            attempt,
+            since: Instant::now(),
+        };
+        let mut r = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+        let index = match r.free.pop() {
+            Some(i) => {
+                r.slots[i] = Some(slot);
+                i
+            }
+            None => {
+                r.slots.push(Some(slot));
+                r.slots.len() - 1
+            }
+        };
+        Tracked { queue: self, index }
+    }
+
+    /// The jobs of this queue running in this worker now, in no particular order.
+    pub fn running(&self) -> Vec<RunningJob> {
+        let now = Instant::now();
+        let r = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+        r.slots
+            .iter()
+            .flatten()
+            .map(|s| RunningJob {
+                queue: self.name.to_string(),
+                job: s.job.as_str().to_string(),
+                id: s.id.as_str().to_string(),
+                attempt: s.attempt,
+                age: now.saturating_duration_since(s.since),
+            })
+            .collect()
     }
 
     /// The logical queue these counters belong to.
@@ -277,6 +335,85 @@ impl QueueStats {
             None => metrics::gauge!(JOBS_IN_FLIGHT, "queue" => self.name.clone()).set(value),
         }
     }
+}
+
+/// Longest id or job name kept per running job; longer ones are cut at a character boundary.
+pub const SHORT: usize = 62;
+
+/// A string of at most [`SHORT`] bytes held inline (no allocation).
+#[derive(Clone, Copy)]
+struct Short {
+    len: u8,
+    buf: [u8; SHORT],
+}
+
+impl Short {
+    fn new(s: &str) -> Short {
+        let mut end = s.len().min(SHORT);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut buf = [0u8; SHORT];
+        buf[..end].copy_from_slice(&s.as_bytes()[..end]);
+        Short {
+            len: end as u8,
+            buf,
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        // Cut at a char boundary of a `str` in `new`, so always valid.
+        std::str::from_utf8(&self.buf[..usize::from(self.len)]).unwrap_or("")
+    }
+}
+
+struct RunSlot {
+    job: Short,
+    id: Short,
+    attempt: u32,
+    since: Instant,
+}
+
+/// Running jobs of one queue: reused slots and the list of free ones.
+#[derive(Default)]
+struct Running {
+    slots: Vec<Option<RunSlot>>,
+    free: Vec<usize>,
+}
+
+/// Marks a job as running until dropped ([`QueueStats::track`]).
+pub(crate) struct Tracked<'a> {
+    queue: &'a QueueStats,
+    index: usize,
+}
+
+impl Drop for Tracked<'_> {
+    fn drop(&mut self) {
+        let mut r = self
+            .queue
+            .running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(s) = r.slots.get_mut(self.index) {
+            *s = None;
+            r.free.push(self.index);
+        }
+    }
+}
+
+/// A job running in this worker now ([`Stats::running`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct RunningJob {
+    /// Logical queue.
+    pub queue: String,
+    /// Job name (`-` for a message without one); at most [`SHORT`] bytes.
+    pub job: String,
+    /// Message id; at most [`SHORT`] bytes.
+    pub id: String,
+    /// Attempt being run, from 1.
+    pub attempt: u32,
+    /// Time since the handler started.
+    pub age: Duration,
 }
 
 /// A copy of one queue's counters in this worker (for `/stats`, the CLI and the sampler).
@@ -695,6 +832,34 @@ mod tests {
             (Err(a), Err(b)) => assert_eq!(a, b),
             (a, b) => panic!("calls disagree: {:?} / {:?}", a.is_ok(), b.is_ok()),
         }
+    }
+
+    #[test]
+    fn running_jobs_are_listed_until_their_guard_drops_and_slots_are_reused() {
+        let stats = Stats::new();
+        let q = stats.queue("emails");
+        let a = q.track("send", "id-a", 1);
+        let long = "é".repeat(40); // 80 bytes: cut to 62 at a character boundary
+        let b = q.track(&long, "id-b", 3);
+        let mut seen = stats.running();
+        seen.sort_by(|x, y| x.id.cmp(&y.id));
+        assert_eq!(seen.len(), 2);
+        assert_eq!(
+            (seen[0].queue.as_str(), seen[0].job.as_str()),
+            ("emails", "send")
+        );
+        assert_eq!((seen[1].id.as_str(), seen[1].attempt), ("id-b", 3));
+        assert_eq!(seen[1].job, "é".repeat(31));
+        drop(a);
+        assert_eq!(stats.running().len(), 1);
+        let c = q.track("send", "id-c", 1);
+        assert_eq!(
+            q.running.lock().map(|r| r.slots.len()).unwrap_or(0),
+            2,
+            "slot reused"
+        );
+        drop((b, c));
+        assert!(stats.running().is_empty());
     }
 
     /// Rough cost of the hot path; run with

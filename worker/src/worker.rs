@@ -1,12 +1,12 @@
 //! The worker: validates its config against the backend, runs the runtime until shut down, drains.
 
-use crate::autoscale::{self, Hints, QueueSpec};
+use crate::autoscale::{self, Hints};
 use crate::client::Client;
 use crate::config::{Config, ConfigError};
 use crate::delay::Scheduler;
 use crate::http::{self, HttpState};
 use crate::router::{Router, Routes};
-use crate::runtime::{self, levels_of, ErrorBackoff};
+use crate::runtime::{self, ErrorBackoff};
 use crate::shutdown::ShutdownHandle;
 use crate::stats::Stats;
 use std::sync::Arc;
@@ -148,17 +148,11 @@ impl Worker {
         // First, so that a taken address fails the start rather than leaving a worker without
         // metrics and health checks; and health is served while the broker is being prepared.
         let http_task = self.start_http(self.shutdown.subscribe()).await?;
-        let queues = self.config.effective_queues();
+        let specs = autoscale::specs(&self.config);
         let mut physical = Vec::new();
-        let mut specs = Vec::new();
-        for (name, q) in &queues {
-            let levels: Vec<String> = levels_of(name, q).into_iter().map(|l| l.physical).collect();
-            physical.extend(levels.iter().cloned());
-            physical.push(names::dead_letter(name));
-            specs.push(QueueSpec {
-                name: name.clone(),
-                physical: levels,
-            });
+        for s in &specs {
+            physical.extend(s.physical.iter().cloned());
+            physical.push(names::dead_letter(&s.name));
         }
         let mut backoff = ErrorBackoff::default();
         while let Err(e) = self.broker.prepare(&physical).await {
@@ -183,17 +177,7 @@ impl Worker {
             self.broker.clone(),
             specs,
             self.stats.clone(),
-            autoscale::Settings {
-                target_per_worker: self.config.autoscale.target_per_worker,
-                min_workers: self.config.autoscale.min_workers,
-                max_workers: self.config.autoscale.max_workers,
-                interval: self.config.autoscale.interval,
-                // A partitioned broker gives no more workers work than a level has partitions.
-                partition_cap: match self.broker.capabilities().sharing {
-                    stevedore_core::Sharing::Partitioned { partitions, .. } => Some(partitions),
-                    stevedore_core::Sharing::Any => None,
-                },
-            },
+            autoscale::Settings::from_config(&self.config, self.broker.capabilities()),
             self.hints.clone(),
             soft.clone(),
         );
@@ -205,7 +189,7 @@ impl Worker {
             &self.shutdown,
             self.worker_id.clone(),
         );
-        tracing::info!(worker = %self.worker_id, queues = ?queues.keys().collect::<Vec<_>>(), "worker started");
+        tracing::info!(worker = %self.worker_id, queues = ?self.config.effective_queues().keys().collect::<Vec<_>>(), "worker started");
         self.stats.set_ready(true);
 
         let _ = soft.wait_for(|s| *s).await;
@@ -265,12 +249,35 @@ impl Worker {
                  (\"127.0.0.1:0\" takes any free port and logs it), or http.enabled = false"
             ))
         })?;
-        tracing::info!(%bind, "HTTP endpoint: /metrics /healthz /readyz /scale /stats");
+        let ui = self.config.http.ui.then(|| {
+            crate::ui::Ui::new(crate::ui::UiParts {
+                broker: self.broker.clone(),
+                config: self.config.clone(),
+                jobs: self
+                    .routes
+                    .names()
+                    .into_iter()
+                    .map(str::to_string)
+                    .collect(),
+                stats: self.stats.clone(),
+                hints: self.hints.clone(),
+                worker_id: self.worker_id.to_string(),
+                notices: self.notices.clone(),
+                runs_jobs: true,
+            })
+        });
+        let shown = listener.local_addr().unwrap_or(bind);
+        if ui.is_some() {
+            tracing::info!(%bind, "HTTP endpoint: /metrics /healthz /readyz /scale /stats; dashboard at http://{shown}/ui");
+        } else {
+            tracing::info!(%bind, "HTTP endpoint: /metrics /healthz /readyz /scale /stats");
+        }
         let state = HttpState {
             stats: self.stats.clone(),
             hints: self.hints.clone(),
             prometheus: crate::stats::install_prometheus().ok(),
             worker_id: self.worker_id.to_string(),
+            ui,
         };
         Ok(Some(tokio::spawn(async move {
             if let Err(e) = http::serve(listener, state, soft).await {

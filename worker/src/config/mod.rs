@@ -190,14 +190,35 @@ impl WorkerConfig {
     }
 }
 
-/// `[http]`: the metrics, health and scale-hint endpoints.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// `[http]`: the metrics, health and scale-hint endpoints, and the web dashboard under `/ui`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HttpConfig {
     /// Whether to serve them.
     pub enabled: bool,
     /// Address to listen on (`"127.0.0.1:9464"`; use `"0.0.0.0:9464"` in a container).
     pub bind: SocketAddr,
+    /// Whether to serve the web dashboard under `/ui` (default `true`).
+    pub ui: bool,
+    /// Dashboard without actions: no replay, purge or enqueue (the forms are not shown, and their
+    /// endpoints answer 403).
+    pub read_only: bool,
+    /// When set, the dashboard's actions need this token (entered once on its sign-in page, then
+    /// kept in a same-site cookie); viewing stays open. Set it from the environment
+    /// (`STEVEDORE_HTTP__TOKEN`) rather than in a file. Never shown by `config check`.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for HttpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpConfig")
+            .field("enabled", &self.enabled)
+            .field("bind", &self.bind)
+            .field("ui", &self.ui)
+            .field("read_only", &self.read_only)
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .finish()
+    }
 }
 
 impl Default for HttpConfig {
@@ -205,6 +226,9 @@ impl Default for HttpConfig {
         HttpConfig {
             enabled: true,
             bind: SocketAddr::from((Ipv4Addr::LOCALHOST, 9464)),
+            ui: true,
+            read_only: false,
+            token: None,
         }
     }
 }

@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use super::SECTIONS;
 /// Keys inside tables in the order the structs declare them, then priority levels highest first.
 /// Keys not listed follow in alphabetical order.
-const FIELDS: [&str; 35] = [
+const FIELDS: [&str; 38] = [
     "kind",
     "url",
     "max_payload",
@@ -22,7 +22,10 @@ const FIELDS: [&str; 35] = [
     "promote_interval",
     "startup_timeout", // worker
     "enabled",
-    "bind", // http
+    "bind",
+    "ui",
+    "read_only",
+    "token", // http
     "max_attempts",
     "base",
     "factor",
@@ -137,6 +140,9 @@ impl Config {
         let mut shown = self.clone();
         for (key, value) in shown.broker.settings.iter_mut() {
             redact_setting(key, value);
+        }
+        if shown.http.token.is_some() {
+            shown.http.token = Some("***".into());
         }
         shown.queues = self.effective_queues();
         let mut out = String::from("# effective configuration (secrets redacted)\n");

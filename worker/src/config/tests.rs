@@ -955,3 +955,47 @@ fn default_file_validates_and_documents_the_defaults() {
     assert_eq!(prod.worker.concurrency, 200);
     prod.validate(broker.capabilities()).unwrap();
 }
+
+// ---- the dashboard's settings ----
+
+#[test]
+fn dashboard_token_is_checked_hidden_and_open_actions_are_noted() {
+    let caps = memory_caps();
+    assert_err(
+        &invalid("[http]\ntoken = \" \"\n", &caps),
+        "http.token",
+        "is empty",
+    );
+    assert_err(
+        &invalid("[http]\ntoken = \"short\"\n", &caps),
+        "http.token",
+        "16 characters",
+    );
+    let c = parse("[http]\ntoken = \"0123456789abcdef-secret\"\n").unwrap();
+    c.validate(&caps).unwrap();
+    let shown = c.redacted();
+    assert!(!shown.contains("0123456789abcdef"), "{shown}");
+    assert!(shown.contains("token = \"***\""), "{shown}");
+    assert!(!format!("{c:?}").contains("0123456789abcdef"));
+
+    let open = parse("[http]\nbind = \"0.0.0.0:9464\"\n").unwrap();
+    let notes = open.validate(&caps).unwrap();
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("open to anyone who reaches 0.0.0.0:9464")),
+        "{notes:?}"
+    );
+    for safe in [
+        "[http]\nbind = \"0.0.0.0:9464\"\nread_only = true\n",
+        "[http]\nbind = \"0.0.0.0:9464\"\ntoken = \"0123456789abcdef\"\n",
+        "[http]\nbind = \"0.0.0.0:9464\"\nui = false\n",
+        "",
+    ] {
+        let notes = parse(safe).unwrap().validate(&caps).unwrap();
+        assert!(
+            !notes.iter().any(|n| n.starts_with("http:")),
+            "{safe}: {notes:?}"
+        );
+    }
+}

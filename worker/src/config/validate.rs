@@ -72,6 +72,27 @@ impl Config {
         }
         self.nonzero("autoscale.interval", a.interval)?;
 
+        let h = &self.http;
+        if h.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+            return Err(self.error_at(
+                "http.token",
+                "is empty; set a token (at least 16 characters) or leave the key out".into(),
+            ));
+        }
+        if h.token.as_deref().is_some_and(|t| t.len() < 16) {
+            return Err(self.error_at(
+                "http.token",
+                "is shorter than 16 characters; use a long random one (e.g. `openssl rand -hex 24`)"
+                    .into(),
+            ));
+        }
+        if h.enabled && h.ui && !h.read_only && h.token.is_none() && !h.bind.ip().is_loopback() {
+            notices.push(format!(
+                "http: the dashboard's actions (replay, purge, enqueue) are open to anyone who                  reaches {}; set http.token or http.read_only = true",
+                h.bind
+            ));
+        }
+
         self.check_retry_fields("retry", &self.retry)?;
         for (name, q) in &self.effective_queues() {
             self.check_queue(name, q, &queue_caps(name), &mut notices)?;

@@ -314,6 +314,9 @@ async fn run_job(ctx: &QueueCtx, priority: Priority, d: Delivery) {
     async move {
         let started = Instant::now();
         ctx.stats.started();
+        let _running = ctx
+            .stats
+            .track(job.as_deref().unwrap_or("-"), &d.envelope.id, attempt);
         let (name, result) = match job {
             None => {
                 let err = JobError::permanent(format!(

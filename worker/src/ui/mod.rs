@@ -1,0 +1,838 @@
+//! The web dashboard, served under `/ui` by the worker's HTTP server (and by the `dashboard`
+//! command, which runs no jobs).
+//!
+//! Server-rendered HTML (maud) with htmx for live parts and forms; htmx and the stylesheet are
+//! embedded in the binary, and nothing is fetched from elsewhere. Pages:
+//!
+//! | route | page |
+//! |---|---|
+//! | `GET /ui` | every queue and level: ready, in flight, delayed, dead, oldest age, rates, autoscale hint, busy, a chart of the last samples |
+//! | `GET /ui/queues/{q}` | one queue by level, this worker's counters, its newest dead letters |
+//! | `GET /ui/queues/{q}/dead?job=&error=` | dead letters, filtered by job name (exact) and error text (any case) |
+//! | `GET /ui/queues/{q}/dead/{id}` | one dead letter: payload, headers, error, attempts, times, origin |
+//! | `POST /ui/queues/{q}/dead` | replay or purge one, or every one matching a filter (all with no filter) |
+//! | `GET /ui/worker` | this worker: jobs running now (age, attempt), start-up notices, the config with secrets redacted |
+//! | `GET,POST /ui/enqueue` | a form that enqueues a job |
+//! | `GET,POST /ui/login`, `POST /ui/logout` | sign in with `http.token` |
+//!
+//! Safety: the server binds where `http.bind` says (loopback by default). `http.read_only = true`
+//! hides every action and makes their endpoints answer 403. With `http.token` set, actions need
+//! the token (kept, once entered, in an HttpOnly, SameSite=Strict cookie scoped to `/ui`). Every
+//! form carries a per-process CSRF token, and a POST whose `Origin` or `Sec-Fetch-Site` names
+//! another site is refused. Responses forbid framing and scripts from anywhere but `/ui/assets`.
+
+use crate::autoscale::Hints;
+use crate::config::Config;
+use crate::dlq::{self, DeadLetter, Select};
+use crate::stats::{QueueSnapshot, Stats};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Form, Router};
+use maud::Markup;
+use std::sync::Arc;
+use std::time::Duration;
+use stevedore_core::{names, Broker, Depth, Priority};
+
+mod view;
+
+/// Dead letters read per listing, filter or filtered action (the newest first where the broker
+/// keeps order); the page says when there may be more.
+const SCAN: usize = 1_000;
+/// Most dead letters one "all" action touches.
+const ALL: usize = 100_000;
+/// The sign-in cookie.
+const COOKIE: &str = "stevedore_ui";
+
+const HTMX: &str = include_str!("assets/htmx.min.js");
+const CSS: &str = include_str!("assets/app.css");
+
+/// What the dashboard reads and acts on. Shared by every request.
+pub(crate) struct Ui {
+    broker: Arc<dyn Broker>,
+    config: Arc<Config>,
+    jobs: Vec<String>,
+    stats: Arc<Stats>,
+    hints: Arc<Hints>,
+    worker_id: String,
+    notices: Vec<String>,
+    /// `false` for the `dashboard` command: no jobs run here, so there is no "this worker".
+    runs_jobs: bool,
+    /// The per-process CSRF token every form carries.
+    csrf: String,
+}
+
+/// How to build a [`Ui`].
+pub(crate) struct UiParts {
+    pub broker: Arc<dyn Broker>,
+    pub config: Arc<Config>,
+    pub jobs: Vec<String>,
+    pub stats: Arc<Stats>,
+    pub hints: Arc<Hints>,
+    pub worker_id: String,
+    pub notices: Vec<String>,
+    pub runs_jobs: bool,
+}
+
+impl Ui {
+    pub(crate) fn new(p: UiParts) -> Arc<Ui> {
+        let bytes: [u8; 16] = rand::random();
+        let csrf = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        Arc::new(Ui {
+            broker: p.broker,
+            config: p.config,
+            jobs: p.jobs,
+            stats: p.stats,
+            hints: p.hints,
+            worker_id: p.worker_id,
+            notices: p.notices,
+            runs_jobs: p.runs_jobs,
+            csrf,
+        })
+    }
+
+    fn queue_names(&self) -> Vec<String> {
+        self.config.effective_queues().into_keys().collect()
+    }
+
+    fn access(&self, headers: &HeaderMap) -> Access {
+        if self.config.http.read_only {
+            return Access::ReadOnly;
+        }
+        match &self.config.http.token {
+            None => Access::Open,
+            Some(token) => match cookie(headers, COOKIE) {
+                Some(given) if ct_eq(given.as_bytes(), token.as_bytes()) => Access::SignedIn,
+                _ => Access::SignInFirst,
+            },
+        }
+    }
+
+    /// Refuses an action that is not allowed, not signed in, or not from this dashboard's own form.
+    fn check_action(&self, headers: &HeaderMap, csrf: &str) -> Result<Access, Response> {
+        let access = self.access(headers);
+        match access {
+            Access::ReadOnly => Err(self.refuse(
+                headers,
+                "This dashboard is read-only (http.read_only = true): nothing can be changed here.",
+            )),
+            Access::SignInFirst => Err(self.refuse(
+                headers,
+                "Actions need the dashboard token (http.token): sign in first.",
+            )),
+            Access::Open | Access::SignedIn => {
+                self.check_form(headers, csrf)?;
+                Ok(access)
+            }
+        }
+    }
+
+    /// CSRF: the form's token, and no cross-site `Origin` or `Sec-Fetch-Site`.
+    fn check_form(&self, headers: &HeaderMap, csrf: &str) -> Result<(), Response> {
+        if !same_origin(headers) || !ct_eq(csrf.as_bytes(), self.csrf.as_bytes()) {
+            return Err(self.refuse(
+                headers,
+                "This form is stale or was not sent by this dashboard (CSRF check): reload the page and try again.",
+            ));
+        }
+        Ok(())
+    }
+
+    fn refuse(&self, headers: &HeaderMap, why: &str) -> Response {
+        let access = self.access(headers);
+        page(
+            StatusCode::FORBIDDEN,
+            view::layout(self, access, "Not allowed", "", view::refused(why, access)),
+        )
+    }
+
+    async fn queue_view(&self, name: &str, levels: &[Priority]) -> view::QueueView {
+        let mut rows = Vec::new();
+        for p in levels {
+            let d = self.depth(&names::physical(name, *p)).await;
+            rows.push((p.as_str(), d));
+        }
+        view::QueueView {
+            name: name.to_string(),
+            levels: rows,
+            dead: self.depth(&names::dead_letter(name)).await,
+            hint: self.hints.get(name),
+            history: self.hints.history(name),
+            counters: self
+                .stats
+                .snapshot()
+                .remove(name)
+                .unwrap_or_else(QueueSnapshot::default),
+        }
+    }
+
+    async fn depth(&self, physical: &str) -> Result<Depth, String> {
+        match tokio::time::timeout(Duration::from_secs(5), self.broker.depth(physical)).await {
+            Ok(Ok(d)) => Ok(d),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("the broker did not answer within 5s".into()),
+        }
+    }
+
+    async fn all_queues(&self) -> Vec<view::QueueView> {
+        let mut out = Vec::new();
+        for (name, q) in self.config.effective_queues() {
+            let levels = q.levels();
+            out.push(self.queue_view(&name, &levels).await);
+        }
+        out
+    }
+
+    /// The dead letters of `queue` (up to [`SCAN`]) that match `filter`, and how many were read.
+    async fn dead_letters(
+        &self,
+        queue: &str,
+        filter: &Filter,
+    ) -> Result<(Vec<DeadLetter>, usize), String> {
+        let all = dlq::list(&self.broker, queue, SCAN)
+            .await
+            .map_err(|e| e.to_string())?;
+        let read = all.len();
+        Ok((
+            all.into_iter().filter(|d| filter.matches(d)).collect(),
+            read,
+        ))
+    }
+}
+
+/// What the visitor may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Access {
+    /// `http.read_only`: look only.
+    ReadOnly,
+    /// A token is configured and this browser has not given it.
+    SignInFirst,
+    /// A token is configured and this browser gave it.
+    SignedIn,
+    /// No token configured: actions are open (the bind address is the boundary).
+    Open,
+}
+
+impl Access {
+    fn can_act(self) -> bool {
+        matches!(self, Access::Open | Access::SignedIn)
+    }
+}
+
+/// A dead-letter filter: job name (exact) and error text (substring, any case). Empty means any.
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+pub(crate) struct Filter {
+    #[serde(default)]
+    job: String,
+    #[serde(default)]
+    error: String,
+    /// A message to show (after an action).
+    #[serde(default)]
+    done: String,
+}
+
+impl Filter {
+    fn is_empty(&self) -> bool {
+        self.job.is_empty() && self.error.is_empty()
+    }
+
+    fn matches(&self, d: &DeadLetter) -> bool {
+        (self.job.is_empty() || d.envelope.job.as_deref().unwrap_or("-") == self.job)
+            && (self.error.is_empty()
+                || d.error
+                    .to_lowercase()
+                    .contains(&self.error.trim().to_lowercase()))
+    }
+
+    fn query(&self, done: &str) -> String {
+        let mut q = vec![];
+        if !self.job.is_empty() {
+            q.push(format!("job={}", enc(&self.job)));
+        }
+        if !self.error.is_empty() {
+            q.push(format!("error={}", enc(&self.error)));
+        }
+        if !done.is_empty() {
+            q.push(format!("done={}", enc(done)));
+        }
+        if q.is_empty() {
+            String::new()
+        } else {
+            format!("?{}", q.join("&"))
+        }
+    }
+}
+
+/// The routes of the dashboard, for merging into the worker's HTTP router.
+pub(crate) fn router(ui: Arc<Ui>) -> Router {
+    Router::new()
+        .route("/", get(|| async { see_other("/ui") }))
+        .route("/ui", get(overview))
+        .route("/ui/", get(|| async { see_other("/ui") }))
+        .route("/ui/live/overview", get(overview_live))
+        .route("/ui/queues/{queue}", get(queue_page))
+        .route("/ui/live/queues/{queue}", get(queue_live))
+        .route("/ui/queues/{queue}/dead", get(dead_page).post(dead_action))
+        .route("/ui/queues/{queue}/dead/{id}", get(dead_one))
+        .route("/ui/worker", get(worker_page))
+        .route("/ui/live/worker", get(worker_live))
+        .route("/ui/enqueue", get(enqueue_page).post(enqueue_action))
+        .route("/ui/login", get(login_page).post(login_action))
+        .route("/ui/logout", post(logout_action))
+        .route("/ui/assets/htmx.min.js", get(htmx_js))
+        .route("/ui/assets/app.css", get(app_css))
+        .with_state(ui)
+}
+
+type S = State<Arc<Ui>>;
+
+async fn overview(State(ui): S, headers: HeaderMap) -> Response {
+    let access = ui.access(&headers);
+    let queues = ui.all_queues().await;
+    page(
+        StatusCode::OK,
+        view::layout(&ui, access, "Queues", "overview", view::overview(&queues)),
+    )
+}
+
+async fn overview_live(State(ui): S) -> Response {
+    page(StatusCode::OK, view::overview_live(&ui.all_queues().await))
+}
+
+/// The levels of a configured queue, or a 404 page.
+fn levels_of(ui: &Ui, headers: &HeaderMap, queue: &str) -> Result<Vec<Priority>, Response> {
+    match ui.config.effective_queues().get(queue) {
+        Some(q) => Ok(q.levels()),
+        None => Err(not_found(
+            ui,
+            headers,
+            &format!(
+                "No queue \"{queue}\" in this worker's config (queues: {}).",
+                ui.queue_names().join(", ")
+            ),
+        )),
+    }
+}
+
+async fn queue_page(State(ui): S, headers: HeaderMap, Path(queue): Path<String>) -> Response {
+    let levels = match levels_of(&ui, &headers, &queue) {
+        Ok(l) => l,
+        Err(r) => return r,
+    };
+    let access = ui.access(&headers);
+    let q = ui.queue_view(&queue, &levels).await;
+    let dead = ui.dead_letters(&queue, &Filter::default()).await;
+    page(
+        StatusCode::OK,
+        view::layout(
+            &ui,
+            access,
+            &format!("Queue {queue}"),
+            "overview",
+            view::queue(&q, dead.as_ref().map(|(d, _)| d.as_slice())),
+        ),
+    )
+}
+
+async fn queue_live(State(ui): S, headers: HeaderMap, Path(queue): Path<String>) -> Response {
+    let levels = match levels_of(&ui, &headers, &queue) {
+        Ok(l) => l,
+        Err(r) => return r,
+    };
+    page(
+        StatusCode::OK,
+        view::queue_live(&ui.queue_view(&queue, &levels).await),
+    )
+}
+
+async fn dead_page(
+    State(ui): S,
+    headers: HeaderMap,
+    Path(queue): Path<String>,
+    Query(filter): Query<Filter>,
+) -> Response {
+    if let Err(r) = levels_of(&ui, &headers, &queue) {
+        return r;
+    }
+    let access = ui.access(&headers);
+    let found = ui.dead_letters(&queue, &filter).await;
+    // The job names to filter by: those of the unfiltered list.
+    let jobs = match ui
+        .dead_letters(
+            &queue,
+            &Filter {
+                error: filter.error.clone(),
+                ..Filter::default()
+            },
+        )
+        .await
+    {
+        Ok((all, _)) => {
+            let mut j: Vec<String> = all
+                .iter()
+                .map(|d| d.envelope.job.clone().unwrap_or_else(|| "-".into()))
+                .collect();
+            j.sort();
+            j.dedup();
+            j
+        }
+        Err(_) => Vec::new(),
+    };
+    page(
+        StatusCode::OK,
+        view::layout(
+            &ui,
+            access,
+            &format!("Dead letters of {queue}"),
+            "overview",
+            view::dead_letters(&ui.csrf, access, &queue, &filter, &jobs, found),
+        ),
+    )
+}
+
+async fn dead_one(
+    State(ui): S,
+    headers: HeaderMap,
+    Path((queue, id)): Path<(String, String)>,
+) -> Response {
+    if let Err(r) = levels_of(&ui, &headers, &queue) {
+        return r;
+    }
+    let access = ui.access(&headers);
+    match ui.dead_letters(&queue, &Filter::default()).await {
+        Ok((all, _)) => match all.into_iter().find(|d| d.envelope.id == id) {
+            Some(d) => page(
+                StatusCode::OK,
+                view::layout(
+                    &ui,
+                    access,
+                    &format!("Dead letter {id}"),
+                    "overview",
+                    view::dead_letter(&ui.csrf, access, &queue, &d),
+                ),
+            ),
+            None => not_found(
+                &ui,
+                &headers,
+                &format!(
+                    "No dead letter {id} in {queue} (among the first {SCAN}): replayed or purged already?"
+                ),
+            ),
+        },
+        Err(e) => page(
+            StatusCode::BAD_GATEWAY,
+            view::layout(
+                &ui,
+                access,
+                "Broker error",
+                "overview",
+                view::message(&format!("Cannot read the dead letters: {e}"), true),
+            ),
+        ),
+    }
+}
+
+/// The form of a dead-letter action.
+#[derive(serde::Deserialize)]
+struct DeadAction {
+    #[serde(default)]
+    csrf: String,
+    /// `replay` or `purge`.
+    action: String,
+    /// `one` (with `id`) or `filtered` (with `job` and `error`; every dead letter when both are
+    /// empty).
+    scope: String,
+    #[serde(default)]
+    id: String,
+    #[serde(default)]
+    job: String,
+    #[serde(default)]
+    error: String,
+}
+
+async fn dead_action(
+    State(ui): S,
+    headers: HeaderMap,
+    Path(queue): Path<String>,
+    Form(form): Form<DeadAction>,
+) -> Response {
+    if let Err(r) = levels_of(&ui, &headers, &queue) {
+        return r;
+    }
+    if let Err(r) = ui.check_action(&headers, &form.csrf) {
+        return r;
+    }
+    let filter = Filter {
+        job: form.job.clone(),
+        error: form.error.clone(),
+        done: String::new(),
+    };
+    let (select, limit) = match form.scope.as_str() {
+        "one" if !form.id.is_empty() => (Select::Ids(vec![form.id.clone()]), SCAN),
+        "filtered" if filter.is_empty() => (Select::All, ALL),
+        "filtered" => match ui.dead_letters(&queue, &filter).await {
+            Ok((found, _)) => (
+                Select::Ids(found.into_iter().map(|d| d.envelope.id).collect()),
+                SCAN,
+            ),
+            Err(e) => return see_other(&dead_url(&queue, &filter, &format!("error: {e}"))),
+        },
+        other => {
+            return see_other(&dead_url(
+                &queue,
+                &filter,
+                &format!("error: unknown scope {other:?}"),
+            ))
+        }
+    };
+    if matches!(&select, Select::Ids(ids) if ids.is_empty()) {
+        return see_other(&dead_url(
+            &queue,
+            &filter,
+            "Nothing matched: nothing changed.",
+        ));
+    }
+    let done = match form.action.as_str() {
+        "replay" => match dlq::replay(&ui.broker, &queue, &select, limit).await {
+            Ok(n) => {
+                tracing::info!(queue = %queue, replayed = n, scope = %form.scope, "dashboard: dead letters replayed");
+                format!("Replayed {n} dead letter(s) to {queue}.")
+            }
+            Err(e) => format!("error: replay failed: {e}"),
+        },
+        "purge" => match dlq::purge(&ui.broker, &queue, &select, limit).await {
+            Ok(n) => {
+                tracing::info!(queue = %queue, purged = n, scope = %form.scope, "dashboard: dead letters purged");
+                format!("Purged {n} dead letter(s) of {queue}.")
+            }
+            Err(e) => format!("error: purge failed: {e}"),
+        },
+        other => format!("error: unknown action {other:?}"),
+    };
+    see_other(&dead_url(&queue, &filter, &done))
+}
+
+fn dead_url(queue: &str, filter: &Filter, done: &str) -> String {
+    format!("/ui/queues/{}/dead{}", enc(queue), filter.query(done))
+}
+
+async fn worker_page(State(ui): S, headers: HeaderMap) -> Response {
+    let access = ui.access(&headers);
+    page(
+        StatusCode::OK,
+        view::layout(&ui, access, "This worker", "worker", view::worker(&ui)),
+    )
+}
+
+async fn worker_live(State(ui): S) -> Response {
+    page(StatusCode::OK, view::worker_live(&ui))
+}
+
+/// The enqueue form's fields (also what is shown again after an error).
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+pub(crate) struct EnqueueForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    job: String,
+    #[serde(default)]
+    queue: String,
+    #[serde(default)]
+    payload: String,
+    #[serde(default)]
+    priority: String,
+    #[serde(default)]
+    delay: String,
+}
+
+async fn enqueue_page(State(ui): S, headers: HeaderMap) -> Response {
+    let access = ui.access(&headers);
+    let form = EnqueueForm {
+        payload: "{}".into(),
+        priority: "normal".into(),
+        queue: crate::config::DEFAULT_QUEUE.into(),
+        ..EnqueueForm::default()
+    };
+    page(
+        StatusCode::OK,
+        view::layout(
+            &ui,
+            access,
+            "Enqueue a job",
+            "enqueue",
+            view::enqueue(&ui, access, &form, None),
+        ),
+    )
+}
+
+async fn enqueue_action(
+    State(ui): S,
+    headers: HeaderMap,
+    Form(form): Form<EnqueueForm>,
+) -> Response {
+    let access = match ui.check_action(&headers, &form.csrf) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let outcome = enqueue(&ui, &form).await;
+    let status = if outcome.is_ok() {
+        StatusCode::OK
+    } else {
+        StatusCode::UNPROCESSABLE_ENTITY
+    };
+    page(
+        status,
+        view::layout(
+            &ui,
+            access,
+            "Enqueue a job",
+            "enqueue",
+            view::enqueue(&ui, access, &form, Some(outcome)),
+        ),
+    )
+}
+
+/// Checks the form as the CLI's `enqueue` does (a job this binary serves, a queue the config
+/// defines, JSON payload), then enqueues. `Ok` carries the message shown.
+async fn enqueue(ui: &Ui, f: &EnqueueForm) -> Result<String, String> {
+    if !ui.jobs.iter().any(|j| j == &f.job) {
+        return Err(format!(
+            "No handler is registered for job \"{}\" (registered: {}).",
+            f.job,
+            ui.jobs.join(", ")
+        ));
+    }
+    if !ui.config.effective_queues().contains_key(&f.queue) {
+        return Err(format!(
+            "No queue \"{}\" in the config (queues: {}).",
+            f.queue,
+            ui.queue_names().join(", ")
+        ));
+    }
+    let payload: serde_json::Value = serde_json::from_str(&f.payload)
+        .map_err(|e| format!("The payload is not valid JSON: {e}."))?;
+    let priority = Priority::parse(&f.priority)
+        .ok_or_else(|| format!("Unknown priority \"{}\" (high, normal or low).", f.priority))?;
+    let delay = match f.delay.trim() {
+        "" => None,
+        d => Some(humantime::parse_duration(d).map_err(|e| {
+            format!("The delay \"{d}\" is not a duration ({e}); write e.g. 30s, 10m or 2h.")
+        })?),
+    };
+    let client = crate::Client::new(ui.broker.clone()).with_limits_from(&ui.config);
+    let mut e = client
+        .enqueue(&f.job, &payload)
+        .queue(&f.queue)
+        .priority(priority);
+    if let Some(d) = delay {
+        e = e.delay(d);
+    }
+    let id = e.send().await.map_err(|e| format!("Not enqueued: {e}."))?;
+    tracing::info!(job = %f.job, queue = %f.queue, %id, "dashboard: job enqueued");
+    Ok(format!(
+        "Enqueued {} on {} as {id}{}.",
+        f.job,
+        f.queue,
+        delay.map_or(String::new(), |d| format!(
+            ", to run in {}",
+            humantime::format_duration(d)
+        ))
+    ))
+}
+
+/// Query of the sign-in page.
+#[derive(serde::Deserialize)]
+struct Next {
+    #[serde(default)]
+    next: String,
+}
+
+/// Where to go after signing in: a dashboard path only (never another site).
+fn next_path(next: &str) -> &str {
+    if next.starts_with("/ui") && !next.starts_with("//") && !next.contains("://") {
+        next
+    } else {
+        "/ui"
+    }
+}
+
+async fn login_page(State(ui): S, headers: HeaderMap, Query(next): Query<Next>) -> Response {
+    let access = ui.access(&headers);
+    page(
+        StatusCode::OK,
+        view::layout(
+            &ui,
+            access,
+            "Sign in",
+            "",
+            view::login(&ui, next_path(&next.next), None),
+        ),
+    )
+}
+
+#[derive(serde::Deserialize)]
+struct Login {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    token: String,
+    #[serde(default)]
+    next: String,
+}
+
+async fn login_action(State(ui): S, headers: HeaderMap, Form(form): Form<Login>) -> Response {
+    if let Err(r) = ui.check_form(&headers, &form.csrf) {
+        return r;
+    }
+    let next = next_path(&form.next);
+    match &ui.config.http.token {
+        Some(token) if ct_eq(form.token.as_bytes(), token.as_bytes()) => {
+            let mut r = see_other(next);
+            if let Ok(v) = format!("{COOKIE}={token}; Path=/ui; HttpOnly; SameSite=Strict").parse()
+            {
+                r.headers_mut().insert(header::SET_COOKIE, v);
+            }
+            r
+        }
+        Some(_) => {
+            tracing::warn!("dashboard: sign-in with a wrong token");
+            let access = ui.access(&headers);
+            page(
+                StatusCode::FORBIDDEN,
+                view::layout(
+                    &ui,
+                    access,
+                    "Sign in",
+                    "",
+                    view::login(&ui, next, Some("That is not the token (http.token).")),
+                ),
+            )
+        }
+        None => see_other(next),
+    }
+}
+
+async fn logout_action(State(ui): S, headers: HeaderMap, Form(form): Form<Login>) -> Response {
+    if let Err(r) = ui.check_form(&headers, &form.csrf) {
+        return r;
+    }
+    let mut r = see_other("/ui");
+    if let Ok(v) = format!("{COOKIE}=; Path=/ui; HttpOnly; SameSite=Strict; Max-Age=0").parse() {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    r
+}
+
+async fn htmx_js() -> Response {
+    asset("text/javascript; charset=utf-8", HTMX)
+}
+
+async fn app_css() -> Response {
+    asset("text/css; charset=utf-8", CSS)
+}
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "public, max-age=3600"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+fn not_found(ui: &Ui, headers: &HeaderMap, what: &str) -> Response {
+    page(
+        StatusCode::NOT_FOUND,
+        view::layout(
+            ui,
+            ui.access(headers),
+            "Not found",
+            "",
+            view::message(what, true),
+        ),
+    )
+}
+
+/// An HTML response with the dashboard's security headers.
+fn page(status: StatusCode, body: Markup) -> Response {
+    (
+        status,
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::X_FRAME_OPTIONS, "DENY"),
+            (header::REFERRER_POLICY, "no-referrer"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+                 connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+            ),
+        ],
+        body.into_string(),
+    )
+        .into_response()
+}
+
+fn see_other(to: &str) -> Response {
+    (StatusCode::SEE_OTHER, [(header::LOCATION, to.to_string())]).into_response()
+}
+
+/// The value of cookie `name`, if the request carries it.
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// Whether a request comes from a page of this same host: browsers send `Sec-Fetch-Site` and
+/// `Origin` with form posts; a missing header (curl, an old browser) is not proof of anything,
+/// so the CSRF token decides then.
+fn same_origin(headers: &HeaderMap) -> bool {
+    let h = |n: header::HeaderName| headers.get(n).and_then(|v| v.to_str().ok());
+    if let Some(site) = h(header::HeaderName::from_static("sec-fetch-site")) {
+        if site != "same-origin" && site != "none" {
+            return false;
+        }
+    }
+    match (h(header::ORIGIN), h(header::HOST)) {
+        (Some(origin), Some(host)) => {
+            origin
+                .strip_prefix("http://")
+                .or_else(|| origin.strip_prefix("https://"))
+                == Some(host)
+        }
+        (Some(_), None) => false,
+        (None, _) => true,
+    }
+}
+
+/// Compares without stopping at the first difference.
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Percent-encodes everything but unreserved characters (for query values and path segments).
+fn enc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;
