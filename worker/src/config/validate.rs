@@ -88,7 +88,8 @@ impl Config {
         }
         if h.enabled && h.ui && !h.read_only && h.token.is_none() && !h.bind.ip().is_loopback() {
             notices.push(format!(
-                "http: the dashboard's actions (replay, purge, enqueue) are open to anyone who                  reaches {}; set http.token or http.read_only = true",
+                "http: the dashboard's actions (replay, purge, enqueue) are open to anyone who \
+                 reaches {}; set http.token or http.read_only = true",
                 h.bind
             ));
         }
