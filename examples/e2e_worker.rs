@@ -3,19 +3,22 @@
 //! outside exactly which jobs ran, how often, and whether shutdown cut any short.
 //!
 //! Job payload: `{"n": 7, "sleep_ms": 300}`. The job numbered `E2E_ABORT_N`, if set, aborts the
-//! process each time it runs.
+//! process each time it runs. A job with `"fail": true` fails (permanently) while the file
+//! `E2E_FAIL_FILE` exists, and runs normally once it is gone.
 
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use stevedore::{App, JobContext, Json, Router, State};
+use stevedore::{App, JobContext, JobError, Json, Router, State};
 
 #[derive(Serialize, Deserialize)]
 struct Work {
     n: u64,
     sleep_ms: u64,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    fail: bool,
 }
 
 #[derive(Clone)]
@@ -29,14 +32,24 @@ impl Out {
     }
 }
 
-async fn work(Json(w): Json<Work>, ctx: JobContext, State(out): State<Out>) {
+async fn work(
+    Json(w): Json<Work>,
+    ctx: JobContext,
+    State(out): State<Out>,
+) -> Result<(), JobError> {
     out.line(&format!("start {} {}", w.n, ctx.attempt));
+    if w.fail
+        && std::env::var_os("E2E_FAIL_FILE").is_some_and(|f| std::path::Path::new(&f).exists())
+    {
+        return Err(JobError::permanent("refused: the E2E fail flag is set"));
+    }
     if poison() == Some(w.n) {
         // A job that kills its worker: no ack, no release, no failure reported.
         std::process::abort();
     }
     tokio::time::sleep(Duration::from_millis(w.sleep_ms)).await;
     out.line(&format!("done {}", w.n));
+    Ok(())
 }
 
 /// `E2E_ABORT_N`: the job whose handler aborts the process every time it runs.
@@ -79,7 +92,18 @@ async fn main() -> ExitCode {
                 // Like any producer: retry what may succeed later (the broker restarting).
                 let mut pause = Duration::from_millis(50);
                 loop {
-                    match client.enqueue("work", &Work { n, sleep_ms }).send().await {
+                    match client
+                        .enqueue(
+                            "work",
+                            &Work {
+                                n,
+                                sleep_ms,
+                                fail: false,
+                            },
+                        )
+                        .send()
+                        .await
+                    {
                         Ok(_) => break,
                         Err(stevedore::EnqueueError::Broker(e)) if e.is_transient() => {
                             eprintln!("enqueue failed, retrying: {e}");

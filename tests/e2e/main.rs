@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+mod browser;
+
 const WORKER: &str = env!("CARGO_BIN_EXE_e2e_worker");
 
 /// One test at a time: several start broker nodes or measure timings, and the machine has 2 cores.

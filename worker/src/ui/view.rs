@@ -54,6 +54,8 @@ pub(super) fn layout(ui: &Ui, access: Access, title: &str, nav: &str, body: Mark
                 meta charset="utf-8";
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 meta name="htmx-config" content=(HTMX_CONFIG);
+                // No favicon request (it would be a 404 on every page).
+                link rel="icon" href="data:,";
                 title { (title) " · Stevedore" }
                 link rel="stylesheet" href="/ui/assets/app.css";
                 script src="/ui/assets/htmx.min.js" {}
@@ -250,7 +252,11 @@ pub(super) fn queue_live(q: &QueueView) -> Markup {
     }
 }
 
-fn dead_table(queue: &str, list: &[DeadLetter], actions: Option<(&str, Access)>) -> Markup {
+fn dead_table(
+    queue: &str,
+    list: &[DeadLetter],
+    actions: Option<(&str, Access, &Filter)>,
+) -> Markup {
     html! {
         table #dead {
             thead { tr {
@@ -265,8 +271,8 @@ fn dead_table(queue: &str, list: &[DeadLetter], actions: Option<(&str, Access)>)
                         td.err data-col="error" { (cut(&d.error, 240)) }
                         td data-col="attempts" { (d.attempts) }
                         td { (d.last_failure.map_or("–".to_string(), ago)) }
-                        @if let Some((csrf, access)) = actions {
-                            td { @if access.can_act() { (one_actions(csrf, queue, &d.envelope.id)) } }
+                        @if let Some((csrf, access, filter)) = actions {
+                            td { @if access.can_act() { (one_actions(csrf, queue, &d.envelope.id, filter)) } }
                         }
                     }
                 }
@@ -275,14 +281,20 @@ fn dead_table(queue: &str, list: &[DeadLetter], actions: Option<(&str, Access)>)
     }
 }
 
-fn one_actions(csrf: &str, queue: &str, id: &str) -> Markup {
+/// Replay and purge buttons for one dead letter; `filter` is where the list returns after.
+fn one_actions(csrf: &str, queue: &str, id: &str, filter: &Filter) -> Markup {
     let url = format!("/ui/queues/{}/dead", enc(queue));
+    let keep = html! {
+        input type="hidden" name="job" value=(filter.job);
+        input type="hidden" name="error" value=(filter.error);
+    };
     html! {
         form.inline method="post" action=(url) hx-confirm={"Replay dead letter " (id) " to " (queue) "?"} {
             input type="hidden" name="csrf" value=(csrf);
             input type="hidden" name="action" value="replay";
             input type="hidden" name="scope" value="one";
             input type="hidden" name="id" value=(id);
+            (keep)
             button.secondary type="submit" data-action="replay" { "Replay" }
         }
         " "
@@ -291,6 +303,7 @@ fn one_actions(csrf: &str, queue: &str, id: &str) -> Markup {
             input type="hidden" name="action" value="purge";
             input type="hidden" name="scope" value="one";
             input type="hidden" name="id" value=(id);
+            (keep)
             button.danger type="submit" data-action="purge" { "Purge" }
         }
     }
@@ -350,7 +363,7 @@ pub(super) fn dead_letters(
                         }
                     }
                     @if list.is_empty() { p.muted { "Nothing here." } }
-                    @else { (dead_table(queue, &list[..list.len().min(200)], Some((csrf, access)))) }
+                    @else { (dead_table(queue, &list[..list.len().min(200)], Some((csrf, access, filter)))) }
                     @if list.len() > 200 { p.muted { "Showing the first 200." } }
                 }
             }
@@ -375,7 +388,7 @@ pub(super) fn dead_letter(csrf: &str, access: Access, queue: &str, d: &DeadLette
                 dt { "Last failure" } dd { (d.last_failure.map_or("–".into(), time)) }
                 dt { "Given up by" } dd { (d.worker) }
             }
-            @if access.can_act() { div.actions { (one_actions(csrf, queue, &e.id)) } }
+            @if access.can_act() { div.actions { (one_actions(csrf, queue, &e.id, &Filter::default())) } }
         }
         h2 { "Payload (" (e.payload.len()) " bytes)" }
         pre #payload { (payload(&e.payload)) }
