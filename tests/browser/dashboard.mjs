@@ -4,6 +4,7 @@
 //
 //   node dashboard.mjs full       DASH_URL, FAIL_FILE, SCREENSHOT
 //   node dashboard.mjs read-only  DASH_URL
+//   node dashboard.mjs shot       DASH_URL, SCREENSHOT (the README's picture of the overview)
 import { chromium } from 'playwright-core';
 import fs from 'node:fs';
 
@@ -50,6 +51,13 @@ try {
 
   if (mode === 'full') await full(page);
   else if (mode === 'read-only') await readOnly(page);
+  else if (mode === 'shot') {
+    await page.goto(`${base}/ui`);
+    await page.locator('#queues').waitFor({ timeout: T });
+    await page.setViewportSize({ width: 1280, height: 430 });
+    await page.screenshot({ path: process.env.SCREENSHOT });
+    steps.push('screenshot');
+  }
   else throw new Error(`unknown mode ${mode}`);
 
   check(problems.length === 0, `no script errors or CSP violations, got: ${problems.join(' | ')}`);
