@@ -113,7 +113,7 @@ impl Stats {
             .values()
             .flat_map(|q| q.running())
             .collect();
-        all.sort_by(|a, b| b.age.cmp(&a.age));
+        all.sort_by_key(|r| std::cmp::Reverse(r.age));
         all
     }
 

@@ -24,7 +24,7 @@
 use crate::autoscale::Hints;
 use crate::config::Config;
 use crate::dlq::{self, DeadLetter, Select};
-use crate::stats::{QueueSnapshot, Stats};
+use crate::stats::Stats;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -110,17 +110,17 @@ impl Ui {
     }
 
     /// Refuses an action that is not allowed, not signed in, or not from this dashboard's own form.
-    fn check_action(&self, headers: &HeaderMap, csrf: &str) -> Result<Access, Response> {
+    fn check_action(&self, headers: &HeaderMap, csrf: &str) -> Result<Access, Refusal> {
         let access = self.access(headers);
         match access {
-            Access::ReadOnly => Err(self.refuse(
+            Access::ReadOnly => Err(Box::new(self.refuse(
                 headers,
                 "This dashboard is read-only (http.read_only = true): nothing can be changed here.",
-            )),
-            Access::SignInFirst => Err(self.refuse(
+            ))),
+            Access::SignInFirst => Err(Box::new(self.refuse(
                 headers,
                 "Actions need the dashboard token (http.token): sign in first.",
-            )),
+            ))),
             Access::Open | Access::SignedIn => {
                 self.check_form(headers, csrf)?;
                 Ok(access)
@@ -129,12 +129,12 @@ impl Ui {
     }
 
     /// CSRF: the form's token, and no cross-site `Origin` or `Sec-Fetch-Site`.
-    fn check_form(&self, headers: &HeaderMap, csrf: &str) -> Result<(), Response> {
+    fn check_form(&self, headers: &HeaderMap, csrf: &str) -> Result<(), Refusal> {
         if !same_origin(headers) || !ct_eq(csrf.as_bytes(), self.csrf.as_bytes()) {
-            return Err(self.refuse(
+            return Err(Box::new(self.refuse(
                 headers,
                 "This form is stale or was not sent by this dashboard (CSRF check): reload the page and try again.",
-            ));
+            )));
         }
         Ok(())
     }
@@ -159,11 +159,7 @@ impl Ui {
             dead: self.depth(&names::dead_letter(name)).await,
             hint: self.hints.get(name),
             history: self.hints.history(name),
-            counters: self
-                .stats
-                .snapshot()
-                .remove(name)
-                .unwrap_or_else(QueueSnapshot::default),
+            counters: self.stats.snapshot().remove(name).unwrap_or_default(),
         }
     }
 
@@ -287,6 +283,9 @@ pub(crate) fn router(ui: Arc<Ui>) -> Router {
 
 type S = State<Arc<Ui>>;
 
+/// A refused request's page (boxed: a `Response` is large for an `Err`).
+type Refusal = Box<Response>;
+
 async fn overview(State(ui): S, headers: HeaderMap) -> Response {
     let access = ui.access(&headers);
     let queues = ui.all_queues().await;
@@ -301,24 +300,24 @@ async fn overview_live(State(ui): S) -> Response {
 }
 
 /// The levels of a configured queue, or a 404 page.
-fn levels_of(ui: &Ui, headers: &HeaderMap, queue: &str) -> Result<Vec<Priority>, Response> {
+fn levels_of(ui: &Ui, headers: &HeaderMap, queue: &str) -> Result<Vec<Priority>, Refusal> {
     match ui.config.effective_queues().get(queue) {
         Some(q) => Ok(q.levels()),
-        None => Err(not_found(
+        None => Err(Box::new(not_found(
             ui,
             headers,
             &format!(
                 "No queue \"{queue}\" in this worker's config (queues: {}).",
                 ui.queue_names().join(", ")
             ),
-        )),
+        ))),
     }
 }
 
 async fn queue_page(State(ui): S, headers: HeaderMap, Path(queue): Path<String>) -> Response {
     let levels = match levels_of(&ui, &headers, &queue) {
         Ok(l) => l,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let access = ui.access(&headers);
     let q = ui.queue_view(&queue, &levels).await;
@@ -338,7 +337,7 @@ async fn queue_page(State(ui): S, headers: HeaderMap, Path(queue): Path<String>)
 async fn queue_live(State(ui): S, headers: HeaderMap, Path(queue): Path<String>) -> Response {
     let levels = match levels_of(&ui, &headers, &queue) {
         Ok(l) => l,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     page(
         StatusCode::OK,
@@ -353,7 +352,7 @@ async fn dead_page(
     Query(filter): Query<Filter>,
 ) -> Response {
     if let Err(r) = levels_of(&ui, &headers, &queue) {
-        return r;
+        return *r;
     }
     let access = ui.access(&headers);
     let found = ui.dead_letters(&queue, &filter).await;
@@ -397,7 +396,7 @@ async fn dead_one(
     Path((queue, id)): Path<(String, String)>,
 ) -> Response {
     if let Err(r) = levels_of(&ui, &headers, &queue) {
-        return r;
+        return *r;
     }
     let access = ui.access(&headers);
     match ui.dead_letters(&queue, &Filter::default()).await {
@@ -458,10 +457,10 @@ async fn dead_action(
     Form(form): Form<DeadAction>,
 ) -> Response {
     if let Err(r) = levels_of(&ui, &headers, &queue) {
-        return r;
+        return *r;
     }
     if let Err(r) = ui.check_action(&headers, &form.csrf) {
-        return r;
+        return *r;
     }
     let filter = Filter {
         job: form.job.clone(),
@@ -573,7 +572,7 @@ async fn enqueue_action(
 ) -> Response {
     let access = match ui.check_action(&headers, &form.csrf) {
         Ok(a) => a,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let outcome = enqueue(&ui, &form).await;
     let status = if outcome.is_ok() {
@@ -683,7 +682,7 @@ struct Login {
 
 async fn login_action(State(ui): S, headers: HeaderMap, Form(form): Form<Login>) -> Response {
     if let Err(r) = ui.check_form(&headers, &form.csrf) {
-        return r;
+        return *r;
     }
     let next = next_path(&form.next);
     match &ui.config.http.token {
@@ -715,7 +714,7 @@ async fn login_action(State(ui): S, headers: HeaderMap, Form(form): Form<Login>)
 
 async fn logout_action(State(ui): S, headers: HeaderMap, Form(form): Form<Login>) -> Response {
     if let Err(r) = ui.check_form(&headers, &form.csrf) {
-        return r;
+        return *r;
     }
     let mut r = see_other("/ui");
     if let Ok(v) = format!("{COOKIE}=; Path=/ui; HttpOnly; SameSite=Strict; Max-Age=0").parse() {
