@@ -272,7 +272,10 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
             }
         };
         init_tracing();
-        match self.dispatch(cli).await {
+        let result = self.dispatch(cli).await;
+        #[cfg(feature = "otel")]
+        crate::otel::flush();
+        match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(Failure::Config(e)) => {
                 eprintln!("error: invalid config: {e}");
@@ -549,16 +552,34 @@ fn log_filter(rust_log: Option<&str>) -> String {
 }
 
 fn init_tracing() {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let rust_log = std::env::var("RUST_LOG").ok();
     let filter = tracing_subscriber::EnvFilter::try_new(log_filter(rust_log.as_deref()))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lapin=off"));
-    let _ = tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt::layer()
         .fmt_fields(crate::LogFields)
-        .with_env_filter(filter)
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter).with(fmt);
+    #[cfg(feature = "otel")]
+    {
+        match crate::otel::layer_from_env() {
+            Ok(otel) => {
+                let exporting = otel.is_some();
+                if registry.with(otel).try_init().is_ok() && exporting {
+                    tracing::info!("OpenTelemetry: exporting traces by OTLP (OTEL_* variables)");
+                }
+            }
+            Err(e) => {
+                let _ = registry.try_init();
+                tracing::warn!("OpenTelemetry: {e}; traces are not exported");
+            }
+        }
+    }
+    #[cfg(not(feature = "otel"))]
+    let _ = registry.try_init();
 }
 
 /// Refuses an enqueue no worker of this binary and config would ever take: a job name none of

@@ -124,8 +124,25 @@ impl Client {
     }
 
     /// Publishes ready-made envelopes to logical queue `queue`, each to the physical queue of its
-    /// priority, delayed ones through the delay scheduler.
-    pub async fn publish(&self, queue: &str, envelopes: Vec<Envelope>) -> Result<(), EnqueueError> {
+    /// priority, delayed ones through the delay scheduler. With the `otel` feature and an
+    /// OpenTelemetry layer, inside a producer span whose `traceparent` the envelopes carry (those
+    /// that have none yet).
+    pub async fn publish(
+        &self,
+        queue: &str,
+        #[allow(unused_mut)] mut envelopes: Vec<Envelope>,
+    ) -> Result<(), EnqueueError> {
+        #[cfg(feature = "otel")]
+        if crate::otel::enabled() {
+            use tracing::Instrument;
+            let span =
+                crate::otel::publish_span(self.scheduler.broker().name(), queue, &mut envelopes);
+            return self.publish_now(queue, envelopes).instrument(span).await;
+        }
+        self.publish_now(queue, envelopes).await
+    }
+
+    async fn publish_now(&self, queue: &str, envelopes: Vec<Envelope>) -> Result<(), EnqueueError> {
         names::validate(queue).map_err(|reason| EnqueueError::InvalidQueue {
             queue: queue.to_string(),
             reason,

@@ -50,6 +50,8 @@ mod http;
 pub mod layer;
 mod lease;
 mod logfmt;
+#[cfg(feature = "otel")]
+pub mod otel;
 mod priority;
 mod retry;
 pub mod router;

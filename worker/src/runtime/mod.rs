@@ -310,7 +310,7 @@ async fn run_job(ctx: &QueueCtx, priority: Priority, d: Delivery) {
         .job
         .clone()
         .or_else(|| ctx.cfg.default_job.clone());
-    let span = tracing::info_span!("job", queue = %ctx.name, job = job.as_deref().unwrap_or("-"), id = %d.envelope.id, attempt);
+    let span = job_span(ctx, job.as_deref().unwrap_or("-"), &d.envelope, attempt);
     async move {
         let started = Instant::now();
         ctx.stats.started();
@@ -342,6 +342,16 @@ async fn run_job(ctx: &QueueCtx, priority: Priority, d: Delivery) {
     }
     .instrument(span)
     .await
+}
+
+/// The span a job runs in (with the `otel` feature on and an OpenTelemetry layer installed, the
+/// consumer span of the message's trace).
+fn job_span(ctx: &QueueCtx, job: &str, env: &Envelope, attempt: u32) -> tracing::Span {
+    #[cfg(feature = "otel")]
+    if crate::otel::enabled() {
+        return crate::otel::job_span(ctx.broker().name(), &ctx.name, job, env, attempt);
+    }
+    tracing::info_span!("job", queue = %ctx.name, job = job, id = %env.id, attempt)
 }
 
 /// Runs a routed job; returns its job name (given back by the job's context, not copied) and
