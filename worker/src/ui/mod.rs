@@ -355,29 +355,22 @@ async fn dead_page(
         return *r;
     }
     let access = ui.access(&headers);
-    let found = ui.dead_letters(&queue, &filter).await;
-    // The job names to filter by: those of the unfiltered list.
-    let jobs = match ui
-        .dead_letters(
-            &queue,
-            &Filter {
-                error: filter.error.clone(),
-                ..Filter::default()
-            },
-        )
+    // One read (on a broker that cannot browse, reading counts a delivery): the job names to
+    // filter by come from the whole list.
+    let read = dlq::list(&ui.broker, &queue, SCAN)
         .await
-    {
-        Ok((all, _)) => {
-            let mut j: Vec<String> = all
-                .iter()
-                .map(|d| d.envelope.job.clone().unwrap_or_else(|| "-".into()))
-                .collect();
-            j.sort();
-            j.dedup();
-            j
-        }
-        Err(_) => Vec::new(),
-    };
+        .map_err(|e| e.to_string());
+    let mut jobs: Vec<String> = read
+        .iter()
+        .flatten()
+        .map(|d| d.envelope.job.clone().unwrap_or_else(|| "-".into()))
+        .collect();
+    jobs.sort();
+    jobs.dedup();
+    let found = read.map(|all| {
+        let n = all.len();
+        (all.into_iter().filter(|d| filter.matches(d)).collect(), n)
+    });
     page(
         StatusCode::OK,
         view::layout(
