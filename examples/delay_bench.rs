@@ -7,10 +7,19 @@
 //! cargo run --release -p stevedore-examples --bin delay_bench -- rabbitmq,redis 250 1s,10s
 //! ```
 //!
-//! Arguments: backends (`rabbitmq`, `redis`, `memory`; `RABBITMQ_URL` / `REDIS_URL`), jobs per
-//! delay, delays. Each (backend, delay) runs on a fresh queue under a key prefix of its own, which
-//! is deleted afterwards (RabbitMQ: the queues and the prefix's delay topology; Redis: every key
-//! under the prefix).
+//! Arguments: backends (`rabbitmq`, `redis`, `sqlite`, `memory`; `RABBITMQ_URL` / `REDIS_URL`;
+//! SQLite in a temporary file), jobs per delay, delays. Each (backend, delay) runs on a fresh
+//! queue under a key prefix of its own, which is deleted afterwards (RabbitMQ: the queues and the
+//! prefix's delay topology; Redis: every key under the prefix).
+//!
+//! Latency mode: jobs enqueued one by one at a fixed rate into an idle worker (default config),
+//! latency = handler start − enqueue time, p50 / p99 / max per backend, alternating round by round:
+//!
+//! ```text
+//! cargo run --release -p stevedore-examples --bin delay_bench -- latency redis,rabbitmq,sqlite 5000 1000
+//! ```
+//!
+//! Arguments: `latency`, backends, jobs per round, rate (jobs per second), rounds (default 3).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -53,8 +62,17 @@ async fn connect(backend: &str, prefix: &str) -> Res<Arc<dyn Broker>> {
             c.key_prefix = prefix.to_string();
             Arc::new(stevedore_rabbitmq::RabbitBroker::connect(c).await?)
         }
+        "sqlite" => {
+            let path = std::env::temp_dir().join(format!("{prefix}db"));
+            Arc::new(
+                stevedore_sqlite::SqliteBroker::open(stevedore_sqlite::SqliteConfig::new(path))
+                    .await?,
+            )
+        }
         other => {
-            return Err(format!("unknown backend {other:?}: rabbitmq, redis or memory").into())
+            return Err(
+                format!("unknown backend {other:?}: rabbitmq, redis, sqlite or memory").into(),
+            )
         }
     })
 }
@@ -91,6 +109,11 @@ async fn cleanup(backend: &str, prefix: &str, queue: &str) -> Res<()> {
                     .await?;
             }
             let _ = conn.close(200, "delay bench done".into()).await;
+        }
+        "sqlite" => {
+            for ext in ["db", "db-wal", "db-shm"] {
+                let _ = std::fs::remove_file(std::env::temp_dir().join(format!("{prefix}{ext}")));
+            }
         }
         _ => {}
     }
@@ -145,6 +168,108 @@ async fn round(backend: &str, n: usize, delay: Duration, tag: usize) -> Res<Vec<
     Ok(out)
 }
 
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Sent {
+    sent_us: u64,
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+async fn timed(State(log): State<Log>, Json(job): Json<Sent>) {
+    let late = now_us() as i64 - job.sent_us as i64;
+    log.lock().unwrap_or_else(|p| p.into_inner()).push(late);
+}
+
+/// One latency round: an idle worker, then `n` jobs enqueued one at a time, `rate` per second;
+/// returns each job's enqueue → handler start, in microseconds.
+async fn latency_round(backend: &str, n: usize, rate: f64, tag: usize) -> Res<Vec<i64>> {
+    let prefix = format!("latencybench-{}-{tag}.", std::process::id());
+    let queue = "latency";
+    let broker = connect(backend, &prefix).await?;
+    let log: Log = Arc::default();
+    let cfg = config::from_toml_str(
+        &format!("[http]\nenabled = false\n[queues.{queue}]\nconcurrency = 16\n"),
+        None,
+    )?;
+    let worker = Worker::new(
+        broker.clone(),
+        Router::with_state(log.clone()).route("timed", timed),
+        cfg,
+    )?;
+    let stop = worker.shutdown_handle();
+    let client = worker.client();
+    let stats = worker.stats();
+    let run = tokio::spawn(worker.run());
+    while !stats.is_ready() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Idle: the fetch loop is waiting on the broker when the first job comes.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    for _ in 0..n {
+        tick.tick().await;
+        let payload = serde_json::to_vec(&Sent { sent_us: now_us() })?;
+        let e = Envelope::new("timed", payload).json();
+        client.publish(queue, vec![e]).await?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while log.lock().map(|l| l.len()).unwrap_or(0) < n {
+        if Instant::now() > deadline {
+            return Err(format!("{backend}: only some of {n} jobs ran within 30 s").into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.shutdown();
+    run.await??;
+    let _ = broker.close().await;
+    cleanup(backend, &prefix, queue).await?;
+    let out = log.lock().map(|l| l.clone()).unwrap_or_default();
+    Ok(out)
+}
+
+/// `latency BACKENDS N RATE [ROUNDS]`: medians over rounds of each round's p50 / p99 / max.
+async fn latency(mut args: impl Iterator<Item = String>) -> Res<()> {
+    let backends: Vec<String> = args
+        .next()
+        .unwrap_or_else(|| "redis,rabbitmq,sqlite".into())
+        .split(',')
+        .map(str::to_string)
+        .collect();
+    let n: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(5000);
+    let rate: f64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(1000.0);
+    let rounds: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(3);
+    println!("latency: {n} jobs per round enqueued one by one at {rate}/s into an idle worker (default config), enqueue → handler start (ms); medians of {rounds} alternating rounds");
+    let mut rows: std::collections::BTreeMap<String, Vec<[i64; 3]>> = Default::default();
+    let mut tag = 0;
+    for _ in 0..rounds {
+        for b in &backends {
+            tag += 1;
+            let mut l = latency_round(b, n, rate, tag).await?;
+            l.sort_unstable();
+            rows.entry(b.clone())
+                .or_default()
+                .push([pct(&l, 0.5), pct(&l, 0.99), l[l.len() - 1]]);
+        }
+    }
+    println!("{:<10} {:>9} {:>9} {:>9}", "backend", "p50", "p99", "max");
+    for b in &backends {
+        let r = &rows[b];
+        let med = |i: usize| {
+            let mut v: Vec<i64> = r.iter().map(|x| x[i]).collect();
+            v.sort_unstable();
+            v[v.len() / 2] as f64 / 1000.0
+        };
+        println!("{b:<10} {:>9.2} {:>9.2} {:>9.2}", med(0), med(1), med(2));
+    }
+    Ok(())
+}
+
 fn pct(sorted: &[i64], p: f64) -> i64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
@@ -160,7 +285,11 @@ fn parse_delay(s: &str) -> Option<Duration> {
 
 #[tokio::main]
 async fn main() -> Res<()> {
-    let mut args = std::env::args().skip(1);
+    let mut args = std::env::args().skip(1).peekable();
+    if args.peek().map(String::as_str) == Some("latency") {
+        args.next();
+        return latency(args).await;
+    }
     let backends: Vec<String> = args
         .next()
         .unwrap_or_else(|| "rabbitmq,redis".into())

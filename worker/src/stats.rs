@@ -210,12 +210,12 @@ impl QueueStats {
     /// and the dashboard show). Allocates nothing once as many jobs have run at once as the
     /// worker's concurrency: the id and job name are copied (up to [`SHORT`] bytes) into reused
     /// slots.
-    pub(crate) fn track(&self, job: &str, id: &str, attempt: u32) -> Tracked<'_> {
+    pub(crate) fn track(&self, job: &str, id: &str, attempt: u32, since: Instant) -> Tracked<'_> {
         let slot = RunSlot {
             job: Short::new(job),
             id: Short::new(id),
             attempt,
-            since: Instant::now(),
+            since,
         };
         let mut r = self.running.lock().unwrap_or_else(PoisonError::into_inner);
         let index = match r.free.pop() {
@@ -838,9 +838,9 @@ mod tests {
     fn running_jobs_are_listed_until_their_guard_drops_and_slots_are_reused() {
         let stats = Stats::new();
         let q = stats.queue("emails");
-        let a = q.track("send", "id-a", 1);
+        let a = q.track("send", "id-a", 1, Instant::now());
         let long = "é".repeat(40); // 80 bytes: cut to 62 at a character boundary
-        let b = q.track(&long, "id-b", 3);
+        let b = q.track(&long, "id-b", 3, Instant::now());
         let mut seen = stats.running();
         seen.sort_by(|x, y| x.id.cmp(&y.id));
         assert_eq!(seen.len(), 2);
@@ -852,7 +852,7 @@ mod tests {
         assert_eq!(seen[1].job, "é".repeat(31));
         drop(a);
         assert_eq!(stats.running().len(), 1);
-        let c = q.track("send", "id-c", 1);
+        let c = q.track("send", "id-c", 1, Instant::now());
         assert_eq!(
             q.running.lock().map(|r| r.slots.len()).unwrap_or(0),
             2,

@@ -971,6 +971,11 @@ fn dashboard_token_is_checked_hidden_and_open_actions_are_noted() {
         "http.token",
         "16 characters",
     );
+    assert_err(
+        &invalid("[http]\ntoken = \"0123456789abcdef; x\"\n", &caps),
+        "http.token",
+        "letters, digits",
+    );
     let c = parse("[http]\ntoken = \"0123456789abcdef-secret\"\n").unwrap();
     c.validate(&caps).unwrap();
     let shown = c.redacted();

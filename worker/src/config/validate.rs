@@ -79,6 +79,15 @@ impl Config {
                 "is empty; set a token (at least 16 characters) or leave the key out".into(),
             ));
         }
+        if h.token.as_deref().is_some_and(|t| {
+            !t.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.~+/=".contains(&b))
+        }) {
+            return Err(self.error_at(
+                "http.token",
+                "may hold letters, digits and - _ . ~ + / = only (it is kept in a cookie)".into(),
+            ));
+        }
         if h.token.as_deref().is_some_and(|t| t.len() < 16) {
             return Err(self.error_at(
                 "http.token",

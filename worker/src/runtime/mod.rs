@@ -314,9 +314,12 @@ async fn run_job(ctx: &QueueCtx, priority: Priority, d: Delivery) {
     async move {
         let started = Instant::now();
         ctx.stats.started();
-        let _running = ctx
-            .stats
-            .track(job.as_deref().unwrap_or("-"), &d.envelope.id, attempt);
+        let _running = ctx.stats.track(
+            job.as_deref().unwrap_or("-"),
+            &d.envelope.id,
+            attempt,
+            started,
+        );
         let (name, result) = match job {
             None => {
                 let err = JobError::permanent(format!(

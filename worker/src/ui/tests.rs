@@ -428,7 +428,7 @@ async fn a_token_guards_actions_and_csrf_guards_forms() {
 fn running_jobs_show_on_the_worker_page() {
     let stats = Stats::new();
     let q = stats.queue("emails");
-    let _t = q.track("send", "job-42", 2);
+    let _t = q.track("send", "job-42", 2, std::time::Instant::now());
     let html = view::worker_live(&Ui::new(UiParts {
         broker: Arc::new(MemoryBroker::new()),
         config: Arc::new(Config::default()),
