@@ -935,6 +935,44 @@ fn cli_in(dir: &Path, config: &Path, args: &[&str], stdin: &str) -> (Option<i32>
     )
 }
 
+/// A command whose reader goes away (`... | head -1`) ends quietly with exit 0, not with a panic
+/// about a broken pipe.
+#[test]
+fn a_command_whose_reader_goes_away_ends_quietly() {
+    use std::io::BufRead;
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cfg = dir.path().join("pipe.toml");
+    std::fs::write(&cfg, "[queues.default]\n").expect("config");
+    let mut child = Command::new(WORKER)
+        .args([
+            "enqueue",
+            "work",
+            "{\"n\":1,\"sleep_ms\":0}",
+            "--count",
+            "5000",
+        ])
+        .arg("--config")
+        .arg(&cfg)
+        .current_dir(dir.path())
+        .env("STEVEDORE_HTTP__ENABLED", "false")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run the CLI");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut first = String::new();
+    std::io::BufReader::new(stdout)
+        .read_line(&mut first)
+        .expect("one line");
+    assert_eq!(first.trim().len(), 36, "an id: {first}");
+    // The reader is gone now: 5,000 ids do not fit in a pipe's buffer.
+    let out = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
 /// `enqueue` refuses what no worker of this binary and config would take (a job without a
 /// handler, a queue the config does not define), naming what exists, unless `--force`; reads the
 /// payload from stdin (`-`) or a file (`@FILE`); `dlq list --limit` says how many there are in all.

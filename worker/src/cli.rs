@@ -18,6 +18,21 @@ use std::time::Duration;
 use stevedore_core::factory::BackendFactory;
 use stevedore_core::{names, Broker, Priority};
 
+/// `println!` for a command's output: a reader that goes away (`| head`) ends the command quietly
+/// (exit 0) instead of a panic; any other write error is reported (exit 1).
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            eprintln!("error: cannot write the output: {e}");
+            std::process::exit(1);
+        }
+    }};
+}
+
 #[derive(Parser, Debug)]
 #[command(
     about = "A Stevedore worker: runs your job handlers on the broker your config names",
@@ -298,17 +313,17 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
                 let caps = backend.capabilities();
                 let mut notices = backend.notices().to_vec();
                 notices.extend(cfg.validate(&caps)?);
-                println!(
+                out!(
                     "config OK ({})",
                     cfg.source
                         .as_deref()
                         .unwrap_or("built-in defaults and environment")
                 );
-                println!("  backend {}: {caps}", backend.kind());
+                out!("  backend {}: {caps}", backend.kind());
                 for n in notices {
-                    println!("  note: {n}");
+                    out!("  note: {n}");
                 }
-                println!("\n{}", cfg.redacted());
+                out!("\n{}", cfg.redacted());
                 Ok(())
             }
             command => {
@@ -531,9 +546,12 @@ async fn connect_patiently(
 
 fn print_summary(stats: &Stats) {
     for (queue, s) in stats.snapshot() {
-        println!(
+        out!(
             "[{queue}] processed {:>7}  retried {:>5}  dead-lettered {:>4}  in flight {:>3}",
-            s.processed, s.retried, s.dead_lettered, s.in_flight
+            s.processed,
+            s.retried,
+            s.dead_lettered,
+            s.in_flight
         );
     }
 }
@@ -666,7 +684,7 @@ async fn admin(command: Command, cfg: &Config, broker: Arc<dyn Broker>) -> Resul
                     e = e.key(k);
                 }
                 let id = e.send().await?;
-                println!("{id}");
+                out!("{id}");
             }
             Ok(())
         }
@@ -702,11 +720,16 @@ async fn admin(command: Command, cfg: &Config, broker: Arc<dyn Broker>) -> Resul
                         serde_json::json!({"queue": q, "level": l, "depth": d, "desired_workers": desired(q)})
                     })
                     .collect();
-                println!("{}", serde_json::Value::Array(v));
+                out!("{}", serde_json::Value::Array(v));
             } else {
-                println!(
+                out!(
                     "{:<24} {:<12} {:>10} {:>10} {:>10} {:>12}",
-                    "QUEUE", "LEVEL", "READY", "IN FLIGHT", "DELAYED", "OLDEST"
+                    "QUEUE",
+                    "LEVEL",
+                    "READY",
+                    "IN FLIGHT",
+                    "DELAYED",
+                    "OLDEST"
                 );
                 for (q, l, d) in &rows {
                     let oldest = d
@@ -716,14 +739,15 @@ async fn admin(command: Command, cfg: &Config, broker: Arc<dyn Broker>) -> Resul
                     // Backends that keep delayed messages in shared structures (RabbitMQ)
                     // cannot count them per queue: shown as "-".
                     let delayed = d.delayed.map_or_else(|| "-".to_string(), |n| n.to_string());
-                    println!(
+                    out!(
                         "{q:<24} {l:<12} {:>10} {:>10} {delayed:>10} {oldest:>12}",
-                        d.ready, d.in_flight
+                        d.ready,
+                        d.in_flight
                     );
                 }
-                println!();
+                out!();
                 for (q, (ready, in_flight)) in &wanted {
-                    println!(
+                    out!(
                         "autoscale: {q} wants {} worker(s) (ready + in flight {} / target_per_worker {}, between {} and {})",
                         desired(q),
                         ready + in_flight,
@@ -740,9 +764,9 @@ async fn admin(command: Command, cfg: &Config, broker: Arc<dyn Broker>) -> Resul
             let list = dlq::list(&broker, &queue, limit).await?;
             for d in &list {
                 if json {
-                    println!("{}", dead_letter_json(d));
+                    out!("{}", dead_letter_json(d));
                 } else {
-                    println!(
+                    out!(
                         "{}  job={}  attempts={}  died={}  error={}",
                         d.envelope.id,
                         d.envelope.job.as_deref().unwrap_or("-"),
@@ -763,12 +787,12 @@ async fn admin(command: Command, cfg: &Config, broker: Arc<dyn Broker>) -> Resul
                     .map(|d| d.ready + d.in_flight)
                     .filter(|&t| t > list.len() as u64);
                 match total {
-                    Some(total) => println!(
+                    Some(total) => out!(
                         "{} of {total} dead letter(s) in {} (--limit shows more)",
                         list.len(),
                         names::dead_letter(&queue)
                     ),
-                    None => println!(
+                    None => out!(
                         "{} dead letter(s) in {}",
                         list.len(),
                         names::dead_letter(&queue)
@@ -787,7 +811,7 @@ async fn admin(command: Command, cfg: &Config, broker: Arc<dyn Broker>) -> Resul
                 ))
             })?;
             let pretty = serde_json::to_string_pretty(&dead_letter_json(found)).unwrap_or_default();
-            println!("{pretty}");
+            out!("{pretty}");
             Ok(())
         }
         Command::Dlq(DlqCommand::Replay {
@@ -798,7 +822,7 @@ async fn admin(command: Command, cfg: &Config, broker: Arc<dyn Broker>) -> Resul
         }) => {
             check_queue(&queue)?;
             let n = dlq::replay(&broker, &queue, &select(ids, all, "replay")?, limit).await?;
-            println!(
+            out!(
                 "replayed {n} dead letter(s) from {}",
                 names::dead_letter(&queue)
             );
@@ -819,7 +843,7 @@ async fn admin(command: Command, cfg: &Config, broker: Arc<dyn Broker>) -> Resul
                 ));
             }
             let n = dlq::purge(&broker, &queue, &sel, limit).await?;
-            println!(
+            out!(
                 "purged {n} dead letter(s) from {}",
                 names::dead_letter(&queue)
             );

@@ -2,8 +2,9 @@
 //!
 //! Background jobs on any message broker. Write handlers as plain async functions, register them on
 //! a [`Router`], and hand it to [`App`], which gives your binary the commands `run`, `enqueue`,
-//! `stats`, `dlq list|inspect|replay|purge` and `config check`. The TOML config picks the broker;
-//! handler code never changes.
+//! `stats`, `dlq list|inspect|replay|purge`, `dashboard` and `config check`. The TOML config picks
+//! the broker; handler code never changes. A running worker serves a web dashboard at `/ui`
+//! (`[http]`).
 //!
 //! ```no_run
 //! use serde::Deserialize;
@@ -26,8 +27,9 @@
 //! Public modules, one concern each: [`handler`] (extractors), [`router`], [`layer`] (code around
 //! every handler), [`client`] (enqueueing), [`config`], [`backend`] (the registry of brokers),
 //! [`cli`] ([`App`]), [`dlq`] (dead-letter tools), [`stats`] (metrics), [`autoscale`] (scale
-//! hints), [`shutdown`]. The runtime's machinery (fetching, priority selection, delay scheduling,
-//! leases, retries, the HTTP endpoints) is private: configure it, do not call it.
+//! hints), [`shutdown`], and with the `otel` feature `otel` (traces across the queue). The
+//! runtime's machinery (fetching, priority selection, delay scheduling, leases, retries, the HTTP
+//! endpoints and the dashboard) is private: configure it, do not call it.
 #![doc(html_no_source)]
 
 /// With the `mimalloc` feature, mimalloc is the process's allocator (see the feature's note in
