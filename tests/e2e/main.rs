@@ -1004,6 +1004,13 @@ fn enqueue_refuses_what_no_worker_takes_and_reads_payloads_from_stdin_and_files(
     let (code, _, err) = cli(&["enqueue", "work", "@missing.json"], "");
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("missing.json"), "{err}");
+    // A level the queue does not serve: the job would wait where no worker looks.
+    let (code, _, err) = cli(&["enqueue", "work", "{}", "--priority", "high"], "");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("queue \"default\" serves only normal") && err.contains("--priority"),
+        "{err}"
+    );
     let ready = || {
         let (_, out, _) = cli(&["stats", "--json"], "");
         let v: serde_json::Value = serde_json::from_str(&out).expect("stats --json");

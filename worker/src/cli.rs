@@ -328,11 +328,15 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
             }
             command => {
                 if let Command::Enqueue {
-                    job, queue, force, ..
+                    job,
+                    queue,
+                    force,
+                    priority,
+                    ..
                 } = &command
                 {
                     if !force {
-                        check_enqueue(&self.router.job_names(), &cfg, job, queue)?;
+                        check_enqueue(&self.router.job_names(), &cfg, job, queue, *priority)?;
                     }
                 }
                 let backend = self.configure(&cfg)?;
@@ -603,7 +607,13 @@ fn init_tracing() {
 /// Refuses an enqueue no worker of this binary and config would ever take: a job name none of
 /// its handlers serves (when it has any: a binary without handlers cannot tell), or a queue its
 /// config does not define.
-fn check_enqueue(jobs: &[&str], cfg: &Config, job: &str, queue: &str) -> Result<(), Failure> {
+fn check_enqueue(
+    jobs: &[&str],
+    cfg: &Config,
+    job: &str,
+    queue: &str,
+    priority: Priority,
+) -> Result<(), Failure> {
     let file = cfg.source.as_deref().unwrap_or("the built-in defaults");
     if cfg.queue(queue).is_none() {
         let defined: Vec<String> = cfg.effective_queues().into_keys().collect();
@@ -612,6 +622,17 @@ fn check_enqueue(jobs: &[&str], cfg: &Config, job: &str, queue: &str) -> Result<
              config would take the job. Define [queues.{queue}], pick one of those with \
              --queue, or add --force to send it anyway",
             defined.join(", ")
+        )));
+    }
+    let levels = cfg.levels(queue);
+    if !levels.contains(&priority) {
+        let served: Vec<&str> = levels.iter().map(|p| p.as_str()).collect();
+        return Err(Failure::Other(format!(
+            "queue {queue:?} serves only {} in {file} (queues.{queue}.weights), so a {} job \
+             would wait where no worker looks. Pick one of those with --priority, add the level \
+             to the queue's weights, or add --force to send it anyway",
+            served.join(", "),
+            priority.as_str()
         )));
     }
     if !jobs.is_empty() && !jobs.contains(&job) {

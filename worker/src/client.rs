@@ -64,11 +64,20 @@ pub enum EnqueueError {
         /// Which backend.
         backend: &'static str,
     },
+    /// A delay longer than [`MAX_DELAY`] (a mistake, and past what timestamps on the wire hold).
+    #[error("a delay of {} is longer than the longest allowed (100 years)", humantime::format_duration(*.delay))]
+    InvalidDelay {
+        /// The delay asked for.
+        delay: Duration,
+    },
     /// The broker refused or failed (see [`BrokerError::is_transient`]; on a transient error the
     /// message may or may not have been accepted).
     #[error(transparent)]
     Broker(#[from] BrokerError),
 }
+
+/// The longest delay an enqueue takes: 100 years.
+pub const MAX_DELAY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// A producer handle. Cheap to clone; thread safe.
 #[derive(Clone, Debug)]
@@ -230,14 +239,31 @@ impl Enqueue {
         self.map(|e| e.priority = priority)
     }
 
-    /// Not to run before `delay` from now.
+    /// Not to run before `delay` from now. A delay longer than [`MAX_DELAY`] makes
+    /// [`Enqueue::send`] fail with [`EnqueueError::InvalidDelay`] (nothing is published).
     pub fn delay(self, delay: Duration) -> Self {
-        self.map(|e| e.not_before = Some(SystemTime::now() + delay))
+        match SystemTime::now().checked_add(delay) {
+            Some(at) if delay <= MAX_DELAY => self.map(|e| e.not_before = Some(at)),
+            _ => self.fail(EnqueueError::InvalidDelay { delay }),
+        }
     }
 
-    /// Not to run before `at`.
+    /// Not to run before `at`. A time more than [`MAX_DELAY`] ahead makes [`Enqueue::send`]
+    /// fail with [`EnqueueError::InvalidDelay`].
     pub fn at(self, at: SystemTime) -> Self {
-        self.map(|e| e.not_before = Some(at))
+        match at.duration_since(SystemTime::now()) {
+            Ok(ahead) if ahead > MAX_DELAY => {
+                self.fail(EnqueueError::InvalidDelay { delay: ahead })
+            }
+            _ => self.map(|e| e.not_before = Some(at)),
+        }
+    }
+
+    fn fail(mut self, error: EnqueueError) -> Self {
+        if self.envelope.is_ok() {
+            self.envelope = Err(error);
+        }
+        self
     }
 
     /// Ordering / partition key.

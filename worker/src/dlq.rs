@@ -167,6 +167,8 @@ pub async fn replay(
         let mut fresh = d.envelope.clone();
         fresh.attempt = 1;
         fresh.not_before = None;
+        // A new unit of work: its trace starts at the replay, not at the first enqueue.
+        fresh.trace_parent = None;
         fresh
             .headers
             .retain(|k, _| !k.starts_with("stevedore-dlq-") && k != wire::FIRST_FAILURE);

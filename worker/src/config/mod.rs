@@ -207,6 +207,10 @@ pub struct HttpConfig {
     /// kept in a same-site cookie); viewing stays open. Set it from the environment
     /// (`STEVEDORE_HTTP__TOKEN`) rather than in a file. Never shown by `config check`.
     pub token: Option<String>,
+    /// Host names the dashboard answers to besides IP addresses and `localhost` (e.g. the name
+    /// a reverse proxy forwards); `"*"` allows any. A request for another name is refused, so a
+    /// page elsewhere cannot reach the dashboard through a name pointed at this address.
+    pub allowed_hosts: Vec<String>,
 }
 
 impl std::fmt::Debug for HttpConfig {
@@ -217,6 +221,7 @@ impl std::fmt::Debug for HttpConfig {
             .field("ui", &self.ui)
             .field("read_only", &self.read_only)
             .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("allowed_hosts", &self.allowed_hosts)
             .finish()
     }
 }
@@ -229,6 +234,7 @@ impl Default for HttpConfig {
             ui: true,
             read_only: false,
             token: None,
+            allowed_hosts: Vec::new(),
         }
     }
 }

@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use super::SECTIONS;
 /// Keys inside tables in the order the structs declare them, then priority levels highest first.
 /// Keys not listed follow in alphabetical order.
-const FIELDS: [&str; 38] = [
+const FIELDS: [&str; 39] = [
     "kind",
     "url",
     "max_payload",
@@ -25,7 +25,8 @@ const FIELDS: [&str; 38] = [
     "bind",
     "ui",
     "read_only",
-    "token", // http
+    "token",
+    "allowed_hosts", // http
     "max_attempts",
     "base",
     "factor",

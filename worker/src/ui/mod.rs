@@ -37,7 +37,7 @@ use stevedore_core::{names, Broker, Depth, Priority};
 
 mod view;
 
-/// Dead letters read per listing, filter or filtered action (the newest first where the broker
+/// Dead letters read per listing, filter or filtered action (the oldest first where the broker
 /// keeps order); the page says when there may be more.
 const SCAN: usize = 1_000;
 /// Most dead letters one "all" action touches.
@@ -223,9 +223,12 @@ pub(crate) struct Filter {
     job: String,
     #[serde(default)]
     error: String,
-    /// A message to show (after an action).
+    /// What an action did: `replayed`, `purged` or `nothing` (a code: the page words it).
     #[serde(default)]
     done: String,
+    /// How many it did that to.
+    #[serde(default)]
+    n: usize,
 }
 
 impl Filter {
@@ -241,7 +244,18 @@ impl Filter {
                     .contains(&self.error.trim().to_lowercase()))
     }
 
-    fn query(&self, done: &str) -> String {
+    /// The message for [`Filter::done`], if it is one of the codes.
+    fn done_message(&self, queue: &str) -> Option<String> {
+        let n = self.n;
+        match self.done.as_str() {
+            "replayed" => Some(format!("Replayed {n} dead letter(s) to {queue}.")),
+            "purged" => Some(format!("Purged {n} dead letter(s) of {queue}.")),
+            "nothing" => Some("Nothing matched: nothing changed.".into()),
+            _ => None,
+        }
+    }
+
+    fn query(&self, done: &str, n: usize) -> String {
         let mut q = vec![];
         if !self.job.is_empty() {
             q.push(format!("job={}", enc(&self.job)));
@@ -250,7 +264,7 @@ impl Filter {
             q.push(format!("error={}", enc(&self.error)));
         }
         if !done.is_empty() {
-            q.push(format!("done={}", enc(done)));
+            q.push(format!("done={}&n={n}", enc(done)));
         }
         if q.is_empty() {
             String::new()
@@ -262,6 +276,7 @@ impl Filter {
 
 /// The routes of the dashboard, for merging into the worker's HTTP router.
 pub(crate) fn router(ui: Arc<Ui>) -> Router {
+    let guard = axum::middleware::from_fn_with_state(ui.clone(), host_guard);
     Router::new()
         .route("/", get(|| async { see_other("/ui") }))
         .route("/ui", get(overview))
@@ -278,7 +293,53 @@ pub(crate) fn router(ui: Arc<Ui>) -> Router {
         .route("/ui/logout", post(logout_action))
         .route("/ui/assets/htmx.min.js", get(htmx_js))
         .route("/ui/assets/app.css", get(app_css))
+        .route_layer(guard)
         .with_state(ui)
+}
+
+/// Refuses a request addressed to a host name the dashboard does not answer to: a page on another
+/// site whose name was pointed at this address (DNS rebinding) would otherwise be same-origin.
+/// Allowed: an IP address, `localhost`, or a name in `http.allowed_hosts`.
+async fn host_guard(
+    State(ui): S,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    match host {
+        Some(h) if !host_allowed(&h, &ui.config.http.allowed_hosts) => {
+            tracing::warn!(host = %h, "dashboard: request for a host name not in http.allowed_hosts refused");
+            page(
+                StatusCode::FORBIDDEN,
+                view::message(
+                    &format!(
+                        "This dashboard does not answer to the host name {h:?}. Add it to \
+                         http.allowed_hosts if it is this server's own name."
+                    ),
+                    true,
+                ),
+            )
+        }
+        _ => next.run(req).await,
+    }
+}
+
+/// Whether a `Host` header names this server by address, as `localhost`, or by an allowed name.
+fn host_allowed(host: &str, allowed: &[String]) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        rest.split(']').next().unwrap_or("")
+    } else {
+        host.rsplit_once(':').map_or(host, |(n, _)| n)
+    };
+    name.parse::<std::net::IpAddr>().is_ok()
+        || name.eq_ignore_ascii_case("localhost")
+        || allowed
+            .iter()
+            .any(|a| a == "*" || a.eq_ignore_ascii_case(name))
 }
 
 type S = State<Arc<Ui>>;
@@ -354,10 +415,23 @@ async fn dead_page(
     if let Err(r) = levels_of(&ui, &headers, &queue) {
         return *r;
     }
-    let access = ui.access(&headers);
+    let message = filter.done_message(&queue);
+    dead_list(&ui, &headers, &queue, &filter, message, StatusCode::OK).await
+}
+
+/// The dead-letters page, with a message on top (an error when `status` is not 200).
+async fn dead_list(
+    ui: &Ui,
+    headers: &HeaderMap,
+    queue: &str,
+    filter: &Filter,
+    message: Option<String>,
+    status: StatusCode,
+) -> Response {
+    let access = ui.access(headers);
     // One read (on a broker that cannot browse, reading counts a delivery): the job names to
     // filter by come from the whole list.
-    let read = dlq::list(&ui.broker, &queue, SCAN)
+    let read = dlq::list(&ui.broker, queue, SCAN)
         .await
         .map_err(|e| e.to_string());
     let mut jobs: Vec<String> = read
@@ -371,14 +445,15 @@ async fn dead_page(
         let n = all.len();
         (all.into_iter().filter(|d| filter.matches(d)).collect(), n)
     });
+    let message = message.map(|m| (m, status != StatusCode::OK));
     page(
-        StatusCode::OK,
+        status,
         view::layout(
-            &ui,
+            ui,
             access,
             &format!("Dead letters of {queue}"),
             "overview",
-            view::dead_letters(&ui.csrf, access, &queue, &filter, &jobs, found),
+            view::dead_letters(&ui.csrf, access, queue, filter, &jobs, found, message),
         ),
     )
 }
@@ -458,7 +533,26 @@ async fn dead_action(
     let filter = Filter {
         job: form.job.clone(),
         error: form.error.clone(),
-        done: String::new(),
+        ..Filter::default()
+    };
+    // A failure is shown at once, on the list; a success redirects with a message code (never
+    // free text in the URL, which anyone could craft).
+    let failed = |message: String| {
+        let ui = ui.clone();
+        let headers = headers.clone();
+        let queue = queue.clone();
+        let filter = filter.clone();
+        async move {
+            dead_list(
+                &ui,
+                &headers,
+                &queue,
+                &filter,
+                Some(message),
+                StatusCode::BAD_GATEWAY,
+            )
+            .await
+        }
     };
     let (select, limit) = match form.scope.as_str() {
         "one" if !form.id.is_empty() => (Select::Ids(vec![form.id.clone()]), SCAN),
@@ -468,45 +562,34 @@ async fn dead_action(
                 Select::Ids(found.into_iter().map(|d| d.envelope.id).collect()),
                 SCAN,
             ),
-            Err(e) => return see_other(&dead_url(&queue, &filter, &format!("error: {e}"))),
+            Err(e) => return failed(format!("Cannot read the dead letters: {e}")).await,
         },
-        other => {
-            return see_other(&dead_url(
-                &queue,
-                &filter,
-                &format!("error: unknown scope {other:?}"),
-            ))
-        }
+        other => return failed(format!("Unknown scope {other:?}.")).await,
     };
     if matches!(&select, Select::Ids(ids) if ids.is_empty()) {
-        return see_other(&dead_url(
-            &queue,
-            &filter,
-            "Nothing matched: nothing changed.",
-        ));
+        return see_other(&dead_url(&queue, &filter, "nothing", 0));
     }
-    let done = match form.action.as_str() {
+    match form.action.as_str() {
         "replay" => match dlq::replay(&ui.broker, &queue, &select, limit).await {
             Ok(n) => {
                 tracing::info!(queue = %queue, replayed = n, scope = %form.scope, "dashboard: dead letters replayed");
-                format!("Replayed {n} dead letter(s) to {queue}.")
+                see_other(&dead_url(&queue, &filter, "replayed", n))
             }
-            Err(e) => format!("error: replay failed: {e}"),
+            Err(e) => failed(format!("Replay failed: {e}")).await,
         },
         "purge" => match dlq::purge(&ui.broker, &queue, &select, limit).await {
             Ok(n) => {
                 tracing::info!(queue = %queue, purged = n, scope = %form.scope, "dashboard: dead letters purged");
-                format!("Purged {n} dead letter(s) of {queue}.")
+                see_other(&dead_url(&queue, &filter, "purged", n))
             }
-            Err(e) => format!("error: purge failed: {e}"),
+            Err(e) => failed(format!("Purge failed: {e}")).await,
         },
-        other => format!("error: unknown action {other:?}"),
-    };
-    see_other(&dead_url(&queue, &filter, &done))
+        other => failed(format!("Unknown action {other:?}.")).await,
+    }
 }
 
-fn dead_url(queue: &str, filter: &Filter, done: &str) -> String {
-    format!("/ui/queues/{}/dead{}", enc(queue), filter.query(done))
+fn dead_url(queue: &str, filter: &Filter, done: &str, n: usize) -> String {
+    format!("/ui/queues/{}/dead{}", enc(queue), filter.query(done, n))
 }
 
 async fn worker_page(State(ui): S, headers: HeaderMap) -> Response {
@@ -606,6 +689,16 @@ async fn enqueue(ui: &Ui, f: &EnqueueForm) -> Result<String, String> {
         .map_err(|e| format!("The payload is not valid JSON: {e}."))?;
     let priority = Priority::parse(&f.priority)
         .ok_or_else(|| format!("Unknown priority \"{}\" (high, normal or low).", f.priority))?;
+    let levels = ui.config.levels(&f.queue);
+    if !levels.contains(&priority) {
+        let served: Vec<&str> = levels.iter().map(|p| p.as_str()).collect();
+        return Err(format!(
+            "Queue {} serves only {} (its weights); a {} job would wait where no worker looks.",
+            f.queue,
+            served.join(", "),
+            priority.as_str()
+        ));
+    }
     let delay = match f.delay.trim() {
         "" => None,
         d => Some(humantime::parse_duration(d).map_err(|e| {

@@ -316,12 +316,12 @@ pub(super) fn dead_letters(
     filter: &Filter,
     jobs: &[String],
     found: Result<(Vec<DeadLetter>, usize), String>,
+    message: Option<(String, bool)>,
 ) -> Markup {
     let url = format!("/ui/queues/{}/dead", enc(queue));
     html! {
-        @if !filter.done.is_empty() {
-            @let error = filter.done.starts_with("error:");
-            p.flash.error[error] #flash { (filter.done) }
+        @if let Some((text, error)) = &message {
+            p.flash.error[*error] #flash { (text) }
         }
         p { a href={"/ui/queues/" (enc(queue))} { "← queue " (queue) } }
         div.card {
@@ -346,7 +346,7 @@ pub(super) fn dead_letters(
                         " dead letter(s)" @if !filter.is_empty() { " match" } "."
                     }
                     @if access.can_act() && !list.is_empty() {
-                        @let what = if filter.is_empty() { format!("all dead letters of {queue} (up to {ALL})") } else { format!("the {} matching dead letter(s)", list.len()) };
+                        @let what = if filter.is_empty() { format!("all dead letters of {queue} (up to {ALL})") } else { format!("the dead letters that match this filter when you confirm ({} now)", list.len()) };
                         div.actions {
                             @for (action, label, class, verb) in [("replay", "Replay", "secondary", "Replay"), ("purge", "Purge", "danger", "Delete for good")] {
                                 form.inline method="post" action=(url) hx-confirm={(verb) " " (what) "?"} {
@@ -554,8 +554,17 @@ fn ago(t: SystemTime) -> String {
     }
 }
 
-fn time(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
+/// RFC 3339 in UTC; a time humantime cannot write (past the year 9999, which any producer can
+/// put in a header) as milliseconds since the epoch.
+pub(super) fn time(t: SystemTime) -> String {
+    let ms = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    if ms < 253_402_300_800_000 {
+        humantime::format_rfc3339_seconds(t).to_string()
+    } else {
+        format!("{ms} ms after 1970")
+    }
 }
 
 fn cut(s: &str, max: usize) -> String {
