@@ -120,26 +120,73 @@ async fn cleanup(backend: &str, prefix: &str, queue: &str) -> Res<()> {
     Ok(())
 }
 
+/// A worker on a fresh queue of `backend` under `prefix`, whose handler logs into `log`.
+struct Bench {
+    backend: String,
+    prefix: String,
+    queue: &'static str,
+    broker: Arc<dyn Broker>,
+    log: Log,
+    stop: stevedore::ShutdownHandle,
+    client: stevedore::Client,
+    stats: Arc<stevedore::stats::Stats>,
+    run: tokio::task::JoinHandle<Result<stevedore::RunReport, stevedore::BrokerError>>,
+}
+
+impl Bench {
+    /// Starts the worker (16 concurrent jobs) with the router `route` makes from the log.
+    async fn start(
+        backend: &str,
+        prefix: String,
+        queue: &'static str,
+        route: impl FnOnce(Log) -> Router<Log>,
+    ) -> Res<Bench> {
+        let broker = connect(backend, &prefix).await?;
+        let log: Log = Arc::default();
+        let cfg = config::from_toml_str(
+            &format!("[http]\nenabled = false\n[queues.{queue}]\nconcurrency = 16\n"),
+            None,
+        )?;
+        let worker = Worker::new(broker.clone(), route(log.clone()), cfg)?;
+        Ok(Bench {
+            backend: backend.to_string(),
+            prefix,
+            queue,
+            broker,
+            log,
+            stop: worker.shutdown_handle(),
+            client: worker.client(),
+            stats: worker.stats(),
+            run: tokio::spawn(worker.run()),
+        })
+    }
+
+    /// Waits until `n` jobs logged (or `deadline`, saying `what`), stops the worker, deletes the
+    /// queue's keys, and returns the log.
+    async fn finish(self, n: usize, deadline: Instant, what: &str) -> Res<Vec<i64>> {
+        while self.log.lock().map(|l| l.len()).unwrap_or(0) < n {
+            if Instant::now() > deadline {
+                return Err(format!("{}: only some of {n} {what}", self.backend).into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.stop.shutdown();
+        self.run.await??;
+        let _ = self.broker.close().await;
+        cleanup(&self.backend, &self.prefix, self.queue).await?;
+        let out = self.log.lock().map(|l| l.clone()).unwrap_or_default();
+        Ok(out)
+    }
+}
+
 /// One round: `n` jobs delayed by `delay`, all enqueued before the worker starts; returns the
 /// lateness of each start.
 async fn round(backend: &str, n: usize, delay: Duration, tag: usize) -> Res<Vec<i64>> {
     let prefix = format!("delaybench-{}-{tag}.", std::process::id());
-    let queue = "delayed";
-    let broker = connect(backend, &prefix).await?;
-    let log: Log = Arc::default();
-    let cfg = config::from_toml_str(
-        &format!("[http]\nenabled = false\n[queues.{queue}]\nconcurrency = 16\n"),
-        None,
-    )?;
-    let worker = Worker::new(
-        broker.clone(),
-        Router::with_state(log.clone()).route("delayed", delayed),
-        cfg,
-    )?;
-    let stop = worker.shutdown_handle();
-    let worker_client = worker.client();
-    let run = tokio::spawn(worker.run());
-    let client = worker_client;
+    let bench = Bench::start(backend, prefix, "delayed", |log| {
+        Router::with_state(log).route("delayed", delayed)
+    })
+    .await?;
     let jobs: Vec<Envelope> = (0..n)
         .map(|_| {
             let mut e = Envelope::new("delayed", Vec::new()).json().delayed(delay);
@@ -149,23 +196,12 @@ async fn round(backend: &str, n: usize, delay: Duration, tag: usize) -> Res<Vec<
         })
         .collect::<Result<_, serde_json::Error>>()?;
     for chunk in jobs.chunks(100) {
-        client.publish(queue, chunk.to_vec()).await?;
+        bench.client.publish(bench.queue, chunk.to_vec()).await?;
     }
     let deadline = Instant::now() + delay + Duration::from_secs(30);
-    while log.lock().map(|l| l.len()).unwrap_or(0) < n {
-        if Instant::now() > deadline {
-            return Err(
-                format!("{backend}: only some of {n} delayed jobs ran within 30 s of due").into(),
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    stop.shutdown();
-    run.await??;
-    let _ = broker.close().await;
-    cleanup(backend, &prefix, queue).await?;
-    let out = log.lock().map(|l| l.clone()).unwrap_or_default();
-    Ok(out)
+    bench
+        .finish(n, deadline, "delayed jobs ran within 30 s of due")
+        .await
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -189,23 +225,11 @@ async fn timed(State(log): State<Log>, Json(job): Json<Sent>) {
 /// returns each job's enqueue → handler start, in microseconds.
 async fn latency_round(backend: &str, n: usize, rate: f64, tag: usize) -> Res<Vec<i64>> {
     let prefix = format!("latencybench-{}-{tag}.", std::process::id());
-    let queue = "latency";
-    let broker = connect(backend, &prefix).await?;
-    let log: Log = Arc::default();
-    let cfg = config::from_toml_str(
-        &format!("[http]\nenabled = false\n[queues.{queue}]\nconcurrency = 16\n"),
-        None,
-    )?;
-    let worker = Worker::new(
-        broker.clone(),
-        Router::with_state(log.clone()).route("timed", timed),
-        cfg,
-    )?;
-    let stop = worker.shutdown_handle();
-    let client = worker.client();
-    let stats = worker.stats();
-    let run = tokio::spawn(worker.run());
-    while !stats.is_ready() {
+    let bench = Bench::start(backend, prefix, "latency", |log| {
+        Router::with_state(log).route("timed", timed)
+    })
+    .await?;
+    while !bench.stats.is_ready() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // Idle: the fetch loop is waiting on the broker when the first job comes.
@@ -216,21 +240,10 @@ async fn latency_round(backend: &str, n: usize, rate: f64, tag: usize) -> Res<Ve
         tick.tick().await;
         let payload = serde_json::to_vec(&Sent { sent_us: now_us() })?;
         let e = Envelope::new("timed", payload).json();
-        client.publish(queue, vec![e]).await?;
+        bench.client.publish(bench.queue, vec![e]).await?;
     }
     let deadline = Instant::now() + Duration::from_secs(30);
-    while log.lock().map(|l| l.len()).unwrap_or(0) < n {
-        if Instant::now() > deadline {
-            return Err(format!("{backend}: only some of {n} jobs ran within 30 s").into());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    stop.shutdown();
-    run.await??;
-    let _ = broker.close().await;
-    cleanup(backend, &prefix, queue).await?;
-    let out = log.lock().map(|l| l.clone()).unwrap_or_default();
-    Ok(out)
+    bench.finish(n, deadline, "jobs ran within 30 s").await
 }
 
 /// `latency BACKENDS N RATE [ROUNDS]`: medians over rounds of each round's p50 / p99 / max.
