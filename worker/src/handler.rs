@@ -64,6 +64,16 @@ pub struct JobParts {
     pub client: Client,
 }
 
+impl JobParts {
+    /// The job name, moved out when `parts` is the last reference (the handler future is gone),
+    /// copied otherwise.
+    pub(crate) fn into_job(parts: Arc<JobParts>) -> String {
+        Arc::try_unwrap(parts)
+            .map(|p| p.context.job)
+            .unwrap_or_else(|p| p.context.job.clone())
+    }
+}
+
 /// Builds a handler argument from the job; failing means the payload cannot be handled at all.
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be a job handler argument",

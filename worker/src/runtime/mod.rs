@@ -25,6 +25,7 @@ use crate::JobError;
 use futures::FutureExt;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
 use stevedore_core::{
     names, Broker, BrokerError, Delivery, Envelope, Priority, Receipt, ReceiveOptions,
@@ -34,7 +35,7 @@ use tracing::Instrument;
 
 mod supervise;
 
-use supervise::{supervise, Supervised};
+use supervise::{flatten, supervise_slow, Supervised};
 
 /// Everything a job task needs, shared per logical queue.
 pub(crate) struct QueueCtx {
@@ -251,16 +252,7 @@ pub(crate) async fn fetch_loop(
                 }
                 for d in deliveries {
                     let Some(permit) = permits.pop() else { break };
-                    let ctx = ctx.clone();
-                    // Boxed where it is made: the job's state machine is kilobytes, and tokio
-                    // moves a spawned future several times (into the task cell, its stage);
-                    // boxed, each move is a pointer.
-                    let fut = Box::pin(async move {
-                        run_job(&ctx, priority, d).await;
-                        let _ = ctx.finished.send(index);
-                        drop(permit);
-                    });
-                    tokio::spawn(fut);
+                    tokio::spawn(job_task(ctx.clone(), priority, d, index, permit));
                 }
             }
             Err(e) => {
@@ -297,54 +289,122 @@ async fn release_unstarted(ctx: &QueueCtx, deliveries: Vec<Delivery>) {
     }
 }
 
-/// Runs one delivery to its end: handler, then ack / retry / dead letter / release.
-async fn run_job(ctx: &QueueCtx, priority: Priority, d: Delivery) {
-    let now = SystemTime::now();
-    if let Some(early) = ctx.scheduler.early_by(&d.envelope, now) {
-        Box::pin(hop(ctx, d, early)).await;
-        return;
-    }
-    let attempt = d.attempt();
-    let job = d
-        .envelope
-        .job
-        .clone()
-        .or_else(|| ctx.cfg.default_job.clone());
-    let span = job_span(ctx, job.as_deref().unwrap_or("-"), &d.envelope, attempt);
-    async move {
+/// `$fut`, boxed: the job's rare paths, so that their state is not part of every job's future.
+macro_rules! boxed {
+    ($fut:expr) => {{
+        let boxed: futures::future::BoxFuture<'_, _> = Box::pin($fut);
+        boxed
+    }};
+}
+
+/// A spawned job: runs one delivery to its end (handler, then ack / retry / dead letter /
+/// release, all inside the job's span), then gives its slot back.
+///
+/// One async fn, kept small (see the `job_future_stays_small` test): tokio moves a spawned
+/// future into its task cell, and a job's future was 2.6 KB when it was three nested async fns
+/// (each kept its own copy of the delivery). The common path awaits nothing but the handler's
+/// first poll; the rare ones (a handler still pending after it, a failure, an unroutable or early
+/// message, an ack on a broker that acks locally) await futures made and boxed by `boxed!`.
+async fn job_task(
+    ctx: Arc<QueueCtx>,
+    priority: Priority,
+    d: Delivery,
+    index: usize,
+    permit: OwnedSemaphorePermit,
+) {
+    let c = &*ctx;
+    if let Some(early) = c.scheduler.early_by(&d.envelope, SystemTime::now()) {
+        boxed!(hop(c, d, early)).await;
+    } else {
+        let attempt = d.attempt();
+        let job = d.envelope.job.clone().or_else(|| c.cfg.default_job.clone());
+        let span = job_span(c, job.as_deref().unwrap_or("-"), &d.envelope, attempt);
         let started = Instant::now();
-        ctx.stats.started();
-        let _running = ctx.stats.track(
+        c.stats.started();
+        let running = c.stats.track(
             job.as_deref().unwrap_or("-"),
             &d.envelope.id,
             attempt,
             started,
         );
         let (name, result) = match job {
-            None => {
-                let err = JobError::permanent(format!(
-                    "message has no job name and queue '{}' has no default_job",
-                    ctx.name
-                ));
-                (
-                    "-".to_string(),
-                    Box::pin(dead_letter(ctx, d, attempt, &err, "unroutable")).await,
-                )
+            Some(job) if c.routes.contains(&job) => {
+                let (retry, timeout) = match c.jobs.get(&job) {
+                    Some(&settings) => settings,
+                    None => (
+                        c.config.retry_for(&c.name, Some(&job)),
+                        c.config.timeout_for(&c.name, Some(&job)),
+                    ),
+                };
+                if attempt > retry.max_attempts {
+                    let max = retry.max_attempts;
+                    boxed!(crash_loop(c, job, d, attempt, max).instrument(span.clone())).await
+                } else {
+                    // Fields move out of `d` straight into place: a local holding them would
+                    // keep its own slot in this future.
+                    let parts = Arc::new(JobParts {
+                        context: JobContext {
+                            id: d.envelope.id.clone(),
+                            job,
+                            queue: c.name.clone(),
+                            priority,
+                            attempt,
+                            max_attempts: retry.max_attempts,
+                            enqueued_at: d.envelope.enqueued_at,
+                            headers: d.envelope.headers.clone(),
+                            worker_id: c.worker_id.clone(),
+                        },
+                        envelope: d.envelope,
+                        client: c.client.clone(),
+                    });
+                    let outcome = match c.routes.dispatch(&parts.context.job, parts.clone()) {
+                        Some(fut) => {
+                            let mut fut = AssertUnwindSafe(fut).catch_unwind();
+                            // Most jobs finish on their first poll: no timers, nothing boxed.
+                            let done = std::future::poll_fn(|cx| {
+                                let _in = span.enter();
+                                Poll::Ready(match fut.poll_unpin(cx) {
+                                    Poll::Ready(r) => Some(flatten(r)),
+                                    Poll::Pending => None,
+                                })
+                            })
+                            .await;
+                            match done {
+                                Some(r) => {
+                                    drop(fut);
+                                    Supervised::Done(r)
+                                }
+                                None => {
+                                    let receipt = &d.receipt;
+                                    boxed!(supervise_slow(c, fut, receipt, timeout)
+                                        .instrument(span.clone()))
+                                    .await
+                                }
+                            }
+                        }
+                        None => Supervised::Done(Err(JobError::permanent("handler vanished"))),
+                    };
+                    match outcome {
+                        Supervised::Done(Ok(())) if !c.broker().acks_locally() => {
+                            let _ = c.acks.send(d.receipt);
+                            (JobParts::into_job(parts), JobResult::Succeeded)
+                        }
+                        outcome => {
+                            let (receipt, count) = (d.receipt, d.delivery_count);
+                            boxed!(settle(c, parts, receipt, count, retry, outcome)
+                                .instrument(span.clone()))
+                            .await
+                        }
+                    }
+                }
             }
-            Some(job) if !ctx.routes.contains(&job) => {
-                let err = JobError::permanent(format!(
-                    "no handler registered for job '{job}' (registered: {})",
-                    ctx.routes.names().join(", ")
-                ));
-                let r = Box::pin(dead_letter(ctx, d, attempt, &err, "unroutable")).await;
-                (job, r)
-            }
-            Some(job) => handle(ctx, job, priority, d, attempt).await,
+            job => boxed!(unroutable(c, job, d, attempt).instrument(span.clone())).await,
         };
-        ctx.stats.finished(&name, result, started.elapsed());
+        drop(running);
+        c.stats.finished(&name, result, started.elapsed());
     }
-    .instrument(span)
-    .await
+    let _ = ctx.finished.send(index);
+    drop(permit);
 }
 
 /// The span a job runs in (with the `otel` feature on and an OpenTelemetry layer installed, the
@@ -357,62 +417,63 @@ fn job_span(ctx: &QueueCtx, job: &str, env: &Envelope, attempt: u32) -> tracing:
     tracing::info_span!("job", queue = %ctx.name, job = job, id = %env.id, attempt)
 }
 
-/// Runs a routed job; returns its job name (given back by the job's context, not copied) and
-/// how it ended.
-async fn handle(
+/// Dead-letters a message no handler can take; returns its job name ("-" without one).
+async fn unroutable(
     ctx: &QueueCtx,
-    job: String,
-    priority: Priority,
+    job: Option<String>,
     d: Delivery,
     attempt: u32,
 ) -> (String, JobResult) {
-    let (retry, timeout) = match ctx.jobs.get(&job) {
-        Some(&settings) => settings,
+    let (name, err) = match job {
         None => (
-            ctx.config.retry_for(&ctx.name, Some(&job)),
-            ctx.config.timeout_for(&ctx.name, Some(&job)),
+            "-".to_string(),
+            JobError::permanent(format!(
+                "message has no job name and queue '{}' has no default_job",
+                ctx.name
+            )),
         ),
+        Some(job) => {
+            let err = JobError::permanent(format!(
+                "no handler registered for job '{job}' (registered: {})",
+                ctx.routes.names().join(", ")
+            ));
+            (job, err)
+        }
     };
-    if attempt > retry.max_attempts {
-        // Every one of its allowed attempts ended without a result: the worker died (a job that
-        // aborts or exhausts its process) or its lease ended. Running it again would only loop.
-        let err = JobError::permanent(format!(
-            "delivered for attempt {attempt} of {}: the earlier deliveries ended without a \
-             result (the worker died running it, or its lease ended)",
-            retry.max_attempts
-        ));
-        return (
-            job,
-            Box::pin(dead_letter(ctx, d, attempt, &err, "crash loop")).await,
-        );
-    }
-    let Delivery {
-        envelope,
-        receipt,
-        delivery_count,
-    } = d;
-    let parts = Arc::new(JobParts {
-        context: JobContext {
-            id: envelope.id.clone(),
-            job,
-            queue: ctx.name.clone(),
-            priority,
-            attempt,
-            max_attempts: retry.max_attempts,
-            enqueued_at: envelope.enqueued_at,
-            headers: envelope.headers.clone(),
-            worker_id: ctx.worker_id.clone(),
-        },
-        envelope,
-        client: ctx.client.clone(),
-    });
-    let fut = ctx.routes.dispatch(&parts.context.job, parts.clone());
-    let outcome = match fut {
-        Some(fut) => supervise(ctx, fut, &receipt, timeout).await,
-        None => Supervised::Done(Err(JobError::permanent("handler vanished"))),
-    };
-    // The handler future is gone, so this is the only reference left: the envelope (only
-    // failures need it) and the job name come back without a copy.
+    let result = dead_letter(ctx, d, attempt, &err, "unroutable").await;
+    (name, result)
+}
+
+/// Dead-letters a job delivered past its last attempt: every one of its allowed attempts ended
+/// without a result (the worker died running it, a job that aborts or exhausts its process, or
+/// its lease ended). Running it again would only loop.
+async fn crash_loop(
+    ctx: &QueueCtx,
+    job: String,
+    d: Delivery,
+    attempt: u32,
+    max_attempts: u32,
+) -> (String, JobResult) {
+    let err = JobError::permanent(format!(
+        "delivered for attempt {attempt} of {max_attempts}: the earlier deliveries ended \
+         without a result (the worker died running it, or its lease ended)"
+    ));
+    (job, dead_letter(ctx, d, attempt, &err, "crash loop").await)
+}
+
+/// Settles a job that ran: acked (on a broker that acks locally), released (hard stop), retried
+/// later, or dead-lettered. Returns its job name and how it ended.
+async fn settle(
+    ctx: &QueueCtx,
+    parts: Arc<JobParts>,
+    receipt: Receipt,
+    delivery_count: u32,
+    retry: RetryConfig,
+    outcome: Supervised,
+) -> (String, JobResult) {
+    let attempt = parts.context.attempt;
+    // The handler future is gone, so this is the only reference left: the envelope and the job
+    // name come back without a copy.
     let (envelope, job) = Arc::try_unwrap(parts)
         .map(|p| (p.envelope, p.context.job))
         .unwrap_or_else(|p| (p.envelope.clone(), p.context.job.clone()));
@@ -422,8 +483,12 @@ async fn handle(
         delivery_count,
     };
     let result = match outcome {
+        Supervised::Done(Ok(())) => {
+            ack(ctx, d.receipt).await;
+            JobResult::Succeeded
+        }
         Supervised::Aborted => {
-            match Box::pin(ctx.broker().release(std::slice::from_ref(&d.receipt))).await {
+            match ctx.broker().release(std::slice::from_ref(&d.receipt)).await {
                 Ok(()) => {
                     tracing::info!("shutdown deadline passed: job released for another worker")
                 }
@@ -432,10 +497,6 @@ async fn handle(
                 }
             }
             JobResult::Released
-        }
-        Supervised::Done(Ok(())) => {
-            ack(ctx, d.receipt).await;
-            JobResult::Succeeded
         }
         Supervised::Done(Err(err)) => {
             let unit: f64 = rand::random();
@@ -446,11 +507,9 @@ async fn handle(
                 SystemTime::now(),
                 unit,
             ) {
-                Decision::Retry { delay } => {
-                    Box::pin(retry_later(ctx, d, attempt, &err, delay)).await
-                }
+                Decision::Retry { delay } => retry_later(ctx, d, attempt, &err, delay).await,
                 Decision::DeadLetter { reason } => {
-                    Box::pin(dead_letter(ctx, d, attempt, &err, &reason)).await
+                    dead_letter(ctx, d, attempt, &err, &reason).await
                 }
             }
         }
@@ -621,6 +680,23 @@ pub(crate) fn start(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The size of a spawned job's future, whatever the lifetime of its context.
+    fn future_size<A, B, C, D, F, Fut>(_: F) -> usize
+    where
+        F: Fn(Arc<QueueCtx>, A, B, C, D) -> Fut,
+    {
+        std::mem::size_of::<Fut>()
+    }
+
+    /// Every job's future is allocated in its task and moved by tokio: it was 2.6 KB before the
+    /// rare paths were boxed (an allocation of that size and several copies per job).
+    #[test]
+    fn job_future_stays_small() {
+        let size = future_size(job_task);
+
+        assert!(size <= 1024, "a job's future is {size} bytes");
+    }
 
     #[test]
     fn truncate_respects_char_boundaries() {

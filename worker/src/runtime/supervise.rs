@@ -3,9 +3,7 @@
 
 use super::QueueCtx;
 use crate::JobError;
-use futures::FutureExt;
 use std::panic::AssertUnwindSafe;
-use std::task::Poll;
 use std::time::Duration;
 use stevedore_core::Receipt;
 use tokio::sync::watch;
@@ -15,24 +13,10 @@ pub(super) enum Supervised {
     Aborted,
 }
 
-/// Runs the handler with its timeout, catching panics, extending the lease while it runs, and
-/// giving up when the hard stop fires.
-pub(super) async fn supervise(
-    ctx: &QueueCtx,
-    fut: futures::future::BoxFuture<'static, Result<(), JobError>>,
-    receipt: &Receipt,
-    timeout: Duration,
-) -> Supervised {
-    let mut fut = AssertUnwindSafe(fut).catch_unwind();
-    // Fast path: most jobs finish on their first poll, with no timers at all. The slow path's
-    // state is boxed so that the common job future stays small (it is moved on every spawn).
-    if let Poll::Ready(r) = futures::poll!(&mut fut) {
-        return Supervised::Done(flatten(r));
-    }
-    Box::pin(supervise_slow(ctx, fut, receipt, timeout)).await
-}
-
-async fn supervise_slow(
+/// Runs a handler that did not finish on its first poll (that poll happens in the job's task)
+/// to its end: under its timeout, catching panics, extending the lease while it runs, and giving
+/// up when the hard stop fires.
+pub(super) async fn supervise_slow(
     ctx: &QueueCtx,
     fut: futures::future::CatchUnwind<
         AssertUnwindSafe<futures::future::BoxFuture<'static, Result<(), JobError>>>,
@@ -72,7 +56,9 @@ async fn turned_true(rx: &mut watch::Receiver<bool>) {
     }
 }
 
-fn flatten(r: Result<Result<(), JobError>, Box<dyn std::any::Any + Send>>) -> Result<(), JobError> {
+pub(super) fn flatten(
+    r: Result<Result<(), JobError>, Box<dyn std::any::Any + Send>>,
+) -> Result<(), JobError> {
     r.unwrap_or_else(|panic| {
         let msg = panic
             .downcast_ref::<&str>()
