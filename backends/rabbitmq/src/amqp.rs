@@ -12,18 +12,49 @@ pub(crate) const DELIVERY_COUNT: &str = "x-delivery-count";
 /// Header of a message waiting in the delay store: the physical queue it is for.
 pub(crate) const TARGET: &str = "stevedore-target";
 
-/// The AMQP properties of an envelope: persistent, `message_id` = id (when it fits a short string),
-/// `timestamp` = enqueued_at, `content_type`, and every field of [`wire::to_wire`] as a long-string
-/// header. `extra` headers (the delay store's target) are added last.
+/// `app_id` of a message in Stevedore's own layout (what [`properties`] writes).
+pub(crate) const APP_ID: &str = "stevedore";
+
+/// The AMQP properties of an envelope, in the compact layout: the fields AMQP has properties
+/// for travel in them (`message_id` = id, `type` = job, `timestamp` = enqueued_at in seconds,
+/// `content_type`; persistent, `delivery_mode` 2; `app_id` = [`APP_ID`] marks the layout), and the
+/// rest of [`wire::to_wire`] as long-string headers, only where it says something: the attempt
+/// when above 1, the enqueue time in milliseconds when the id (a UUIDv7 made at enqueue) does not
+/// carry it, an id or job name too long for a short string, and every other field and user header.
+/// A plain job has no headers at all: a header table cost the broker ~20% of its throughput
+/// (measured with a raw lapin loop, 5 headers against none). `extra` headers (the delay store's
+/// target) are added last.
 pub(crate) fn properties(
     env: &Envelope,
     extra: &[(&str, &str)],
 ) -> Result<(BasicProperties, Bytes), BrokerError> {
     let (headers, body) = wire::to_wire(env);
+    let mut props = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_app_id(ShortString::from(APP_ID))
+        .with_timestamp(unix_secs(env.enqueued_at));
+    let id = ShortString::try_new(env.id.as_str()).ok();
+    let job = env
+        .job
+        .as_deref()
+        .and_then(|j| ShortString::try_new(j).ok());
+    let content_type = env
+        .content_type
+        .as_deref()
+        .and_then(|c| ShortString::try_new(c).ok());
+    let enqueued_in_id = uuid7_millis(&env.id) == Some(stevedore_core::to_millis(env.enqueued_at));
     let mut table = FieldTable::default();
     for (k, v) in headers
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
+        .filter(|(k, v)| match *k {
+            wire::ID => id.is_none(),
+            wire::JOB => job.is_none(),
+            wire::ATTEMPT => *v != "1",
+            wire::ENQUEUED_AT => !enqueued_in_id,
+            wire::CONTENT_TYPE => content_type.is_none(),
+            _ => true,
+        })
         .chain(extra.iter().copied())
     {
         let key = ShortString::try_new(k).map_err(|_| {
@@ -35,19 +66,34 @@ pub(crate) fn properties(
         })?;
         table.insert(key, AMQPValue::LongString(LongString::from(v)));
     }
-    let mut props = BasicProperties::default()
-        .with_delivery_mode(2)
-        .with_timestamp(unix_secs(env.enqueued_at))
-        .with_headers(table);
-    if let Ok(id) = ShortString::try_new(env.id.as_str()) {
+    if !table.inner().is_empty() {
+        props = props.with_headers(table);
+    }
+    if let Some(id) = id {
         props = props.with_message_id(id);
     }
-    if let Some(ct) = env.content_type.as_deref() {
-        if let Ok(ct) = ShortString::try_new(ct) {
-            props = props.with_content_type(ct);
-        }
+    if let Some(job) = job {
+        props = props.with_type(job);
+    }
+    if let Some(ct) = content_type {
+        props = props.with_content_type(ct);
     }
     Ok((props, body))
+}
+
+/// The millisecond timestamp of a UUIDv7 written in its hyphenated form (what
+/// [`Envelope::new`] makes ids of), or `None` for any other id.
+fn uuid7_millis(id: &str) -> Option<u64> {
+    let b = id.as_bytes();
+    if b.len() != 36 || b[8] != b'-' || b[13] != b'-' || b[14] != b'7' {
+        return None;
+    }
+    let mut ms: u64 = 0;
+    for &c in b[..8].iter().chain(&b[9..13]) {
+        let digit = char::from(c).to_digit(16)?;
+        ms = ms << 4 | u64::from(digit);
+    }
+    Some(ms)
 }
 
 fn unix_secs(t: SystemTime) -> u64 {
@@ -150,12 +196,21 @@ pub(crate) fn decode(props: &BasicProperties, body: Vec<u8>, redelivered: bool) 
         Some(id) if !id.as_str().is_empty() => id.as_str().to_string(),
         _ => content_id(props, &body),
     };
+    let ours = props
+        .app_id()
+        .as_ref()
+        .is_some_and(|a| a.as_str() == APP_ID);
     let mut envelope = wire::from_wire(headers, Bytes::from(body), &fallback);
     if envelope.content_type.is_none() {
         envelope.content_type = props.content_type().as_ref().map(|c| c.to_string());
     }
+    if ours && envelope.job.is_none() {
+        envelope.job = props.kind().as_ref().map(|k| k.to_string());
+    }
     if !has_enqueued_at {
-        if let Some(ts) = props.timestamp() {
+        if let Some(ms) = uuid7_millis(&envelope.id).filter(|_| ours) {
+            envelope.enqueued_at = UNIX_EPOCH + Duration::from_millis(ms);
+        } else if let Some(ts) = props.timestamp() {
             envelope.enqueued_at = UNIX_EPOCH + Duration::from_secs(*ts);
         }
     }
@@ -240,6 +295,113 @@ mod tests {
         );
         assert_eq!(d.delivery_count, 1);
         assert!(d.target.is_none());
+    }
+
+    #[test]
+    fn a_plain_job_travels_in_properties_alone() {
+        let env = Envelope::new("send", "{}").json();
+        let (props, _) = properties(&env, &[]).expect("properties");
+        let enqueued_in_id =
+            uuid7_millis(&env.id) == Some(stevedore_core::to_millis(env.enqueued_at));
+        if enqueued_in_id {
+            assert!(props.headers().is_none(), "{:?}", props.headers());
+        }
+        assert_eq!(props.kind().as_ref().map(|k| k.as_str()), Some("send"));
+        assert_eq!(props.app_id().as_ref().map(|k| k.as_str()), Some(APP_ID));
+        let d = decode(&props, b"{}".to_vec(), false).envelope;
+        assert_eq!(d.id, env.id);
+        assert_eq!(d.job.as_deref(), Some("send"));
+        assert_eq!(d.attempt, 1);
+        assert_eq!(
+            stevedore_core::to_millis(d.enqueued_at),
+            stevedore_core::to_millis(env.enqueued_at)
+        );
+        assert_eq!(d.content_type.as_deref(), Some("application/json"));
+    }
+
+    #[test]
+    fn every_field_survives_the_compact_layout() {
+        let mut env = Envelope::foreign("custom-id", "body").with_header("x-a", "1");
+        env.job = Some("j".repeat(300));
+        env.attempt = 4;
+        env.enqueued_at = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        env.not_before = Some(UNIX_EPOCH + Duration::from_millis(1_700_000_100_456));
+        env.priority = stevedore_core::Priority::High;
+        env.key = Some("k".into());
+        env.dedup_key = Some("d".into());
+        env.trace_parent = Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
+        env.content_type = Some("text/plain".into());
+        let (props, body) = properties(&env, &[]).expect("properties");
+        let d = decode(&props, body.to_vec(), false).envelope;
+        assert_eq!(d.id, "custom-id");
+        assert_eq!(
+            d.job, env.job,
+            "a job name too long for `type` goes in a header"
+        );
+        assert_eq!(d.attempt, 4);
+        assert_eq!(
+            d.enqueued_at, env.enqueued_at,
+            "milliseconds kept for an id that is no UUIDv7"
+        );
+        assert_eq!(d.not_before, env.not_before);
+        assert_eq!(d.priority, env.priority);
+        assert_eq!(d.key, env.key);
+        assert_eq!(d.dedup_key, env.dedup_key);
+        assert_eq!(d.trace_parent, env.trace_parent);
+        assert_eq!(d.content_type, env.content_type);
+        assert_eq!(d.headers, env.headers);
+    }
+
+    #[test]
+    fn the_earlier_layout_and_plain_clients_still_decode() {
+        // What this backend wrote before the compact layout: every field a header.
+        let mut t = FieldTable::default();
+        for (k, v) in [
+            (wire::ID, "old-1"),
+            (wire::JOB, "send"),
+            (wire::ATTEMPT, "2"),
+            (wire::ENQUEUED_AT, "1700000000123"),
+        ] {
+            t.insert(k.into(), AMQPValue::LongString(LongString::from(v)));
+        }
+        let props = BasicProperties::default()
+            .with_headers(t)
+            .with_message_id("old-1".into())
+            .with_timestamp(1_700_000_000);
+        let d = decode(&props, vec![], false).envelope;
+        assert_eq!(
+            (d.id.as_str(), d.job.as_deref(), d.attempt),
+            ("old-1", Some("send"), 2)
+        );
+        assert_eq!(stevedore_core::to_millis(d.enqueued_at), 1_700_000_000_123);
+        // A plain client's `type` is its own business, not a job name.
+        let plain = BasicProperties::default()
+            .with_type("OrderPlaced".into())
+            .with_message_id("0193a0b1-2c3d-7e4f-8a9b-0c1d2e3f4a5b".into())
+            .with_timestamp(1_700_000_000);
+        let d = decode(&plain, vec![], false).envelope;
+        assert!(d.job.is_none());
+        assert_eq!(
+            d.enqueued_at,
+            UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+            "a plain client's timestamp, not its id's"
+        );
+    }
+
+    #[test]
+    fn uuid7_millis_reads_only_v7_ids() {
+        assert_eq!(
+            uuid7_millis("0193a0b1-2c3d-7e4f-8a9b-0c1d2e3f4a5b"),
+            Some(0x0193_a0b1_2c3d)
+        );
+        assert_eq!(uuid7_millis("0193a0b1-2c3d-4e4f-8a9b-0c1d2e3f4a5b"), None);
+        assert_eq!(uuid7_millis("0193a0b1x2c3d-7e4f-8a9b-0c1d2e3f4a5b"), None);
+        assert_eq!(uuid7_millis("zz93a0b1-2c3d-7e4f-8a9b-0c1d2e3f4a5b"), None);
+        assert_eq!(uuid7_millis("short"), None);
+        let id = stevedore_core::new_id();
+        let ms = uuid7_millis(&id).expect("new ids are UUIDv7");
+        let now = stevedore_core::to_millis(SystemTime::now());
+        assert!(now.abs_diff(ms) < 5_000, "{ms} vs {now}");
     }
 
     #[test]
