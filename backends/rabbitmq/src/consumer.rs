@@ -49,6 +49,9 @@ pub(crate) struct Chan {
     /// When this handle last settled deliveries or started a consumer here: the broker may still
     /// be pushing the replacements.
     pub last_change: Option<std::time::Instant>,
+    /// Batches of credit the active consumer has beyond what this handle holds (see
+    /// `HEADROOM_MAX`): 1 for a new consumer, doubled with each upgrade.
+    pub headroom: usize,
 }
 
 impl Chan {
@@ -66,6 +69,7 @@ impl Chan {
             unsettled: HashMap::new(),
             pumps: Vec::new(),
             last_change: None,
+            headroom: 1,
         }
     }
 

@@ -56,12 +56,14 @@
 //! consumer with spare credit takes back the very messages its own handle just released, so another
 //! worker never sees them. So this backend sizes the consumer's credit by demand instead of
 //! holding a fixed prefetch from the start: the first `receive(max)` consumes with a per-consumer
-//! prefetch of `max`; when a later receive finds the buffer empty and the consumer's credit used up
-//! by deliveries still in flight, the consumer is replaced by one with credit
-//! `in flight + max`, up to the queue's configured prefetch ([`RabbitConfig::prefetch`], default
-//! [`RabbitConfig::default_prefetch`]). A worker thus holds about what it runs plus one batch, never
-//! more than the prefetch (which the worker sets to the queue's concurrency: a worker cannot run
-//! more of a queue's jobs at once than its prefetch). `release` cancels the consumer before
+//! prefetch of `max`; when a later receive finds the buffer short and the consumer's credit used
+//! up by deliveries still in flight, the consumer is replaced by one with credit
+//! `in flight + h × max`, where the headroom `h` doubles with each such replacement up to 4
+//! batches (acks on a quorum queue free credit only once its Raft log settles them), and never
+//! above the queue's configured prefetch ([`RabbitConfig::prefetch`], default
+//! [`RabbitConfig::default_prefetch`]). A worker thus holds what it runs plus one batch (plus up
+//! to four while it drains a backlog), never more than the prefetch (which the worker sets to the
+//! queue's concurrency: a worker cannot run more of a queue's jobs at once than its prefetch). `release` cancels the consumer before
 //! nacking, so released messages go to whoever asks next; the next receive consumes again.
 //! Messages buffered but not yet handed out count as `ready` in this process's `depth` (other
 //! processes cannot see them).
@@ -307,11 +309,22 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The consumer credit for a handle holding `in_flight` deliveries that asks for `want` more.
-fn credit(prefetch: u16, in_flight: usize, want: usize) -> u16 {
+/// Most batches of credit a draining consumer gets. A consumer starts with one batch beyond what
+/// its handle holds; each time a receive finds it starved (buffer short, credit all used by
+/// deliveries not yet settled) its headroom doubles, up to this. A quorum queue settles acks
+/// through its Raft log, so the broker frees credit well after an ack leaves: with one batch of
+/// headroom a draining consumer spent much of its time waiting on that (the backend alone drained
+/// ~80k/s with one batch, ~100k/s with four, ~105k/s with the whole prefetch, beside a raw lapin
+/// loop's ~135k/s with a prefetch of 500). A handle that takes what it needs and stops (and
+/// whose neighbours want the rest) keeps one batch.
+const HEADROOM_MAX: usize = 4;
+
+/// The consumer credit for a handle holding `in_flight` deliveries that asks for `want` more
+/// with `headroom` batches: `in_flight + headroom × want`, at least 1 and at most `prefetch`.
+fn credit(prefetch: u16, in_flight: usize, want: usize, headroom: usize) -> u16 {
     u16::try_from(
         in_flight
-            .saturating_add(want)
+            .saturating_add(want.saturating_mul(headroom))
             .clamp(1, usize::from(prefetch.max(1))),
     )
     .unwrap_or(u16::MAX)
@@ -522,13 +535,19 @@ impl RabbitBroker {
                         && c.link_gen == link.gen
                         && c.channel.status().connected() =>
                 {
-                    let next = credit(qs.prefetch, c.outstanding.len(), want);
+                    let in_flight = c.outstanding.len();
                     match &c.active {
-                        None => Plan::Consume(next),
+                        None => {
+                            c.headroom = 1;
+                            Plan::Consume(credit(qs.prefetch, in_flight, want, 1))
+                        }
                         Some(a) => {
                             let blocked = c.buffer.len() < want
                                 && c.active_unsettled() >= usize::from(a.credit);
+                            let headroom = (c.headroom * 2).min(HEADROOM_MAX);
+                            let next = credit(qs.prefetch, in_flight, want, headroom);
                             if blocked && next > a.credit {
+                                c.headroom = headroom;
                                 Plan::Upgrade(a.tag.clone(), next)
                             } else {
                                 Plan::Nothing
@@ -554,7 +573,7 @@ impl RabbitBroker {
                 // Closing the old channel (if any) returns what it held to the queue.
                 drop(old);
                 qs.notify.notify_waiters();
-                self.start_consumer(&link, qs, credit(qs.prefetch, 0, want))
+                self.start_consumer(&link, qs, credit(qs.prefetch, 0, want, 1))
                     .await?;
                 Ok(true)
             }
@@ -1243,11 +1262,13 @@ mod tests {
 
     #[test]
     fn credit_follows_demand_up_to_the_prefetch() {
-        assert_eq!(credit(64, 0, 10), 10);
-        assert_eq!(credit(64, 10, 16), 26);
-        assert_eq!(credit(64, 60, 16), 64);
-        assert_eq!(credit(64, 0, 0), 1);
-        assert_eq!(credit(1, 0, 10), 1);
+        assert_eq!(credit(64, 0, 10, 1), 10);
+        assert_eq!(credit(64, 10, 16, 1), 26);
+        assert_eq!(credit(64, 60, 16, 1), 64);
+        assert_eq!(credit(64, 0, 0, 1), 1);
+        assert_eq!(credit(1, 0, 10, 1), 1);
+        assert_eq!(credit(500, 30, 100, 4), 430);
+        assert_eq!(credit(500, 200, 100, 4), 500);
     }
 
     #[test]
