@@ -82,17 +82,26 @@ pub const MAX_DELAY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// A producer handle. Cheap to clone; thread safe.
 #[derive(Clone, Debug)]
 pub struct Client {
+    /// One reference count for the whole handle: every job's context holds a clone, and a count
+    /// shared by the runtime's threads costs per atomic operation.
+    inner: Arc<ClientInner>,
+}
+
+#[derive(Debug)]
+struct ClientInner {
     scheduler: Scheduler,
     /// Per logical queue: refuse enqueues once this many messages wait (`queues.<name>.max_depth`).
-    limits: Arc<BTreeMap<String, u64>>,
+    limits: BTreeMap<String, u64>,
 }
 
 impl Client {
     /// A client publishing to `broker`.
     pub fn new(broker: Arc<dyn Broker>) -> Self {
         Client {
-            scheduler: Scheduler::new(broker),
-            limits: Arc::new(BTreeMap::new()),
+            inner: Arc::new(ClientInner {
+                scheduler: Scheduler::new(broker),
+                limits: BTreeMap::new(),
+            }),
         }
     }
 
@@ -105,7 +114,10 @@ impl Client {
             .into_iter()
             .filter_map(|(name, q)| q.max_depth.map(|m| (name, m)))
             .collect();
-        self.limits = Arc::new(limits);
+        self.inner = Arc::new(ClientInner {
+            scheduler: self.inner.scheduler.clone(),
+            limits,
+        });
         self
     }
 
@@ -144,8 +156,11 @@ impl Client {
         #[cfg(feature = "otel")]
         if crate::otel::enabled() {
             use tracing::Instrument;
-            let span =
-                crate::otel::publish_span(self.scheduler.broker().name(), queue, &mut envelopes);
+            let span = crate::otel::publish_span(
+                self.inner.scheduler.broker().name(),
+                queue,
+                &mut envelopes,
+            );
             return self.publish_now(queue, envelopes).instrument(span).await;
         }
         self.publish_now(queue, envelopes).await
@@ -160,7 +175,7 @@ impl Client {
         for e in envelopes {
             by_level.entry(e.priority).or_default().push(e);
         }
-        let broker = self.scheduler.broker();
+        let broker = self.inner.scheduler.broker();
         let max = broker.capabilities().max_batch.max(1);
         for (priority, batch) in &by_level {
             let physical = names::physical(queue, *priority);
@@ -188,7 +203,7 @@ impl Client {
             let mut batch = batch;
             while !batch.is_empty() {
                 let rest = batch.split_off(batch.len().min(max));
-                self.scheduler.publish(&physical, batch).await?;
+                self.inner.scheduler.publish(&physical, batch).await?;
                 batch = rest;
             }
         }
@@ -200,6 +215,7 @@ impl Client {
         let mut n = 0;
         for p in Priority::ALL {
             let d = self
+                .inner
                 .scheduler
                 .broker()
                 .depth(&names::physical(queue, p))
@@ -291,7 +307,7 @@ impl Enqueue {
         let envelope = self.envelope?;
         let limit = self
             .max_depth
-            .or_else(|| self.client.limits.get(&self.queue).copied());
+            .or_else(|| self.client.inner.limits.get(&self.queue).copied());
         if let Some(max) = limit {
             let depth = self.client.waiting(&self.queue).await?;
             if depth >= max {

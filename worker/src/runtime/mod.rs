@@ -250,10 +250,8 @@ pub(crate) async fn fetch_loop(
                     release_unstarted(&ctx, deliveries).await;
                     break 'run;
                 }
-                for d in deliveries {
-                    let Some(permit) = permits.pop() else { break };
-                    tokio::spawn(job_task(ctx.clone(), priority, d, index, permit));
-                }
+                permits.truncate(deliveries.len());
+                tokio::spawn(run_batch(ctx.clone(), priority, index, deliveries, permits));
             }
             Err(e) => {
                 full = false;
@@ -295,6 +293,28 @@ macro_rules! boxed {
         let boxed: futures::future::BoxFuture<'_, _> = Box::pin($fut);
         boxed
     }};
+}
+
+/// Starts the jobs of one receive, one after the other, each with its slot: a job that finishes
+/// on its first poll (most do: a no-op one, a quick computation, I/O that is ready) finishes here,
+/// without a task of its own; one still pending after it goes on as a task of its own (its next
+/// poll, in that task, registers the task's waker). One task per receive rather than per job:
+/// a task costs an allocation, a registration and a wake-up, about a sixth of what the runtime
+/// spent on a no-op job. Several receives' batches run on the runtime's threads at once.
+async fn run_batch(
+    ctx: Arc<QueueCtx>,
+    priority: Priority,
+    index: usize,
+    deliveries: Vec<Delivery>,
+    permits: Vec<OwnedSemaphorePermit>,
+) {
+    for (d, permit) in deliveries.into_iter().zip(permits) {
+        let mut job = Box::pin(job_task(ctx.clone(), priority, d, index, permit));
+        let first = std::future::poll_fn(|cx| Poll::Ready(job.poll_unpin(cx))).await;
+        if first.is_pending() {
+            tokio::spawn(job);
+        }
+    }
 }
 
 /// A spawned job: runs one delivery to its end (handler, then ack / retry / dead letter /
