@@ -41,7 +41,6 @@ use supervise::{flatten, supervise_slow, Supervised};
 pub(crate) struct QueueCtx {
     pub name: String,
     pub cfg: QueueConfig,
-    pub config: Arc<Config>,
     pub routes: Routes,
     pub scheduler: Scheduler,
     pub stats: Arc<QueueStats>,
@@ -52,8 +51,10 @@ pub(crate) struct QueueCtx {
     pub client: crate::Client,
     pub hard_stop: watch::Receiver<bool>,
     pub lease_timed: bool,
-    /// Retry policy and timeout of every registered job on this queue, resolved once at start.
-    pub jobs: std::collections::HashMap<String, (RetryConfig, Duration)>,
+    /// Retry policy and timeout of every registered job on this queue, resolved once at start:
+    /// exactly the router's job names (one lookup per job says both whether it is routable and
+    /// how it runs).
+    pub jobs: std::collections::BTreeMap<String, (RetryConfig, Duration)>,
 }
 
 impl QueueCtx {
@@ -348,77 +349,73 @@ async fn job_task(
             started,
         );
         let (name, result) = match job {
-            Some(job) if c.routes.contains(&job) => {
-                let (retry, timeout) = match c.jobs.get(&job) {
-                    Some(&settings) => settings,
-                    None => (
-                        c.config.retry_for(&c.name, Some(&job)),
-                        c.config.timeout_for(&c.name, Some(&job)),
-                    ),
-                };
-                if attempt > retry.max_attempts {
-                    let max = retry.max_attempts;
-                    boxed!(crash_loop(c, job, d, attempt, max).instrument(span.clone())).await
-                } else {
-                    // Fields move out of `d` straight into place: a local holding them would
-                    // keep its own slot in this future.
-                    let parts = Arc::new(JobParts {
-                        context: JobContext {
-                            id: d.envelope.id.clone(),
-                            job,
-                            queue: c.name.clone(),
-                            priority,
-                            attempt,
-                            max_attempts: retry.max_attempts,
-                            enqueued_at: d.envelope.enqueued_at,
-                            headers: d.envelope.headers.clone(),
-                            worker_id: c.worker_id.clone(),
-                        },
-                        envelope: d.envelope,
-                        client: c.client.clone(),
-                    });
-                    let outcome = match c.routes.dispatch(&parts.context.job, parts.clone()) {
-                        Some(fut) => {
-                            let mut fut = AssertUnwindSafe(fut).catch_unwind();
-                            // Most jobs finish on their first poll: no timers, nothing boxed.
-                            let done = std::future::poll_fn(|cx| {
-                                let _in = span.enter();
-                                Poll::Ready(match fut.poll_unpin(cx) {
-                                    Poll::Ready(r) => Some(flatten(r)),
-                                    Poll::Pending => None,
+            Some(job) => match c.jobs.get(&job) {
+                Some(&(retry, timeout)) => {
+                    if attempt > retry.max_attempts {
+                        let max = retry.max_attempts;
+                        boxed!(crash_loop(c, job, d, attempt, max).instrument(span.clone())).await
+                    } else {
+                        // Fields move out of `d` straight into place: a local holding them would
+                        // keep its own slot in this future.
+                        let parts = Arc::new(JobParts {
+                            context: JobContext {
+                                id: d.envelope.id.clone(),
+                                job,
+                                queue: c.name.clone(),
+                                priority,
+                                attempt,
+                                max_attempts: retry.max_attempts,
+                                enqueued_at: d.envelope.enqueued_at,
+                                headers: d.envelope.headers.clone(),
+                                worker_id: c.worker_id.clone(),
+                            },
+                            envelope: d.envelope,
+                            client: c.client.clone(),
+                        });
+                        let outcome = match c.routes.dispatch(&parts.context.job, parts.clone()) {
+                            Some(fut) => {
+                                let mut fut = AssertUnwindSafe(fut).catch_unwind();
+                                // Most jobs finish on their first poll: no timers, nothing boxed.
+                                let done = std::future::poll_fn(|cx| {
+                                    let _in = span.enter();
+                                    Poll::Ready(match fut.poll_unpin(cx) {
+                                        Poll::Ready(r) => Some(flatten(r)),
+                                        Poll::Pending => None,
+                                    })
                                 })
-                            })
-                            .await;
-                            match done {
-                                Some(r) => {
-                                    drop(fut);
-                                    Supervised::Done(r)
-                                }
-                                None => {
-                                    let receipt = &d.receipt;
-                                    boxed!(supervise_slow(c, fut, receipt, timeout)
-                                        .instrument(span.clone()))
-                                    .await
+                                .await;
+                                match done {
+                                    Some(r) => {
+                                        drop(fut);
+                                        Supervised::Done(r)
+                                    }
+                                    None => {
+                                        let receipt = &d.receipt;
+                                        boxed!(supervise_slow(c, fut, receipt, timeout)
+                                            .instrument(span.clone()))
+                                        .await
+                                    }
                                 }
                             }
-                        }
-                        None => Supervised::Done(Err(JobError::permanent("handler vanished"))),
-                    };
-                    match outcome {
-                        Supervised::Done(Ok(())) if !c.broker().acks_locally() => {
-                            let _ = c.acks.send(d.receipt);
-                            (JobParts::into_job(parts), JobResult::Succeeded)
-                        }
-                        outcome => {
-                            let (receipt, count) = (d.receipt, d.delivery_count);
-                            boxed!(settle(c, parts, receipt, count, retry, outcome)
-                                .instrument(span.clone()))
-                            .await
+                            None => Supervised::Done(Err(JobError::permanent("handler vanished"))),
+                        };
+                        match outcome {
+                            Supervised::Done(Ok(())) if !c.broker().acks_locally() => {
+                                let _ = c.acks.send(d.receipt);
+                                (JobParts::into_job(parts), JobResult::Succeeded)
+                            }
+                            outcome => {
+                                let (receipt, count) = (d.receipt, d.delivery_count);
+                                boxed!(settle(c, parts, receipt, count, retry, outcome)
+                                    .instrument(span.clone()))
+                                .await
+                            }
                         }
                     }
                 }
-            }
-            job => boxed!(unroutable(c, job, d, attempt).instrument(span.clone())).await,
+                None => boxed!(unroutable(c, Some(job), d, attempt).instrument(span.clone())).await,
+            },
+            None => boxed!(unroutable(c, None, d, attempt).instrument(span.clone())).await,
         };
         drop(running);
         c.stats.finished(&name, result, started.elapsed());
@@ -670,7 +667,6 @@ pub(crate) fn start(
             stats: stats.queue(&name),
             name,
             cfg,
-            config: config.clone(),
             routes: routes.clone(),
             scheduler: scheduler.clone(),
             acks: ack_tx.clone(),
