@@ -86,6 +86,9 @@ fn push_allocs(per_job: f64, backend: bool) {
     }
 }
 
+/// Each size runs this many times, raw and Stevedore alternating, and reports the medians (the
+/// ratio's spread over rounds shows how noisy the machine was).
+const ROUNDS: usize = 3;
 const BATCH: usize = 100;
 /// Every job's body in every loop: 24 bytes of JSON.
 const BODY: &[u8] = br#"{"n":1,"to":"a@b.c.dee"}"#;
@@ -996,11 +999,27 @@ async fn main() -> Res<()> {
             "stevedore jobs/s",
             "ratio"
         );
+        // Rounds alternate raw and Stevedore; the row gives the medians, and the spread of the
+        // per-round ratios says how noisy the machine was.
         for n in &sizes {
-            let (rp, rc) = raw_rabbitmq(&url, *n).await?;
-            let (sp, sc) = through_rabbitmq(&url, *n).await?;
+            let mut rounds = Vec::new();
+            for _ in 0..ROUNDS {
+                let (rp, rc) = raw_rabbitmq(&url, *n).await?;
+                let (sp, sc) = through_rabbitmq(&url, *n).await?;
+                rounds.push((rp, sp, rc, sc));
+            }
+            let col = |f: fn(&(f64, f64, f64, f64)) -> f64| {
+                median(&rounds.iter().map(f).collect::<Vec<_>>())
+            };
+            let ratios: Vec<f64> = rounds.iter().map(|r| r.3 / r.2).collect();
+            let (lo, hi) = ratios
+                .iter()
+                .fold((f64::MAX, f64::MIN), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
+            let (rc, sc) = (col(|r| r.2), col(|r| r.3));
             println!(
-                "{n:>10} {rp:>16.0} {sp:>16.0} {rc:>16.0} {sc:>16.0} {:>7.2}",
+                "{n:>10} {:>16.0} {:>16.0} {rc:>16.0} {sc:>16.0} {:>7.2}   (per-round ratios {lo:.2}–{hi:.2}, {ROUNDS} rounds)",
+                col(|r| r.0),
+                col(|r| r.1),
                 sc / rc
             );
         }
@@ -1010,9 +1029,6 @@ async fn main() -> Res<()> {
             "backlog", "raw msgs/s", "stevedore/s", "ratio"
         );
     }
-    // Each size runs ROUNDS times, raw and Stevedore alternating, and reports the medians (the
-    // ratio's spread over rounds shows how noisy the machine was).
-    const ROUNDS: usize = 3;
     let settings: &[&str] = if backend == "sqlite" {
         &["full", "normal"]
     } else {
