@@ -202,10 +202,10 @@ impl Selector {
         l.empty_since = if n == 0 { Some(now) } else { None };
     }
 
-    /// Records that a job of level `i` ended.
-    pub(crate) fn finished(&mut self, i: usize) {
+    /// Records that `n` jobs of level `i` ended.
+    pub(crate) fn finished(&mut self, i: usize, n: usize) {
         let l = &mut self.levels[i];
-        l.in_flight = l.in_flight.saturating_sub(1);
+        l.in_flight = l.in_flight.saturating_sub(n);
     }
 }
 
@@ -287,7 +287,7 @@ mod tests {
         s.received(p.index, 4, now);
         assert_eq!(s.capacity(p.index), 6);
         for _ in 0..4 {
-            s.finished(p.index);
+            s.finished(p.index, 1);
         }
         assert_eq!(s.capacity(p.index), 10);
     }
@@ -314,7 +314,7 @@ mod tests {
         s.received(1, 3, now);
         assert_eq!(s.capacity(1), 0, "low cannot take the reserved slots");
         assert_eq!(s.capacity(0), 2, "high still can");
-        s.finished(1);
+        s.finished(1, 1);
         assert_eq!(s.capacity(1), 1);
     }
 
@@ -335,7 +335,7 @@ mod tests {
             let p = s.pick(now).expect("capacity");
             assert_eq!(p.index, 0);
             s.received(0, 1, now);
-            s.finished(0);
+            s.finished(0, 1);
         }
         let later = t0 + Duration::from_secs(6);
         assert_eq!(
@@ -376,7 +376,7 @@ mod tests {
         let now = Instant::now();
         s.received(0, 2, now);
         assert_eq!(s.pick(now), None);
-        s.finished(0);
+        s.finished(0, 1);
         assert!(s.pick(now).is_some());
     }
 }

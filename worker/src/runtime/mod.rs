@@ -45,7 +45,8 @@ pub(crate) struct QueueCtx {
     pub scheduler: Scheduler,
     pub stats: Arc<QueueStats>,
     pub acks: mpsc::UnboundedSender<Receipt>,
-    pub finished: mpsc::UnboundedSender<usize>,
+    /// Jobs that ended, as (level index, how many).
+    pub finished: mpsc::UnboundedSender<(usize, usize)>,
     pub worker_id: Arc<str>,
     /// Handed to handlers (the `Client` extractor).
     pub client: crate::Client,
@@ -125,7 +126,7 @@ struct Fetched {
 pub(crate) async fn fetch_loop(
     ctx: Arc<QueueCtx>,
     global: Arc<Semaphore>,
-    mut finished_rx: mpsc::UnboundedReceiver<usize>,
+    mut finished_rx: mpsc::UnboundedReceiver<(usize, usize)>,
     mut soft: watch::Receiver<bool>,
     poll_wait: Duration,
 ) {
@@ -151,8 +152,8 @@ pub(crate) async fn fetch_loop(
         if *soft.borrow() {
             break;
         }
-        while let Ok(i) = finished_rx.try_recv() {
-            selector.finished(i);
+        while let Ok((i, n)) = finished_rx.try_recv() {
+            selector.finished(i, n);
         }
         if fetches.is_empty() || (full && fetches.len() < PIPELINE) {
             let mut permits = Vec::new();
@@ -226,8 +227,8 @@ pub(crate) async fn fetch_loop(
                     continue;
                 }
             },
-            Some(i) = finished_rx.recv() => {
-                selector.finished(i);
+            Some((i, n)) = finished_rx.recv() => {
+                selector.finished(i, n);
                 continue;
             }
             _ = soft.changed() => continue,
@@ -296,6 +297,11 @@ macro_rules! boxed {
     }};
 }
 
+/// Jobs a batch finishes before it hands their slots back: the selector and the global
+/// semaphore then hear of them in one message and one release, not one per job, while a batch
+/// of slow jobs still frees its slots as it goes.
+const SLOTS_BACK_EVERY: usize = 16;
+
 /// Starts the jobs of one receive, one after the other, each with its slot: a job that finishes
 /// on its first poll (most do: a no-op one, a quick computation, I/O that is ready) finishes here,
 /// without a task of its own; one still pending after it goes on as a task of its own (its next
@@ -309,30 +315,50 @@ async fn run_batch(
     deliveries: Vec<Delivery>,
     permits: Vec<OwnedSemaphorePermit>,
 ) {
+    // Slots of jobs finished here and not yet given back.
+    let mut done: Option<OwnedSemaphorePermit> = None;
     for (d, permit) in deliveries.into_iter().zip(permits) {
-        let mut job = Box::pin(job_task(ctx.clone(), priority, d, index, permit));
+        let mut job = Box::pin(run_job(ctx.clone(), priority, d));
         let first = std::future::poll_fn(|cx| Poll::Ready(job.poll_unpin(cx))).await;
         if first.is_pending() {
-            tokio::spawn(job);
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                job.await;
+                let _ = ctx.finished.send((index, 1));
+                drop(permit);
+            });
+            continue;
         }
+        let held = match &mut done {
+            Some(slots) => {
+                slots.merge(permit);
+                slots.num_permits()
+            }
+            None => done.insert(permit).num_permits(),
+        };
+        if held >= SLOTS_BACK_EVERY {
+            give_back(&ctx, index, done.take());
+        }
+    }
+    give_back(&ctx, index, done);
+}
+
+/// Tells the fetch loop that the jobs holding `slots` ended, and frees the slots.
+fn give_back(ctx: &QueueCtx, index: usize, slots: Option<OwnedSemaphorePermit>) {
+    if let Some(slots) = slots {
+        let _ = ctx.finished.send((index, slots.num_permits()));
     }
 }
 
-/// A spawned job: runs one delivery to its end (handler, then ack / retry / dead letter /
-/// release, all inside the job's span), then gives its slot back.
+/// One job: runs one delivery to its end (handler, then ack / retry / dead letter / release,
+/// all inside the job's span); [`run_batch`] gives its slot back.
 ///
-/// One async fn, kept small (see the `job_future_stays_small` test): tokio moves a spawned
-/// future into its task cell, and a job's future was 2.6 KB when it was three nested async fns
-/// (each kept its own copy of the delivery). The common path awaits nothing but the handler's
+/// One async fn, kept small (see the `job_future_stays_small` test): it is allocated for every
+/// job, and moved into a task of its own when it does not finish at once; it was 2.6 KB when it
+/// was three nested async fns (each kept its own copy of the delivery). The common path awaits nothing but the handler's
 /// first poll; the rare ones (a handler still pending after it, a failure, an unroutable or early
 /// message, an ack on a broker that acks locally) await futures made and boxed by `boxed!`.
-async fn job_task(
-    ctx: Arc<QueueCtx>,
-    priority: Priority,
-    d: Delivery,
-    index: usize,
-    permit: OwnedSemaphorePermit,
-) {
+async fn run_job(ctx: Arc<QueueCtx>, priority: Priority, d: Delivery) {
     let c = &*ctx;
     if let Some(early) = c.scheduler.early_by(&d.envelope, SystemTime::now()) {
         boxed!(hop(c, d, early)).await;
@@ -420,8 +446,6 @@ async fn job_task(
         drop(running);
         c.stats.finished(&name, result, started.elapsed());
     }
-    let _ = ctx.finished.send(index);
-    drop(permit);
 }
 
 /// The span a job runs in (with the `otel` feature on and an OpenTelemetry layer installed, the
@@ -697,10 +721,10 @@ pub(crate) fn start(
 mod tests {
     use super::*;
 
-    /// The size of a spawned job's future, whatever the lifetime of its context.
-    fn future_size<A, B, C, D, F, Fut>(_: F) -> usize
+    /// The size of a job's future.
+    fn future_size<A, B, F, Fut>(_: F) -> usize
     where
-        F: Fn(Arc<QueueCtx>, A, B, C, D) -> Fut,
+        F: Fn(Arc<QueueCtx>, A, B) -> Fut,
     {
         std::mem::size_of::<Fut>()
     }
@@ -709,7 +733,7 @@ mod tests {
     /// rare paths were boxed (an allocation of that size and several copies per job).
     #[test]
     fn job_future_stays_small() {
-        let size = future_size(job_task);
+        let size = future_size(run_job);
 
         assert!(size <= 1024, "a job's future is {size} bytes");
     }
