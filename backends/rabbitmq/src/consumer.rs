@@ -1,7 +1,7 @@
 //! Consuming one queue: its channel, its consumer, the deliveries buffered for `receive`, and the
 //! bookkeeping that makes acks safe (never an unknown tag, `multiple` only when exact).
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::BasicProperties;
 use std::collections::{BTreeMap, HashMap};
@@ -173,6 +173,9 @@ impl QueueState {
     }
 }
 
+/// Most deliveries the pump moves into the buffer under one lock.
+const PUMP_BATCH: usize = 256;
+
 /// Moves deliveries of one consumer into the queue's buffer until the consumer ends (cancelled by
 /// us or by the broker) or its channel dies.
 pub(crate) fn spawn_pump(
@@ -183,24 +186,44 @@ pub(crate) fn spawn_pump(
 ) -> JoinHandle<()> {
     let weak: Weak<QueueState> = Arc::downgrade(qs);
     tokio::spawn(async move {
+        // What the consumer yielded after the deliveries taken in one go, for the next turn.
+        let mut stashed = None;
         loop {
-            let item = consumer.next().await;
+            let item = match stashed.take() {
+                Some(item) => item,
+                None => consumer.next().await,
+            };
             let Some(qs) = weak.upgrade() else { return };
             match item {
                 Some(Ok(d)) => {
                     {
+                        // Every delivery already here goes in under one lock and one wake-up
+                        // (up to PUMP_BATCH), not one each. (Polling without a waker is safe:
+                        // the next turn polls again with this task's before it sleeps.)
                         let mut slot = qs.slot();
-                        if let Some(c) = slot.as_mut().filter(|c| c.id == chan_id) {
-                            c.buffer.insert(
-                                d.delivery_tag,
-                                Raw {
-                                    consumer: consumer_no,
-                                    redelivered: d.redelivered,
-                                    props: d.properties,
-                                    data: d.data,
-                                },
-                            );
-                            *c.unsettled.entry(consumer_no).or_insert(0) += 1;
+                        let mut next = Some(d);
+                        let mut taken = 0;
+                        while let Some(d) = next.take() {
+                            if let Some(c) = slot.as_mut().filter(|c| c.id == chan_id) {
+                                c.buffer.insert(
+                                    d.delivery_tag,
+                                    Raw {
+                                        consumer: consumer_no,
+                                        redelivered: d.redelivered,
+                                        props: d.properties,
+                                        data: d.data,
+                                    },
+                                );
+                                *c.unsettled.entry(consumer_no).or_insert(0) += 1;
+                            }
+                            taken += 1;
+                            if taken < PUMP_BATCH {
+                                match consumer.next().now_or_never() {
+                                    Some(Some(Ok(d))) => next = Some(d),
+                                    Some(end) => stashed = Some(end),
+                                    None => {}
+                                }
+                            }
                         }
                     }
                     qs.notify.notify_waiters();
