@@ -376,6 +376,63 @@ mod tests {
         }
     }
 
+    /// Runs `worker` until its handlers have noted `n` entries in `seen` (10 s at most), then
+    /// stops it cleanly.
+    async fn run_until_seen(
+        worker: Worker,
+        seen: &Seen,
+        n: usize,
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let stop = worker.shutdown_handle();
+        let run = tokio::spawn(worker.run());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while seen.lock().map(|s| s.len()).unwrap_or(0) < n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{n} jobs never ran: {seen:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop.shutdown();
+        run.await??;
+        Ok(())
+    }
+
+    /// Computes for 20 ms without awaiting anything, and notes the thread it ran on.
+    async fn busy(State(seen): State<Seen>) {
+        std::thread::sleep(Duration::from_millis(20));
+        if let Ok(mut s) = seen.lock() {
+            s.push(format!("{:?}", std::thread::current().id()));
+        }
+    }
+
+    /// Jobs that finish on their first poll but compute for a while still run on every thread of
+    /// the runtime, not one after the other in the task that started their batch.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn jobs_that_compute_spread_over_the_runtime_threads(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let seen: Seen = Arc::default();
+        let config = config::from_toml_str(
+            "[http]\nenabled = false\n[worker]\npoll_wait = \"50ms\"\n[queues.default]\nconcurrency = 8\nbatch = 8\n",
+            None,
+        )?;
+        let router = Router::with_state(seen.clone()).route("busy", busy);
+        let worker = Worker::new(Arc::new(MemoryBroker::new()), router, config)?;
+        let client = worker.client();
+        for _ in 0..8 {
+            client.enqueue("busy", &()).send().await?;
+        }
+        run_until_seen(worker, &seen, 8).await?;
+        let threads: std::collections::HashSet<String> = seen
+            .lock()
+            .map_err(|_| "poisoned")?
+            .iter()
+            .cloned()
+            .collect();
+        assert_eq!(threads.len(), 2, "the 8 jobs ran on {threads:?}");
+        Ok(())
+    }
+
     #[test]
     fn handlers_take_up_to_sixteen_extractors() {
         let router = Router::with_state(Seen::default()).route("wide", wide);
@@ -390,18 +447,7 @@ mod tests {
             .route("second", second);
         let worker = Worker::new(Arc::new(MemoryBroker::new()), router, cfg())?;
         worker.client().enqueue("first", &1u32).send().await?;
-        let stop = worker.shutdown_handle();
-        let run = tokio::spawn(worker.run());
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while seen.lock().map(|s| s.len()).unwrap_or(0) < 2 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "follow-up never ran: {seen:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        stop.shutdown();
-        run.await??;
+        run_until_seen(worker, &seen, 2).await?;
         assert_eq!(
             *seen.lock().map_err(|_| "poisoned")?,
             ["first 1", "second 2"]

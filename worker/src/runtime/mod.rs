@@ -302,12 +302,18 @@ macro_rules! boxed {
 /// of slow jobs still frees its slots as it goes.
 const SLOTS_BACK_EVERY: usize = 16;
 
+/// How long a batch runs its jobs' first polls one after the other before it hands the rest to
+/// tasks of their own: quick jobs share one task, while jobs that compute for a while still spread
+/// over the runtime's threads (another thread can take a task, not the rest of a batch).
+const INLINE_BUDGET: Duration = Duration::from_millis(1);
+
 /// Starts the jobs of one receive, one after the other, each with its slot: a job that finishes
 /// on its first poll (most do: a no-op one, a quick computation, I/O that is ready) finishes here,
 /// without a task of its own; one still pending after it goes on as a task of its own (its next
 /// poll, in that task, registers the task's waker). One task per receive rather than per job:
 /// a task costs an allocation, a registration and a wake-up, about a sixth of what the runtime
-/// spent on a no-op job. Several receives' batches run on the runtime's threads at once.
+/// spent on a no-op job. Once the batch has spent [`INLINE_BUDGET`] on first polls, each job left
+/// gets a task of its own at once, as every job did before.
 async fn run_batch(
     ctx: Arc<QueueCtx>,
     priority: Priority,
@@ -317,9 +323,14 @@ async fn run_batch(
 ) {
     // Slots of jobs finished here and not yet given back.
     let mut done: Option<OwnedSemaphorePermit> = None;
+    let started = Instant::now();
     for (d, permit) in deliveries.into_iter().zip(permits) {
         let mut job = Box::pin(run_job(ctx.clone(), priority, d));
-        let first = std::future::poll_fn(|cx| Poll::Ready(job.poll_unpin(cx))).await;
+        let first = if started.elapsed() < INLINE_BUDGET {
+            std::future::poll_fn(|cx| Poll::Ready(job.poll_unpin(cx))).await
+        } else {
+            Poll::Pending
+        };
         if first.is_pending() {
             let ctx = ctx.clone();
             tokio::spawn(async move {
@@ -355,9 +366,10 @@ fn give_back(ctx: &QueueCtx, index: usize, slots: Option<OwnedSemaphorePermit>) 
 ///
 /// One async fn, kept small (see the `job_future_stays_small` test): it is allocated for every
 /// job, and moved into a task of its own when it does not finish at once; it was 2.6 KB when it
-/// was three nested async fns (each kept its own copy of the delivery). The common path awaits nothing but the handler's
-/// first poll; the rare ones (a handler still pending after it, a failure, an unroutable or early
-/// message, an ack on a broker that acks locally) await futures made and boxed by `boxed!`.
+/// was three nested async fns (each kept its own copy of the delivery). The common path awaits
+/// nothing but the handler's first poll; the rare ones (a handler still pending after it, a
+/// failure, an unroutable or early message, an ack on a broker that acks locally) await futures
+/// made and boxed by `boxed!`.
 async fn run_job(ctx: Arc<QueueCtx>, priority: Priority, d: Delivery) {
     let c = &*ctx;
     if let Some(early) = c.scheduler.early_by(&d.envelope, SystemTime::now()) {
