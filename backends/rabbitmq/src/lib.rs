@@ -337,6 +337,19 @@ fn credit(prefetch: u16, in_flight: usize, want: usize, headroom: usize) -> u16 
     .unwrap_or(u16::MAX)
 }
 
+/// Whether the consumer of `qs` can be pushed nothing more only because its credit is held by
+/// deliveries this handle handed out and has not settled yet (its buffer is empty).
+fn credit_held_by_handed_out(qs: &QueueState) -> bool {
+    qs.slot().as_ref().is_some_and(|c| {
+        c.failed.is_none()
+            && c.buffer.is_empty()
+            && !c.outstanding.is_empty()
+            && c.active
+                .as_ref()
+                .is_some_and(|a| c.active_unsettled() >= usize::from(a.credit))
+    })
+}
+
 /// What `ensure_consumer` has to do.
 enum Plan {
     Nothing,
@@ -1112,6 +1125,8 @@ impl Broker for RabbitBroker {
         let mut deadline = Instant::now() + opts.wait;
         // Set once the wait ran out while the broker still owed us deliveries.
         let mut owed_since: Option<Instant> = None;
+        // Set once this call waited for acks of deliveries it handed out before (see below).
+        let mut waited_for_acks = false;
         loop {
             let started = {
                 let _setup = qs.setup.lock().await;
@@ -1162,6 +1177,17 @@ impl Broker for RabbitBroker {
                     return Ok(Vec::new());
                 }
                 if self.may_push(&qs).await? {
+                    deadline = Instant::now() + PUSH_GRACE;
+                    continue;
+                }
+                if !waited_for_acks && credit_held_by_handed_out(&qs) {
+                    // All the consumer's credit (at the prefetch) is held by deliveries handed
+                    // out: a caller that asks again has finished some, and their acks are on
+                    // their way (the worker's acker sends them in the background). The broker
+                    // pushes more once it has settled them: wait for that once, rather than
+                    // report the queue empty (the worker would then skip the level for a while:
+                    // a weighted share measured 38 high of 40 instead of 30).
+                    waited_for_acks = true;
                     deadline = Instant::now() + PUSH_GRACE;
                     continue;
                 }
