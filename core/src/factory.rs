@@ -88,6 +88,14 @@ pub trait BackendSetup: Send + Sync + fmt::Debug {
     /// Connects (or opens the store). Each call gives an independent handle. Errors are the
     /// broker's, without credentials; the caller names the config key.
     async fn connect(&self, ctx: &ConnectContext) -> Result<Arc<dyn Broker>, BrokerError>;
+
+    /// A [`crate::store::Store`] on the same server or file, when this backend can hold the
+    /// runtime's shared state itself (Redis, the SQLite file, the in-memory broker); used when
+    /// the config has no `[store]`. Default: none (RabbitMQ, SQS and Kafka hold no key-value
+    /// state), so features that need a store ask the user for one.
+    fn store(&self) -> Option<Box<dyn crate::store::StoreSetup>> {
+        None
+    }
 }
 
 /// What the process that connects will do, for backends that size themselves by it.

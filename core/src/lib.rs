@@ -78,6 +78,7 @@ mod error;
 pub mod factory;
 pub mod memory;
 pub mod names;
+pub mod store;
 pub mod wire;
 
 /// Re-exported for backend crates implementing [`Broker`] and [`factory::BackendSetup`].

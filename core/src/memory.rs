@@ -157,6 +157,7 @@ struct MemorySettings {
 #[derive(Debug)]
 struct MemorySetup {
     broker: MemoryBroker,
+    store: crate::store::MemoryStore,
 }
 
 impl BackendFactory for MemoryFactory {
@@ -173,6 +174,7 @@ impl BackendFactory for MemoryFactory {
         let max = size_setting("max_payload", s.max_payload, DEFAULT_MAX_PAYLOAD)?;
         Ok(Box::new(MemorySetup {
             broker: MemoryBroker::with_max_payload(max),
+            store: crate::store::MemoryStore::new(),
         }))
     }
 }
@@ -185,6 +187,10 @@ impl BackendSetup for MemorySetup {
 
     async fn connect(&self, _ctx: &ConnectContext) -> Result<Arc<dyn Broker>, BrokerError> {
         Ok(Arc::new(self.broker.clone()))
+    }
+
+    fn store(&self) -> Option<Box<dyn crate::store::StoreSetup>> {
+        Some(crate::store::memory_setup(self.store.clone()))
     }
 }
 

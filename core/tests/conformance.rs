@@ -9,6 +9,8 @@ use stevedore_core::{new_id, Broker, BrokerError, Envelope, MemoryBroker};
 /// its plain client is its own API.
 struct MemoryBackend {
     broker: MemoryBroker,
+    /// The broker's own state store (clones share it, like the broker's handles).
+    store: stevedore_core::store::MemoryStore,
 }
 
 #[async_trait]
@@ -19,6 +21,10 @@ impl Backend for MemoryBackend {
 
     async fn connect(&self) -> Result<Arc<dyn Broker>, BrokerError> {
         Ok(Arc::new(self.broker.clone()))
+    }
+
+    async fn store(&self) -> Result<Arc<dyn stevedore_core::store::Store>, String> {
+        Ok(Arc::new(self.store.clone()))
     }
 
     async fn publish_foreign(&self, queue: &str, body: &[u8]) -> Result<(), String> {
@@ -36,6 +42,6 @@ impl Backend for MemoryBackend {
 
 mod memory {
     stevedore_conformance::conformance_tests! {
-        backend: || std::sync::Arc::new(super::MemoryBackend { broker: stevedore_core::MemoryBroker::new() }),
+        backend: || std::sync::Arc::new(super::MemoryBackend { broker: stevedore_core::MemoryBroker::new(), store: Default::default() }),
     }
 }

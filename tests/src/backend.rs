@@ -2,6 +2,7 @@
 
 use async_trait::async_trait;
 use std::sync::Arc;
+use stevedore_core::store::Store;
 use stevedore_core::{Broker, BrokerError};
 
 /// How the suite reaches one backend's real broker. Implementations are a dozen lines in the
@@ -46,6 +47,19 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<Option<std::sync::Arc<dyn Backend>>, String> {
         let _ = restarts;
         Ok(None)
+    }
+
+    /// A new handle on the state store a worker of this backend uses for schedules (think:
+    /// another worker process's). The default is the machine's PostgreSQL (`DATABASE_URL`, else
+    /// `postgres://postgres@127.0.0.1:5432/test`), the store for brokers that hold no state
+    /// themselves; backends that serve as their own store (Redis, SQLite, memory) return theirs.
+    async fn store(&self) -> Result<Arc<dyn Store>, String> {
+        let url = std::env::var("DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        let store = stevedore_postgres::PostgresStore::connect(&url, "stevedore_kv_conformance")
+            .await
+            .map_err(|e| format!("the PostgreSQL state store at {url}: {e}"))?;
+        Ok(Arc::new(store))
     }
 
     /// Deletes everything the suite created on the broker for `queues`: each name as a physical

@@ -54,6 +54,7 @@ mod report;
 mod runner;
 mod scenarios;
 pub mod servers;
+mod store;
 mod suite;
 mod support;
 
@@ -63,4 +64,5 @@ pub use names::{run_prefix, take_created, unique};
 pub use report::{Outcome, Report, Row};
 pub use runner::{check, run};
 pub use stevedore_core;
+pub use store::store_contract;
 pub use suite::{Hooks, StartPrivate, Suite};

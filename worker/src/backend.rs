@@ -28,6 +28,7 @@ use std::sync::Arc;
 use stevedore_core::factory::{
     BackendFactory, BackendSetup, ConnectContext, PlannedQueue, Settings, SettingsError,
 };
+use stevedore_core::store::{MemoryStoreFactory, Store, StoreFactory, StoreSetup};
 use stevedore_core::{names, Broker, Capabilities, MemoryFactory};
 
 /// Kinds this project ships or plans that a build may lack, with the `stevedore` Cargo feature
@@ -44,6 +45,7 @@ const KNOWN: [(&str, Option<&str>); 5] = [
 #[derive(Clone)]
 pub struct Backends {
     factories: Vec<Arc<dyn BackendFactory>>,
+    stores: Vec<Arc<dyn StoreFactory>>,
 }
 
 impl fmt::Debug for Backends {
@@ -63,6 +65,7 @@ impl Backends {
     pub fn empty() -> Self {
         Backends {
             factories: Vec::new(),
+            stores: Vec::new(),
         }
     }
 
@@ -70,14 +73,24 @@ impl Backends {
     /// is built with those features.
     pub fn builtin() -> Self {
         #[allow(unused_mut)] // without features there is nothing to add
-        let mut b = Self::empty().register(MemoryFactory);
+        let mut b = Self::empty()
+            .register(MemoryFactory)
+            .register_store(MemoryStoreFactory);
         #[cfg(feature = "sqlite")]
         {
-            b = b.register(stevedore_sqlite::SqliteFactory);
+            b = b
+                .register(stevedore_sqlite::SqliteFactory)
+                .register_store(stevedore_sqlite::SqliteStoreFactory);
         }
         #[cfg(feature = "redis")]
         {
-            b = b.register(stevedore_redis::RedisFactory);
+            b = b
+                .register(stevedore_redis::RedisFactory)
+                .register_store(stevedore_redis::RedisStoreFactory);
+        }
+        #[cfg(feature = "postgres")]
+        {
+            b = b.register_store(stevedore_postgres::PostgresStoreFactory);
         }
         #[cfg(feature = "rabbitmq")]
         {
@@ -100,6 +113,18 @@ impl Backends {
         self.factories.retain(|f| f.kind() != factory.kind());
         self.factories.push(Arc::new(factory));
         self
+    }
+
+    /// Adds a state store kind (`[store] kind`), replacing a registered one of the same kind.
+    pub fn register_store(mut self, factory: impl StoreFactory) -> Self {
+        self.stores.retain(|f| f.kind() != factory.kind());
+        self.stores.push(Arc::new(factory));
+        self
+    }
+
+    /// The registered store kinds, in registration order.
+    pub fn store_kinds(&self) -> Vec<&'static str> {
+        self.stores.iter().map(|f| f.kind()).collect()
     }
 
     /// The registered kinds, in registration order.
@@ -142,11 +167,94 @@ impl Backends {
             .configure(&Settings::new(table))
             .map_err(|e| settings_error(config, factory, e))?;
         notices.extend(setup.notices());
+        let store = self.configure_store(config, setup.as_ref(), kind, &mut notices)?;
         Ok(Configured {
             kind: factory.kind(),
             setup,
+            store,
             notices,
         })
+    }
+
+    /// The store `[store]` names, else the broker's own; an error when a feature needs one and
+    /// there is none.
+    fn configure_store(
+        &self,
+        config: &Config,
+        broker: &dyn BackendSetup,
+        broker_kind: &str,
+        notices: &mut Vec<String>,
+    ) -> Result<Option<Box<dyn StoreSetup>>, ConfigError> {
+        let have = || {
+            self.store_kinds()
+                .iter()
+                .map(|k| format!("\"{k}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let store = match config.store.kind.as_deref() {
+            Some(kind) => {
+                let Some(factory) = self.stores.iter().find(|f| f.kind() == kind) else {
+                    let hint = match kind {
+                        "postgres" => " (build the stevedore crate with feature \"postgres\")",
+                        "redis" => " (build the stevedore crate with feature \"redis\")",
+                        _ => "",
+                    };
+                    return Err(config.error_at(
+                        "store.kind",
+                        format!(
+                            "unknown store kind \"{kind}\"{hint}; this build has {}",
+                            have()
+                        ),
+                    ));
+                };
+                let table: Map<_, _> = config
+                    .store
+                    .settings
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                let setup = factory.configure(&Settings::new(table)).map_err(|e| {
+                    let key = e.key.map_or("store".to_string(), |k| format!("store.{k}"));
+                    let message = if e.message.starts_with("unknown field") {
+                        format!("not a setting of the {kind} store: {}", e.message)
+                    } else {
+                        e.message
+                    };
+                    config.error_at(&key, message)
+                })?;
+                Some(setup)
+            }
+            None => {
+                if let Some(key) = config.store.settings.keys().next() {
+                    return Err(config.error_at(
+                        &format!("store.{key}"),
+                        format!(
+                            "[store] has settings but no kind; set store.kind to one of {}",
+                            have()
+                        ),
+                    ));
+                }
+                broker.store()
+            }
+        };
+        match (&store, config.needs_store()) {
+            (None, Some(key)) => Err(config.error_at(
+                &key,
+                format!(
+                    "needs a shared state store (to enqueue each tick once across workers), and \
+                     the {broker_kind} broker cannot hold one: add [store] with kind = \"redis\" \
+                     (url), \"postgres\" (url) or \"sqlite\" (path; one machine only); this \
+                     build has {}",
+                    have()
+                ),
+            )),
+            (Some(s), Some(_)) => {
+                notices.push(format!("store: {}", s.describe()));
+                Ok(store)
+            }
+            _ => Ok(store),
+        }
     }
 
     /// Configures ([`Backends::configure`]) and connects, with the queues the config serves as
@@ -202,6 +310,7 @@ fn settings_error(config: &Config, factory: &dyn BackendFactory, e: SettingsErro
 pub struct Configured {
     kind: &'static str,
     setup: Box<dyn BackendSetup>,
+    store: Option<Box<dyn StoreSetup>>,
     notices: Vec<String>,
 }
 
@@ -219,8 +328,56 @@ impl Configured {
         Configured {
             kind: broker.name(),
             setup: Box::new(Supplied(broker)),
+            store: None,
             notices,
         }
+    }
+
+    /// Uses `[store]` (resolved by `backends`) beside a supplied broker.
+    pub(crate) fn with_store_from(
+        mut self,
+        backends: &Backends,
+        config: &Config,
+    ) -> Result<Configured, ConfigError> {
+        let mut notices = Vec::new();
+        self.store =
+            backends.configure_store(config, self.setup.as_ref(), self.kind, &mut notices)?;
+        self.notices.extend(notices);
+        Ok(self)
+    }
+
+    /// Whether a state store is configured (`[store]` or the broker's own).
+    pub fn has_store(&self) -> bool {
+        self.store.is_some()
+    }
+
+    /// Connects the state store, if one is configured. An error names `[store]` (or `[broker]`
+    /// when it is the broker's own) with the store's redacted reason.
+    pub async fn connect_store(
+        &self,
+    ) -> Result<Option<Arc<dyn Store>>, stevedore_core::BrokerError> {
+        match &self.store {
+            None => Ok(None),
+            Some(s) => s.connect().await.map(Some),
+        }
+    }
+
+    /// A failed store connection as an error at the key that says where the store is.
+    pub(crate) fn store_error(
+        &self,
+        config: &Config,
+        e: &stevedore_core::BrokerError,
+    ) -> ConfigError {
+        let key = match (
+            &config.store.kind,
+            config.store.settings.contains_key("url"),
+        ) {
+            (Some(_), true) => "store.url",
+            (Some(_), false) => "store",
+            (None, _) => "broker",
+        };
+        let what = self.store.as_ref().map_or(String::new(), |s| s.describe());
+        config.error_at(key, format!("cannot use the state store ({what}): {e}"))
     }
 
     /// The kind (`memory`, `redis`, ...).

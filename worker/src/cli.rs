@@ -2,7 +2,7 @@
 //! `run`, `enqueue`, `stats`, `dlq list|inspect|replay|purge` and `config check`.
 
 use crate::backend::{Backends, Configured};
-use crate::config::{self, Config, ConfigError};
+use crate::config::{self, Config, ConfigError, ScheduleConfig};
 use crate::dlq::{self, Select};
 use crate::router::Router;
 use crate::shutdown::{listen_for_signals, ShutdownHandle};
@@ -10,12 +10,14 @@ use crate::stats::Stats;
 use crate::{Client, Worker};
 use clap::{Parser, Subcommand};
 use futures::future::BoxFuture;
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 use stevedore_core::factory::BackendFactory;
+use stevedore_core::store::{Store, StoreFactory};
 use stevedore_core::{names, Broker, Priority};
 
 /// `println!` for a command's output: a reader that goes away (`| head`) ends the command quietly
@@ -106,9 +108,22 @@ enum Command {
     /// Dead-letter queue tools.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Periodic jobs (`[schedules.<name>]`).
+    #[command(subcommand)]
+    Schedules(SchedulesCommand),
     /// Config tools.
     #[command(subcommand)]
     Config(ConfigCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum SchedulesCommand {
+    /// List the schedules with their last tick (when, by which worker, the job id) and the next.
+    List {
+        /// Print JSON (one object per schedule) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -186,6 +201,7 @@ pub struct App<S = ()> {
     router: Router<S>,
     backends: Backends,
     supplied: Option<Arc<dyn Broker>>,
+    schedules: BTreeMap<String, ScheduleConfig>,
     on_start: Option<OnStart>,
     summary: Option<Duration>,
 }
@@ -220,6 +236,7 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
             router,
             backends: Backends::builtin(),
             supplied: None,
+            schedules: BTreeMap::new(),
             on_start: None,
             summary: None,
         }
@@ -242,9 +259,40 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
         self
     }
 
+    /// Adds a state store kind: `[store] kind = "<its kind>"` then keeps the runtime's shared
+    /// state there. A factory of a built-in kind replaces the built-in one.
+    pub fn store(mut self, factory: impl StoreFactory) -> Self {
+        self.backends = self.backends.register_store(factory);
+        self
+    }
+
+    /// Registers a periodic job in code, as `[schedules.<name>]` would (a `[schedules.<name>]`
+    /// of the same name in the config replaces it whole, so operators can retune or disable it).
+    /// Checked with the rest of the config at start.
+    ///
+    /// ```no_run
+    /// use stevedore::config::ScheduleConfig;
+    /// use stevedore::{App, Router};
+    /// # async fn report() {}
+    /// # #[tokio::main] async fn main() {
+    /// let nightly = ScheduleConfig {
+    ///     job: "report".into(),
+    ///     cron: Some("0 0 3 * * *".into()),
+    ///     timezone: "Europe/Berlin".into(),
+    ///     ..ScheduleConfig::default()
+    /// };
+    /// App::new(Router::new().route("report", report)).schedule("nightly", nightly).run().await;
+    /// # }
+    /// ```
+    pub fn schedule(mut self, name: &str, schedule: ScheduleConfig) -> Self {
+        self.schedules.insert(name.to_string(), schedule);
+        self
+    }
+
     fn configure(&self, cfg: &Config) -> Result<crate::backend::Configured, ConfigError> {
         match &self.supplied {
-            Some(b) => Ok(crate::backend::Configured::supplied(b.clone(), cfg)),
+            Some(b) => crate::backend::Configured::supplied(b.clone(), cfg)
+                .with_store_from(&self.backends, cfg),
             None => self.backends.configure(cfg),
         }
     }
@@ -304,7 +352,12 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
     }
 
     async fn dispatch(self, cli: Cli) -> Result<(), Failure> {
-        let cfg = config::load(cli.config.as_deref(), cli.profile.as_deref())?;
+        let mut cfg = config::load(cli.config.as_deref(), cli.profile.as_deref())?;
+        for (name, s) in &self.schedules {
+            cfg.schedules
+                .entry(name.clone())
+                .or_insert_with(|| s.clone());
+        }
         match cli.command {
             Command::Run => self.run_worker(cfg).await,
             Command::Dashboard { bind } => self.run_dashboard(cfg, bind).await,
@@ -356,7 +409,26 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
                         Failure::Config(err)
                     }
                 })?;
-                admin(command, &cfg, broker).await
+                let store = match &command {
+                    Command::Schedules(_) | Command::Stats { .. } if !cfg.schedules.is_empty() => {
+                        if !backend.has_store() {
+                            return Err(Failure::Config(cfg.error_at(
+                                "store",
+                                "schedules are kept in a state store, and none is configured: set [store] kind".into(),
+                            )));
+                        }
+                        backend.connect_store().await.map_err(|e| {
+                            let err = backend.store_error(&cfg, &e);
+                            if e.is_transient() {
+                                Failure::Other(err.to_string())
+                            } else {
+                                Failure::Config(err)
+                            }
+                        })?
+                    }
+                    _ => None,
+                };
+                admin(command, &cfg, broker, store).await
             }
         }
     }
@@ -366,7 +438,11 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
         // A bad config fails before anything is opened or connected.
         cfg.validate(&backend.capabilities())?;
         let broker = connect_patiently(&backend, &cfg, false).await?;
-        let worker = Worker::new(broker, self.router, cfg)?.with_notices(backend.notices());
+        let store = connect_store_patiently(&backend, &cfg).await?;
+        let mut worker = Worker::new(broker, self.router, cfg)?.with_notices(backend.notices());
+        if let Some(store) = store {
+            worker = worker.with_store(store);
+        }
         let handle = worker.shutdown_handle();
         let signals = listen_for_signals(handle.clone());
         let stats = worker.stats();
@@ -676,8 +752,88 @@ fn select(ids: Vec<String>, all: bool, verb: &str) -> Result<Select, Failure> {
     }
 }
 
-async fn admin(command: Command, cfg: &Config, broker: Arc<dyn Broker>) -> Result<(), Failure> {
+/// Connects the state store for `run`, if one is configured: retried with backoff until
+/// `[worker] startup_timeout`, like the broker.
+async fn connect_store_patiently(
+    backend: &Configured,
+    cfg: &Config,
+) -> Result<Option<Arc<dyn Store>>, Failure> {
+    let deadline = tokio::time::Instant::now() + cfg.worker.startup_timeout;
+    let mut backoff = crate::runtime::ErrorBackoff::default();
+    loop {
+        match backend.connect_store().await {
+            Ok(store) => return Ok(store),
+            Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
+                let pause = backoff.next();
+                tracing::warn!(error = %e, retry_in = ?pause, "cannot reach the state store yet; retrying");
+                tokio::time::sleep(pause).await;
+            }
+            Err(e) if e.is_transient() => {
+                return Err(Failure::Other(backend.store_error(cfg, &e).to_string()))
+            }
+            Err(e) => return Err(Failure::Config(backend.store_error(cfg, &e))),
+        }
+    }
+}
+
+async fn admin(
+    command: Command,
+    cfg: &Config,
+    broker: Arc<dyn Broker>,
+    store: Option<Arc<dyn Store>>,
+) -> Result<(), Failure> {
     match command {
+        Command::Schedules(SchedulesCommand::List { json }) => {
+            let Some(store) = store else {
+                out!("no schedules in this config ([schedules.<name>])");
+                return Ok(());
+            };
+            let list = crate::schedule::statuses(cfg, store.as_ref()).await?;
+            if json {
+                for s in &list {
+                    out!("{}", serde_json::to_string(s).unwrap_or_default());
+                }
+                return Ok(());
+            }
+            out!(
+                "{:<20} {:<20} {:<12} {:<32} {:<25} {:<25} {}",
+                "SCHEDULE",
+                "JOB",
+                "QUEUE",
+                "WHEN",
+                "LAST TICK",
+                "NEXT TICK",
+                "LAST BY"
+            );
+            for s in &list {
+                let dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+                let next = if s.enabled {
+                    dash(&s.next_tick)
+                } else {
+                    "(disabled)".into()
+                };
+                out!(
+                    "{:<20} {:<20} {:<12} {:<32} {:<25} {:<25} {}",
+                    s.name,
+                    s.job,
+                    s.queue,
+                    s.spec,
+                    dash(&s.last_tick),
+                    next,
+                    dash(&s.last_by)
+                );
+                if let Some(p) = &s.pending_tick {
+                    out!("  tick {p} is claimed and being published (or its worker died: another takes it over)");
+                }
+                if s.skipped > 0 {
+                    out!(
+                        "  {} tick(s) skipped as missed (catch_up = \"skip\")",
+                        s.skipped
+                    );
+                }
+            }
+            Ok(())
+        }
         Command::Enqueue {
             job,
             payload,
@@ -735,12 +891,24 @@ async fn admin(command: Command, cfg: &Config, broker: Arc<dyn Broker>) -> Resul
                 crate::autoscale::desired_workers(ready, in_flight, &settings)
             };
             if json {
-                let v: Vec<_> = rows
+                let mut v: Vec<_> = rows
                     .iter()
                     .map(|(q, l, d)| {
                         serde_json::json!({"queue": q, "level": l, "depth": d, "desired_workers": desired(q)})
                     })
                     .collect();
+                // Schedules follow the queues' rows, one object each, told apart by "schedule".
+                if let Some(store) = &store {
+                    for s in crate::schedule::statuses(cfg, store.as_ref()).await? {
+                        let mut row = serde_json::to_value(&s).unwrap_or_default();
+                        if let Some(obj) = row.as_object_mut() {
+                            if let Some(name) = obj.remove("name") {
+                                obj.insert("schedule".into(), name);
+                            }
+                        }
+                        v.push(row);
+                    }
+                }
                 out!("{}", serde_json::Value::Array(v));
             } else {
                 out!(

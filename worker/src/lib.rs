@@ -58,6 +58,7 @@ mod priority;
 mod retry;
 pub mod router;
 mod runtime;
+pub mod schedule;
 pub mod shutdown;
 pub mod stats;
 mod ui;

@@ -11,6 +11,7 @@ use crate::shutdown::ShutdownHandle;
 use crate::stats::Stats;
 use std::sync::Arc;
 use std::time::Duration;
+use stevedore_core::store::Store;
 use stevedore_core::{names, Broker, BrokerError};
 
 /// A configured worker, ready to [`Worker::run`].
@@ -35,6 +36,7 @@ pub struct Worker {
     shutdown: ShutdownHandle,
     worker_id: Arc<str>,
     notices: Vec<String>,
+    store: Option<Arc<dyn Store>>,
 }
 
 /// How a run ended.
@@ -78,6 +80,18 @@ impl Worker {
                 }
             }
         }
+        for (name, s) in config.schedules.iter().filter(|(_, s)| s.enabled) {
+            if !routes.contains(&s.job) {
+                return Err(config.error_at(
+                    &format!("schedules.{name}.job"),
+                    format!(
+                        "no handler is registered for job \"{}\"; registered: {}",
+                        s.job,
+                        routes.names().join(", ")
+                    ),
+                ));
+            }
+        }
         let scheduler = Scheduler::new(broker.clone());
         // The scheduler knows how delays are done on this connected broker: its line replaces
         // the config check's (which is written without a connection).
@@ -97,7 +111,22 @@ impl Worker {
             hints: Hints::new(),
             shutdown: ShutdownHandle::new(),
             notices,
+            store: None,
         })
+    }
+
+    /// The state store behind periodic jobs (`[schedules.*]`): [`crate::App`] connects the one
+    /// `[store]` names (or the broker's own); code that builds a worker itself passes one here.
+    /// A worker with enabled schedules and no store fails [`Worker::run`].
+    pub fn with_store(mut self, store: Arc<dyn Store>) -> Self {
+        if !store.shared_across_machines() {
+            self.notices.push(format!(
+                "store {}: shared only by the processes of this machine; workers elsewhere keep their own schedule state",
+                store.name()
+            ));
+        }
+        self.store = Some(store);
+        self
     }
 
     /// Adds start-up notices from outside the runtime (the backend's, about its settings); they are
@@ -189,12 +218,33 @@ impl Worker {
             &self.shutdown,
             self.worker_id.clone(),
         );
-        tracing::info!(worker = %self.worker_id, queues = ?self.config.effective_queues().keys().collect::<Vec<_>>(), "worker started");
+        let schedules = crate::schedule::from_config(&self.config);
+        let mut schedule_tasks = Vec::new();
+        if !schedules.is_empty() {
+            let Some(store) = self.store.clone() else {
+                return Err(BrokerError::permanent(
+                    "schedules are configured but the worker has no state store (Worker::with_store, or [store] with App)",
+                ));
+            };
+            for s in schedules {
+                schedule_tasks.push(tokio::spawn(crate::schedule::run(
+                    s,
+                    store.clone(),
+                    self.client(),
+                    self.worker_id.clone(),
+                    self.shutdown.subscribe(),
+                )));
+            }
+        }
+        tracing::info!(worker = %self.worker_id, queues = ?self.config.effective_queues().keys().collect::<Vec<_>>(), schedules = schedule_tasks.len(), "worker started");
         self.stats.set_ready(true);
 
         let _ = soft.wait_for(|s| *s).await;
         self.stats.set_ready(false);
         tracing::info!("shutting down: no new jobs; draining in-flight jobs");
+        for t in schedule_tasks {
+            let _ = t.await;
+        }
         for f in started.fetchers {
             let _ = f.await;
         }

@@ -73,4 +73,11 @@ impl BackendSetup for RedisSetup {
         config.warn_if_volatile = !ctx.consumes.is_empty();
         Ok(Arc::new(RedisBroker::connect(config).await?))
     }
+
+    fn store(&self) -> Option<Box<dyn stevedore_core::store::StoreSetup>> {
+        Some(Box::new(crate::store::RedisStoreSetup {
+            url: self.config.url.clone(),
+            key_prefix: self.config.key_prefix.clone(),
+        }))
+    }
 }

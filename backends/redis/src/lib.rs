@@ -22,8 +22,10 @@ mod factory;
 mod format;
 mod parse;
 mod scripts;
+mod store;
 
 pub use factory::RedisFactory;
+pub use store::{RedisStore, RedisStoreFactory};
 
 use async_trait::async_trait;
 use parse::Entry;

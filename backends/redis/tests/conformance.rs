@@ -69,6 +69,14 @@ impl Backend for RedisBackend {
         Ok(Arc::new(RedisBroker::connect(cfg).await?))
     }
 
+    async fn store(&self) -> Result<Arc<dyn stevedore_core::store::Store>, String> {
+        // The broker's own: keys under this run's prefix on the same server.
+        let store = stevedore_redis::RedisStore::connect(&self.url, &self.prefix)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(Arc::new(store))
+    }
+
     async fn publish_foreign(&self, queue: &str, body: &[u8]) -> Result<(), String> {
         // Exactly what `redis-cli XADD <queue> * payload '<body>'` sends.
         let client = ::redis::Client::open(self.url.as_str()).map_err(|e| e.to_string())?;

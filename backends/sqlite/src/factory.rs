@@ -100,6 +100,12 @@ impl BackendSetup for SqliteSetup {
         n
     }
 
+    fn store(&self) -> Option<Box<dyn stevedore_core::store::StoreSetup>> {
+        Some(Box::new(crate::kv::SqliteStoreSetup {
+            path: self.config.path.clone(),
+        }))
+    }
+
     async fn connect(&self, _ctx: &ConnectContext) -> Result<Arc<dyn Broker>, BrokerError> {
         Ok(Arc::new(SqliteBroker::open(self.config.clone()).await?))
     }

@@ -30,9 +30,11 @@
 //! ```
 
 mod factory;
+mod kv;
 mod store;
 
 pub use factory::SqliteFactory;
+pub use kv::{SqliteStore, SqliteStoreFactory};
 pub use store::Durability;
 
 use async_trait::async_trait;
@@ -140,7 +142,7 @@ struct Token {
     lease: i64,
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     i64::try_from(to_millis(SystemTime::now())).unwrap_or(i64::MAX)
 }
 

@@ -33,6 +33,14 @@ impl Backend for SqliteBackend {
         ))
     }
 
+    async fn store(&self) -> Result<Arc<dyn stevedore_core::store::Store>, String> {
+        // The broker's own: the stevedore_kv table in the same file.
+        let store = stevedore_sqlite::SqliteStore::open(self.path())
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(Arc::new(store))
+    }
+
     async fn publish_foreign(&self, queue: &str, body: &[u8]) -> Result<(), String> {
         // What `sqlite3 conformance.db "INSERT INTO stevedore_jobs (queue, body) VALUES (...)"`
         // does: no headers, no run_at, no id of ours.

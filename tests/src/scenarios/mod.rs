@@ -52,7 +52,7 @@ pub(crate) type Run = fn(Arc<dyn Backend>) -> BoxFuture<'static, Checked>;
 
 /// The named test of each scenario, by number from 1 (the names
 /// [`crate::conformance_tests`] declares).
-const SLUGS: [&str; 18] = [
+const SLUGS: [&str; 19] = [
     "publish_receive",
     "competing_consumers",
     "queue_isolation",
@@ -71,6 +71,7 @@ const SLUGS: [&str; 18] = [
     "reconnect",
     "ordering",
     "foreign_messages",
+    "schedules",
 ];
 
 /// Every scenario, by number.
@@ -132,6 +133,9 @@ pub(crate) fn all() -> Vec<Scenario> {
         }),
         s(18, "foreign messages", Bulk, 30, |b| {
             Box::pin(foreign::foreign_messages(b))
+        }),
+        s(19, "schedules", Timing, 60, |b| {
+            Box::pin(runtime::schedules(b))
         }),
     ]
 }

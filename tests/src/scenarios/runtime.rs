@@ -23,12 +23,14 @@ mod dead_letter;
 mod priority;
 mod replay;
 mod retry;
+mod schedules;
 mod shutdown;
 
 pub(crate) use dead_letter::dead_letter;
 pub(crate) use priority::priority;
 pub(crate) use replay::dlq_replay;
 pub(crate) use retry::retry_backoff;
+pub(crate) use schedules::schedules;
 pub(crate) use shutdown::graceful_shutdown;
 
 use crate::backend::Backend;
@@ -356,11 +358,24 @@ impl Running {
         router: Router<S>,
         toml: &str,
     ) -> Result<Running, String> {
+        Self::start_with(backend, router, toml, None).await
+    }
+
+    /// As [`Running::start`], with a state store for the worker's schedules.
+    pub(crate) async fn start_with<S: Clone + Send + Sync + 'static>(
+        backend: &Arc<dyn Backend>,
+        router: Router<S>,
+        toml: &str,
+        store: Option<Arc<dyn stevedore_core::store::Store>>,
+    ) -> Result<Running, String> {
         let config =
             config::from_toml_str(toml, None).map_err(|e| format!("test worker config: {e}"))?;
         let broker = backend.connect().await.ctx("connect a worker")?;
-        let worker = Worker::new(broker, router, config)
+        let mut worker = Worker::new(broker, router, config)
             .map_err(|e| format!("Worker::new refused the test config: {e}"))?;
+        if let Some(store) = store {
+            worker = worker.with_store(store);
+        }
         let stats = worker.stats();
         let spawned_at = Instant::now();
         let mut running = Running {

@@ -59,14 +59,16 @@ pub const ENV_PROFILE: &str = "STEVEDORE_PROFILE";
 /// Environment variable naming the config file when none is given explicitly.
 pub const ENV_CONFIG: &str = "STEVEDORE_CONFIG";
 /// Top-level tables of [`Config`], in declaration order.
-pub(crate) const SECTIONS: [&str; 7] = [
+pub(crate) const SECTIONS: [&str; 9] = [
     "broker",
+    "store",
     "worker",
     "http",
     "retry",
     "autoscale",
     "queues",
     "jobs",
+    "schedules",
 ];
 /// The queue served when the config defines none.
 pub const DEFAULT_QUEUE: &str = "default";
@@ -77,6 +79,8 @@ pub const DEFAULT_QUEUE: &str = "default";
 pub struct Config {
     /// Which broker to use and how to reach it (`[broker]`).
     pub broker: BrokerConfig,
+    /// Where the shared state of periodic jobs lives (`[store]`); the broker's own by default.
+    pub store: StoreConfig,
     /// Process-wide settings (`[worker]`).
     pub worker: WorkerConfig,
     /// Metrics, health and scale endpoints (`[http]`).
@@ -90,6 +94,8 @@ pub struct Config {
     pub queues: BTreeMap<String, QueueConfig>,
     /// Per-job-name overrides (`[jobs.<name>]`).
     pub jobs: BTreeMap<String, JobConfig>,
+    /// Periodic jobs, by name (`[schedules.<name>]`).
+    pub schedules: BTreeMap<String, ScheduleConfig>,
     /// The file this config was read from, if any (set by [`load`], never read from TOML).
     #[serde(skip)]
     pub source: Option<String>,
@@ -135,6 +141,96 @@ impl Default for BrokerConfig {
 /// working directory), durable and shared by every process that opens it. `"memory"` keeps jobs
 /// inside one process (tests).
 pub const DEFAULT_KIND: &str = "sqlite";
+
+/// `[store]`: the shared state behind periodic jobs (each schedule's last tick, so that one
+/// enqueue happens per tick across any number of workers).
+///
+/// `kind` picks a store registered in [`crate::backend::Backends`]: `redis` (keys `url`,
+/// `key_prefix`), `sqlite` (`path`; shared by the processes of one machine), `postgres` (`url`,
+/// `table`; with the `postgres` feature), `memory` (one process). Unset: the broker's own store
+/// where the broker can hold one (Redis, SQLite, memory); RabbitMQ, SQS and Kafka cannot, so a
+/// config with schedules on them must name a store, and `config check` says so.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StoreConfig {
+    /// The store kind; `None`: the broker's own.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// The store's settings: the rest of the `[store]` table (redacted when shown; prefer
+    /// `STEVEDORE_STORE__URL` for a password).
+    #[serde(flatten)]
+    pub settings: BTreeMap<String, serde_json::Value>,
+}
+
+/// What a schedule does with ticks that passed while no worker ran (`catch_up`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CatchUp {
+    /// Ticks missed by more than a minute are dropped (each drop is logged); the schedule goes
+    /// on with its next tick. A tick late by less (a rolling deploy) still runs, once.
+    #[default]
+    Skip,
+    /// However many ticks were missed, the latest runs once when a worker is back; never one
+    /// enqueue per missed tick.
+    Once,
+}
+
+/// `[schedules.<name>]`: a periodic job. Exactly one of `cron` and `every`.
+///
+/// One enqueue per tick across every worker serving the config: each tick is claimed in the
+/// state store (`[store]`) before it is published, with the job id derived from the schedule's
+/// name and the tick (so the same tick is always the same id, and a duplicate after a crash
+/// between claim and publish is recognizable). Workers' clocks should agree to well within the
+/// period; the claim is what keeps ticks single, not the clocks.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ScheduleConfig {
+    /// The job to enqueue (a handler must be registered for it).
+    pub job: String,
+    /// The logical queue it goes to (default `default`); it must be a queue of this config.
+    pub queue: String,
+    /// The job's JSON payload (default `{}`).
+    pub payload: serde_json::Value,
+    /// A cron pattern: 5 fields (minute precision), or 6 with seconds first
+    /// (`"*/10 * * * * *"`), names (`MON`, `JAN`), `L`, `#` and the `@daily`-style aliases.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cron: Option<String>,
+    /// A fixed period instead of `cron` (`"30s"`, `"1h"`): ticks at the multiples of it since
+    /// the Unix epoch, so `"1h"` ticks on the hour (UTC).
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub every: Option<Duration>,
+    /// The IANA time zone `cron` is read in (`"Europe/Berlin"`; default `"UTC"`). Across a
+    /// daylight-saving change a skipped local time does not run that day and a repeated one runs
+    /// once.
+    pub timezone: String,
+    /// Each tick's job waits a random time up to this before it runs (durably, on the broker),
+    /// so many schedules on one tick do not start together. Default 0.
+    #[serde(with = "humantime_serde")]
+    pub jitter: Duration,
+    /// Priority of the enqueued job.
+    pub priority: Priority,
+    /// Ticks missed while no worker ran: `"skip"` (default) or `"once"`.
+    pub catch_up: CatchUp,
+    /// `false` turns the schedule off (in a profile, say) without deleting it.
+    pub enabled: bool,
+}
+
+impl Default for ScheduleConfig {
+    fn default() -> Self {
+        ScheduleConfig {
+            job: String::new(),
+            queue: DEFAULT_QUEUE.to_string(),
+            payload: serde_json::Value::Object(serde_json::Map::new()),
+            cron: None,
+            every: None,
+            timezone: "UTC".to_string(),
+            jitter: Duration::ZERO,
+            priority: Priority::Normal,
+            catch_up: CatchUp::Skip,
+            enabled: true,
+        }
+    }
+}
 
 /// `[worker]`: process-wide settings.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

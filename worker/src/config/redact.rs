@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use super::SECTIONS;
 /// Keys inside tables in the order the structs declare them, then priority levels highest first.
 /// Keys not listed follow in alphabetical order.
-const FIELDS: [&str; 39] = [
+const FIELDS: [&str; 48] = [
     "kind",
     "url",
     "max_payload",
@@ -46,6 +46,15 @@ const FIELDS: [&str; 39] = [
     "default_job",
     "retry",
     "max_depth", // queues, jobs
+    "job",
+    "queue",
+    "cron",
+    "every",
+    "timezone",
+    "jitter",
+    "priority",
+    "catch_up",
+    "payload", // schedules
     "high",
     "normal", // priority levels ("low" sorts last anyway)
 ];
@@ -140,6 +149,9 @@ impl Config {
     pub fn redacted(&self) -> String {
         let mut shown = self.clone();
         for (key, value) in shown.broker.settings.iter_mut() {
+            redact_setting(key, value);
+        }
+        for (key, value) in shown.store.settings.iter_mut() {
             redact_setting(key, value);
         }
         if shown.http.token.is_some() {

@@ -4,7 +4,7 @@
 use super::*;
 use std::io::Write as _;
 use std::path::Path;
-use std::sync::{RwLock, RwLockReadGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
 use stevedore_core::{
     Broker, Capabilities, DelaySupport, LeaseSupport, MemoryBroker, OrderingSupport,
 };
@@ -326,7 +326,7 @@ fn unknown_key_names_key_file_and_allowed_keys() {
     let err = parse("[queues.emails.retry]\nattempts = 1\n").unwrap_err();
     assert_err(&err, "queues.emails.retry.attempts", "max_attempts");
     let err = parse("[brokers]\nkind = \"memory\"\n").unwrap_err();
-    assert_err(&err, "brokers", "broker, worker, http");
+    assert_err(&err, "brokers", "broker, store, worker, http");
     let err = parse("source = \"x\"").unwrap_err();
     assert_err(&err, "source", "unknown key");
 }
@@ -1003,4 +1003,91 @@ fn dashboard_token_is_checked_hidden_and_open_actions_are_noted() {
             "{safe}: {notes:?}"
         );
     }
+}
+
+#[test]
+fn schedules_are_checked_with_the_key_at_fault() {
+    let ok = parse(
+        "[queues.reports]\nweights = { normal = 1, high = 1 }\n\
+         [schedules.nightly]\njob = \"report\"\nqueue = \"reports\"\ncron = \"0 30 3 * * *\"\n\
+         timezone = \"Europe/Berlin\"\npriority = \"high\"\npayload = { kind = \"daily\" }\n",
+    )
+    .unwrap();
+    ok.validate(&memory_caps()).unwrap();
+    let s = &ok.schedules["nightly"];
+    assert_eq!(s.payload, serde_json::json!({"kind": "daily"}));
+    assert_eq!(s.catch_up, CatchUp::Skip);
+    assert!(ok.needs_store().is_some());
+
+    let check = |toml: &str| parse(toml).unwrap().validate(&memory_caps()).unwrap_err();
+    let e = check("[schedules.a]\njob = \"j\"\ncron = \"99 * * * *\"\n");
+    assert_err(&e, "schedules.a.cron", "not a cron pattern");
+    let e = check("[schedules.a]\njob = \"j\"\n");
+    assert_err(&e, "schedules.a.cron", "every = \"30s\"");
+    let e = check("[schedules.a]\njob = \"j\"\nevery = \"1s\"\nqueue = \"nope\"\n");
+    assert_err(
+        &e,
+        "schedules.a.queue",
+        "not a queue of this config; queues: default",
+    );
+    let e = check("[schedules.a]\njob = \"j\"\nevery = \"1s\"\npriority = \"low\"\n");
+    assert_err(&e, "schedules.a.priority", "does not serve level low");
+    let e = check("[schedules.a]\nevery = \"1s\"\n");
+    assert_err(&e, "schedules.a.job", "missing");
+    let e = check("[schedules.\"a.b\"]\njob = \"j\"\nevery = \"1s\"\n");
+    assert_err(&e, "schedules.a.b", "letters");
+    let e = parse("[schedules.a]\njob = \"j\"\nevry = \"1s\"\n").unwrap_err();
+    assert_err(&e, "schedules.a.evry", "every");
+    let e = parse("[schedules.a]\njob = \"j\"\nevery = \"1s\"\ncatch_up = \"all\"\n").unwrap_err();
+    assert_err(&e, "schedules.a.catch_up", "skip");
+    // A disabled schedule needs no store.
+    let off = parse("[schedules.a]\njob = \"j\"\nevery = \"1s\"\nenabled = false\n").unwrap();
+    assert_eq!(off.needs_store(), None);
+}
+
+#[test]
+fn a_schedule_on_a_broker_without_a_store_asks_for_one() {
+    use crate::backend::Backends;
+    let toml = "[broker]\nkind = \"memory\"\n[schedules.tick]\njob = \"j\"\nevery = \"10s\"\n";
+    // The memory broker serves as its own store.
+    let cfg = parse(toml).unwrap();
+    let b = Backends::builtin().configure(&cfg).unwrap();
+    assert!(b.has_store());
+    assert!(
+        b.notices().iter().any(|n| n.starts_with("store: memory")),
+        "{:?}",
+        b.notices()
+    );
+    // A broker that holds no state (an application's own, here) needs [store].
+    let supplied = crate::backend::Configured::supplied(Arc::new(MemoryBroker::new()), &cfg);
+    let e = supplied
+        .with_store_from(&Backends::builtin(), &cfg)
+        .unwrap_err();
+    assert_err(&e, "schedules.tick", "needs a shared state store");
+    assert!(e.message.contains("add [store] with kind"), "{e}");
+    // Named: fine; unknown kinds and keys are refused with what is allowed.
+    let named = parse(&format!("{toml}[store]\nkind = \"memory\"\n")).unwrap();
+    assert!(
+        crate::backend::Configured::supplied(Arc::new(MemoryBroker::new()), &named)
+            .with_store_from(&Backends::builtin(), &named)
+            .unwrap()
+            .has_store()
+    );
+    let e = Backends::builtin()
+        .configure(&parse(&format!("{toml}[store]\nkind = \"mongo\"\n")).unwrap())
+        .unwrap_err();
+    assert_err(&e, "store.kind", "this build has \"memory\"");
+    let e = Backends::builtin()
+        .configure(&parse(&format!("{toml}[store]\nurl = \"redis://x\"\n")).unwrap())
+        .unwrap_err();
+    assert_err(&e, "store.url", "no kind");
+    let e = Backends::builtin()
+        .configure(
+            &parse(&format!(
+                "{toml}[store]\nkind = \"sqlite\"\nfile = \"x.db\"\n"
+            ))
+            .unwrap(),
+        )
+        .unwrap_err();
+    assert_err(&e, "store.file", "not a setting of the sqlite store");
 }

@@ -119,6 +119,7 @@ impl Config {
             }
         }
         self.check_retry_combinations()?;
+        self.check_schedules()?;
 
         let reserved: usize = self
             .effective_queues()
@@ -381,6 +382,61 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// Each `[schedules.<name>]`: a job, a valid `cron` or `every`, a time zone, and a queue of
+    /// this config that serves the schedule's priority level.
+    fn check_schedules(&self) -> Result<(), ConfigError> {
+        let queues = self.effective_queues();
+        for (name, s) in &self.schedules {
+            let at = |key: &str| format!("schedules.{name}.{key}");
+            if let Err(why) = names::validate(name) {
+                return Err(self.error_at(
+                    &format!("schedules.{name}"),
+                    format!("a schedule's name {why}"),
+                ));
+            }
+            if s.job.trim().is_empty() {
+                return Err(self.error_at(
+                    &at("job"),
+                    "missing: the job to enqueue on each tick (job = \"send_report\")".into(),
+                ));
+            }
+            if let Err((key, message)) = crate::schedule::Spec::parse(s) {
+                return Err(self.error_at(&at(key), message));
+            }
+            let Some(q) = queues.get(&s.queue) else {
+                return Err(self.error_at(
+                    &at("queue"),
+                    format!(
+                        "\"{}\" is not a queue of this config; queues: {}",
+                        s.queue,
+                        queues.keys().cloned().collect::<Vec<_>>().join(", ")
+                    ),
+                ));
+            };
+            if !q.levels().contains(&s.priority) {
+                return Err(self.error_at(
+                    &at("priority"),
+                    format!(
+                        "queue \"{}\" does not serve level {} (its weights have {}); add it to queues.{}.weights",
+                        s.queue,
+                        s.priority.as_str(),
+                        q.levels().iter().map(|l| l.as_str()).collect::<Vec<_>>().join(", "),
+                        s.queue
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The key of the first enabled feature that needs a state store (`[store]`), if any.
+    pub(crate) fn needs_store(&self) -> Option<String> {
+        self.schedules
+            .iter()
+            .find(|(_, s)| s.enabled)
+            .map(|(name, _)| format!("schedules.{name}"))
     }
 
     fn at_least(&self, key: &str, got: u64, min: u64) -> Result<(), ConfigError> {

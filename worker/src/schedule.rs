@@ -1,0 +1,621 @@
+//! Periodic jobs (`[schedules.<name>]`): one enqueue per tick across any number of workers.
+//!
+//! Every worker runs every enabled schedule's loop; the state store decides who fires a tick.
+//! The state of a schedule is one key (`schedule:<name>`) holding its last tick and, while a
+//! worker is publishing one, a claim (`pending`: the tick, who, until when). A tick is:
+//! 1. claimed by a compare-and-swap from the state this worker read (only one worker wins);
+//! 2. published, with an id derived from the schedule and the tick;
+//! 3. recorded as the last tick (a swap from the claim).
+//!
+//! A worker that dies between 1 and 3 leaves a claim; once it is [`CLAIM`] old another worker
+//! (or a restarted one) publishes that tick again under the same id and records it. So a tick
+//! is never lost, and published twice only when a worker died mid-publish, as the same job id.
+//!
+//! Ticks that passed with no worker running are "missed" when the latest of them is more than
+//! [`GRACE`] old: `catch_up = "skip"` records them without an enqueue, `"once"` publishes the
+//! latest once. A tick late by less than [`GRACE`] (a rolling deploy) runs, once. However many
+//! ticks passed, at most one is published per round.
+
+use crate::client::Client;
+use crate::config::{CatchUp, Config, ScheduleConfig};
+use chrono::{TimeZone, Utc};
+use serde::{Deserialize, Serialize};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use stevedore_core::store::Store;
+use stevedore_core::{names, Envelope};
+use tokio::sync::watch;
+
+/// How long a claimed tick may stay unpublished before another worker takes it over.
+pub(crate) const CLAIM: Duration = Duration::from_secs(30);
+/// A tick later than this when first seen counts as missed (see [`CatchUp`]).
+pub(crate) const GRACE: Duration = Duration::from_secs(60);
+/// The longest a schedule's loop sleeps without looking at the store again (another worker may
+/// have moved the schedule on, or a claim may have lapsed).
+const LOOK_AGAIN: Duration = Duration::from_secs(60);
+/// Header naming the schedule on the jobs it enqueues.
+pub const SCHEDULE_HEADER: &str = "stevedore-schedule";
+/// Header holding the tick (RFC 3339, UTC) a scheduled job was enqueued for.
+pub const TICK_HEADER: &str = "stevedore-tick";
+
+/// When a schedule ticks.
+#[derive(Clone, Debug)]
+pub(crate) enum Spec {
+    /// Multiples of the period (ms) since the Unix epoch.
+    Every(i64),
+    /// A cron pattern in a time zone.
+    Cron(Box<croner::Cron>, chrono_tz::Tz),
+}
+
+impl Spec {
+    /// The schedule's spec, or what is wrong with it (for an error at `schedules.<name>`), as
+    /// `(key, message)`.
+    pub(crate) fn parse(s: &ScheduleConfig) -> Result<Spec, (&'static str, String)> {
+        match (&s.cron, s.every) {
+            (Some(_), Some(_)) => Err((
+                "cron",
+                "set either cron or every, not both".to_string(),
+            )),
+            (None, None) => Err((
+                "cron",
+                "missing: set cron = \"0 */5 * * * *\" (seconds first; 5 fields for minutes) or every = \"30s\""
+                    .to_string(),
+            )),
+            (None, Some(every)) => {
+                let ms = i64::try_from(every.as_millis()).unwrap_or(i64::MAX);
+                if ms < 1000 || every.subsec_millis() != 0 {
+                    return Err((
+                        "every",
+                        format!(
+                            "must be a whole number of seconds, at least 1s (got {})",
+                            humantime::format_duration(every)
+                        ),
+                    ));
+                }
+                Ok(Spec::Every(ms))
+            }
+            (Some(pattern), None) => {
+                let tz = chrono_tz::Tz::from_str(&s.timezone).map_err(|_| {
+                    (
+                        "timezone",
+                        format!(
+                            "\"{}\" is not an IANA time zone (e.g. \"UTC\", \"Europe/Berlin\", \"America/New_York\")",
+                            s.timezone
+                        ),
+                    )
+                })?;
+                let cron = croner::Cron::from_str(pattern).map_err(|e| {
+                    (
+                        "cron",
+                        format!(
+                            "\"{pattern}\" is not a cron pattern ({e}); 5 fields (minute hour day month weekday) or 6 with seconds first"
+                        ),
+                    )
+                })?;
+                let spec = Spec::Cron(Box::new(cron), tz);
+                if spec.next_after(now_ms()).is_none() {
+                    return Err(("cron", format!("\"{pattern}\" never matches a future time")));
+                }
+                Ok(spec)
+            }
+        }
+    }
+
+    /// The first tick strictly after `t` (Unix ms).
+    pub(crate) fn next_after(&self, t: i64) -> Option<i64> {
+        match self {
+            Spec::Every(p) => t.div_euclid(*p).checked_add(1)?.checked_mul(*p),
+            Spec::Cron(cron, tz) => {
+                let at = tz.timestamp_millis_opt(t).single()?;
+                let next = cron.find_next_occurrence(&at, false).ok()?;
+                Some(next.timestamp_millis())
+            }
+        }
+    }
+
+    /// The latest tick at or before `t`, if it is after `after`.
+    pub(crate) fn latest_between(&self, after: i64, t: i64) -> Option<i64> {
+        let latest = match self {
+            Spec::Every(p) => t.div_euclid(*p).checked_mul(*p)?,
+            Spec::Cron(cron, tz) => {
+                let at = tz.timestamp_millis_opt(t).single()?;
+                cron.find_previous_occurrence(&at, true)
+                    .ok()?
+                    .timestamp_millis()
+            }
+        };
+        (latest > after).then_some(latest)
+    }
+
+    /// How many ticks lie strictly between `a` and `b` (counted up to `cap`).
+    fn ticks_between(&self, a: i64, b: i64, cap: u64) -> u64 {
+        match self {
+            Spec::Every(p) => {
+                let n = (b - 1).div_euclid(*p) - a.div_euclid(*p);
+                u64::try_from(n.max(0)).unwrap_or(0).min(cap)
+            }
+            Spec::Cron(..) => {
+                let mut n = 0;
+                let mut t = a;
+                while n < cap {
+                    match self.next_after(t) {
+                        Some(next) if next < b => {
+                            n += 1;
+                            t = next;
+                        }
+                        _ => break,
+                    }
+                }
+                n
+            }
+        }
+    }
+}
+
+/// One schedule, ready to run.
+#[derive(Clone, Debug)]
+pub(crate) struct Schedule {
+    pub(crate) name: String,
+    pub(crate) config: ScheduleConfig,
+    pub(crate) spec: Spec,
+}
+
+/// The enabled schedules of `config` (already validated).
+pub(crate) fn from_config(config: &Config) -> Vec<Schedule> {
+    config
+        .schedules
+        .iter()
+        .filter(|(_, s)| s.enabled)
+        .filter_map(|(name, s)| {
+            Some(Schedule {
+                name: name.clone(),
+                config: s.clone(),
+                spec: Spec::parse(s).ok()?,
+            })
+        })
+        .collect()
+}
+
+/// The state of one schedule in the store.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub(crate) struct TickState {
+    /// The last tick done (published, or dropped as missed), Unix ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) last: Option<i64>,
+    /// When the last tick was published, and by which worker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) fired_at: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) by: Option<String>,
+    /// The job id of the last published tick.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) job_id: Option<String>,
+    /// Ticks dropped as missed, in all.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub(crate) skipped: u64,
+    /// A tick being published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) pending: Option<Pending>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// A claimed tick: who publishes it and until when the claim holds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Pending {
+    pub(crate) tick: i64,
+    pub(crate) by: String,
+    pub(crate) until: i64,
+}
+
+/// The state store key holding schedule `name`'s state (its last tick, a tick being
+/// published). Deleting it makes the schedule start afresh from its next tick.
+pub fn state_key(name: &str) -> String {
+    key(name)
+}
+
+fn key(name: &str) -> String {
+    format!("schedule:{name}")
+}
+
+/// The job id of `schedule`'s tick `tick`: a UUIDv7 whose time is the tick and whose other bits
+/// hash the schedule's name, so every worker (and every retry of the same tick) makes the same.
+pub(crate) fn tick_id(schedule: &str, tick: i64) -> String {
+    // FNV-1a, twice with different seeds: stable across builds and platforms (std's hasher is not).
+    let fnv = |seed: u64| {
+        let mut h = seed;
+        for b in schedule.bytes().chain(tick.to_le_bytes()) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h
+    };
+    let mut rand = [0u8; 10];
+    rand[..8].copy_from_slice(&fnv(0xcbf2_9ce4_8422_2325).to_le_bytes());
+    rand[8..].copy_from_slice(&fnv(0x8422_2325_cbf2_9ce4).to_le_bytes()[..2]);
+    let ms = u64::try_from(tick).unwrap_or(0);
+    uuid::Builder::from_unix_timestamp_millis(ms, &rand)
+        .into_uuid()
+        .to_string()
+}
+
+pub(crate) fn now_ms() -> i64 {
+    i64::try_from(stevedore_core::to_millis(SystemTime::now())).unwrap_or(i64::MAX)
+}
+
+fn rfc3339(ms: i64) -> String {
+    Utc.timestamp_millis_opt(ms)
+        .single()
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_else(|| ms.to_string())
+}
+
+/// Runs `schedule` until `stop` turns true. Store and broker errors are logged and retried with
+/// backoff; nothing here ends the worker.
+pub(crate) async fn run(
+    schedule: Schedule,
+    store: Arc<dyn Store>,
+    client: Client,
+    worker_id: Arc<str>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let key = key(&schedule.name);
+    let started = now_ms();
+    let mut backoff = crate::runtime::ErrorBackoff::default();
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let wait = match round(
+            &schedule,
+            &key,
+            store.as_ref(),
+            &client,
+            &worker_id,
+            started,
+        )
+        .await
+        {
+            Ok(wait) => {
+                backoff = crate::runtime::ErrorBackoff::default();
+                wait
+            }
+            Err(e) => {
+                let pause = backoff.next();
+                tracing::warn!(schedule = %schedule.name, error = %e, retry_in = ?pause, "schedule: store or broker failed; retrying");
+                pause
+            }
+        };
+        if !wait.is_zero() {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+    }
+}
+
+/// One look at the schedule: fires or records what is due, and says how long to wait before
+/// the next look.
+async fn round(
+    s: &Schedule,
+    key: &str,
+    store: &dyn Store,
+    client: &Client,
+    me: &str,
+    started: i64,
+) -> Result<Duration, String> {
+    let raw = store.get(key).await.map_err(|e| e.to_string())?;
+    let state: TickState = match raw.as_deref() {
+        None => TickState::default(),
+        Some(bytes) => match serde_json::from_slice(bytes) {
+            Ok(st) => st,
+            Err(e) => {
+                // Not ours to guess at: start afresh from now, replacing it atomically.
+                tracing::error!(schedule = %s.name, error = %e, "schedule: its state in the store is unreadable; starting afresh from now");
+                let fresh = TickState {
+                    last: Some(now_ms()),
+                    ..TickState::default()
+                };
+                swap(store, key, raw.as_deref(), &fresh).await?;
+                return Ok(Duration::ZERO);
+            }
+        },
+    };
+    let now = now_ms();
+    if let Some(p) = &state.pending {
+        if p.until > now {
+            return Ok(ms(p.until - now).min(LOOK_AGAIN));
+        }
+        // Its worker died (or its publish kept failing): take the claim over and publish the
+        // same tick, under the same id.
+        tracing::warn!(schedule = %s.name, tick = %rfc3339(p.tick), claimed_by = %p.by, "schedule: a tick claimed by another worker was not published in time; publishing it");
+        let tick = p.tick;
+        return fire(s, key, store, client, me, raw.as_deref(), &state, tick, 0).await;
+    }
+    let after = state.last.unwrap_or(started);
+    let Some(due) = s.spec.latest_between(after, now) else {
+        let next = s.spec.next_after(after.max(now)).ok_or("no next tick")?;
+        return Ok(ms(next - now).min(LOOK_AGAIN));
+    };
+    let passed = s.spec.ticks_between(after, due, 1_000_000);
+    let late = ms(now - due);
+    let missed = state.last.is_some() && late > GRACE;
+    if missed && s.config.catch_up == CatchUp::Skip {
+        let mut next = state.clone();
+        next.last = Some(due);
+        next.skipped += passed + 1;
+        if swap(store, key, raw.as_deref(), &next).await? {
+            tracing::warn!(schedule = %s.name, missed = passed + 1, latest = %rfc3339(due), "schedule: ticks missed while no worker ran were skipped (catch_up = \"skip\")");
+        }
+        return Ok(Duration::ZERO);
+    }
+    let skipped = if state.last.is_some() { passed } else { 0 };
+    fire(
+        s,
+        key,
+        store,
+        client,
+        me,
+        raw.as_deref(),
+        &state,
+        due,
+        skipped,
+    )
+    .await
+}
+
+/// Claims `tick`, publishes it and records it. `skipped`: earlier ticks this one stands for.
+#[allow(clippy::too_many_arguments)]
+async fn fire(
+    s: &Schedule,
+    key: &str,
+    store: &dyn Store,
+    client: &Client,
+    me: &str,
+    raw: Option<&[u8]>,
+    state: &TickState,
+    tick: i64,
+    skipped: u64,
+) -> Result<Duration, String> {
+    let mut claimed = state.clone();
+    claimed.pending = Some(Pending {
+        tick,
+        by: me.to_string(),
+        until: now_ms().saturating_add(i64::try_from(CLAIM.as_millis()).unwrap_or(i64::MAX)),
+    });
+    let claimed_bytes = encode(&claimed)?;
+    let won = store
+        .swap(key, raw, Some(&claimed_bytes), None)
+        .await
+        .map_err(|e| e.to_string())?;
+    if !won {
+        // Another worker moved first: look again at once.
+        return Ok(Duration::ZERO);
+    }
+    let id = tick_id(&s.name, tick);
+    let mut envelope = Envelope::new(
+        &s.config.job,
+        serde_json::to_vec(&s.config.payload).map_err(|e| e.to_string())?,
+    )
+    .json();
+    envelope.id = id.clone();
+    envelope.priority = s.config.priority;
+    envelope
+        .headers
+        .insert(SCHEDULE_HEADER.to_string(), s.name.clone());
+    envelope
+        .headers
+        .insert(TICK_HEADER.to_string(), rfc3339(tick));
+    if !s.config.jitter.is_zero() {
+        let jitter = rand::random_range(Duration::ZERO..=s.config.jitter);
+        envelope.not_before = SystemTime::now().checked_add(jitter);
+    }
+    // A failed publish leaves the claim: it is published again once the claim lapses.
+    client
+        .publish(&s.config.queue, vec![envelope])
+        .await
+        .map_err(|e| format!("publishing tick {}: {e}", rfc3339(tick)))?;
+    let mut done = state.clone();
+    done.pending = None;
+    done.last = Some(tick.max(state.last.unwrap_or(i64::MIN)));
+    done.fired_at = Some(now_ms());
+    done.by = Some(me.to_string());
+    done.job_id = Some(id.clone());
+    done.skipped += skipped;
+    if !swap(store, key, Some(&claimed_bytes), &done).await? {
+        tracing::warn!(schedule = %s.name, "schedule: its claim was taken over while publishing; the tick may be enqueued twice, with the same job id");
+    }
+    tracing::info!(schedule = %s.name, job = %s.config.job, queue = %s.config.queue, tick = %rfc3339(tick), job_id = %id, physical = %names::physical(&s.config.queue, s.config.priority), "schedule: enqueued");
+    if skipped > 0 {
+        tracing::warn!(schedule = %s.name, skipped, "schedule: ticks missed while no worker ran were caught up by this one (catch_up = \"once\")");
+    }
+    Ok(Duration::ZERO)
+}
+
+fn encode(state: &TickState) -> Result<Vec<u8>, String> {
+    serde_json::to_vec(state).map_err(|e| e.to_string())
+}
+
+async fn swap(
+    store: &dyn Store,
+    key: &str,
+    expected: Option<&[u8]>,
+    new: &TickState,
+) -> Result<bool, String> {
+    store
+        .swap(key, expected, Some(&encode(new)?), None)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+fn ms(n: i64) -> Duration {
+    Duration::from_millis(u64::try_from(n).unwrap_or(0))
+}
+
+/// What `schedules list` and `stats --json` show of one schedule.
+#[derive(Clone, Debug, Serialize)]
+pub struct ScheduleStatus {
+    /// The schedule's name.
+    pub name: String,
+    /// The job it enqueues.
+    pub job: String,
+    /// The logical queue.
+    pub queue: String,
+    /// `cron` (with its time zone) or `every`.
+    pub spec: String,
+    /// Whether it runs.
+    pub enabled: bool,
+    /// The last tick done (RFC 3339), if any.
+    pub last_tick: Option<String>,
+    /// When it was published and by which worker.
+    pub last_fired_at: Option<String>,
+    /// The worker that published it.
+    pub last_by: Option<String>,
+    /// The job id of the last tick.
+    pub last_job_id: Option<String>,
+    /// The next tick (RFC 3339).
+    pub next_tick: Option<String>,
+    /// Ticks dropped as missed, in all.
+    pub skipped: u64,
+    /// A tick being published right now (or left by a worker that died).
+    pub pending_tick: Option<String>,
+}
+
+/// The status of every schedule of `config`, read from `store`.
+pub async fn statuses(
+    config: &Config,
+    store: &dyn Store,
+) -> Result<Vec<ScheduleStatus>, stevedore_core::BrokerError> {
+    let now = now_ms();
+    let mut out = Vec::new();
+    for (name, s) in &config.schedules {
+        let state: TickState = store
+            .get(&key(name))
+            .await?
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let spec = Spec::parse(s).ok();
+        let shown = match (&s.cron, s.every) {
+            (Some(c), _) => format!("cron \"{c}\" {}", s.timezone),
+            (None, Some(e)) => format!("every {}", humantime::format_duration(e)),
+            (None, None) => String::new(),
+        };
+        out.push(ScheduleStatus {
+            name: name.clone(),
+            job: s.job.clone(),
+            queue: s.queue.clone(),
+            spec: shown,
+            enabled: s.enabled,
+            last_tick: state.last.map(rfc3339),
+            last_fired_at: state.fired_at.map(rfc3339),
+            last_by: state.by.clone(),
+            last_job_id: state.job_id.clone(),
+            next_tick: spec
+                .filter(|_| s.enabled)
+                .and_then(|sp| sp.next_after(state.last.unwrap_or(now).max(now)))
+                .map(rfc3339),
+            skipped: state.skipped,
+            pending_tick: state.pending.as_ref().map(|p| rfc3339(p.tick)),
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sched(toml: &str) -> ScheduleConfig {
+        let cfg =
+            crate::config::from_toml_str(&format!("[schedules.s]\njob = \"j\"\n{toml}"), None)
+                .expect("config");
+        cfg.schedules["s"].clone()
+    }
+
+    #[test]
+    fn every_ticks_on_multiples_of_the_period() {
+        let spec = Spec::parse(&sched("every = \"10s\"")).expect("spec");
+        assert_eq!(spec.next_after(0), Some(10_000));
+        assert_eq!(spec.next_after(9_999), Some(10_000));
+        assert_eq!(spec.next_after(10_000), Some(20_000));
+        assert_eq!(spec.latest_between(0, 25_000), Some(20_000));
+        assert_eq!(spec.latest_between(20_000, 25_000), None);
+        assert_eq!(spec.ticks_between(0, 50_000, 100), 4);
+    }
+
+    #[test]
+    fn cron_with_seconds_in_a_time_zone() {
+        let spec = Spec::parse(&sched(
+            "cron = \"0 30 9 * * *\"\ntimezone = \"Europe/Berlin\"",
+        ))
+        .expect("spec");
+        // 2026-01-15 00:00 UTC → next 09:30 Berlin (CET, UTC+1) is 08:30 UTC.
+        let t = Utc
+            .with_ymd_and_hms(2026, 1, 15, 0, 0, 0)
+            .single()
+            .expect("time");
+        let next = spec.next_after(t.timestamp_millis()).expect("next");
+        assert_eq!(rfc3339(next), "2026-01-15T08:30:00.000Z");
+        // In summer (CEST, UTC+2) it is 07:30 UTC.
+        let t = Utc
+            .with_ymd_and_hms(2026, 7, 15, 0, 0, 0)
+            .single()
+            .expect("time");
+        let next = spec.next_after(t.timestamp_millis()).expect("next");
+        assert_eq!(rfc3339(next), "2026-07-15T07:30:00.000Z");
+        // Five fields: minute precision.
+        let spec = Spec::parse(&sched("cron = \"*/15 * * * *\"")).expect("spec");
+        let t = Utc
+            .with_ymd_and_hms(2026, 1, 15, 10, 7, 12)
+            .single()
+            .expect("time");
+        assert_eq!(
+            rfc3339(spec.next_after(t.timestamp_millis()).expect("next")),
+            "2026-01-15T10:15:00.000Z"
+        );
+        assert_eq!(
+            spec.latest_between(0, t.timestamp_millis()).map(rfc3339),
+            Some("2026-01-15T10:00:00.000Z".to_string())
+        );
+    }
+
+    #[test]
+    fn bad_specs_name_the_key() {
+        assert_eq!(Spec::parse(&sched("")).expect_err("none").0, "cron");
+        assert_eq!(
+            Spec::parse(&sched("cron = \"* * * * *\"\nevery = \"1s\""))
+                .expect_err("both")
+                .0,
+            "cron"
+        );
+        assert_eq!(
+            Spec::parse(&sched("every = \"1500ms\"")).expect_err("ms").0,
+            "every"
+        );
+        assert_eq!(
+            Spec::parse(&sched("cron = \"61 * * * *\""))
+                .expect_err("bad")
+                .0,
+            "cron"
+        );
+        let e = Spec::parse(&sched("cron = \"* * * * *\"\ntimezone = \"Mars/Olympus\""))
+            .expect_err("tz");
+        assert_eq!(e.0, "timezone");
+        assert!(e.1.contains("IANA"), "{}", e.1);
+    }
+
+    #[test]
+    fn tick_ids_are_stable_sortable_and_distinct() {
+        let a = tick_id("report", 1_700_000_000_000);
+        assert_eq!(a, tick_id("report", 1_700_000_000_000));
+        assert_ne!(a, tick_id("report", 1_700_000_001_000));
+        assert_ne!(a, tick_id("other", 1_700_000_000_000));
+        assert!(a < tick_id("report", 1_700_000_001_000));
+        let u = uuid::Uuid::parse_str(&a).expect("uuid");
+        assert_eq!(u.get_version_num(), 7);
+    }
+}
