@@ -276,6 +276,7 @@ pub(crate) async fn run(
             &client,
             &worker_id,
             started,
+            now_ms(),
         )
         .await
         {
@@ -298,8 +299,9 @@ pub(crate) async fn run(
     }
 }
 
-/// One look at the schedule: fires or records what is due, and says how long to wait before
-/// the next look.
+/// One look at the schedule at time `now`: fires or records what is due, and says how long to
+/// wait before the next look. `started`: when this worker started looking (a schedule with no
+/// state yet starts from there).
 async fn round(
     s: &Schedule,
     key: &str,
@@ -307,6 +309,7 @@ async fn round(
     client: &Client,
     me: &str,
     started: i64,
+    now: i64,
 ) -> Result<Duration, String> {
     let raw = store.get(key).await.map_err(|e| e.to_string())?;
     let state: TickState = match raw.as_deref() {
@@ -317,7 +320,7 @@ async fn round(
                 // Not ours to guess at: start afresh from now, replacing it atomically.
                 tracing::error!(schedule = %s.name, error = %e, "schedule: its state in the store is unreadable; starting afresh from now");
                 let fresh = TickState {
-                    last: Some(now_ms()),
+                    last: Some(now),
                     ..TickState::default()
                 };
                 swap(store, key, raw.as_deref(), &fresh).await?;
@@ -325,7 +328,6 @@ async fn round(
             }
         },
     };
-    let now = now_ms();
     if let Some(p) = &state.pending {
         if p.until > now {
             return Ok(ms(p.until - now).min(LOOK_AGAIN));
@@ -617,5 +619,192 @@ mod tests {
         assert!(a < tick_id("report", 1_700_000_001_000));
         let u = uuid::Uuid::parse_str(&a).expect("uuid");
         assert_eq!(u.get_version_num(), 7);
+    }
+}
+
+#[cfg(test)]
+mod catch_up_tests {
+    use super::*;
+    use stevedore_core::store::MemoryStore;
+    use stevedore_core::{Broker, MemoryBroker, ReceiveOptions};
+
+    const MIN: i64 = 60_000;
+    /// A multiple of ten minutes (2027-01-15T08:00:00Z).
+    const T0: i64 = 1_800_000_000_000;
+
+    struct Fixture {
+        s: Schedule,
+        store: MemoryStore,
+        broker: MemoryBroker,
+        client: Client,
+    }
+
+    fn fixture(catch_up: &str) -> Fixture {
+        let toml = format!(
+            "[schedules.s]\njob = \"j\"\nevery = \"10m\"\ncatch_up = \"{catch_up}\"\npayload = {{ n = 1 }}\n"
+        );
+        let cfg = crate::config::from_toml_str(&toml, None).expect("config");
+        let broker = MemoryBroker::new();
+        Fixture {
+            s: from_config(&cfg).remove(0),
+            store: MemoryStore::new(),
+            client: Client::new(Arc::new(broker.clone())),
+            broker,
+        }
+    }
+
+    impl Fixture {
+        async fn state(&self) -> TickState {
+            let raw = self
+                .store
+                .get(&key("s"))
+                .await
+                .expect("get")
+                .expect("state");
+            serde_json::from_slice(&raw).expect("json")
+        }
+
+        async fn put(&self, st: &TickState) {
+            let raw = self.store.get(&key("s")).await.expect("get");
+            assert!(swap(&self.store, &key("s"), raw.as_deref(), st)
+                .await
+                .expect("swap"));
+        }
+
+        async fn published(&self) -> Vec<Envelope> {
+            let opts = ReceiveOptions {
+                max: 100,
+                wait: Duration::ZERO,
+                lease: Duration::from_secs(30),
+            };
+            let got = self.broker.receive("default", opts).await.expect("receive");
+            got.into_iter().map(|d| d.envelope).collect()
+        }
+
+        /// Runs rounds at `now` until one asks to wait (nothing more is due); returns that wait.
+        async fn settle(&self, now: i64) -> Duration {
+            for _ in 0..10 {
+                let wait = round(&self.s, &key("s"), &self.store, &self.client, "w1", 0, now)
+                    .await
+                    .expect("round");
+                if !wait.is_zero() {
+                    return wait;
+                }
+            }
+            panic!("the schedule kept finding work");
+        }
+    }
+
+    #[tokio::test]
+    async fn ticks_missed_while_no_worker_ran_are_skipped_or_run_once_never_each() {
+        // Ten ticks passed (T0-90m .. T0) and the latest is 5 minutes old.
+        let now = T0 + 5 * MIN;
+        let f = fixture("skip");
+        f.put(&TickState {
+            last: Some(T0 - 100 * MIN),
+            ..TickState::default()
+        })
+        .await;
+        let wait = f.settle(now).await;
+        assert!(
+            f.published().await.is_empty(),
+            "skip: nothing enqueued for missed ticks"
+        );
+        let st = f.state().await;
+        assert_eq!((st.last, st.skipped, st.pending), (Some(T0), 10, None));
+        assert_eq!(
+            wait, LOOK_AGAIN,
+            "then it waits for T0+10m, looking again every minute"
+        );
+
+        let f = fixture("once");
+        f.put(&TickState {
+            last: Some(T0 - 100 * MIN),
+            ..TickState::default()
+        })
+        .await;
+        f.settle(now).await;
+        let jobs = f.published().await;
+        assert_eq!(
+            jobs.len(),
+            1,
+            "once: the latest tick once, not one per missed tick"
+        );
+        assert_eq!(jobs[0].id, tick_id("s", T0));
+        assert_eq!(jobs[0].payload.as_ref(), br#"{"n":1}"#);
+        assert_eq!(
+            jobs[0].headers.get(TICK_HEADER).map(String::as_str),
+            Some("2027-01-15T08:00:00.000Z")
+        );
+        assert_eq!(
+            jobs[0].headers.get(SCHEDULE_HEADER).map(String::as_str),
+            Some("s")
+        );
+        let st = f.state().await;
+        assert_eq!(
+            (st.last, st.skipped, st.by.as_deref()),
+            (Some(T0), 9, Some("w1"))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_tick_late_by_less_than_a_minute_still_runs_once() {
+        // A rolling deploy: T0 passed 30 s ago with no worker up.
+        let f = fixture("skip");
+        f.put(&TickState {
+            last: Some(T0 - 10 * MIN),
+            ..TickState::default()
+        })
+        .await;
+        f.settle(T0 + 30_000).await;
+        let jobs = f.published().await;
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].id, tick_id("s", T0));
+        assert_eq!(f.state().await.last, Some(T0));
+        // Nothing more until the next tick, even if asked again.
+        f.settle(T0 + 31_000).await;
+        assert!(f.published().await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_claim_left_by_a_dead_worker_is_published_again_under_the_same_id() {
+        let f = fixture("skip");
+        let now = T0 + 1000;
+        let dead = TickState {
+            last: Some(T0 - 10 * MIN),
+            pending: Some(Pending {
+                tick: T0,
+                by: "w0".into(),
+                until: now + 20_000,
+            }),
+            ..TickState::default()
+        };
+        f.put(&dead).await;
+        // While the claim holds, nobody else publishes that tick; they look again when it ends.
+        assert_eq!(f.settle(now).await, Duration::from_secs(20));
+        assert!(f.published().await.is_empty());
+        // Once it lapses, w1 publishes it under the id w0 would have used.
+        f.settle(now + 20_001).await;
+        let jobs = f.published().await;
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].id, tick_id("s", T0));
+        let st = f.state().await;
+        assert_eq!(
+            (st.last, st.by.as_deref(), st.pending),
+            (Some(T0), Some("w1"), None)
+        );
+    }
+
+    #[tokio::test]
+    async fn unreadable_state_restarts_the_schedule_from_now() {
+        let f = fixture("skip");
+        assert!(f
+            .store
+            .swap(&key("s"), None, Some(b"garbage"), None)
+            .await
+            .expect("swap"));
+        f.settle(T0 + 1000).await;
+        assert!(f.published().await.is_empty());
+        assert_eq!(f.state().await.last, Some(T0 + 1000));
     }
 }
