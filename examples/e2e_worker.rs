@@ -4,7 +4,8 @@
 //!
 //! Job payload: `{"n": 7, "sleep_ms": 300}`. The job numbered `E2E_ABORT_N`, if set, aborts the
 //! process each time it runs. A job with `"fail": true` fails (permanently) while the file
-//! `E2E_FAIL_FILE` exists, and runs normally once it is gone.
+//! `E2E_FAIL_FILE` exists, and runs normally once it is gone. A job a schedule enqueued also
+//! records `tick <tick> <job id>`.
 
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -38,6 +39,9 @@ async fn work(
     State(out): State<Out>,
 ) -> Result<(), JobError> {
     out.line(&format!("start {} {}", w.n, ctx.attempt));
+    if let Some(tick) = ctx.headers.get(stevedore::schedule::TICK_HEADER) {
+        out.line(&format!("tick {tick} {}", ctx.id));
+    }
     if w.fail
         && std::env::var_os("E2E_FAIL_FILE").is_some_and(|f| std::path::Path::new(&f).exists())
     {

@@ -945,6 +945,23 @@ async fn admin(
                         settings.max_workers
                     );
                 }
+                if let Some(store) = &store {
+                    for s in crate::schedule::statuses(cfg, store.as_ref()).await? {
+                        out!(
+                            "schedule: {} ({}, job {} to {}): last tick {}, next {}",
+                            s.name,
+                            s.spec,
+                            s.job,
+                            s.queue,
+                            s.last_tick.as_deref().unwrap_or("-"),
+                            if s.enabled {
+                                s.next_tick.as_deref().unwrap_or("-")
+                            } else {
+                                "(disabled)"
+                            }
+                        );
+                    }
+                }
             }
             Ok(())
         }

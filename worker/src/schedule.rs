@@ -7,7 +7,8 @@
 //! 2. published, with an id derived from the schedule and the tick;
 //! 3. recorded as the last tick (a swap from the claim).
 //!
-//! A worker that dies between 1 and 3 leaves a claim; once it is [`CLAIM`] old another worker
+//! A worker that dies between 1 and 3 leaves a claim; once it lapses (after the schedule's
+//! period, at least 2 s and at most [`CLAIM`]: a publish takes milliseconds) another worker
 //! (or a restarted one) publishes that tick again under the same id and records it. So a tick
 //! is never lost, and published twice only when a worker died mid-publish, as the same job id.
 //!
@@ -27,8 +28,11 @@ use stevedore_core::store::Store;
 use stevedore_core::{names, Envelope};
 use tokio::sync::watch;
 
-/// How long a claimed tick may stay unpublished before another worker takes it over.
+/// The longest a claimed tick may stay unpublished before another worker takes it over (a
+/// shorter period claims for its period, at least [`CLAIM_MIN`]).
 pub(crate) const CLAIM: Duration = Duration::from_secs(30);
+/// The shortest claim.
+const CLAIM_MIN: Duration = Duration::from_secs(2);
 /// A tick later than this when first seen counts as missed (see [`CatchUp`]).
 pub(crate) const GRACE: Duration = Duration::from_secs(60);
 /// The longest a schedule's loop sleeps without looking at the store again (another worker may
@@ -387,7 +391,7 @@ async fn fire(
     claimed.pending = Some(Pending {
         tick,
         by: me.to_string(),
-        until: now_ms().saturating_add(i64::try_from(CLAIM.as_millis()).unwrap_or(i64::MAX)),
+        until: now_ms().saturating_add(claim_ms(&s.spec, tick)),
     });
     let claimed_bytes = encode(&claimed)?;
     let won = store
@@ -436,6 +440,16 @@ async fn fire(
         tracing::warn!(schedule = %s.name, skipped, "schedule: ticks missed while no worker ran were caught up by this one (catch_up = \"once\")");
     }
     Ok(Duration::ZERO)
+}
+
+/// How long a claim on `tick` holds: the gap to the next tick, between [`CLAIM_MIN`] and
+/// [`CLAIM`], so a worker dying mid-publish delays a fast schedule by about one tick.
+fn claim_ms(spec: &Spec, tick: i64) -> i64 {
+    let lo = i64::try_from(CLAIM_MIN.as_millis()).unwrap_or(2_000);
+    let hi = i64::try_from(CLAIM.as_millis()).unwrap_or(30_000);
+    spec.next_after(tick)
+        .map_or(hi, |next| next.saturating_sub(tick))
+        .clamp(lo, hi)
 }
 
 fn encode(state: &TickState) -> Result<Vec<u8>, String> {
