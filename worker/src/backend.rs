@@ -242,8 +242,8 @@ impl Backends {
             (None, Some(key)) => Err(config.error_at(
                 &key,
                 format!(
-                    "needs a shared state store (to enqueue each tick once across workers), and \
-                     the {broker_kind} broker cannot hold one: add [store] with kind = \"redis\" \
+                    "needs a shared state store (where schedules and unique jobs keep their state \
+                     across workers), and the {broker_kind} broker cannot hold one: add [store] with kind = \"redis\" \
                      (url), \"postgres\" (url) or \"sqlite\" (path; one machine only); this \
                      build has {}",
                     have()

@@ -87,6 +87,14 @@ enum Command {
         /// Enqueue this many copies (each with its own id).
         #[arg(long, default_value_t = 1)]
         count: u32,
+        /// A unique job: another enqueue of the same key (--dedup-key, else the job name and
+        /// payload) into the queue within this window enqueues nothing and prints the first
+        /// job's id ("10m", "1h"). Needs a state store.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        unique_for: Option<Duration>,
+        /// The unique key; alone, the job is unique until it finishes (at most 24 h).
+        #[arg(long)]
+        dedup_key: Option<String>,
         /// Send it even if this binary has no handler for the job or the config does not define
         /// the queue (for a worker built or configured differently).
         #[arg(long)]
@@ -409,12 +417,29 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
                         Failure::Config(err)
                     }
                 })?;
+                let wants_store = match &command {
+                    Command::Schedules(_) | Command::Stats { .. } => !cfg.schedules.is_empty(),
+                    Command::Enqueue {
+                        job,
+                        unique_for,
+                        dedup_key,
+                        ..
+                    } => {
+                        unique_for.is_some()
+                            || dedup_key.is_some()
+                            || cfg.jobs.get(job).is_some_and(|j| j.unique.is_some())
+                    }
+                    _ => false,
+                };
                 let store = match &command {
-                    Command::Schedules(_) | Command::Stats { .. } if !cfg.schedules.is_empty() => {
+                    _ if wants_store => {
                         if !backend.has_store() {
                             return Err(Failure::Config(cfg.error_at(
                                 "store",
-                                "schedules are kept in a state store, and none is configured: set [store] kind".into(),
+                                format!(
+                                    "schedules and unique jobs keep their state in a state store, and the {} broker holds none: set [store] kind",
+                                    backend.kind()
+                                ),
                             )));
                         }
                         backend.connect_store().await.map_err(|e| {
@@ -843,12 +868,17 @@ async fn admin(
             key,
             count,
             force: _,
+            unique_for,
+            dedup_key,
         } => {
             check_queue(&queue)?;
             let payload = read_payload(&payload)?;
             let value: serde_json::Value = serde_json::from_str(&payload)
                 .map_err(|e| Failure::Other(format!("payload is not valid JSON: {e}")))?;
-            let client = Client::new(broker).with_limits_from(cfg);
+            let mut client = Client::new(broker).with_limits_from(cfg);
+            if let Some(store) = store {
+                client = client.with_store(store);
+            }
             for _ in 0..count {
                 let mut e = client
                     .enqueue(&job, &value)
@@ -860,8 +890,20 @@ async fn admin(
                 if let Some(k) = &key {
                     e = e.key(k);
                 }
-                let id = e.send().await?;
-                out!("{id}");
+                if let Some(w) = unique_for {
+                    e = e.unique_for(w);
+                }
+                if let Some(k) = &dedup_key {
+                    e = e.dedup_key(k);
+                }
+                let sent = e.send_or_existing().await?;
+                out!("{}", sent.id);
+                if sent.duplicate {
+                    eprintln!(
+                        "note: not enqueued: job {} holds this unique key (its id is printed)",
+                        sent.id
+                    );
+                }
             }
             Ok(())
         }

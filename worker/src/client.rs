@@ -18,11 +18,13 @@
 //! # Ok(()) }
 //! ```
 
+use crate::config::Unique;
 use crate::delay::Scheduler;
 use bytes::Bytes;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+use stevedore_core::store::Store;
 use stevedore_core::{names, Broker, BrokerError, Envelope, Priority};
 
 /// Why an enqueue failed. Nothing was published unless the variant says otherwise.
@@ -64,6 +66,13 @@ pub enum EnqueueError {
         /// Which backend.
         backend: &'static str,
     },
+    /// A unique job ([`Enqueue::unique_for`], [`Enqueue::dedup_key`], `[jobs.<name>] unique`)
+    /// but the client has no state store to keep the key in ([`Client::with_store`]).
+    #[error("job {job:?} is unique, but this client has no state store to keep its key in (Client::with_store; [store] in the config)")]
+    NoStore {
+        /// The job name.
+        job: String,
+    },
     /// A delay longer than [`MAX_DELAY`] (a mistake, and past what timestamps on the wire hold).
     #[error("a delay of {} is longer than the longest allowed (100 years)", humantime::format_duration(*.delay))]
     InvalidDelay {
@@ -92,6 +101,55 @@ struct ClientInner {
     scheduler: Scheduler,
     /// Per logical queue: refuse enqueues once this many messages wait (`queues.<name>.max_depth`).
     limits: BTreeMap<String, u64>,
+    /// Per job name: `[jobs.<name>] unique`.
+    unique: BTreeMap<String, Unique>,
+    /// Where unique jobs' keys live.
+    store: Option<Arc<dyn Store>>,
+}
+
+/// Header marking a job whose unique key is held until it finishes (`until_done`): the worker
+/// releases the key when the job succeeds or is dead-lettered.
+pub const UNIQUE_HEADER: &str = "stevedore-unique";
+
+/// The state store key of a unique job's key `dedup` in logical queue `queue` (user keys longer
+/// than 200 bytes are hashed).
+pub(crate) fn unique_key(queue: &str, dedup: &str) -> String {
+    if dedup.len() <= 200 {
+        format!("unique:{queue}:{dedup}")
+    } else {
+        format!("unique:{queue}:#{}", hash_hex(&[dedup.as_bytes()]))
+    }
+}
+
+/// A stable 128-bit hash of `parts` as 32 hex digits (FNV-1a twice, with different seeds; the
+/// same on every build and platform, unlike std's hasher).
+pub(crate) fn hash_hex(parts: &[&[u8]]) -> String {
+    let (a, b) = hash128(parts);
+    format!("{a:016x}{b:016x}")
+}
+
+/// See [`hash_hex`].
+pub(crate) fn hash128(parts: &[&[u8]]) -> (u64, u64) {
+    let fnv = |seed: u64| {
+        let mut h = seed;
+        for part in parts {
+            for b in part.iter().copied().chain([0xff]) {
+                h ^= u64::from(b);
+                h = h.wrapping_mul(0x0000_0100_0000_01b3);
+            }
+        }
+        h
+    };
+    (fnv(0xcbf2_9ce4_8422_2325), fnv(0x8422_2325_cbf2_9ce4))
+}
+
+/// What [`Enqueue::send_or_existing`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Enqueued {
+    /// The job's id: the new job's, or for a duplicate of a unique job, the first job's.
+    pub id: String,
+    /// `true` when nothing was published because a job with the same unique key holds it.
+    pub duplicate: bool,
 }
 
 impl Client {
@@ -101,6 +159,8 @@ impl Client {
             inner: Arc::new(ClientInner {
                 scheduler: Scheduler::new(broker),
                 limits: BTreeMap::new(),
+                unique: BTreeMap::new(),
+                store: None,
             }),
         }
     }
@@ -114,11 +174,34 @@ impl Client {
             .into_iter()
             .filter_map(|(name, q)| q.max_depth.map(|m| (name, m)))
             .collect();
+        let unique = config
+            .jobs
+            .iter()
+            .filter_map(|(name, j)| j.unique.map(|u| (name.clone(), u)))
+            .collect();
         self.inner = Arc::new(ClientInner {
             scheduler: self.inner.scheduler.clone(),
             limits,
+            unique,
+            store: self.inner.store.clone(),
         });
         self
+    }
+
+    /// Keeps unique jobs' keys in `store` (the worker's client has the worker's store).
+    pub fn with_store(mut self, store: Arc<dyn Store>) -> Self {
+        self.inner = Arc::new(ClientInner {
+            scheduler: self.inner.scheduler.clone(),
+            limits: self.inner.limits.clone(),
+            unique: self.inner.unique.clone(),
+            store: Some(store),
+        });
+        self
+    }
+
+    /// The state store, if any.
+    pub(crate) fn store(&self) -> Option<&Arc<dyn Store>> {
+        self.inner.store.as_ref()
     }
 
     /// Starts an enqueue of `job` with a JSON payload, to queue `default` unless
@@ -141,6 +224,7 @@ impl Client {
             envelope,
             queue: "default".into(),
             max_depth: None,
+            unique: None,
         }
     }
 
@@ -234,6 +318,7 @@ pub struct Enqueue {
     envelope: Result<Envelope, EnqueueError>,
     queue: String,
     max_depth: Option<u64>,
+    unique: Option<Unique>,
 }
 
 impl Enqueue {
@@ -302,9 +387,44 @@ impl Enqueue {
         self
     }
 
-    /// Publishes; returns the message id once the broker holds it.
+    /// A unique job: a second enqueue of the same key into the same queue within `window`
+    /// publishes nothing and returns the first job's id (see [`Enqueue::send_or_existing`]).
+    /// The key is [`Enqueue::dedup_key`] if given, else the job name and payload bytes. The
+    /// window starts at the first enqueue and holds whatever becomes of the job. Needs a state
+    /// store ([`Client::with_store`]); replaces `[jobs.<name>] unique` for this call.
+    pub fn unique_for(mut self, window: Duration) -> Self {
+        self.unique = Some(Unique::For(window.max(Duration::from_millis(1))));
+        self
+    }
+
+    /// A unique job whose key holds until the job succeeds or is dead-lettered (a retry keeps
+    /// it), and at most `max`: a second enqueue meanwhile publishes nothing and returns the
+    /// first job's id. See [`Enqueue::unique_for`] for the key.
+    pub fn unique_until_done(mut self, max: Duration) -> Self {
+        self.unique = Some(Unique::UntilDone(max.max(Duration::from_millis(1))));
+        self
+    }
+
+    /// The deduplication key (default: the job name and payload). Alone, it makes the job
+    /// unique until done (at most 24 h); with [`Enqueue::unique_for`], for that window. On
+    /// brokers that deduplicate natively (SQS FIFO queues, 5 minutes) it is also sent as theirs.
+    pub fn dedup_key(self, key: &str) -> Self {
+        self.map(|e| e.dedup_key = Some(key.to_string()))
+    }
+
+    /// Publishes; returns the message id once the broker holds it (for a duplicate of a unique
+    /// job, the first job's id: [`Enqueue::send_or_existing`] tells them apart).
     pub async fn send(self) -> Result<String, EnqueueError> {
-        let envelope = self.envelope?;
+        Ok(self.send_or_existing().await?.id)
+    }
+
+    /// As [`Enqueue::send`], saying whether a unique job was a duplicate (nothing published).
+    ///
+    /// A unique job's key is claimed in the state store first (one compare-and-swap: of many
+    /// concurrent enqueues of one key, exactly one publishes), then the job is published; when
+    /// the publish fails, the claim is taken back so a retry can enqueue.
+    pub async fn send_or_existing(self) -> Result<Enqueued, EnqueueError> {
+        let mut envelope = self.envelope?;
         let limit = self
             .max_depth
             .or_else(|| self.client.inner.limits.get(&self.queue).copied());
@@ -318,9 +438,67 @@ impl Enqueue {
                 });
             }
         }
+        let job = envelope.job.clone().unwrap_or_default();
+        let unique = self
+            .unique
+            .or_else(|| self.client.inner.unique.get(&job).copied());
+        let unique = match (unique, &envelope.dedup_key) {
+            (Some(u), _) => Some(u),
+            (None, Some(_)) => Some(Unique::UntilDone(crate::config::UNTIL_DONE_MAX)),
+            (None, None) => None,
+        };
         let id = envelope.id.clone();
-        self.client.publish(&self.queue, vec![envelope]).await?;
-        Ok(id)
+        let Some(unique) = unique else {
+            self.client.publish(&self.queue, vec![envelope]).await?;
+            return Ok(Enqueued {
+                id,
+                duplicate: false,
+            });
+        };
+        let store = self
+            .client
+            .inner
+            .store
+            .clone()
+            .ok_or_else(|| EnqueueError::NoStore { job: job.clone() })?;
+        let dedup = envelope
+            .dedup_key
+            .get_or_insert_with(|| hash_hex(&[job.as_bytes(), &envelope.payload]))
+            .clone();
+        if let Unique::UntilDone(_) = unique {
+            envelope
+                .headers
+                .insert(UNIQUE_HEADER.to_string(), "until_done".to_string());
+        }
+        let key = unique_key(&self.queue, &dedup);
+        // The holder's id, or ours once claimed. A key that is freed between our failed claim
+        // and our read (it lapsed, or its job finished) is claimed again.
+        for _ in 0..5 {
+            if store
+                .swap(&key, None, Some(id.as_bytes()), Some(unique.ttl()))
+                .await?
+            {
+                if let Err(e) = self.client.publish(&self.queue, vec![envelope]).await {
+                    if let Err(undo) = store.swap(&key, Some(id.as_bytes()), None, None).await {
+                        tracing::warn!(error = %undo, key, "enqueue failed and its unique key could not be taken back: it lapses after its window");
+                    }
+                    return Err(e);
+                }
+                return Ok(Enqueued {
+                    id,
+                    duplicate: false,
+                });
+            }
+            if let Some(holder) = store.get(&key).await? {
+                return Ok(Enqueued {
+                    id: String::from_utf8_lossy(&holder).into_owned(),
+                    duplicate: true,
+                });
+            }
+        }
+        Err(EnqueueError::Broker(BrokerError::transient(format!(
+            "the unique key {key} kept changing hands; try again"
+        ))))
     }
 }
 
@@ -509,5 +687,135 @@ mod tests {
             .expect_err("strict takes 10");
         assert_eq!(err.key.as_deref(), Some("queues.strict.batch"), "{err}");
         assert!(cfg.validate(broker.capabilities()).is_ok());
+    }
+}
+
+#[cfg(test)]
+mod unique_tests {
+    use super::*;
+    use stevedore_core::store::MemoryStore;
+    use stevedore_core::{MemoryBroker, ReceiveOptions};
+
+    fn client(broker: &MemoryBroker, store: &MemoryStore) -> Client {
+        Client::new(Arc::new(broker.clone())).with_store(Arc::new(store.clone()))
+    }
+
+    async fn drain(broker: &MemoryBroker, queue: &str) -> Vec<Envelope> {
+        let opts = ReceiveOptions {
+            max: 1000,
+            wait: Duration::ZERO,
+            lease: Duration::from_secs(30),
+        };
+        let got = broker.receive(queue, opts).await.expect("receive");
+        got.into_iter().map(|d| d.envelope).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hundred_concurrent_enqueues_of_one_key_publish_one_job() {
+        let broker = MemoryBroker::new();
+        let store = MemoryStore::new();
+        let mut tasks = Vec::new();
+        for i in 0..100 {
+            // Two producers (clients) sharing the store, as two services would.
+            let c = client(&broker, &store);
+            tasks.push(tokio::spawn(async move {
+                c.enqueue("report", &serde_json::json!({"day": "2026-12-05"}))
+                    .queue("q")
+                    .unique_for(Duration::from_secs(60))
+                    .header("n", &i.to_string())
+                    .send_or_existing()
+                    .await
+                    .expect("enqueue")
+            }));
+        }
+        let mut results = Vec::new();
+        for t in tasks {
+            results.push(t.await.expect("task"));
+        }
+        let jobs = drain(&broker, "q").await;
+        assert_eq!(jobs.len(), 1, "one job published");
+        assert!(
+            results.iter().all(|r| r.id == jobs[0].id),
+            "every caller got its id"
+        );
+        assert_eq!(results.iter().filter(|r| !r.duplicate).count(), 1);
+        // Another payload is another key; another queue is another key space.
+        let other = client(&broker, &store)
+            .enqueue("report", &serde_json::json!({"day": "2026-12-06"}))
+            .queue("q")
+            .unique_for(Duration::from_secs(60))
+            .send_or_existing()
+            .await
+            .expect("enqueue");
+        assert!(!other.duplicate);
+        let elsewhere = client(&broker, &store)
+            .enqueue("report", &serde_json::json!({"day": "2026-12-05"}))
+            .queue("q2")
+            .unique_for(Duration::from_secs(60))
+            .send_or_existing()
+            .await
+            .expect("enqueue");
+        assert!(!elsewhere.duplicate);
+    }
+
+    #[tokio::test]
+    async fn the_window_ends_and_a_failed_publish_takes_its_claim_back() {
+        let broker = MemoryBroker::with_max_payload(64);
+        let store = MemoryStore::new();
+        let c = client(&broker, &store);
+        let send = |payload: &'static str| {
+            c.enqueue_bytes("j", payload)
+                .queue("q")
+                .dedup_key("k")
+                .unique_for(Duration::from_millis(200))
+                .send_or_existing()
+        };
+        // Too large: refused, and the key is not left claimed.
+        let big = Box::leak("x".repeat(100).into_boxed_str());
+        assert!(matches!(
+            send(big).await,
+            Err(EnqueueError::Broker(BrokerError::PayloadTooLarge { .. }))
+        ));
+        let first = send("a").await.expect("first");
+        assert!(!first.duplicate);
+        let again = send("b").await.expect("second");
+        assert_eq!(
+            (again.id.as_str(), again.duplicate),
+            (first.id.as_str(), true)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let later = send("c").await.expect("after the window");
+        assert!(!later.duplicate);
+        assert_ne!(later.id, first.id);
+        let jobs = drain(&broker, "q").await;
+        assert_eq!(jobs.len(), 2);
+        assert_eq!(jobs[0].dedup_key.as_deref(), Some("k"));
+    }
+
+    #[tokio::test]
+    async fn a_unique_job_without_a_store_is_refused_before_anything_is_sent() {
+        let broker = MemoryBroker::new();
+        let c = Client::new(Arc::new(broker.clone()));
+        let e = c
+            .enqueue("j", &1)
+            .unique_for(Duration::from_secs(1))
+            .send()
+            .await
+            .expect_err("no store");
+        assert!(matches!(e, EnqueueError::NoStore { .. }), "{e}");
+        assert!(drain(&broker, "default").await.is_empty());
+        // The config's `unique` applies without anything said at the call.
+        let cfg = crate::config::from_toml_str("[jobs.j]\nunique = \"1h\"\n", None).expect("cfg");
+        let c = Client::new(Arc::new(broker.clone()))
+            .with_limits_from(&cfg)
+            .with_store(Arc::new(MemoryStore::new()));
+        let a = c.enqueue("j", &1).send_or_existing().await.expect("a");
+        let b = c.enqueue("j", &1).send_or_existing().await.expect("b");
+        assert_eq!((b.id, b.duplicate), (a.id, true));
+        let other_job = c.enqueue("k", &1).send_or_existing().await.expect("k");
+        assert!(
+            !other_job.duplicate,
+            "jobs without `unique` are not deduplicated"
+        );
     }
 }

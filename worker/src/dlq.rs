@@ -243,9 +243,13 @@ pub(crate) async fn dead_letter(
 ) -> JobResult {
     let error = format!("{} ({reason})", err.message());
     let copy = dead_letter_copy(&d.envelope, &ctx.name, attempt, &error, &ctx.worker_id);
+    let hold = crate::runtime::unique_hold(&ctx.name, &d.envelope);
     tracing::warn!(error = %error, "job dead-lettered");
     match forward(ctx, d.receipt, &names::dead_letter(&ctx.name), copy).await {
-        Ok(()) => JobResult::DeadLettered,
+        Ok(()) => {
+            crate::runtime::release_unique(ctx, hold).await;
+            JobResult::DeadLettered
+        }
         Err(e) => {
             tracing::error!(error = %e, "could not write to the dead-letter queue; released the message instead");
             JobResult::Released

@@ -228,18 +228,10 @@ fn key(name: &str) -> String {
 /// The job id of `schedule`'s tick `tick`: a UUIDv7 whose time is the tick and whose other bits
 /// hash the schedule's name, so every worker (and every retry of the same tick) makes the same.
 pub(crate) fn tick_id(schedule: &str, tick: i64) -> String {
-    // FNV-1a, twice with different seeds: stable across builds and platforms (std's hasher is not).
-    let fnv = |seed: u64| {
-        let mut h = seed;
-        for b in schedule.bytes().chain(tick.to_le_bytes()) {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        h
-    };
+    let (a, b) = crate::client::hash128(&[schedule.as_bytes(), &tick.to_le_bytes()]);
     let mut rand = [0u8; 10];
-    rand[..8].copy_from_slice(&fnv(0xcbf2_9ce4_8422_2325).to_le_bytes());
-    rand[8..].copy_from_slice(&fnv(0x8422_2325_cbf2_9ce4).to_le_bytes()[..2]);
+    rand[..8].copy_from_slice(&a.to_le_bytes());
+    rand[8..].copy_from_slice(&b.to_le_bytes()[..2]);
     let ms = u64::try_from(tick).unwrap_or(0);
     uuid::Builder::from_unix_timestamp_millis(ms, &rand)
         .into_uuid()

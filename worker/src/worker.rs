@@ -153,7 +153,11 @@ impl Worker {
 
     /// A producer on the same broker.
     pub fn client(&self) -> Client {
-        Client::new(self.broker.clone()).with_limits_from(&self.config)
+        let client = Client::new(self.broker.clone()).with_limits_from(&self.config);
+        match &self.store {
+            Some(store) => client.with_store(store.clone()),
+            None => client,
+        }
     }
 
     /// What the runtime emulates or notes about this backend, logged at start-up.
@@ -214,6 +218,7 @@ impl Worker {
             self.config.clone(),
             self.routes.clone(),
             Scheduler::new(self.broker.clone()),
+            self.client(),
             &self.stats,
             &self.shutdown,
             self.worker_id.clone(),

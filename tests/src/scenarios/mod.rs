@@ -52,7 +52,7 @@ pub(crate) type Run = fn(Arc<dyn Backend>) -> BoxFuture<'static, Checked>;
 
 /// The named test of each scenario, by number from 1 (the names
 /// [`crate::conformance_tests`] declares).
-const SLUGS: [&str; 19] = [
+const SLUGS: [&str; 20] = [
     "publish_receive",
     "competing_consumers",
     "queue_isolation",
@@ -72,6 +72,7 @@ const SLUGS: [&str; 19] = [
     "ordering",
     "foreign_messages",
     "schedules",
+    "unique_jobs",
 ];
 
 /// Every scenario, by number.
@@ -136,6 +137,9 @@ pub(crate) fn all() -> Vec<Scenario> {
         }),
         s(19, "schedules", Timing, 60, |b| {
             Box::pin(runtime::schedules(b))
+        }),
+        s(20, "unique jobs", Bulk, 90, |b| {
+            Box::pin(runtime::unique_jobs(b))
         }),
     ]
 }

@@ -25,6 +25,7 @@ mod replay;
 mod retry;
 mod schedules;
 mod shutdown;
+mod unique;
 
 pub(crate) use dead_letter::dead_letter;
 pub(crate) use priority::priority;
@@ -32,6 +33,7 @@ pub(crate) use replay::dlq_replay;
 pub(crate) use retry::retry_backoff;
 pub(crate) use schedules::schedules;
 pub(crate) use shutdown::graceful_shutdown;
+pub(crate) use unique::unique_jobs;
 
 use crate::backend::Backend;
 use crate::support::{ensure, s2, Context};

@@ -528,6 +528,60 @@ pub struct JobConfig {
     /// Per-job timeout replacing the queue's.
     #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
     pub timeout: Option<Duration>,
+    /// Unique jobs: `"10m"` (a second enqueue of the same job with the same payload into the
+    /// same queue within 10 minutes enqueues nothing and returns the first job's id) or
+    /// `"until_done"` (until the first job succeeds or is dead-lettered, at most 24 h). The
+    /// key is the job name and payload unless the producer gives one
+    /// ([`Enqueue::dedup_key`](crate::Enqueue::dedup_key)). Needs a state store (`[store]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unique: Option<Unique>,
+}
+
+/// How long a unique job's key holds (see [`JobConfig::unique`] and
+/// [`Enqueue::unique_for`](crate::Enqueue::unique_for)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unique {
+    /// For this long after the first enqueue.
+    For(Duration),
+    /// Until the first job succeeds or is dead-lettered, and at most this long (so a job that
+    /// is lost or purged does not block its key for ever).
+    UntilDone(Duration),
+}
+
+/// The longest an `until_done` key holds when nothing says otherwise: 24 hours.
+pub const UNTIL_DONE_MAX: Duration = Duration::from_secs(24 * 3600);
+
+impl Unique {
+    /// The key's time to live in the store.
+    pub fn ttl(&self) -> Duration {
+        match self {
+            Unique::For(d) | Unique::UntilDone(d) => *d,
+        }
+    }
+}
+
+impl Serialize for Unique {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Unique::For(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+            Unique::UntilDone(_) => s.serialize_str("until_done"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Unique {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        if text == "until_done" {
+            return Ok(Unique::UntilDone(UNTIL_DONE_MAX));
+        }
+        match humantime::parse_duration(&text) {
+            Ok(w) if !w.is_zero() => Ok(Unique::For(w)),
+            _ => Err(serde::de::Error::custom(format!(
+                "\"{text}\" is neither a window (\"10m\", \"1h\") nor \"until_done\""
+            ))),
+        }
+    }
 }
 
 impl Config {

@@ -437,6 +437,12 @@ impl Config {
             .iter()
             .find(|(_, s)| s.enabled)
             .map(|(name, _)| format!("schedules.{name}"))
+            .or_else(|| {
+                self.jobs
+                    .iter()
+                    .find(|(_, j)| j.unique.is_some())
+                    .map(|(name, _)| format!("jobs.{name}.unique"))
+            })
     }
 
     fn at_least(&self, key: &str, got: u64, min: u64) -> Result<(), ConfigError> {

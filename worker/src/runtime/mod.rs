@@ -438,7 +438,10 @@ async fn run_job(ctx: Arc<QueueCtx>, priority: Priority, d: Delivery) {
                             None => Supervised::Done(Err(JobError::permanent("handler vanished"))),
                         };
                         match outcome {
-                            Supervised::Done(Ok(())) if !c.broker().acks_locally() => {
+                            Supervised::Done(Ok(()))
+                                if !c.broker().acks_locally()
+                                    && unique_hold(&c.name, &parts.envelope).is_none() =>
+                            {
                                 let _ = c.acks.send(d.receipt);
                                 (JobParts::into_job(parts), JobResult::Succeeded)
                             }
@@ -530,6 +533,7 @@ async fn settle(
     let (envelope, job) = Arc::try_unwrap(parts)
         .map(|p| (p.envelope, p.context.job))
         .unwrap_or_else(|p| (p.envelope.clone(), p.context.job.clone()));
+    let hold = unique_hold(&ctx.name, &envelope);
     let d = Delivery {
         envelope,
         receipt,
@@ -538,6 +542,7 @@ async fn settle(
     let result = match outcome {
         Supervised::Done(Ok(())) => {
             ack(ctx, d.receipt).await;
+            release_unique(ctx, hold).await;
             JobResult::Succeeded
         }
         Supervised::Aborted => {
@@ -568,6 +573,30 @@ async fn settle(
         }
     };
     (job, result)
+}
+
+/// For a job whose unique key holds until it is done (`until_done`): the key and the job id
+/// (its value). Cheap for every other job: most carry no headers at all.
+pub(crate) fn unique_hold(queue: &str, env: &Envelope) -> Option<(String, String)> {
+    if env.headers.is_empty() || !env.headers.contains_key(crate::client::UNIQUE_HEADER) {
+        return None;
+    }
+    let dedup = env.dedup_key.as_deref()?;
+    Some((crate::client::unique_key(queue, dedup), env.id.clone()))
+}
+
+/// Releases a finished job's unique key (see [`unique_hold`]) if it still holds it: the key may
+/// have lapsed and gone to another job since, which keeps it.
+pub(crate) async fn release_unique(ctx: &QueueCtx, hold: Option<(String, String)>) {
+    let (Some((key, id)), Some(store)) = (hold, ctx.client.store()) else {
+        return;
+    };
+    match store.swap(&key, Some(id.as_bytes()), None, None).await {
+        Ok(released) => tracing::debug!(key, released, "unique key of a finished job"),
+        Err(e) => {
+            tracing::warn!(error = %e, key, "could not release the unique key of a finished job; it lapses after its window")
+        }
+    }
 }
 
 /// The one "publish a copy, then settle the original" act (a delay hop, a retry, a dead letter):
@@ -668,6 +697,7 @@ pub(crate) fn start(
     config: Arc<Config>,
     routes: Routes,
     scheduler: Scheduler,
+    client: crate::Client,
     stats: &Stats,
     shutdown: &ShutdownHandle,
     worker_id: Arc<str>,
@@ -683,7 +713,6 @@ pub(crate) fn start(
     let (hard_tx, hard_rx) = watch::channel(false);
     let global = Arc::new(Semaphore::new(config.worker.concurrency));
     let lease_timed = crate::lease::needs_heartbeat(broker.as_ref());
-    let client = crate::Client::new(broker.clone()).with_limits_from(&config);
     let mut fetchers = Vec::new();
     for (name, cfg) in config.effective_queues() {
         let (fin_tx, fin_rx) = mpsc::unbounded_channel();
