@@ -51,6 +51,7 @@ pub mod handler;
 mod http;
 pub mod layer;
 mod lease;
+mod limit;
 mod logfmt;
 #[cfg(feature = "otel")]
 pub mod otel;

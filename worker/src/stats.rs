@@ -34,6 +34,9 @@ pub const JOBS_RETRIED: &str = "stevedore_jobs_retried_total";
 pub const JOBS_DEAD_LETTERED: &str = "stevedore_jobs_dead_lettered_total";
 /// Counter: jobs released unfinished back to the broker. Labels `queue`, `job`.
 pub const JOBS_RELEASED: &str = "stevedore_jobs_released_total";
+/// Counter: jobs a rate or concurrency limit did not let start yet, published again with a
+/// delay until they may (neither failed nor retried). Label `queue`.
+pub const JOBS_DEFERRED: &str = "stevedore_jobs_deferred_total";
 /// Histogram: handler run time in seconds. Labels `queue`, `job`, `result` ([`JobResult::as_str`]).
 pub const JOB_DURATION: &str = "stevedore_job_duration_seconds";
 /// Gauge: jobs this worker is running now. Label `queue`.
@@ -176,6 +179,7 @@ pub struct QueueStats {
     retried: AtomicU64,
     dead_lettered: AtomicU64,
     released: AtomicU64,
+    deferred: AtomicU64,
     in_flight: AtomicU64,
     jobs: SlotCache<JobMetrics, JOB_SLOTS>,
     in_flight_gauge: SlotCache<OnceLock<metrics::Gauge>, 4>,
@@ -199,6 +203,7 @@ impl QueueStats {
             retried: AtomicU64::new(0),
             dead_lettered: AtomicU64::new(0),
             released: AtomicU64::new(0),
+            deferred: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             jobs: SlotCache::new(),
             in_flight_gauge: SlotCache::new(),
@@ -315,8 +320,15 @@ impl QueueStats {
             retried,
             dead_lettered,
             released: self.released.load(Ordering::Relaxed),
+            deferred: self.deferred.load(Ordering::Relaxed),
             in_flight: self.in_flight(),
         }
+    }
+
+    /// Records a job a limit deferred (it did not start).
+    pub(crate) fn deferred(&self) {
+        self.deferred.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(JOBS_DEFERRED, "queue" => self.name.clone()).increment(1);
     }
 
     /// Sets the in-flight gauge from the counter again. Concurrent `started`/`finished` calls may
@@ -429,6 +441,9 @@ pub struct QueueSnapshot {
     pub dead_lettered: u64,
     /// Jobs released unfinished back to the broker.
     pub released: u64,
+    /// Jobs a rate or concurrency limit put off (published again with a delay; not started, so
+    /// in no other counter).
+    pub deferred: u64,
     /// Jobs running now.
     pub in_flight: u64,
 }
@@ -481,6 +496,10 @@ fn describe_metrics() {
     metrics::describe_counter!(
         JOBS_RELEASED,
         "Jobs released unfinished back to the broker."
+    );
+    metrics::describe_counter!(
+        JOBS_DEFERRED,
+        "Jobs a rate or concurrency limit put off (published again with a delay)."
     );
     metrics::describe_histogram!(JOB_DURATION, Unit::Seconds, "Handler run time.");
     metrics::describe_gauge!(JOBS_IN_FLIGHT, "Jobs this worker is running now.");
@@ -664,6 +683,7 @@ mod tests {
                 retried: 1,
                 dead_lettered: 1,
                 released: 1,
+                deferred: 0,
                 in_flight: 0,
             }
         );

@@ -175,6 +175,11 @@ impl Worker {
     /// error only when the broker could not be prepared before shutdown was asked for, or when
     /// the HTTP endpoints cannot listen on `http.bind` (a permanent error naming the address).
     pub async fn run(self) -> Result<RunReport, BrokerError> {
+        if let (Some(key), None) = (self.config.needs_store(), &self.store) {
+            return Err(BrokerError::permanent(format!(
+                "{key} needs a state store, and the worker has none (Worker::with_store, or [store] with App)"
+            )));
+        }
         for n in &self.notices {
             tracing::info!("{n}");
         }
@@ -225,12 +230,7 @@ impl Worker {
         );
         let schedules = crate::schedule::from_config(&self.config);
         let mut schedule_tasks = Vec::new();
-        if !schedules.is_empty() {
-            let Some(store) = self.store.clone() else {
-                return Err(BrokerError::permanent(
-                    "schedules are configured but the worker has no state store (Worker::with_store, or [store] with App)",
-                ));
-            };
+        if let Some(store) = self.store.clone().filter(|_| !schedules.is_empty()) {
             for s in schedules {
                 schedule_tasks.push(tokio::spawn(crate::schedule::run(
                     s,

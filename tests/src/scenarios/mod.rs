@@ -52,7 +52,7 @@ pub(crate) type Run = fn(Arc<dyn Backend>) -> BoxFuture<'static, Checked>;
 
 /// The named test of each scenario, by number from 1 (the names
 /// [`crate::conformance_tests`] declares).
-const SLUGS: [&str; 20] = [
+const SLUGS: [&str; 21] = [
     "publish_receive",
     "competing_consumers",
     "queue_isolation",
@@ -73,6 +73,7 @@ const SLUGS: [&str; 20] = [
     "foreign_messages",
     "schedules",
     "unique_jobs",
+    "rate_limits",
 ];
 
 /// Every scenario, by number.
@@ -140,6 +141,9 @@ pub(crate) fn all() -> Vec<Scenario> {
         }),
         s(20, "unique jobs", Bulk, 90, |b| {
             Box::pin(runtime::unique_jobs(b))
+        }),
+        s(21, "rate limits", Timing, 90, |b| {
+            Box::pin(runtime::limits(b))
         }),
     ]
 }

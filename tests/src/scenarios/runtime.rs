@@ -20,6 +20,7 @@
 //!   worker polling behind it.
 
 mod dead_letter;
+mod limits;
 mod priority;
 mod replay;
 mod retry;
@@ -28,6 +29,7 @@ mod shutdown;
 mod unique;
 
 pub(crate) use dead_letter::dead_letter;
+pub(crate) use limits::limits;
 pub(crate) use priority::priority;
 pub(crate) use replay::dlq_replay;
 pub(crate) use retry::retry_backoff;

@@ -487,6 +487,17 @@ pub struct QueueConfig {
     pub retry: RetryOverride,
     /// Depth beyond which producers reject or wait (backpressure); `None` = unbounded.
     pub max_depth: Option<u64>,
+    /// Most jobs of this queue started per period across all workers (`"50/s"`, `"100/m"`,
+    /// `"5/10s"`); see [`Rate`]. Needs a state store.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate: Option<Rate>,
+    /// Jobs `rate` lets start at once after a quiet spell (default 1: an even pace).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+    /// Most jobs of this queue running at once across all workers (slots with a lease: a worker
+    /// that dies gives its slots back after `lease`). Needs a state store.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_concurrent: Option<u32>,
 }
 
 impl Default for QueueConfig {
@@ -503,6 +514,9 @@ impl Default for QueueConfig {
             default_job: None,
             retry: RetryOverride::default(),
             max_depth: None,
+            rate: None,
+            burst: None,
+            max_concurrent: None,
         }
     }
 }
@@ -535,6 +549,78 @@ pub struct JobConfig {
     /// ([`Enqueue::dedup_key`](crate::Enqueue::dedup_key)). Needs a state store (`[store]`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unique: Option<Unique>,
+    /// Most jobs of this name started per period across all workers and queues (see
+    /// [`QueueConfig::rate`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate: Option<Rate>,
+    /// See [`QueueConfig::burst`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+    /// Most jobs of this name running at once across all workers and queues.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_concurrent: Option<u32>,
+}
+
+/// A rate: `count` per `per` (`"50/s"`, `"100/m"`, `"1000/h"`, `"5/10s"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rate {
+    /// Jobs per period (at least 1).
+    pub count: u32,
+    /// The period (at least 1 ms).
+    pub per: Duration,
+}
+
+impl std::str::FromStr for Rate {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let bad = || {
+            format!(
+                "\"{text}\" is not a rate: write jobs per period, like \"50/s\", \"100/m\", \"1000/h\" or \"5/10s\""
+            )
+        };
+        let (count, per) = text.split_once('/').ok_or_else(bad)?;
+        let count: u32 = count.trim().parse().map_err(|_| bad())?;
+        let per = match per.trim() {
+            "s" => Duration::from_secs(1),
+            "m" | "min" => Duration::from_secs(60),
+            "h" => Duration::from_secs(3600),
+            "d" => Duration::from_secs(86_400),
+            other => humantime::parse_duration(other).map_err(|_| bad())?,
+        };
+        if count == 0 || per < Duration::from_millis(1) {
+            return Err(format!(
+                "{}; it must allow at least 1 job per period",
+                bad()
+            ));
+        }
+        Ok(Rate { count, per })
+    }
+}
+
+impl std::fmt::Display for Rate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.per.as_secs() {
+            1 if self.per.subsec_nanos() == 0 => write!(f, "{}/s", self.count),
+            60 if self.per.subsec_nanos() == 0 => write!(f, "{}/m", self.count),
+            3600 if self.per.subsec_nanos() == 0 => write!(f, "{}/h", self.count),
+            _ => write!(f, "{}/{}", self.count, humantime::format_duration(self.per)),
+        }
+    }
+}
+
+impl Serialize for Rate {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Rate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 /// How long a unique job's key holds (see [`JobConfig::unique`] and

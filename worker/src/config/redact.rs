@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use super::SECTIONS;
 /// Keys inside tables in the order the structs declare them, then priority levels highest first.
 /// Keys not listed follow in alphabetical order.
-const FIELDS: [&str; 48] = [
+const FIELDS: [&str; 52] = [
     "kind",
     "url",
     "max_payload",
@@ -45,7 +45,11 @@ const FIELDS: [&str; 48] = [
     "aging",
     "default_job",
     "retry",
-    "max_depth", // queues, jobs
+    "max_depth",
+    "rate",
+    "burst",
+    "max_concurrent",
+    "unique", // queues, jobs
     "job",
     "queue",
     "cron",

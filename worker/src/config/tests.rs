@@ -1091,3 +1091,58 @@ fn a_schedule_on_a_broker_without_a_store_asks_for_one() {
         .unwrap_err();
     assert_err(&e, "store.file", "not a setting of the sqlite store");
 }
+
+#[test]
+fn rates_and_concurrency_limits_are_checked() {
+    let cfg = parse(
+        "[queues.q]\nrate = \"50/s\"\nburst = 10\nmax_concurrent = 4\n\
+         [jobs.j]\nrate = \"5/10s\"\nmax_concurrent = 1\n",
+    )
+    .unwrap();
+    cfg.validate(&memory_caps()).unwrap();
+    let q = &cfg.queues["q"];
+    assert_eq!(
+        q.rate,
+        Some(Rate {
+            count: 50,
+            per: Duration::from_secs(1)
+        })
+    );
+    assert_eq!((q.burst, q.max_concurrent), (Some(10), Some(4)));
+    assert_eq!(
+        cfg.jobs["j"].rate.map(|r| r.to_string()).as_deref(),
+        Some("5/10s")
+    );
+    assert_eq!(cfg.needs_store().as_deref(), Some("jobs.j.rate"));
+    for (toml, key, says) in [
+        ("[queues.q]\nrate = \"fast\"\n", "queues.q.rate", "\"50/s\""),
+        (
+            "[queues.q]\nrate = \"0/s\"\n",
+            "queues.q.rate",
+            "at least 1 job",
+        ),
+        (
+            "[jobs.j]\nrate = \"10 per second\"\n",
+            "jobs.j.rate",
+            "not a rate",
+        ),
+    ] {
+        assert_err(&parse(toml).unwrap_err(), key, says);
+    }
+    let check = |toml: &str| parse(toml).unwrap().validate(&memory_caps()).unwrap_err();
+    assert_err(
+        &check("[queues.q]\nburst = 5\n"),
+        "queues.q.burst",
+        "set rate too",
+    );
+    assert_err(
+        &check("[jobs.j]\nrate = \"1/s\"\nburst = 0\n"),
+        "jobs.j.burst",
+        "at least 1",
+    );
+    assert_err(
+        &check("[jobs.j]\nmax_concurrent = 0\n"),
+        "jobs.j.max_concurrent",
+        "at least 1",
+    );
+}

@@ -120,6 +120,12 @@ impl Config {
         }
         self.check_retry_combinations()?;
         self.check_schedules()?;
+        for (name, q) in &self.effective_queues() {
+            self.check_limits(&format!("queues.{name}"), q.rate, q.burst, q.max_concurrent)?;
+        }
+        for (name, j) in &self.jobs {
+            self.check_limits(&format!("jobs.{name}"), j.rate, j.burst, j.max_concurrent)?;
+        }
 
         let reserved: usize = self
             .effective_queues()
@@ -438,11 +444,57 @@ impl Config {
             .find(|(_, s)| s.enabled)
             .map(|(name, _)| format!("schedules.{name}"))
             .or_else(|| {
-                self.jobs
-                    .iter()
-                    .find(|(_, j)| j.unique.is_some())
-                    .map(|(name, _)| format!("jobs.{name}.unique"))
+                self.jobs.iter().find_map(|(name, j)| {
+                    let key = if j.unique.is_some() {
+                        "unique"
+                    } else if j.rate.is_some() {
+                        "rate"
+                    } else if j.max_concurrent.is_some() {
+                        "max_concurrent"
+                    } else {
+                        return None;
+                    };
+                    Some(format!("jobs.{name}.{key}"))
+                })
             })
+            .or_else(|| {
+                self.effective_queues().iter().find_map(|(name, q)| {
+                    let key = if q.rate.is_some() {
+                        "rate"
+                    } else if q.max_concurrent.is_some() {
+                        "max_concurrent"
+                    } else {
+                        return None;
+                    };
+                    Some(format!("queues.{name}.{key}"))
+                })
+            })
+    }
+
+    /// `burst` without `rate`, and zero `burst` or `max_concurrent`, at `prefix` (`queues.x`).
+    fn check_limits(
+        &self,
+        prefix: &str,
+        rate: Option<super::Rate>,
+        burst: Option<u32>,
+        max_concurrent: Option<u32>,
+    ) -> Result<(), ConfigError> {
+        if burst.is_some() && rate.is_none() {
+            return Err(self.error_at(
+                &format!("{prefix}.burst"),
+                "applies to a rate: set rate too (rate = \"50/s\") or leave burst out".into(),
+            ));
+        }
+        if burst == Some(0) {
+            return Err(self.error_at(&format!("{prefix}.burst"), "must be at least 1".into()));
+        }
+        if max_concurrent == Some(0) {
+            return Err(self.error_at(
+                &format!("{prefix}.max_concurrent"),
+                "must be at least 1 (leave it out for no limit)".into(),
+            ));
+        }
+        Ok(())
     }
 
     fn at_least(&self, key: &str, got: u64, min: u64) -> Result<(), ConfigError> {

@@ -56,11 +56,95 @@ pub(crate) struct QueueCtx {
     /// exactly the router's job names (one lookup per job says both whether it is routable and
     /// how it runs).
     pub jobs: std::collections::BTreeMap<String, (RetryConfig, Duration)>,
+    /// Rate and concurrency limits on this queue's jobs.
+    pub limits: crate::limit::Limits,
+    /// Until when (Unix ms) this queue's fetching pauses: a queue-wide limit said no.
+    pub paused_until: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl QueueCtx {
     pub(crate) fn broker(&self) -> &Arc<dyn Broker> {
         self.scheduler.broker()
+    }
+}
+
+/// The slots a running job holds (queue-wide, per job name); given back when dropped.
+type Held = Box<(
+    Option<crate::limit::SlotGuard>,
+    Option<crate::limit::SlotGuard>,
+)>;
+
+/// What the limits say about one job.
+enum Gate {
+    Go(Held),
+    /// Not yet: wait this long; `true` when a queue-wide limit said so.
+    Wait(Duration, bool),
+}
+
+/// Asks the queue's limit, then the job name's.
+async fn admit(
+    limits: &crate::limit::Limits,
+    job: Option<&str>,
+    id: &str,
+) -> Result<Gate, BrokerError> {
+    use crate::limit::Admission;
+    let mut held: Held = Box::new((None, None));
+    if let Some(q) = &limits.queue {
+        // The queue's rate was taken before the receive (see the fetch loop): slots only.
+        match q.admit(id, false).await? {
+            Admission::Go(g) => held.0 = g,
+            Admission::Wait(w) => return Ok(Gate::Wait(w, true)),
+        }
+    }
+    if let Some(l) = job.and_then(|j| limits.jobs.get(j)) {
+        match l.admit(id, true).await? {
+            Admission::Go(g) => held.1 = g,
+            Admission::Wait(w) => return Ok(Gate::Wait(w, false)),
+        }
+    }
+    Ok(Gate::Go(held))
+}
+
+/// A job its limits did not admit: put off ([`defer`]), or, when the state store could not be
+/// asked, released (no limit can be kept without it) with the queue paused a moment rather than
+/// run over the limit.
+async fn put_off(ctx: &QueueCtx, d: Delivery, verdict: Result<Gate, BrokerError>) {
+    match verdict {
+        Ok(Gate::Wait(wait, queue_wide)) => defer(ctx, d, wait, queue_wide).await,
+        // Not reached: run_job runs admitted jobs itself.
+        Ok(Gate::Go(_)) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "state store unreachable: cannot check this job's limits; released it");
+            ctx.paused_until.fetch_max(
+                stevedore_core::to_millis(SystemTime::now() + Duration::from_secs(1)),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            let _ = ctx.broker().release(std::slice::from_ref(&d.receipt)).await;
+        }
+    }
+}
+
+/// A job a limit put off: published again on its queue, not before `wait` from now (plus a
+/// little jitter, so put-off jobs do not all come back at once), with its attempt so far and the
+/// same id; then its delivery is acked. A queue-wide limit also pauses the queue's fetching for
+/// that long. If the publish fails the delivery is released instead.
+async fn defer(ctx: &QueueCtx, d: Delivery, wait: Duration, queue_wide: bool) {
+    let now = SystemTime::now();
+    if queue_wide {
+        let until = stevedore_core::to_millis(now + wait);
+        ctx.paused_until
+            .fetch_max(until, std::sync::atomic::Ordering::Relaxed);
+    }
+    let jitter = rand::random_range(Duration::ZERO..=(wait / 4).min(Duration::from_millis(250)));
+    let attempt = d.attempt();
+    let mut envelope = d.envelope;
+    envelope.attempt = attempt;
+    envelope.not_before = Some(now + wait + jitter);
+    let to = d.receipt.queue().to_string();
+    tracing::debug!(id = %envelope.id, wait = ?wait, "limited: job put off");
+    ctx.stats.deferred();
+    if let Err(e) = forward(ctx, d.receipt, &to, envelope).await {
+        tracing::warn!(error = %e, "could not put off a limited job; released it");
     }
 }
 
@@ -175,7 +259,14 @@ pub(crate) async fn fetch_loop(
                 match selector.pick(Instant::now()) {
                     // A long poll only when nothing else is on its way.
                     Some(pick) if !pick.idle || fetches.is_empty() => {
-                        let want = pick.capacity.min(ctx.cfg.batch).max(1);
+                        // No point pulling more than the queue may run at once anywhere.
+                        let most = ctx
+                            .limits
+                            .queue
+                            .as_ref()
+                            .and_then(|l| l.max_concurrent())
+                            .map_or(usize::MAX, |n| n as usize);
+                        let want = pick.capacity.min(ctx.cfg.batch).min(most).max(1);
                         while permits.len() < want {
                             match global.clone().try_acquire_owned() {
                                 Ok(p) => permits.push(p),
@@ -193,15 +284,59 @@ pub(crate) async fn fetch_loop(
                         };
                         let broker = ctx.broker().clone();
                         let index = pick.index;
+                        let paused = ctx.paused_until.clone();
+                        let rate = ctx.limits.queue.clone().filter(|l| l.has_rate());
                         fetches.spawn(async move {
-                            // A receive that panics comes back as an error like any other, with
-                            // its slots, so the selector gets them back.
-                            let result = AssertUnwindSafe(broker.receive(&physical, opts))
-                                .catch_unwind()
-                                .await
-                                .unwrap_or_else(|_| {
-                                    Err(BrokerError::transient("the broker's receive panicked"))
-                                });
+                            // A queue-wide limit said no: pull nothing until it may say yes
+                            // (at most one idle poll's wait at a time).
+                            let pause_left = || {
+                                let until = paused.load(std::sync::atomic::Ordering::Relaxed);
+                                let now = stevedore_core::to_millis(SystemTime::now());
+                                Duration::from_millis(until.saturating_sub(now))
+                            };
+                            let left = pause_left();
+                            if !left.is_zero() {
+                                tokio::time::sleep(left.min(poll_wait)).await;
+                            }
+                            // A queue-wide rate: take the tokens first and pull only as many
+                            // jobs as they allow, none when there is none.
+                            let mut opts = opts;
+                            let mut tokens = 0;
+                            let mut result = Ok(Vec::new());
+                            if let Some(l) = &rate {
+                                match l.take_up_to(opts.max as u32).await {
+                                    Ok(Ok(n)) => {
+                                        tokens = n;
+                                        opts.max = n as usize;
+                                    }
+                                    Ok(Err(wait)) => {
+                                        let until =
+                                            stevedore_core::to_millis(SystemTime::now() + wait);
+                                        paused
+                                            .fetch_max(until, std::sync::atomic::Ordering::Relaxed);
+                                        tokio::time::sleep(wait.min(poll_wait)).await;
+                                        opts.max = 0;
+                                    }
+                                    Err(e) => {
+                                        result = Err(e);
+                                        opts.max = 0;
+                                    }
+                                }
+                            }
+                            if opts.max > 0 {
+                                // A receive that panics comes back as an error like any other,
+                                // with its slots, so the selector gets them back.
+                                result = AssertUnwindSafe(broker.receive(&physical, opts))
+                                    .catch_unwind()
+                                    .await
+                                    .unwrap_or_else(|_| {
+                                        Err(BrokerError::transient("the broker's receive panicked"))
+                                    });
+                            }
+                            if let Some(l) = &rate {
+                                let got = result.as_ref().map_or(0, |d| d.len()) as u32;
+                                l.give_back(tokens.saturating_sub(got)).await;
+                            }
                             Fetched {
                                 index,
                                 priority,
@@ -375,8 +510,19 @@ async fn run_job(ctx: Arc<QueueCtx>, priority: Priority, d: Delivery) {
     if let Some(early) = c.scheduler.early_by(&d.envelope, SystemTime::now()) {
         boxed!(hop(c, d, early)).await;
     } else {
-        let attempt = d.attempt();
         let job = d.envelope.job.clone().or_else(|| c.cfg.default_job.clone());
+        // Held until this function ends: the job's concurrency slots, if limited.
+        let mut _held = None;
+        if c.limits.any() {
+            match boxed!(admit(&c.limits, job.as_deref(), &d.envelope.id)).await {
+                Ok(Gate::Go(held)) => _held = Some(held),
+                other => {
+                    boxed!(put_off(c, d, other)).await;
+                    return;
+                }
+            }
+        }
+        let attempt = d.attempt();
         let span = job_span(c, job.as_deref().unwrap_or("-"), &d.envelope, attempt);
         let started = Instant::now();
         c.stats.started();
@@ -714,8 +860,47 @@ pub(crate) fn start(
     let global = Arc::new(Semaphore::new(config.worker.concurrency));
     let lease_timed = crate::lease::needs_heartbeat(broker.as_ref());
     let mut fetchers = Vec::new();
-    for (name, cfg) in config.effective_queues() {
+    let queues = config.effective_queues();
+    let shortest_lease = queues
+        .values()
+        .map(|q| q.lease)
+        .min()
+        .unwrap_or(Duration::from_secs(30));
+    // One limiter per job name, shared by every queue the job runs on.
+    let job_limits: std::collections::BTreeMap<String, Arc<crate::limit::Limiter>> =
+        match client.store() {
+            None => Default::default(),
+            Some(store) => config
+                .jobs
+                .iter()
+                .filter_map(|(job, j)| {
+                    crate::limit::Limiter::new(
+                        format!("job:{job}"),
+                        j.rate,
+                        j.burst,
+                        j.max_concurrent,
+                        shortest_lease,
+                        store.clone(),
+                    )
+                    .map(|l| (job.clone(), l))
+                })
+                .collect(),
+        };
+    for (name, cfg) in queues {
         let (fin_tx, fin_rx) = mpsc::unbounded_channel();
+        let limits = crate::limit::Limits {
+            queue: client.store().and_then(|store| {
+                crate::limit::Limiter::new(
+                    format!("queue:{name}"),
+                    cfg.rate,
+                    cfg.burst,
+                    cfg.max_concurrent,
+                    cfg.lease,
+                    store.clone(),
+                )
+            }),
+            jobs: job_limits.clone(),
+        };
         let jobs = routes
             .names()
             .into_iter()
@@ -740,6 +925,8 @@ pub(crate) fn start(
             client: client.clone(),
             hard_stop: hard_rx.clone(),
             lease_timed,
+            limits,
+            paused_until: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         });
         fetchers.push(tokio::spawn(fetch_loop(
             ctx,
