@@ -5,7 +5,7 @@
 //! Job payload: `{"n": 7, "sleep_ms": 300}`. The job numbered `E2E_ABORT_N`, if set, aborts the
 //! process each time it runs. A job with `"fail": true` fails (permanently) while the file
 //! `E2E_FAIL_FILE` exists, and runs normally once it is gone. A job a schedule enqueued also
-//! records `tick <tick> <job id>`.
+//! records `tick <schedule>/<tick> <job id>`.
 
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -40,7 +40,12 @@ async fn work(
 ) -> Result<(), JobError> {
     out.line(&format!("start {} {}", w.n, ctx.attempt));
     if let Some(tick) = ctx.headers.get(stevedore::schedule::TICK_HEADER) {
-        out.line(&format!("tick {tick} {}", ctx.id));
+        let schedule = ctx.headers.get(stevedore::schedule::SCHEDULE_HEADER);
+        out.line(&format!(
+            "tick {}/{tick} {}",
+            schedule.map_or("-", String::as_str),
+            ctx.id
+        ));
     }
     if w.fail
         && std::env::var_os("E2E_FAIL_FILE").is_some_and(|f| std::path::Path::new(&f).exists())

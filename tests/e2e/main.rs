@@ -1261,25 +1261,29 @@ fn rabbitmq_clean_run_and_wrong_password_log_no_client_errors() {
 }
 
 /// Periodic jobs on the default backend (the SQLite file, which is also the state store), the
-/// real binary: two workers share a schedule ticking every second; worker A is killed with
-/// SIGKILL mid-run and comes back as A2. Every tick of the whole run after both started is
-/// enqueued exactly once (the `tick` lines: one per tick, each under its own id), none is
-/// missing, and `schedules list` from a third process shows the last and next tick.
+/// real binary: two workers share two schedules ticking every second (`every = "1s"`, and a cron
+/// pattern with seconds in a time zone); worker A is killed with SIGKILL mid-run and comes back
+/// as A2. For each schedule, every tick of the run is enqueued exactly once (the `tick` lines:
+/// one per tick, each under its own id) and none is missing between its first and last; and
+/// `schedules list` from a third process shows the last and next tick.
 #[test]
 fn a_schedule_ticks_once_per_second_across_two_workers_and_a_kill() {
     let _serial = serial();
     let dir = tempfile::tempdir().expect("temp dir");
     let config = "[queues.default]\nconcurrency = 4\n\n\
                   [schedules.heartbeat]\njob = \"work\"\nevery = \"1s\"\n\
-                  payload = { n = 0, sleep_ms = 0 }\n";
+                  payload = { n = 0, sleep_ms = 0 }\n\n\
+                  [schedules.crontab]\njob = \"work\"\ncron = \"* * * * * *\"\n\
+                  timezone = \"America/New_York\"\npayload = { n = 1, sleep_ms = 0 }\n";
     let mut a = start_in(dir.path(), "-a", config, 0, 0, &[]);
     let b = start_in(dir.path(), "-b", config, 0, 0, &[]);
+    // "<schedule>/<tick>" -> the ids it ran under.
     let ticks = |who: &[&Path]| {
         let mut all: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for p in who {
             for l in lines(p) {
                 if let Some(rest) = l.strip_prefix("tick ") {
-                    let (tick, id) = rest.split_once(' ').expect("tick <tick> <id>");
+                    let (tick, id) = rest.split_once(' ').expect("tick <schedule>/<tick> <id>");
                     all.entry(tick.to_string())
                         .or_default()
                         .push(id.to_string());
@@ -1289,18 +1293,18 @@ fn a_schedule_ticks_once_per_second_across_two_workers_and_a_kill() {
         all
     };
     let (out_a, out_b) = (a.out.clone(), b.out.clone());
-    wait_until("4 ticks", Duration::from_secs(30), || {
-        ticks(&[&out_a, &out_b]).len() >= 4
+    wait_until("8 ticks", Duration::from_secs(30), || {
+        ticks(&[&out_a, &out_b]).len() >= 8
     });
     signal(&a.child, "-KILL");
     let _ = a.child.wait();
     let a2 = start_in(dir.path(), "-a2", config, 0, 0, &[]);
     let out_a2 = a2.out.clone();
     let seen_before = ticks(&[&out_a, &out_b, &out_a2]).len();
-    wait_until("4 more ticks", Duration::from_secs(30), || {
-        ticks(&[&out_a, &out_b, &out_a2]).len() >= seen_before + 4
+    wait_until("8 more ticks", Duration::from_secs(30), || {
+        ticks(&[&out_a, &out_b, &out_a2]).len() >= seen_before + 8
     });
-    // A third process reads the schedule's state from the same file.
+    // A third process reads the schedules' state from the same file (one JSON line each, by name).
     let (code, stdout, stderr) = cli_in(
         dir.path(),
         &dir.path().join("worker-a.toml"),
@@ -1308,12 +1312,19 @@ fn a_schedule_ticks_once_per_second_across_two_workers_and_a_kill() {
         "",
     );
     assert_eq!(code, Some(0), "{stderr}");
-    let listed: serde_json::Value = serde_json::from_str(stdout.trim()).expect("json");
-    assert_eq!(listed["name"], "heartbeat", "{listed}");
-    assert!(
-        listed["last_tick"].is_string() && listed["next_tick"].is_string(),
-        "{listed}"
-    );
+    let listed: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    assert_eq!(listed.len(), 2, "{stdout}");
+    assert_eq!(listed[0]["name"], "crontab", "{stdout}");
+    assert_eq!(listed[1]["name"], "heartbeat", "{stdout}");
+    for l in &listed {
+        assert!(
+            l["last_tick"].is_string() && l["next_tick"].is_string(),
+            "{l}"
+        );
+    }
     let (_, table, _) = cli_in(
         dir.path(),
         &dir.path().join("worker-a.toml"),
@@ -1324,32 +1335,37 @@ fn a_schedule_ticks_once_per_second_across_two_workers_and_a_kill() {
         table.contains("heartbeat") && table.contains("every 1s"),
         "{table}"
     );
+    assert!(table.contains("America/New_York"), "{table}");
     stop_cleanly(b);
     stop_cleanly(a2);
     let all = ticks(&[&out_a, &out_b, &out_a2]);
     let twice: Vec<_> = all.iter().filter(|(_, ids)| ids.len() > 1).collect();
     assert!(twice.is_empty(), "ticks run more than once: {twice:?}");
-    // Consecutive: from the first tick to the last, one per second, none missing.
-    let secs: Vec<i64> = all
-        .keys()
-        .map(|t| {
-            humantime::parse_rfc3339(t)
-                .expect("rfc3339")
-                .duration_since(std::time::UNIX_EPOCH)
-                .expect("after 1970")
-                .as_secs() as i64
-        })
-        .collect();
-    let gaps: Vec<_> = secs.windows(2).filter(|w| w[1] - w[0] != 1).collect();
-    assert!(
-        gaps.is_empty(),
-        "ticks missing between {gaps:?} (all: {:?})",
-        all.keys()
-    );
-    assert!(secs.len() >= 8, "{secs:?}");
+    // Per schedule, consecutive: from its first tick to its last, one per second, none missing.
+    let mut counts = Vec::new();
+    for schedule in ["heartbeat", "crontab"] {
+        let prefix = format!("{schedule}/");
+        let secs: Vec<i64> = all
+            .keys()
+            .filter_map(|k| k.strip_prefix(&prefix))
+            .map(|t| {
+                humantime::parse_rfc3339(t)
+                    .expect("rfc3339")
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .expect("after 1970")
+                    .as_secs() as i64
+            })
+            .collect();
+        let gaps: Vec<_> = secs.windows(2).filter(|w| w[1] - w[0] != 1).collect();
+        assert!(
+            gaps.is_empty(),
+            "{schedule}: ticks missing between {gaps:?}"
+        );
+        assert!(secs.len() >= 6, "{schedule}: {secs:?}");
+        counts.push(secs.len());
+    }
     eprintln!(
-        "schedule e2e: {} ticks, each once, across a SIGKILL",
-        secs.len()
+        "schedule e2e: {counts:?} ticks (every 1s; cron each second), each once, across a SIGKILL"
     );
 }
 

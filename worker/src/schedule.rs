@@ -111,7 +111,8 @@ impl Spec {
         match self {
             Spec::Every(p) => t.div_euclid(*p).checked_add(1)?.checked_mul(*p),
             Spec::Cron(cron, tz) => {
-                let at = tz.timestamp_millis_opt(t).single()?;
+                // Ticks are whole seconds: look from the second `t` falls in.
+                let at = tz.timestamp_opt(t.div_euclid(1000), 0).single()?;
                 let next = cron.find_next_occurrence(&at, false).ok()?;
                 Some(next.timestamp_millis())
             }
@@ -123,7 +124,7 @@ impl Spec {
         let latest = match self {
             Spec::Every(p) => t.div_euclid(*p).checked_mul(*p)?,
             Spec::Cron(cron, tz) => {
-                let at = tz.timestamp_millis_opt(t).single()?;
+                let at = tz.timestamp_opt(t.div_euclid(1000), 0).single()?;
                 cron.find_previous_occurrence(&at, true)
                     .ok()?
                     .timestamp_millis()
@@ -575,6 +576,14 @@ mod tests {
             .expect("time");
         let next = spec.next_after(t.timestamp_millis()).expect("next");
         assert_eq!(rfc3339(next), "2026-07-15T07:30:00.000Z");
+        // From a time with milliseconds, ticks are still whole seconds.
+        let next = spec.next_after(t.timestamp_millis() + 651).expect("next");
+        assert_eq!(rfc3339(next), "2026-07-15T07:30:00.000Z");
+        let every_ten = Spec::parse(&sched("cron = \"*/10 * * * * *\"")).expect("spec");
+        let t0 = t.timestamp_millis();
+        assert_eq!(every_ten.next_after(t0 + 651), Some(t0 + 10_000));
+        assert_eq!(every_ten.next_after(t0), Some(t0 + 10_000));
+        assert_eq!(every_ten.latest_between(0, t0 + 9_999), Some(t0));
         // Five fields: minute precision.
         let spec = Spec::parse(&sched("cron = \"*/15 * * * *\"")).expect("spec");
         let t = Utc
