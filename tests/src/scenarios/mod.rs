@@ -136,7 +136,7 @@ pub(crate) fn all() -> Vec<Scenario> {
         s(18, "foreign messages", Bulk, 30, |b| {
             Box::pin(foreign::foreign_messages(b))
         }),
-        s(19, "schedules", Timing, 60, |b| {
+        s(19, "schedules", Timing, 90, |b| {
             Box::pin(runtime::schedules(b))
         }),
         s(20, "unique jobs", Bulk, 90, |b| {
