@@ -43,6 +43,10 @@ pub const DLQ_WORKER: &str = "stevedore-dlq-worker";
 pub const DLQ_ORIGIN: &str = "stevedore-dlq-origin";
 /// Header recording the first failure time while a job is being retried.
 pub const FIRST_FAILURE: &str = "stevedore-first-failure";
+/// Header the runtime sets on a message it sends again itself at the same attempt (a job a limit
+/// put off, a delayed message hopping on): how many times it did. Brokers that deduplicate on
+/// the dedup key (SQS FIFO) must then not take the send for the producer's first.
+pub const RESENT: &str = "stevedore-resent";
 
 /// The envelope as `(header, value)` pairs plus the body. User headers come last and never override
 /// ours.

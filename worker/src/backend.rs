@@ -368,14 +368,16 @@ impl Configured {
         config: &Config,
         e: &stevedore_core::BrokerError,
     ) -> ConfigError {
-        let key = match (
-            &config.store.kind,
-            config.store.settings.contains_key("url"),
-        ) {
-            (Some(_), true) => "store.url",
-            (Some(_), false) => "store",
-            (None, _) => "broker",
+        // The key that says where the store is: [store]'s own, or the broker's for its own store.
+        let (table, section) = match config.store.kind {
+            Some(_) => (&config.store.settings, "store"),
+            None => (&config.broker.settings, "broker"),
         };
+        let key = ["url", "path"]
+            .iter()
+            .find(|k| table.contains_key(**k))
+            .map_or(section.to_string(), |k| format!("{section}.{k}"));
+        let key = key.as_str();
         let what = self.store.as_ref().map_or(String::new(), |s| s.describe());
         config.error_at(key, format!("cannot use the state store ({what}): {e}"))
     }

@@ -418,7 +418,11 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
                     }
                 })?;
                 let wants_store = match &command {
-                    Command::Schedules(_) | Command::Stats { .. } => !cfg.schedules.is_empty(),
+                    Command::Schedules(_) => !cfg.schedules.is_empty(),
+                    // Stats show schedules when they can; never fail over them.
+                    Command::Stats { .. } => {
+                        cfg.schedules.values().any(|s| s.enabled) && backend.has_store()
+                    }
                     Command::Enqueue {
                         job,
                         unique_for,
@@ -442,14 +446,24 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
                                 ),
                             )));
                         }
-                        backend.connect_store().await.map_err(|e| {
-                            let err = backend.store_error(&cfg, &e);
-                            if e.is_transient() {
-                                Failure::Other(err.to_string())
-                            } else {
-                                Failure::Config(err)
+                        match backend.connect_store().await {
+                            Ok(store) => store,
+                            Err(e) if matches!(command, Command::Stats { .. }) => {
+                                eprintln!(
+                                    "warning: schedules not shown: {}",
+                                    backend.store_error(&cfg, &e)
+                                );
+                                None
                             }
-                        })?
+                            Err(e) => {
+                                let err = backend.store_error(&cfg, &e);
+                                return Err(if e.is_transient() {
+                                    Failure::Other(err.to_string())
+                                } else {
+                                    Failure::Config(err)
+                                });
+                            }
+                        }
                     }
                     _ => None,
                 };

@@ -474,10 +474,20 @@ impl Enqueue {
         // The holder's id, or ours once claimed. A key that is freed between our failed claim
         // and our read (it lapsed, or its job finished) is claimed again.
         for _ in 0..5 {
-            if store
+            let claimed = match store
                 .swap(&key, None, Some(id.as_bytes()), Some(unique.ttl()))
-                .await?
+                .await
             {
+                Ok(claimed) => claimed,
+                // The swap may have been applied: read back before deciding (a claim by our id
+                // that we gave up on would block the key with no job behind it).
+                Err(e) if e.is_transient() => match store.get(&key).await? {
+                    Some(holder) if holder == id.as_bytes() => true,
+                    _ => return Err(e.into()),
+                },
+                Err(e) => return Err(e.into()),
+            };
+            if claimed {
                 if let Err(e) = self.client.publish(&self.queue, vec![envelope]).await {
                     if let Err(undo) = store.swap(&key, Some(id.as_bytes()), None, None).await {
                         tracing::warn!(error = %undo, key, "enqueue failed and its unique key could not be taken back: it lapses after its window");

@@ -22,6 +22,9 @@ use std::time::Duration;
 use stevedore_core::store::Store;
 use stevedore_core::BrokerError;
 
+/// Most slots tried per admission.
+const PROBES: u32 = 4;
+
 /// How long a job that found every slot taken waits before it is offered again.
 pub(crate) const SLOT_RETRY: Duration = Duration::from_millis(250);
 
@@ -175,9 +178,7 @@ impl Limiter {
                         tat = next;
                         n += 1;
                     }
-                    Err(wait) if n == 0 => {
-                        return Ok(Err(Duration::from_secs_f64(wait.max(1.0) / 1000.0)));
-                    }
+                    Err(wait) if n == 0 => return Ok(Err(ms(wait))),
                     Err(_) => break,
                 }
             }
@@ -223,7 +224,7 @@ impl Limiter {
         tat: f64,
         now: f64,
     ) -> Result<bool, BrokerError> {
-        let ttl = Duration::from_secs_f64(((tat - now).max(0.0) + 1000.0) / 1000.0);
+        let ttl = ms((tat - now).max(0.0) + 1000.0);
         let value = format!("{tat:.3}");
         self.store
             .swap(key, raw, Some(value.as_bytes()), Some(ttl))
@@ -240,7 +241,7 @@ impl Limiter {
         let mut next = self.spread.lock().unwrap_or_else(|p| p.into_inner());
         let at = (now + wait.as_secs_f64() * 1000.0).max(*next);
         *next = at + gcra.interval;
-        Duration::from_secs_f64((at - now).max(0.0) / 1000.0)
+        ms(at - now)
     }
 
     /// Decides whether job `id` may start now: takes a slot (if limited), then a rate token (if
@@ -272,10 +273,14 @@ impl Limiter {
         n: u32,
         lease: Duration,
     ) -> Result<Option<SlotGuard>, BrokerError> {
-        // A random first slot, so workers do not all fight over slot 0.
+        // A random first slot, so workers do not all fight over slot 0; a few probes at most,
+        // so a full limit costs a few round trips, not one per slot (the job is put off and
+        // offered again).
         let start = rand::rng().random_range(0..n);
         let token = format!("{id}:{:08x}", rand::random::<u32>());
-        for k in 0..n {
+        let step = if n > PROBES { n / PROBES } else { 1 };
+        for k in 0..n.min(PROBES) {
+            let k = k * step;
             let key = format!("limit:{}:slot:{}", self.scope, (start + k) % n);
             if self
                 .store
@@ -297,10 +302,19 @@ impl Limiter {
     }
 }
 
+/// The stored arrival time; anything unreadable or absurd (not finite, more than a day ahead)
+/// counts as none, so a damaged key costs one burst, never a panic or a stalled limit.
 fn parse_tat(raw: Option<&[u8]>) -> f64 {
     raw.and_then(|b| std::str::from_utf8(b).ok())
         .and_then(|s| s.parse::<f64>().ok())
+        .filter(|t| t.is_finite() && *t < now_ms() + 86_400_000.0)
         .unwrap_or(0.0)
+}
+
+/// `ms` milliseconds as a duration (at least 1 ms, at most a day).
+fn ms(ms: f64) -> Duration {
+    Duration::try_from_secs_f64(ms.clamp(1.0, 86_400_000.0) / 1000.0)
+        .unwrap_or(Duration::from_secs(1))
 }
 
 /// Renews the slots this process holds every third of their lease, until the limiter is gone.
@@ -359,9 +373,11 @@ pub(crate) struct Limits {
 }
 
 impl Limits {
-    /// Whether any limit applies on this queue (one check per job).
-    pub(crate) fn any(&self) -> bool {
-        self.queue.is_some() || !self.jobs.is_empty()
+    /// Whether a limit applies to a job of this name on this queue (one check per job; no
+    /// allocation, no store call for unlimited jobs).
+    pub(crate) fn applies(&self, job: Option<&str>) -> bool {
+        self.queue.is_some()
+            || (!self.jobs.is_empty() && job.is_some_and(|j| self.jobs.contains_key(j)))
     }
 }
 

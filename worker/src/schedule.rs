@@ -7,10 +7,12 @@
 //! 2. published, with an id derived from the schedule and the tick;
 //! 3. recorded as the last tick (a swap from the claim).
 //!
-//! A worker that dies between 1 and 3 leaves a claim; once it lapses (after the schedule's
-//! period, at least 2 s and at most [`CLAIM`]: a publish takes milliseconds) another worker
-//! (or a restarted one) publishes that tick again under the same id and records it. So a tick
-//! is never lost, and published twice only when a worker died mid-publish, as the same job id.
+//! A worker that dies between 1 and 3 leaves a claim; once it lapses ([`CLAIM`], 30 s) another
+//! worker (or a restarted one) publishes that tick again under the same id and records it. A
+//! publish is given [`PUBLISH_TIMEOUT`] (20 s), well inside the claim, so a live worker's slow
+//! publish is not taken over. So a tick is never lost, and published twice only when a worker
+//! died (or its publish hung for 20 s and then went through) mid-publish, as the same job id.
+//! Workers' clocks should agree to well within the claim: it is compared with their clocks.
 //!
 //! Ticks that passed with no worker running are "missed" when the latest of them is more than
 //! [`GRACE`] old: `catch_up = "skip"` records them without an enqueue, `"once"` publishes the
@@ -28,11 +30,13 @@ use stevedore_core::store::Store;
 use stevedore_core::{names, Envelope};
 use tokio::sync::watch;
 
-/// The longest a claimed tick may stay unpublished before another worker takes it over (a
-/// shorter period claims for its period, at least [`CLAIM_MIN`]).
+/// How long a claimed tick may stay unpublished before another worker takes it over.
 pub(crate) const CLAIM: Duration = Duration::from_secs(30);
-/// The shortest claim.
-const CLAIM_MIN: Duration = Duration::from_secs(2);
+/// The longest a publish of a tick may take before the worker gives it up (and leaves the
+/// claim to lapse): well inside [`CLAIM`].
+pub(crate) const PUBLISH_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a round may go on once the worker is asked to stop.
+const STOP_GRACE: Duration = Duration::from_secs(5);
 /// A tick later than this when first seen counts as missed (see [`CatchUp`]).
 pub(crate) const GRACE: Duration = Duration::from_secs(60);
 /// The longest a schedule's loop sleeps without looking at the store again (another worker may
@@ -65,6 +69,13 @@ impl Spec {
                 "cron",
                 "missing: set cron = \"0 */5 * * * *\" (seconds first; 5 fields for minutes) or every = \"30s\""
                     .to_string(),
+            )),
+            (None, Some(_)) if chrono_tz::Tz::from_str(&s.timezone).is_err() => Err((
+                "timezone",
+                format!(
+                    "\"{}\" is not an IANA time zone (e.g. \"UTC\", \"Europe/Berlin\"); it is not used with every, so leave it out",
+                    s.timezone
+                ),
             )),
             (None, Some(every)) => {
                 let ms = i64::try_from(every.as_millis()).unwrap_or(i64::MAX);
@@ -266,7 +277,7 @@ pub(crate) async fn run(
         if *stop.borrow() {
             return;
         }
-        let wait = match round(
+        let this_round = round(
             &schedule,
             &key,
             store.as_ref(),
@@ -274,9 +285,20 @@ pub(crate) async fn run(
             &worker_id,
             started,
             now_ms(),
-        )
-        .await
-        {
+        );
+        tokio::pin!(this_round);
+        // A round that hangs on the store or the broker does not hold up shutdown: once asked
+        // to stop it gets a few seconds (a tick being published is best finished), then is
+        // dropped (its claim, if any, lapses and another worker publishes that tick).
+        let outcome = tokio::select! {
+            r = &mut this_round => Some(r),
+            _ = stop.wait_for(|s| *s) => None,
+        };
+        let Some(outcome) = outcome else {
+            let _ = tokio::time::timeout(STOP_GRACE, &mut this_round).await;
+            return;
+        };
+        let wait = match outcome {
             Ok(wait) => {
                 backoff = crate::runtime::ErrorBackoff::default();
                 wait
@@ -340,7 +362,8 @@ async fn round(
         let next = s.spec.next_after(after.max(now)).ok_or("no next tick")?;
         return Ok(ms(next - now).min(LOOK_AGAIN));
     };
-    let passed = s.spec.ticks_between(after, due, 1_000_000);
+    // Counted for the log and `skipped` only: capped, so a long outage costs no long loop.
+    let passed = s.spec.ticks_between(after, due, 10_000);
     let late = ms(now - due);
     let missed = state.last.is_some() && late > GRACE;
     if missed && s.config.catch_up == CatchUp::Skip {
@@ -384,7 +407,7 @@ async fn fire(
     claimed.pending = Some(Pending {
         tick,
         by: me.to_string(),
-        until: now_ms().saturating_add(claim_ms(&s.spec, tick)),
+        until: now_ms().saturating_add(i64::try_from(CLAIM.as_millis()).unwrap_or(30_000)),
     });
     let claimed_bytes = encode(&claimed)?;
     let won = store
@@ -414,10 +437,18 @@ async fn fire(
         envelope.not_before = SystemTime::now().checked_add(jitter);
     }
     // A failed publish leaves the claim: it is published again once the claim lapses.
-    client
-        .publish(&s.config.queue, vec![envelope])
+    match tokio::time::timeout(PUBLISH_TIMEOUT, client.publish(&s.config.queue, vec![envelope]))
         .await
-        .map_err(|e| format!("publishing tick {}: {e}", rfc3339(tick)))?;
+    {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(format!("publishing tick {}: {e}", rfc3339(tick))),
+        Err(_) => {
+            return Err(format!(
+                "publishing tick {} took over {PUBLISH_TIMEOUT:?}; it is tried again when its claim lapses",
+                rfc3339(tick)
+            ))
+        }
+    }
     let mut done = state.clone();
     done.pending = None;
     done.last = Some(tick.max(state.last.unwrap_or(i64::MIN)));
@@ -425,7 +456,17 @@ async fn fire(
     done.by = Some(me.to_string());
     done.job_id = Some(id.clone());
     done.skipped += skipped;
-    if !swap(store, key, Some(&claimed_bytes), &done).await? {
+    // Published: record it, trying a little harder than a round (a record lost here would have
+    // the tick published again once its claim lapses).
+    let mut recorded = swap(store, key, Some(&claimed_bytes), &done).await;
+    for pause in [100, 500, 2000] {
+        if recorded.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        recorded = swap(store, key, Some(&claimed_bytes), &done).await;
+    }
+    if !recorded? {
         tracing::warn!(schedule = %s.name, "schedule: its claim was taken over while publishing; the tick may be enqueued twice, with the same job id");
     }
     tracing::info!(schedule = %s.name, job = %s.config.job, queue = %s.config.queue, tick = %rfc3339(tick), job_id = %id, physical = %names::physical(&s.config.queue, s.config.priority), "schedule: enqueued");
@@ -433,16 +474,6 @@ async fn fire(
         tracing::warn!(schedule = %s.name, skipped, "schedule: ticks missed while no worker ran were caught up by this one (catch_up = \"once\")");
     }
     Ok(Duration::ZERO)
-}
-
-/// How long a claim on `tick` holds: the gap to the next tick, between [`CLAIM_MIN`] and
-/// [`CLAIM`], so a worker dying mid-publish delays a fast schedule by about one tick.
-fn claim_ms(spec: &Spec, tick: i64) -> i64 {
-    let lo = i64::try_from(CLAIM_MIN.as_millis()).unwrap_or(2_000);
-    let hi = i64::try_from(CLAIM.as_millis()).unwrap_or(30_000);
-    spec.next_after(tick)
-        .map_or(hi, |next| next.saturating_sub(tick))
-        .clamp(lo, hi)
 }
 
 fn encode(state: &TickState) -> Result<Vec<u8>, String> {

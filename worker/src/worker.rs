@@ -120,8 +120,13 @@ impl Worker {
     /// A worker with enabled schedules and no store fails [`Worker::run`].
     pub fn with_store(mut self, store: Arc<dyn Store>) -> Self {
         if !store.shared_across_machines() {
+            let reach = if store.name() == "memory" {
+                "this process only: every other worker keeps its own"
+            } else {
+                "shared only by the processes of this machine; workers elsewhere keep their own"
+            };
             self.notices.push(format!(
-                "store {}: shared only by the processes of this machine; workers elsewhere keep their own schedule state",
+                "store {}: {reach} state (schedules, unique keys, limits)",
                 store.name()
             ));
         }
@@ -508,5 +513,115 @@ mod tests {
             ["first 1", "second 2"]
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use super::*;
+    use crate::{config, JobContext, State};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+    use stevedore_core::store::MemoryStore;
+    use stevedore_core::MemoryBroker;
+
+    /// A store that fails every call while `down` is set.
+    #[derive(Debug)]
+    struct Flaky {
+        inner: MemoryStore,
+        down: Arc<AtomicBool>,
+    }
+
+    #[async_trait::async_trait]
+    impl Store for Flaky {
+        fn name(&self) -> &'static str {
+            "flaky"
+        }
+        fn shared_across_machines(&self) -> bool {
+            true
+        }
+        async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, BrokerError> {
+            if self.down.load(Ordering::Relaxed) {
+                return Err(BrokerError::Connection("store down".into()));
+            }
+            self.inner.get(key).await
+        }
+        async fn swap(
+            &self,
+            key: &str,
+            expected: Option<&[u8]>,
+            new: Option<&[u8]>,
+            ttl: Option<Duration>,
+        ) -> Result<bool, BrokerError> {
+            if self.down.load(Ordering::Relaxed) {
+                return Err(BrokerError::Connection("store down".into()));
+            }
+            self.inner.swap(key, expected, new, ttl).await
+        }
+    }
+
+    async fn note(State(seen): State<Arc<Mutex<Vec<u32>>>>, ctx: JobContext) {
+        if let Ok(mut s) = seen.lock() {
+            s.push(ctx.attempt);
+        }
+    }
+
+    /// While the state store is down a limited job cannot be admitted: it is put off again and
+    /// again (never released, which would count deliveries), so when the store is back it runs,
+    /// at attempt 1, and nothing is dead-lettered, though the outage outlasted max_attempts.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_store_outage_costs_a_limited_job_no_attempt() {
+        let cfg = config::from_toml_str(
+            "[http]\nenabled = false\n[worker]\npoll_wait = \"50ms\"\n\
+             [retry]\nmax_attempts = 2\n[queues.default]\nmax_concurrent = 1\n",
+            None,
+        )
+        .expect("config");
+        let broker = MemoryBroker::new();
+        let down = Arc::new(AtomicBool::new(true));
+        let store = Arc::new(Flaky {
+            inner: MemoryStore::new(),
+            down: down.clone(),
+        });
+        let seen: Arc<Mutex<Vec<u32>>> = Arc::default();
+        let router = crate::Router::with_state(seen.clone()).route("j", note);
+        let worker = Worker::new(Arc::new(broker.clone()), router, cfg)
+            .expect("worker")
+            .with_store(store);
+        let stats = worker.stats();
+        let stop = worker.shutdown_handle();
+        worker
+            .client()
+            .enqueue("j", &1)
+            .send()
+            .await
+            .expect("enqueue");
+        let run = tokio::spawn(worker.run());
+        // Four put-offs at least (1 s each would be too slow: count them as they come).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while stats.snapshot().get("default").map_or(0, |q| q.deferred) < 3 {
+            assert!(tokio::time::Instant::now() < deadline, "no put-offs");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            seen.lock().expect("seen").is_empty(),
+            "nothing ran while the store was down"
+        );
+        down.store(false, Ordering::Relaxed);
+        while seen.lock().map(|s| s.is_empty()).unwrap_or(true) {
+            assert!(tokio::time::Instant::now() < deadline, "never ran");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stop.shutdown();
+        run.await.expect("task").expect("run");
+        assert_eq!(*seen.lock().expect("seen"), vec![1]);
+        let q = stats.snapshot()["default"].clone();
+        assert_eq!((q.processed, q.dead_lettered), (1, 0));
+        assert!(
+            crate::dlq::list(&(Arc::new(broker) as Arc<dyn Broker>), "default", 10)
+                .await
+                .expect("dlq")
+                .is_empty()
+        );
     }
 }

@@ -19,7 +19,9 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS stevedore_kv (
     key        TEXT PRIMARY KEY,
     value      BLOB NOT NULL,
     expires_ms INTEGER
-) WITHOUT ROWID";
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS stevedore_kv_expires ON stevedore_kv (expires_ms)
+    WHERE expires_ms IS NOT NULL;";
 
 /// A [`Store`] in one SQLite file. Cheap to clone (clones share one connection). Thread safe:
 /// each call runs on tokio's blocking pool.
@@ -99,8 +101,9 @@ impl Store for SqliteStore {
         let new = new.map(<[u8]>::to_vec);
         let sweep = self.swaps.fetch_add(1, Ordering::Relaxed) % 256 == 255;
         self.with(move |c| {
-            let now = now_ms();
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            // After the lock: the wait for it (up to the busy timeout) must not shorten TTLs.
+            let now = now_ms();
             let current: Option<Vec<u8>> = tx
                 .query_row(
                     "SELECT value FROM stevedore_kv WHERE key = ?1 AND (expires_ms IS NULL OR expires_ms > ?2)",

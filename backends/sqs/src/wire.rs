@@ -198,10 +198,14 @@ pub(crate) fn fifo_id(s: &str) -> String {
 /// carries the same job id with a higher attempt; a replay from the dead-letter queue the same
 /// id and attempt, later): it is the job id (or the producer's dedup key), the attempt, and the
 /// send time in milliseconds. The SDK's own retries resend the same request, and so the same id.
-/// A producer's dedup key on a first attempt is used as it is, which is what dedup keys are for.
+/// A producer's dedup key on a first attempt is used as it is, which is what dedup keys are for;
+/// not on the runtime's own re-sends at that attempt (header `stevedore-resent`: a job a limit
+/// put off, a delay hop), which SQS would drop as duplicates of the first.
 pub(crate) fn dedup_id(env: &Envelope, sent_ms: u64) -> String {
+    // The runtime's own re-sends at the same attempt (a put-off job, a delay hop) say so.
+    let resent = env.headers.contains_key(stevedore_core::wire::RESENT);
     match &env.dedup_key {
-        Some(k) if env.attempt <= 1 => fifo_id(k),
+        Some(k) if env.attempt <= 1 && !resent => fifo_id(k),
         Some(k) => fifo_id(&format!("{k}:{}:{sent_ms}", env.attempt)),
         None => fifo_id(&format!("{}:{}:{sent_ms}", env.id, env.attempt)),
     }
@@ -313,5 +317,12 @@ mod tests {
             dedup_id(&env, 2),
             "producer dedup keys hold"
         );
+        // The runtime sending a job again at the same attempt (a limit put it off, a delay hop)
+        // is not the producer's send: SQS must not drop it as a duplicate of the first.
+        let producers = dedup_id(&env, 1);
+        env.headers
+            .insert(stevedore_core::wire::RESENT.into(), "1".into());
+        assert_ne!(dedup_id(&env, 5), producers);
+        assert_ne!(dedup_id(&env, 5), dedup_id(&env, 6));
     }
 }

@@ -145,8 +145,18 @@ impl PostgresStore {
             "CREATE TABLE IF NOT EXISTS {table} (key TEXT PRIMARY KEY, value BYTEA NOT NULL, expires_at TIMESTAMPTZ)"
         );
         // Two processes creating the table at once: one may see a unique violation on the
-        // catalog; the table then exists, which is all we need.
-        if let Err(e) = sqlx::query(&create).execute(&pool).await {
+        // catalog; the table then exists, which is all we need. The index keeps the sweep of
+        // expired keys from scanning the table.
+        // (An index lives in its table's schema: its name is not qualified.)
+        let index_name = format!("{}_expires", table.replace('.', "_"));
+        let index = format!(
+            "CREATE INDEX IF NOT EXISTS {index_name} ON {table} (expires_at) WHERE expires_at IS NOT NULL"
+        );
+        let created = async {
+            sqlx::query(&create).execute(&pool).await?;
+            sqlx::query(&index).execute(&pool).await
+        };
+        if let Err(e) = created.await {
             let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
                 .bind(table)
                 .fetch_one(&pool)

@@ -105,21 +105,32 @@ async fn admit(
     Ok(Gate::Go(held))
 }
 
-/// A job its limits did not admit: put off ([`defer`]), or, when the state store could not be
-/// asked, released (no limit can be kept without it) with the queue paused a moment rather than
-/// run over the limit.
+/// Counts a re-send of the runtime's own at the same attempt ([`wire::RESENT`]).
+pub(crate) fn mark_resent(envelope: &mut Envelope) {
+    let n = envelope
+        .headers
+        .get(stevedore_core::wire::RESENT)
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(0);
+    envelope.headers.insert(
+        stevedore_core::wire::RESENT.to_string(),
+        (n + 1).to_string(),
+    );
+}
+
+/// A job its limits did not admit: put off ([`defer`]), also when the state store could not be
+/// asked (no limit can be kept without it), with the queue paused a moment rather than run over
+/// the limit.
 async fn put_off(ctx: &QueueCtx, d: Delivery, verdict: Result<Gate, BrokerError>) {
     match verdict {
         Ok(Gate::Wait(wait, queue_wide)) => defer(ctx, d, wait, queue_wide).await,
         // Not reached: run_job runs admitted jobs itself.
         Ok(Gate::Go(_)) => {}
         Err(e) => {
-            tracing::warn!(error = %e, "state store unreachable: cannot check this job's limits; released it");
-            ctx.paused_until.fetch_max(
-                stevedore_core::to_millis(SystemTime::now() + Duration::from_secs(1)),
-                std::sync::atomic::Ordering::Relaxed,
-            );
-            let _ = ctx.broker().release(std::slice::from_ref(&d.receipt)).await;
+            // Put off like a limited job (a release would count a delivery, and enough of them
+            // would dead-letter a job that never ran), and the queue pauses a moment.
+            tracing::warn!(error = %e, "state store unreachable: cannot check this job's limits; put it off for 1s");
+            defer(ctx, d, Duration::from_secs(1), true).await;
         }
     }
 }
@@ -140,6 +151,11 @@ async fn defer(ctx: &QueueCtx, d: Delivery, wait: Duration, queue_wide: bool) {
     let mut envelope = d.envelope;
     envelope.attempt = attempt;
     envelope.not_before = Some(now + wait + jitter);
+    mark_resent(&mut envelope);
+    // A queue-wide rate token was taken for this job before the receive: it did not run.
+    if let Some(q) = ctx.limits.queue.as_ref().filter(|q| q.has_rate()) {
+        q.give_back(1).await;
+    }
     let to = d.receipt.queue().to_string();
     tracing::debug!(id = %envelope.id, wait = ?wait, "limited: job put off");
     ctx.stats.deferred();
@@ -203,6 +219,8 @@ struct Fetched {
     physical: String,
     permits: Vec<OwnedSemaphorePermit>,
     result: Result<Vec<Delivery>, BrokerError>,
+    /// The queue's rate gave no token: nothing was asked of the broker (the level is not empty).
+    throttled: bool,
 }
 
 /// The fetch loop of one logical queue. Ends when `soft` turns true; messages received after that
@@ -238,6 +256,20 @@ pub(crate) async fn fetch_loop(
         }
         while let Ok((i, n)) = finished_rx.try_recv() {
             selector.finished(i, n);
+        }
+        // A queue-wide limit said no: pull nothing, and hold no slot, until it may say yes.
+        let paused = Duration::from_millis(
+            ctx.paused_until
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .saturating_sub(stevedore_core::to_millis(SystemTime::now())),
+        );
+        if !paused.is_zero() && fetches.is_empty() {
+            tokio::select! {
+                _ = tokio::time::sleep(paused.min(poll_wait)) => {}
+                Some((i, n)) = finished_rx.recv() => selector.finished(i, n),
+                _ = soft.changed() => {}
+            }
+            continue;
         }
         if fetches.is_empty() || (full && fetches.len() < PIPELINE) {
             let mut permits = Vec::new();
@@ -287,22 +319,10 @@ pub(crate) async fn fetch_loop(
                         let paused = ctx.paused_until.clone();
                         let rate = ctx.limits.queue.clone().filter(|l| l.has_rate());
                         fetches.spawn(async move {
-                            // A queue-wide limit said no: pull nothing until it may say yes
-                            // (at most one idle poll's wait at a time).
-                            let pause_left = || {
-                                let until = paused.load(std::sync::atomic::Ordering::Relaxed);
-                                let now = stevedore_core::to_millis(SystemTime::now());
-                                Duration::from_millis(until.saturating_sub(now))
-                            };
-                            let left = pause_left();
-                            if !left.is_zero() {
-                                tokio::time::sleep(left.min(poll_wait)).await;
-                            }
-                            // A queue-wide rate: take the tokens first and pull only as many
-                            // jobs as they allow, none when there is none.
                             let mut opts = opts;
                             let mut tokens = 0;
                             let mut result = Ok(Vec::new());
+                            let mut throttled = false;
                             if let Some(l) = &rate {
                                 match l.take_up_to(opts.max as u32).await {
                                     Ok(Ok(n)) => {
@@ -310,11 +330,12 @@ pub(crate) async fn fetch_loop(
                                         opts.max = n as usize;
                                     }
                                     Ok(Err(wait)) => {
+                                        // The fetch loop waits this out, holding no slot.
                                         let until =
                                             stevedore_core::to_millis(SystemTime::now() + wait);
                                         paused
                                             .fetch_max(until, std::sync::atomic::Ordering::Relaxed);
-                                        tokio::time::sleep(wait.min(poll_wait)).await;
+                                        throttled = true;
                                         opts.max = 0;
                                     }
                                     Err(e) => {
@@ -343,6 +364,7 @@ pub(crate) async fn fetch_loop(
                                 physical,
                                 permits,
                                 result,
+                                throttled,
                             }
                         });
                         continue;
@@ -374,8 +396,14 @@ pub(crate) async fn fetch_loop(
             physical,
             mut permits,
             result,
+            throttled,
         } = fetched;
         selector.unreserve(index, permits.len());
+        if throttled {
+            // Not an empty level (that would hand its turn to lower levels): the loop pauses.
+            full = false;
+            continue;
+        }
         match result {
             Ok(deliveries) => {
                 if let Some((failures, down)) = backoff.recovered() {
@@ -513,7 +541,7 @@ async fn run_job(ctx: Arc<QueueCtx>, priority: Priority, d: Delivery) {
         let job = d.envelope.job.clone().or_else(|| c.cfg.default_job.clone());
         // Held until this function ends: the job's concurrency slots, if limited.
         let mut _held = None;
-        if c.limits.any() {
+        if c.limits.applies(job.as_deref()) {
             match boxed!(admit(&c.limits, job.as_deref(), &d.envelope.id)).await {
                 Ok(Gate::Go(held)) => _held = Some(held),
                 other => {
