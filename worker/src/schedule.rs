@@ -14,10 +14,11 @@
 //! died (or its publish hung for 20 s and then went through) mid-publish, as the same job id.
 //! Workers' clocks should agree to well within the claim: it is compared with their clocks.
 //!
-//! Ticks that passed with no worker running are "missed" when the latest of them is more than
-//! [`GRACE`] old: `catch_up = "skip"` records them without an enqueue, `"once"` publishes the
-//! latest once. A tick late by less than [`GRACE`] (a rolling deploy) runs, once. However many
-//! ticks passed, at most one is published per round.
+//! A tick at most [`GRACE`] (a minute) late is late, not missed: it runs, once, and so does
+//! every other such tick, oldest first (a round slowed by a busy broker, a rolling deploy: none
+//! is lost). Ticks older than that were missed while no worker ran: `catch_up = "skip"` records
+//! them without an enqueue, `"once"` publishes the latest of them once; never one per missed
+//! tick.
 
 use crate::client::Client;
 use crate::config::{CatchUp, Config, ScheduleConfig};
@@ -358,36 +359,41 @@ async fn round(
         return fire(s, key, store, client, me, raw.as_deref(), &state, tick, 0).await;
     }
     let after = state.last.unwrap_or(started);
-    let Some(due) = s.spec.latest_between(after, now) else {
+    if s.spec.latest_between(after, now).is_none() {
         let next = s.spec.next_after(after.max(now)).ok_or("no next tick")?;
         return Ok(ms(next - now).min(LOOK_AGAIN));
-    };
-    // Counted for the log and `skipped` only: capped, so a long outage costs no long loop.
-    let passed = s.spec.ticks_between(after, due, 10_000);
-    let late = ms(now - due);
-    let missed = state.last.is_some() && late > GRACE;
-    if missed && s.config.catch_up == CatchUp::Skip {
-        let mut next = state.clone();
-        next.last = Some(due);
-        next.skipped += passed + 1;
-        if swap(store, key, raw.as_deref(), &next).await? {
-            tracing::warn!(schedule = %s.name, missed = passed + 1, latest = %rfc3339(due), "schedule: ticks missed while no worker ran were skipped (catch_up = \"skip\")");
-        }
-        return Ok(Duration::ZERO);
     }
-    let skipped = if state.last.is_some() { passed } else { 0 };
-    fire(
-        s,
-        key,
-        store,
-        client,
-        me,
-        raw.as_deref(),
-        &state,
-        due,
-        skipped,
-    )
-    .await
+    // Ticks at most GRACE late are late, not missed: each runs, oldest first (a slow round, a
+    // rolling deploy). Older ones were missed while no worker ran: catch_up decides, and they
+    // never run one by one.
+    let grace = i64::try_from(GRACE.as_millis()).unwrap_or(60_000);
+    if let Some(missed) = s.spec.latest_between(after, now - grace) {
+        // Counted for the log and `skipped` only: capped, so a long outage costs no long loop.
+        let count = s.spec.ticks_between(after, missed, 10_000) + 1;
+        if s.config.catch_up == CatchUp::Skip {
+            let mut next = state.clone();
+            next.last = Some(missed);
+            next.skipped += count;
+            if swap(store, key, raw.as_deref(), &next).await? {
+                tracing::warn!(schedule = %s.name, missed = count, latest = %rfc3339(missed), "schedule: ticks missed while no worker ran were skipped (catch_up = \"skip\")");
+            }
+            return Ok(Duration::ZERO);
+        }
+        return fire(
+            s,
+            key,
+            store,
+            client,
+            me,
+            raw.as_deref(),
+            &state,
+            missed,
+            count - 1,
+        )
+        .await;
+    }
+    let due = s.spec.next_after(after).ok_or("no next tick")?;
+    fire(s, key, store, client, me, raw.as_deref(), &state, due, 0).await
 }
 
 /// Claims `tick`, publishes it and records it. `skipped`: earlier ticks this one stands for.
@@ -810,6 +816,40 @@ mod catch_up_tests {
         // Nothing more until the next tick, even if asked again.
         f.settle(T0 + 31_000).await;
         assert!(f.published().await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn ticks_a_few_seconds_late_each_run_oldest_first() {
+        // A 1 s schedule whose worker fell 5 s behind (a slow broker): none of the 5 is lost.
+        let toml = "[schedules.s]\njob = \"j\"\nevery = \"1s\"\n";
+        let cfg = crate::config::from_toml_str(toml, None).expect("config");
+        let f = Fixture {
+            s: from_config(&cfg).remove(0),
+            ..fixture("skip")
+        };
+        f.put(&TickState {
+            last: Some(T0 - 5_000),
+            ..TickState::default()
+        })
+        .await;
+        f.settle(T0 + 500).await;
+        let jobs = f.published().await;
+        let ticks: Vec<&str> = jobs
+            .iter()
+            .filter_map(|j| j.headers.get(TICK_HEADER).map(String::as_str))
+            .collect();
+        assert_eq!(
+            ticks,
+            [
+                "2027-01-15T07:59:56.000Z",
+                "2027-01-15T07:59:57.000Z",
+                "2027-01-15T07:59:58.000Z",
+                "2027-01-15T07:59:59.000Z",
+                "2027-01-15T08:00:00.000Z"
+            ]
+        );
+        let st = f.state().await;
+        assert_eq!((st.last, st.skipped), (Some(T0), 0));
     }
 
     #[tokio::test]

@@ -167,11 +167,12 @@ pub struct StoreConfig {
 #[serde(rename_all = "lowercase")]
 pub enum CatchUp {
     /// Ticks missed by more than a minute are dropped (each drop is logged); the schedule goes
-    /// on with its next tick. A tick late by less (a rolling deploy) still runs, once.
+    /// on with its next tick. Ticks late by less (a rolling deploy, a slow round) still run,
+    /// each once, oldest first.
     #[default]
     Skip,
-    /// However many ticks were missed, the latest runs once when a worker is back; never one
-    /// enqueue per missed tick.
+    /// However many ticks were missed (by more than a minute), the latest of them runs once when
+    /// a worker is back; never one enqueue per missed tick.
     Once,
 }
 

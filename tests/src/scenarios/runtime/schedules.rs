@@ -38,7 +38,8 @@ pub(crate) async fn schedules(backend: Arc<dyn Backend>) -> Checked {
     let name = unique("every-second");
     let p = producer(&backend, &queue, &[Priority::Normal]).await?;
     // Where consumers own partitions (Kafka), A's restart moves its partitions, with the ticks
-    // published to them meanwhile, to the others within the declared handoff.
+    // published to them meanwhile, to the others: two rebalances (A leaves, A2 joins), each
+    // within the declared handoff.
     let handoff = match p.capabilities().sharing {
         Sharing::Partitioned { handoff, .. } => handoff,
         Sharing::Any => Duration::ZERO,
@@ -102,13 +103,31 @@ pub(crate) async fn schedules(backend: Arc<dyn Backend>) -> Checked {
             .len()
     };
     let end_wait =
-        Duration::from_millis((last + 1000).saturating_sub(now_ms())) + secs(10) + handoff;
-    wait_for(
+        Duration::from_millis((last + 1000).saturating_sub(now_ms())) + secs(10) + handoff * 2;
+    if let Err(why) = wait_for(
         end_wait,
         || seen(&log) == wanted.len(),
         || format!("{} of {TICKS} ticks ran", seen(&log)),
     )
-    .await?;
+    .await
+    {
+        // Enqueued but not run, or never enqueued? The schedule's state says how far it got.
+        let state = store
+            .get(&stevedore::schedule::state_key(&name))
+            .await
+            .ok()
+            .flatten()
+            .map(|v| String::from_utf8_lossy(&v).into_owned());
+        let ran: std::collections::BTreeSet<String> = log
+            .runs()
+            .iter()
+            .filter_map(|r| r.headers.get(TICK_HEADER).cloned())
+            .collect();
+        let missing: Vec<&String> = wanted.iter().filter(|t| !ran.contains(*t)).collect();
+        return Err(format!(
+            "{why}; missing {missing:?}; the schedule's state in the store: {state:?}"
+        ));
+    }
     // A duplicate would arrive right behind: give it time to show.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let mut per_tick: BTreeMap<String, Vec<String>> = BTreeMap::new();
