@@ -7,12 +7,14 @@
 //! 2. published, with an id derived from the schedule and the tick;
 //! 3. recorded as the last tick (a swap from the claim).
 //!
-//! A worker that dies between 1 and 3 leaves a claim; once it lapses ([`CLAIM`], 30 s) another
-//! worker (or a restarted one) publishes that tick again under the same id and records it. A
-//! publish is given [`PUBLISH_TIMEOUT`] (20 s), well inside the claim, so a live worker's slow
-//! publish is not taken over. So a tick is never lost, and published twice only when a worker
-//! died (or its publish hung for 20 s and then went through) mid-publish, as the same job id.
-//! Workers' clocks should agree to well within the claim: it is compared with their clocks.
+//! The claim holds for [`CLAIM`] (10 s) and the publishing worker renews it every quarter of
+//! that while its publish goes on (at most [`PUBLISH_TIMEOUT`], 20 s), so a live worker's slow
+//! publish is not taken over. A worker that dies between 1 and 3 leaves a claim that lapses
+//! within 10 s; another worker (or a restarted one) then publishes that tick under the same id
+//! and records it, and the ticks that passed meanwhile run late, each once. So a tick is never
+//! lost, and published twice only when a worker died (or its publish hung for 20 s and then
+//! went through) mid-publish, as the same job id. Claims are compared with the workers' clocks:
+//! they should agree to well within 10 s.
 //!
 //! A tick at most [`GRACE`] (a minute) late is late, not missed: it runs, once, and so does
 //! every other such tick, oldest first (a round slowed by a busy broker, a rolling deploy: none
@@ -31,10 +33,11 @@ use stevedore_core::store::Store;
 use stevedore_core::{names, Envelope};
 use tokio::sync::watch;
 
-/// How long a claimed tick may stay unpublished before another worker takes it over.
-pub(crate) const CLAIM: Duration = Duration::from_secs(30);
+/// How long a claim on a tick holds unless renewed (the publishing worker renews it every
+/// quarter of this until its publish ends).
+pub(crate) const CLAIM: Duration = Duration::from_secs(10);
 /// The longest a publish of a tick may take before the worker gives it up (and leaves the
-/// claim to lapse): well inside [`CLAIM`].
+/// claim to lapse).
 pub(crate) const PUBLISH_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a round may go on once the worker is asked to stop.
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -413,9 +416,9 @@ async fn fire(
     claimed.pending = Some(Pending {
         tick,
         by: me.to_string(),
-        until: now_ms().saturating_add(i64::try_from(CLAIM.as_millis()).unwrap_or(30_000)),
+        until: claim_until(),
     });
-    let claimed_bytes = encode(&claimed)?;
+    let mut claimed_bytes = encode(&claimed)?;
     let won = store
         .swap(key, raw, Some(&claimed_bytes), None)
         .await
@@ -442,10 +445,32 @@ async fn fire(
         let jitter = rand::random_range(Duration::ZERO..=s.config.jitter);
         envelope.not_before = SystemTime::now().checked_add(jitter);
     }
-    // A failed publish leaves the claim: it is published again once the claim lapses.
-    match tokio::time::timeout(PUBLISH_TIMEOUT, client.publish(&s.config.queue, vec![envelope]))
-        .await
-    {
+    // A failed publish leaves the claim: it is published again once the claim lapses. While
+    // the publish goes on the claim is renewed, so a slow broker does not get the tick taken over.
+    let publish = tokio::time::timeout(
+        PUBLISH_TIMEOUT,
+        client.publish(&s.config.queue, vec![envelope]),
+    );
+    tokio::pin!(publish);
+    let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + CLAIM / 4, CLAIM / 4);
+    let published = loop {
+        tokio::select! {
+            r = &mut publish => break r,
+            _ = renew.tick() => {
+                let mut longer = claimed.clone();
+                if let Some(p) = &mut longer.pending {
+                    p.until = claim_until();
+                }
+                let bytes = encode(&longer)?;
+                match store.swap(key, Some(&claimed_bytes), Some(&bytes), None).await {
+                    Ok(true) => claimed_bytes = bytes,
+                    Ok(false) => tracing::warn!(schedule = %s.name, "schedule: the claim on a tick being published was taken over; it may be enqueued twice, with the same job id"),
+                    Err(e) => tracing::debug!(schedule = %s.name, error = %e, "schedule: could not renew a claim; trying again"),
+                }
+            }
+        }
+    };
+    match published {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Err(format!("publishing tick {}: {e}", rfc3339(tick))),
         Err(_) => {
@@ -480,6 +505,11 @@ async fn fire(
         tracing::warn!(schedule = %s.name, skipped, "schedule: ticks missed while no worker ran were caught up by this one (catch_up = \"once\")");
     }
     Ok(Duration::ZERO)
+}
+
+/// When a claim made or renewed now lapses.
+fn claim_until() -> i64 {
+    now_ms().saturating_add(i64::try_from(CLAIM.as_millis()).unwrap_or(10_000))
 }
 
 fn encode(state: &TickState) -> Result<Vec<u8>, String> {
@@ -735,7 +765,7 @@ mod catch_up_tests {
 
         /// Runs rounds at `now` until one asks to wait (nothing more is due); returns that wait.
         async fn settle(&self, now: i64) -> Duration {
-            for _ in 0..10 {
+            for _ in 0..100 {
                 let wait = round(&self.s, &key("s"), &self.store, &self.client, "w1", 0, now)
                     .await
                     .expect("round");
@@ -879,6 +909,36 @@ mod catch_up_tests {
             (st.last, st.by.as_deref(), st.pending),
             (Some(T0), Some("w1"), None)
         );
+    }
+
+    #[tokio::test]
+    async fn ticks_held_up_by_a_dead_workers_claim_all_run_once_it_lapses() {
+        let toml = "[schedules.s]\njob = \"j\"\nevery = \"1s\"\n";
+        let cfg = crate::config::from_toml_str(toml, None).expect("config");
+        let f = Fixture {
+            s: from_config(&cfg).remove(0),
+            ..fixture("skip")
+        };
+        // w0 claimed T0 and died; its claim lapsed at T0 + 10 s; it is now T0 + 11.5 s.
+        f.put(&TickState {
+            last: Some(T0 - 1000),
+            pending: Some(Pending {
+                tick: T0,
+                by: "w0".into(),
+                until: T0 + 10_000,
+            }),
+            ..TickState::default()
+        })
+        .await;
+        f.settle(T0 + 11_500).await;
+        let jobs = f.published().await;
+        let ids: Vec<String> = (0..12).map(|k| tick_id("s", T0 + k * 1000)).collect();
+        assert_eq!(
+            jobs.iter().map(|j| j.id.clone()).collect::<Vec<_>>(),
+            ids,
+            "the claimed tick, then every tick since, each once, in order"
+        );
+        assert_eq!(f.state().await.last, Some(T0 + 11_000));
     }
 
     #[tokio::test]

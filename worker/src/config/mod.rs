@@ -181,8 +181,8 @@ pub enum CatchUp {
 /// One enqueue per tick across every worker serving the config: each tick is claimed in the
 /// state store (`[store]`) before it is published, with the job id derived from the schedule's
 /// name and the tick (so the same tick is always the same id, and a duplicate after a crash
-/// between claim and publish is recognizable). A claim lapses after 30 s, compared with the
-/// workers' clocks: they should agree to well within that.
+/// between claim and publish is recognizable). A claim lapses 10 s after its last renewal,
+/// compared with the workers' clocks: they should agree to well within that.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ScheduleConfig {
