@@ -721,9 +721,10 @@ mod catch_up_tests {
         client: Client,
     }
 
-    fn fixture(catch_up: &str) -> Fixture {
+    /// Schedule `s` ticking `every`, on a memory broker and store.
+    fn fixture_every(every: &str, catch_up: &str) -> Fixture {
         let toml = format!(
-            "[schedules.s]\njob = \"j\"\nevery = \"10m\"\ncatch_up = \"{catch_up}\"\npayload = {{ n = 1 }}\n"
+            "[schedules.s]\njob = \"j\"\nevery = \"{every}\"\ncatch_up = \"{catch_up}\"\npayload = {{ n = 1 }}\n"
         );
         let cfg = crate::config::from_toml_str(&toml, None).expect("config");
         let broker = MemoryBroker::new();
@@ -733,6 +734,11 @@ mod catch_up_tests {
             client: Client::new(Arc::new(broker.clone())),
             broker,
         }
+    }
+
+    /// Schedule `s` every 10 minutes (T0 is one of its ticks).
+    fn fixture(catch_up: &str) -> Fixture {
+        fixture_every("10m", catch_up)
     }
 
     impl Fixture {
@@ -851,12 +857,7 @@ mod catch_up_tests {
     #[tokio::test]
     async fn ticks_a_few_seconds_late_each_run_oldest_first() {
         // A 1 s schedule whose worker fell 5 s behind (a slow broker): none of the 5 is lost.
-        let toml = "[schedules.s]\njob = \"j\"\nevery = \"1s\"\n";
-        let cfg = crate::config::from_toml_str(toml, None).expect("config");
-        let f = Fixture {
-            s: from_config(&cfg).remove(0),
-            ..fixture("skip")
-        };
+        let f = fixture_every("1s", "skip");
         f.put(&TickState {
             last: Some(T0 - 5_000),
             ..TickState::default()
@@ -913,12 +914,7 @@ mod catch_up_tests {
 
     #[tokio::test]
     async fn ticks_held_up_by_a_dead_workers_claim_all_run_once_it_lapses() {
-        let toml = "[schedules.s]\njob = \"j\"\nevery = \"1s\"\n";
-        let cfg = crate::config::from_toml_str(toml, None).expect("config");
-        let f = Fixture {
-            s: from_config(&cfg).remove(0),
-            ..fixture("skip")
-        };
+        let f = fixture_every("1s", "skip");
         // w0 claimed T0 and died; its claim lapsed at T0 + 10 s; it is now T0 + 11.5 s.
         f.put(&TickState {
             last: Some(T0 - 1000),
