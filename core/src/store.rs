@@ -83,6 +83,26 @@ pub trait Store: Send + Sync + fmt::Debug {
         new: Option<&[u8]>,
         ttl: Option<Duration>,
     ) -> Result<bool, BrokerError>;
+
+    /// Sets `key` to `value` (`None`: delete) with time to live `ttl`, whatever it holds now
+    /// (last writer wins). The default reads and swaps until a swap lands; stores with a
+    /// one-step write override it.
+    async fn set(
+        &self,
+        key: &str,
+        value: Option<&[u8]>,
+        ttl: Option<Duration>,
+    ) -> Result<(), BrokerError> {
+        for _ in 0..16 {
+            let current = self.get(key).await?;
+            if self.swap(key, current.as_deref(), value, ttl).await? {
+                return Ok(());
+            }
+        }
+        Err(BrokerError::transient(format!(
+            "the key {key} kept changing while it was being set; try again"
+        )))
+    }
 }
 
 /// One store kind: the `[store] kind` it answers to and how to build it from the rest of the
@@ -173,11 +193,37 @@ impl Store for MemoryStore {
                 map.remove(key);
             }
         }
-        // Expired entries would pile up under keys never touched again: sweep now and then.
+        sweep(&mut map, now);
+        Ok(true)
+    }
+
+    async fn set(
+        &self,
+        key: &str,
+        value: Option<&[u8]>,
+        ttl: Option<Duration>,
+    ) -> Result<(), BrokerError> {
+        let now = Instant::now();
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        match value {
+            Some(v) => {
+                map.insert(key.to_string(), (v.to_vec(), ttl.map(|t| now + ttl_floor(t))));
+            }
+            None => {
+                map.remove(key);
+            }
+        }
+        sweep(&mut map, now);
+        Ok(())
+    }
+}
+
+/// Expired entries would pile up under keys never touched again: swept now and then.
+fn sweep(map: &mut std::collections::HashMap<String, Entry>, now: Instant) {
+    {
         if map.len() > 1024 && map.len().is_power_of_two() {
             map.retain(|_, (_, until)| until.is_none_or(|u| u > now));
         }
-        Ok(true)
     }
 }
 

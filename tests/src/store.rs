@@ -9,7 +9,7 @@ use stevedore_core::store::{Store, MAX_KEY, MAX_VALUE};
 
 /// Runs every scenario of the store contract on `a` and `b`, two handles on one store.
 ///
-/// Checks: absent keys; set-if-absent, compare-and-swap and delete-if-equal from both handles;
+/// Checks: absent keys; plain sets (with a TTL, and deletes); set-if-absent, compare-and-swap and delete-if-equal from both handles;
 /// exactly one winner among 32 concurrent claims of one key split over both handles; expiry on
 /// the store's clock (a TTL'd value disappears, a swap from `None` then wins, a renewed TTL
 /// keeps it); binary values and the size limits ([`MAX_KEY`], [`MAX_VALUE`]).
@@ -51,6 +51,20 @@ pub async fn store_contract(a: Arc<dyn Store>, b: Arc<dyn Store>) {
     assert!(!a.swap(&k, Some(b"one"), None, None).await.expect("swap"));
     assert!(a.swap(&k, Some(b"three"), None, None).await.expect("swap"));
     assert_eq!(b.get(&k).await.expect("get"), None);
+
+    // A plain set overwrites whatever is there, from either handle, and deletes.
+    a.set(&k, Some(b"set-1"), ttl).await.expect("set");
+    assert_eq!(b.get(&k).await.expect("get").as_deref(), Some(&b"set-1"[..]));
+    b.set(&k, Some(b"set-2"), Some(Duration::from_millis(300)))
+        .await
+        .expect("set");
+    assert_eq!(a.get(&k).await.expect("get").as_deref(), Some(&b"set-2"[..]));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(a.get(&k).await.expect("get"), None, "a set's TTL holds");
+    a.set(&k, Some(b"set-3"), None).await.expect("set");
+    b.set(&k, None, None).await.expect("set");
+    assert_eq!(a.get(&k).await.expect("get"), None, "set None deletes");
+    b.set(&k, None, None).await.expect("deleting an absent key is fine");
 
     // Exactly one winner among concurrent claims over both handles.
     let race = format!("contract:race-{}", new_id());

@@ -103,8 +103,10 @@ struct ClientInner {
     limits: BTreeMap<String, u64>,
     /// Per job name: `[jobs.<name>] unique`.
     unique: BTreeMap<String, Unique>,
-    /// Where unique jobs' keys live.
+    /// Where unique jobs' keys and job status live.
     store: Option<Arc<dyn Store>>,
+    /// Per logical queue that tracks status (`track_status`): how long a status is kept.
+    status: BTreeMap<String, Duration>,
 }
 
 /// Header marking a job whose unique key is held until it finishes (`until_done`): the worker
@@ -161,13 +163,16 @@ impl Client {
                 limits: BTreeMap::new(),
                 unique: BTreeMap::new(),
                 store: None,
+                status: BTreeMap::new(),
             }),
         }
     }
 
     /// Applies the `max_depth` of every queue in `config` (backpressure): an enqueue to a queue at
     /// or over its limit fails with [`EnqueueError::QueueFull`] unless [`Enqueue::max_depth`] says
-    /// otherwise for that call.
+    /// otherwise for that call. Also takes `[jobs.<name>] unique` and the queues' `track_status`
+    /// (with a store, [`Client::with_store`], an enqueue to such a queue records `queued` before
+    /// it publishes).
     pub fn with_limits_from(mut self, config: &crate::config::Config) -> Self {
         let limits = config
             .effective_queues()
@@ -179,11 +184,17 @@ impl Client {
             .iter()
             .filter_map(|(name, j)| j.unique.map(|u| (name.clone(), u)))
             .collect();
+        let status = config
+            .effective_queues()
+            .into_iter()
+            .filter_map(|(name, q)| q.track_status.window().map(|keep| (name, keep)))
+            .collect();
         self.inner = Arc::new(ClientInner {
             scheduler: self.inner.scheduler.clone(),
             limits,
             unique,
             store: self.inner.store.clone(),
+            status,
         });
         self
     }
@@ -195,6 +206,7 @@ impl Client {
             limits: self.inner.limits.clone(),
             unique: self.inner.unique.clone(),
             store: Some(store),
+            status: self.inner.status.clone(),
         });
         self
     }
@@ -202,6 +214,56 @@ impl Client {
     /// The state store, if any.
     pub(crate) fn store(&self) -> Option<&Arc<dyn Store>> {
         self.inner.store.as_ref()
+    }
+
+    /// The status of job `id` ([`JobStatus`](crate::JobStatus)), `None` when none is recorded:
+    /// its queue does not track status (`track_status`), the id is unknown, or its status
+    /// expired. Needs a state store ([`Client::with_store`]); fails with the store's error when
+    /// there is none or it does not answer. Read-only; safe to call from anywhere, as often as
+    /// an API polls.
+    pub async fn status(&self, id: &str) -> Result<Option<crate::JobStatus>, BrokerError> {
+        let store = self.inner.store.as_ref().ok_or_else(|| {
+            BrokerError::permanent(
+                "job status needs a state store: this client has none (Client::with_store; [store] in the config)",
+            )
+        })?;
+        match store.get(&crate::status::key(id)).await? {
+            None => Ok(None),
+            Some(bytes) => crate::JobStatus::decode(&bytes).map(Some).ok_or_else(|| {
+                BrokerError::permanent(format!("the status of job {id} is not readable"))
+            }),
+        }
+    }
+
+    /// Publishes one job from [`Enqueue`]: on a queue that tracks status, records `queued` (or
+    /// `delayed`) first, so a fast worker's `running` is never overwritten by it, and removes
+    /// it again when the publish fails.
+    async fn publish_one(&self, queue: &str, envelope: Envelope) -> Result<(), EnqueueError> {
+        let tracked = self
+            .inner
+            .status
+            .get(queue)
+            .copied()
+            .zip(self.inner.store.as_ref());
+        let Some((keep, store)) = tracked else {
+            return self.publish(queue, vec![envelope]).await;
+        };
+        let status = crate::JobStatus::enqueued(
+            &envelope.id,
+            queue,
+            envelope.job.as_deref().unwrap_or("-"),
+            envelope.enqueued_at,
+            envelope.not_before,
+        );
+        crate::status::write(store.as_ref(), &status, keep).await;
+        let id = envelope.id.clone();
+        let result = self.publish(queue, vec![envelope]).await;
+        if result.is_err() {
+            if let Err(e) = store.set(&crate::status::key(&id), None, None).await {
+                tracing::warn!(error = %e, id, "enqueue failed and its status could not be removed: it lapses");
+            }
+        }
+        result
     }
 
     /// Starts an enqueue of `job` with a JSON payload, to queue `default` unless
@@ -449,7 +511,7 @@ impl Enqueue {
         };
         let id = envelope.id.clone();
         let Some(unique) = unique else {
-            self.client.publish(&self.queue, vec![envelope]).await?;
+            self.client.publish_one(&self.queue, envelope).await?;
             return Ok(Enqueued {
                 id,
                 duplicate: false,
@@ -488,7 +550,7 @@ impl Enqueue {
                 Err(e) => return Err(e.into()),
             };
             if claimed {
-                if let Err(e) = self.client.publish(&self.queue, vec![envelope]).await {
+                if let Err(e) = self.client.publish_one(&self.queue, envelope).await {
                     if let Err(undo) = store.swap(&key, Some(id.as_bytes()), None, None).await {
                         tracing::warn!(error = %undo, key, "enqueue failed and its unique key could not be taken back: it lapses after its window");
                     }

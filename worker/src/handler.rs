@@ -51,6 +51,36 @@ pub struct JobContext {
     pub headers: BTreeMap<String, String>,
     /// The worker running it.
     pub worker_id: Arc<str>,
+    /// Where [`JobContext::set_result`] puts the result (only when the queue tracks status).
+    pub(crate) output: Option<Arc<std::sync::Mutex<Option<serde_json::Value>>>>,
+}
+
+impl JobContext {
+    /// Keeps `value` as the job's result in its status ([`crate::JobStatus::result`]), shown
+    /// once the job succeeds (a later call replaces an earlier one; a failed attempt's result
+    /// is dropped). Without `track_status` on the queue it keeps nothing and returns `Ok`.
+    ///
+    /// Fails (keeping nothing) when `value` does not serialize to JSON or is larger than
+    /// [`crate::status::MAX_RESULT`] serialized: keep large results in your own storage and
+    /// return where they are.
+    pub fn set_result<T: serde::Serialize + ?Sized>(&self, value: &T) -> Result<(), JobError> {
+        let Some(slot) = &self.output else {
+            return Ok(());
+        };
+        let json = serde_json::to_vec(value)
+            .map_err(|e| JobError::permanent(format!("the job's result does not serialize: {e}")))?;
+        if json.len() > crate::status::MAX_RESULT {
+            return Err(JobError::permanent(format!(
+                "the job's result is {} bytes serialized; at most {} are kept",
+                json.len(),
+                crate::status::MAX_RESULT
+            )));
+        }
+        let value: serde_json::Value = serde_json::from_slice(&json)
+            .map_err(|e| JobError::permanent(format!("the job's result does not serialize: {e}")))?;
+        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(value);
+        Ok(())
+    }
 }
 
 /// Everything an extractor may look at.

@@ -37,6 +37,9 @@ pub const JOBS_RELEASED: &str = "stevedore_jobs_released_total";
 /// Counter: jobs a rate or concurrency limit did not let start yet, published again with a
 /// delay until they may (neither failed nor retried). Label `queue`.
 pub const JOBS_DEFERRED: &str = "stevedore_jobs_deferred_total";
+/// Counter: deliveries of a job that had already succeeded, acked without running it again
+/// by an idempotent handler's inbox (`idempotent = true`). Label `queue`.
+pub const JOBS_DUPLICATES: &str = "stevedore_jobs_duplicates_skipped_total";
 /// Histogram: handler run time in seconds. Labels `queue`, `job`, `result` ([`JobResult::as_str`]).
 pub const JOB_DURATION: &str = "stevedore_job_duration_seconds";
 /// Gauge: jobs this worker is running now. Label `queue`.
@@ -180,6 +183,7 @@ pub struct QueueStats {
     dead_lettered: AtomicU64,
     released: AtomicU64,
     deferred: AtomicU64,
+    duplicates: AtomicU64,
     in_flight: AtomicU64,
     jobs: SlotCache<JobMetrics, JOB_SLOTS>,
     in_flight_gauge: SlotCache<OnceLock<metrics::Gauge>, 4>,
@@ -204,6 +208,7 @@ impl QueueStats {
             dead_lettered: AtomicU64::new(0),
             released: AtomicU64::new(0),
             deferred: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             jobs: SlotCache::new(),
             in_flight_gauge: SlotCache::new(),
@@ -321,6 +326,7 @@ impl QueueStats {
             dead_lettered,
             released: self.released.load(Ordering::Relaxed),
             deferred: self.deferred.load(Ordering::Relaxed),
+            duplicates: self.duplicates.load(Ordering::Relaxed),
             in_flight: self.in_flight(),
         }
     }
@@ -329,6 +335,12 @@ impl QueueStats {
     pub(crate) fn deferred(&self) {
         self.deferred.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(JOBS_DEFERRED, "queue" => self.name.clone()).increment(1);
+    }
+
+    /// Records a delivery of a job that had already succeeded, skipped by the inbox.
+    pub(crate) fn duplicate(&self) {
+        self.duplicates.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(JOBS_DUPLICATES, "queue" => self.name.clone()).increment(1);
     }
 
     /// Sets the in-flight gauge from the counter again. Concurrent `started`/`finished` calls may
@@ -444,6 +456,9 @@ pub struct QueueSnapshot {
     /// Jobs a rate or concurrency limit put off (published again with a delay; not started, so
     /// in no other counter).
     pub deferred: u64,
+    /// Deliveries of jobs that had already succeeded, skipped by an idempotent handler's
+    /// inbox (not started, so in no other counter).
+    pub duplicates: u64,
     /// Jobs running now.
     pub in_flight: u64,
 }
@@ -684,6 +699,7 @@ mod tests {
                 dead_lettered: 1,
                 released: 1,
                 deferred: 0,
+                duplicates: 0,
                 in_flight: 0,
             }
         );

@@ -96,6 +96,34 @@ impl Store for RedisStore {
             .map_err(err)
     }
 
+    async fn set(
+        &self,
+        key: &str,
+        value: Option<&[u8]>,
+        ttl: Option<Duration>,
+    ) -> Result<(), BrokerError> {
+        let mut c = self.conn.clone();
+        let key = format!("{}{key}", self.prefix);
+        let cmd = match value {
+            Some(v) => {
+                let mut cmd = redis::cmd("SET");
+                cmd.arg(&key).arg(v);
+                if let Some(t) = ttl {
+                    let ms = u64::try_from(ttl_floor(t).as_millis()).unwrap_or(u64::MAX);
+                    cmd.arg("PX").arg(ms);
+                }
+                cmd
+            }
+            None => {
+                let mut cmd = redis::cmd("DEL");
+                cmd.arg(&key);
+                cmd
+            }
+        };
+        let _: redis::Value = cmd.query_async(&mut c).await.map_err(err)?;
+        Ok(())
+    }
+
     async fn swap(
         &self,
         key: &str,

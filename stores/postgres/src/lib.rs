@@ -204,6 +204,40 @@ impl Store for PostgresStore {
             .map_err(err)
     }
 
+    async fn set(
+        &self,
+        key: &str,
+        value: Option<&[u8]>,
+        ttl: Option<Duration>,
+    ) -> Result<(), BrokerError> {
+        let t = &self.table;
+        match value {
+            Some(v) => {
+                let sql = format!(
+                    "INSERT INTO {t} (key, value, expires_at) \
+                     VALUES ($1, $2, now() + ($3::bigint * interval '1 millisecond')) \
+                     ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, expires_at = EXCLUDED.expires_at"
+                );
+                sqlx::query(&sql)
+                    .bind(key)
+                    .bind(v)
+                    .bind(ttl_ms(ttl))
+                    .execute(&self.pool)
+                    .await
+                    .map_err(err)?;
+            }
+            None => {
+                let sql = format!("DELETE FROM {t} WHERE key = $1");
+                sqlx::query(&sql)
+                    .bind(key)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(err)?;
+            }
+        }
+        Ok(())
+    }
+
     async fn swap(
         &self,
         key: &str,

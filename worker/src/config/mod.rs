@@ -499,6 +499,17 @@ pub struct QueueConfig {
     /// that dies gives its slots back after `lease`). Needs a state store.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_concurrent: Option<u32>,
+    /// Idempotent handlers (the inbox): `true` (keep a finished job's mark 24 h), a window
+    /// (`"7d"`) or `false`. A delivery of a job id that already succeeded in this queue's job
+    /// is acked without running it again; two deliveries of one id never run at once. See
+    /// [`Keep`]. Needs a state store.
+    #[serde(skip_serializing_if = "Keep::is_unset")]
+    pub idempotent: Keep,
+    /// Job status (`client.status(id)`, `GET /jobs/{id}`, `stevedore status ID`): `true` (kept
+    /// 24 h after the job's last change), a window (`"7d"`) or `false` (the default). Needs a
+    /// state store.
+    #[serde(skip_serializing_if = "Keep::is_unset")]
+    pub track_status: Keep,
 }
 
 impl Default for QueueConfig {
@@ -518,6 +529,8 @@ impl Default for QueueConfig {
             rate: None,
             burst: None,
             max_concurrent: None,
+            idempotent: Keep::Unset,
+            track_status: Keep::Unset,
         }
     }
 }
@@ -560,6 +573,85 @@ pub struct JobConfig {
     /// Most jobs of this name running at once across all workers and queues.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_concurrent: Option<u32>,
+    /// Idempotent handler for this job name, on whichever queue it runs; overrides the
+    /// queue's [`QueueConfig::idempotent`] (`false` turns it off for this job).
+    #[serde(skip_serializing_if = "Keep::is_unset")]
+    pub idempotent: Keep,
+}
+
+/// A feature that keeps state for a while: `true` (for [`Keep::DEFAULT`], 24 h), a duration
+/// (`"7d"`, `"30m"`) or `false`. Not given is [`Keep::Unset`], which inherits where a
+/// setting has a parent (`[jobs]` over `[queues]`) and is off otherwise.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Keep {
+    /// Not given.
+    #[default]
+    Unset,
+    /// Explicitly off.
+    Off,
+    /// On, keeping state this long.
+    For(Duration),
+}
+
+impl Keep {
+    /// How long `true` keeps state: 24 hours.
+    pub const DEFAULT: Duration = Duration::from_secs(24 * 3600);
+
+    /// Whether nothing was given.
+    pub fn is_unset(&self) -> bool {
+        matches!(self, Keep::Unset)
+    }
+
+    /// How long state is kept, `None` when off or unset.
+    pub fn window(&self) -> Option<Duration> {
+        match self {
+            Keep::For(d) => Some(*d),
+            _ => None,
+        }
+    }
+
+    /// `self` unless unset, else `parent`.
+    pub fn or(self, parent: Keep) -> Keep {
+        if self.is_unset() {
+            parent
+        } else {
+            self
+        }
+    }
+}
+
+impl Serialize for Keep {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Keep::For(d) if *d == Keep::DEFAULT => s.serialize_bool(true),
+            Keep::For(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+            Keep::Unset | Keep::Off => s.serialize_bool(false),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Keep {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bool(bool),
+            Text(String),
+        }
+        match Raw::deserialize(d) {
+            Ok(Raw::Bool(true)) => Ok(Keep::For(Keep::DEFAULT)),
+            Ok(Raw::Bool(false)) => Ok(Keep::Off),
+            Ok(Raw::Text(text)) => match humantime::parse_duration(&text) {
+                Ok(w) if w >= Duration::from_secs(1) => Ok(Keep::For(w)),
+                _ => Err(serde::de::Error::custom(format!(
+                    "\"{text}\" is not allowed: write true, false or how long to keep it (\"24h\", \"7d\"; at least 1s)"
+                ))),
+            },
+            Err(_) => Err(serde::de::Error::custom(
+                "write true, false or how long to keep it (\"24h\", \"7d\")",
+            )),
+        }
+    }
 }
 
 /// A rate: `count` per `per` (`"50/s"`, `"100/m"`, `"1000/h"`, `"5/10s"`).
@@ -718,6 +810,22 @@ impl Config {
             retry = j.retry.apply(&retry);
         }
         retry
+    }
+
+    /// How long `job`'s inbox marks on `queue` are kept, `None` if it is not idempotent:
+    /// `[jobs.<job>] idempotent`, else the queue's.
+    pub fn idempotent_for(&self, queue: &str, job: &str) -> Option<Duration> {
+        let queue = self.queue_ref(queue).map_or(Keep::Unset, |q| q.idempotent);
+        self.jobs
+            .get(job)
+            .map_or(Keep::Unset, |j| j.idempotent)
+            .or(queue)
+            .window()
+    }
+
+    /// How long job status on `queue` is kept, `None` if it is not tracked.
+    pub fn status_for(&self, queue: &str) -> Option<Duration> {
+        self.queue_ref(queue).and_then(|q| q.track_status.window())
     }
 
     /// Timeout of `job` on `queue`: `[jobs.<job>] timeout`, else the queue's, else the default

@@ -447,6 +447,8 @@ impl Config {
                 self.jobs.iter().find_map(|(name, j)| {
                     let key = if j.unique.is_some() {
                         "unique"
+                    } else if j.idempotent.window().is_some() {
+                        "idempotent"
                     } else if j.rate.is_some() {
                         "rate"
                     } else if j.max_concurrent.is_some() {
@@ -461,6 +463,10 @@ impl Config {
                 self.effective_queues().iter().find_map(|(name, q)| {
                     let key = if q.rate.is_some() {
                         "rate"
+                    } else if q.idempotent.window().is_some() {
+                        "idempotent"
+                    } else if q.track_status.window().is_some() {
+                        "track_status"
                     } else if q.max_concurrent.is_some() {
                         "max_concurrent"
                     } else {

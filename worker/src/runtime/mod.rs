@@ -60,6 +60,8 @@ pub(crate) struct QueueCtx {
     pub limits: crate::limit::Limits,
     /// Until when (Unix ms) this queue's fetching pauses: a queue-wide limit said no.
     pub paused_until: Arc<std::sync::atomic::AtomicU64>,
+    /// Inbox and status recording, for queues that have either.
+    pub effects: Option<Arc<crate::effects::Effects>>,
 }
 
 impl QueueCtx {
@@ -551,6 +553,29 @@ async fn run_job(ctx: Arc<QueueCtx>, priority: Priority, d: Delivery) {
             }
         }
         let attempt = d.attempt();
+        // The inbox claim and status of a job on a queue that records them.
+        let mut begun = None;
+        if let (Some(effects), Some(j)) = (&c.effects, job.as_deref()) {
+            if let Some(&(retry, _)) = c.jobs.get(j).filter(|(r, _)| attempt <= r.max_attempts) {
+                use crate::effects::Begin;
+                let (queue, worker) = (&c.name, &*c.worker_id);
+                let env = &d.envelope;
+                let max = retry.max_attempts;
+                match boxed!(crate::effects::begin(effects, queue, j, env, attempt, max, worker))
+                    .await
+                {
+                    Begin::Run(b) => begun = Some(b),
+                    Begin::Duplicate => {
+                        boxed!(skip_duplicate(c, d)).await;
+                        return;
+                    }
+                    Begin::Busy(wait) => {
+                        boxed!(defer(c, d, wait, false)).await;
+                        return;
+                    }
+                }
+            }
+        }
         let span = job_span(c, job.as_deref().unwrap_or("-"), &d.envelope, attempt);
         let started = Instant::now();
         c.stats.started();
@@ -580,6 +605,7 @@ async fn run_job(ctx: Arc<QueueCtx>, priority: Priority, d: Delivery) {
                                 enqueued_at: d.envelope.enqueued_at,
                                 headers: d.envelope.headers.clone(),
                                 worker_id: c.worker_id.clone(),
+                                output: begun.as_ref().and_then(|b| b.output.clone()),
                             },
                             envelope: d.envelope,
                             client: c.client.clone(),
@@ -603,7 +629,8 @@ async fn run_job(ctx: Arc<QueueCtx>, priority: Priority, d: Delivery) {
                                     }
                                     None => {
                                         let receipt = &d.receipt;
-                                        boxed!(supervise_slow(c, fut, receipt, timeout)
+                                        let claim = begun.as_deref();
+                                        boxed!(supervise_slow(c, fut, receipt, timeout, claim)
                                             .instrument(span.clone()))
                                         .await
                                     }
@@ -614,6 +641,7 @@ async fn run_job(ctx: Arc<QueueCtx>, priority: Priority, d: Delivery) {
                         match outcome {
                             Supervised::Done(Ok(()))
                                 if !c.broker().acks_locally()
+                                    && begun.is_none()
                                     && unique_hold(&c.name, &parts.envelope).is_none() =>
                             {
                                 let _ = c.acks.send(d.receipt);
@@ -621,7 +649,8 @@ async fn run_job(ctx: Arc<QueueCtx>, priority: Priority, d: Delivery) {
                             }
                             outcome => {
                                 let (receipt, count) = (d.receipt, d.delivery_count);
-                                boxed!(settle(c, parts, receipt, count, retry, outcome)
+                                let begun = begun.take();
+                                boxed!(settle(c, parts, receipt, count, retry, outcome, begun)
                                     .instrument(span.clone()))
                                 .await
                             }
@@ -688,7 +717,22 @@ async fn crash_loop(
         "delivered for attempt {attempt} of {max_attempts}: the earlier deliveries ended \
          without a result (the worker died running it, or its lease ended)"
     ));
+    if let Some(effects) = &ctx.effects {
+        crate::effects::dead_on_arrival(effects, &ctx.name, &job, &d.envelope, attempt, &err)
+            .await;
+    }
     (job, dead_letter(ctx, d, attempt, &err, "crash loop").await)
+}
+
+/// Acks a delivery of a job that already succeeded (its inbox mark says so) without running it.
+async fn skip_duplicate(ctx: &QueueCtx, d: Delivery) {
+    tracing::debug!(id = %d.envelope.id, "duplicate delivery of a job that already succeeded: acked without running");
+    // A queue-wide rate token was taken for this delivery before the receive: it did not run.
+    if let Some(q) = ctx.limits.queue.as_ref().filter(|q| q.has_rate()) {
+        q.give_back(1).await;
+    }
+    ctx.stats.duplicate();
+    ack(ctx, d.receipt).await;
 }
 
 /// Settles a job that ran: acked (on a broker that acks locally), released (hard stop), retried
@@ -700,7 +744,9 @@ async fn settle(
     delivery_count: u32,
     retry: RetryConfig,
     outcome: Supervised,
+    begun: Option<Box<crate::effects::Begun>>,
 ) -> (String, JobResult) {
+    use crate::effects::End;
     let attempt = parts.context.attempt;
     // The handler future is gone, so this is the only reference left: the envelope and the job
     // name come back without a copy.
@@ -713,13 +759,18 @@ async fn settle(
         receipt,
         delivery_count,
     };
+    // Inbox and status are recorded before the act that settles the job.
+    let effects = ctx.effects.as_deref().zip(begun);
+    let end = |how| crate::effects::end_if(effects, how);
     let result = match outcome {
         Supervised::Done(Ok(())) => {
+            end(End::Succeeded).await;
             ack(ctx, d.receipt).await;
             release_unique(ctx, hold).await;
             JobResult::Succeeded
         }
         Supervised::Aborted => {
+            end(End::Released).await;
             match ctx.broker().release(std::slice::from_ref(&d.receipt)).await {
                 Ok(()) => {
                     tracing::info!("shutdown deadline passed: job released for another worker")
@@ -739,8 +790,13 @@ async fn settle(
                 SystemTime::now(),
                 unit,
             ) {
-                Decision::Retry { delay } => retry_later(ctx, d, attempt, &err, delay).await,
+                Decision::Retry { delay } => {
+                    let at = SystemTime::now() + delay;
+                    end(End::Retrying { error: &err, at }).await;
+                    retry_later(ctx, d, attempt, &err, delay).await
+                }
                 Decision::DeadLetter { reason } => {
+                    end(End::Dead { error: &err }).await;
                     dead_letter(ctx, d, attempt, &err, &reason).await
                 }
             }
@@ -940,7 +996,15 @@ pub(crate) fn start(
                 )
             })
             .collect();
+        let effects = crate::effects::Effects::new(
+            &config,
+            &name,
+            cfg.lease,
+            routes.names(),
+            client.store(),
+        );
         let ctx = Arc::new(QueueCtx {
+            effects,
             jobs,
             stats: stats.queue(&name),
             name,

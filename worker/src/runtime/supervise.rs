@@ -23,9 +23,11 @@ pub(super) async fn supervise_slow(
     >,
     receipt: &Receipt,
     timeout: Duration,
+    claim: Option<&crate::effects::Begun>,
 ) -> Supervised {
     tokio::pin!(fut);
     let lease = ctx.cfg.lease;
+    let effects = ctx.effects.as_deref().zip(claim);
     let beat = crate::lease::beat(lease);
     let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + beat, beat);
     let deadline = tokio::time::sleep(timeout);
@@ -42,8 +44,13 @@ pub(super) async fn supervise_slow(
                 ))));
             }
             _ = turned_true(&mut hard) => return Supervised::Aborted,
-            _ = heartbeat.tick(), if ctx.lease_timed => {
-                crate::lease::renew(ctx.broker().as_ref(), receipt, lease).await;
+            _ = heartbeat.tick(), if ctx.lease_timed || effects.is_some() => {
+                if ctx.lease_timed {
+                    crate::lease::renew(ctx.broker().as_ref(), receipt, lease).await;
+                }
+                if let Some((effects, begun)) = effects {
+                    crate::effects::renew(effects, begun).await;
+                }
             }
         }
     }
