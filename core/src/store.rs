@@ -207,7 +207,10 @@ impl Store for MemoryStore {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         match value {
             Some(v) => {
-                map.insert(key.to_string(), (v.to_vec(), ttl.map(|t| now + ttl_floor(t))));
+                map.insert(
+                    key.to_string(),
+                    (v.to_vec(), ttl.map(|t| now + ttl_floor(t))),
+                );
             }
             None => {
                 map.remove(key);

@@ -54,17 +54,25 @@ pub async fn store_contract(a: Arc<dyn Store>, b: Arc<dyn Store>) {
 
     // A plain set overwrites whatever is there, from either handle, and deletes.
     a.set(&k, Some(b"set-1"), ttl).await.expect("set");
-    assert_eq!(b.get(&k).await.expect("get").as_deref(), Some(&b"set-1"[..]));
+    assert_eq!(
+        b.get(&k).await.expect("get").as_deref(),
+        Some(&b"set-1"[..])
+    );
     b.set(&k, Some(b"set-2"), Some(Duration::from_millis(300)))
         .await
         .expect("set");
-    assert_eq!(a.get(&k).await.expect("get").as_deref(), Some(&b"set-2"[..]));
+    assert_eq!(
+        a.get(&k).await.expect("get").as_deref(),
+        Some(&b"set-2"[..])
+    );
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(a.get(&k).await.expect("get"), None, "a set's TTL holds");
     a.set(&k, Some(b"set-3"), None).await.expect("set");
     b.set(&k, None, None).await.expect("set");
     assert_eq!(a.get(&k).await.expect("get"), None, "set None deletes");
-    b.set(&k, None, None).await.expect("deleting an absent key is fine");
+    b.set(&k, None, None)
+        .await
+        .expect("deleting an absent key is fine");
 
     // Exactly one winner among concurrent claims over both handles.
     let race = format!("contract:race-{}", new_id());

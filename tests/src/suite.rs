@@ -263,7 +263,7 @@ macro_rules! conformance_tests {
             5 lease_expiry, 6 lease_extension, 7 crash_recovery, 8 retry_backoff, 9 dead_letter,
             10 dlq_replay, 11 delay, 12 priority, 13 graceful_shutdown, 14 depth, 15 limits,
             16 reconnect, 17 ordering, 18 foreign_messages, 19 schedules, 20 unique_jobs,
-            21 rate_limits
+            21 rate_limits, 22 status_inbox
         );
     };
     (@tests $($no:literal $slug:ident),* $(,)?) => {

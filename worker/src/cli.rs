@@ -113,6 +113,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show a job's status (queued, delayed, running, succeeded, retrying, dead), its attempt,
+    /// timestamps, last error and result, for queues with `track_status`. Exits 1 when none
+    /// is recorded.
+    Status {
+        /// The job id (printed by `enqueue`).
+        id: String,
+        /// Print the status as JSON (what `GET /jobs/{id}` answers).
+        #[arg(long)]
+        json: bool,
+    },
     /// Dead-letter queue tools.
     #[command(subcommand)]
     Dlq(DlqCommand),
@@ -423,8 +433,10 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
                     Command::Stats { .. } => {
                         cfg.schedules.values().any(|s| s.enabled) && backend.has_store()
                     }
+                    Command::Status { .. } => true,
                     Command::Enqueue {
                         job,
+                        queue,
                         unique_for,
                         dedup_key,
                         ..
@@ -432,6 +444,7 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
                         unique_for.is_some()
                             || dedup_key.is_some()
                             || cfg.jobs.get(job).is_some_and(|j| j.unique.is_some())
+                            || cfg.status_for(queue).is_some()
                     }
                     _ => false,
                 };
@@ -441,7 +454,7 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
                             return Err(Failure::Config(cfg.error_at(
                                 "store",
                                 format!(
-                                    "schedules and unique jobs keep their state in a state store, and the {} broker holds none: set [store] kind",
+                                    "schedules, unique jobs and job status keep their state in a state store, and the {} broker holds none: set [store] kind",
                                     backend.kind()
                                 ),
                             )));
@@ -583,6 +596,7 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
             prometheus: crate::stats::install_prometheus().ok(),
             worker_id: cfg.worker.worker_id(),
             ui: Some(ui),
+            store: None,
         };
         tracing::info!(%bind, "dashboard at http://{shown}/ui (no jobs run in this process)");
         state.stats.set_ready(true);
@@ -822,6 +836,50 @@ async fn admin(
     store: Option<Arc<dyn Store>>,
 ) -> Result<(), Failure> {
     match command {
+        Command::Status { id, json } => {
+            let Some(store) = store else {
+                return Err(Failure::Other("job status needs a state store".into()));
+            };
+            let client = Client::new(broker).with_store(store);
+            let Some(s) = client.status(&id).await? else {
+                return Err(Failure::Other(format!(
+                    "no status recorded for job {id}: its queue does not track status (queues.<name>.track_status), the id is unknown, or its status expired"
+                )));
+            };
+            if json {
+                out!("{}", serde_json::to_string(&s).unwrap_or_default());
+                return Ok(());
+            }
+            let time = |t: Option<std::time::SystemTime>| {
+                t.map_or_else(
+                    || "-".to_string(),
+                    |t| humantime::format_rfc3339_millis(t).to_string(),
+                )
+            };
+            let attempts = match s.max_attempts {
+                Some(max) => format!("{} of {max}", s.attempt),
+                None => s.attempt.to_string(),
+            };
+            out!("id          {}", s.id);
+            out!("job         {} (queue {})", s.job, s.queue);
+            out!("state       {}", s.state);
+            out!("attempt     {attempts}");
+            out!("enqueued    {}", time(Some(s.enqueued_at)));
+            if s.run_at.is_some() {
+                out!("runs at     {}", time(s.run_at));
+            }
+            out!("started     {}", time(s.started_at));
+            out!("finished    {}", time(s.finished_at));
+            out!("updated     {}", time(Some(s.updated_at)));
+            out!("worker      {}", s.worker.as_deref().unwrap_or("-"));
+            if let Some(e) = &s.last_error {
+                out!("last error  {e}");
+            }
+            if let Some(r) = &s.result {
+                out!("result      {r}");
+            }
+            Ok(())
+        }
         Command::Schedules(SchedulesCommand::List { json }) => {
             let Some(store) = store else {
                 out!("no schedules in this config ([schedules.<name>])");

@@ -149,9 +149,8 @@ pub(crate) async fn begin(
         } else {
             None
         };
-        let mut s = earlier.unwrap_or_else(|| {
-            JobStatus::enqueued(&env.id, queue, job, env.enqueued_at, None)
-        });
+        let mut s = earlier
+            .unwrap_or_else(|| JobStatus::enqueued(&env.id, queue, job, env.enqueued_at, None));
         s.state = JobState::Running;
         s.attempt = attempt;
         s.max_attempts = Some(max_attempts);
@@ -184,7 +183,9 @@ pub(crate) async fn renew(effects: &Effects, begun: &Begun) {
         Ok(false) => {
             tracing::warn!(key = %c.key, "this job's inbox claim lapsed while it ran: another delivery may run it too")
         }
-        Err(e) => tracing::warn!(error = %e, key = %c.key, "could not renew this job's inbox claim"),
+        Err(e) => {
+            tracing::warn!(error = %e, key = %c.key, "could not renew this job's inbox claim")
+        }
     }
 }
 
@@ -217,7 +218,10 @@ pub(crate) async fn end(effects: &Effects, begun: Box<Begun>, how: End<'_>) {
     if let Some(c) = &begun.claim {
         let r = match how {
             End::Succeeded => store.set(&c.key, Some(DONE), Some(c.keep)).await,
-            _ => store.swap(&c.key, Some(&c.value), None, None).await.map(drop),
+            _ => store
+                .swap(&c.key, Some(&c.value), None, None)
+                .await
+                .map(drop),
         };
         if let Err(e) = r {
             tracing::warn!(error = %e, key = %c.key, "could not record this job's inbox mark: a duplicate delivery would run it again");
@@ -276,6 +280,9 @@ pub(crate) async fn dead_on_arrival(
     s.attempt = attempt;
     s.updated_at = now;
     s.finished_at = Some(now);
-    s.last_error = Some(crate::runtime::truncate(&error.to_string(), status::MAX_ERROR));
+    s.last_error = Some(crate::runtime::truncate(
+        &error.to_string(),
+        status::MAX_ERROR,
+    ));
     status::write(&*effects.store, &s, keep).await;
 }

@@ -67,8 +67,9 @@ impl JobContext {
         let Some(slot) = &self.output else {
             return Ok(());
         };
-        let json = serde_json::to_vec(value)
-            .map_err(|e| JobError::permanent(format!("the job's result does not serialize: {e}")))?;
+        let json = serde_json::to_vec(value).map_err(|e| {
+            JobError::permanent(format!("the job's result does not serialize: {e}"))
+        })?;
         if json.len() > crate::status::MAX_RESULT {
             return Err(JobError::permanent(format!(
                 "the job's result is {} bytes serialized; at most {} are kept",
@@ -76,8 +77,9 @@ impl JobContext {
                 crate::status::MAX_RESULT
             )));
         }
-        let value: serde_json::Value = serde_json::from_slice(&json)
-            .map_err(|e| JobError::permanent(format!("the job's result does not serialize: {e}")))?;
+        let value: serde_json::Value = serde_json::from_slice(&json).map_err(|e| {
+            JobError::permanent(format!("the job's result does not serialize: {e}"))
+        })?;
         *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(value);
         Ok(())
     }

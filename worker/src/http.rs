@@ -40,6 +40,8 @@ pub(crate) struct HttpState {
     pub worker_id: String,
     /// The dashboard, when `http.ui` is on.
     pub ui: Option<Arc<crate::ui::Ui>>,
+    /// The state store, for `GET /jobs/{id}` (job status).
+    pub store: Option<Arc<dyn stevedore_core::store::Store>>,
 }
 
 impl std::fmt::Debug for HttpState {
@@ -70,6 +72,7 @@ pub(crate) fn router(state: HttpState) -> Router {
         .route("/scale", get(scale_all))
         .route("/scale/{queue}", get(scale_one))
         .route("/stats", get(stats))
+        .route("/jobs/{id}", get(job_status))
         .with_state(state);
     match ui {
         Some(ui) => api.merge(crate::ui::router(ui)),
@@ -132,6 +135,42 @@ async fn scale_one(State(state): State<HttpState>, Path(queue): Path<String>) ->
             })),
         )
             .into_response(),
+    }
+}
+
+/// `GET /jobs/{id}`: the job's [`crate::JobStatus`] as JSON; 404 with `{"error": ...}` when
+/// none is recorded (its queue does not track status, unknown id, expired, or no state store
+/// here); 503 when the store does not answer.
+async fn job_status(State(state): State<HttpState>, Path(id): Path<String>) -> Response {
+    let error = |code: StatusCode, message: String| {
+        (
+            code,
+            Json(serde_json::json!({ "id": id, "error": message })),
+        )
+            .into_response()
+    };
+    let Some(store) = &state.store else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "job status is not kept here: this process has no state store ([store])".into(),
+        );
+    };
+    match store.get(&crate::status::key(&id)).await {
+        Ok(Some(bytes)) => match crate::JobStatus::decode(&bytes) {
+            Some(status) => Json(status).into_response(),
+            None => error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the stored status is not readable".into(),
+            ),
+        },
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            "no status recorded for this job: its queue does not track status (track_status), the id is unknown, or its status expired".into(),
+        ),
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the state store did not answer: {e}"),
+        ),
     }
 }
 
@@ -230,7 +269,59 @@ mod tests {
             prometheus,
             worker_id: "worker-7".into(),
             ui: None,
+            store: None,
         }
+    }
+
+    /// `GET /jobs/{id}`: the status a client's enqueue recorded, 404 for an unknown id or
+    /// without a store, 503 when the store fails.
+    #[tokio::test]
+    async fn jobs_endpoint_answers_a_status_or_says_why_not() {
+        use stevedore_core::store::{MemoryStore, Store};
+        let server = start(state(None)).await;
+        let (code, _, body) = get(server.addr, "/jobs/abc").await;
+        assert_eq!(code, 404);
+        assert!(body.contains("no state store"), "{body}");
+        server.stop().await;
+
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let cfg = crate::config::from_toml_str("[queues.q]\ntrack_status = true\n", None)
+            .expect("config");
+        let client = crate::Client::new(Arc::new(stevedore_core::MemoryBroker::new()))
+            .with_limits_from(&cfg)
+            .with_store(store.clone());
+        let id = client
+            .enqueue("send", &1)
+            .queue("q")
+            .send()
+            .await
+            .expect("enqueue");
+        let untracked = client
+            .enqueue("send", &1)
+            .queue("other")
+            .send()
+            .await
+            .expect("enqueue");
+        let mut st = state(None);
+        st.store = Some(store.clone());
+        let server = start(st).await;
+        let (code, content_type, body) = get(server.addr, &format!("/jobs/{id}")).await;
+        assert_eq!((code, content_type.as_str()), (200, "application/json"));
+        let status: crate::JobStatus = serde_json::from_str(&body).expect("a status");
+        assert_eq!(
+            (
+                status.id.as_str(),
+                status.state,
+                status.attempt,
+                status.queue.as_str()
+            ),
+            (id.as_str(), crate::JobState::Queued, 0, "q")
+        );
+        assert_eq!(client.status(&id).await.expect("status"), Some(status));
+        let (code, _, body) = get(server.addr, &format!("/jobs/{untracked}")).await;
+        assert_eq!(code, 404, "a queue without track_status keeps none: {body}");
+        assert_eq!(client.status(&untracked).await.expect("status"), None);
+        server.stop().await;
     }
 
     #[tokio::test]

@@ -193,14 +193,19 @@ mod rfc3339_opt {
     use serde::{Deserialize, Deserializer, Serializer};
     use std::time::SystemTime;
 
-    pub(super) fn serialize<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+    pub(super) fn serialize<S: Serializer>(
+        t: &Option<SystemTime>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         match t {
             Some(t) => super::rfc3339::serialize(t, s),
             None => s.serialize_none(),
         }
     }
 
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SystemTime>, D::Error> {
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<SystemTime>, D::Error> {
         Option::<String>::deserialize(d)?
             .map(|text| humantime::parse_rfc3339_weak(&text).map_err(serde::de::Error::custom))
             .transpose()
@@ -223,8 +228,14 @@ mod tests {
         let bytes = s.encode();
         let text = String::from_utf8_lossy(&bytes);
         assert!(text.contains("\"state\":\"retrying\""), "{text}");
-        assert!(text.contains("\"enqueued_at\":\"2026-01-01T00:00:00.123Z\""), "{text}");
-        assert!(!text.contains("finished_at"), "absent fields are left out: {text}");
+        assert!(
+            text.contains("\"enqueued_at\":\"2026-01-01T00:00:00.123Z\""),
+            "{text}"
+        );
+        assert!(
+            !text.contains("finished_at"),
+            "absent fields are left out: {text}"
+        );
         assert_eq!(JobStatus::decode(&bytes), Some(s));
     }
 

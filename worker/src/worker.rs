@@ -338,6 +338,7 @@ impl Worker {
             prometheus: crate::stats::install_prometheus().ok(),
             worker_id: self.worker_id.to_string(),
             ui,
+            store: self.store.clone(),
         };
         Ok(Some(tokio::spawn(async move {
             if let Err(e) = http::serve(listener, state, soft).await {
@@ -622,6 +623,116 @@ mod limit_tests {
                 .await
                 .expect("dlq")
                 .is_empty()
+        );
+    }
+
+    async fn slow_note(State(seen): State<Arc<Mutex<Vec<u32>>>>, ctx: JobContext) {
+        if let Ok(mut s) = seen.lock() {
+            s.push(ctx.attempt);
+        }
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+    }
+
+    /// An idempotent job whose inbox cannot be checked (store down) is put off, not released
+    /// and not run unchecked: when the store is back it runs once, at attempt 1.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_store_outage_puts_off_an_idempotent_job_without_an_attempt() {
+        let cfg = config::from_toml_str(
+            "[http]\nenabled = false\n[worker]\npoll_wait = \"50ms\"\n\
+             [retry]\nmax_attempts = 2\n[queues.default]\nidempotent = true\n",
+            None,
+        )
+        .expect("config");
+        let broker = MemoryBroker::new();
+        let down = Arc::new(AtomicBool::new(true));
+        let store = Arc::new(Flaky {
+            inner: MemoryStore::new(),
+            down: down.clone(),
+        });
+        let seen: Arc<Mutex<Vec<u32>>> = Arc::default();
+        let router = crate::Router::with_state(seen.clone()).route("j", note);
+        let worker = Worker::new(Arc::new(broker.clone()), router, cfg)
+            .expect("worker")
+            .with_store(store);
+        let stats = worker.stats();
+        let stop = worker.shutdown_handle();
+        let client = worker.client();
+        client.enqueue("j", &1).send().await.expect("enqueue");
+        let run = tokio::spawn(worker.run());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while stats.snapshot().get("default").map_or(0, |q| q.deferred) < 3 {
+            assert!(tokio::time::Instant::now() < deadline, "no put-offs");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(seen.lock().expect("seen").is_empty(), "ran unchecked");
+        down.store(false, Ordering::Relaxed);
+        while seen.lock().map(|s| s.is_empty()).unwrap_or(true) {
+            assert!(tokio::time::Instant::now() < deadline, "never ran");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stop.shutdown();
+        run.await.expect("task").expect("run");
+        assert_eq!(*seen.lock().expect("seen"), vec![1]);
+        let q = stats.snapshot()["default"].clone();
+        assert_eq!((q.processed, q.dead_lettered, q.duplicates), (1, 0, 0));
+    }
+
+    /// A running idempotent job's claim is renewed while it runs past its lease (1 s, the job
+    /// takes 2.5 s): a copy of it delivered meanwhile never runs beside it, and once the job
+    /// succeeded the copy is acked as a duplicate.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_copy_of_a_long_idempotent_job_waits_and_is_skipped() {
+        let cfg = config::from_toml_str(
+            "[http]\nenabled = false\n[worker]\npoll_wait = \"50ms\"\n\
+             [queues.default]\nidempotent = \"1h\"\nlease = \"1s\"\n",
+            None,
+        )
+        .expect("config");
+        let broker = MemoryBroker::new();
+        let store = Arc::new(MemoryStore::new());
+        let seen: Arc<Mutex<Vec<u32>>> = Arc::default();
+        let router = crate::Router::with_state(seen.clone()).route("j", slow_note);
+        let worker = Worker::new(Arc::new(broker.clone()), router, cfg)
+            .expect("worker")
+            .with_store(store.clone());
+        let stats = worker.stats();
+        let stop = worker.shutdown_handle();
+        let client = worker.client();
+        let env = stevedore_core::Envelope::new("j", "1").json();
+        let id = env.id.clone();
+        client
+            .publish("default", vec![env.clone()])
+            .await
+            .expect("publish");
+        let run = tokio::spawn(worker.run());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        while seen.lock().map(|s| s.is_empty()).unwrap_or(true) {
+            assert!(tokio::time::Instant::now() < deadline, "never ran");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Past the 1 s lease of the claim: only its renewal keeps the copy out.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        client
+            .publish("default", vec![env])
+            .await
+            .expect("publish a copy");
+        while stats.snapshot().get("default").map_or(0, |q| q.duplicates) < 1 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the copy was not skipped"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stop.shutdown();
+        run.await.expect("task").expect("run");
+        assert_eq!(*seen.lock().expect("seen"), vec![1], "ran once");
+        assert_eq!(
+            store
+                .get(&crate::effects::inbox_key("j", &id))
+                .await
+                .expect("get")
+                .as_deref(),
+            Some(crate::effects::DONE)
         );
     }
 }

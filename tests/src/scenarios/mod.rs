@@ -52,7 +52,7 @@ pub(crate) type Run = fn(Arc<dyn Backend>) -> BoxFuture<'static, Checked>;
 
 /// The named test of each scenario, by number from 1 (the names
 /// [`crate::conformance_tests`] declares).
-const SLUGS: [&str; 21] = [
+const SLUGS: [&str; 22] = [
     "publish_receive",
     "competing_consumers",
     "queue_isolation",
@@ -74,6 +74,7 @@ const SLUGS: [&str; 21] = [
     "schedules",
     "unique_jobs",
     "rate_limits",
+    "status_inbox",
 ];
 
 /// Every scenario, by number.
@@ -144,6 +145,9 @@ pub(crate) fn all() -> Vec<Scenario> {
         }),
         s(21, "rate limits", Timing, 90, |b| {
             Box::pin(runtime::limits(b))
+        }),
+        s(22, "status and inbox", Timing, 90, |b| {
+            Box::pin(runtime::status_and_inbox(b))
         }),
     ]
 }

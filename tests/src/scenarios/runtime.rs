@@ -20,6 +20,7 @@
 //!   worker polling behind it.
 
 mod dead_letter;
+mod effects;
 mod limits;
 mod priority;
 mod replay;
@@ -29,6 +30,7 @@ mod shutdown;
 mod unique;
 
 pub(crate) use dead_letter::dead_letter;
+pub(crate) use effects::status_and_inbox;
 pub(crate) use limits::limits;
 pub(crate) use priority::priority;
 pub(crate) use replay::dlq_replay;

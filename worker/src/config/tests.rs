@@ -1146,3 +1146,63 @@ fn rates_and_concurrency_limits_are_checked() {
         "at least 1",
     );
 }
+
+#[test]
+fn idempotent_and_track_status_take_true_false_or_a_window() {
+    let cfg = parse(
+        "[queues.q]\nidempotent = true\ntrack_status = \"7d\"\n\
+         [queues.r]\n\
+         [jobs.a]\nidempotent = false\n\
+         [jobs.b]\nidempotent = \"30m\"\n",
+    )
+    .unwrap();
+    cfg.validate(&memory_caps()).unwrap();
+    let day = Duration::from_secs(24 * 3600);
+    assert_eq!(
+        cfg.idempotent_for("q", "other"),
+        Some(day),
+        "true keeps 24 h"
+    );
+    assert_eq!(cfg.idempotent_for("q", "a"), None, "a job turns it off");
+    assert_eq!(
+        cfg.idempotent_for("r", "b"),
+        Some(Duration::from_secs(1800)),
+        "a job turns it on anywhere"
+    );
+    assert_eq!(cfg.idempotent_for("r", "other"), None);
+    assert_eq!(cfg.status_for("q"), Some(7 * day));
+    assert_eq!(cfg.status_for("r"), None, "off by default");
+    assert_eq!(cfg.needs_store().as_deref(), Some("jobs.b.idempotent"));
+    assert_eq!(
+        parse("[queues.q]\ntrack_status = true\n")
+            .unwrap()
+            .needs_store()
+            .as_deref(),
+        Some("queues.q.track_status")
+    );
+    assert_eq!(
+        parse("[queues.q]\ntrack_status = false\n")
+            .unwrap()
+            .needs_store(),
+        None
+    );
+    for (toml, key, says) in [
+        (
+            "[queues.q]\nidempotent = \"often\"\n",
+            "queues.q.idempotent",
+            "true, false or how long",
+        ),
+        (
+            "[queues.q]\ntrack_status = \"0s\"\n",
+            "queues.q.track_status",
+            "at least 1s",
+        ),
+        (
+            "[jobs.j]\nidempotent = 3\n",
+            "jobs.j.idempotent",
+            "true, false or how long",
+        ),
+    ] {
+        assert_err(&parse(toml).unwrap_err(), key, says);
+    }
+}

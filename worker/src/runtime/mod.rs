@@ -561,8 +561,10 @@ async fn run_job(ctx: Arc<QueueCtx>, priority: Priority, d: Delivery) {
                 let (queue, worker) = (&c.name, &*c.worker_id);
                 let env = &d.envelope;
                 let max = retry.max_attempts;
-                match boxed!(crate::effects::begin(effects, queue, j, env, attempt, max, worker))
-                    .await
+                match boxed!(crate::effects::begin(
+                    effects, queue, j, env, attempt, max, worker
+                ))
+                .await
                 {
                     Begin::Run(b) => begun = Some(b),
                     Begin::Duplicate => {
@@ -718,8 +720,7 @@ async fn crash_loop(
          without a result (the worker died running it, or its lease ended)"
     ));
     if let Some(effects) = &ctx.effects {
-        crate::effects::dead_on_arrival(effects, &ctx.name, &job, &d.envelope, attempt, &err)
-            .await;
+        crate::effects::dead_on_arrival(effects, &ctx.name, &job, &d.envelope, attempt, &err).await;
     }
     (job, dead_letter(ctx, d, attempt, &err, "crash loop").await)
 }
@@ -996,13 +997,8 @@ pub(crate) fn start(
                 )
             })
             .collect();
-        let effects = crate::effects::Effects::new(
-            &config,
-            &name,
-            cfg.lease,
-            routes.names(),
-            client.store(),
-        );
+        let effects =
+            crate::effects::Effects::new(&config, &name, cfg.lease, routes.names(), client.store());
         let ctx = Arc::new(QueueCtx {
             effects,
             jobs,

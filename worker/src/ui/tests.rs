@@ -107,6 +107,7 @@ async fn dashboard(http: &str) -> Dash {
         prometheus: None,
         worker_id: "w-1".into(),
         ui: Some(ui),
+        store: None,
     };
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
