@@ -69,6 +69,12 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// per process, and `sqlite`, which is per machine). The runtime notes it at start-up.
     fn shared_across_machines(&self) -> bool;
 
+    /// The store as [`std::any::Any`], for features that need one store kind's own API (a
+    /// PostgreSQL store's marks written in the caller's transaction). `None` by default.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
+
     /// The live value of `key`, if any.
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, BrokerError>;
 

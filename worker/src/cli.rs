@@ -107,6 +107,9 @@ enum Command {
         #[arg(long)]
         bind: Option<std::net::SocketAddr>,
     },
+    /// Relay the transactional outbox (`[outbox]`) to the broker until SIGTERM or Ctrl-C,
+    /// without running jobs (`run` relays beside its jobs unless `outbox.relay = false`).
+    Relay,
     /// Show queue depths (ready, in flight, delayed, oldest age) per priority level and dead letters.
     Stats {
         /// Print JSON instead of a table.
@@ -379,6 +382,7 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
         match cli.command {
             Command::Run => self.run_worker(cfg).await,
             Command::Dashboard { bind } => self.run_dashboard(cfg, bind).await,
+            Command::Relay => self.run_relay(cfg).await,
             Command::Config(ConfigCommand::Check) => {
                 let backend = self.configure(&cfg)?;
                 let caps = backend.capabilities();
@@ -528,6 +532,52 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
 }
 
 impl<S: Clone + Send + Sync + 'static> App<S> {
+    /// `relay`: the outbox relay alone, until a signal.
+    async fn run_relay(self, cfg: Config) -> Result<(), Failure> {
+        let backend = self.configure(&cfg)?;
+        cfg.validate(&backend.capabilities())?;
+        let Some(outbox) = cfg.outbox.clone() else {
+            return Err(Failure::Config(cfg.error_at(
+                "outbox",
+                "is not configured: add [outbox] with url = \"postgres://...\" (the database your transactions write to)".into(),
+            )));
+        };
+        #[cfg(not(feature = "postgres"))]
+        {
+            let _ = outbox;
+            Err(Failure::Config(
+                cfg.error_at(
+                    "outbox",
+                    "the transactional outbox needs the `postgres` feature of the stevedore crate"
+                        .into(),
+                ),
+            ))
+        }
+        #[cfg(feature = "postgres")]
+        {
+            let broker = connect_patiently(&backend, &cfg, true).await?;
+            // Statuses of relayed jobs need the store, when a queue tracks them.
+            let tracks = cfg
+                .effective_queues()
+                .values()
+                .any(|q| q.track_status.window().is_some());
+            let mut client = Client::new(broker.clone()).with_limits_from(&cfg);
+            if tracks {
+                if let Some(store) = connect_store_patiently(&backend, &cfg).await? {
+                    client = client.with_store(store);
+                }
+            }
+            let handle = ShutdownHandle::new();
+            let signals = listen_for_signals(handle.clone());
+            crate::outbox::relay(outbox, client, handle.subscribe()).await;
+            signals.abort();
+            if let Err(e) = broker.close().await {
+                tracing::warn!(error = %e, "closing the broker failed");
+            }
+            Ok(())
+        }
+    }
+
     /// `dashboard`: the web dashboard and the read-only endpoints, with an autoscale sampler of
     /// its own, and no jobs.
     async fn run_dashboard(
@@ -1023,6 +1073,15 @@ async fn admin(
                         v.push(row);
                     }
                 }
+                // The outbox, told apart by "outbox" (its table).
+                if let Some(p) = outbox_pending(cfg).await {
+                    v.push(serde_json::json!({
+                        "outbox": p.0,
+                        "waiting": p.1.rows,
+                        "oldest_age_seconds": p.1.oldest.map(|d| d.as_secs_f64()),
+                        "refused": p.1.refused,
+                    }));
+                }
                 out!("{}", serde_json::Value::Array(v));
             } else {
                 out!(
@@ -1075,6 +1134,24 @@ async fn admin(
                             }
                         );
                     }
+                }
+                if let Some((table, p)) = outbox_pending(cfg).await {
+                    out!(
+                        "outbox: {table}: {} row(s) waiting to be relayed, oldest {}{}",
+                        p.rows,
+                        p.oldest.map_or_else(
+                            || "-".to_string(),
+                            |d| format!("{:.1}s", d.as_secs_f64())
+                        ),
+                        if p.refused > 0 {
+                            format!(
+                                "; {} refused by the broker (see the error column)",
+                                p.refused
+                            )
+                        } else {
+                            String::new()
+                        }
+                    );
                 }
             }
             Ok(())
@@ -1169,8 +1246,36 @@ async fn admin(
             );
             Ok(())
         }
-        Command::Run | Command::Config(_) | Command::Dashboard { .. } => Ok(()),
+        Command::Run | Command::Config(_) | Command::Dashboard { .. } | Command::Relay => Ok(()),
     }
+}
+
+/// The outbox's table and what waits in it, for `stats`; `None` without `[outbox]`. Never fails
+/// the command: an unreachable database is a warning.
+#[cfg(feature = "postgres")]
+async fn outbox_pending(cfg: &Config) -> Option<(String, crate::outbox::Pending)> {
+    let o = cfg.outbox.as_ref()?;
+    match crate::outbox::pending(o).await {
+        Ok(p) => Some((o.table.clone(), p)),
+        Err(e) => {
+            eprintln!("warning: outbox not shown: {e}");
+            None
+        }
+    }
+}
+
+/// Without the `postgres` feature there is no outbox.
+#[cfg(not(feature = "postgres"))]
+async fn outbox_pending(_: &Config) -> Option<(String, Pending)> {
+    None
+}
+
+/// Stands in for the outbox's counts without the `postgres` feature (never built).
+#[cfg(not(feature = "postgres"))]
+struct Pending {
+    rows: u64,
+    oldest: Option<std::time::Duration>,
+    refused: u64,
 }
 
 fn dead_letter_json(d: &dlq::DeadLetter) -> serde_json::Value {

@@ -79,6 +79,10 @@ pub enum EnqueueError {
         /// The delay asked for.
         delay: Duration,
     },
+    /// What was asked cannot be done this way (a unique job in a transaction: its key lives
+    /// in the state store, outside the transaction).
+    #[error("{0}")]
+    Unsupported(String),
     /// The broker refused or failed (see [`BrokerError::is_transient`]; on a transient error the
     /// message may or may not have been accepted).
     #[error(transparent)]
@@ -107,7 +111,13 @@ struct ClientInner {
     store: Option<Arc<dyn Store>>,
     /// Per logical queue that tracks status (`track_status`): how long a status is kept.
     status: BTreeMap<String, Duration>,
+    /// The outbox table of [`Enqueue::within`] (`outbox.table`).
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    outbox_table: String,
 }
+
+/// The outbox table when `[outbox] table` is not set.
+const DEFAULT_OUTBOX_TABLE: &str = "stevedore_outbox";
 
 /// Header marking a job whose unique key is held until it finishes (`until_done`): the worker
 /// releases the key when the job succeeds or is dead-lettered.
@@ -164,6 +174,7 @@ impl Client {
                 unique: BTreeMap::new(),
                 store: None,
                 status: BTreeMap::new(),
+                outbox_table: DEFAULT_OUTBOX_TABLE.to_string(),
             }),
         }
     }
@@ -195,6 +206,10 @@ impl Client {
             unique,
             store: self.inner.store.clone(),
             status,
+            outbox_table: config
+                .outbox
+                .as_ref()
+                .map_or_else(|| DEFAULT_OUTBOX_TABLE.to_string(), |o| o.table.clone()),
         });
         self
     }
@@ -207,6 +222,7 @@ impl Client {
             unique: self.inner.unique.clone(),
             store: Some(store),
             status: self.inner.status.clone(),
+            outbox_table: self.inner.outbox_table.clone(),
         });
         self
     }
@@ -235,10 +251,14 @@ impl Client {
         }
     }
 
-    /// Publishes one job from [`Enqueue`]: on a queue that tracks status, records `queued` (or
-    /// `delayed`) first, so a fast worker's `running` is never overwritten by it, and removes
-    /// it again when the publish fails.
-    async fn publish_one(&self, queue: &str, envelope: Envelope) -> Result<(), EnqueueError> {
+    /// [`Client::publish`], recording each job's status first on a queue that tracks status
+    /// (`queued` or `delayed`: first, so a fast worker's `running` is never overwritten by
+    /// it), and removing them again when the publish fails.
+    pub(crate) async fn publish_recorded(
+        &self,
+        queue: &str,
+        envelopes: Vec<Envelope>,
+    ) -> Result<(), EnqueueError> {
         let tracked = self
             .inner
             .status
@@ -246,21 +266,25 @@ impl Client {
             .copied()
             .zip(self.inner.store.as_ref());
         let Some((keep, store)) = tracked else {
-            return self.publish(queue, vec![envelope]).await;
+            return self.publish(queue, envelopes).await;
         };
-        let status = crate::JobStatus::enqueued(
-            &envelope.id,
-            queue,
-            envelope.job.as_deref().unwrap_or("-"),
-            envelope.enqueued_at,
-            envelope.not_before,
-        );
-        crate::status::write(store.as_ref(), &status, keep).await;
-        let id = envelope.id.clone();
-        let result = self.publish(queue, vec![envelope]).await;
+        for e in &envelopes {
+            let status = crate::JobStatus::enqueued(
+                &e.id,
+                queue,
+                e.job.as_deref().unwrap_or("-"),
+                e.enqueued_at,
+                e.not_before,
+            );
+            crate::status::write(store.as_ref(), &status, keep).await;
+        }
+        let ids: Vec<String> = envelopes.iter().map(|e| e.id.clone()).collect();
+        let result = self.publish(queue, envelopes).await;
         if result.is_err() {
-            if let Err(e) = store.set(&crate::status::key(&id), None, None).await {
-                tracing::warn!(error = %e, id, "enqueue failed and its status could not be removed: it lapses");
+            for id in ids {
+                if let Err(e) = store.set(&crate::status::key(&id), None, None).await {
+                    tracing::warn!(error = %e, id, "enqueue failed and its status could not be removed: it lapses");
+                }
             }
         }
         result
@@ -312,38 +336,49 @@ impl Client {
         self.publish_now(queue, envelopes).await
     }
 
-    async fn publish_now(&self, queue: &str, envelopes: Vec<Envelope>) -> Result<(), EnqueueError> {
+    /// What the broker would refuse of `envelopes` before anything is sent: an invalid queue
+    /// name, more headers than the broker takes.
+    fn check_sendable(&self, queue: &str, envelopes: &[Envelope]) -> Result<(), EnqueueError> {
         names::validate(queue).map_err(|reason| EnqueueError::InvalidQueue {
             queue: queue.to_string(),
             reason,
         })?;
+        let broker = self.inner.scheduler.broker();
+        for e in envelopes {
+            let physical = names::physical(queue, e.priority);
+            let Some(budget) = broker.queue_capabilities(&physical).max_headers else {
+                continue;
+            };
+            let count = e
+                .headers
+                .keys()
+                .filter(|k| !k.starts_with("stevedore-"))
+                .count();
+            if count > budget {
+                return Err(EnqueueError::TooManyHeaders {
+                    queue: queue.to_string(),
+                    count,
+                    max: budget,
+                    backend: broker.name(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn publish_now(&self, queue: &str, envelopes: Vec<Envelope>) -> Result<(), EnqueueError> {
+        self.check_sendable(queue, &envelopes)?;
         let mut by_level: BTreeMap<Priority, Vec<Envelope>> = BTreeMap::new();
         for e in envelopes {
             by_level.entry(e.priority).or_default().push(e);
         }
-        let broker = self.inner.scheduler.broker();
-        let max = broker.capabilities().max_batch.max(1);
-        for (priority, batch) in &by_level {
-            let physical = names::physical(queue, *priority);
-            let Some(budget) = broker.queue_capabilities(&physical).max_headers else {
-                continue;
-            };
-            for e in batch {
-                let count = e
-                    .headers
-                    .keys()
-                    .filter(|k| !k.starts_with("stevedore-"))
-                    .count();
-                if count > budget {
-                    return Err(EnqueueError::TooManyHeaders {
-                        queue: queue.to_string(),
-                        count,
-                        max: budget,
-                        backend: broker.name(),
-                    });
-                }
-            }
-        }
+        let max = self
+            .inner
+            .scheduler
+            .broker()
+            .capabilities()
+            .max_batch
+            .max(1);
         for (priority, batch) in by_level {
             let physical = names::physical(queue, priority);
             let mut batch = batch;
@@ -480,6 +515,59 @@ impl Enqueue {
         Ok(self.send_or_existing().await?.id)
     }
 
+    /// Enqueues inside your PostgreSQL transaction (the transactional outbox, feature
+    /// `postgres`): writes the job to the outbox table on `conn` (`&mut *tx` of your
+    /// transaction) and returns its id. Nothing is published now: a relay (any worker with
+    /// `[outbox]`, or `stevedore relay`) publishes it after your transaction commits, and it
+    /// never exists if the transaction rolls back. See [`crate::outbox`].
+    ///
+    /// The same checks as [`Enqueue::send`] run first (payload, delay, queue name, headers,
+    /// `max_depth` against the broker). A unique job is refused with
+    /// [`EnqueueError::Unsupported`]: its key lives in the state store, outside your
+    /// transaction. The job's status (`track_status`) is recorded when the relay publishes it.
+    /// Database errors come back as [`EnqueueError::Broker`]; PostgreSQL then aborts your
+    /// transaction, as for any failed statement.
+    #[cfg(feature = "postgres")]
+    pub async fn within(
+        self,
+        conn: &mut stevedore_postgres::sqlx::PgConnection,
+    ) -> Result<String, EnqueueError> {
+        let envelope = self.envelope?;
+        let job = envelope.job.clone().unwrap_or_default();
+        if self.unique.is_some()
+            || envelope.dedup_key.is_some()
+            || self.client.inner.unique.contains_key(&job)
+        {
+            return Err(EnqueueError::Unsupported(format!(
+                "job {job:?} is unique, and a unique job cannot be enqueued in a transaction: its key lives in the state store, outside the transaction; use send() after the commit"
+            )));
+        }
+        self.client
+            .check_sendable(&self.queue, std::slice::from_ref(&envelope))?;
+        let limit = self
+            .max_depth
+            .or_else(|| self.client.inner.limits.get(&self.queue).copied());
+        if let Some(max) = limit {
+            let depth = self.client.waiting(&self.queue).await?;
+            if depth >= max {
+                return Err(EnqueueError::QueueFull {
+                    queue: self.queue,
+                    depth,
+                    max,
+                });
+            }
+        }
+        let id = envelope.id.clone();
+        stevedore_postgres::outbox::insert(
+            conn,
+            &self.client.inner.outbox_table,
+            &self.queue,
+            &[envelope],
+        )
+        .await?;
+        Ok(id)
+    }
+
     /// As [`Enqueue::send`], saying whether a unique job was a duplicate (nothing published).
     ///
     /// A unique job's key is claimed in the state store first (one compare-and-swap: of many
@@ -511,7 +599,9 @@ impl Enqueue {
         };
         let id = envelope.id.clone();
         let Some(unique) = unique else {
-            self.client.publish_one(&self.queue, envelope).await?;
+            self.client
+                .publish_recorded(&self.queue, vec![envelope])
+                .await?;
             return Ok(Enqueued {
                 id,
                 duplicate: false,
@@ -550,7 +640,11 @@ impl Enqueue {
                 Err(e) => return Err(e.into()),
             };
             if claimed {
-                if let Err(e) = self.client.publish_one(&self.queue, envelope).await {
+                if let Err(e) = self
+                    .client
+                    .publish_recorded(&self.queue, vec![envelope])
+                    .await
+                {
                     if let Err(undo) = store.swap(&key, Some(id.as_bytes()), None, None).await {
                         tracing::warn!(error = %undo, key, "enqueue failed and its unique key could not be taken back: it lapses after its window");
                     }

@@ -90,8 +90,27 @@ pub(crate) struct Claim {
 pub(crate) struct Begun {
     claim: Option<Claim>,
     status: Option<(JobStatus, Duration)>,
-    /// The handler's result slot (with status tracked).
-    pub(crate) output: Option<Arc<Mutex<Option<serde_json::Value>>>>,
+    /// What the handler's [`JobContext`](crate::JobContext) reaches.
+    pub(crate) shared: Option<Arc<JobShared>>,
+}
+
+/// The part of a job's effects its handler reaches through its context.
+pub(crate) struct JobShared {
+    /// The result slot ([`crate::JobContext::set_result`]), with status tracked.
+    pub(crate) output: Option<Mutex<Option<serde_json::Value>>>,
+    /// The inbox key and how long its `done` mark is kept, for an idempotent job.
+    pub(crate) inbox: Option<(String, Duration)>,
+    /// The state store (for `JobContext::mark_done_in`).
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) store: Arc<dyn Store>,
+}
+
+impl std::fmt::Debug for JobShared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobShared")
+            .field("inbox", &self.inbox)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Whether a job runs.
@@ -161,8 +180,12 @@ pub(crate) async fn begin(
         s.worker = Some(worker.to_string());
         status::write(store, &s, keep).await;
         begun.status = Some((s, keep));
-        begun.output = Some(Arc::new(Mutex::new(None)));
     }
+    begun.shared = Some(Arc::new(JobShared {
+        output: begun.status.is_some().then(|| Mutex::new(None)),
+        inbox: begun.claim.as_ref().map(|c| (c.key.clone(), c.keep)),
+        store: effects.store.clone(),
+    }));
     Begin::Run(Box::new(begun))
 }
 
@@ -237,8 +260,9 @@ pub(crate) async fn end(effects: &Effects, begun: Box<Begun>, how: End<'_>) {
             s.state = JobState::Succeeded;
             s.finished_at = Some(now);
             s.result = begun
-                .output
+                .shared
                 .as_ref()
+                .and_then(|sh| sh.output.as_ref())
                 .and_then(|o| o.lock().map(|mut r| r.take()).unwrap_or_default());
         }
         End::Retrying { error, at } => {

@@ -51,8 +51,9 @@ pub struct JobContext {
     pub headers: BTreeMap<String, String>,
     /// The worker running it.
     pub worker_id: Arc<str>,
-    /// Where [`JobContext::set_result`] puts the result (only when the queue tracks status).
-    pub(crate) output: Option<Arc<std::sync::Mutex<Option<serde_json::Value>>>>,
+    /// The job's result slot and inbox mark (only on queues with `track_status` or
+    /// `idempotent`).
+    pub(crate) effects: Option<Arc<crate::effects::JobShared>>,
 }
 
 impl JobContext {
@@ -64,7 +65,7 @@ impl JobContext {
     /// [`crate::status::MAX_RESULT`] serialized: keep large results in your own storage and
     /// return where they are.
     pub fn set_result<T: serde::Serialize + ?Sized>(&self, value: &T) -> Result<(), JobError> {
-        let Some(slot) = &self.output else {
+        let Some(slot) = self.effects.as_ref().and_then(|e| e.output.as_ref()) else {
             return Ok(());
         };
         let json = serde_json::to_vec(value).map_err(|e| {
@@ -82,6 +83,53 @@ impl JobContext {
         })?;
         *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(value);
         Ok(())
+    }
+
+    /// For an idempotent job (`idempotent = true`) whose state store is PostgreSQL: marks it
+    /// done inside your transaction on `conn` (`&mut *tx`), so the mark commits or rolls back
+    /// with your other writes. Returns `Ok(true)` when this delivery marked it: go on with
+    /// your writes and commit. Returns `Ok(false)` when a delivery of this job already
+    /// committed its mark: a duplicate; write nothing, roll back, and return `Ok(())`.
+    ///
+    /// Call it first in the transaction: a concurrent duplicate then waits on the mark's row
+    /// until your transaction ends. This closes the gap the store-backed inbox leaves (a crash
+    /// between your commit and the worker's own `done` mark would run the job again); with it,
+    /// a job's effects in that database happen exactly once, whatever is killed when. The store
+    /// (`[store] kind = "postgres"`) must be the database `conn` is connected to.
+    ///
+    /// Fails (a permanent error, so the job is dead-lettered with the reason) when the job is
+    /// not idempotent or the store is not PostgreSQL; with the database's error otherwise
+    /// (transient ones are retried).
+    #[cfg(feature = "postgres")]
+    pub async fn mark_done_in(
+        &self,
+        conn: &mut stevedore_postgres::sqlx::PgConnection,
+    ) -> Result<bool, JobError> {
+        let shared = self.effects.as_ref();
+        let Some((key, keep)) = shared.and_then(|e| e.inbox.as_ref()) else {
+            return Err(JobError::permanent(format!(
+                "mark_done_in: job {} on queue {} is not idempotent: set idempotent = true on queues.{} or jobs.{}",
+                self.job, self.queue, self.queue, self.job
+            )));
+        };
+        let store = shared
+            .and_then(|e| e.store.as_any())
+            .and_then(|a| a.downcast_ref::<stevedore_postgres::PostgresStore>())
+            .ok_or_else(|| {
+                JobError::permanent(
+                    "mark_done_in needs the state store to be PostgreSQL ([store] kind = \"postgres\"), in the database the transaction writes to",
+                )
+            })?;
+        store
+            .mark_in(conn, key, crate::effects::DONE, *keep)
+            .await
+            .map_err(|e| {
+                if e.is_transient() {
+                    JobError::retry(format!("marking the job done: {e}"))
+                } else {
+                    JobError::permanent(format!("marking the job done: {e}"))
+                }
+            })
     }
 }
 

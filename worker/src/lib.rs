@@ -56,6 +56,8 @@ mod limit;
 mod logfmt;
 #[cfg(feature = "otel")]
 pub mod otel;
+#[cfg(feature = "postgres")]
+pub mod outbox;
 mod priority;
 mod retry;
 pub mod router;

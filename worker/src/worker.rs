@@ -246,7 +246,17 @@ impl Worker {
                 )));
             }
         }
-        tracing::info!(worker = %self.worker_id, queues = ?self.config.effective_queues().keys().collect::<Vec<_>>(), schedules = schedule_tasks.len(), "worker started");
+        let schedules = schedule_tasks.len();
+        // The outbox relay stops with the schedules, before the queues drain.
+        #[cfg(feature = "postgres")]
+        if let Some(o) = self.config.outbox.clone().filter(|o| o.relay) {
+            schedule_tasks.push(tokio::spawn(crate::outbox::relay(
+                o,
+                self.client(),
+                self.shutdown.subscribe(),
+            )));
+        }
+        tracing::info!(worker = %self.worker_id, queues = ?self.config.effective_queues().keys().collect::<Vec<_>>(), schedules, "worker started");
         self.stats.set_ready(true);
 
         let _ = soft.wait_for(|s| *s).await;

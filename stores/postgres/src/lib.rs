@@ -21,6 +21,12 @@
 //! ```
 #![doc(html_no_source)]
 
+pub mod outbox;
+
+/// The sqlx this crate is built on (0.8): its `PgConnection` and transactions are what
+/// [`PostgresStore::mark_in`] and [`outbox::insert`] take.
+pub use sqlx;
+
 use serde::Deserialize;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::Connection;
@@ -111,6 +117,37 @@ fn valid_table(name: &str) -> bool {
 }
 
 impl PostgresStore {
+    /// Marks `key` as `value` for `keep` on `conn` (inside the caller's transaction: the mark
+    /// commits or rolls back with the caller's other writes), unless it already holds `value`
+    /// and has not expired. Returns `true` when this call set it, `false` when it already held
+    /// `value`. A concurrent transaction marking the same key waits for this one to end, then
+    /// sees its mark (if it committed). The idempotent-handler inbox writes its `done` marks
+    /// through this (`JobContext::mark_done_in` in the `stevedore` crate).
+    pub async fn mark_in(
+        &self,
+        conn: &mut PgConnection,
+        key: &str,
+        value: &[u8],
+        keep: Duration,
+    ) -> Result<bool, BrokerError> {
+        let t = &self.table;
+        let sql = format!(
+            "INSERT INTO {t} (key, value, expires_at) \
+             VALUES ($1, $2, now() + ($3::bigint * interval '1 millisecond')) \
+             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, expires_at = EXCLUDED.expires_at \
+             WHERE {t}.value <> EXCLUDED.value OR ({t}.expires_at IS NOT NULL AND {t}.expires_at <= now()) \
+             RETURNING 1"
+        );
+        let row = sqlx::query(&sql)
+            .bind(key)
+            .bind(value)
+            .bind(ttl_ms(Some(keep)))
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(err)?;
+        Ok(row.is_some())
+    }
+
     /// Connects to `url` (`postgres://user[:password]@host[:port]/db`) and creates `table` when
     /// missing. `table` must be a plain identifier, optionally schema-qualified.
     pub async fn connect(url: &str, table: &str) -> Result<Self, BrokerError> {
@@ -120,27 +157,7 @@ impl PostgresStore {
                 "invalid table name {table:?}: lowercase letters, digits and '_' (optionally schema.table)"
             )));
         }
-        let options = PgConnectOptions::from_str(url).map_err(|e| {
-            BrokerError::permanent(format!("invalid postgres url {url_redacted}: {e}"))
-        })?;
-        // One direct connection first: a server that is not there fails now, once (the pool
-        // would retry until its acquire timeout); the caller decides whether to try again.
-        let first = PgConnection::connect_with(&options).await.map_err(|e| {
-            let e = err(e);
-            let message = format!("cannot connect to {url_redacted}: {e}");
-            if e.is_transient() {
-                BrokerError::Connection(message)
-            } else {
-                BrokerError::permanent(message)
-            }
-        })?;
-        let _ = first.close().await;
-        let pool = PgPoolOptions::new()
-            .max_connections(4)
-            .min_connections(0)
-            .acquire_timeout(Duration::from_secs(10))
-            .idle_timeout(Duration::from_secs(300))
-            .connect_lazy_with(options);
+        let pool = connect_pool(url).await?;
         let create = format!(
             "CREATE TABLE IF NOT EXISTS {table} (key TEXT PRIMARY KEY, value BYTEA NOT NULL, expires_at TIMESTAMPTZ)"
         );
@@ -175,6 +192,31 @@ impl PostgresStore {
     }
 }
 
+/// A small pool on `url`, after one direct connection: a server that is not there fails now,
+/// once (the pool would retry until its acquire timeout); the caller decides whether to try
+/// again. Errors carry the URL without its password.
+pub(crate) async fn connect_pool(url: &str) -> Result<PgPool, BrokerError> {
+    let url_redacted = redact(url);
+    let options = PgConnectOptions::from_str(url)
+        .map_err(|e| BrokerError::permanent(format!("invalid postgres url {url_redacted}: {e}")))?;
+    let first = PgConnection::connect_with(&options).await.map_err(|e| {
+        let e = err(e);
+        let message = format!("cannot connect to {url_redacted}: {e}");
+        if e.is_transient() {
+            BrokerError::Connection(message)
+        } else {
+            BrokerError::permanent(message)
+        }
+    })?;
+    let _ = first.close().await;
+    Ok(PgPoolOptions::new()
+        .max_connections(4)
+        .min_connections(0)
+        .acquire_timeout(Duration::from_secs(10))
+        .idle_timeout(Duration::from_secs(300))
+        .connect_lazy_with(options))
+}
+
 fn ttl_ms(ttl: Option<Duration>) -> Option<i64> {
     ttl.map(|t| i64::try_from(ttl_floor(t).as_millis()).unwrap_or(i64::MAX))
 }
@@ -187,6 +229,10 @@ impl Store for PostgresStore {
 
     fn shared_across_machines(&self) -> bool {
         true
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
     }
 
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, BrokerError> {

@@ -96,6 +96,9 @@ pub struct Config {
     pub jobs: BTreeMap<String, JobConfig>,
     /// Periodic jobs, by name (`[schedules.<name>]`).
     pub schedules: BTreeMap<String, ScheduleConfig>,
+    /// The transactional outbox this worker relays (`[outbox]`); none by default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outbox: Option<OutboxConfig>,
     /// The file this config was read from, if any (set by [`load`], never read from TOML).
     #[serde(skip)]
     pub source: Option<String>,
@@ -160,6 +163,40 @@ pub struct StoreConfig {
     /// `STEVEDORE_STORE__URL` for a password).
     #[serde(flatten)]
     pub settings: BTreeMap<String, serde_json::Value>,
+}
+
+/// `[outbox]`: the transactional outbox in your PostgreSQL database. Jobs enqueued with
+/// `Enqueue::within(&mut tx)` are rows of its table, written in your transaction; a relay
+/// publishes them to the broker after the transaction commits (and never if it rolls back).
+/// Every `stevedore run` with this section relays (`relay = false` turns that off), and
+/// `stevedore relay` relays without running jobs. Needs the `postgres` feature.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutboxConfig {
+    /// `postgres://user[:password]@host[:port]/database`: the database your transactions
+    /// write to (prefer `STEVEDORE_OUTBOX__URL` for a password).
+    pub url: String,
+    /// The table, created when missing (default `stevedore_outbox`; optionally `schema.table`).
+    pub table: String,
+    /// Most rows published per round.
+    pub batch: usize,
+    /// How often the relay looks when no commit woke it (it also listens for commits).
+    #[serde(with = "humantime_serde")]
+    pub poll: Duration,
+    /// Whether `stevedore run` relays beside its jobs.
+    pub relay: bool,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        OutboxConfig {
+            url: String::new(),
+            table: "stevedore_outbox".into(),
+            batch: 100,
+            poll: Duration::from_secs(1),
+            relay: true,
+        }
+    }
 }
 
 /// What a schedule does with ticks that passed while no worker ran (`catch_up`).

@@ -158,6 +158,9 @@ impl Config {
         for (key, value) in shown.store.settings.iter_mut() {
             redact_setting(key, value);
         }
+        if let Some(o) = shown.outbox.as_mut() {
+            o.url = redact_url(&o.url);
+        }
         if shown.http.token.is_some() {
             shown.http.token = Some("***".into());
         }

@@ -126,6 +126,48 @@ impl Config {
         for (name, j) in &self.jobs {
             self.check_limits(&format!("jobs.{name}"), j.rate, j.burst, j.max_concurrent)?;
         }
+        if let Some(o) = &self.outbox {
+            if !(o.url.starts_with("postgres://") || o.url.starts_with("postgresql://")) {
+                return Err(self.error_at(
+                    "outbox.url",
+                    if o.url.is_empty() {
+                        "is required: the PostgreSQL database your transactions write to, like \"postgres://app@localhost:5432/app\"".to_string()
+                    } else {
+                        format!(
+                            "\"{}\" is not a PostgreSQL URL: write \"postgres://user@host:5432/database\"",
+                            super::redact::redact_url(&o.url)
+                        )
+                    },
+                ));
+            }
+            let plain = |p: &str| {
+                !p.is_empty()
+                    && p.len() <= 63
+                    && p.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+                    && p.chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            };
+            let parts: Vec<&str> = o.table.split('.').collect();
+            if parts.len() > 2 || !parts.iter().all(|p| plain(p)) {
+                return Err(self.error_at(
+                    "outbox.table",
+                    format!(
+                        "\"{}\" is not a plain table name: lowercase letters, digits and '_', optionally \"schema.table\"",
+                        o.table
+                    ),
+                ));
+            }
+            self.at_least("outbox.batch", o.batch as u64, 1)?;
+            if o.poll < Duration::from_millis(10) {
+                return Err(self.error_at("outbox.poll", "must be at least 10ms".to_string()));
+            }
+            if !cfg!(feature = "postgres") {
+                return Err(self.error_at(
+                    "outbox",
+                    "the transactional outbox needs the `postgres` feature of the stevedore crate: build with --features postgres".to_string(),
+                ));
+            }
+        }
 
         let reserved: usize = self
             .effective_queues()

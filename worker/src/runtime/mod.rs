@@ -607,7 +607,7 @@ async fn run_job(ctx: Arc<QueueCtx>, priority: Priority, d: Delivery) {
                                 enqueued_at: d.envelope.enqueued_at,
                                 headers: d.envelope.headers.clone(),
                                 worker_id: c.worker_id.clone(),
-                                output: begun.as_ref().and_then(|b| b.output.clone()),
+                                effects: begun.as_ref().and_then(|b| b.shared.clone()),
                             },
                             envelope: d.envelope,
                             client: c.client.clone(),
