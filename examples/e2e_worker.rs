@@ -6,6 +6,12 @@
 //! process each time it runs. A job with `"fail": true` fails (permanently) while the file
 //! `E2E_FAIL_FILE` exists, and runs normally once it is gone. A job a schedule enqueued also
 //! records `tick <schedule>/<tick> <job id>`.
+//!
+//! Job `effect` (payload `{"n": 7, "hold_ms": 20}`, on a queue with `idempotent = true` and a
+//! PostgreSQL store): in one transaction on `E2E_DATABASE_URL`, marks the job done
+//! (`JobContext::mark_done_in`), inserts `(n, job id, pid)` into the table `E2E_EFFECTS`, holds
+//! the transaction `hold_ms`, and commits; records `effect <n>` after the commit, or `dup <n>`
+//! for a delivery the mark says already took effect.
 
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -61,6 +67,57 @@ async fn work(
     Ok(())
 }
 
+#[derive(Deserialize)]
+struct Effect {
+    n: i64,
+    hold_ms: u64,
+}
+
+/// The effects database (`E2E_DATABASE_URL`), connected once.
+async fn effects_db() -> Result<&'static stevedore::outbox::sqlx::PgPool, JobError> {
+    static POOL: tokio::sync::OnceCell<stevedore::outbox::sqlx::PgPool> =
+        tokio::sync::OnceCell::const_new();
+    POOL.get_or_try_init(|| async {
+        let url = std::env::var("E2E_DATABASE_URL")
+            .map_err(|_| JobError::permanent("E2E_DATABASE_URL is not set"))?;
+        stevedore::outbox::sqlx::postgres::PgPoolOptions::new()
+            .max_connections(8)
+            .connect(&url)
+            .await
+            .map_err(|e| JobError::retry(format!("effects database: {e}")))
+    })
+    .await
+}
+
+async fn effect(
+    Json(e): Json<Effect>,
+    ctx: JobContext,
+    State(out): State<Out>,
+) -> Result<(), JobError> {
+    let db = effects_db().await?;
+    let table = std::env::var("E2E_EFFECTS").unwrap_or_else(|_| "e2e_effects".into());
+    let retry = |e: stevedore::outbox::sqlx::Error| JobError::retry(e.to_string());
+    let mut tx = db.begin().await.map_err(retry)?;
+    if !ctx.mark_done_in(&mut tx).await? {
+        out.line(&format!("dup {}", e.n));
+        return Ok(());
+    }
+    stevedore::outbox::sqlx::query(&format!(
+        "INSERT INTO {table} (n, job_id, pid) VALUES ($1, $2, $3)"
+    ))
+    .bind(e.n)
+    .bind(&ctx.id)
+    .bind(i64::from(std::process::id()))
+    .execute(&mut *tx)
+    .await
+    .map_err(retry)?;
+    // A window for a kill between the effect and its commit.
+    tokio::time::sleep(Duration::from_millis(e.hold_ms)).await;
+    tx.commit().await.map_err(retry)?;
+    out.line(&format!("effect {}", e.n));
+    Ok(())
+}
+
 /// `E2E_ABORT_N`: the job whose handler aborts the process every time it runs.
 fn poison() -> Option<u64> {
     static N: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
@@ -94,7 +151,9 @@ async fn main() -> ExitCode {
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
     let out = Out(Arc::new(Mutex::new(file)));
-    let router = Router::with_state(out.clone()).route("work", work);
+    let router = Router::with_state(out.clone())
+        .route("work", work)
+        .route("effect", effect);
     App::new(router)
         .on_start(move |client, _, _| async move {
             for n in 0..jobs {
