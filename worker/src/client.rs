@@ -568,6 +568,66 @@ impl Enqueue {
         Ok(id)
     }
 
+    /// Enqueues inside your SQLite transaction, on the embedded SQLite broker (feature
+    /// `sqlite`, the default): `conn` is your connection to the broker's file (`&tx` of your
+    /// `rusqlite` transaction, `stevedore_sqlite::rusqlite` 0.43), and the job is a row of its
+    /// job table, written in your transaction: it exists exactly when your other writes do, a
+    /// rollback enqueues nothing, and no relay is needed (workers see it within 50 ms of the
+    /// commit). Returns the job id.
+    ///
+    /// Synchronous, like rusqlite. The same checks as [`Enqueue::send`] run first (payload,
+    /// delay, queue name, headers; `max_depth` counted in your transaction). Fails with
+    /// [`EnqueueError::Unsupported`] for a unique job (its key lives in the state store,
+    /// outside the transaction) or when this client's broker is not SQLite; with a permanent
+    /// [`EnqueueError::Broker`] when `conn` is not on a Stevedore file.
+    #[cfg(feature = "sqlite")]
+    pub fn within_sqlite(
+        self,
+        conn: &stevedore_sqlite::rusqlite::Connection,
+    ) -> Result<String, EnqueueError> {
+        let envelope = self.envelope?;
+        let job = envelope.job.clone().unwrap_or_default();
+        let broker = self.client.inner.scheduler.broker();
+        if broker.name() != "sqlite" {
+            return Err(EnqueueError::Unsupported(format!(
+                "within_sqlite enqueues into the SQLite broker's file, and this client's broker is {}: use within(&mut tx) with [outbox] on PostgreSQL, or send()",
+                broker.name()
+            )));
+        }
+        if self.unique.is_some()
+            || envelope.dedup_key.is_some()
+            || self.client.inner.unique.contains_key(&job)
+        {
+            return Err(EnqueueError::Unsupported(format!(
+                "job {job:?} is unique, and a unique job cannot be enqueued in a transaction: its key lives in the state store, outside the transaction; use send() after the commit"
+            )));
+        }
+        self.client
+            .check_sendable(&self.queue, std::slice::from_ref(&envelope))?;
+        let limit = self
+            .max_depth
+            .or_else(|| self.client.inner.limits.get(&self.queue).copied());
+        if let Some(max) = limit {
+            let physical: Vec<String> = Priority::ALL
+                .iter()
+                .map(|p| names::physical(&self.queue, *p))
+                .collect();
+            let depth = stevedore_sqlite::waiting_in(conn, &physical)?;
+            if depth >= max {
+                return Err(EnqueueError::QueueFull {
+                    queue: self.queue,
+                    depth,
+                    max,
+                });
+            }
+        }
+        let id = envelope.id.clone();
+        let physical = names::physical(&self.queue, envelope.priority);
+        let max_payload = broker.capabilities().max_payload;
+        stevedore_sqlite::publish_in(conn, &physical, &[envelope], max_payload)?;
+        Ok(id)
+    }
+
     /// As [`Enqueue::send`], saying whether a unique job was a duplicate (nothing published).
     ///
     /// A unique job's key is claimed in the state store first (one compare-and-swap: of many
@@ -982,6 +1042,100 @@ mod unique_tests {
         assert!(
             !other_job.duplicate,
             "jobs without `unique` are not deduplicated"
+        );
+    }
+
+    /// `within_sqlite`: the job row commits or rolls back with the caller's own writes; the
+    /// checks of `send` hold in the transaction; what it cannot do it refuses.
+    #[cfg(feature = "sqlite")]
+    #[tokio::test]
+    async fn within_sqlite_enqueues_exactly_when_the_transaction_commits() {
+        use stevedore_sqlite::rusqlite;
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("jobs.db");
+        let broker: Arc<dyn Broker> = Arc::new(
+            stevedore_sqlite::SqliteBroker::open(stevedore_sqlite::SqliteConfig::new(&path))
+                .await
+                .expect("open"),
+        );
+        broker.prepare(&["orders".into()]).await.expect("prepare");
+        let cfg = crate::config::from_toml_str(
+            "[queues.orders]\nmax_depth = 2\n[jobs.once]\nunique = \"1m\"\n",
+            None,
+        )
+        .expect("config");
+        let client = Client::new(broker.clone()).with_limits_from(&cfg);
+        let mut conn = rusqlite::Connection::open(&path).expect("connect");
+        conn.execute("CREATE TABLE orders (id INTEGER PRIMARY KEY)", [])
+            .expect("user table");
+        // Rolled back: neither the order nor the job.
+        let tx = conn.transaction().expect("begin");
+        tx.execute("INSERT INTO orders (id) VALUES (1)", [])
+            .expect("insert");
+        client
+            .enqueue("receipt", &1)
+            .queue("orders")
+            .within_sqlite(&tx)
+            .expect("within");
+        tx.rollback().expect("rollback");
+        assert_eq!(broker.depth("orders").await.expect("depth").ready, 0);
+        // Committed: both, and the job is an ordinary one.
+        let tx = conn.transaction().expect("begin");
+        tx.execute("INSERT INTO orders (id) VALUES (2)", [])
+            .expect("insert");
+        let id = client
+            .enqueue("receipt", &2)
+            .queue("orders")
+            .within_sqlite(&tx)
+            .expect("within");
+        let second = client
+            .enqueue("receipt", &3)
+            .queue("orders")
+            .within_sqlite(&tx)
+            .expect("within");
+        // max_depth counts this transaction's own rows.
+        let full = client
+            .enqueue("receipt", &4)
+            .queue("orders")
+            .within_sqlite(&tx);
+        assert!(
+            matches!(full, Err(EnqueueError::QueueFull { depth: 2, .. })),
+            "{full:?}"
+        );
+        let unique = client
+            .enqueue("once", &5)
+            .queue("orders")
+            .within_sqlite(&tx);
+        assert!(
+            matches!(unique, Err(EnqueueError::Unsupported(_))),
+            "{unique:?}"
+        );
+        tx.commit().expect("commit");
+        let got = broker
+            .receive(
+                "orders",
+                stevedore_core::ReceiveOptions {
+                    max: 10,
+                    wait: Duration::from_millis(200),
+                    lease: Duration::from_secs(30),
+                },
+            )
+            .await
+            .expect("receive");
+        let ids: Vec<&str> = got.iter().map(|d| d.envelope.id.as_str()).collect();
+        assert_eq!(ids, vec![id.as_str(), second.as_str()]);
+        assert_eq!(got[0].envelope.job.as_deref(), Some("receipt"));
+        assert_eq!(&got[0].envelope.payload[..], b"2");
+        // Another broker: refused, nothing written.
+        let memory = Client::new(Arc::new(MemoryBroker::new()));
+        let tx = conn.transaction().expect("begin");
+        let other = memory
+            .enqueue("receipt", &6)
+            .queue("orders")
+            .within_sqlite(&tx);
+        assert!(
+            matches!(other, Err(EnqueueError::Unsupported(_))),
+            "{other:?}"
         );
     }
 }

@@ -51,6 +51,69 @@ use stevedore_core::{
 use store::{ClaimedRow, NewRow, Op, Settle};
 use tokio::sync::{oneshot, Notify};
 
+/// The row of `m`, ready at `now` (Unix ms) or at its due time.
+fn new_row(m: &Envelope, now: i64) -> NewRow {
+    let (headers, body) = wire::to_wire(m);
+    NewRow {
+        run_at: m
+            .not_before
+            .map_or(now, |t| i64::try_from(to_millis(t)).unwrap_or(i64::MAX)),
+        headers: serde_json::to_string(&headers).unwrap_or_else(|_| "[]".into()),
+        body: body.to_vec(),
+    }
+}
+
+/// The rusqlite this backend is built on (0.43, SQLite bundled): its `Connection` and
+/// `Transaction` are what [`publish_in`] takes.
+pub use rusqlite;
+
+/// Publishes `messages` to physical queue `queue` on `conn`, a connection of yours on the
+/// broker's file, inside your transaction (`&tx`): the rows are the jobs (the job table is its
+/// own outbox), so they exist exactly when your transaction's other writes do, and a rollback
+/// enqueues nothing. Workers on the file see them within 50 ms of the commit.
+///
+/// Synchronous, like rusqlite. Checks payload sizes against `max_payload` (the broker's
+/// default unless you pass the configured one). Fails with a permanent error naming the table
+/// when `conn` is not on a Stevedore file (the job table is missing).
+pub fn publish_in(
+    conn: &Connection,
+    queue: &str,
+    messages: &[Envelope],
+    max_payload: usize,
+) -> Result<(), BrokerError> {
+    capabilities(max_payload).check_payloads(messages, "sqlite")?;
+    let now = now_ms();
+    let rows: Vec<NewRow> = messages.iter().map(|m| new_row(m, now)).collect();
+    store::publish(conn, queue, &rows).map_err(|e| {
+        let text = e.to_string();
+        if text.contains("no such table") {
+            BrokerError::permanent(format!(
+                "this connection's database has no Stevedore job table (stevedore_jobs): open the broker's file (broker.path) with a worker or the CLI once, then enqueue on a connection to that file ({text})"
+            ))
+        } else {
+            BrokerError::permanent(format!("sqlite: {text}"))
+        }
+    })
+}
+
+/// Ready and delayed jobs of physical queues `queues`, counted on `conn` (inside your
+/// transaction, it sees your own uncommitted enqueues): for `max_depth` checks in
+/// [`publish_in`]'s callers.
+pub fn waiting_in(conn: &Connection, queues: &[String]) -> Result<u64, BrokerError> {
+    let mut n: u64 = 0;
+    for q in queues {
+        let c: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM stevedore_jobs WHERE queue = ?1 AND lease_until IS NULL",
+                [q],
+                |r| r.get(0),
+            )
+            .map_err(|e| BrokerError::permanent(format!("sqlite: {e}")))?;
+        n += u64::try_from(c).unwrap_or(0);
+    }
+    Ok(n)
+}
+
 /// Default largest payload: 16 MiB.
 pub const DEFAULT_MAX_PAYLOAD: usize = 16 * 1024 * 1024;
 /// Default file, in the working directory.
@@ -395,19 +458,7 @@ impl Broker for SqliteBroker {
         // first, so a delayed message that came due queues up by its due time, not behind every
         // message published meanwhile.
         let now = now_ms();
-        let rows = messages
-            .iter()
-            .map(|m| {
-                let (headers, body) = wire::to_wire(m);
-                NewRow {
-                    run_at: m
-                        .not_before
-                        .map_or(now, |t| i64::try_from(to_millis(t)).unwrap_or(i64::MAX)),
-                    headers: serde_json::to_string(&headers).unwrap_or_else(|_| "[]".into()),
-                    body: body.to_vec(),
-                }
-            })
-            .collect();
+        let rows = messages.iter().map(|m| new_row(m, now)).collect();
         self.write(|reply| Op::Publish {
             queue: queue.to_string(),
             rows,

@@ -511,7 +511,7 @@ fn room(
     Ok(())
 }
 
-fn publish(c: &Connection, queue: &str, rows: &[NewRow]) -> rusqlite::Result<()> {
+pub(crate) fn publish(c: &Connection, queue: &str, rows: &[NewRow]) -> rusqlite::Result<()> {
     let mut insert = c.prepare_cached(
         "INSERT INTO stevedore_jobs (queue, run_at, headers, body) VALUES (?1, ?2, ?3, ?4)",
     )?;
