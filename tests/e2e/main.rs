@@ -1578,3 +1578,51 @@ fn outbox_and_inbox_under_repeated_kills_give_each_effect_exactly_once() {
          refused by the in-transaction mark"
     );
 }
+
+/// Job status from outside, with the real binary: `enqueue` on a queue with `track_status`
+/// records `queued`, `status ID` shows it (table and `--json`), the worker's `GET /jobs/{id}`
+/// answers `succeeded` once the job ran, an unknown id exits 1 with the reason.
+#[test]
+fn status_is_readable_from_the_cli_and_the_http_endpoint() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = "[worker]\npoll_wait = \"100ms\"\n\n\
+                  [queues.default]\nconcurrency = 2\ntrack_status = \"1h\"\n";
+    let cfg = dir.path().join("status.toml");
+    std::fs::write(&cfg, config).expect("write config");
+    let cli = |args: &[&str]| cli_in(dir.path(), &cfg, args, "");
+    let (code, id, err) = cli(&["enqueue", "work", "{\"n\":1,\"sleep_ms\":0}"]);
+    assert_eq!(code, Some(0), "{err}");
+    let id = id.trim().to_string();
+    let (code, out, err) = cli(&["status", &id]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("state       queued") && out.contains(&id),
+        "a table with the state: {out}"
+    );
+    let (code, out, err) = cli(&["status", &id, "--json"]);
+    assert_eq!(code, Some(0), "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("JSON");
+    assert_eq!((v["state"].as_str(), v["attempt"].as_u64()), (Some("queued"), Some(0)));
+    let (code, _, err) = cli(&["status", "no-such-id"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no status recorded for job no-such-id"), "{err}");
+
+    let w = start_in(dir.path(), "", config, 0, 0, &[]);
+    let port = w.port;
+    let out = w.out.clone();
+    wait_until("the job ran", Duration::from_secs(30), || {
+        !tally(&lines(&out), "done").is_empty()
+    });
+    let mut body = String::new();
+    wait_until("succeeded over HTTP", Duration::from_secs(10), || {
+        let (code, b) = get(port, &format!("/jobs/{id}"));
+        body = b;
+        code == 200 && body.contains("\"state\":\"succeeded\"")
+    });
+    let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(v["attempt"].as_u64(), Some(1), "{body}");
+    assert!(v["finished_at"].as_str().is_some(), "{body}");
+    assert_eq!(get(port, "/jobs/no-such-id").0, 404);
+    stop_cleanly(w);
+}
