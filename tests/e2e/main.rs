@@ -1603,10 +1603,16 @@ fn status_is_readable_from_the_cli_and_the_http_endpoint() {
     let (code, out, err) = cli(&["status", &id, "--json"]);
     assert_eq!(code, Some(0), "{err}");
     let v: serde_json::Value = serde_json::from_str(out.trim()).expect("JSON");
-    assert_eq!((v["state"].as_str(), v["attempt"].as_u64()), (Some("queued"), Some(0)));
+    assert_eq!(
+        (v["state"].as_str(), v["attempt"].as_u64()),
+        (Some("queued"), Some(0))
+    );
     let (code, _, err) = cli(&["status", "no-such-id"]);
     assert_eq!(code, Some(1));
-    assert!(err.contains("no status recorded for job no-such-id"), "{err}");
+    assert!(
+        err.contains("no status recorded for job no-such-id"),
+        "{err}"
+    );
 
     let w = start_in(dir.path(), "", config, 0, 0, &[]);
     let port = w.port;
@@ -1625,4 +1631,78 @@ fn status_is_readable_from_the_cli_and_the_http_endpoint() {
     assert!(v["finished_at"].as_str().is_some(), "{body}");
     assert_eq!(get(port, "/jobs/no-such-id").0, 404);
     stop_cleanly(w);
+}
+
+/// A handler that holds its transaction (after `mark_done_in`) longer than the queue's lease:
+/// the inbox claim's renewal waits on the row without stopping the handler, the job commits
+/// once, and the worker stops cleanly.
+#[test]
+fn a_transaction_held_past_the_lease_after_mark_done_in_commits_once() {
+    use stevedore::outbox::sqlx;
+    let _serial = serial();
+    let url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let tag = stevedore::core::new_id().replace('-', "").to_lowercase();
+    let (effects, kv) = (format!("e2e_effects_{tag}"), format!("e2e_kv_{tag}"));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = format!(
+        "[worker]\nconcurrency = 4\nshutdown_timeout = \"10s\"\npoll_wait = \"100ms\"\n\
+         [store]\nkind = \"postgres\"\nurl = \"{url}\"\ntable = \"{kv}\"\n\
+         [queues.default]\nconcurrency = 4\nlease = \"1s\"\nidempotent = true\n"
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let db = rt.block_on(async {
+        let db = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(2)
+            .connect(&url)
+            .await
+            .expect("PostgreSQL");
+        sqlx::query(&format!(
+            "CREATE TABLE {effects} (n BIGINT NOT NULL, job_id TEXT NOT NULL, pid BIGINT, at TIMESTAMPTZ DEFAULT now())"
+        ))
+        .execute(&db)
+        .await
+        .expect("effects table");
+        db
+    });
+    let cfg = dir.path().join("held.toml");
+    std::fs::write(&cfg, &config).expect("config");
+    for n in 0..4 {
+        let payload = format!("{{\"n\":{n},\"hold_ms\":2500}}");
+        let (code, _, err) = cli_in(dir.path(), &cfg, &["enqueue", "effect", &payload], "");
+        assert_eq!(code, Some(0), "{err}");
+    }
+    let env = [
+        ("E2E_DATABASE_URL", url.as_str()),
+        ("E2E_EFFECTS", effects.as_str()),
+    ];
+    let w = start_in(dir.path(), "", &config, 0, 0, &env);
+    let out = w.out.clone();
+    wait_until("4 effects committed", Duration::from_secs(30), || {
+        lines(&out)
+            .iter()
+            .filter(|l| l.starts_with("effect "))
+            .count()
+            >= 4
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let stderr = stop_cleanly(w);
+    let rows: i64 = rt
+        .block_on(sqlx::query_scalar(&format!("SELECT count(*) FROM {effects}")).fetch_one(&db))
+        .expect("count");
+    rt.block_on(async {
+        for t in [&effects, &kv] {
+            let _ = sqlx::query(&format!("DROP TABLE IF EXISTS {t}"))
+                .execute(&db)
+                .await;
+        }
+    });
+    assert_eq!(rows, 4, "each effect once");
+    assert!(
+        !stderr.contains("claim lapsed"),
+        "no false alarm about the claim: {stderr}"
+    );
 }

@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use stevedore::outbox::relay_one_batch;
 use stevedore::outbox::sqlx::{self, postgres::PgPoolOptions, PgPool};
 use stevedore::{config, Client, JobContext, Router, State, Worker};
 use stevedore_core::store::MemoryStore;
@@ -132,8 +133,9 @@ async fn ten_thousand_relay_crashes_lose_nothing_and_the_inbox_runs_each_job_onc
     let committed = enqueue_in_transactions(&pool, &client, "order", 1000, 10, true).await;
     assert_eq!(outbox.pending().await.expect("pending").rows, 10_000);
 
-    // Relay with a crash between publish and mark, 10,000 times: the batch's transaction is
-    // dropped (as a killed relay's connection is), so its rows stay and come again.
+    // The relay's own round, with a crash between publish and mark in 10,000 rounds: the
+    // batch's transaction is dropped uncommitted (as a killed relay's connection is), so its
+    // rows stay and come again.
     let mut crashes = 0u32;
     let mut crashed_rows = 0usize;
     let mut rounds = 0u32;
@@ -144,22 +146,20 @@ async fn ten_thousand_relay_crashes_lose_nothing_and_the_inbox_runs_each_job_onc
         seed ^= seed << 17;
         seed
     };
-    while let Some(batch) = outbox.take(1 + (next() % 4) as usize).await.expect("take") {
+    loop {
+        let max = 1 + (next() % 4) as usize;
+        let crash = crashes < 10_000 && next() % 4 != 0;
+        let Some(round) = relay_one_batch(&outbox, &client, max, !crash)
+            .await
+            .expect("relay round")
+        else {
+            break;
+        };
         rounds += 1;
-        let mut by_queue: BTreeMap<String, Vec<stevedore_core::Envelope>> = BTreeMap::new();
-        for (q, e) in &batch.jobs {
-            by_queue.entry(q.clone()).or_default().push(e.clone());
-        }
-        for (q, envs) in by_queue {
-            client.publish(&q, envs).await.expect("publish");
-        }
-        // Crash in 10,000 of the rounds: at most every other one while rows remain.
-        if crashes < 10_000 && next() % 4 != 0 {
+        assert_eq!(round.published, round.taken, "the broker took every row");
+        if crash {
             crashes += 1;
-            crashed_rows += batch.jobs.len();
-            drop(batch);
-        } else {
-            batch.done().await.expect("done");
+            crashed_rows += round.taken;
         }
     }
     assert_eq!(crashes, 10_000, "the relay crashed 10,000 times");
@@ -330,12 +330,34 @@ async fn the_workers_relay_publishes_on_commit_and_sets_aside_what_the_broker_re
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut tx = pool.begin().await.expect("begin");
-    let too_big = producer
+    // Within checks the payload against the broker: refused at once.
+    let refused_now = producer
         .enqueue_bytes("order", vec![b'x'; 4096])
         .queue("orders")
         .within(&mut tx)
-        .await
-        .expect("within");
+        .await;
+    assert!(
+        matches!(
+            refused_now,
+            Err(stevedore::EnqueueError::Broker(
+                stevedore::BrokerError::PayloadTooLarge { .. }
+            ))
+        ),
+        "{refused_now:?}"
+    );
+    tx.rollback().await.expect("rollback");
+    let mut tx = pool.begin().await.expect("begin");
+    // A row another producer wrote by hand, larger than this broker takes: set aside at relay.
+    let too_big = new_id();
+    sqlx::query(&format!(
+        "INSERT INTO {table} (queue, job_id, headers, payload) VALUES ('orders', $1, $2::jsonb, $3)"
+    ))
+    .bind(&too_big)
+    .bind(serde_json::json!({"stevedore-id": too_big, "stevedore-job": "order"}).to_string())
+    .bind(vec![b'x'; 4096])
+    .execute(&mut *tx)
+    .await
+    .expect("a hand-written row");
     let mut ok = Vec::new();
     for i in 0..3 {
         ok.push(

@@ -109,7 +109,12 @@ enum Command {
     },
     /// Relay the transactional outbox (`[outbox]`) to the broker until SIGTERM or Ctrl-C,
     /// without running jobs (`run` relays beside its jobs unless `outbox.relay = false`).
-    Relay,
+    Relay {
+        /// First put the rows the broker refused for good back in line (once their cause is
+        /// fixed: a raised payload limit, say).
+        #[arg(long)]
+        retry_refused: bool,
+    },
     /// Show queue depths (ready, in flight, delayed, oldest age) per priority level and dead letters.
     Stats {
         /// Print JSON instead of a table.
@@ -382,7 +387,7 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
         match cli.command {
             Command::Run => self.run_worker(cfg).await,
             Command::Dashboard { bind } => self.run_dashboard(cfg, bind).await,
-            Command::Relay => self.run_relay(cfg).await,
+            Command::Relay { retry_refused } => self.run_relay(cfg, retry_refused).await,
             Command::Config(ConfigCommand::Check) => {
                 let backend = self.configure(&cfg)?;
                 let caps = backend.capabilities();
@@ -533,7 +538,7 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
 
 impl<S: Clone + Send + Sync + 'static> App<S> {
     /// `relay`: the outbox relay alone, until a signal.
-    async fn run_relay(self, cfg: Config) -> Result<(), Failure> {
+    async fn run_relay(self, cfg: Config, retry_refused: bool) -> Result<(), Failure> {
         let backend = self.configure(&cfg)?;
         cfg.validate(&backend.capabilities())?;
         let Some(outbox) = cfg.outbox.clone() else {
@@ -544,7 +549,7 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
         };
         #[cfg(not(feature = "postgres"))]
         {
-            let _ = outbox;
+            let _ = (outbox, retry_refused);
             Err(Failure::Config(
                 cfg.error_at(
                     "outbox",
@@ -566,6 +571,16 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
                 if let Some(store) = connect_store_patiently(&backend, &cfg).await? {
                     client = client.with_store(store);
                 }
+            }
+            if retry_refused {
+                let table = crate::outbox::Outbox::connect(&outbox.url, &outbox.table)
+                    .await
+                    .map_err(|e| Failure::Other(format!("outbox: {e}")))?;
+                let n = table
+                    .retry_refused()
+                    .await
+                    .map_err(|e| Failure::Other(format!("outbox: {e}")))?;
+                tracing::info!(rows = n, "outbox: refused rows put back in line");
             }
             let handle = ShutdownHandle::new();
             let signals = listen_for_signals(handle.clone());
@@ -646,7 +661,14 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
             prometheus: crate::stats::install_prometheus().ok(),
             worker_id: cfg.worker.worker_id(),
             ui: Some(ui),
-            store: None,
+            // For GET /jobs/{id}: one try; the dashboard serves without it.
+            store: match backend.connect_store().await {
+                Ok(store) => store,
+                Err(e) => {
+                    tracing::warn!(error = %e, "state store unreachable: GET /jobs/{{id}} answers 404 here");
+                    None
+                }
+            },
         };
         tracing::info!(%bind, "dashboard at http://{shown}/ui (no jobs run in this process)");
         state.stats.set_ready(true);
@@ -1145,7 +1167,7 @@ async fn admin(
                         ),
                         if p.refused > 0 {
                             format!(
-                                "; {} refused by the broker (see the error column)",
+                                "; {} refused by the broker (see the error column; relay --retry-refused puts them back)",
                                 p.refused
                             )
                         } else {
@@ -1246,7 +1268,9 @@ async fn admin(
             );
             Ok(())
         }
-        Command::Run | Command::Config(_) | Command::Dashboard { .. } | Command::Relay => Ok(()),
+        Command::Run | Command::Config(_) | Command::Dashboard { .. } | Command::Relay { .. } => {
+            Ok(())
+        }
     }
 }
 
@@ -1266,13 +1290,14 @@ async fn outbox_pending(cfg: &Config) -> Option<(String, crate::outbox::Pending)
 
 /// Without the `postgres` feature there is no outbox.
 #[cfg(not(feature = "postgres"))]
-async fn outbox_pending(_: &Config) -> Option<(String, Pending)> {
+async fn outbox_pending(_: &Config) -> Option<(String, OutboxCounts)> {
     None
 }
 
-/// Stands in for the outbox's counts without the `postgres` feature (never built).
+/// What `stats` shows of the outbox (the `postgres` feature's `outbox::Pending`).
 #[cfg(not(feature = "postgres"))]
-struct Pending {
+#[allow(dead_code)]
+struct OutboxCounts {
     rows: u64,
     oldest: Option<std::time::Duration>,
     refused: u64,

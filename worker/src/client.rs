@@ -253,7 +253,9 @@ impl Client {
 
     /// [`Client::publish`], recording each job's status first on a queue that tracks status
     /// (`queued` or `delayed`: first, so a fast worker's `running` is never overwritten by
-    /// it), and removing them again when the publish fails.
+    /// it). Only where no status is recorded yet: a copy published again (an outbox relay
+    /// that crashed after publishing) must not turn a job that already ran back to `queued`.
+    /// When the publish fails, the statuses this call wrote are removed again.
     pub(crate) async fn publish_recorded(
         &self,
         queue: &str,
@@ -268,6 +270,7 @@ impl Client {
         let Some((keep, store)) = tracked else {
             return self.publish(queue, envelopes).await;
         };
+        let mut written = Vec::new();
         for e in &envelopes {
             let status = crate::JobStatus::enqueued(
                 &e.id,
@@ -276,14 +279,23 @@ impl Client {
                 e.enqueued_at,
                 e.not_before,
             );
-            crate::status::write(store.as_ref(), &status, keep).await;
+            let key = crate::status::key(&e.id);
+            let bytes = status.encode();
+            match crate::effects::timed(store.swap(&key, None, Some(&bytes), Some(keep))).await {
+                Ok(true) => written.push((key, bytes)),
+                Ok(false) => {}
+                Err(err) => {
+                    tracing::warn!(error = %err, id = %e.id, "could not record the job's status");
+                }
+            }
         }
-        let ids: Vec<String> = envelopes.iter().map(|e| e.id.clone()).collect();
         let result = self.publish(queue, envelopes).await;
         if result.is_err() {
-            for id in ids {
-                if let Err(e) = store.set(&crate::status::key(&id), None, None).await {
-                    tracing::warn!(error = %e, id, "enqueue failed and its status could not be removed: it lapses");
+            for (key, bytes) in written {
+                if let Err(e) =
+                    crate::effects::timed(store.swap(&key, Some(&bytes), None, None)).await
+                {
+                    tracing::warn!(error = %e, key, "enqueue failed and its status could not be removed: it lapses");
                 }
             }
         }
@@ -525,7 +537,8 @@ impl Enqueue {
     /// `max_depth` against the broker). A unique job is refused with
     /// [`EnqueueError::Unsupported`]: its key lives in the state store, outside your
     /// transaction. The job's status (`track_status`) is recorded when the relay publishes it.
-    /// Database errors come back as [`EnqueueError::Broker`]; PostgreSQL then aborts your
+    /// The payload is checked against the broker this client is on (the relay's should be the
+    /// same kind). Database errors come back as [`EnqueueError::Broker`]; PostgreSQL then aborts your
     /// transaction, as for any failed statement.
     #[cfg(feature = "postgres")]
     pub async fn within(
@@ -544,6 +557,10 @@ impl Enqueue {
         }
         self.client
             .check_sendable(&self.queue, std::slice::from_ref(&envelope))?;
+        let broker = self.client.inner.scheduler.broker();
+        broker
+            .capabilities()
+            .check_payloads(std::slice::from_ref(&envelope), broker.name())?;
         let limit = self
             .max_depth
             .or_else(|| self.client.inner.limits.get(&self.queue).copied());
@@ -579,7 +596,9 @@ impl Enqueue {
     /// delay, queue name, headers; `max_depth` counted in your transaction). Fails with
     /// [`EnqueueError::Unsupported`] for a unique job (its key lives in the state store,
     /// outside the transaction) or when this client's broker is not SQLite; with a permanent
-    /// [`EnqueueError::Broker`] when `conn` is not on a Stevedore file.
+    /// [`EnqueueError::Broker`] when `conn` is not on a Stevedore file. The job's status
+    /// (`track_status`) is recorded once a worker takes it, not here: a state store write beside
+    /// your open write transaction on the file would wait for it.
     #[cfg(feature = "sqlite")]
     pub fn within_sqlite(
         self,
@@ -1136,6 +1155,37 @@ mod unique_tests {
         assert!(
             matches!(other, Err(EnqueueError::Unsupported(_))),
             "{other:?}"
+        );
+    }
+
+    /// A copy published again (an outbox relay that crashed after publishing) does not turn
+    /// a finished job's status back to `queued`.
+    #[tokio::test]
+    async fn publishing_a_copy_again_keeps_the_status_it_finds() {
+        use stevedore_core::store::MemoryStore;
+        let store = Arc::new(MemoryStore::new());
+        let cfg = crate::config::from_toml_str("[queues.q]\ntrack_status = true\n", None)
+            .expect("config");
+        let client = Client::new(Arc::new(MemoryBroker::new()))
+            .with_limits_from(&cfg)
+            .with_store(store.clone());
+        let env = Envelope::new("j", "1");
+        let id = env.id.clone();
+        client
+            .publish_recorded("q", vec![env.clone()])
+            .await
+            .expect("publish");
+        let mut s = client.status(&id).await.expect("status").expect("queued");
+        assert_eq!(s.state, crate::JobState::Queued);
+        s.state = crate::JobState::Succeeded;
+        crate::status::write(store.as_ref(), &s, Duration::from_secs(60)).await;
+        client
+            .publish_recorded("q", vec![env])
+            .await
+            .expect("publish again");
+        assert_eq!(
+            client.status(&id).await.expect("status").map(|s| s.state),
+            Some(crate::JobState::Succeeded)
         );
     }
 }

@@ -24,6 +24,24 @@ use stevedore_core::Envelope;
 /// The value of a finished job's inbox key.
 pub(crate) const DONE: &[u8] = b"done";
 
+/// Longest any one state store call of this module may take: a store that hangs costs a job
+/// this much, never its lease (a slow call counts as a failed one).
+const STORE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `fut` under [`STORE_TIMEOUT`].
+pub(crate) async fn timed<T>(
+    fut: impl std::future::Future<Output = Result<T, stevedore_core::BrokerError>>,
+) -> Result<T, stevedore_core::BrokerError> {
+    tokio::time::timeout(STORE_TIMEOUT, fut)
+        .await
+        .unwrap_or_else(|_| {
+            Err(stevedore_core::BrokerError::transient(format!(
+                "the state store did not answer within {}s",
+                STORE_TIMEOUT.as_secs()
+            )))
+        })
+}
+
 /// The state store key of job `id`'s inbox mark for handler `job`.
 pub(crate) fn inbox_key(job: &str, id: &str) -> String {
     if job.len() + id.len() <= 200 {
@@ -103,6 +121,9 @@ pub(crate) struct JobShared {
     /// The state store (for `JobContext::mark_done_in`).
     #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) store: Arc<dyn Store>,
+    /// Set by `JobContext::mark_done_in`: the handler's own transaction holds (then commits)
+    /// the inbox key, so the claim is no longer renewed.
+    pub(crate) marked: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for JobShared {
@@ -122,6 +143,15 @@ pub(crate) enum Begin {
     Busy(Duration),
 }
 
+/// Whether an idempotent `job`'s delivery of `id` already succeeded (its inbox mark says
+/// `done`); `false` when the job is not idempotent or the store does not answer.
+pub(crate) async fn is_done(effects: &Effects, job: &str, id: &str) -> bool {
+    if !effects.inbox.contains_key(job) {
+        return false;
+    }
+    matches!(timed(effects.store.get(&inbox_key(job, id))).await, Ok(Some(v)) if v == DONE)
+}
+
 /// Claims the inbox key and records `running`, as configured for `job`.
 pub(crate) async fn begin(
     effects: &Effects,
@@ -137,13 +167,10 @@ pub(crate) async fn begin(
     if let Some(&keep) = effects.inbox.get(job) {
         let key = inbox_key(job, &env.id);
         let value = format!("running {worker} {:016x}", rand::random::<u64>()).into_bytes();
-        match store
-            .swap(&key, None, Some(&value), Some(effects.lease))
-            .await
-        {
+        match timed(store.swap(&key, None, Some(&value), Some(effects.lease))).await {
             Ok(true) => begun.claim = Some(Claim { key, value, keep }),
             Ok(false) => {
-                return match store.get(&key).await {
+                return match timed(store.get(&key)).await {
                     Ok(Some(v)) if v == DONE => Begin::Duplicate,
                     // Another delivery runs it (or just finished: then the next look says so).
                     Ok(_) => {
@@ -159,8 +186,7 @@ pub(crate) async fn begin(
     if let Some(keep) = effects.status {
         let now = SystemTime::now();
         let earlier = if attempt > 1 {
-            store
-                .get(&status::key(&env.id))
+            timed(store.get(&status::key(&env.id)))
                 .await
                 .ok()
                 .flatten()
@@ -185,6 +211,7 @@ pub(crate) async fn begin(
         output: begun.status.is_some().then(|| Mutex::new(None)),
         inbox: begun.claim.as_ref().map(|c| (c.key.clone(), c.keep)),
         store: effects.store.clone(),
+        marked: std::sync::atomic::AtomicBool::new(false),
     }));
     Begin::Run(Box::new(begun))
 }
@@ -194,22 +221,43 @@ fn store_down(e: &stevedore_core::BrokerError) -> Begin {
     Begin::Busy(Duration::from_secs(1))
 }
 
-/// Renews a running job's inbox claim (from its heartbeat).
-pub(crate) async fn renew(effects: &Effects, begun: &Begun) {
-    let Some(c) = &begun.claim else { return };
-    match effects
-        .store
-        .swap(&c.key, Some(&c.value), Some(&c.value), Some(effects.lease))
-        .await
-    {
-        Ok(true) => {}
-        Ok(false) => {
-            tracing::warn!(key = %c.key, "this job's inbox claim lapsed while it ran: another delivery may run it too")
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, key = %c.key, "could not renew this job's inbox claim")
-        }
+/// Renews a running job's inbox claim (from its heartbeat), in a task of its own, so the
+/// handler goes on being polled meanwhile: the renewal may wait on the key's row while the
+/// handler's own transaction holds it (`mark_done_in`), and that transaction only commits if
+/// the handler runs. Returns `None` when there is nothing to renew (no claim, or the handler
+/// marked the job in its transaction).
+pub(crate) fn renew(effects: &Arc<Effects>, begun: &Begun) -> Option<tokio::task::JoinHandle<()>> {
+    let c = begun.claim.as_ref()?;
+    let shared = begun.shared.clone();
+    let marked = move || {
+        shared
+            .as_ref()
+            .is_some_and(|s| s.marked.load(std::sync::atomic::Ordering::Relaxed))
+    };
+    if marked() {
+        return None;
     }
+    let (effects, key, value) = (effects.clone(), c.key.clone(), c.value.clone());
+    Some(tokio::spawn(async move {
+        let renewed = timed(effects.store.swap(
+            &key,
+            Some(&value),
+            Some(&value),
+            Some(effects.lease),
+        ))
+        .await;
+        match renewed {
+            Ok(true) => {}
+            // The handler's transaction took the key meanwhile and committed `done`.
+            Ok(false) if marked() => {}
+            Ok(false) => {
+                tracing::warn!(key = %key, "this job's inbox claim lapsed while it ran: another delivery may run it too")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, key = %key, "could not renew this job's inbox claim")
+            }
+        }
+    }))
 }
 
 /// How a job that [`begin`] let run ended.
@@ -240,9 +288,8 @@ pub(crate) async fn end(effects: &Effects, begun: Box<Begun>, how: End<'_>) {
     let store = &*effects.store;
     if let Some(c) = &begun.claim {
         let r = match how {
-            End::Succeeded => store.set(&c.key, Some(DONE), Some(c.keep)).await,
-            _ => store
-                .swap(&c.key, Some(&c.value), None, None)
+            End::Succeeded => timed(store.set(&c.key, Some(DONE), Some(c.keep))).await,
+            _ => timed(store.swap(&c.key, Some(&c.value), None, None))
                 .await
                 .map(drop),
         };
@@ -308,5 +355,27 @@ pub(crate) async fn dead_on_arrival(
         &error.to_string(),
         status::MAX_ERROR,
     ));
+    status::write(&*effects.store, &s, keep).await;
+}
+
+/// A duplicate of a job that already succeeded: its status says so too (a republished copy's
+/// producer may have written `queued` over it; a handler that committed its mark and then
+/// failed left `retrying`), unless it already reads final.
+pub(crate) async fn duplicate_seen(effects: &Effects, id: &str) {
+    let Some(keep) = effects.status else { return };
+    let Ok(Some(bytes)) = timed(effects.store.get(&status::key(id))).await else {
+        return;
+    };
+    let Some(mut s) = JobStatus::decode(&bytes) else {
+        return;
+    };
+    if s.state.is_final() {
+        return;
+    }
+    let now = SystemTime::now();
+    s.state = JobState::Succeeded;
+    s.updated_at = now;
+    s.run_at = None;
+    s.finished_at.get_or_insert(now);
     status::write(&*effects.store, &s, keep).await;
 }

@@ -57,6 +57,23 @@ pub struct JobContext {
 }
 
 impl JobContext {
+    /// A context for job `id` named `job` on `queue` at attempt 1 of 1, enqueued now, with no
+    /// headers: for testing handlers outside a worker (set the public fields as needed).
+    pub fn new(id: &str, job: &str, queue: &str) -> Self {
+        JobContext {
+            id: id.to_string(),
+            job: job.to_string(),
+            queue: queue.to_string(),
+            priority: Priority::Normal,
+            attempt: 1,
+            max_attempts: 1,
+            enqueued_at: SystemTime::now(),
+            headers: BTreeMap::new(),
+            worker_id: Arc::from("test"),
+            effects: None,
+        }
+    }
+
     /// Keeps `value` as the job's result in its status ([`crate::JobStatus::result`]), shown
     /// once the job succeeds (a later call replaces an earlier one; a failed attempt's result
     /// is dropped). Without `track_status` on the queue it keeps nothing and returns `Ok`.
@@ -112,6 +129,10 @@ impl JobContext {
                 self.job, self.queue, self.queue, self.job
             )));
         };
+        if let Some(e) = shared {
+            // From here the transaction holds the key: the runtime stops renewing its claim.
+            e.marked.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         let store = shared
             .and_then(|e| e.store.as_any())
             .and_then(|a| a.downcast_ref::<stevedore_postgres::PostgresStore>())

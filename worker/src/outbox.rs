@@ -29,16 +29,18 @@
 //!
 //! A row the broker refuses for good (a payload over its limit, too many headers) is not
 //! retried for ever and does not block the rows behind it: it stays in the table with its
-//! error in `error`, is counted in `stats`, and is logged.
+//! error in `error`, is counted in `stats`, and is logged; `stevedore relay --retry-refused`
+//! puts such rows back once the cause is fixed. Any other failure (the broker down, a
+//! permission) leaves the batch's rows in place and is retried with backoff.
 
 use crate::config::OutboxConfig;
 use crate::runtime::ErrorBackoff;
 use crate::Client;
+use std::time::Duration;
 use stevedore_core::Envelope;
-use stevedore_postgres::outbox::{Batch, Outbox};
 use tokio::sync::watch;
 
-pub use stevedore_postgres::outbox::{create_table, Pending, DEFAULT_OUTBOX_TABLE};
+pub use stevedore_postgres::outbox::{create_table, Outbox, Pending, DEFAULT_OUTBOX_TABLE};
 /// The sqlx these APIs take (`PgConnection`, `PgPool`, transactions): use this one, or the same
 /// version (0.8) in your own `Cargo.toml`, so the types match.
 pub use stevedore_postgres::sqlx;
@@ -57,7 +59,11 @@ pub(crate) async fn connect(
 ) -> Option<Outbox> {
     let mut backoff = ErrorBackoff::default();
     loop {
-        match Outbox::connect(&cfg.url, &cfg.table).await {
+        let connected = tokio::select! {
+            c = Outbox::connect(&cfg.url, &cfg.table) => c,
+            _ = stop.wait_for(|s| *s) => return None,
+        };
+        match connected {
             Ok(o) => {
                 if let Some((failures, down)) = backoff.recovered() {
                     tracing::info!(failures, down = ?down, table = %cfg.table, "outbox: connected after failures");
@@ -77,16 +83,22 @@ pub(crate) async fn connect(
 }
 
 /// Relays the outbox until `stop` turns true: takes batches of rows, publishes them through
-/// `client` (statuses and delays as for any enqueue), deletes them. Finishes the batch in hand
-/// when stopped. Broker or database errors back off and retry; nothing is lost.
+/// `client` (statuses and delays as for any enqueue), deletes them. A batch in hand when stop
+/// comes is finished (its publish bounded by [`PUBLISH_TIMEOUT`]); a wait for the database is
+/// not. Broker or database errors back off and retry; nothing is lost.
 pub(crate) async fn relay(cfg: OutboxConfig, client: Client, mut stop: watch::Receiver<bool>) {
     let Some(outbox) = connect(&cfg, &mut stop).await else {
         return;
     };
     tracing::info!(table = %cfg.table, batch = cfg.batch, "outbox relay started");
-    let mut listener = match outbox.listen().await {
-        Ok(l) => Some(l),
-        Err(e) => {
+    let listened = tokio::select! {
+        l = outbox.listen() => Some(l),
+        _ = stop.wait_for(|s| *s) => None,
+    };
+    let mut listener = match listened {
+        None => return,
+        Some(Ok(l)) => Some(l),
+        Some(Err(e)) => {
             tracing::warn!(error = %e, poll = ?cfg.poll, "outbox: cannot listen for commits; polling only");
             None
         }
@@ -96,41 +108,41 @@ pub(crate) async fn relay(cfg: OutboxConfig, client: Client, mut stop: watch::Re
     while !*stop.borrow() {
         if last_gauge.elapsed() >= cfg.poll {
             last_gauge = tokio::time::Instant::now();
-            if let Ok(p) = outbox.pending().await {
+            let pending = tokio::select! {
+                p = outbox.pending() => p.ok(),
+                _ = stop.wait_for(|s| *s) => break,
+            };
+            if let Some(p) = pending {
                 let table = cfg.table.clone();
                 metrics::gauge!(OUTBOX_ROWS, "table" => table.clone()).set(p.rows as f64);
                 metrics::gauge!(OUTBOX_OLDEST, "table" => table)
                     .set(p.oldest.map_or(0.0, |d| d.as_secs_f64()));
             }
         }
-        let wait = match outbox.take(cfg.batch).await {
-            Ok(Some(batch)) => {
-                let n = batch.jobs.len();
-                match relay_batch(&client, batch).await {
-                    Ok(published) => {
-                        if let Some((failures, down)) = backoff.recovered() {
-                            tracing::info!(failures, down = ?down, "outbox relay works again");
-                        }
-                        metrics::counter!(OUTBOX_PUBLISHED, "table" => cfg.table.clone())
-                            .increment(published as u64);
-                        tracing::debug!(published, "outbox: relayed a batch");
-                        // A full batch: more may wait.
-                        if n >= cfg.batch {
-                            continue;
-                        }
-                        None
-                    }
-                    Err(e) => {
-                        let pause = backoff.next();
-                        tracing::warn!(error = %e, retry_in = ?pause, "outbox: relaying a batch failed; its rows stay and are published again");
-                        Some(pause)
-                    }
+        let round = tokio::select! {
+            r = relay_one_batch(&outbox, &client, cfg.batch, true) => r,
+            // Only while it waits for the database: a batch it took is finished first (take
+            // hands back nothing half-done: dropping it rolls back).
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let wait = match round {
+            Ok(Some(Round { taken, published })) => {
+                if let Some((failures, down)) = backoff.recovered() {
+                    tracing::info!(failures, down = ?down, "outbox relay works again");
                 }
+                metrics::counter!(OUTBOX_PUBLISHED, "table" => cfg.table.clone())
+                    .increment(published as u64);
+                tracing::debug!(published, "outbox: relayed a batch");
+                // A full batch: more may wait.
+                if taken >= cfg.batch {
+                    continue;
+                }
+                None
             }
             Ok(None) => None,
             Err(e) => {
                 let pause = backoff.next();
-                tracing::warn!(error = %e, retry_in = ?pause, "outbox: cannot read the outbox; retrying");
+                tracing::warn!(error = %e, retry_in = ?pause, "outbox: relaying failed; the rows stay and are published again");
                 Some(pause)
             }
         };
@@ -158,14 +170,59 @@ pub(crate) async fn relay(cfg: OutboxConfig, client: Client, mut stop: watch::Re
     tracing::info!("outbox relay stopped");
 }
 
-/// Publishes a batch's rows, queue by queue in row order, then deletes them. A run of rows the
-/// broker refuses for good is published row by row, and a row that is still refused is marked
-/// with its error (kept in the table, not retried). Returns how many rows were published; an
-/// error leaves every row in place (the batch's transaction rolls back).
-async fn relay_batch(client: &Client, mut batch: Batch) -> Result<usize, String> {
+/// The longest one batch's publish may take before the round gives up (its rows stay, to be
+/// published again).
+pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What one relay round did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Round {
+    /// Rows taken from the outbox.
+    pub taken: usize,
+    /// Rows published (the rest the broker refused for good and are set aside).
+    pub published: usize,
+}
+
+/// One relay round: takes up to `max` of the oldest rows no other relay holds, publishes them
+/// through `client`, queue by queue in row order, and (with `commit`) deletes them. `None`
+/// when the outbox is empty.
+///
+/// A row the broker refuses for good for reasons of its own (a payload over the broker's
+/// limit, too many headers, an invalid queue name) is published alone and, if still refused,
+/// set aside with its error; any other failure ends the round with the error and leaves every
+/// row where it was (to be published again, under the same ids).
+///
+/// `commit = false` publishes and then drops the batch without deleting its rows, exactly as
+/// a relay killed between the publish and the delete leaves them: for fault-injection tests.
+pub async fn relay_one_batch(
+    outbox: &Outbox,
+    client: &Client,
+    max: usize,
+    commit: bool,
+) -> Result<Option<Round>, String> {
+    let Some(mut batch) = outbox.take(max).await.map_err(|e| e.to_string())? else {
+        return Ok(None);
+    };
     let jobs = std::mem::take(&mut batch.jobs);
+    let taken = jobs.len();
     let mut published = 0;
     let mut refused: Vec<(usize, String)> = Vec::new();
+    let publish = |q: &str, envs: Vec<Envelope>| {
+        let q = q.to_string();
+        async move {
+            tokio::time::timeout(PUBLISH_TIMEOUT, client.publish_recorded(&q, envs))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(crate::EnqueueError::Broker(
+                        stevedore_core::BrokerError::transient(format!(
+                            "the broker did not take the batch within {}s",
+                            PUBLISH_TIMEOUT.as_secs()
+                        )),
+                    ))
+                })
+        }
+    };
     let mut i = 0;
     while i < jobs.len() {
         let queue = &jobs[i].0;
@@ -174,16 +231,16 @@ async fn relay_batch(client: &Client, mut batch: Batch) -> Result<usize, String>
             .position(|(q, _)| q != queue)
             .map_or(jobs.len(), |k| i + k);
         let run: Vec<Envelope> = jobs[i..end].iter().map(|(_, e)| e.clone()).collect();
-        match client.publish_recorded(queue, run).await {
+        match publish(queue, run).await {
             Ok(()) => published += end - i,
-            Err(e) if is_transient(&e) => return Err(e.to_string()),
+            Err(e) if !refuses_the_row(&e) => return Err(e.to_string()),
             Err(_) => {
                 for (k, (q, env)) in jobs.iter().enumerate().take(end).skip(i) {
-                    match client.publish_recorded(q, vec![env.clone()]).await {
+                    match publish(q, vec![env.clone()]).await {
                         Ok(()) => published += 1,
-                        Err(e) if is_transient(&e) => return Err(e.to_string()),
+                        Err(e) if !refuses_the_row(&e) => return Err(e.to_string()),
                         Err(e) => {
-                            tracing::error!(id = %env.id, queue = %q, error = %e, "outbox: the broker refuses this row for good; it stays in the outbox table with its error");
+                            tracing::error!(id = %env.id, queue = %q, error = %e, "outbox: the broker refuses this row for good; it stays in the outbox table with its error (stevedore relay --retry-refused puts it back)");
                             refused.push((k, e.to_string()));
                         }
                     }
@@ -192,16 +249,27 @@ async fn relay_batch(client: &Client, mut batch: Batch) -> Result<usize, String>
         }
         i = end;
     }
+    if !commit {
+        return Ok(Some(Round { taken, published }));
+    }
     batch.jobs = jobs;
     for (k, error) in refused {
         batch.refuse(k, &error).await.map_err(|e| e.to_string())?;
     }
     batch.done().await.map_err(|e| e.to_string())?;
-    Ok(published)
+    Ok(Some(Round { taken, published }))
 }
 
-fn is_transient(e: &crate::EnqueueError) -> bool {
-    matches!(e, crate::EnqueueError::Broker(b) if b.is_transient())
+/// Whether an enqueue error is about the row itself (so publishing it again can never work):
+/// anything else (the broker down, permissions, a missing queue) is retried with the batch.
+fn refuses_the_row(e: &crate::EnqueueError) -> bool {
+    use stevedore_core::BrokerError;
+    matches!(
+        e,
+        crate::EnqueueError::TooManyHeaders { .. }
+            | crate::EnqueueError::InvalidQueue { .. }
+            | crate::EnqueueError::Broker(BrokerError::PayloadTooLarge { .. })
+    )
 }
 
 /// Rows waiting in the outbox of `cfg` (for `stats`): one connection, one query.

@@ -453,8 +453,9 @@ pub struct QueueSnapshot {
     pub dead_lettered: u64,
     /// Jobs released unfinished back to the broker.
     pub released: u64,
-    /// Jobs a rate or concurrency limit put off (published again with a delay; not started, so
-    /// in no other counter).
+    /// Jobs a rate or concurrency limit put off, or an idempotent job's inbox (another delivery
+    /// of it running, the store not answering): published again with a delay, not started, so
+    /// in no other counter.
     pub deferred: u64,
     /// Deliveries of jobs that had already succeeded, skipped by an idempotent handler's
     /// inbox (not started, so in no other counter).

@@ -152,7 +152,7 @@ impl JobStatus {
     }
 
     pub(crate) fn encode(&self) -> Vec<u8> {
-        // A struct of strings, numbers and a JSON value: serializing cannot fail.
+        // Strings, numbers, clamped times and a JSON value: nothing here fails to serialize.
         serde_json::to_vec(self).unwrap_or_default()
     }
 
@@ -167,10 +167,10 @@ pub(crate) async fn write(
     status: &JobStatus,
     keep: Duration,
 ) {
-    if let Err(e) = store
-        .set(&key(&status.id), Some(&status.encode()), Some(keep))
-        .await
-    {
+    let written =
+        crate::effects::timed(store.set(&key(&status.id), Some(&status.encode()), Some(keep)))
+            .await;
+    if let Err(e) = written {
         tracing::warn!(error = %e, id = %status.id, state = %status.state, "could not record the job's status");
     }
 }
@@ -180,7 +180,14 @@ mod rfc3339 {
     use std::time::SystemTime;
 
     pub(super) fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&humantime::format_rfc3339_millis(*t).to_string())
+        s.serialize_str(&humantime::format_rfc3339_millis(clamp(*t)).to_string())
+    }
+
+    /// `t` within what RFC 3339 writes (1970 to 9999: timestamps come from message headers,
+    /// which any producer may set, and humantime panics outside that range).
+    pub(super) fn clamp(t: SystemTime) -> SystemTime {
+        let last = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(253_402_300_799);
+        t.clamp(SystemTime::UNIX_EPOCH, last)
     }
 
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
@@ -237,6 +244,17 @@ mod tests {
             "absent fields are left out: {text}"
         );
         assert_eq!(JobStatus::decode(&bytes), Some(s));
+    }
+
+    #[test]
+    fn times_out_of_rfc3339_range_are_clamped_not_a_panic() {
+        let far = std::time::UNIX_EPOCH + Duration::from_secs(400_000_000_000);
+        let s = JobStatus::enqueued("a", "q", "j", far, None);
+        let text = String::from_utf8(s.encode()).expect("utf-8");
+        assert!(
+            text.contains("\"enqueued_at\":\"9999-12-31T23:59:59"),
+            "{text}"
+        );
     }
 
     #[test]

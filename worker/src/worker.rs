@@ -745,4 +745,64 @@ mod limit_tests {
             Some(crate::effects::DONE)
         );
     }
+
+    /// A job that succeeded at its last attempt and whose ack was lost comes back past its last
+    /// attempt: its inbox says done, so it is acked as a duplicate, not dead-lettered as a crash
+    /// loop, and its status stays `succeeded`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lost_ack_on_the_last_attempt_is_a_duplicate_not_a_crash_loop() {
+        let cfg = config::from_toml_str(
+            "[http]\nenabled = false\n[worker]\npoll_wait = \"50ms\"\n\
+             [retry]\nmax_attempts = 1\n[queues.default]\nidempotent = true\ntrack_status = true\n",
+            None,
+        )
+        .expect("config");
+        let broker = MemoryBroker::new();
+        let store = Arc::new(MemoryStore::new());
+        let seen: Arc<Mutex<Vec<u32>>> = Arc::default();
+        let router = crate::Router::with_state(seen.clone()).route("j", note);
+        let worker = Worker::new(Arc::new(broker.clone()), router, cfg)
+            .expect("worker")
+            .with_store(store.clone());
+        let stats = worker.stats();
+        let stop = worker.shutdown_handle();
+        let client = worker.client();
+        // What the first delivery left: done, succeeded; the redelivery counts attempt 2.
+        let mut env = stevedore_core::Envelope::new("j", "1").json();
+        env.attempt = 2;
+        let id = env.id.clone();
+        store
+            .set(
+                &crate::effects::inbox_key("j", &id),
+                Some(crate::effects::DONE),
+                None,
+            )
+            .await
+            .expect("mark");
+        let mut done =
+            crate::JobStatus::enqueued(&id, "default", "j", std::time::SystemTime::now(), None);
+        done.state = crate::JobState::Succeeded;
+        done.attempt = 1;
+        crate::status::write(store.as_ref(), &done, Duration::from_secs(60)).await;
+        client.publish("default", vec![env]).await.expect("publish");
+        let run = tokio::spawn(worker.run());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while stats.snapshot().get("default").map_or(0, |q| q.duplicates) < 1 {
+            assert!(tokio::time::Instant::now() < deadline, "not skipped");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stop.shutdown();
+        run.await.expect("task").expect("run");
+        assert!(seen.lock().expect("seen").is_empty(), "not run again");
+        let q = stats.snapshot()["default"].clone();
+        assert_eq!(q.dead_lettered, 0);
+        assert!(
+            crate::dlq::list(&(Arc::new(broker) as Arc<dyn Broker>), "default", 10)
+                .await
+                .expect("dlq")
+                .is_empty()
+        );
+        let status = client.status(&id).await.expect("status").expect("kept");
+        assert_eq!(status.state, crate::JobState::Succeeded);
+    }
 }

@@ -73,8 +73,11 @@ pub use rusqlite;
 /// enqueues nothing. Workers on the file see them within 50 ms of the commit.
 ///
 /// Synchronous, like rusqlite. Checks payload sizes against `max_payload` (the broker's
-/// default unless you pass the configured one). Fails with a permanent error naming the table
-/// when `conn` is not on a Stevedore file (the job table is missing).
+/// default unless you pass the configured one); `broker.max_size` is not checked here. Fails
+/// with a permanent error naming the table when `conn` is not on a Stevedore file (the job
+/// table is missing), a transient one when the file stayed locked past its busy timeout.
+/// SQLite has one writer per file: while your transaction is open, the broker's own writes
+/// (claims, acks) on that file wait, so keep it short.
 pub fn publish_in(
     conn: &Connection,
     queue: &str,
@@ -86,7 +89,13 @@ pub fn publish_in(
     let rows: Vec<NewRow> = messages.iter().map(|m| new_row(m, now)).collect();
     store::publish(conn, queue, &rows).map_err(|e| {
         let text = e.to_string();
-        if text.contains("no such table") {
+        let busy = matches!(
+            e.sqlite_error_code(),
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+        );
+        if busy {
+            BrokerError::transient(format!("sqlite: {text}"))
+        } else if text.contains("no such table") {
             BrokerError::permanent(format!(
                 "this connection's database has no Stevedore job table (stevedore_jobs): open the broker's file (broker.path) with a worker or the CLI once, then enqueue on a connection to that file ({text})"
             ))

@@ -231,6 +231,20 @@ impl Outbox {
         }))
     }
 
+    /// Puts the rows the broker refused back in line (clears their `error`), once what made it
+    /// refuse them is fixed. Returns how many.
+    pub async fn retry_refused(&self) -> Result<u64, BrokerError> {
+        let sql = format!(
+            "UPDATE {} SET error = NULL WHERE error IS NOT NULL",
+            self.table
+        );
+        Ok(sqlx::query(&sql)
+            .execute(&self.pool)
+            .await
+            .map_err(err)?
+            .rows_affected())
+    }
+
     /// How many rows wait and how old the oldest is.
     pub async fn pending(&self) -> Result<Pending, BrokerError> {
         let sql = format!(

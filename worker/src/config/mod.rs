@@ -634,6 +634,9 @@ impl Keep {
     /// How long `true` keeps state: 24 hours.
     pub const DEFAULT: Duration = Duration::from_secs(24 * 3600);
 
+    /// The longest window allowed: 10 years.
+    pub const LONGEST: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
     /// Whether nothing was given.
     pub fn is_unset(&self) -> bool {
         matches!(self, Keep::Unset)
@@ -679,9 +682,9 @@ impl<'de> Deserialize<'de> for Keep {
             Ok(Raw::Bool(true)) => Ok(Keep::For(Keep::DEFAULT)),
             Ok(Raw::Bool(false)) => Ok(Keep::Off),
             Ok(Raw::Text(text)) => match humantime::parse_duration(&text) {
-                Ok(w) if w >= Duration::from_secs(1) => Ok(Keep::For(w)),
+                Ok(w) if w >= Duration::from_secs(1) && w <= Keep::LONGEST => Ok(Keep::For(w)),
                 _ => Err(serde::de::Error::custom(format!(
-                    "\"{text}\" is not allowed: write true, false or how long to keep it (\"24h\", \"7d\"; at least 1s)"
+                    "\"{text}\" is not allowed: write true, false or how long to keep it (\"24h\", \"7d\"; from 1s to 10 years)"
                 ))),
             },
             Err(_) => Err(serde::de::Error::custom(

@@ -1195,7 +1195,12 @@ fn idempotent_and_track_status_take_true_false_or_a_window() {
         (
             "[queues.q]\ntrack_status = \"0s\"\n",
             "queues.q.track_status",
-            "at least 1s",
+            "from 1s to 10 years",
+        ),
+        (
+            "[queues.q]\nidempotent = \"11 years\"\n",
+            "queues.q.idempotent",
+            "from 1s to 10 years",
         ),
         (
             "[jobs.j]\nidempotent = 3\n",

@@ -125,23 +125,23 @@ pub(crate) fn mark_resent(envelope: &mut Envelope) {
 /// the limit.
 async fn put_off(ctx: &QueueCtx, d: Delivery, verdict: Result<Gate, BrokerError>) {
     match verdict {
-        Ok(Gate::Wait(wait, queue_wide)) => defer(ctx, d, wait, queue_wide).await,
+        Ok(Gate::Wait(wait, queue_wide)) => defer(ctx, d, wait, queue_wide, "limited").await,
         // Not reached: run_job runs admitted jobs itself.
         Ok(Gate::Go(_)) => {}
         Err(e) => {
             // Put off like a limited job (a release would count a delivery, and enough of them
             // would dead-letter a job that never ran), and the queue pauses a moment.
             tracing::warn!(error = %e, "state store unreachable: cannot check this job's limits; put it off for 1s");
-            defer(ctx, d, Duration::from_secs(1), true).await;
+            defer(ctx, d, Duration::from_secs(1), true, "limits unknown").await;
         }
     }
 }
 
-/// A job a limit put off: published again on its queue, not before `wait` from now (plus a
-/// little jitter, so put-off jobs do not all come back at once), with its attempt so far and the
-/// same id; then its delivery is acked. A queue-wide limit also pauses the queue's fetching for
-/// that long. If the publish fails the delivery is released instead.
-async fn defer(ctx: &QueueCtx, d: Delivery, wait: Duration, queue_wide: bool) {
+/// A job a limit (or its inbox) put off, `why`: published again on its queue, not before `wait`
+/// from now (plus a little jitter, so put-off jobs do not all come back at once), with its
+/// attempt so far and the same id; then its delivery is acked. A queue-wide limit also pauses
+/// the queue's fetching for that long. If the publish fails the delivery is released instead.
+async fn defer(ctx: &QueueCtx, d: Delivery, wait: Duration, queue_wide: bool, why: &str) {
     let now = SystemTime::now();
     if queue_wide {
         let until = stevedore_core::to_millis(now + wait);
@@ -159,10 +159,10 @@ async fn defer(ctx: &QueueCtx, d: Delivery, wait: Duration, queue_wide: bool) {
         q.give_back(1).await;
     }
     let to = d.receipt.queue().to_string();
-    tracing::debug!(id = %envelope.id, wait = ?wait, "limited: job put off");
+    tracing::debug!(id = %envelope.id, wait = ?wait, why, "job put off");
     ctx.stats.deferred();
     if let Err(e) = forward(ctx, d.receipt, &to, envelope).await {
-        tracing::warn!(error = %e, "could not put off a limited job; released it");
+        tracing::warn!(error = %e, why, "could not put off a job; released it");
     }
 }
 
@@ -556,6 +556,12 @@ async fn run_job(ctx: Arc<QueueCtx>, priority: Priority, d: Delivery) {
         // The inbox claim and status of a job on a queue that records them.
         let mut begun = None;
         if let (Some(effects), Some(j)) = (&c.effects, job.as_deref()) {
+            // Past its last attempt (the crash loop below) yet done: a success whose ack was lost.
+            let over = c.jobs.get(j).is_some_and(|(r, _)| attempt > r.max_attempts);
+            if over && boxed!(crate::effects::is_done(effects, j, &d.envelope.id)).await {
+                boxed!(skip_duplicate(c, d)).await;
+                return;
+            }
             if let Some(&(retry, _)) = c.jobs.get(j).filter(|(r, _)| attempt <= r.max_attempts) {
                 use crate::effects::Begin;
                 let (queue, worker) = (&c.name, &*c.worker_id);
@@ -572,7 +578,7 @@ async fn run_job(ctx: Arc<QueueCtx>, priority: Priority, d: Delivery) {
                         return;
                     }
                     Begin::Busy(wait) => {
-                        boxed!(defer(c, d, wait, false)).await;
+                        boxed!(defer(c, d, wait, false, "another delivery of this idempotent job runs, or the state store did not answer")).await;
                         return;
                     }
                 }
@@ -733,6 +739,9 @@ async fn skip_duplicate(ctx: &QueueCtx, d: Delivery) {
         q.give_back(1).await;
     }
     ctx.stats.duplicate();
+    if let Some(effects) = &ctx.effects {
+        crate::effects::duplicate_seen(effects, &d.envelope.id).await;
+    }
     ack(ctx, d.receipt).await;
 }
 

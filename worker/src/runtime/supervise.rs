@@ -27,7 +27,9 @@ pub(super) async fn supervise_slow(
 ) -> Supervised {
     tokio::pin!(fut);
     let lease = ctx.cfg.lease;
-    let effects = ctx.effects.as_deref().zip(claim);
+    let effects = ctx.effects.as_ref().zip(claim);
+    // The inbox claim's renewal in flight, if any (at most one).
+    let mut renewing: Option<tokio::task::JoinHandle<()>> = None;
     let beat = crate::lease::beat(lease);
     let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + beat, beat);
     let deadline = tokio::time::sleep(timeout);
@@ -49,7 +51,9 @@ pub(super) async fn supervise_slow(
                     crate::lease::renew(ctx.broker().as_ref(), receipt, lease).await;
                 }
                 if let Some((effects, begun)) = effects {
-                    crate::effects::renew(effects, begun).await;
+                    if renewing.as_ref().is_none_or(|r| r.is_finished()) {
+                        renewing = crate::effects::renew(effects, begun);
+                    }
                 }
             }
         }
