@@ -270,8 +270,8 @@ impl Client {
         let Some((keep, store)) = tracked else {
             return self.publish(queue, envelopes).await;
         };
-        let mut written = Vec::new();
-        for e in &envelopes {
+        // All at once: a store that hangs costs the batch one timeout, not one per job.
+        let writes = envelopes.iter().map(|e| {
             let status = crate::JobStatus::enqueued(
                 &e.id,
                 queue,
@@ -279,25 +279,34 @@ impl Client {
                 e.enqueued_at,
                 e.not_before,
             );
-            let key = crate::status::key(&e.id);
-            let bytes = status.encode();
-            match crate::effects::timed(store.swap(&key, None, Some(&bytes), Some(keep))).await {
-                Ok(true) => written.push((key, bytes)),
-                Ok(false) => {}
-                Err(err) => {
-                    tracing::warn!(error = %err, id = %e.id, "could not record the job's status");
+            let (key, bytes) = (crate::status::key(&e.id), status.encode());
+            async move {
+                match crate::effects::timed(store.swap(&key, None, Some(&bytes), Some(keep))).await
+                {
+                    Ok(true) => Some((key, bytes)),
+                    Ok(false) => None,
+                    Err(err) => {
+                        tracing::warn!(error = %err, key, "could not record the job's status");
+                        None
+                    }
                 }
             }
-        }
+        });
+        let written: Vec<(String, Vec<u8>)> = futures::future::join_all(writes)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
         let result = self.publish(queue, envelopes).await;
         if result.is_err() {
-            for (key, bytes) in written {
+            let undo = written.iter().map(|(key, bytes)| async move {
                 if let Err(e) =
-                    crate::effects::timed(store.swap(&key, Some(&bytes), None, None)).await
+                    crate::effects::timed(store.swap(key, Some(bytes), None, None)).await
                 {
                     tracing::warn!(error = %e, key, "enqueue failed and its status could not be removed: it lapses");
                 }
-            }
+            });
+            futures::future::join_all(undo).await;
         }
         result
     }

@@ -119,11 +119,16 @@ pub(crate) async fn relay(cfg: OutboxConfig, client: Client, mut stop: watch::Re
                     .set(p.oldest.map_or(0.0, |d| d.as_secs_f64()));
             }
         }
-        let round = tokio::select! {
-            r = relay_one_batch(&outbox, &client, cfg.batch, true) => r,
-            // Only while it waits for the database: a batch it took is finished first (take
-            // hands back nothing half-done: dropping it rolls back).
+        // A stop ends the wait for rows; a batch once taken is published and deleted first
+        // (each step bounded), so a graceful stop repeats nothing.
+        let taken = tokio::select! {
+            t = outbox.take(cfg.batch) => t.map_err(|e| e.to_string()),
             _ = stop.wait_for(|s| *s) => break,
+        };
+        let round = match taken {
+            Ok(Some(batch)) => finish(batch, &client, true).await.map(Some),
+            Ok(None) => Ok(None),
+            Err(e) => Err(e),
         };
         let wait = match round {
             Ok(Some(Round { taken, published })) => {
@@ -201,9 +206,18 @@ pub async fn relay_one_batch(
     max: usize,
     commit: bool,
 ) -> Result<Option<Round>, String> {
-    let Some(mut batch) = outbox.take(max).await.map_err(|e| e.to_string())? else {
-        return Ok(None);
-    };
+    match outbox.take(max).await.map_err(|e| e.to_string())? {
+        Some(batch) => finish(batch, client, commit).await.map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Publishes a taken batch and (with `commit`) deletes its rows: see [`relay_one_batch`].
+async fn finish(
+    mut batch: stevedore_postgres::outbox::Batch,
+    client: &Client,
+    commit: bool,
+) -> Result<Round, String> {
     let jobs = std::mem::take(&mut batch.jobs);
     let taken = jobs.len();
     let mut published = 0;
@@ -250,14 +264,21 @@ pub async fn relay_one_batch(
         i = end;
     }
     if !commit {
-        return Ok(Some(Round { taken, published }));
+        return Ok(Round { taken, published });
     }
     batch.jobs = jobs;
-    for (k, error) in refused {
-        batch.refuse(k, &error).await.map_err(|e| e.to_string())?;
-    }
-    batch.done().await.map_err(|e| e.to_string())?;
-    Ok(Some(Round { taken, published }))
+    let settle = async {
+        for (k, error) in refused {
+            batch.refuse(k, &error).await?;
+        }
+        batch.done().await
+    };
+    // Bounded like the publish: rows not deleted in time are published again.
+    tokio::time::timeout(PUBLISH_TIMEOUT, settle)
+        .await
+        .map_err(|_| "the database did not take the batch's delete in time".to_string())?
+        .map_err(|e| e.to_string())?;
+    Ok(Round { taken, published })
 }
 
 /// Whether an enqueue error is about the row itself (so publishing it again can never work):
