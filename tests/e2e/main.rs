@@ -1425,34 +1425,18 @@ fn a_worker_killed_holding_concurrency_slots_gives_them_back_within_the_lease() 
     eprintln!("limits e2e: slots back {back_after:?} after SIGKILL (lease 2s); B ran at most {most} at once");
 }
 
-/// The outbox and the inbox together, under SIGKILL: 2,000 jobs enqueued in committed
-/// PostgreSQL transactions (and 200 in rolled-back ones) are relayed and run by two worker
-/// processes (each relays too) that are SIGKILLed and restarted again and again while they
-/// work. Each job's effect, an INSERT made in the handler's transaction with
-/// `JobContext::mark_done_in`, exists exactly once; the rolled-back jobs never run; the outbox
-/// ends empty.
-#[test]
-fn outbox_and_inbox_under_repeated_kills_give_each_effect_exactly_once() {
+/// PostgreSQL for the effect tests (`DATABASE_URL`, else the machine's), a runtime to talk to
+/// it, and a fresh effects table `effects` (what e2e_worker's `effect` job inserts into).
+fn effects_db(
+    effects: &str,
+) -> (
+    String,
+    tokio::runtime::Runtime,
+    stevedore::outbox::sqlx::PgPool,
+) {
     use stevedore::outbox::sqlx;
-    let _serial = serial();
-    const N: i64 = 2_000;
     let url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    let tag = stevedore::core::new_id().replace('-', "").to_lowercase();
-    let (effects, kv, outbox) = (
-        format!("e2e_effects_{tag}"),
-        format!("e2e_kv_{tag}"),
-        format!("e2e_outbox_{tag}"),
-    );
-    let dir = tempfile::tempdir().expect("temp dir");
-    let config = format!(
-        "[worker]\nconcurrency = 8\nshutdown_timeout = \"10s\"\npoll_wait = \"100ms\"\n\
-         [retry]\nbase = \"100ms\"\nmax_attempts = 20\n\
-         [store]\nkind = \"postgres\"\nurl = \"{url}\"\ntable = \"{kv}\"\n\
-         [outbox]\nurl = \"{url}\"\ntable = \"{outbox}\"\nbatch = 50\npoll = \"200ms\"\n\
-         [queues.default]\nconcurrency = 8\nlease = \"2s\"\nidempotent = true\n"
-    );
-    let cfg = stevedore::config::from_toml_str(&config, None).expect("config");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -1470,6 +1454,39 @@ fn outbox_and_inbox_under_repeated_kills_give_each_effect_exactly_once() {
         .execute(&db)
         .await
         .expect("effects table");
+        db
+    });
+    (url, rt, db)
+}
+
+/// The outbox and the inbox together, under SIGKILL: 2,000 jobs enqueued in committed
+/// PostgreSQL transactions (and 200 in rolled-back ones) are relayed and run by two worker
+/// processes (each relays too) that are SIGKILLed and restarted again and again while they
+/// work. Each job's effect, an INSERT made in the handler's transaction with
+/// `JobContext::mark_done_in`, exists exactly once; the rolled-back jobs never run; the outbox
+/// ends empty.
+#[test]
+fn outbox_and_inbox_under_repeated_kills_give_each_effect_exactly_once() {
+    use stevedore::outbox::sqlx;
+    let _serial = serial();
+    const N: i64 = 2_000;
+    let tag = stevedore::core::new_id().replace('-', "").to_lowercase();
+    let (effects, kv, outbox) = (
+        format!("e2e_effects_{tag}"),
+        format!("e2e_kv_{tag}"),
+        format!("e2e_outbox_{tag}"),
+    );
+    let (url, rt, db) = effects_db(&effects);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = format!(
+        "[worker]\nconcurrency = 8\nshutdown_timeout = \"10s\"\npoll_wait = \"100ms\"\n\
+         [retry]\nbase = \"100ms\"\nmax_attempts = 20\n\
+         [store]\nkind = \"postgres\"\nurl = \"{url}\"\ntable = \"{kv}\"\n\
+         [outbox]\nurl = \"{url}\"\ntable = \"{outbox}\"\nbatch = 50\npoll = \"200ms\"\n\
+         [queues.default]\nconcurrency = 8\nlease = \"2s\"\nidempotent = true\n"
+    );
+    let cfg = stevedore::config::from_toml_str(&config, None).expect("config");
+    rt.block_on(async {
         let mut conn = db.acquire().await.expect("conn");
         stevedore::outbox::create_table(&mut conn, &outbox)
             .await
@@ -1504,7 +1521,6 @@ fn outbox_and_inbox_under_repeated_kills_give_each_effect_exactly_once() {
                 }
             }
         }
-        db
     });
     let env = [
         ("E2E_DATABASE_URL", url.as_str()),
@@ -1640,34 +1656,15 @@ fn status_is_readable_from_the_cli_and_the_http_endpoint() {
 fn a_transaction_held_past_the_lease_after_mark_done_in_commits_once() {
     use stevedore::outbox::sqlx;
     let _serial = serial();
-    let url = std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
     let tag = stevedore::core::new_id().replace('-', "").to_lowercase();
     let (effects, kv) = (format!("e2e_effects_{tag}"), format!("e2e_kv_{tag}"));
+    let (url, rt, db) = effects_db(&effects);
     let dir = tempfile::tempdir().expect("temp dir");
     let config = format!(
         "[worker]\nconcurrency = 4\nshutdown_timeout = \"10s\"\npoll_wait = \"100ms\"\n\
          [store]\nkind = \"postgres\"\nurl = \"{url}\"\ntable = \"{kv}\"\n\
          [queues.default]\nconcurrency = 4\nlease = \"1s\"\nidempotent = true\n"
     );
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let db = rt.block_on(async {
-        let db = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(2)
-            .connect(&url)
-            .await
-            .expect("PostgreSQL");
-        sqlx::query(&format!(
-            "CREATE TABLE {effects} (n BIGINT NOT NULL, job_id TEXT NOT NULL, pid BIGINT, at TIMESTAMPTZ DEFAULT now())"
-        ))
-        .execute(&db)
-        .await
-        .expect("effects table");
-        db
-    });
     let cfg = dir.path().join("held.toml");
     std::fs::write(&cfg, &config).expect("config");
     for n in 0..4 {

@@ -428,6 +428,27 @@ impl Client {
     }
 }
 
+/// Backpressure: [`EnqueueError::QueueFull`] when `queue` holds its `max_depth` (this call's,
+/// else the configured one) or more.
+async fn check_depth(
+    client: &Client,
+    queue: &str,
+    max_depth: Option<u64>,
+) -> Result<(), EnqueueError> {
+    let limit = max_depth.or_else(|| client.inner.limits.get(queue).copied());
+    if let Some(max) = limit {
+        let depth = client.waiting(queue).await?;
+        if depth >= max {
+            return Err(EnqueueError::QueueFull {
+                queue: queue.to_string(),
+                depth,
+                max,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// One enqueue being built. Consumed by [`Enqueue::send`].
 #[must_use = "nothing is enqueued until .send().await"]
 #[derive(Debug)]
@@ -536,6 +557,28 @@ impl Enqueue {
         Ok(self.send_or_existing().await?.id)
     }
 
+    /// The envelope, checked for an enqueue inside a transaction: not unique (a unique job's
+    /// key lives in the state store, outside the transaction), and sendable to the queue.
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    fn checked_for_a_transaction(&mut self) -> Result<Envelope, EnqueueError> {
+        let envelope = std::mem::replace(
+            &mut self.envelope,
+            Err(EnqueueError::Unsupported("already taken".into())),
+        )?;
+        let job = envelope.job.clone().unwrap_or_default();
+        if self.unique.is_some()
+            || envelope.dedup_key.is_some()
+            || self.client.inner.unique.contains_key(&job)
+        {
+            return Err(EnqueueError::Unsupported(format!(
+                "job {job:?} is unique, and a unique job cannot be enqueued in a transaction: its key lives in the state store, outside the transaction; use send() after the commit"
+            )));
+        }
+        self.client
+            .check_sendable(&self.queue, std::slice::from_ref(&envelope))?;
+        Ok(envelope)
+    }
+
     /// Enqueues inside your PostgreSQL transaction (the transactional outbox, feature
     /// `postgres`): writes the job to the outbox table on `conn` (`&mut *tx` of your
     /// transaction) and returns its id. Nothing is published now: a relay (any worker with
@@ -551,38 +594,15 @@ impl Enqueue {
     /// transaction, as for any failed statement.
     #[cfg(feature = "postgres")]
     pub async fn within(
-        self,
+        mut self,
         conn: &mut stevedore_postgres::sqlx::PgConnection,
     ) -> Result<String, EnqueueError> {
-        let envelope = self.envelope?;
-        let job = envelope.job.clone().unwrap_or_default();
-        if self.unique.is_some()
-            || envelope.dedup_key.is_some()
-            || self.client.inner.unique.contains_key(&job)
-        {
-            return Err(EnqueueError::Unsupported(format!(
-                "job {job:?} is unique, and a unique job cannot be enqueued in a transaction: its key lives in the state store, outside the transaction; use send() after the commit"
-            )));
-        }
-        self.client
-            .check_sendable(&self.queue, std::slice::from_ref(&envelope))?;
+        let envelope = self.checked_for_a_transaction()?;
         let broker = self.client.inner.scheduler.broker();
         broker
             .capabilities()
             .check_payloads(std::slice::from_ref(&envelope), broker.name())?;
-        let limit = self
-            .max_depth
-            .or_else(|| self.client.inner.limits.get(&self.queue).copied());
-        if let Some(max) = limit {
-            let depth = self.client.waiting(&self.queue).await?;
-            if depth >= max {
-                return Err(EnqueueError::QueueFull {
-                    queue: self.queue,
-                    depth,
-                    max,
-                });
-            }
-        }
+        check_depth(&self.client, &self.queue, self.max_depth).await?;
         let id = envelope.id.clone();
         stevedore_postgres::outbox::insert(
             conn,
@@ -610,28 +630,17 @@ impl Enqueue {
     /// your open write transaction on the file would wait for it.
     #[cfg(feature = "sqlite")]
     pub fn within_sqlite(
-        self,
+        mut self,
         conn: &stevedore_sqlite::rusqlite::Connection,
     ) -> Result<String, EnqueueError> {
-        let envelope = self.envelope?;
-        let job = envelope.job.clone().unwrap_or_default();
-        let broker = self.client.inner.scheduler.broker();
+        let broker = self.client.inner.scheduler.broker().clone();
         if broker.name() != "sqlite" {
             return Err(EnqueueError::Unsupported(format!(
                 "within_sqlite enqueues into the SQLite broker's file, and this client's broker is {}: use within(&mut tx) with [outbox] on PostgreSQL, or send()",
                 broker.name()
             )));
         }
-        if self.unique.is_some()
-            || envelope.dedup_key.is_some()
-            || self.client.inner.unique.contains_key(&job)
-        {
-            return Err(EnqueueError::Unsupported(format!(
-                "job {job:?} is unique, and a unique job cannot be enqueued in a transaction: its key lives in the state store, outside the transaction; use send() after the commit"
-            )));
-        }
-        self.client
-            .check_sendable(&self.queue, std::slice::from_ref(&envelope))?;
+        let envelope = self.checked_for_a_transaction()?;
         let limit = self
             .max_depth
             .or_else(|| self.client.inner.limits.get(&self.queue).copied());
@@ -663,19 +672,7 @@ impl Enqueue {
     /// the publish fails, the claim is taken back so a retry can enqueue.
     pub async fn send_or_existing(self) -> Result<Enqueued, EnqueueError> {
         let mut envelope = self.envelope?;
-        let limit = self
-            .max_depth
-            .or_else(|| self.client.inner.limits.get(&self.queue).copied());
-        if let Some(max) = limit {
-            let depth = self.client.waiting(&self.queue).await?;
-            if depth >= max {
-                return Err(EnqueueError::QueueFull {
-                    queue: self.queue,
-                    depth,
-                    max,
-                });
-            }
-        }
+        check_depth(&self.client, &self.queue, self.max_depth).await?;
         let job = envelope.job.clone().unwrap_or_default();
         let unique = self
             .unique

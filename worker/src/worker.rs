@@ -577,17 +577,13 @@ mod limit_tests {
         }
     }
 
-    /// While the state store is down a limited job cannot be admitted: it is put off again and
-    /// again (never released, which would count deliveries), so when the store is back it runs,
-    /// at attempt 1, and nothing is dead-lettered, though the outage outlasted max_attempts.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_store_outage_costs_a_limited_job_no_attempt() {
-        let cfg = config::from_toml_str(
-            "[http]\nenabled = false\n[worker]\npoll_wait = \"50ms\"\n\
-             [retry]\nmax_attempts = 2\n[queues.default]\nmax_concurrent = 1\n",
-            None,
-        )
-        .expect("config");
+    /// Runs one job `j` (handler `note`) on a worker configured by `toml` while the state store
+    /// is down for at least 3 put-offs, then brings the store back and lets the job run; returns
+    /// the attempts the handler saw, the queue's counters and the broker.
+    async fn through_a_store_outage(
+        toml: &str,
+    ) -> (Vec<u32>, crate::stats::QueueSnapshot, MemoryBroker) {
+        let cfg = config::from_toml_str(toml, None).expect("config");
         let broker = MemoryBroker::new();
         let down = Arc::new(AtomicBool::new(true));
         let store = Arc::new(Flaky {
@@ -625,8 +621,21 @@ mod limit_tests {
         }
         stop.shutdown();
         run.await.expect("task").expect("run");
-        assert_eq!(*seen.lock().expect("seen"), vec![1]);
-        let q = stats.snapshot()["default"].clone();
+        let seen = seen.lock().expect("seen").clone();
+        (seen, stats.snapshot()["default"].clone(), broker)
+    }
+
+    /// While the state store is down a limited job cannot be admitted: it is put off again and
+    /// again (never released, which would count deliveries), so when the store is back it runs,
+    /// at attempt 1, and nothing is dead-lettered, though the outage outlasted max_attempts.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_store_outage_costs_a_limited_job_no_attempt() {
+        let (seen, q, broker) = through_a_store_outage(
+            "[http]\nenabled = false\n[worker]\npoll_wait = \"50ms\"\n\
+             [retry]\nmax_attempts = 2\n[queues.default]\nmax_concurrent = 1\n",
+        )
+        .await;
+        assert_eq!(seen, vec![1]);
         assert_eq!((q.processed, q.dead_lettered), (1, 0));
         assert!(
             crate::dlq::list(&(Arc::new(broker) as Arc<dyn Broker>), "default", 10)
@@ -634,6 +643,25 @@ mod limit_tests {
                 .expect("dlq")
                 .is_empty()
         );
+    }
+
+    /// A worker on a fresh memory broker and memory store, HTTP off, polling every 50 ms,
+    /// with the rest of its config from `toml`.
+    fn test_worker(
+        toml: &str,
+        router: crate::Router<Arc<Mutex<Vec<u32>>>>,
+    ) -> (Worker, MemoryBroker, Arc<MemoryStore>) {
+        let cfg = config::from_toml_str(
+            &format!("[http]\nenabled = false\n[worker]\npoll_wait = \"50ms\"\n{toml}"),
+            None,
+        )
+        .expect("config");
+        let broker = MemoryBroker::new();
+        let store = Arc::new(MemoryStore::new());
+        let worker = Worker::new(Arc::new(broker.clone()), router, cfg)
+            .expect("worker")
+            .with_store(store.clone());
+        (worker, broker, store)
     }
 
     async fn slow_note(State(seen): State<Arc<Mutex<Vec<u32>>>>, ctx: JobContext) {
@@ -647,43 +675,12 @@ mod limit_tests {
     /// and not run unchecked: when the store is back it runs once, at attempt 1.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_store_outage_puts_off_an_idempotent_job_without_an_attempt() {
-        let cfg = config::from_toml_str(
+        let (seen, q, _) = through_a_store_outage(
             "[http]\nenabled = false\n[worker]\npoll_wait = \"50ms\"\n\
              [retry]\nmax_attempts = 2\n[queues.default]\nidempotent = true\n",
-            None,
         )
-        .expect("config");
-        let broker = MemoryBroker::new();
-        let down = Arc::new(AtomicBool::new(true));
-        let store = Arc::new(Flaky {
-            inner: MemoryStore::new(),
-            down: down.clone(),
-        });
-        let seen: Arc<Mutex<Vec<u32>>> = Arc::default();
-        let router = crate::Router::with_state(seen.clone()).route("j", note);
-        let worker = Worker::new(Arc::new(broker.clone()), router, cfg)
-            .expect("worker")
-            .with_store(store);
-        let stats = worker.stats();
-        let stop = worker.shutdown_handle();
-        let client = worker.client();
-        client.enqueue("j", &1).send().await.expect("enqueue");
-        let run = tokio::spawn(worker.run());
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while stats.snapshot().get("default").map_or(0, |q| q.deferred) < 3 {
-            assert!(tokio::time::Instant::now() < deadline, "no put-offs");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert!(seen.lock().expect("seen").is_empty(), "ran unchecked");
-        down.store(false, Ordering::Relaxed);
-        while seen.lock().map(|s| s.is_empty()).unwrap_or(true) {
-            assert!(tokio::time::Instant::now() < deadline, "never ran");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        stop.shutdown();
-        run.await.expect("task").expect("run");
-        assert_eq!(*seen.lock().expect("seen"), vec![1]);
-        let q = stats.snapshot()["default"].clone();
+        .await;
+        assert_eq!(seen, vec![1]);
         assert_eq!((q.processed, q.dead_lettered, q.duplicates), (1, 0, 0));
     }
 
@@ -692,19 +689,11 @@ mod limit_tests {
     /// succeeded the copy is acked as a duplicate.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_copy_of_a_long_idempotent_job_waits_and_is_skipped() {
-        let cfg = config::from_toml_str(
-            "[http]\nenabled = false\n[worker]\npoll_wait = \"50ms\"\n\
-             [queues.default]\nidempotent = \"1h\"\nlease = \"1s\"\n",
-            None,
-        )
-        .expect("config");
-        let broker = MemoryBroker::new();
-        let store = Arc::new(MemoryStore::new());
         let seen: Arc<Mutex<Vec<u32>>> = Arc::default();
-        let router = crate::Router::with_state(seen.clone()).route("j", slow_note);
-        let worker = Worker::new(Arc::new(broker.clone()), router, cfg)
-            .expect("worker")
-            .with_store(store.clone());
+        let (worker, _, store) = test_worker(
+            "[queues.default]\nidempotent = \"1h\"\nlease = \"1s\"\n",
+            crate::Router::with_state(seen.clone()).route("j", slow_note),
+        );
         let stats = worker.stats();
         let stop = worker.shutdown_handle();
         let client = worker.client();
@@ -751,19 +740,11 @@ mod limit_tests {
     /// loop, and its status stays `succeeded`.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_lost_ack_on_the_last_attempt_is_a_duplicate_not_a_crash_loop() {
-        let cfg = config::from_toml_str(
-            "[http]\nenabled = false\n[worker]\npoll_wait = \"50ms\"\n\
-             [retry]\nmax_attempts = 1\n[queues.default]\nidempotent = true\ntrack_status = true\n",
-            None,
-        )
-        .expect("config");
-        let broker = MemoryBroker::new();
-        let store = Arc::new(MemoryStore::new());
         let seen: Arc<Mutex<Vec<u32>>> = Arc::default();
-        let router = crate::Router::with_state(seen.clone()).route("j", note);
-        let worker = Worker::new(Arc::new(broker.clone()), router, cfg)
-            .expect("worker")
-            .with_store(store.clone());
+        let (worker, broker, store) = test_worker(
+            "[retry]\nmax_attempts = 1\n[queues.default]\nidempotent = true\ntrack_status = true\n",
+            crate::Router::with_state(seen.clone()).route("j", note),
+        );
         let stats = worker.stats();
         let stop = worker.shutdown_handle();
         let client = worker.client();
