@@ -944,7 +944,15 @@ fn default_file_validates_and_documents_the_defaults() {
             "default.toml does not document {key}"
         );
     }
-    for key in ["id", "max_payload", "default_job", "max_depth"] {
+    for key in [
+        "id",
+        "max_payload",
+        "default_job",
+        "max_depth",
+        "idempotent",
+        "track_status",
+        "url",
+    ] {
         assert!(
             text.contains(&format!("# {key} = ")),
             "default.toml does not document {key}"
