@@ -640,6 +640,14 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
             hints.clone(),
             handle.subscribe(),
         );
+        // For job status (GET /jobs/{id}, the job page): one try; the dashboard serves without.
+        let store = match backend.connect_store().await {
+            Ok(store) => store,
+            Err(e) => {
+                tracing::warn!(error = %e, "state store unreachable: no job status on this dashboard");
+                None
+            }
+        };
         let ui = crate::ui::Ui::new(crate::ui::UiParts {
             broker: broker.clone(),
             config: cfg.clone(),
@@ -654,6 +662,7 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
             worker_id: cfg.worker.worker_id(),
             notices,
             runs_jobs: false,
+            store: store.clone(),
         });
         let state = crate::http::HttpState {
             stats,
@@ -661,14 +670,7 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
             prometheus: crate::stats::install_prometheus().ok(),
             worker_id: cfg.worker.worker_id(),
             ui: Some(ui),
-            // For GET /jobs/{id}: one try; the dashboard serves without it.
-            store: match backend.connect_store().await {
-                Ok(store) => store,
-                Err(e) => {
-                    tracing::warn!(error = %e, "state store unreachable: GET /jobs/{{id}} answers 404 here");
-                    None
-                }
-            },
+            store,
         };
         tracing::info!(%bind, "dashboard at http://{shown}/ui (no jobs run in this process)");
         state.stats.set_ready(true);

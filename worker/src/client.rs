@@ -251,7 +251,7 @@ impl Client {
         }
     }
 
-    /// [`Client::publish`], recording each job's status first on a queue that tracks status
+    /// [`Client::publish`]: records each job's status first on a queue that tracks status
     /// (`queued` or `delayed`: first, so a fast worker's `running` is never overwritten by
     /// it). Only where no status is recorded yet: a copy published again (an outbox relay
     /// that crashed after publishing) must not turn a job that already ran back to `queued`.
@@ -268,7 +268,7 @@ impl Client {
             .copied()
             .zip(self.inner.store.as_ref());
         let Some((keep, store)) = tracked else {
-            return self.publish(queue, envelopes).await;
+            return self.publish_traced(queue, envelopes).await;
         };
         // All at once: a store that hangs costs the batch one timeout, not one per job.
         let writes = envelopes.iter().map(|e| {
@@ -297,7 +297,7 @@ impl Client {
             .into_iter()
             .flatten()
             .collect();
-        let result = self.publish(queue, envelopes).await;
+        let result = self.publish_traced(queue, envelopes).await;
         if result.is_err() {
             let undo = written.iter().map(|(key, bytes)| async move {
                 if let Err(e) =
@@ -338,8 +338,15 @@ impl Client {
     /// Publishes ready-made envelopes to logical queue `queue`, each to the physical queue of its
     /// priority, delayed ones through the delay scheduler. With the `otel` feature and an
     /// OpenTelemetry layer, inside a producer span whose `traceparent` the envelopes carry (those
-    /// that have none yet).
-    pub async fn publish(
+    /// that have none yet). On a queue with `track_status` (this client built with
+    /// [`Client::with_limits_from`] and [`Client::with_store`]), records `queued` (or
+    /// `delayed`) first for each job that has no status yet.
+    pub async fn publish(&self, queue: &str, envelopes: Vec<Envelope>) -> Result<(), EnqueueError> {
+        self.publish_recorded(queue, envelopes).await
+    }
+
+    /// [`Client::publish`] without recording statuses.
+    async fn publish_traced(
         &self,
         queue: &str,
         #[allow(unused_mut)] mut envelopes: Vec<Envelope>,

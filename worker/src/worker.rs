@@ -334,6 +334,7 @@ impl Worker {
                 worker_id: self.worker_id.to_string(),
                 notices: self.notices.clone(),
                 runs_jobs: true,
+                store: self.store.clone(),
             })
         });
         let shown = listener.local_addr().unwrap_or(bind);

@@ -61,6 +61,8 @@ pub(crate) struct Ui {
     runs_jobs: bool,
     /// The per-process CSRF token every form carries.
     csrf: String,
+    /// The state store, for the job status page.
+    store: Option<Arc<dyn stevedore_core::store::Store>>,
 }
 
 /// How to build a [`Ui`].
@@ -73,6 +75,7 @@ pub(crate) struct UiParts {
     pub worker_id: String,
     pub notices: Vec<String>,
     pub runs_jobs: bool,
+    pub store: Option<Arc<dyn stevedore_core::store::Store>>,
 }
 
 impl Ui {
@@ -89,6 +92,7 @@ impl Ui {
             notices: p.notices,
             runs_jobs: p.runs_jobs,
             csrf,
+            store: p.store,
         })
     }
 
@@ -289,6 +293,7 @@ pub(crate) fn router(ui: Arc<Ui>) -> Router {
         .route("/ui/worker", get(worker_page))
         .route("/ui/live/worker", get(worker_live))
         .route("/ui/enqueue", get(enqueue_page).post(enqueue_action))
+        .route("/ui/jobs", get(job_page))
         .route("/ui/login", get(login_page).post(login_action))
         .route("/ui/logout", post(logout_action))
         .route("/ui/assets/htmx.min.js", get(htmx_js))
@@ -619,6 +624,56 @@ pub(crate) struct EnqueueForm {
     priority: String,
     #[serde(default)]
     delay: String,
+}
+
+/// `?id=` of the job page.
+#[derive(serde::Deserialize, Default)]
+struct JobQuery {
+    #[serde(default)]
+    id: String,
+}
+
+/// A job's status by id (queues with `track_status`).
+async fn job_page(State(ui): S, headers: HeaderMap, Query(q): Query<JobQuery>) -> Response {
+    let access = ui.access(&headers);
+    let id = q.id.trim();
+    let tracked: Vec<String> = ui
+        .config
+        .effective_queues()
+        .into_iter()
+        .filter(|(_, c)| c.track_status.window().is_some())
+        .map(|(name, _)| name)
+        .collect();
+    let found = match (&ui.store, id.is_empty()) {
+        (_, true) => None,
+        (None, false) => Some(Err(
+            "this process has no state store ([store]), so it keeps no job status".to_string(),
+        )),
+        (Some(store), false) => Some(
+            match crate::effects::timed(store.get(&crate::status::key(id))).await {
+                Ok(None) => Ok(None),
+                Ok(Some(b)) => crate::JobStatus::decode(&b)
+                    .map(Some)
+                    .ok_or_else(|| "the stored status is not readable".to_string()),
+                Err(e) => Err(format!("the state store did not answer: {e}")),
+            },
+        ),
+    };
+    let code = match &found {
+        Some(Ok(None)) => StatusCode::NOT_FOUND,
+        Some(Err(_)) => StatusCode::BAD_GATEWAY,
+        _ => StatusCode::OK,
+    };
+    page(
+        code,
+        view::layout(
+            &ui,
+            access,
+            "Find a job",
+            "jobs",
+            view::job_status(id, &tracked, found),
+        ),
+    )
 }
 
 async fn enqueue_page(State(ui): S, headers: HeaderMap) -> Response {

@@ -100,6 +100,7 @@ async fn dashboard(http: &str) -> Dash {
         worker_id: "w-1".into(),
         notices: vec!["delay: native".into()],
         runs_jobs: true,
+        store: None,
     });
     let state = HttpState {
         stats,
@@ -457,6 +458,7 @@ fn running_jobs_show_on_the_worker_page() {
         worker_id: "w".into(),
         notices: vec![],
         runs_jobs: true,
+        store: None,
     }))
     .into_string();
     assert!(html.contains("1 job(s) running now"));
@@ -517,4 +519,74 @@ fn helpers() {
         "a=1; stevedore_ui=t0k; b=2".parse().expect("header"),
     );
     assert_eq!(cookie(&h, COOKIE), Some("t0k"));
+}
+
+/// The job page finds a status by id, says when there is none, and without a store says so.
+#[tokio::test]
+async fn the_job_page_shows_a_status_by_id() {
+    use stevedore_core::store::{MemoryStore, Store};
+    let toml = "[queues.emails]\ntrack_status = true\n[queues.default]\n";
+    let config = Arc::new(crate::config::from_toml_str(toml, None).expect("config"));
+    let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new());
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let client = crate::Client::new(broker.clone())
+        .with_limits_from(&config)
+        .with_store(store.clone());
+    let id = client
+        .enqueue("send", &1)
+        .queue("emails")
+        .send()
+        .await
+        .expect("enqueue");
+    let parts = |store| UiParts {
+        broker: broker.clone(),
+        config: config.clone(),
+        jobs: vec!["send".into()],
+        stats: Stats::new(),
+        hints: Hints::new(),
+        worker_id: "w".into(),
+        notices: vec![],
+        runs_jobs: true,
+        store,
+    };
+    let serve_ui = |ui: Arc<Ui>| async move {
+        let state = HttpState {
+            stats: Stats::new(),
+            hints: Hints::new(),
+            prometheus: None,
+            worker_id: "w".into(),
+            ui: Some(ui),
+            store: None,
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, rx) = watch::channel(false);
+        tokio::spawn(serve(listener, state, rx));
+        (addr, stop)
+    };
+    let (addr, _stop) = serve_ui(Ui::new(parts(Some(store.clone())))).await;
+    let empty = request(addr, "GET", "/ui/jobs", &[], "").await;
+    assert_eq!(empty.status, 200);
+    assert!(
+        empty.body.contains("Queues that keep job status: emails."),
+        "{}",
+        empty.body
+    );
+    let found = request(addr, "GET", &format!("/ui/jobs?id={id}"), &[], "").await;
+    assert_eq!(found.status, 200);
+    assert!(
+        found.body.contains(r#"<dd data-col="state">queued</dd>"#) && found.body.contains(&id),
+        "{}",
+        found.body
+    );
+    let missing = request(addr, "GET", "/ui/jobs?id=nope", &[], "").await;
+    assert_eq!(missing.status, 404);
+    assert!(missing.body.contains("No status recorded for nope"));
+    let (addr, _stop2) = serve_ui(Ui::new(parts(None))).await;
+    let no_store = request(addr, "GET", &format!("/ui/jobs?id={id}"), &[], "").await;
+    assert!(
+        no_store.body.contains("no state store"),
+        "{}",
+        no_store.body
+    );
 }

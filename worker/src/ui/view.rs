@@ -67,6 +67,7 @@ pub(super) fn layout(ui: &Ui, access: Access, title: &str, nav: &str, body: Mark
                         (link("/ui", "overview", "Queues"))
                         @if ui.runs_jobs { (link("/ui/worker", "worker", "This worker")) }
                         (link("/ui/enqueue", "enqueue", "Enqueue"))
+                        (link("/ui/jobs", "jobs", "Find a job"))
                     }
                     span.who {
                         (ui.broker.name()) " · "
@@ -556,6 +557,61 @@ fn ago(t: SystemTime) -> String {
 
 /// RFC 3339 in UTC; a time humantime cannot write (past the year 9999, which any producer can
 /// put in a header) as milliseconds since the epoch.
+/// The job page: a search by id and, for one searched, its status.
+pub(super) fn job_status(
+    id: &str,
+    tracked: &[String],
+    found: Option<Result<Option<crate::JobStatus>, String>>,
+) -> Markup {
+    let opt = |t: Option<SystemTime>| t.map_or("–".to_string(), time);
+    html! {
+        div.card {
+            form.filters method="get" action="/ui/jobs" {
+                label { "Job id"
+                    input type="search" name="id" value=(id) placeholder="the id enqueue returned" size="40";
+                }
+                button type="submit" { "Find" }
+            }
+            p.muted {
+                @if tracked.is_empty() {
+                    "No queue of this config keeps job status: set track_status = true on a queue."
+                } @else {
+                    "Queues that keep job status: " (tracked.join(", ")) "."
+                }
+            }
+        }
+        @match found {
+            None => {},
+            Some(Err(e)) => p.flash.error #flash { (e) },
+            Some(Ok(None)) => p.flash.error #flash {
+                "No status recorded for " (id) ": its queue does not keep status, the id is unknown, or its status expired."
+            },
+            Some(Ok(Some(s))) => div.card {
+                dl.kv #status {
+                    dt { "Id" } dd data-col="id" { (s.id) }
+                    dt { "State" } dd data-col="state" { (s.state.as_str()) }
+                    dt { "Job" } dd data-col="job" { (s.job) }
+                    dt { "Queue" } dd { a href={"/ui/queues/" (enc(&s.queue))} { (s.queue) } }
+                    dt { "Attempt" } dd data-col="attempt" {
+                        (s.attempt) @if let Some(max) = s.max_attempts { " of " (max) }
+                    }
+                    dt { "Enqueued" } dd { (time(s.enqueued_at)) }
+                    @if s.run_at.is_some() { dt { "Runs at" } dd { (opt(s.run_at)) } }
+                    dt { "Started" } dd { (opt(s.started_at)) }
+                    dt { "Finished" } dd { (opt(s.finished_at)) }
+                    dt { "Updated" } dd { (time(s.updated_at)) }
+                    dt { "Worker" } dd { (s.worker.as_deref().unwrap_or("–")) }
+                    @if let Some(e) = &s.last_error { dt { "Last error" } dd.err data-col="error" { (e) } }
+                    @if let Some(r) = &s.result { dt { "Result" } dd { pre { (r.to_string()) } } }
+                }
+                @if s.state == crate::JobState::Dead {
+                    p { a href={"/ui/queues/" (enc(&s.queue)) "/dead/" (enc(&s.id))} { "Its dead letter →" } }
+                }
+            },
+        }
+    }
+}
+
 pub(super) fn time(t: SystemTime) -> String {
     let ms = t
         .duration_since(SystemTime::UNIX_EPOCH)
