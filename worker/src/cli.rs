@@ -927,7 +927,7 @@ async fn admin(
             let time = |t: Option<std::time::SystemTime>| {
                 t.map_or_else(
                     || "-".to_string(),
-                    |t| humantime::format_rfc3339_millis(t).to_string(),
+                    |t| humantime::format_rfc3339_millis(crate::status::clamp(t)).to_string(),
                 )
             };
             let attempts = match s.max_attempts {
@@ -1193,7 +1193,10 @@ async fn admin(
                         d.envelope.job.as_deref().unwrap_or("-"),
                         d.attempts,
                         d.last_failure
-                            .map(|t| humantime::format_rfc3339_seconds(t).to_string())
+                            .map(
+                                |t| humantime::format_rfc3339_seconds(crate::status::clamp(t))
+                                    .to_string()
+                            )
                             .unwrap_or_default(),
                         d.error
                     );
@@ -1319,8 +1322,8 @@ fn dead_letter_json(d: &dlq::DeadLetter) -> serde_json::Value {
         "origin": d.origin,
         "attempts": d.attempts,
         "error": d.error,
-        "first_failure": d.first_failure.map(|t| humantime::format_rfc3339_millis(t).to_string()),
-        "last_failure": d.last_failure.map(|t| humantime::format_rfc3339_millis(t).to_string()),
+        "first_failure": d.first_failure.map(|t| humantime::format_rfc3339_millis(crate::status::clamp(t)).to_string()),
+        "last_failure": d.last_failure.map(|t| humantime::format_rfc3339_millis(crate::status::clamp(t)).to_string()),
         "worker": d.worker,
         "priority": e.priority.as_str(),
         "headers": e.headers,

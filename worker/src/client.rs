@@ -270,43 +270,49 @@ impl Client {
         let Some((keep, store)) = tracked else {
             return self.publish_traced(queue, envelopes).await;
         };
-        // All at once: a store that hangs costs the batch one timeout, not one per job.
-        let writes = envelopes.iter().map(|e| {
-            let status = crate::JobStatus::enqueued(
-                &e.id,
-                queue,
-                e.job.as_deref().unwrap_or("-"),
-                e.enqueued_at,
-                e.not_before,
-            );
-            let (key, bytes) = (crate::status::key(&e.id), status.encode());
-            async move {
-                match crate::effects::timed(store.swap(&key, None, Some(&bytes), Some(keep))).await
-                {
-                    Ok(true) => Some((key, bytes)),
-                    Ok(false) => None,
+        let statuses: Vec<(String, Vec<u8>)> = envelopes
+            .iter()
+            .map(|e| {
+                let status = crate::JobStatus::enqueued(
+                    &e.id,
+                    queue,
+                    e.job.as_deref().unwrap_or("-"),
+                    e.enqueued_at,
+                    e.not_before,
+                );
+                (crate::status::key(&e.id), status.encode())
+            })
+            .collect();
+        // A few at a time: a whole relay batch at once would queue on the store's pool and
+        // starve the workers' own store calls; one by one, a hanging store would cost one
+        // timeout per job.
+        let mut written: Vec<&(String, Vec<u8>)> = Vec::new();
+        for chunk in statuses.chunks(4) {
+            let swaps = chunk.iter().map(|(key, bytes)| {
+                crate::effects::timed(store.swap(key, None, Some(bytes), Some(keep)))
+            });
+            for (w, r) in chunk.iter().zip(futures::future::join_all(swaps).await) {
+                match r {
+                    Ok(true) => written.push(w),
+                    Ok(false) => {}
                     Err(err) => {
-                        tracing::warn!(error = %err, key, "could not record the job's status");
-                        None
+                        tracing::warn!(error = %err, key = %w.0, "could not record the job's status");
                     }
                 }
             }
-        });
-        let written: Vec<(String, Vec<u8>)> = futures::future::join_all(writes)
-            .await
-            .into_iter()
-            .flatten()
-            .collect();
+        }
         let result = self.publish_traced(queue, envelopes).await;
         if result.is_err() {
-            let undo = written.iter().map(|(key, bytes)| async move {
-                if let Err(e) =
-                    crate::effects::timed(store.swap(key, Some(bytes), None, None)).await
-                {
-                    tracing::warn!(error = %e, key, "enqueue failed and its status could not be removed: it lapses");
+            for chunk in written.chunks(4) {
+                let undo = chunk.iter().map(|(key, bytes)| {
+                    crate::effects::timed(store.swap(key, Some(bytes), None, None))
+                });
+                for (w, r) in chunk.iter().zip(futures::future::join_all(undo).await) {
+                    if let Err(e) = r {
+                        tracing::warn!(error = %e, key = %w.0, "enqueue failed and its status could not be removed: it lapses");
+                    }
                 }
-            });
-            futures::future::join_all(undo).await;
+            }
         }
         result
     }
@@ -640,6 +646,7 @@ impl Enqueue {
         mut self,
         conn: &stevedore_sqlite::rusqlite::Connection,
     ) -> Result<String, EnqueueError> {
+        let envelope = self.checked_for_a_transaction()?;
         let broker = self.client.inner.scheduler.broker().clone();
         if broker.name() != "sqlite" {
             return Err(EnqueueError::Unsupported(format!(
@@ -647,7 +654,6 @@ impl Enqueue {
                 broker.name()
             )));
         }
-        let envelope = self.checked_for_a_transaction()?;
         let limit = self
             .max_depth
             .or_else(|| self.client.inner.limits.get(&self.queue).copied());

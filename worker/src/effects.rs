@@ -143,13 +143,26 @@ pub(crate) enum Begin {
     Busy(Duration),
 }
 
-/// Whether an idempotent `job`'s delivery of `id` already succeeded (its inbox mark says
-/// `done`); `false` when the job is not idempotent or the store does not answer.
-pub(crate) async fn is_done(effects: &Effects, job: &str, id: &str) -> bool {
+/// What the inbox says of a delivery past its last attempt.
+pub(crate) enum Over {
+    /// It already succeeded (a success whose ack was lost): a duplicate.
+    Done,
+    /// Another delivery of it runs, or the store did not answer: put it off and look again.
+    Busy,
+    /// Nothing: the crash loop it looks like (or the job is not idempotent).
+    Nothing,
+}
+
+/// Looks up the inbox mark of a delivery of idempotent `job` past its last attempt.
+pub(crate) async fn over(effects: &Effects, job: &str, id: &str) -> Over {
     if !effects.inbox.contains_key(job) {
-        return false;
+        return Over::Nothing;
     }
-    matches!(timed(effects.store.get(&inbox_key(job, id))).await, Ok(Some(v)) if v == DONE)
+    match timed(effects.store.get(&inbox_key(job, id))).await {
+        Ok(Some(v)) if v == DONE => Over::Done,
+        Ok(None) => Over::Nothing,
+        Ok(Some(_)) | Err(_) => Over::Busy,
+    }
 }
 
 /// Claims the inbox key and records `running`, as configured for `job`.
@@ -166,6 +179,14 @@ pub(crate) async fn begin(
     let mut begun = Begun::default();
     if let Some(&keep) = effects.inbox.get(job) {
         let key = inbox_key(job, &env.id);
+        // A plain read first: it never waits on a row a handler's transaction holds (the
+        // claim below could), and a duplicate or a busy job is told apart at once.
+        match timed(store.get(&key)).await {
+            Ok(Some(v)) if v == DONE => return Begin::Duplicate,
+            Ok(Some(_)) => return Begin::Busy(Duration::from_secs(1).min(effects.lease)),
+            Ok(None) => {}
+            Err(e) => return store_down(&e),
+        }
         let value = format!("running {worker} {:016x}", rand::random::<u64>()).into_bytes();
         match timed(store.swap(&key, None, Some(&value), Some(effects.lease))).await {
             Ok(true) => begun.claim = Some(Claim { key, value, keep }),
@@ -345,6 +366,12 @@ pub(crate) async fn dead_on_arrival(
     error: &JobError,
 ) {
     let Some(keep) = effects.status else { return };
+    // A job that succeeded and whose ack was lost (its queue keeps no inbox): keep `succeeded`.
+    if let Ok(Some(b)) = timed(effects.store.get(&status::key(&env.id))).await {
+        if JobStatus::decode(&b).is_some_and(|s| s.state == JobState::Succeeded) {
+            return;
+        }
+    }
     let now = SystemTime::now();
     let mut s = JobStatus::enqueued(&env.id, queue, job, env.enqueued_at, None);
     s.state = JobState::Dead;
@@ -363,7 +390,8 @@ pub(crate) async fn dead_on_arrival(
 /// failed left `retrying`), unless it already reads final.
 pub(crate) async fn duplicate_seen(effects: &Effects, id: &str) {
     let Some(keep) = effects.status else { return };
-    let Ok(Some(bytes)) = timed(effects.store.get(&status::key(id))).await else {
+    let key = status::key(id);
+    let Ok(Some(bytes)) = timed(effects.store.get(&key)).await else {
         return;
     };
     let Some(mut s) = JobStatus::decode(&bytes) else {
@@ -377,5 +405,14 @@ pub(crate) async fn duplicate_seen(effects: &Effects, id: &str) {
     s.updated_at = now;
     s.run_at = None;
     s.finished_at.get_or_insert(now);
-    status::write(&*effects.store, &s, keep).await;
+    // Only over what was read: a fresher status (the run itself finishing) wins.
+    let swapped = timed(
+        effects
+            .store
+            .swap(&key, Some(&bytes), Some(&s.encode()), Some(keep)),
+    )
+    .await;
+    if let Err(e) = swapped {
+        tracing::debug!(error = %e, id, "could not record a duplicate's job as succeeded");
+    }
 }

@@ -141,16 +141,20 @@ impl JobContext {
                     "mark_done_in needs the state store to be PostgreSQL ([store] kind = \"postgres\"), in the database the transaction writes to",
                 )
             })?;
-        store
-            .mark_in(conn, key, crate::effects::DONE, *keep)
-            .await
-            .map_err(|e| {
-                if e.is_transient() {
-                    JobError::retry(format!("marking the job done: {e}"))
-                } else {
-                    JobError::permanent(format!("marking the job done: {e}"))
-                }
-            })
+        let marked = store.mark_in(conn, key, crate::effects::DONE, *keep).await;
+        if marked.is_err() {
+            // Not held by the transaction after all: the runtime renews its claim again.
+            if let Some(e) = shared {
+                e.marked.store(false, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        marked.map_err(|e| {
+            if e.is_transient() {
+                JobError::retry(format!("marking the job done: {e}"))
+            } else {
+                JobError::permanent(format!("marking the job done: {e}"))
+            }
+        })
     }
 }
 

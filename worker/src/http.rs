@@ -155,7 +155,7 @@ async fn job_status(State(state): State<HttpState>, Path(id): Path<String>) -> R
             "job status is not kept here: this process has no state store ([store])".into(),
         );
     };
-    match store.get(&crate::status::key(&id)).await {
+    match crate::effects::timed(store.get(&crate::status::key(&id))).await {
         Ok(Some(bytes)) => match crate::JobStatus::decode(&bytes) {
             Some(status) => Json(status).into_response(),
             None => error(

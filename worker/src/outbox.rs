@@ -194,9 +194,10 @@ pub struct Round {
 /// when the outbox is empty.
 ///
 /// A row the broker refuses for good for reasons of its own (a payload over the broker's
-/// limit, too many headers, an invalid queue name) is published alone and, if still refused,
-/// set aside with its error; any other failure ends the round with the error and leaves every
-/// row where it was (to be published again, under the same ids).
+/// limit, too many headers, an invalid queue name, a delay it cannot keep) is published alone
+/// and, if still refused, set aside with its error; any other failure ends the round with the
+/// error: the rows published before it are deleted, the rest stay (to be published again,
+/// under the same ids).
 ///
 /// `commit = false` publishes and then drops the batch without deleting its rows, exactly as
 /// a relay killed between the publish and the delete leaves them: for fault-injection tests.
@@ -220,7 +221,6 @@ async fn finish(
 ) -> Result<Round, String> {
     let jobs = std::mem::take(&mut batch.jobs);
     let taken = jobs.len();
-    let mut published = 0;
     let mut refused: Vec<(usize, String)> = Vec::new();
     let publish = |q: &str, envs: Vec<Envelope>| {
         let q = q.to_string();
@@ -237,8 +237,11 @@ async fn finish(
                 })
         }
     };
+    // Rows published, rows refused for good, and the failure that ended the round early.
+    let mut sent: Vec<usize> = Vec::new();
+    let mut failure: Option<String> = None;
     let mut i = 0;
-    while i < jobs.len() {
+    'runs: while i < jobs.len() {
         let queue = &jobs[i].0;
         let end = jobs[i..]
             .iter()
@@ -246,13 +249,19 @@ async fn finish(
             .map_or(jobs.len(), |k| i + k);
         let run: Vec<Envelope> = jobs[i..end].iter().map(|(_, e)| e.clone()).collect();
         match publish(queue, run).await {
-            Ok(()) => published += end - i,
-            Err(e) if !refuses_the_row(&e) => return Err(e.to_string()),
+            Ok(()) => sent.extend(i..end),
+            Err(e) if !refuses_the_row(&e) => {
+                failure = Some(e.to_string());
+                break 'runs;
+            }
             Err(_) => {
                 for (k, (q, env)) in jobs.iter().enumerate().take(end).skip(i) {
                     match publish(q, vec![env.clone()]).await {
-                        Ok(()) => published += 1,
-                        Err(e) if !refuses_the_row(&e) => return Err(e.to_string()),
+                        Ok(()) => sent.push(k),
+                        Err(e) if !refuses_the_row(&e) => {
+                            failure = Some(e.to_string());
+                            break 'runs;
+                        }
                         Err(e) => {
                             tracing::error!(id = %env.id, queue = %q, error = %e, "outbox: the broker refuses this row for good; it stays in the outbox table with its error (stevedore relay --retry-refused puts it back)");
                             refused.push((k, e.to_string()));
@@ -263,33 +272,47 @@ async fn finish(
         }
         i = end;
     }
+    let published = sent.len();
     if !commit {
-        return Ok(Round { taken, published });
+        return match failure {
+            Some(f) => Err(f),
+            None => Ok(Round { taken, published }),
+        };
     }
     batch.jobs = jobs;
+    // What went out (and what was refused) is settled even when the round ended early, so it
+    // is not published again with the rest; the rest stays for the next round.
     let settle = async {
         for (k, error) in refused {
             batch.refuse(k, &error).await?;
         }
-        batch.done().await
+        batch.done_with(&sent).await
     };
     // Bounded like the publish: rows not deleted in time are published again.
     tokio::time::timeout(PUBLISH_TIMEOUT, settle)
         .await
         .map_err(|_| "the database did not take the batch's delete in time".to_string())?
         .map_err(|e| e.to_string())?;
-    Ok(Round { taken, published })
+    match failure {
+        Some(f) => Err(f),
+        None => Ok(Round { taken, published }),
+    }
 }
 
-/// Whether an enqueue error is about the row itself (so publishing it again can never work):
-/// anything else (the broker down, permissions, a missing queue) is retried with the batch.
+/// Whether an enqueue error is about the row itself (so publishing it again can never work:
+/// its payload, its headers, its queue's name, a delay the broker cannot keep): anything else
+/// (the broker down, a permission) is retried with the rest of the batch.
 fn refuses_the_row(e: &crate::EnqueueError) -> bool {
     use stevedore_core::BrokerError;
     matches!(
         e,
         crate::EnqueueError::TooManyHeaders { .. }
             | crate::EnqueueError::InvalidQueue { .. }
-            | crate::EnqueueError::Broker(BrokerError::PayloadTooLarge { .. })
+            | crate::EnqueueError::Broker(
+                BrokerError::PayloadTooLarge { .. }
+                    | BrokerError::InvalidQueue { .. }
+                    | BrokerError::Unsupported { .. }
+            )
     )
 }
 

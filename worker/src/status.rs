@@ -175,6 +175,13 @@ pub(crate) async fn write(
     }
 }
 
+/// `t` within what RFC 3339 writes (1970 to 9999: timestamps come from message headers, which
+/// any producer may set, and humantime panics outside that range).
+pub(crate) fn clamp(t: SystemTime) -> SystemTime {
+    let last = SystemTime::UNIX_EPOCH + Duration::from_secs(253_402_300_799);
+    t.clamp(SystemTime::UNIX_EPOCH, last)
+}
+
 mod rfc3339 {
     use serde::{Deserialize, Deserializer, Serializer};
     use std::time::SystemTime;
@@ -183,12 +190,7 @@ mod rfc3339 {
         s.serialize_str(&humantime::format_rfc3339_millis(clamp(*t)).to_string())
     }
 
-    /// `t` within what RFC 3339 writes (1970 to 9999: timestamps come from message headers,
-    /// which any producer may set, and humantime panics outside that range).
-    pub(super) fn clamp(t: SystemTime) -> SystemTime {
-        let last = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(253_402_300_799);
-        t.clamp(SystemTime::UNIX_EPOCH, last)
-    }
+    pub(super) use super::clamp;
 
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
         let text = String::deserialize(d)?;

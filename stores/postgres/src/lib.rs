@@ -82,10 +82,13 @@ fn err(e: sqlx::Error) -> BrokerError {
             BrokerError::Connection(format!("postgres: {e}"))
         }
         sqlx::Error::Database(db) => {
-            // Class 08 (connection), 40 (serialization, deadlock), 53 (resources), 57 (shutdown).
-            let transient = db
-                .code()
-                .is_some_and(|c| ["08", "40", "53", "57"].iter().any(|p| c.starts_with(p)));
+            // Class 08 (connection), 40 (serialization, deadlock), 53 (resources), 57 (shutdown),
+            // and 55P03 (a lock wait past lock_timeout).
+            let transient = db.code().is_some_and(|c| {
+                ["08", "40", "53", "57", "55P03"]
+                    .iter()
+                    .any(|p| c.starts_with(p))
+            });
             if transient {
                 BrokerError::Connection(format!("postgres: {e}"))
             } else {
@@ -214,6 +217,15 @@ pub(crate) async fn connect_pool(url: &str) -> Result<PgPool, BrokerError> {
         .min_connections(0)
         .acquire_timeout(Duration::from_secs(10))
         .idle_timeout(Duration::from_secs(300))
+        // A statement never waits long for a row another transaction holds (an application's
+        // transaction holding an inbox key, say): it fails as transient instead, and the
+        // connection is free again at once rather than stuck until that transaction ends.
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                sqlx::Executor::execute(&mut *conn, "SET lock_timeout = '3s'").await?;
+                Ok(())
+            })
+        })
         .connect_lazy_with(options))
 }
 

@@ -302,13 +302,25 @@ impl Batch {
 
     /// Deletes the rows (they were published; refused ones stay) and commits. When this
     /// fails, or is never called, the rows stay and are published again.
-    pub async fn done(mut self) -> Result<(), BrokerError> {
+    pub async fn done(self) -> Result<(), BrokerError> {
+        let all: Vec<usize> = (0..self.seqs.len()).collect();
+        self.done_with(&all).await
+    }
+
+    /// Deletes only the rows of `jobs[i]` for each `i` in `published` (refused ones stay) and
+    /// commits; the others stay, to be taken again: for a batch whose publish failed part way,
+    /// so that what did go out is not published again and again.
+    pub async fn done_with(mut self, published: &[usize]) -> Result<(), BrokerError> {
+        let seqs: Vec<i64> = published
+            .iter()
+            .filter_map(|&i| self.seqs.get(i).copied())
+            .collect();
         let sql = format!(
             "DELETE FROM {} WHERE seq = ANY($1) AND error IS NULL",
             self.table
         );
         sqlx::query(&sql)
-            .bind(&self.seqs)
+            .bind(&seqs)
             .execute(&mut *self.tx)
             .await
             .map_err(err)?;

@@ -556,11 +556,23 @@ async fn run_job(ctx: Arc<QueueCtx>, priority: Priority, d: Delivery) {
         // The inbox claim and status of a job on a queue that records them.
         let mut begun = None;
         if let (Some(effects), Some(j)) = (&c.effects, job.as_deref()) {
-            // Past its last attempt (the crash loop below) yet done: a success whose ack was lost.
+            // Past its last attempt (the crash loop below): unless its inbox says it succeeded
+            // (an ack was lost: a duplicate) or another delivery of it still runs (put off).
             let over = c.jobs.get(j).is_some_and(|(r, _)| attempt > r.max_attempts);
-            if over && boxed!(crate::effects::is_done(effects, j, &d.envelope.id)).await {
-                boxed!(skip_duplicate(c, d)).await;
-                return;
+            if over {
+                use crate::effects::Over;
+                match boxed!(crate::effects::over(effects, j, &d.envelope.id)).await {
+                    Over::Done => {
+                        boxed!(skip_duplicate(c, d)).await;
+                        return;
+                    }
+                    Over::Busy => {
+                        let why = "past its last attempt while another delivery of it runs, or the state store did not answer";
+                        boxed!(defer(c, d, Duration::from_secs(1), false, why)).await;
+                        return;
+                    }
+                    Over::Nothing => {}
+                }
             }
             if let Some(&(retry, _)) = c.jobs.get(j).filter(|(r, _)| attempt <= r.max_attempts) {
                 use crate::effects::Begin;

@@ -28,8 +28,9 @@ pub(super) async fn supervise_slow(
     tokio::pin!(fut);
     let lease = ctx.cfg.lease;
     let effects = ctx.effects.as_ref().zip(claim);
-    // The inbox claim's renewal in flight, if any (at most one).
-    let mut renewing: Option<tokio::task::JoinHandle<()>> = None;
+    // The inbox claim's renewal in flight, if any (at most one; stopped when the job ends, so
+    // none lands after the claim was settled).
+    let mut renewing = AbortOnDrop(None);
     let beat = crate::lease::beat(lease);
     let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + beat, beat);
     let deadline = tokio::time::sleep(timeout);
@@ -51,11 +52,22 @@ pub(super) async fn supervise_slow(
                     crate::lease::renew(ctx.broker().as_ref(), receipt, lease).await;
                 }
                 if let Some((effects, begun)) = effects {
-                    if renewing.as_ref().is_none_or(|r| r.is_finished()) {
-                        renewing = crate::effects::renew(effects, begun);
+                    if renewing.0.as_ref().is_none_or(|r| r.is_finished()) {
+                        renewing.0 = crate::effects::renew(effects, begun);
                     }
                 }
             }
+        }
+    }
+}
+
+/// A task aborted when this is dropped.
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(t) = self.0.take() {
+            t.abort();
         }
     }
 }

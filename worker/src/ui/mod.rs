@@ -644,25 +644,31 @@ async fn job_page(State(ui): S, headers: HeaderMap, Query(q): Query<JobQuery>) -
         .filter(|(_, c)| c.track_status.window().is_some())
         .map(|(name, _)| name)
         .collect();
-    let found = match (&ui.store, id.is_empty()) {
-        (_, true) => None,
-        (None, false) => Some(Err(
-            "this process has no state store ([store]), so it keeps no job status".to_string(),
-        )),
-        (Some(store), false) => Some(
-            match crate::effects::timed(store.get(&crate::status::key(id))).await {
-                Ok(None) => Ok(None),
-                Ok(Some(b)) => crate::JobStatus::decode(&b)
-                    .map(Some)
-                    .ok_or_else(|| "the stored status is not readable".to_string()),
-                Err(e) => Err(format!("the state store did not answer: {e}")),
-            },
+    // The codes of GET /jobs/{id}: 404 none (or no store here), 500 unreadable, 503 no answer.
+    let (code, found) = match (&ui.store, id.is_empty()) {
+        (_, true) => (StatusCode::OK, None),
+        (None, false) => (
+            StatusCode::NOT_FOUND,
+            Some(Err(
+                "this process has no state store ([store]), so it keeps no job status".to_string(),
+            )),
         ),
-    };
-    let code = match &found {
-        Some(Ok(None)) => StatusCode::NOT_FOUND,
-        Some(Err(_)) => StatusCode::BAD_GATEWAY,
-        _ => StatusCode::OK,
+        (Some(store), false) => {
+            match crate::effects::timed(store.get(&crate::status::key(id))).await {
+                Ok(None) => (StatusCode::NOT_FOUND, Some(Ok(None))),
+                Ok(Some(b)) => match crate::JobStatus::decode(&b) {
+                    Some(s) => (StatusCode::OK, Some(Ok(Some(s)))),
+                    None => (
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        Some(Err("the stored status is not readable".to_string())),
+                    ),
+                },
+                Err(e) => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Some(Err(format!("the state store did not answer: {e}"))),
+                ),
+            }
+        }
     };
     page(
         code,
