@@ -102,6 +102,20 @@ async fn dashboard(http: &str) -> Dash {
         runs_jobs: true,
         store: None,
     });
+    let (addr, stop) = serve_ui(ui, stats, hints).await;
+    Dash {
+        addr,
+        broker,
+        _stop: stop,
+    }
+}
+
+/// Serves `ui` (and the endpoints beside it) on a free loopback port until the sender drops.
+async fn serve_ui(
+    ui: Arc<Ui>,
+    stats: Arc<Stats>,
+    hints: Arc<Hints>,
+) -> (SocketAddr, watch::Sender<bool>) {
     let state = HttpState {
         stats,
         hints,
@@ -114,11 +128,7 @@ async fn dashboard(http: &str) -> Dash {
     let addr = listener.local_addr().expect("addr");
     let (stop, rx) = watch::channel(false);
     tokio::spawn(serve(listener, state, rx));
-    Dash {
-        addr,
-        broker,
-        _stop: stop,
-    }
+    (addr, stop)
 }
 
 /// Dead letters of `emails`: two `send` jobs that timed out, one `resize` that failed to decode.
@@ -549,22 +559,12 @@ async fn the_job_page_shows_a_status_by_id() {
         runs_jobs: true,
         store,
     };
-    let serve_ui = |ui: Arc<Ui>| async move {
-        let state = HttpState {
-            stats: Stats::new(),
-            hints: Hints::new(),
-            prometheus: None,
-            worker_id: "w".into(),
-            ui: Some(ui),
-            store: None,
-        };
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let (stop, rx) = watch::channel(false);
-        tokio::spawn(serve(listener, state, rx));
-        (addr, stop)
-    };
-    let (addr, _stop) = serve_ui(Ui::new(parts(Some(store.clone())))).await;
+    let (addr, _stop) = serve_ui(
+        Ui::new(parts(Some(store.clone()))),
+        Stats::new(),
+        Hints::new(),
+    )
+    .await;
     let empty = request(addr, "GET", "/ui/jobs", &[], "").await;
     assert_eq!(empty.status, 200);
     assert!(
@@ -582,7 +582,7 @@ async fn the_job_page_shows_a_status_by_id() {
     let missing = request(addr, "GET", "/ui/jobs?id=nope", &[], "").await;
     assert_eq!(missing.status, 404);
     assert!(missing.body.contains("No status recorded for nope"));
-    let (addr, _stop2) = serve_ui(Ui::new(parts(None))).await;
+    let (addr, _stop2) = serve_ui(Ui::new(parts(None)), Stats::new(), Hints::new()).await;
     let no_store = request(addr, "GET", &format!("/ui/jobs?id={id}"), &[], "").await;
     assert!(
         no_store.body.contains("no state store"),
