@@ -211,6 +211,24 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
     /// its delivery count incremented on the next delivery.
     async fn release(&self, receipts: &[Receipt]) -> Result<(), BrokerError>;
 
+    /// Gives deliveries back like [`release`](Broker::release), except that this hand-out is not
+    /// counted: the next delivery of each has the same [`Delivery::attempt`] as the one given
+    /// back. The runtime uses it only for deliveries it gives back without a failure of their own
+    /// (received during a graceful shutdown, or cut off at the drain deadline), so that deploys do
+    /// not use up a job's attempts. A crash (a lease that runs out) still counts, which keeps
+    /// crash loops bounded.
+    ///
+    /// The default is [`resend_uncounted`]: each envelope is published again to its queue with
+    /// its attempt carried in the envelope, then the original is acked. The copy goes to the back
+    /// of its queue, keeps its id, and a crash between the two steps leaves both (at-least-once).
+    /// Backends that count deliveries themselves override it to undo the count in place, and
+    /// backends whose order a re-publish would break (FIFO groups) may fall back to a counted
+    /// [`release`](Broker::release). Fails like `release`; on error some deliveries may have
+    /// been given back.
+    async fn release_uncounted(&self, deliveries: Vec<Delivery>) -> Result<(), BrokerError> {
+        resend_uncounted(self, deliveries).await
+    }
+
     /// Extends a delivery's lease to `lease` from now. A no-op for [`crate::LeaseSupport::Session`]
     /// backends. Fails with [`BrokerError::LeaseLost`] if the lease already ended.
     async fn extend_lease(&self, receipt: &Receipt, lease: Duration) -> Result<(), BrokerError>;
@@ -256,6 +274,61 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
     async fn close(&self) -> Result<(), BrokerError> {
         Ok(())
     }
+}
+
+/// [`Broker::release_uncounted`]'s default: publishes each delivery's envelope again to its
+/// physical queue (the receipt's) with `attempt` set to the delivery's
+/// [`attempt`](Delivery::attempt), so that the copy's first delivery is the same attempt, then
+/// acks the originals, queue by queue in the given order. A delivery whose `not_before` still
+/// lies ahead (an early hop of a capped delay) is released plainly instead: publishing it again
+/// is the runtime's work, not the broker's. Nothing is lost on failure: a failed publish
+/// releases the originals it covered (counted) and returns the error; a failed ack leaves both
+/// copies, the original coming back after its lease.
+pub async fn resend_uncounted<B: Broker + ?Sized>(
+    broker: &B,
+    deliveries: Vec<Delivery>,
+) -> Result<(), BrokerError> {
+    let now = SystemTime::now();
+    let mut plain: Vec<Receipt> = Vec::new();
+    // Queue → (copies, originals), in the order queues first appear.
+    let mut by_queue: Vec<(Arc<str>, Vec<Envelope>, Vec<Receipt>)> = Vec::new();
+    for d in deliveries {
+        if d.envelope.not_before.is_some_and(|t| t > now) {
+            plain.push(d.receipt);
+            continue;
+        }
+        let attempt = d.attempt();
+        let mut copy = d.envelope;
+        copy.attempt = attempt;
+        let queue = d.receipt.queue.clone();
+        match by_queue.iter_mut().find(|(q, _, _)| *q == queue) {
+            Some((_, copies, originals)) => {
+                copies.push(copy);
+                originals.push(d.receipt);
+            }
+            None => by_queue.push((queue, vec![copy], vec![d.receipt])),
+        }
+    }
+    let mut first_err = None;
+    if !plain.is_empty() {
+        if let Err(e) = broker.release(&plain).await {
+            first_err = Some(e);
+        }
+    }
+    for (queue, copies, originals) in by_queue {
+        match broker.publish(&queue, copies).await {
+            Ok(()) => {
+                if let Err(e) = broker.ack(&originals).await {
+                    first_err.get_or_insert(e);
+                }
+            }
+            Err(e) => {
+                let _ = broker.release(&originals).await;
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    first_err.map_or(Ok(()), Err)
 }
 
 /// Durable delay emulation on the broker itself, for brokers without native delay (Redis: a

@@ -96,6 +96,11 @@ pub struct Capabilities {
     /// 1, so a job that kills its worker process is redelivered without its attempt growing; the
     /// worker says so at start-up.
     pub counts_deliveries: bool,
+    /// Whether [`crate::Broker::release_uncounted`] keeps a delivery's attempt. False where a
+    /// backend must fall back to a counted release (SQS FIFO queues: a copy sent to the back of
+    /// a message group would break the group's order), so a job given back at a shutdown uses an
+    /// attempt there; the worker says so at start-up.
+    pub uncounted_release: bool,
     /// How the consumers of one queue share its messages.
     pub sharing: Sharing,
 }

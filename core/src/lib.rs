@@ -83,7 +83,7 @@ pub mod wire;
 
 /// Re-exported for backend crates implementing [`Broker`] and [`factory::BackendSetup`].
 pub use async_trait::async_trait;
-pub use broker::{Broker, DelayStore, Delivery, Depth, Receipt, ReceiveOptions};
+pub use broker::{resend_uncounted, Broker, DelayStore, Delivery, Depth, Receipt, ReceiveOptions};
 pub use capabilities::{Capabilities, DelaySupport, LeaseSupport, OrderingSupport, Sharing};
 pub use envelope::{from_millis, new_id, to_millis, Envelope, Priority};
 pub use error::BrokerError;

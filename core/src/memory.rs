@@ -219,6 +219,38 @@ impl Clone for MemoryBroker {
 }
 
 impl MemoryBroker {
+    /// Puts leased messages back at the front of their queues (`uncounted`: with this hand-out's
+    /// delivery count undone).
+    fn give_back(&self, receipts: &[Receipt], uncounted: bool) -> Result<(), BrokerError> {
+        let now = SystemTime::now();
+        let mut lost = None;
+        let mut map = self.lock()?;
+        // Release in reverse so that pushing to the front keeps the original order.
+        for r in receipts.iter().rev() {
+            let Some(q) = map.get_mut(r.queue()) else {
+                lost = Some(r.queue().to_string());
+                continue;
+            };
+            match token_of(r).and_then(|t| q.in_flight.remove(&t)) {
+                Some(l) => {
+                    q.unlock_key(&l.stored.env);
+                    let mut s = l.stored;
+                    s.ready_since = now;
+                    if uncounted {
+                        s.deliveries = s.deliveries.saturating_sub(1);
+                    }
+                    q.ready.push_front(s);
+                    q.notify.notify_waiters();
+                }
+                None => lost = Some(r.queue().to_string()),
+            }
+        }
+        match lost {
+            Some(queue) => Err(BrokerError::LeaseLost { queue }),
+            None => Ok(()),
+        }
+    }
+
     /// A broker with the default payload limit ([`DEFAULT_MAX_PAYLOAD`]).
     pub fn new() -> Self {
         Self::with_max_payload(DEFAULT_MAX_PAYLOAD)
@@ -240,6 +272,7 @@ impl MemoryBroker {
                     depth_staleness: Duration::ZERO,
                     shared: false,
                     counts_deliveries: true,
+                    uncounted_release: true,
                     sharing: crate::Sharing::Any,
                     max_headers: None,
                 },
@@ -398,30 +431,13 @@ impl Broker for MemoryBroker {
     }
 
     async fn release(&self, receipts: &[Receipt]) -> Result<(), BrokerError> {
-        let now = SystemTime::now();
-        let mut lost = None;
-        let mut map = self.lock()?;
-        // Release in reverse so that pushing to the front keeps the original order.
-        for r in receipts.iter().rev() {
-            let Some(q) = map.get_mut(r.queue()) else {
-                lost = Some(r.queue().to_string());
-                continue;
-            };
-            match token_of(r).and_then(|t| q.in_flight.remove(&t)) {
-                Some(l) => {
-                    q.unlock_key(&l.stored.env);
-                    let mut s = l.stored;
-                    s.ready_since = now;
-                    q.ready.push_front(s);
-                    q.notify.notify_waiters();
-                }
-                None => lost = Some(r.queue().to_string()),
-            }
-        }
-        match lost {
-            Some(queue) => Err(BrokerError::LeaseLost { queue }),
-            None => Ok(()),
-        }
+        self.give_back(receipts, false)
+    }
+
+    /// Gives the messages back in place with their delivery count undone.
+    async fn release_uncounted(&self, deliveries: Vec<Delivery>) -> Result<(), BrokerError> {
+        let receipts: Vec<Receipt> = deliveries.into_iter().map(|d| d.receipt).collect();
+        self.give_back(&receipts, true)
     }
 
     async fn extend_lease(&self, receipt: &Receipt, lease: Duration) -> Result<(), BrokerError> {

@@ -37,6 +37,8 @@ enum Fault {
     DoublePromote,
     /// Forgets released messages.
     LosesReleased,
+    /// Counts an uncounted release (as a plain release does).
+    CountsUncounted,
     /// Correct and restartable: while "restarting" (500 ms) every call fails with a connection error.
     Restartable,
     /// Correct, with native delay capped at [`DELAY_CAP`]: a message due later is held for the cap
@@ -181,6 +183,19 @@ impl Broker for Faulty {
             return self.inner.ack(receipts).await;
         }
         self.inner.release(receipts).await
+    }
+    async fn release_uncounted(&self, deliveries: Vec<Delivery>) -> Result<(), BrokerError> {
+        let receipts = || {
+            deliveries
+                .iter()
+                .map(|d| d.receipt.clone())
+                .collect::<Vec<_>>()
+        };
+        match self.fault {
+            Fault::LosesReleased => self.inner.ack(&receipts()).await,
+            Fault::CountsUncounted => self.inner.release(&receipts()).await,
+            _ => self.inner.release_uncounted(deliveries).await,
+        }
     }
     async fn extend_lease(&self, receipt: &Receipt, lease: Duration) -> Result<(), BrokerError> {
         if self.fault == Fault::IgnoresExtend {
@@ -373,6 +388,7 @@ async fn each_fault_fails_its_scenario() {
     expect_fail(Fault::ShortLease, 5, "before the").await;
     expect_fail(Fault::DoublePromote, 11, "twice").await;
     expect_fail(Fault::LosesReleased, 4, "received 0 of 3").await;
+    expect_fail(Fault::CountsUncounted, 4, "the release was counted").await;
 }
 
 /// The runtime scenarios fail too when the broker under them breaks its contract.
@@ -389,6 +405,7 @@ async fn each_fault_fails_its_runtime_scenario() {
     )
     .await;
     expect_fail(Fault::LosesReleased, 13, "released jobs").await;
+    expect_fail(Fault::CountsUncounted, 13, "must not use up an attempt").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -616,6 +616,9 @@ mod tests {
         async fn release(&self, receipts: &[Receipt]) -> Result<(), BrokerError> {
             self.inner.release(receipts).await
         }
+        async fn release_uncounted(&self, d: Vec<Delivery>) -> Result<(), BrokerError> {
+            self.inner.release_uncounted(d).await
+        }
         async fn extend_lease(
             &self,
             receipt: &Receipt,

@@ -866,6 +866,12 @@ mod tests {
         async fn release(&self, r: &[stevedore_core::Receipt]) -> Result<(), BrokerError> {
             self.inner.release(r).await
         }
+        async fn release_uncounted(
+            &self,
+            d: Vec<stevedore_core::Delivery>,
+        ) -> Result<(), BrokerError> {
+            self.inner.release_uncounted(d).await
+        }
         async fn extend_lease(
             &self,
             r: &stevedore_core::Receipt,

@@ -182,6 +182,9 @@ mod tests {
         async fn release(&self, r: &[Receipt]) -> Result<(), BrokerError> {
             self.0.release(r).await
         }
+        async fn release_uncounted(&self, d: Vec<Delivery>) -> Result<(), BrokerError> {
+            self.0.release_uncounted(d).await
+        }
         async fn extend_lease(&self, r: &Receipt, l: Duration) -> Result<(), BrokerError> {
             self.0.extend_lease(r, l).await
         }

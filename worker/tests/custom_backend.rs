@@ -76,6 +76,7 @@ fn caps(max_payload: usize) -> Capabilities {
         depth_staleness: Duration::ZERO,
         shared: true,
         counts_deliveries: true,
+        uncounted_release: true,
         sharing: stevedore_core::Sharing::Any,
         max_headers: None,
     }

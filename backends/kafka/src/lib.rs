@@ -243,6 +243,7 @@ pub fn capabilities(config: &KafkaConfig) -> Capabilities {
         max_headers: None,
         shared: true,
         counts_deliveries: true,
+        uncounted_release: true,
         // A member that dies is noticed after the session timeout, then every member drains its
         // revoked partitions before the new assignment.
         sharing: Sharing::Partitioned {
@@ -1595,11 +1596,18 @@ impl Broker for KafkaBroker {
     }
 
     async fn ack(&self, receipts: &[Receipt]) -> Result<(), BrokerError> {
-        self.settle(receipts, true).await
+        self.settle(receipts, true, false).await
     }
 
     async fn release(&self, receipts: &[Receipt]) -> Result<(), BrokerError> {
-        self.settle(receipts, false).await
+        self.settle(receipts, false, false).await
+    }
+
+    /// Puts the records back in their window with this hand-out's count undone (the count
+    /// reaches the checkpoint, so the partition's next owner sees it too).
+    async fn release_uncounted(&self, deliveries: Vec<Delivery>) -> Result<(), BrokerError> {
+        let receipts: Vec<Receipt> = deliveries.into_iter().map(|d| d.receipt).collect();
+        self.settle(&receipts, false, true).await
     }
 
     fn delay_store(&self) -> Option<Arc<dyn stevedore_core::DelayStore>> {
@@ -1709,7 +1717,12 @@ impl KafkaBroker {
     /// Acks (`ack`) or releases receipts. Each receipt reaches its consumer through its token,
     /// and a run of receipts of one consumer is settled under one lock: no allocation, no
     /// lookup by name, one job at a time being the common call.
-    async fn settle(&self, receipts: &[Receipt], ack: bool) -> Result<(), BrokerError> {
+    async fn settle(
+        &self,
+        receipts: &[Receipt],
+        ack: bool,
+        uncounted: bool,
+    ) -> Result<(), BrokerError> {
         let mut lost_queue: Option<&str> = None;
         let mut rest = receipts;
         while let Some(first) = rest.first() {
@@ -1760,13 +1773,13 @@ impl KafkaBroker {
                             settled.push(rec);
                             part.window.ack(t.offset)
                         }
-                        Some((rec, _)) => part.window.release(rec),
+                        Some((rec, _)) => part.window.release(rec, uncounted),
                         None => false,
                     };
                     draining |= part.revoking;
                     if !done {
                         lost_queue = Some(r.queue());
-                    } else if ack {
+                    } else if ack || uncounted {
                         part.unsaved = true;
                     }
                 }

@@ -198,11 +198,18 @@ impl<T: Keyed> Window<T> {
 
     /// Puts an out record back in its place among the ready ones (it is handed out again before
     /// the later records of its key). False if it was not out.
-    pub(crate) fn release(&mut self, record: T) -> bool {
+    pub(crate) fn release(&mut self, record: T, uncounted: bool) -> bool {
         let offset = record.offset();
         let Some(key) = self.out.remove(&offset) else {
             return false;
         };
+        if uncounted {
+            // Kept at 0 rather than removed: a missing count below `maybe_to` reads as "may
+            // have been handed out once".
+            if let Some(n) = self.tries.get_mut(&offset) {
+                *n = n.saturating_sub(1);
+            }
+        }
         if let Some(k) = key {
             self.busy.remove(&k);
         }
@@ -497,11 +504,42 @@ mod tests {
         let out = w.take(10);
         assert_eq!(offsets(&out), [0, 2]);
         let rec = out.into_iter().next().map(|o| o.record);
-        assert!(w.release(rec.clone().unwrap_or(R(0, None))));
+        assert!(w.release(rec.clone().unwrap_or(R(0, None)), false));
         let again = w.take(10);
         assert_eq!(offsets(&again), [0]);
         assert_eq!(again[0].delivery_count, 2);
-        assert!(!w.release(R(5, None)), "never out");
+        assert!(!w.release(R(5, None), false), "never out");
+    }
+
+    #[test]
+    fn an_uncounted_release_hands_the_record_out_again_with_the_same_count_here_and_at_a_new_owner()
+    {
+        let mut w = Window::new(0);
+        for o in 0..3 {
+            w.push(R(o, None));
+        }
+        let out = w.take(10);
+        assert!(out.iter().all(|o| o.delivery_count == 1));
+        for o in out {
+            assert!(w.release(o.record, true));
+        }
+        let again = w.take(10);
+        let counts: Vec<u32> = again.iter().map(|o| o.delivery_count).collect();
+        assert_eq!(counts, [1, 1, 1], "an uncounted release is not a delivery");
+        // A counted release after an uncounted one counts; the next owner reads the counts back.
+        let mut it = again.into_iter();
+        let first = it.next().map(|o| o.record).unwrap_or(R(0, None));
+        assert!(w.release(first, false));
+        for o in it {
+            assert!(w.release(o.record, true));
+        }
+        let cp = Checkpoint::decode(&w.final_checkpoint().encode());
+        let mut next = Window::restore(0, cp.as_ref());
+        for o in 0..3 {
+            next.push(R(o, None));
+        }
+        let counts: Vec<u32> = next.take(10).iter().map(|o| o.delivery_count).collect();
+        assert_eq!(counts, [2, 1, 1]);
     }
 
     #[test]

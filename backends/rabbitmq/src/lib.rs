@@ -264,6 +264,7 @@ pub fn capabilities(
         depth_staleness: Duration::ZERO,
         shared: true,
         counts_deliveries: true,
+        uncounted_release: true,
         sharing: stevedore_core::Sharing::Any,
         max_headers: None,
     }
@@ -744,6 +745,44 @@ impl RabbitBroker {
         Ok(ready > 0)
     }
 
+    /// Gives back, uncounted, the deliveries the broker pushed to this handle that no `receive`
+    /// took. Closing their channel would return them counted (a quorum queue counts every
+    /// return), so a worker that stops gracefully would charge an attempt to up to a few batches
+    /// of jobs it never ran. Best effort, bounded at 5 s: what is not handed back returns counted
+    /// when the channel closes, as before.
+    async fn return_buffered(&self) {
+        let states: Vec<(String, Arc<QueueState>)> = lock(&self.inner.queues)
+            .iter()
+            .map(|(name, qs)| (name.clone(), qs.clone()))
+            .collect();
+        let mut deliveries = Vec::new();
+        for (queue, qs) in states {
+            {
+                let _setup = qs.setup.lock().await;
+                self.cancel_consumer(&qs).await;
+            }
+            let receipt_queue: Arc<str> = Arc::from(queue.as_str());
+            let mut slot = qs.slot();
+            if let Some(c) = slot.as_mut().filter(|c| c.failed.is_none()) {
+                let id = c.id;
+                while let Some((tag, raw)) = c.buffer.pop_first() {
+                    c.outstanding.insert(tag, raw.consumer);
+                    deliveries.push(Self::to_delivery(&receipt_queue, id, tag, raw));
+                }
+            }
+        }
+        if deliveries.is_empty() {
+            return;
+        }
+        let n = deliveries.len();
+        let resend = stevedore_core::resend_uncounted(self, deliveries);
+        match tokio::time::timeout(Duration::from_secs(5), resend).await {
+            Ok(Ok(())) => tracing::debug!(n, "buffered deliveries handed back uncounted at close"),
+            Ok(Err(e)) => tracing::warn!(n, error = %e, "could not hand back buffered deliveries uncounted at close; the broker returns them with their delivery counted"),
+            Err(_) => tracing::warn!(n, "handing back buffered deliveries uncounted at close took over 5s; the broker returns the rest with their delivery counted"),
+        }
+    }
+
     fn to_delivery(queue: &Arc<str>, chan_id: u64, tag: u64, raw: Raw) -> Delivery {
         let d = amqp::decode(&raw.props, raw.data, raw.redelivered);
         Delivery {
@@ -1208,6 +1247,27 @@ impl Broker for RabbitBroker {
         self.settle(receipts, Settle::Requeue).await
     }
 
+    /// [`stevedore_core::resend_uncounted`]: a requeue cannot be uncounted (a classic queue
+    /// marks the message redelivered for good, a quorum queue counts the return), so the copy
+    /// carries the attempt and goes to the back of the queue. As for a release, this handle's
+    /// consumer of each queue is stopped first, so the copies go to whoever asks next rather
+    /// than into this handle's buffer.
+    async fn release_uncounted(&self, deliveries: Vec<Delivery>) -> Result<(), BrokerError> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(BrokerError::Closed);
+        }
+        let mut queues: Vec<&str> = deliveries.iter().map(|d| d.receipt.queue()).collect();
+        queues.sort_unstable();
+        queues.dedup();
+        for queue in queues {
+            if let Some(qs) = self.existing_queue_state(queue) {
+                let _setup = qs.setup.lock().await;
+                self.cancel_consumer(&qs).await;
+            }
+        }
+        stevedore_core::resend_uncounted(self, deliveries).await
+    }
+
     /// A no-op while the delivery is held (the lease is the channel); [`BrokerError::LeaseLost`]
     /// once it is not (acked, released, or its channel died).
     async fn extend_lease(&self, receipt: &Receipt, _lease: Duration) -> Result<(), BrokerError> {
@@ -1253,7 +1313,12 @@ impl Broker for RabbitBroker {
     }
 
     /// Closes every channel (unacked messages go back to their queues) and the connection.
+    /// Hands back, uncounted, what the broker pushed to this handle beyond what was received.
     async fn close(&self) -> Result<(), BrokerError> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.return_buffered().await;
         if self.inner.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }

@@ -148,6 +148,38 @@ fn is_nogroup(e: &RedisError) -> bool {
 }
 
 impl RedisBroker {
+    /// [`Broker::release`], and with `uncounted` [`Broker::release_uncounted`].
+    async fn give_back(&self, receipts: &[Receipt], uncounted: bool) -> Result<(), BrokerError> {
+        let mut by_stream: HashMap<&str, Vec<&str>> = HashMap::new();
+        let mut lost = None;
+        for r in receipts {
+            match r.token::<Token>() {
+                Some(t) => by_stream.entry(r.queue()).or_default().push(t.id.as_str()),
+                None => lost = Some(r.queue().to_string()),
+            }
+        }
+        for (queue, ids) in by_stream {
+            let stream = self.stream_key(queue);
+            let mut c = self.conn()?;
+            let n: i64 = scripts::RELEASE
+                .key(&stream)
+                .arg(GROUP)
+                .arg(&self.inner.consumer)
+                .arg(u8::from(uncounted))
+                .arg(&ids)
+                .invoke_async(&mut c)
+                .await
+                .map_err(err)?;
+            if (n as usize) < ids.len() {
+                lost = Some(queue.to_string());
+            }
+        }
+        match lost {
+            Some(queue) => Err(BrokerError::LeaseLost { queue }),
+            None => Ok(()),
+        }
+    }
+
     /// Connects (checking the server answers) and warns if the server keeps nothing on disk.
     pub async fn connect(config: RedisConfig) -> Result<Self, BrokerError> {
         let url_redacted = redact(&config.url);
@@ -495,6 +527,7 @@ pub fn capabilities(max_payload: usize) -> Capabilities {
         depth_staleness: Duration::ZERO,
         shared: true,
         counts_deliveries: true,
+        uncounted_release: true,
         sharing: stevedore_core::Sharing::Any,
         max_headers: None,
     }
@@ -658,33 +691,14 @@ impl Broker for RedisBroker {
     }
 
     async fn release(&self, receipts: &[Receipt]) -> Result<(), BrokerError> {
-        let mut by_stream: HashMap<&str, Vec<&str>> = HashMap::new();
-        let mut lost = None;
-        for r in receipts {
-            match r.token::<Token>() {
-                Some(t) => by_stream.entry(r.queue()).or_default().push(t.id.as_str()),
-                None => lost = Some(r.queue().to_string()),
-            }
-        }
-        for (queue, ids) in by_stream {
-            let stream = self.stream_key(queue);
-            let mut c = self.conn()?;
-            let n: i64 = scripts::RELEASE
-                .key(&stream)
-                .arg(GROUP)
-                .arg(&self.inner.consumer)
-                .arg(&ids)
-                .invoke_async(&mut c)
-                .await
-                .map_err(err)?;
-            if (n as usize) < ids.len() {
-                lost = Some(queue.to_string());
-            }
-        }
-        match lost {
-            Some(queue) => Err(BrokerError::LeaseLost { queue }),
-            None => Ok(()),
-        }
+        self.give_back(receipts, false).await
+    }
+
+    /// Re-adds the entries like [`release`](Broker::release), with this hand-out's count undone
+    /// in the carried redelivery count.
+    async fn release_uncounted(&self, deliveries: Vec<Delivery>) -> Result<(), BrokerError> {
+        let receipts: Vec<Receipt> = deliveries.into_iter().map(|d| d.receipt).collect();
+        self.give_back(&receipts, true).await
     }
 
     async fn extend_lease(&self, receipt: &Receipt, _lease: Duration) -> Result<(), BrokerError> {

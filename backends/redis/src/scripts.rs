@@ -53,12 +53,15 @@ return 1
 
 /// Gives entries back: each one this consumer owns is re-added at the end of the stream (ready for
 /// anyone at once) carrying its delivery count so far, and the old entry is acked and deleted.
-/// KEYS[1] = stream; ARGV = group, consumer, ids... Returns how many were released.
+/// With `uncount` 1 this hand-out is not counted (the next delivery has the same count).
+/// KEYS[1] = stream; ARGV = group, consumer, uncount (0 or 1), ids... Returns how many were
+/// released.
 pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local n = 0
-for i = 3, #ARGV do
+local uncount = tonumber(ARGV[3]) or 0
+for i = 4, #ARGV do
   local id = ARGV[i]
   local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
   local e = redis.call('XRANGE', KEYS[1], id, id)
@@ -81,7 +84,7 @@ for i = 3, #ARGV do
       args[#args + 1] = id
     end
     args[#args + 1] = 'stevedore-redeliveries'
-    args[#args + 1] = tostring(before + p[1][4])
+    args[#args + 1] = tostring(math.max(before + p[1][4] - uncount, 0))
     redis.call('XADD', KEYS[1], '*', unpack(args))
     redis.call('XACK', KEYS[1], ARGV[1], id)
     redis.call('XDEL', KEYS[1], id)

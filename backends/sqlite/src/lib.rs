@@ -172,6 +172,7 @@ pub fn capabilities(max_payload: usize) -> Capabilities {
         depth_staleness: Duration::ZERO,
         shared: true,
         counts_deliveries: true,
+        uncounted_release: true,
         sharing: stevedore_core::Sharing::Any,
         max_headers: None,
     }
@@ -374,7 +375,7 @@ impl SqliteBroker {
         }
         if !items.is_empty() {
             let missing = self.write(|reply| Op::Settle { items, how, reply }).await?;
-            if matches!(how, Settle::Release) {
+            if matches!(how, Settle::Release | Settle::ReleaseUncounted) {
                 self.inner.changed.notify_waiters();
             }
             if missing > 0 {
@@ -530,6 +531,15 @@ impl Broker for SqliteBroker {
             return Ok(());
         }
         self.settle(receipts, Settle::Release).await
+    }
+
+    /// Gives the rows back in place with this hand-out's delivery count undone.
+    async fn release_uncounted(&self, deliveries: Vec<Delivery>) -> Result<(), BrokerError> {
+        if deliveries.is_empty() {
+            return Ok(());
+        }
+        let receipts: Vec<Receipt> = deliveries.into_iter().map(|d| d.receipt).collect();
+        self.settle(&receipts, Settle::ReleaseUncounted).await
     }
 
     async fn extend_lease(&self, receipt: &Receipt, lease: Duration) -> Result<(), BrokerError> {

@@ -83,6 +83,8 @@ pub(crate) struct Claimed {
 pub(crate) enum Settle {
     Ack,
     Release,
+    /// A release that undoes the hand-out's delivery count.
+    ReleaseUncounted,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, BrokerError>>;
@@ -584,6 +586,11 @@ fn settle(c: &Connection, items: &[(i64, i64)], how: Settle) -> rusqlite::Result
         Settle::Ack => "DELETE FROM stevedore_jobs WHERE id = ?1 AND lease_token = ?2",
         Settle::Release => {
             "UPDATE stevedore_jobs SET lease_until = NULL, lease_token = NULL
+             WHERE id = ?1 AND lease_token = ?2"
+        }
+        Settle::ReleaseUncounted => {
+            "UPDATE stevedore_jobs SET lease_until = NULL, lease_token = NULL,
+                 deliveries = MAX(deliveries - 1, 0)
              WHERE id = ?1 AND lease_token = ?2"
         }
     };

@@ -202,6 +202,7 @@ pub fn capabilities(max_payload: usize, fifo: bool) -> Capabilities {
         max_headers: Some(wire::MAX_ATTRIBUTES - 1),
         shared: true,
         counts_deliveries: true,
+        uncounted_release: !fifo,
         sharing: stevedore_core::Sharing::Any,
     }
 }
@@ -1224,6 +1225,27 @@ impl Broker for SqsBroker {
 
     async fn release(&self, receipts: &[Receipt]) -> Result<(), BrokerError> {
         self.settle(receipts, true).await
+    }
+
+    /// On a standard queue, [`stevedore_core::resend_uncounted`] (SQS counts every receive in
+    /// `ApproximateReceiveCount`, and nothing can undo that): the copy carries the attempt and
+    /// goes to the back of the queue. On a FIFO queue a copy would overtake nothing but be
+    /// overtaken by the rest of its group, breaking the group's order, so there the release is
+    /// the plain, counted one: a FIFO job given back at a shutdown uses an attempt.
+    async fn release_uncounted(&self, deliveries: Vec<Delivery>) -> Result<(), BrokerError> {
+        let (fifo, standard): (Vec<Delivery>, Vec<Delivery>) = deliveries
+            .into_iter()
+            .partition(|d| self.inner.config.fifo.is_fifo(d.receipt.queue()));
+        let mut result = Ok(());
+        if !fifo.is_empty() {
+            let receipts: Vec<Receipt> = fifo.into_iter().map(|d| d.receipt).collect();
+            result = self.settle(&receipts, true).await;
+        }
+        if !standard.is_empty() {
+            let resent = stevedore_core::resend_uncounted(self, standard).await;
+            result = result.and(resent);
+        }
+        result
     }
 
     async fn extend_lease(&self, receipt: &Receipt, lease: Duration) -> Result<(), BrokerError> {

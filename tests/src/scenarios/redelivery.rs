@@ -1,5 +1,6 @@
 //! Scenario 4, release and redelivery: a released message comes back promptly, to any consumer,
-//! with its delivery count and attempt incremented.
+//! with its delivery count and attempt incremented; one released uncounted comes back as
+//! promptly on the same attempt.
 
 use crate::backend::Backend;
 use crate::names::unique;
@@ -20,12 +21,15 @@ const PROMPT: Duration = Duration::from_secs(1);
 /// Publishes 3 messages with `attempt = 2`. Handle A receives them (30 s lease, so only a release
 /// can bring them back) and releases all three in one call; handle B must receive them within 1 s
 /// with `delivery_count` 2 and `attempt()` 3; B releases, A gets them again within 1 s with 3 and
-/// 4, and acks. Payload and id stay the same throughout; nothing comes back after the ack.
+/// 4; A then releases them uncounted ([`Broker::release_uncounted`]) and B must get them within
+/// 1 s still on attempt 4, and acks. Payload and id stay the same throughout; nothing comes back
+/// after the ack.
 ///
 /// On a partitioned backend ([`Sharing::Partitioned`]) a released message comes back to its
 /// partition's owner, so: A and B both join first; each releases what it holds and must get
 /// exactly that back within 1 s (count 2); then both release again and B closes, and A must get
-/// all three within 1 s + the declared handoff (count 3), and acks.
+/// all three within 1 s + the declared handoff (count 3), releases them uncounted and gets them
+/// back within 1 s still on attempt 4, and acks.
 pub(crate) async fn release_redelivery(backend: Arc<dyn Backend>) -> Checked {
     let queue = unique("release");
     let a = handle(&backend, &[&queue]).await?;
@@ -58,16 +62,32 @@ pub(crate) async fn release_redelivery(backend: Arc<dyn Backend>) -> Checked {
         slowest = slowest.max(took);
         check(&held, &by_id, round as u32 + 2)?;
     }
-    a.ack(&receipts(&held))
+    // An uncounted release (a shutdown's): back as promptly, on the same attempt.
+    a.release_uncounted(held).await.ctx("release_uncounted")?;
+    let released = Instant::now();
+    let held = back(&b, &queue).await?;
+    let uncounted = released.elapsed();
+    ensure!(
+        uncounted <= PROMPT,
+        "messages released uncounted came back only after {} (limit {})",
+        s2(uncounted),
+        s2(PROMPT)
+    );
+    let kept = a.queue_capabilities(&queue).uncounted_release;
+    check_uncounted(&held, &by_id, 4, kept)?;
+    b.ack(&receipts(&held))
         .await
-        .ctx("ack after two releases")?;
-    expect_empty(&b, &queue, secs(1), "the messages were acked").await?;
+        .ctx("ack after two releases and an uncounted one")?;
+    expect_empty(&a, &queue, secs(1), "the messages were acked").await?;
     close(&[&a, &b]).await;
     pass(format!(
         "{N} released messages came back to the other handle within {} (limit {}), \
-         delivery_count 1→2→3 and attempt() 2→3→4",
+         delivery_count 1→2→3 and attempt() 2→3→4; released uncounted, back within {} on \
+         attempt() {}",
         s2(slowest),
-        s2(PROMPT)
+        s2(PROMPT),
+        s2(uncounted),
+        uncounted_note(kept)
     ))
 }
 
@@ -151,17 +171,35 @@ async fn partitioned(backend: Arc<dyn Backend>, handoff: Duration) -> Checked {
         s2(limit)
     );
     check(&all, &by_id, 3)?;
+    // An uncounted release (a shutdown's): back as promptly, on the same attempt.
+    a.release_uncounted(all).await.ctx("release_uncounted")?;
+    let released = Instant::now();
+    let all = collect(a, &queue, N, secs(30), secs(5))
+        .await
+        .map_err(|e| format!("after release_uncounted: {e}"))?;
+    let uncounted = released.elapsed();
+    ensure!(
+        uncounted <= PROMPT,
+        "messages released uncounted came back only after {} (limit {})",
+        s2(uncounted),
+        s2(PROMPT)
+    );
+    let kept = a.queue_capabilities(&queue).uncounted_release;
+    check_uncounted(&all, &by_id, 4, kept)?;
     a.ack(&receipts(&all)).await.ctx("ack after two releases")?;
     expect_empty(a, &queue, secs(1), "the messages were acked").await?;
     close(&[a]).await;
     pass(format!(
         "partitioned: {N} released messages (held {split} by two members) came back to their \
          owner within {} (limit {}), then all reached the remaining member {} after the other \
-         left (limit {}), delivery_count 1→2→3 and attempt() 2→3→4",
+         left (limit {}), delivery_count 1→2→3 and attempt() 2→3→4; released uncounted, back \
+         within {} on attempt() {}",
         s2(slowest),
         s2(PROMPT),
         s2(took),
-        s2(limit)
+        s2(limit),
+        s2(uncounted),
+        uncounted_note(kept)
     ))
 }
 
@@ -170,6 +208,58 @@ async fn back(h: &Arc<dyn Broker>, queue: &str) -> Result<Vec<Delivery>, String>
     collect(h, queue, N, secs(30), secs(5))
         .await
         .map_err(|e| format!("after release: {e}"))
+}
+
+fn uncounted_note(kept: bool) -> &'static str {
+    if kept {
+        "4"
+    } else {
+        "5 (counted, as the backend declares for this queue)"
+    }
+}
+
+/// After [`Broker::release_uncounted`] of deliveries on `attempt`: same ids and payloads, still on
+/// `attempt` where the backend declares [`Capabilities::uncounted_release`] (the delivery count
+/// may restart where it re-published a copy that carries the attempt), else on the next one.
+///
+/// [`Capabilities::uncounted_release`]: stevedore_core::Capabilities::uncounted_release
+fn check_uncounted(
+    got: &[Delivery],
+    sent: &HashMap<String, Envelope>,
+    attempt: u32,
+    kept: bool,
+) -> Result<(), String> {
+    if !kept {
+        for d in got {
+            ensure!(
+                d.attempt() == attempt + 1,
+                "message {}: attempt() {} after a release_uncounted the backend declares counted \
+                 (expected {})",
+                d.envelope.id,
+                d.attempt(),
+                attempt + 1
+            );
+        }
+        return Ok(());
+    }
+    for d in got {
+        let id = &d.envelope.id;
+        let Some(s) = sent.get(id) else {
+            return Err(format!("unknown message {id} received"));
+        };
+        ensure!(
+            d.envelope.payload == s.payload,
+            "message {id}: payload changed across an uncounted release"
+        );
+        ensure!(
+            d.attempt() == attempt,
+            "message {id}: attempt() {} after an uncounted release of attempt {attempt} \
+             (delivery_count {}): the release was counted",
+            d.attempt(),
+            d.delivery_count
+        );
+    }
+    Ok(())
 }
 
 fn check(got: &[Delivery], sent: &HashMap<String, Envelope>, count: u32) -> Result<(), String> {

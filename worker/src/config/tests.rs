@@ -43,6 +43,7 @@ fn sqs_caps() -> Capabilities {
         depth_staleness: Duration::from_secs(60),
         shared: true,
         counts_deliveries: true,
+        uncounted_release: true,
         sharing: stevedore_core::Sharing::Any,
         max_headers: None,
     }
@@ -1218,4 +1219,30 @@ fn idempotent_and_track_status_take_true_false_or_a_window() {
     ] {
         assert_err(&parse(toml).unwrap_err(), key, says);
     }
+}
+
+#[test]
+fn a_queue_whose_broker_counts_a_shutdown_release_is_named_at_start() {
+    let c =
+        parse("[broker]\nkind = \"sqs\"\n[queues.orders]\nbatch = 10\n[queues.mail]\nbatch = 10")
+            .unwrap();
+    let fifo = Capabilities {
+        uncounted_release: false,
+        ..sqs_caps()
+    };
+    let notices = c
+        .check_with(&sqs_caps(), &|q| {
+            if q == "orders" {
+                fifo.clone()
+            } else {
+                sqs_caps()
+            }
+        })
+        .unwrap();
+    let named: Vec<&String> = notices
+        .iter()
+        .filter(|n| n.contains("given back at a shutdown"))
+        .collect();
+    assert_eq!(named.len(), 1, "{notices:?}");
+    assert!(named[0].starts_with("queues.orders: "), "{named:?}");
 }

@@ -43,7 +43,7 @@ impl Config {
     }
 
     /// [`Config::check`] with per-queue capabilities (`queue_caps` of a logical queue's name).
-    fn check_with(
+    pub(super) fn check_with(
         &self,
         caps: &Capabilities,
         queue_caps: &dyn Fn(&str) -> Capabilities,
@@ -105,7 +105,16 @@ impl Config {
 
         self.check_retry_fields("retry", &self.retry)?;
         for (name, q) in &self.effective_queues() {
-            self.check_queue(name, q, &queue_caps(name), &mut notices)?;
+            let caps = queue_caps(name);
+            self.check_queue(name, q, &caps, &mut notices)?;
+            if !caps.uncounted_release {
+                notices.push(format!(
+                    "queues.{name}: a job given back at a shutdown (received but not started, or \
+                     cut off at the drain deadline) uses an attempt on this {} queue, whose \
+                     order a copy sent to the back would break",
+                    self.broker.kind
+                ));
+            }
         }
         for (name, j) in &self.jobs {
             if name.is_empty() {

@@ -444,12 +444,12 @@ pub(crate) async fn fetch_loop(
     }
 }
 
+/// Gives back deliveries that never ran: uncounted, since nothing was attempted.
 async fn release_unstarted(ctx: &QueueCtx, deliveries: Vec<Delivery>) {
     if deliveries.is_empty() {
         return;
     }
-    let receipts: Vec<Receipt> = deliveries.into_iter().map(|d| d.receipt).collect();
-    if let Err(e) = ctx.broker().release(&receipts).await {
+    if let Err(e) = ctx.broker().release_uncounted(deliveries).await {
         tracing::warn!(queue = %ctx.name, error = %e, "could not release messages received during shutdown; they return after their lease");
     }
 }
@@ -793,7 +793,9 @@ async fn settle(
         }
         Supervised::Aborted => {
             end(End::Released).await;
-            match ctx.broker().release(std::slice::from_ref(&d.receipt)).await {
+            // Cut off by a shutdown, not failed: the attempt is not used up, so deploys cannot
+            // dead-letter a job. A crash (the lease running out) still counts.
+            match ctx.broker().release_uncounted(vec![d]).await {
                 Ok(()) => {
                     tracing::info!("shutdown deadline passed: job released for another worker")
                 }

@@ -62,7 +62,8 @@ fn toml(queue: &str, batch: usize, deadline: Duration, extra: &[&str]) -> String
 ///   4 run: `run()` returns no sooner than the 1 s deadline and within 1 s + 1 s, with drained =
 ///   false, A counts released 4 and processed 0, and none of A's handlers completed. B (quick
 ///   handlers) receives all 4 within 3 s of starting, far inside the 60 s lease, so they were
-///   released, not left to expire; each runs once there.
+///   released, not left to expire; each runs once there, on attempt 1: a shutdown does not use
+///   up an attempt.
 pub(crate) async fn graceful_shutdown(backend: Arc<dyn Backend>) -> Checked {
     let (drain, release) = tokio::join!(drain_case(&backend), release_case(&backend));
     pass(combine(vec![("drain", drain), ("release", release)])?)
@@ -169,6 +170,19 @@ async fn drain_case(backend: &Arc<dyn Backend>) -> Result<String, String> {
         "{} runs recorded for {BACKLOG} jobs",
         runs.len()
     );
+    // Jobs A received and gave back unstarted at its shutdown are not charged an attempt (where
+    // the backend declares it can give back uncounted).
+    let kept = p.queue_capabilities(&queue).uncounted_release;
+    let later: Vec<u32> = runs
+        .iter()
+        .map(|r| r.attempt)
+        .filter(|a| *a != 1 && kept)
+        .collect();
+    ensure!(
+        later.is_empty(),
+        "jobs that each ran once ran on attempts {later:?} (expected 1): a shutdown used up an \
+         attempt"
+    );
     Ok(format!(
         "A finished its 4 in-flight jobs and returned drained in {} (no new start), B ran the \
          other {rest}; all {BACKLOG} ran exactly once",
@@ -257,6 +271,18 @@ async fn release_case(backend: &Arc<dyn Backend>) -> Result<String, String> {
             .count();
         ensure!(n == 1, "released job {id} ran {n} times on worker B");
     }
+    // Cut off by a shutdown is not a failure: B runs them on the attempt A did (where the
+    // backend declares it can give back uncounted).
+    let want = if p.queue_capabilities(&queue).uncounted_release {
+        1
+    } else {
+        2
+    };
+    ensure!(
+        attempts.iter().all(|a| *a == want),
+        "worker B ran the jobs A released at its deadline on attempts {attempts:?}; a shutdown \
+         must not use up an attempt (expected {want} each)"
+    );
     Ok(format!(
         "A cut off 4 jobs at the 1s deadline, returned in {} with drained = false and released \
          4; B ran them within {} (lease 60s), once each, attempts {attempts:?}",
