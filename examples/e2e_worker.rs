@@ -4,7 +4,9 @@
 //!
 //! Job payload: `{"n": 7, "sleep_ms": 300}`. The job numbered `E2E_ABORT_N`, if set, aborts the
 //! process each time it runs. A job with `"fail": true` fails (permanently) while the file
-//! `E2E_FAIL_FILE` exists, and runs normally once it is gone. A job a schedule enqueued also
+//! `E2E_FAIL_FILE` exists, and runs normally once it is gone. With `E2E_FAIL_EVERY=k`, every job
+//! whose number is a multiple of k fails on every attempt (recording `fail <n> <attempt> <ms>`), a
+//! poison job for the retry policy to dead-letter. A job a schedule enqueued also
 //! records `tick <schedule>/<tick> <job id>`.
 //!
 //! Job `effect` (payload `{"n": 7, "hold_ms": 20}`, on a queue with `idempotent = true` and a
@@ -58,12 +60,20 @@ async fn work(
     {
         return Err(JobError::permanent("refused: the E2E fail flag is set"));
     }
+    if fail_every().is_some_and(|k| w.n % k == 0) {
+        let ms = times().map_or(0, |t0| t0.elapsed().as_millis());
+        out.line(&format!("fail {} {} {ms}", w.n, ctx.attempt));
+        return Err(JobError::retry("poison: this job fails on every attempt"));
+    }
     if poison() == Some(w.n) {
         // A job that kills its worker: no ack, no release, no failure reported.
         std::process::abort();
     }
     tokio::time::sleep(Duration::from_millis(w.sleep_ms)).await;
-    out.line(&format!("done {}", w.n));
+    match times() {
+        Some(t0) => out.line(&format!("done {} {}", w.n, t0.elapsed().as_millis())),
+        None => out.line(&format!("done {}", w.n)),
+    }
     Ok(())
 }
 
@@ -118,6 +128,25 @@ async fn effect(
     Ok(())
 }
 
+/// `E2E_TIMES`: when set, `done` and `fail` lines end with the milliseconds since the process
+/// started (for rates measured from outside).
+fn times() -> Option<std::time::Instant> {
+    static T0: std::sync::OnceLock<Option<std::time::Instant>> = std::sync::OnceLock::new();
+    *T0.get_or_init(|| std::env::var_os("E2E_TIMES").map(|_| std::time::Instant::now()))
+}
+
+/// `E2E_FAIL_EVERY`: every job whose number is a multiple of it fails (retryably) on every
+/// attempt: a poison job, for the retry policy to dead-letter.
+fn fail_every() -> Option<u64> {
+    static K: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *K.get_or_init(|| {
+        std::env::var("E2E_FAIL_EVERY")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .filter(|k| *k > 0)
+    })
+}
+
 /// `E2E_ABORT_N`: the job whose handler aborts the process every time it runs.
 fn poison() -> Option<u64> {
     static N: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
@@ -126,6 +155,42 @@ fn poison() -> Option<u64> {
             .ok()
             .and_then(|s| s.parse().ok())
     })
+}
+
+/// `E2E_BATCH` > 1: the jobs go out `batch` to a publish call, each call retried while the
+/// broker says it may succeed later (a re-sent batch may duplicate jobs, which the tests allow
+/// for as a lost confirm).
+async fn enqueue_batched(client: &stevedore::Client, jobs: u64, sleep_ms: u64, batch: usize) {
+    let all: Vec<u64> = (0..jobs).collect();
+    for chunk in all.chunks(batch) {
+        let envelopes: Vec<stevedore::Envelope> = chunk
+            .iter()
+            .map(|&n| {
+                let body = serde_json::to_vec(&Work {
+                    n,
+                    sleep_ms,
+                    fail: false,
+                })
+                .unwrap_or_default();
+                stevedore::Envelope::new("work", body)
+            })
+            .collect();
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match client.publish("default", envelopes.clone()).await {
+                Ok(()) => break,
+                Err(stevedore::EnqueueError::Broker(e)) if e.is_transient() => {
+                    eprintln!("enqueue failed, retrying: {e}");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => {
+                    eprintln!("enqueue failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
 }
 
 #[tokio::main]
@@ -150,12 +215,22 @@ async fn main() -> ExitCode {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
+    let batch: usize = std::env::var("E2E_BATCH")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    let _ = times();
     let out = Out(Arc::new(Mutex::new(file)));
     let router = Router::with_state(out.clone())
         .route("work", work)
         .route("effect", effect);
     App::new(router)
         .on_start(move |client, _, _| async move {
+            if batch > 1 {
+                enqueue_batched(&client, jobs, sleep_ms, batch).await;
+                out.line("enqueued");
+                return;
+            }
             for n in 0..jobs {
                 // Like any producer: retry what may succeed later (the broker restarting).
                 let mut pause = Duration::from_millis(50);

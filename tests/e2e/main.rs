@@ -9,6 +9,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 mod browser;
+mod faults;
 
 const WORKER: &str = env!("CARGO_BIN_EXE_e2e_worker");
 

@@ -50,6 +50,7 @@
 mod backend;
 mod ledger;
 mod names;
+pub mod proxy;
 mod report;
 mod runner;
 mod scenarios;

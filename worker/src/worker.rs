@@ -262,42 +262,56 @@ impl Worker {
         let _ = soft.wait_for(|s| *s).await;
         self.stats.set_ready(false);
         tracing::info!("shutting down: no new jobs; draining in-flight jobs");
+        // The whole shutdown is bounded, whatever the broker does: the drain (and the loops that
+        // stop taking work) by `shutdown_timeout`, then releases, the last acks and the close
+        // by FINAL_GRACE. A broker that stopped answering cannot hold a deploy up; what was not
+        // settled in time comes back after its lease (at-least-once), and the log says so.
+        let deadline = self.config.worker.shutdown_timeout;
+        let drain_until = tokio::time::Instant::now() + deadline;
         for t in schedule_tasks {
-            let _ = t.await;
+            join_by(drain_until, t, "a schedule or the outbox relay").await;
         }
         for f in started.fetchers {
-            let _ = f.await;
+            join_by(drain_until, f, "a queue's receive loop").await;
         }
         let all = u32::try_from(self.config.worker.concurrency).unwrap_or(u32::MAX);
-        let deadline = self.config.worker.shutdown_timeout;
-        let drained = tokio::time::timeout(deadline, started.global.acquire_many(all))
+        let drained = tokio::time::timeout_at(drain_until, started.global.acquire_many(all))
             .await
             .is_ok();
+        let final_until = tokio::time::Instant::now() + FINAL_GRACE;
         if !drained {
             tracing::warn!(deadline = ?deadline, "shutdown deadline passed: releasing unfinished jobs");
             started.hard_tx.send_replace(true);
-            if tokio::time::timeout(Duration::from_secs(30), started.global.acquire_many(all))
+            if tokio::time::timeout_at(final_until, started.global.acquire_many(all))
                 .await
                 .is_err()
             {
-                tracing::error!("some jobs did not stop within 30s after release; they return after their lease");
+                tracing::error!(within = ?FINAL_GRACE, "some jobs were not released in time; they return after their lease");
             }
         }
-        if tokio::time::timeout(Duration::from_secs(30), started.acker)
+        let mut acker = started.acker;
+        if tokio::time::timeout_at(final_until, &mut acker)
             .await
             .is_err()
         {
-            tracing::error!("acks did not flush within 30s; those jobs may run again");
+            acker.abort();
+            tracing::error!(within = ?FINAL_GRACE, "acks did not flush in time (is the broker answering?); those jobs run again after their lease");
         }
         if let Some(p) = started.promoter {
-            let _ = p.await;
+            join_by(final_until, p, "the delay promoter").await;
         }
-        let _ = sampler.await;
+        join_by(final_until, sampler, "the autoscale sampler").await;
         if let Some(h) = http_task {
-            let _ = h.await;
+            join_by(final_until, h, "the HTTP server").await;
         }
-        if let Err(e) = self.broker.close().await {
-            tracing::warn!(error = %e, "closing the broker failed");
+        // The close gets what is left of the grace, and at least a second.
+        let close_until = final_until.max(tokio::time::Instant::now() + Duration::from_secs(1));
+        match tokio::time::timeout_at(close_until, self.broker.close()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "closing the broker failed"),
+            Err(_) => tracing::warn!(
+                "closing the broker did not finish in time; its connections are dropped"
+            ),
         }
         tracing::info!(drained, "worker stopped");
         Ok(RunReport { drained })
@@ -356,6 +370,22 @@ impl Worker {
                 tracing::error!(error = %e, "HTTP endpoint stopped");
             }
         })))
+    }
+}
+
+/// What a shutdown allows, past the drain deadline, for releasing cut-off jobs, the last acks,
+/// the remaining tasks and the broker's close.
+const FINAL_GRACE: Duration = Duration::from_secs(5);
+
+/// Waits for `task` until `until`; aborts it if it is not done by then (a task stuck on a
+/// broker that does not answer), and says so.
+async fn join_by(until: tokio::time::Instant, mut task: tokio::task::JoinHandle<()>, what: &str) {
+    if tokio::time::timeout_at(until, &mut task).await.is_err() {
+        task.abort();
+        tracing::warn!(
+            what,
+            "did not stop in time at shutdown (is the broker answering?): stopped"
+        );
     }
 }
 

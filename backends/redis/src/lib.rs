@@ -40,6 +40,13 @@ use stevedore_core::{
     Envelope, LeaseSupport, OrderingSupport, Receipt, ReceiveOptions,
 };
 
+/// How long a command other than a blocking read may go unanswered before it fails as a timeout.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long past its BLOCK time a blocking read may go unanswered before the connection is
+/// taken for dead (see `read_new`).
+const BLOCK_GRACE: Duration = Duration::from_secs(5);
+
 /// Default largest payload: 16 MiB (Redis itself allows 512 MiB per value).
 pub const DEFAULT_MAX_PAYLOAD: usize = 16 * 1024 * 1024;
 /// The consumer group every worker joins.
@@ -190,9 +197,11 @@ impl RedisBroker {
         let client = Client::open(config.url.as_str()).map_err(|e| {
             BrokerError::permanent(format!("invalid redis url {url_redacted}: {e}"))
         })?;
+        // Every command on this connection is short (no blocking reads: those use their own
+        // connections), so a reply that takes 10 s means the connection stopped answering.
         let mgr_cfg = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_response_timeout(Some(Duration::from_secs(30)))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
             .set_number_of_retries(6)
             .set_max_delay(Duration::from_secs(2));
         let conn = ConnectionManager::new_with_config(client.clone(), mgr_cfg)
@@ -457,7 +466,23 @@ impl RedisBroker {
         cmd.arg("STREAMS").arg(stream).arg(">");
         let reply: Result<Value, RedisError> = if blocking {
             let mut c = self.blocking_conn().await?;
-            let r = cmd.query_async(&mut c).await;
+            // A blocking read answers within its BLOCK time; one that does not is on a
+            // connection that stopped answering without closing (half-open). It is dropped, not
+            // pooled, and the caller hears of it now rather than when TCP gives up (minutes).
+            // Entries the read took after all come back after their lease (XAUTOCLAIM).
+            let limit = wait + BLOCK_GRACE;
+            let r = match tokio::time::timeout(limit, cmd.query_async(&mut c)).await {
+                Ok(r) => r,
+                Err(_) => {
+                    return Err(BrokerError::Connection(format!(
+                        "no reply from {} to a {}ms blocking read within {}s: the connection \
+                         stopped answering; reconnecting",
+                        self.inner.url_redacted,
+                        wait.as_millis(),
+                        limit.as_secs()
+                    )))
+                }
+            };
             if r.is_ok() || r.as_ref().err().is_some_and(is_nogroup) {
                 self.return_blocking(c);
             }

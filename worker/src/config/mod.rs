@@ -279,7 +279,9 @@ pub struct WorkerConfig {
     pub id: Option<String>,
     /// Most jobs in flight in this process, across all queues.
     pub concurrency: usize,
-    /// How long graceful shutdown waits for in-flight jobs before releasing them.
+    /// How long graceful shutdown waits for in-flight jobs before releasing them (uncounted).
+    /// Releases, the last acks and closing the broker take at most 5 s more, even when the
+    /// broker does not answer.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
     /// Longest idle wait on a queue in one receive call.

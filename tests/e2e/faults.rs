@@ -1,0 +1,561 @@
+//! The fault suite: the real worker binary on each backend's real broker, under the faults real
+//! networks and real jobs produce. One test per backend runs every fault that applies to it and
+//! prints its rows of the backend × fault table; every cell counts job numbers exactly (lost,
+//! run twice, and the bound on duplicates it was allowed) and reports what it measured.
+//!
+//! Network faults go through a loopback TCP proxy ([`stevedore_conformance::proxy`]) between the
+//! worker and its broker:
+//! - **half-open**: the proxy stops forwarding for 20 s without closing anything, then resumes.
+//!   The worker must notice (log a failed broker call) within its backend's declared timeout,
+//!   must not hang, and loses nothing.
+//! - **resets**: every connection is reset (RST) every 2 s, six times, under load.
+//! - **shutdown in an outage**: SIGTERM while the broker does not answer: the worker exits
+//!   within its drain deadline plus the bound on its last broker calls, and a second worker,
+//!   once the broker is back, finishes every job.
+//!
+//! And one job fault: **poison**, 1% of 10,000 jobs fail on every attempt; each must reach the
+//! dead-letter queue after exactly `max_attempts` runs, and every other job must run once. The
+//! rate with poison is reported beside the rate without (measured in the same test, alternately);
+//! the test asserts only a loose floor (0.75), since a timing ratio on a 2-core machine is a
+//! measurement, not a unit test.
+
+use super::{finish, free_port, lines, serial, signal, start_with, tally, wait_until, Run, WORKER};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+use stevedore_conformance::proxy::Proxy;
+
+/// How the worker reaches one backend: its kind, the environment that points it at the broker
+/// (through `port` where it is proxied), and its queue settings.
+struct Target {
+    kind: &'static str,
+    /// Environment for the worker, given the port it should connect to.
+    env: Box<dyn Fn(u16) -> Vec<(String, String)>>,
+    /// The broker's own address (what the proxy forwards to).
+    addr: SocketAddr,
+    /// Most messages one broker call takes (the queue's `batch`).
+    batch: usize,
+    /// `[broker]` lines beyond `kind`.
+    broker_toml: String,
+    /// How long a broker call may hang before the worker gives up on it (what the backend
+    /// declares): the worker must notice a half-open connection within this plus slack.
+    call_timeout: Duration,
+}
+
+const CONCURRENCY: usize = 16;
+
+fn config(t: &Target, max_attempts: u32) -> String {
+    format!(
+        "[broker]\nkind = \"{}\"\n{}\n\n[worker]\nconcurrency = {CONCURRENCY}\npoll_wait = \"200ms\"\n\
+         shutdown_timeout = \"3s\"\nstartup_timeout = \"60s\"\n\n[retry]\nmax_attempts = {max_attempts}\n\
+         base = \"20ms\"\nfactor = 2.0\ncap = \"100ms\"\n\n[queues.default]\nconcurrency = {CONCURRENCY}\n\
+         batch = {}\nlease = \"5s\"\n",
+        t.kind, t.broker_toml, t.batch
+    )
+}
+
+fn spawn(
+    t: &Target,
+    port: u16,
+    jobs: u64,
+    sleep_ms: u64,
+    max_attempts: u32,
+    extra: &[(&str, &str)],
+) -> Run {
+    let env: Vec<(String, String)> = (t.env)(port);
+    let mut all: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let batch = t.batch.to_string();
+    all.push(("E2E_BATCH", batch.as_str()));
+    all.extend_from_slice(extra);
+    start_with(&config(t, max_attempts), jobs, sleep_ms, &all)
+}
+
+fn stderr_of(run: &Run) -> String {
+    std::fs::read_to_string(run.dir.join(format!("stderr{}.txt", run.name))).unwrap_or_default()
+}
+
+/// Job numbers done, and those done more than once.
+fn done_counts(l: &[String]) -> (BTreeMap<u64, usize>, Vec<u64>) {
+    let done = tally(l, "done");
+    let twice = done
+        .iter()
+        .filter(|(_, c)| **c > 1)
+        .map(|(n, _)| *n)
+        .collect();
+    (done, twice)
+}
+
+/// One cell of the table.
+struct Cell {
+    fault: &'static str,
+    outcome: Result<String, String>,
+    took: Duration,
+}
+
+fn cell(fault: &'static str, f: impl FnOnce() -> Result<String, String>) -> Cell {
+    // `FAULTS_ONLY=half-open,poison`: run only the cells whose name contains one of these.
+    if let Ok(only) = std::env::var("FAULTS_ONLY") {
+        if !only.split(',').any(|w| fault.contains(w.trim())) {
+            return Cell {
+                fault,
+                outcome: Ok("skipped (FAULTS_ONLY)".into()),
+                took: Duration::ZERO,
+            };
+        }
+    }
+    let t = Instant::now();
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        Err(p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "panicked".into()))
+    });
+    Cell {
+        fault,
+        outcome,
+        took: t.elapsed(),
+    }
+}
+
+/// Prints the backend's rows and fails if any cell did.
+fn report(kind: &str, cells: Vec<Cell>) {
+    let mut table = format!(
+        "\nfault table, {kind}:\n{:<10} {:<22} {:<6} {:>7}  detail\n",
+        "backend", "fault", "result", "secs"
+    );
+    for c in &cells {
+        let (result, detail) = match &c.outcome {
+            Ok(d) => ("PASS", d.as_str()),
+            Err(e) => ("FAIL", e.as_str()),
+        };
+        table.push_str(&format!(
+            "{kind:<10} {:<22} {result:<6} {:>7.1}  {detail}\n",
+            c.fault,
+            c.took.as_secs_f64()
+        ));
+    }
+    eprintln!("{table}");
+    let failed: Vec<&str> = cells
+        .iter()
+        .filter(|c| c.outcome.is_err())
+        .map(|c| c.fault)
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{kind}: faults failed: {failed:?}{table}"
+    );
+}
+
+macro_rules! check {
+    ($cond:expr, $($fmt:tt)+) => {
+        if !$cond {
+            return Err(format!($($fmt)+));
+        }
+    };
+}
+
+/// Stops `run` with SIGTERM; returns (exit code, how long it took, its output lines, its log).
+fn stop(run: Run, limit: Duration) -> (Option<i32>, Duration, Vec<String>, String) {
+    signal(&run.child, "-TERM");
+    let (output, took, l) = finish(run, limit);
+    (
+        output.status.code(),
+        took,
+        l,
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// The first "a broker call failed" line of a worker log, if any.
+fn noticed(log: &str) -> bool {
+    log.contains("receive failed")
+        || log.contains("ack failed")
+        || log.contains("could not ack")
+        || log.contains("reconnect")
+        || log.contains("connection")
+}
+
+/// Half-open: 4,000 jobs of 2 ms through the proxy; once 1,000 are done the proxy forwards
+/// nothing for 20 s. The worker must log a failed broker call within its call timeout (+5 s),
+/// run nothing new meanwhile beyond what it held, then finish every job once the path is back;
+/// a job may run twice only if it was in flight or its ack was held in the blackhole.
+fn half_open(t: &Target) -> Result<String, String> {
+    const JOBS: u64 = 4000;
+    const HOLE: Duration = Duration::from_secs(20);
+    let proxy = Proxy::start(t.addr)?;
+    let run = spawn(t, proxy.port(), JOBS, 2, 3, &[]);
+    let out = run.out.clone();
+    wait_until("1,000 jobs done", Duration::from_secs(120), || {
+        tally(&lines(&out), "done").len() >= 1000
+    });
+    let log_before = stderr_of(&run).len();
+    proxy.blackhole(true);
+    let began = Instant::now();
+    let mut seen = None;
+    while began.elapsed() < HOLE {
+        if seen.is_none() && noticed(&stderr_of(&run)[log_before..]) {
+            seen = Some(began.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let done_in_hole = tally(&lines(&out), "done").len();
+    proxy.blackhole(false);
+    let resumed = Instant::now();
+    let accepted_at_resume = proxy.accepted();
+    wait_until(
+        "every job done after the blackhole",
+        Duration::from_secs(120),
+        || tally(&lines(&out), "done").len() as u64 >= JOBS,
+    );
+    let recovered = resumed.elapsed();
+    let (code, _, l, log) = stop(run, Duration::from_secs(20));
+    check!(
+        code == Some(0),
+        "exit code {code:?} after SIGTERM; log:\n{log}"
+    );
+    let (done, twice) = done_counts(&l);
+    check!(
+        done.len() as u64 == JOBS,
+        "{} of {JOBS} jobs done: lost {}",
+        done.len(),
+        JOBS - done.len() as u64
+    );
+    let bound = 2 * (CONCURRENCY + t.batch);
+    check!(
+        twice.len() <= bound,
+        "{} jobs ran twice (bound {bound}): {twice:?}",
+        twice.len()
+    );
+    let limit = t.call_timeout + Duration::from_secs(5);
+    let seen = seen.ok_or_else(|| {
+        format!("the worker logged no failed broker call during the 20 s blackhole (its calls time out after {:?})", t.call_timeout)
+    })?;
+    check!(
+        seen <= limit,
+        "the worker noticed the blackhole only after {seen:?} (limit {limit:?})"
+    );
+    Ok(format!(
+        "noticed in {:.1}s (call timeout {}s), {} done during the 20s hole, all {JOBS} done {:.1}s after it lifted ({} new connections), lost 0, ran twice {} (bound {bound})",
+        seen.as_secs_f64(),
+        t.call_timeout.as_secs(),
+        done_in_hole.saturating_sub(1000),
+        recovered.as_secs_f64(),
+        proxy.accepted().saturating_sub(accepted_at_resume),
+        twice.len()
+    ))
+}
+
+/// Resets: 4,000 jobs of 2 ms; every connection is reset every 2 s, six times, once 500 are
+/// done. Every job is done; a job may run twice only if it was in flight or its ack was lost at
+/// a reset (at most concurrency + batch per reset); the recovery is logged.
+fn resets(t: &Target) -> Result<String, String> {
+    const JOBS: u64 = 4000;
+    let proxy = Proxy::start(t.addr)?;
+    let run = spawn(t, proxy.port(), JOBS, 2, 3, &[]);
+    let out = run.out.clone();
+    wait_until("500 jobs done", Duration::from_secs(120), || {
+        tally(&lines(&out), "done").len() >= 500
+    });
+    let mut reset = 0;
+    for _ in 0..6 {
+        reset += proxy.reset_all();
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    wait_until(
+        "every job done after the resets",
+        Duration::from_secs(120),
+        || tally(&lines(&out), "done").len() as u64 >= JOBS,
+    );
+    let (code, _, l, log) = stop(run, Duration::from_secs(20));
+    check!(
+        code == Some(0),
+        "exit code {code:?} after SIGTERM; log:\n{log}"
+    );
+    let (done, twice) = done_counts(&l);
+    check!(
+        done.len() as u64 == JOBS,
+        "{} of {JOBS} jobs done",
+        done.len()
+    );
+    let bound = 6 * (CONCURRENCY + t.batch);
+    check!(
+        twice.len() <= bound,
+        "{} jobs ran twice (bound {bound}): {twice:?}",
+        twice.len()
+    );
+    Ok(format!(
+        "{reset} connections reset in 6 rounds 2s apart, {} accepted in all, all {JOBS} done, lost 0, ran twice {} (bound {bound})",
+        proxy.accepted(),
+        twice.len()
+    ))
+}
+
+/// Poison: 10,000 jobs of 3 ms, 100 of which (every 100th) fail on every attempt, with
+/// `max_attempts = 3`; and the same 10,000 without poison. Rounds alternate (clean, poisoned,
+/// clean, poisoned); the rate is jobs settled per second from the first start to the last end.
+fn poison(target: &dyn Fn(&str) -> Target, jobs: u64) -> Result<String, String> {
+    let mut clean = Vec::new();
+    let mut poisoned = Vec::new();
+    let mut dead_seen = 0;
+    for round in 0..4 {
+        let with = round % 2 == 1;
+        let extra: &[(&str, &str)] = if with {
+            &[("E2E_FAIL_EVERY", "100"), ("E2E_TIMES", "1")]
+        } else {
+            &[("E2E_TIMES", "1")]
+        };
+        // Each round on queues of its own (a key prefix of its own).
+        let t = &target(&format!("poison{round}"));
+        let run = spawn(t, t.addr.port(), jobs, 3, 3, extra);
+        let out = run.out.clone();
+        let poison_n = if with { jobs.div_ceil(100) } else { 0 };
+        wait_until("every job settled", Duration::from_secs(300), || {
+            let l = lines(&out);
+            let done = tally(&l, "done").len() as u64;
+            let failed_thrice = tally(&l, "fail").values().filter(|c| **c >= 3).count() as u64;
+            done + failed_thrice >= jobs && failed_thrice >= poison_n
+        });
+        let env: Vec<(String, String)> = (t.env)(t.addr.port());
+        let (code, _, l, log) = stop(run, Duration::from_secs(20));
+        check!(code == Some(0), "exit code {code:?}; log:\n{log}");
+        let (done, twice) = done_counts(&l);
+        let fails = tally(&l, "fail");
+        check!(
+            twice.is_empty(),
+            "jobs ran twice without any fault: {twice:?}"
+        );
+        let rate = rate_of(&l);
+        if with {
+            check!(
+                fails.len() as u64 == poison_n,
+                "{} poison jobs failed, expected {poison_n}",
+                fails.len()
+            );
+            check!(
+                fails.values().all(|c| *c == 3),
+                "poison jobs ran other than exactly 3 times: {fails:?}"
+            );
+            check!(
+                done.len() as u64 == jobs - poison_n,
+                "{} good jobs done of {}",
+                done.len(),
+                jobs - poison_n
+            );
+            check!(
+                fails.keys().all(|n| !done.contains_key(n)),
+                "a poison job was recorded done"
+            );
+            // Every poison job is in the dead letters, with 3 attempts.
+            let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+            let cfg = dir.path().join("worker.toml");
+            std::fs::write(&cfg, config(t, 3)).map_err(|e| e.to_string())?;
+            let listed = Command::new(WORKER)
+                .args([
+                    "dlq", "list", "--queue", "default", "--json", "--limit", "100000", "--config",
+                ])
+                .arg(&cfg)
+                .current_dir(dir.path())
+                .env("STEVEDORE_HTTP__ENABLED", "false")
+                .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                .output()
+                .map_err(|e| format!("dlq list: {e}"))?;
+            let text = String::from_utf8_lossy(&listed.stdout);
+            let mut dead: BTreeMap<u64, u64> = BTreeMap::new();
+            for line in text.lines() {
+                let v: serde_json::Value = serde_json::from_str(line)
+                    .map_err(|e| format!("dlq list line {line:?}: {e}"))?;
+                let n = v["payload"]["n"].as_u64().ok_or("dead letter without n")?;
+                let attempts = v["attempts"].as_u64().unwrap_or(0);
+                *dead.entry(n).or_default() += 1;
+                check!(
+                    attempts == 3,
+                    "dead letter of job {n} says {attempts} attempts"
+                );
+            }
+            check!(
+                dead.len() as u64 == poison_n
+                    && dead.values().all(|c| *c == 1)
+                    && dead.keys().all(|n| fails.contains_key(n)),
+                "dead letters {} (each poison job once expected: {poison_n}); stderr {}",
+                dead.len(),
+                String::from_utf8_lossy(&listed.stderr)
+            );
+            dead_seen = dead.len();
+            poisoned.push(rate);
+        } else {
+            check!(
+                done.len() as u64 == jobs && fails.is_empty(),
+                "clean round: {} of {jobs} done",
+                done.len()
+            );
+            clean.push(rate);
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        (v[0] + v[v.len() - 1]) / 2.0
+    };
+    let (c, p) = (median(&mut clean), median(&mut poisoned));
+    let ratio = p / c;
+    check!(
+        ratio >= 0.75,
+        "with 1% poison the rate fell to {ratio:.2} of the clean rate ({p:.0} vs {c:.0} jobs/s)"
+    );
+    Ok(format!(
+        "{} of {jobs} poison: each failed exactly 3 times and all {dead_seen} are in the DLQ with attempts 3; others once each; rate with poison {p:.0}/s vs {c:.0}/s clean = {ratio:.2} (mean of 2 alternating rounds each)",
+        jobs.div_ceil(100)
+    ))
+}
+
+/// Jobs settled (done, or failed for the last time) per second, from the first settled line to
+/// the last (the worker's own clock, `E2E_TIMES`): the enqueue and start-up are not counted.
+fn rate_of(l: &[String]) -> f64 {
+    let ms: Vec<u64> = l
+        .iter()
+        .filter(|x| x.starts_with("done ") || x.starts_with("fail "))
+        .filter_map(|x| x.rsplit(' ').next()?.parse().ok())
+        .collect();
+    let (Some(first), Some(last)) = (ms.iter().min(), ms.iter().max()) else {
+        return 0.0;
+    };
+    ms.len() as f64 / (last.saturating_sub(*first).max(1) as f64 / 1000.0)
+}
+
+/// Shutdown in an outage: 400 jobs of 200 ms; once 50 are done the proxy goes silent and the
+/// worker is sent SIGTERM. It must exit 0 within its 3 s drain deadline plus the 5 s it allows
+/// its last broker calls (+2 s); then, the broker answering again, a second worker on the direct
+/// address finishes every job: nothing lost.
+fn outage_shutdown(t: &Target) -> Result<String, String> {
+    const JOBS: u64 = 400;
+    let proxy = Proxy::start(t.addr)?;
+    let run = spawn(t, proxy.port(), JOBS, 200, 3, &[]);
+    let out = run.out.clone();
+    wait_until("enqueued and 50 done", Duration::from_secs(120), || {
+        let l = lines(&out);
+        l.iter().any(|x| x == "enqueued") && tally(&l, "done").len() >= 50
+    });
+    proxy.blackhole(true);
+    // The drain deadline (3 s) plus the 5 s the worker allows its last broker calls, plus 2 s.
+    let limit = Duration::from_secs(3 + 5 + 2);
+    let (code, took, l_a, log) = stop(run, limit + Duration::from_secs(30));
+    check!(
+        took <= limit,
+        "the worker took {took:?} to exit during the outage (limit {limit:?}: 3s deadline + 5s for its last calls + 2s); its log:\n{log}"
+    );
+    check!(
+        code == Some(0),
+        "exit code {code:?} during the outage; log:\n{log}"
+    );
+    drop(proxy);
+    // B, on the direct address, same queue (same key prefix: the env is the same).
+    let env: Vec<(String, String)> = (t.env)(t.addr.port());
+    let mut all: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    // A's directory went with it; B gets its own.
+    let dir_b = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let dir = dir_b.path().to_path_buf();
+    let out_b = dir.join("out-b.txt");
+    let cfg = dir.join("worker-b.toml");
+    std::fs::write(&cfg, config(t, 3)).map_err(|e| e.to_string())?;
+    let port = free_port().to_string();
+    let bind = format!("127.0.0.1:{port}");
+    all.push(("STEVEDORE_HTTP__BIND", bind.as_str()));
+    let child = Command::new(WORKER)
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .current_dir(&dir)
+        .env("E2E_OUT", &out_b)
+        .env("E2E_JOBS", "0")
+        .env("RUST_LOG", "info")
+        .envs(all.iter().copied())
+        .stdout(std::fs::File::create(dir.join("stdout-b.txt")).map_err(|e| e.to_string())?)
+        .stderr(std::fs::File::create(dir.join("stderr-b.txt")).map_err(|e| e.to_string())?)
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let b = super::Reaped(child);
+    let done_a = tally(&l_a, "done");
+    let t0 = Instant::now();
+    let all_done = || {
+        let mut all = done_a.clone();
+        all.extend(tally(&lines(&out_b), "done"));
+        all.len() as u64 >= JOBS
+    };
+    while !all_done() {
+        if t0.elapsed() > Duration::from_secs(180) {
+            let mut all = done_a.clone();
+            all.extend(tally(&lines(&out_b), "done"));
+            return Err(format!(
+                "after the outage only {} of {JOBS} jobs done; B's log:\n{}",
+                all.len(),
+                std::fs::read_to_string(dir.join("stderr-b.txt")).unwrap_or_default()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    signal(&b, "-TERM");
+    let mut b = b;
+    let _ = b.0.wait();
+    let done_b = tally(&lines(&out_b), "done");
+    let twice = done_b.keys().filter(|n| done_a.contains_key(n)).count();
+    let bound = CONCURRENCY + t.batch;
+    check!(
+        twice <= bound,
+        "{twice} jobs ran on both workers (bound {bound})"
+    );
+    Ok(format!(
+        "SIGTERM in a silent outage: exited 0 in {:.1}s (limit {:.0}s); A done {}, B done the other {} after it, lost 0, ran on both {twice} (bound {bound})",
+        took.as_secs_f64(),
+        limit.as_secs_f64(),
+        done_a.len(),
+        done_b.len()
+    ))
+}
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+#[test]
+fn faults_redis() {
+    let _serial = serial();
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
+    let port = url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.split('/').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(6379);
+    let prefix = format!("e2e-faults{}-{}:", std::process::id(), free_port());
+    let _cleanup = stevedore_conformance::servers::RedisKeys {
+        url: url.clone(),
+        prefix: prefix.clone(),
+    };
+    let target = |sub: &str| Target {
+        kind: "redis",
+        env: Box::new({
+            let prefix = format!("{prefix}{sub}:");
+            move |port| {
+                vec![
+                    (
+                        "STEVEDORE_BROKER__URL".into(),
+                        format!("redis://127.0.0.1:{port}/0"),
+                    ),
+                    ("STEVEDORE_BROKER__KEY_PREFIX".into(), prefix.clone()),
+                ]
+            }
+        }),
+        addr: addr(port),
+        batch: 32,
+        broker_toml: String::new(),
+        // Commands time out after 10 s, blocking reads 5 s past their BLOCK time.
+        call_timeout: Duration::from_secs(10),
+    };
+    let cells = vec![
+        cell("half-open 20s", || half_open(&target("hole"))),
+        cell("resets every 2s", || resets(&target("reset"))),
+        cell("shutdown in outage", || outage_shutdown(&target("outage"))),
+        cell("1% poison", || poison(&target, 10_000)),
+    ];
+    report("redis", cells);
+}
