@@ -33,7 +33,13 @@ struct Shared {
 impl Proxy {
     /// Starts forwarding from a free loopback port to `target`.
     pub fn start(target: SocketAddr) -> Result<Proxy, String> {
-        let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("proxy: bind: {e}"))?;
+        Self::start_on(0, target)
+    }
+
+    /// Starts forwarding from loopback port `port` (0: any free one) to `target`.
+    pub fn start_on(port: u16, target: SocketAddr) -> Result<Proxy, String> {
+        let listener = TcpListener::bind(("127.0.0.1", port))
+            .map_err(|e| format!("proxy: bind 127.0.0.1:{port}: {e}"))?;
         let port = listener
             .local_addr()
             .map_err(|e| format!("proxy: local address: {e}"))?

@@ -514,6 +514,8 @@ impl Drop for MotoServer {
 /// high watermark was the last batch's first offset + 1. nisshi 0.7+ fixes both.
 pub struct KafkaServer {
     port: u16,
+    /// The port clients are told to connect to (`port`, or a proxy's in front of it).
+    advertised: u16,
     /// The SQLite store's directory, for a durable server.
     dir: Option<std::path::PathBuf>,
     child: Mutex<Option<Child>>,
@@ -538,6 +540,19 @@ impl KafkaServer {
         Self::start_with(Some((port, dir)))
     }
 
+    /// Starts one in memory listening on `port` and telling clients (in its metadata) to connect
+    /// to `advertised`: a proxy there that forwards to `port` then carries all their traffic.
+    pub fn start_behind(port: u16, advertised: u16) -> Result<KafkaServer, String> {
+        let s = KafkaServer {
+            port,
+            advertised,
+            dir: None,
+            child: Mutex::new(None),
+        };
+        s.spawn()?;
+        Ok(s)
+    }
+
     fn start_with(durable: Option<(u16, std::path::PathBuf)>) -> Result<KafkaServer, String> {
         let (port, dir) = match durable {
             Some((port, dir)) => (port, Some(dir)),
@@ -545,6 +560,7 @@ impl KafkaServer {
         };
         let s = KafkaServer {
             port,
+            advertised: port,
             dir,
             child: Mutex::new(None),
         };
@@ -588,6 +604,7 @@ impl KafkaServer {
     fn spawn(&self) -> Result<(), String> {
         let bin = Self::binary()?;
         let url = format!("tcp://127.0.0.1:{}", self.port);
+        let advertised = format!("tcp://127.0.0.1:{}", self.advertised);
         // nisshi reads a sqlite:// path relative to its working directory.
         let (storage, cwd) = match &self.dir {
             Some(dir) => ("sqlite://kafka.db".to_string(), dir.clone()),
@@ -605,7 +622,7 @@ impl KafkaServer {
                 "--listener-url",
                 &url,
                 "--advertised-listener-url",
-                &url,
+                &advertised,
                 "--storage-engine",
                 &storage,
                 "--silent",

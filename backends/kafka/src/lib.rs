@@ -165,6 +165,9 @@ pub struct KafkaConfig {
     pub properties: BTreeMap<String, String>,
 }
 
+/// `socket.timeout.ms` (see [`KafkaConfig::client`]).
+const SOCKET_TIMEOUT_MS: &str = "10000";
+
 impl KafkaConfig {
     /// Defaults for `bootstrap`: 6 partitions, the broker's replication, a 10 s session.
     pub fn new(bootstrap: impl Into<String>) -> Self {
@@ -185,6 +188,10 @@ impl KafkaConfig {
     fn client(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.bootstrap);
+        // A request unanswered for 10 s (librdkafka's default: 60 s) fails and its connection
+        // is torn down: a broker that stops answering without closing is noticed, and left,
+        // that soon. `properties` may set it otherwise.
+        c.set("socket.timeout.ms", SOCKET_TIMEOUT_MS);
         c.set(
             "log_level",
             if self.properties.contains_key("debug") {
@@ -646,6 +653,12 @@ impl Ctx {
 }
 
 impl ClientContext for Ctx {
+    /// librdkafka's error events (a broker that went away, requests that timed out): logged,
+    /// so that a connection that stopped answering shows in the worker's log.
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        tracing::warn!(target: "librdkafka", %error, "{reason}");
+    }
+
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
         use rdkafka::config::RDKafkaLogLevel as L;
         match level {

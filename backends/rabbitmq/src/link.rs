@@ -27,7 +27,7 @@ pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How many channels declares and binds are spread over.
 const ADMIN_CHANNELS: usize = 8;
 /// Longest wait for one synchronous AMQP call or for the confirms of one publish batch.
-pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What kind of queue a name is declared as.
 #[derive(Clone, Copy, Debug)]
