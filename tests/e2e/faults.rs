@@ -180,7 +180,8 @@ fn report(kind: &str, cells: Vec<Cell>) {
 
 macro_rules! check {
     ($cond:expr, $($fmt:tt)+) => {
-        if !$cond {
+        let ok: bool = $cond;
+        if !ok {
             return Err(format!($($fmt)+));
         }
     };
