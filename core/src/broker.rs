@@ -276,12 +276,17 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
     }
 }
 
+/// How long [`resend_uncounted`] makes sure each delivery stays leased while its copy is sent.
+const HOLD_WHILE_RESENT: Duration = Duration::from_secs(30);
+
 /// [`Broker::release_uncounted`]'s default: publishes each delivery's envelope again to its
 /// physical queue (the receipt's) with `attempt` set to the delivery's
 /// [`attempt`](Delivery::attempt), so that the copy's first delivery is the same attempt, then
 /// acks the originals, queue by queue in the given order. A delivery whose `not_before` still
 /// lies ahead (an early hop of a capped delay) is released plainly instead: publishing it again
-/// is the runtime's work, not the broker's. Nothing is lost on failure: a failed publish
+/// is the runtime's work, not the broker's. A delivery whose lease is already gone
+/// ([`Broker::extend_lease`] fails) is left alone: the broker has it back. Each copy carries
+/// [`crate::wire::RESENT`], so a broker that deduplicates takes it. Nothing is lost on failure: a failed publish
 /// releases the originals it covered (counted) and returns the error; a failed ack leaves both
 /// copies, the original coming back after its lease.
 pub async fn resend_uncounted<B: Broker + ?Sized>(
@@ -290,6 +295,7 @@ pub async fn resend_uncounted<B: Broker + ?Sized>(
 ) -> Result<(), BrokerError> {
     let now = SystemTime::now();
     let mut plain: Vec<Receipt> = Vec::new();
+    let mut lost: Option<BrokerError> = None;
     // Queue → (copies, originals), in the order queues first appear.
     let mut by_queue: Vec<(Arc<str>, Vec<Envelope>, Vec<Receipt>)> = Vec::new();
     for d in deliveries {
@@ -297,9 +303,18 @@ pub async fn resend_uncounted<B: Broker + ?Sized>(
             plain.push(d.receipt);
             continue;
         }
+        // Only a delivery still held is copied: one whose lease is gone is back with the broker
+        // already, and a copy would run it twice. (A no-op check on session-leased brokers whose
+        // channel still holds it; a short extension on timed ones.)
+        if let Err(e) = broker.extend_lease(&d.receipt, HOLD_WHILE_RESENT).await {
+            lost.get_or_insert(e);
+            continue;
+        }
         let attempt = d.attempt();
         let mut copy = d.envelope;
         copy.attempt = attempt;
+        // A re-send of the same attempt: brokers that deduplicate must not drop it.
+        crate::wire::mark_resent(&mut copy);
         let queue = d.receipt.queue.clone();
         match by_queue.iter_mut().find(|(q, _, _)| *q == queue) {
             Some((_, copies, originals)) => {
@@ -328,7 +343,10 @@ pub async fn resend_uncounted<B: Broker + ?Sized>(
             }
         }
     }
-    first_err.map_or(Ok(()), Err)
+    match first_err.or(lost) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 /// Durable delay emulation on the broker itself, for brokers without native delay (Redis: a

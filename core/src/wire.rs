@@ -48,6 +48,19 @@ pub const FIRST_FAILURE: &str = "stevedore-first-failure";
 /// the dedup key (SQS FIFO) must then not take the send for the producer's first.
 pub const RESENT: &str = "stevedore-resent";
 
+/// Counts one more re-send of the runtime's own at the same attempt in `envelope`'s
+/// [`RESENT`] header.
+pub fn mark_resent(envelope: &mut crate::Envelope) {
+    let n = envelope
+        .headers
+        .get(RESENT)
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(0);
+    envelope
+        .headers
+        .insert(RESENT.to_string(), n.saturating_add(1).to_string());
+}
+
 /// The envelope as `(header, value)` pairs plus the body. User headers come last and never override
 /// ours.
 pub fn to_wire(env: &Envelope) -> (Vec<(String, String)>, Bytes) {

@@ -16,8 +16,8 @@
 //! And one job fault: **poison**, 1% of 10,000 jobs fail on every attempt; each must reach the
 //! dead-letter queue after exactly `max_attempts` runs, and every other job must run once. The
 //! rate with poison is reported beside the rate without (measured in the same test, alternately);
-//! the test asserts only a loose floor (0.75), since a timing ratio on a 2-core machine is a
-//! measurement, not a unit test.
+//! the test asserts only a floor of 0.5 that catches a pathology (poison holding slots through
+//! its backoff, say), since a timing ratio on a 2-core machine is a measurement, not a unit test.
 
 use super::{finish, free_port, lines, serial, signal, start_with, tally, wait_until, Run, WORKER};
 use std::collections::BTreeMap;
@@ -102,7 +102,8 @@ fn spawn(
 }
 
 fn stderr_of(run: &Run) -> String {
-    std::fs::read_to_string(run.dir.join(format!("stderr{}.txt", run.name))).unwrap_or_default()
+    let bytes = std::fs::read(run.dir.join(format!("stderr{}.txt", run.name))).unwrap_or_default();
+    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 /// Job numbers done, and those done more than once.
@@ -227,7 +228,7 @@ fn half_open(t: &Target) -> Result<String, String> {
     let began = Instant::now();
     let mut seen = None;
     while began.elapsed() < HOLE {
-        if seen.is_none() && noticed(&stderr_of(&run)[log_before..]) {
+        if seen.is_none() && noticed(stderr_of(&run).get(log_before..).unwrap_or("")) {
             seen = Some(began.elapsed());
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -462,7 +463,7 @@ fn poison(target: &dyn Fn(&str) -> Target, jobs: u64) -> Result<String, String> 
     let (c, p) = (median(&mut clean), median(&mut poisoned));
     let ratio = p / c;
     check!(
-        ratio >= 0.75,
+        ratio >= 0.5,
         "with 1% poison the rate fell to {ratio:.2} of the clean rate ({p:.0} vs {c:.0} jobs/s)"
     );
     Ok(format!(
@@ -487,9 +488,9 @@ fn rate_of(l: &[String]) -> f64 {
 }
 
 /// Shutdown in an outage: 400 jobs of 200 ms; once 50 are done the proxy goes silent and the
-/// worker is sent SIGTERM. It must exit 0 within its 3 s drain deadline plus the 5 s it allows
-/// its last broker calls (+2 s); then, the broker answering again, a second worker on the direct
-/// address finishes every job: nothing lost.
+/// worker is sent SIGTERM. It must exit 0 within its 3 s drain deadline plus the 6 s it allows
+/// its last broker calls (+2 s); then, the broker answering again (through the same proxy, now
+/// forwarding), a second worker finishes every job: nothing lost.
 fn outage_shutdown(t: &Target) -> Result<String, String> {
     const JOBS: u64 = 400;
     let proxy = path(t)?;
@@ -500,12 +501,12 @@ fn outage_shutdown(t: &Target) -> Result<String, String> {
         l.iter().any(|x| x == "enqueued") && tally(&l, "done").len() >= 50
     });
     proxy.blackhole(true);
-    // The drain deadline (3 s) plus the 5 s the worker allows its last broker calls, plus 2 s.
-    let limit = Duration::from_secs(3 + 5 + 2);
+    // The drain deadline (3 s) plus the 6 s the worker allows its last broker calls, plus 2 s.
+    let limit = Duration::from_secs(3 + 6 + 2);
     let (code, took, l_a, log) = stop(run, limit + Duration::from_secs(30));
     check!(
         took <= limit,
-        "the worker took {took:?} to exit during the outage (limit {limit:?}: 3s deadline + 5s for its last calls + 2s); its log:\n{log}"
+        "the worker took {took:?} to exit during the outage (limit {limit:?}: 3s deadline + 6s for its last calls + 2s); its log:\n{log}"
     );
     check!(
         code == Some(0),

@@ -264,25 +264,35 @@ impl Worker {
         tracing::info!("shutting down: no new jobs; draining in-flight jobs");
         // The whole shutdown is bounded, whatever the broker does: the drain (and the loops that
         // stop taking work) by `shutdown_timeout`, then releases, the last acks and the close
-        // by FINAL_GRACE. A broker that stopped answering cannot hold a deploy up; what was not
+        // by FINAL_GRACE (+ at most a second for the close). A broker that stopped answering cannot hold a deploy up; what was not
         // settled in time comes back after its lease (at-least-once), and the log says so.
         let deadline = self.config.worker.shutdown_timeout;
-        let drain_until = tokio::time::Instant::now() + deadline;
+        let now = tokio::time::Instant::now();
+        let drain_until = now + deadline;
+        // The loops that take work end within a receive's wait (each backend bounds its calls);
+        // one that does not (a broker that stopped answering) is stopped, past the deadline or
+        // a receive's wait and 2 s, whichever is later.
+        let loops_until = drain_until.max(now + self.config.worker.poll_wait + STOP_LOOPS);
         for t in schedule_tasks {
-            join_by(drain_until, t, "a schedule or the outbox relay").await;
+            join_by(loops_until, t, "a schedule or the outbox relay").await;
         }
         for f in started.fetchers {
-            join_by(drain_until, f, "a queue's receive loop").await;
+            join_by(loops_until, f, "a queue's receive loop").await;
         }
         let all = u32::try_from(self.config.worker.concurrency).unwrap_or(u32::MAX);
-        let drained = tokio::time::timeout_at(drain_until, started.global.acquire_many(all))
-            .await
-            .is_ok();
+        let drained =
+            match tokio::time::timeout_at(drain_until, started.global.acquire_many(all)).await {
+                Ok(_) => true,
+                // Past the deadline already (the loops took it): drained if nothing runs.
+                Err(_) => started.global.try_acquire_many(all).is_ok(),
+            };
         let final_until = tokio::time::Instant::now() + FINAL_GRACE;
         if !drained {
             tracing::warn!(deadline = ?deadline, "shutdown deadline passed: releasing unfinished jobs");
             started.hard_tx.send_replace(true);
-            if tokio::time::timeout_at(final_until, started.global.acquire_many(all))
+            // The releases get 3 of the 5 s: the last acks keep at least 2.
+            let release_until = final_until - Duration::from_secs(2);
+            if tokio::time::timeout_at(release_until, started.global.acquire_many(all))
                 .await
                 .is_err()
             {
@@ -373,15 +383,21 @@ impl Worker {
     }
 }
 
-/// What a shutdown allows, past the drain deadline, for releasing cut-off jobs, the last acks,
-/// the remaining tasks and the broker's close.
+/// What a shutdown allows, past the drain deadline, for releasing cut-off jobs (3 s of it), the
+/// last acks and the remaining tasks; the broker's close then gets what is left, and at least a
+/// second: at most 6 s in all.
 const FINAL_GRACE: Duration = Duration::from_secs(5);
 
+/// How long past a receive's wait a loop that takes work may take to stop at shutdown.
+const STOP_LOOPS: Duration = Duration::from_secs(2);
+
 /// Waits for `task` until `until`; aborts it if it is not done by then (a task stuck on a
-/// broker that does not answer), and says so.
+/// broker that does not answer), says so, and waits for the abort to land (so what the task
+/// held, such as concurrency permits, is given back before the caller goes on).
 async fn join_by(until: tokio::time::Instant, mut task: tokio::task::JoinHandle<()>, what: &str) {
     if tokio::time::timeout_at(until, &mut task).await.is_err() {
         task.abort();
+        let _ = task.await;
         tracing::warn!(
             what,
             "did not stop in time at shutdown (is the broker answering?): stopped"

@@ -188,10 +188,6 @@ impl KafkaConfig {
     fn client(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.bootstrap);
-        // A request unanswered for 10 s (librdkafka's default: 60 s) fails and its connection
-        // is torn down: a broker that stops answering without closing is noticed, and left,
-        // that soon. `properties` may set it otherwise.
-        c.set("socket.timeout.ms", SOCKET_TIMEOUT_MS);
         c.set(
             "log_level",
             if self.properties.contains_key("debug") {
@@ -210,6 +206,13 @@ impl KafkaConfig {
     /// refuses a `max.poll.interval.ms` below it, for group-less readers too).
     fn consumer_client(&self) -> ClientConfig {
         let mut c = self.client();
+        // A consumer's request unanswered for 10 s (librdkafka's default: 60 s) fails and its
+        // connection is torn down: a broker that stops answering without closing is noticed,
+        // and left, that soon. Producers keep the default, longer than their request timeout
+        // (a produce may wait on a slow follower). `properties` may set it otherwise.
+        if !self.properties.contains_key("socket.timeout.ms") {
+            c.set("socket.timeout.ms", SOCKET_TIMEOUT_MS);
+        }
         c.set(
             "session.timeout.ms",
             self.session_timeout.as_millis().to_string(),
@@ -1434,7 +1437,7 @@ impl KafkaBroker {
     /// near the end of its reservation asks for the next one in the background.
     fn take(&self, physical: &str, tc: &TopicConsumer, max: usize) -> (Vec<Delivery>, Save) {
         // Under the lock only bookkeeping: the deliveries (envelopes, receipts) are made after.
-        let mut handed: Vec<(i32, u64, u32, Rec)> = Vec::new();
+        let mut handed: Vec<(i32, u64, u32, u32, Rec)> = Vec::new();
         let mut save = Save::None;
         let mut room = false;
         let mut st = tc.shared.lock();
@@ -1452,13 +1455,13 @@ impl KafkaBroker {
             let mut highest = -1;
             for out in taken {
                 let rec = out.record;
-                if out.delivery_count > 1 || rec.offset >= part.durable_to {
+                if out.count > 1 || rec.offset >= part.durable_to {
                     save = Save::Wait;
                     part.unsaved = true;
                 }
                 highest = highest.max(rec.offset);
-                handed.push((p, part.epoch, out.delivery_count, rec.clone()));
-                part.out.insert(rec.offset, (rec, out.delivery_count));
+                handed.push((p, part.epoch, out.count, out.delivery_count, rec.clone()));
+                part.out.insert(rec.offset, (rec, out.count));
             }
             if highest + RESERVE / 2 >= part.window.reserved() {
                 part.window.reserve(highest + 1 + RESERVE);
@@ -1480,7 +1483,7 @@ impl KafkaBroker {
         let weak = Arc::downgrade(&tc.shared);
         let deliveries = handed
             .into_iter()
-            .map(|(partition, epoch, count, rec)| Delivery {
+            .map(|(partition, epoch, count, delivery_count, rec)| Delivery {
                 envelope: Envelope::clone(&rec.envelope),
                 receipt: Receipt::new(
                     receipt_queue.clone(),
@@ -1493,7 +1496,7 @@ impl KafkaBroker {
                         count,
                     },
                 ),
-                delivery_count: count,
+                delivery_count,
             })
             .collect();
         (deliveries, save)
@@ -1792,7 +1795,7 @@ impl KafkaBroker {
                     draining |= part.revoking;
                     if !done {
                         lost_queue = Some(r.queue());
-                    } else if ack || uncounted {
+                    } else if ack {
                         part.unsaved = true;
                     }
                 }

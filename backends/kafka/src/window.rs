@@ -28,10 +28,14 @@ pub(crate) trait Keyed {
     fn key(&self) -> Option<&str>;
 }
 
-/// A record handed out: the record, and how many times it has been handed out (this one included).
+/// A record handed out: the record, how many times it has been handed out (this one included),
+/// and that count less this handle's uncounted releases of it (what the delivery reports).
 #[derive(Debug)]
 pub(crate) struct Out<T> {
     pub(crate) record: T,
+    /// Every hand-out counted: tells this hand-out from earlier ones (receipts) and decides
+    /// whether a checkpoint must be written before it goes out.
+    pub(crate) count: u32,
     pub(crate) delivery_count: u32,
 }
 
@@ -47,6 +51,11 @@ pub(crate) struct Window<T> {
     acked: BTreeSet<i64>,
     /// Hand-out counts of unsettled offsets (restored ones may not be fetched yet).
     tries: BTreeMap<i64, u32>,
+    /// Uncounted releases of unsettled offsets on this handle (a shutdown's give-back). They are
+    /// taken off the count a delivery reports and the count a clean handover passes on
+    /// ([`Window::final_checkpoint`]), never off a regular checkpoint's: a crash after them is
+    /// still counted.
+    discount: BTreeMap<i64, u32>,
     /// Where the next fetched record starts (the offset after the last one fetched), or where
     /// fetching starts.
     fetched_to: i64,
@@ -67,6 +76,7 @@ impl<T: Keyed> Window<T> {
             busy: HashSet::new(),
             acked: BTreeSet::new(),
             tries: BTreeMap::new(),
+            discount: BTreeMap::new(),
             fetched_to: from.max(0),
             maybe_to: from.max(0),
             reserved: from.max(0),
@@ -158,11 +168,13 @@ impl<T: Keyed> Window<T> {
             let before = u32::from(o < self.maybe_to);
             let n = self.tries.entry(o).or_insert(before);
             *n = n.saturating_add(1);
-            let delivery_count = *n;
+            let count = *n;
+            let discount = self.discount.get(&o).copied().unwrap_or(0);
             self.out.insert(o, key);
             taken.push(Out {
                 record: r,
-                delivery_count,
+                count,
+                delivery_count: count.saturating_sub(discount).max(1),
             });
         }
         for r in skipped.into_iter().rev() {
@@ -185,6 +197,7 @@ impl<T: Keyed> Window<T> {
             self.busy.remove(&k);
         }
         self.tries.remove(&offset);
+        self.discount.remove(&offset);
         let low = self.low();
         if offset >= low {
             self.acked.insert(offset);
@@ -204,11 +217,8 @@ impl<T: Keyed> Window<T> {
             return false;
         };
         if uncounted {
-            // Kept at 0 rather than removed: a missing count below `maybe_to` reads as "may
-            // have been handed out once".
-            if let Some(n) = self.tries.get_mut(&offset) {
-                *n = n.saturating_sub(1);
-            }
+            let d = self.discount.entry(offset).or_insert(0);
+            *d = d.saturating_add(1);
         }
         if let Some(k) = key {
             self.busy.remove(&k);
@@ -234,22 +244,36 @@ impl<T: Keyed> Window<T> {
     /// What a new owner needs if this one may crash: see the module docs. Carries the
     /// reservation.
     pub(crate) fn checkpoint(&self) -> Checkpoint {
-        self.checkpoint_upto(self.reserved())
+        self.checkpoint_upto(self.reserved(), false)
     }
 
     /// What a new owner needs when this one hands over cleanly (revocation, close): the exact
     /// counts, and no reservation beyond what an earlier crash left uncertain.
     pub(crate) fn final_checkpoint(&self) -> Checkpoint {
-        self.checkpoint_upto(self.maybe_to)
+        self.checkpoint_upto(self.maybe_to, true)
     }
 
-    fn checkpoint_upto(&self, upto: i64) -> Checkpoint {
+    /// `discounted`: uncounted releases come off the counts (a clean handover only). A count
+    /// that reaches 0 stays, as 0: a missing one below `upto` would read as "may have been
+    /// handed out once".
+    fn checkpoint_upto(&self, upto: i64, discounted: bool) -> Checkpoint {
         let low = self.low();
+        let less = |o: &i64| {
+            if discounted {
+                self.discount.get(o).copied().unwrap_or(0)
+            } else {
+                0
+            }
+        };
         Checkpoint {
             low,
             upto: upto.max(low),
             acked: self.acked.range(low..).copied().collect(),
-            tries: self.tries.range(low..).map(|(o, n)| (*o, *n)).collect(),
+            tries: self
+                .tries
+                .range(low..)
+                .map(|(o, n)| (*o, n.saturating_sub(less(o))))
+                .collect(),
         }
     }
 
@@ -259,6 +283,7 @@ impl<T: Keyed> Window<T> {
         self.ready.clear();
         self.out.clear();
         self.busy.clear();
+        self.discount.clear();
         out
     }
 }
@@ -533,13 +558,23 @@ mod tests {
         for o in it {
             assert!(w.release(o.record, true));
         }
+        // Each hand-out keeps a count of its own (receipts of earlier ones are stale), and a
+        // regular checkpoint (what a crash leaves) counts every hand-out.
+        assert_eq!(
+            w.checkpoint().tries.values().copied().collect::<Vec<_>>(),
+            [2, 2, 2]
+        );
         let cp = Checkpoint::decode(&w.final_checkpoint().encode());
         let mut next = Window::restore(0, cp.as_ref());
         for o in 0..3 {
             next.push(R(o, None));
         }
         let counts: Vec<u32> = next.take(10).iter().map(|o| o.delivery_count).collect();
-        assert_eq!(counts, [2, 1, 1]);
+        assert_eq!(
+            counts,
+            [2, 1, 1],
+            "a clean handover passes on the uncounted releases"
+        );
     }
 
     #[test]

@@ -748,26 +748,33 @@ impl RabbitBroker {
     /// Gives back, uncounted, the deliveries the broker pushed to this handle that no `receive`
     /// took. Closing their channel would return them counted (a quorum queue counts every
     /// return), so a worker that stops gracefully would charge an attempt to up to a few batches
-    /// of jobs it never ran. Best effort, bounded at 5 s: what is not handed back returns counted
-    /// when the channel closes, as before.
+    /// of jobs it never ran. Best effort ([`Broker::close`] bounds it at 5 s): what is not handed
+    /// back returns counted when the channel closes.
     async fn return_buffered(&self) {
         let states: Vec<(String, Arc<QueueState>)> = lock(&self.inner.queues)
             .iter()
             .map(|(name, qs)| (name.clone(), qs.clone()))
             .collect();
+        for (_, qs) in &states {
+            let _setup = qs.setup.lock().await;
+            self.cancel_consumer(qs).await;
+        }
+        // Deliveries the broker pushed before its cancel-ok reach the buffer through the pump
+        // tasks a moment later: take what is there, then once more after a pause.
         let mut deliveries = Vec::new();
-        for (queue, qs) in states {
-            {
-                let _setup = qs.setup.lock().await;
-                self.cancel_consumer(&qs).await;
+        for round in 0..2 {
+            if round > 0 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            let receipt_queue: Arc<str> = Arc::from(queue.as_str());
-            let mut slot = qs.slot();
-            if let Some(c) = slot.as_mut().filter(|c| c.failed.is_none()) {
-                let id = c.id;
-                while let Some((tag, raw)) = c.buffer.pop_first() {
-                    c.outstanding.insert(tag, raw.consumer);
-                    deliveries.push(Self::to_delivery(&receipt_queue, id, tag, raw));
+            for (queue, qs) in &states {
+                let receipt_queue: Arc<str> = Arc::from(queue.as_str());
+                let mut slot = qs.slot();
+                if let Some(c) = slot.as_mut().filter(|c| c.failed.is_none()) {
+                    let id = c.id;
+                    while let Some((tag, raw)) = c.buffer.pop_first() {
+                        c.outstanding.insert(tag, raw.consumer);
+                        deliveries.push(Self::to_delivery(&receipt_queue, id, tag, raw));
+                    }
                 }
             }
         }
@@ -775,11 +782,11 @@ impl RabbitBroker {
             return;
         }
         let n = deliveries.len();
-        let resend = stevedore_core::resend_uncounted(self, deliveries);
-        match tokio::time::timeout(Duration::from_secs(5), resend).await {
-            Ok(Ok(())) => tracing::debug!(n, "buffered deliveries handed back uncounted at close"),
-            Ok(Err(e)) => tracing::warn!(n, error = %e, "could not hand back buffered deliveries uncounted at close; the broker returns them with their delivery counted"),
-            Err(_) => tracing::warn!(n, "handing back buffered deliveries uncounted at close took over 5s; the broker returns the rest with their delivery counted"),
+        match stevedore_core::resend_uncounted(self, deliveries).await {
+            Ok(()) => tracing::debug!(n, "buffered deliveries handed back uncounted at close"),
+            Err(e) => {
+                tracing::warn!(n, error = %e, "could not hand back buffered deliveries uncounted at close; the broker returns them with their delivery counted")
+            }
         }
     }
 
@@ -1318,7 +1325,12 @@ impl Broker for RabbitBroker {
         if self.inner.closed.load(Ordering::Acquire) {
             return Ok(());
         }
-        self.return_buffered().await;
+        if tokio::time::timeout(Duration::from_secs(5), self.return_buffered())
+            .await
+            .is_err()
+        {
+            tracing::warn!("handing back buffered deliveries uncounted at close took over 5s; the broker returns the rest with their delivery counted");
+        }
         if self.inner.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }

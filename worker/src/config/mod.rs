@@ -280,8 +280,9 @@ pub struct WorkerConfig {
     /// Most jobs in flight in this process, across all queues.
     pub concurrency: usize,
     /// How long graceful shutdown waits for in-flight jobs before releasing them (uncounted).
-    /// Releases, the last acks and closing the broker take at most 5 s more, even when the
-    /// broker does not answer.
+    /// Releases, the last acks and closing the broker take at most 6 s more, even when the
+    /// broker does not answer (and the receive loops stop within this or `poll_wait` + 2 s,
+    /// whichever is longer).
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
     /// Longest idle wait on a queue in one receive call.

@@ -109,15 +109,7 @@ async fn admit(
 
 /// Counts a re-send of the runtime's own at the same attempt ([`wire::RESENT`]).
 pub(crate) fn mark_resent(envelope: &mut Envelope) {
-    let n = envelope
-        .headers
-        .get(stevedore_core::wire::RESENT)
-        .and_then(|v| v.parse::<u32>().ok())
-        .unwrap_or(0);
-    envelope.headers.insert(
-        stevedore_core::wire::RESENT.to_string(),
-        (n + 1).to_string(),
-    );
+    stevedore_core::wire::mark_resent(envelope);
 }
 
 /// A job its limits did not admit: put off ([`defer`]), also when the state store could not be
