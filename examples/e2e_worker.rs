@@ -175,19 +175,31 @@ async fn enqueue_batched(client: &stevedore::Client, jobs: u64, sleep_ms: u64, b
                 stevedore::Envelope::new("work", body)
             })
             .collect();
-        let mut pause = Duration::from_millis(50);
-        loop {
-            match client.publish("default", envelopes.clone()).await {
-                Ok(()) => break,
-                Err(stevedore::EnqueueError::Broker(e)) if e.is_transient() => {
-                    eprintln!("enqueue failed, retrying: {e}");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(2));
-                }
-                Err(e) => {
-                    eprintln!("enqueue failed: {e}");
-                    return;
-                }
+        if !retrying(|| client.publish("default", envelopes.clone())).await {
+            return;
+        }
+    }
+}
+
+/// Runs `send` until it succeeds or fails for good, like any producer: retrying, with backoff,
+/// what may succeed later (the broker restarting). Returns whether it succeeded.
+async fn retrying<T, F, Fut>(mut send: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, stevedore::EnqueueError>>,
+{
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match send().await {
+            Ok(_) => return true,
+            Err(stevedore::EnqueueError::Broker(e)) if e.is_transient() => {
+                eprintln!("enqueue failed, retrying: {e}");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => {
+                eprintln!("enqueue failed: {e}");
+                return false;
             }
         }
     }
@@ -232,33 +244,12 @@ async fn main() -> ExitCode {
                 return;
             }
             for n in 0..jobs {
-                // Like any producer: retry what may succeed later (the broker restarting).
-                let mut pause = Duration::from_millis(50);
-                loop {
-                    match client
-                        .enqueue(
-                            "work",
-                            &Work {
-                                n,
-                                sleep_ms,
-                                fail: false,
-                            },
-                        )
-                        .send()
-                        .await
-                    {
-                        Ok(_) => break,
-                        Err(stevedore::EnqueueError::Broker(e)) if e.is_transient() => {
-                            eprintln!("enqueue failed, retrying: {e}");
-                            tokio::time::sleep(pause).await;
-                            pause = (pause * 2).min(Duration::from_secs(2));
-                        }
-                        Err(e) => {
-                            eprintln!("enqueue failed: {e}");
-                            break;
-                        }
-                    }
-                }
+                let work = Work {
+                    n,
+                    sleep_ms,
+                    fail: false,
+                };
+                retrying(|| client.enqueue("work", &work).send()).await;
             }
             out.line("enqueued");
         })

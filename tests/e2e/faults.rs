@@ -49,6 +49,27 @@ struct Target {
     proxy_at: Option<u16>,
 }
 
+impl Target {
+    /// A broker on loopback `port` reached through a proxy of the test's own, 32 a call, calls
+    /// bounded at 10 s, 4,000 jobs for the network faults.
+    fn plain(
+        kind: &'static str,
+        env: Box<dyn Fn(u16) -> Vec<(String, String)>>,
+        port: u16,
+    ) -> Target {
+        Target {
+            kind,
+            env,
+            addr: addr(port),
+            batch: 32,
+            broker_toml: String::new(),
+            call_timeout: Duration::from_secs(10),
+            jobs: 4000,
+            proxy_at: None,
+        }
+    }
+}
+
 /// The path from the worker to the broker: a proxy (on `proxy_at` where the broker names it).
 fn path(t: &Target) -> Result<Proxy, String> {
     match t.proxy_at {
@@ -576,6 +597,31 @@ fn outage_shutdown(t: &Target) -> Result<String, String> {
     ))
 }
 
+/// The four faults of a networked broker, each on queues of its own (`target(name)`), poison
+/// with `poison_jobs` jobs.
+fn every_fault(target: &dyn Fn(&str) -> Target, poison_jobs: u64) -> Vec<Cell> {
+    vec![
+        cell("half-open 20s", || half_open(&target("hole"))),
+        cell("resets every 2s", || resets(&target("reset"))),
+        cell("shutdown in outage", || outage_shutdown(&target("outage"))),
+        cell("1% poison", || poison(target, poison_jobs)),
+    ]
+}
+
+/// A worker environment of a broker URL (`{port}` in `url` becomes the port to connect to) and
+/// a key prefix.
+fn url_and_prefix(url: &'static str, prefix: String) -> Box<dyn Fn(u16) -> Vec<(String, String)>> {
+    Box::new(move |port| {
+        vec![
+            (
+                "STEVEDORE_BROKER__URL".into(),
+                url.replace("{port}", &port.to_string()),
+            ),
+            ("STEVEDORE_BROKER__KEY_PREFIX".into(), prefix.clone()),
+        ]
+    })
+}
+
 fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
@@ -595,34 +641,15 @@ fn faults_redis() {
         url: url.clone(),
         prefix: prefix.clone(),
     };
-    let target = |sub: &str| Target {
-        kind: "redis",
-        env: Box::new({
-            let prefix = format!("{prefix}{sub}:");
-            move |port| {
-                vec![
-                    (
-                        "STEVEDORE_BROKER__URL".into(),
-                        format!("redis://127.0.0.1:{port}/0"),
-                    ),
-                    ("STEVEDORE_BROKER__KEY_PREFIX".into(), prefix.clone()),
-                ]
-            }
-        }),
-        addr: addr(port),
-        batch: 32,
-        broker_toml: String::new(),
-        // Commands time out after 10 s, blocking reads 5 s past their BLOCK time.
-        call_timeout: Duration::from_secs(10),
-        jobs: 4000,
-        proxy_at: None,
+    // Commands time out after 10 s, blocking reads 5 s past their BLOCK time.
+    let target = |sub: &str| {
+        Target::plain(
+            "redis",
+            url_and_prefix("redis://127.0.0.1:{port}/0", format!("{prefix}{sub}:")),
+            port,
+        )
     };
-    let cells = vec![
-        cell("half-open 20s", || half_open(&target("hole"))),
-        cell("resets every 2s", || resets(&target("reset"))),
-        cell("shutdown in outage", || outage_shutdown(&target("outage"))),
-        cell("1% poison", || poison(&target, 10_000)),
-    ];
+    let cells = every_fault(&target, 10_000);
     report("redis", cells);
 }
 
@@ -632,34 +659,15 @@ fn faults_rabbitmq() {
     // A private node: the test's queues and exchanges go with it.
     let server =
         stevedore_conformance::servers::RabbitServer::start().unwrap_or_else(|e| panic!("{e}"));
-    let target = |sub: &str| Target {
-        kind: "rabbitmq",
-        env: Box::new({
-            let prefix = format!("{sub}.");
-            move |port| {
-                vec![
-                    (
-                        "STEVEDORE_BROKER__URL".into(),
-                        format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
-                    ),
-                    ("STEVEDORE_BROKER__KEY_PREFIX".into(), prefix.clone()),
-                ]
-            }
-        }),
-        addr: addr(server.port()),
-        batch: 32,
-        broker_toml: String::new(),
-        // AMQP calls time out after 10 s.
-        call_timeout: Duration::from_secs(10),
-        jobs: 4000,
-        proxy_at: None,
+    // AMQP calls time out after 10 s.
+    let target = |sub: &str| {
+        Target::plain(
+            "rabbitmq",
+            url_and_prefix("amqp://guest:guest@127.0.0.1:{port}/%2f", format!("{sub}.")),
+            server.port(),
+        )
     };
-    let cells = vec![
-        cell("half-open 20s", || half_open(&target("hole"))),
-        cell("resets every 2s", || resets(&target("reset"))),
-        cell("shutdown in outage", || outage_shutdown(&target("outage"))),
-        cell("1% poison", || poison(&target, 10_000)),
-    ];
+    let cells = every_fault(&target, 10_000);
     report("rabbitmq", cells);
 }
 
@@ -704,12 +712,7 @@ fn faults_sqs() {
         proxy_at: None,
     };
     // moto takes in about 100 messages a second one by one and ~1,000 in batches: 2,000 jobs.
-    let cells = vec![
-        cell("half-open 20s", || half_open(&target("hole"))),
-        cell("resets every 2s", || resets(&target("reset"))),
-        cell("shutdown in outage", || outage_shutdown(&target("outage"))),
-        cell("1% poison", || poison(&target, 2_000)),
-    ];
+    let cells = every_fault(&target, 2_000);
     report("sqs", cells);
 }
 
@@ -742,12 +745,7 @@ fn faults_kafka() {
         jobs: 4000,
         proxy_at: Some(proxy_port),
     };
-    let cells = vec![
-        cell("half-open 20s", || half_open(&target("hole"))),
-        cell("resets every 2s", || resets(&target("reset"))),
-        cell("shutdown in outage", || outage_shutdown(&target("outage"))),
-        cell("1% poison", || poison(&target, 10_000)),
-    ];
+    let cells = every_fault(&target, 10_000);
     report("kafka", cells);
 }
 

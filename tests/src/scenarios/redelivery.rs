@@ -63,18 +63,7 @@ pub(crate) async fn release_redelivery(backend: Arc<dyn Backend>) -> Checked {
         check(&held, &by_id, round as u32 + 2)?;
     }
     // An uncounted release (a shutdown's): back as promptly, on the same attempt.
-    a.release_uncounted(held).await.ctx("release_uncounted")?;
-    let released = Instant::now();
-    let held = back(&b, &queue).await?;
-    let uncounted = released.elapsed();
-    ensure!(
-        uncounted <= PROMPT,
-        "messages released uncounted came back only after {} (limit {})",
-        s2(uncounted),
-        s2(PROMPT)
-    );
-    let kept = a.queue_capabilities(&queue).uncounted_release;
-    check_uncounted(&held, &by_id, 4, kept)?;
+    let (held, uncounted, kept) = uncounted_round(&a, &b, &queue, held, &by_id).await?;
     b.ack(&receipts(&held))
         .await
         .ctx("ack after two releases and an uncounted one")?;
@@ -172,20 +161,7 @@ async fn partitioned(backend: Arc<dyn Backend>, handoff: Duration) -> Checked {
     );
     check(&all, &by_id, 3)?;
     // An uncounted release (a shutdown's): back as promptly, on the same attempt.
-    a.release_uncounted(all).await.ctx("release_uncounted")?;
-    let released = Instant::now();
-    let all = collect(a, &queue, N, secs(30), secs(5))
-        .await
-        .map_err(|e| format!("after release_uncounted: {e}"))?;
-    let uncounted = released.elapsed();
-    ensure!(
-        uncounted <= PROMPT,
-        "messages released uncounted came back only after {} (limit {})",
-        s2(uncounted),
-        s2(PROMPT)
-    );
-    let kept = a.queue_capabilities(&queue).uncounted_release;
-    check_uncounted(&all, &by_id, 4, kept)?;
+    let (all, uncounted, kept) = uncounted_round(a, a, &queue, all, &by_id).await?;
     a.ack(&receipts(&all)).await.ctx("ack after two releases")?;
     expect_empty(a, &queue, secs(1), "the messages were acked").await?;
     close(&[a]).await;
@@ -201,6 +177,35 @@ async fn partitioned(backend: Arc<dyn Backend>, handoff: Duration) -> Checked {
         s2(uncounted),
         uncounted_note(kept)
     ))
+}
+
+/// `from` releases `held` (on attempt 4) uncounted; `to` must get them back within [`PROMPT`],
+/// checked by [`check_uncounted`]. Returns them, how long they took, and whether the backend
+/// declares the release uncounted on this queue.
+async fn uncounted_round(
+    from: &Arc<dyn Broker>,
+    to: &Arc<dyn Broker>,
+    queue: &str,
+    held: Vec<Delivery>,
+    by_id: &HashMap<String, Envelope>,
+) -> Result<(Vec<Delivery>, Duration, bool), String> {
+    from.release_uncounted(held)
+        .await
+        .ctx("release_uncounted")?;
+    let released = Instant::now();
+    let back = collect(to, queue, N, secs(30), secs(5))
+        .await
+        .map_err(|e| format!("after release_uncounted: {e}"))?;
+    let took = released.elapsed();
+    ensure!(
+        took <= PROMPT,
+        "messages released uncounted came back only after {} (limit {})",
+        s2(took),
+        s2(PROMPT)
+    );
+    let kept = from.queue_capabilities(queue).uncounted_release;
+    check_uncounted(&back, by_id, 4, kept)?;
+    Ok((back, took, kept))
 }
 
 /// Receives the released messages, allowing up to 5 s so a slow return is measured, not hidden.
@@ -243,14 +248,7 @@ fn check_uncounted(
         return Ok(());
     }
     for d in got {
-        let id = &d.envelope.id;
-        let Some(s) = sent.get(id) else {
-            return Err(format!("unknown message {id} received"));
-        };
-        ensure!(
-            d.envelope.payload == s.payload,
-            "message {id}: payload changed across an uncounted release"
-        );
+        let id = same_message(d, sent, "an uncounted release")?;
         ensure!(
             d.attempt() == attempt,
             "message {id}: attempt() {} after an uncounted release of attempt {attempt} \
@@ -262,16 +260,26 @@ fn check_uncounted(
     Ok(())
 }
 
+/// `d` is one of `sent`, payload unchanged across `what`; returns its id.
+fn same_message<'a>(
+    d: &'a Delivery,
+    sent: &HashMap<String, Envelope>,
+    what: &str,
+) -> Result<&'a str, String> {
+    let id = &d.envelope.id;
+    let Some(s) = sent.get(id) else {
+        return Err(format!("unknown message {id} received"));
+    };
+    ensure!(
+        d.envelope.payload == s.payload,
+        "message {id}: payload changed across {what}"
+    );
+    Ok(id)
+}
+
 fn check(got: &[Delivery], sent: &HashMap<String, Envelope>, count: u32) -> Result<(), String> {
     for d in got {
-        let id = &d.envelope.id;
-        let Some(s) = sent.get(id) else {
-            return Err(format!("unknown message {id} received"));
-        };
-        ensure!(
-            d.envelope.payload == s.payload,
-            "message {id}: payload changed across redelivery"
-        );
+        let id = same_message(d, sent, "redelivery")?;
         ensure!(
             d.delivery_count == count && d.attempt() == count + 1,
             "message {id}: delivery_count {} and attempt() {} on delivery {count} (expected {count} \
