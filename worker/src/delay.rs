@@ -143,7 +143,7 @@ pub(crate) async fn hop(ctx: &QueueCtx, d: Delivery, early: Duration) {
     tracing::debug!(id = %d.envelope.id, remaining = ?early, "delayed message arrived early; re-publishing for the rest");
     let to = d.receipt.queue().to_string();
     let mut envelope = d.envelope;
-    crate::runtime::mark_resent(&mut envelope);
+    stevedore_core::wire::mark_resent(&mut envelope);
     if let Err(e) = forward(ctx, d.receipt, &to, envelope).await {
         tracing::warn!(error = %e, "could not re-publish a delayed message; released it");
     }

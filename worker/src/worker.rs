@@ -264,8 +264,9 @@ impl Worker {
         tracing::info!("shutting down: no new jobs; draining in-flight jobs");
         // The whole shutdown is bounded, whatever the broker does: the drain (and the loops that
         // stop taking work) by `shutdown_timeout`, then releases, the last acks and the close
-        // by FINAL_GRACE (+ at most a second for the close). A broker that stopped answering cannot hold a deploy up; what was not
-        // settled in time comes back after its lease (at-least-once), and the log says so.
+        // by FINAL_GRACE (+ at most a second for the close). A broker that stopped answering
+        // cannot hold a deploy up; what was not settled in time comes back after its lease
+        // (at-least-once), and the log says so.
         let deadline = self.config.worker.shutdown_timeout;
         let now = tokio::time::Instant::now();
         let drain_until = now + deadline;

@@ -107,11 +107,6 @@ async fn admit(
     Ok(Gate::Go(held))
 }
 
-/// Counts a re-send of the runtime's own at the same attempt ([`wire::RESENT`]).
-pub(crate) fn mark_resent(envelope: &mut Envelope) {
-    stevedore_core::wire::mark_resent(envelope);
-}
-
 /// A job its limits did not admit: put off ([`defer`]), also when the state store could not be
 /// asked (no limit can be kept without it), with the queue paused a moment rather than run over
 /// the limit.
@@ -145,7 +140,7 @@ async fn defer(ctx: &QueueCtx, d: Delivery, wait: Duration, queue_wide: bool, wh
     let mut envelope = d.envelope;
     envelope.attempt = attempt;
     envelope.not_before = Some(now + wait + jitter);
-    mark_resent(&mut envelope);
+    stevedore_core::wire::mark_resent(&mut envelope);
     // A queue-wide rate token was taken for this job before the receive: it did not run.
     if let Some(q) = ctx.limits.queue.as_ref().filter(|q| q.has_rate()) {
         q.give_back(1).await;
