@@ -8,7 +8,7 @@ use crate::error::{FailureKind, JobError};
 use crate::runtime::{forward, truncate, QueueCtx};
 use crate::stats::JobResult;
 use std::time::{Duration, SystemTime};
-use stevedore_core::{to_millis, wire, Delivery};
+use stevedore_core::{names, to_millis, wire, Delivery, Priority};
 
 /// What to do with a failed delivery.
 #[derive(Clone, Debug, PartialEq)]
@@ -89,7 +89,8 @@ impl RetryConfig {
 }
 
 /// The retry act: publishes a copy with `attempt + 1`, due after `delay`, carrying the first
-/// failure time and the last error, then acks the original ([`forward`]). If the copy cannot be
+/// failure time and the last error, to the queue's `level` ([`RetryConfig::level`]) or else the
+/// physical queue it came from, then acks the original ([`forward`]). If the copy cannot be
 /// published the original is released instead: it comes back with a higher delivery count, so
 /// its attempts still grow.
 pub(crate) async fn retry_later(
@@ -98,10 +99,18 @@ pub(crate) async fn retry_later(
     attempt: u32,
     err: &JobError,
     delay: Duration,
+    level: Option<Priority>,
 ) -> JobResult {
     let now = SystemTime::now();
     let mut copy = d.envelope.clone();
     copy.attempt = attempt + 1;
+    let to = match level {
+        Some(level) => {
+            copy.priority = level;
+            names::physical(&ctx.name, level)
+        }
+        None => d.receipt.queue().to_string(),
+    };
     copy.not_before = Some(now + delay);
     copy.headers
         .entry(wire::FIRST_FAILURE.to_string())
@@ -109,7 +118,6 @@ pub(crate) async fn retry_later(
     copy.headers
         .insert("stevedore-last-error".into(), truncate(err.message(), 1024));
     tracing::debug!(error = %err, next_attempt = attempt + 1, in_ms = delay.as_millis() as u64, "job failed; retry scheduled");
-    let to = d.receipt.queue().to_string();
     match forward(ctx, d.receipt, &to, copy).await {
         Ok(()) => JobResult::Retried,
         Err(e) => {
@@ -130,6 +138,7 @@ mod tests {
             factor: 2.0,
             cap: Duration::from_millis(500),
             max_age: Duration::from_secs(60),
+            level: None,
         }
     }
 

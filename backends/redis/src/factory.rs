@@ -16,6 +16,7 @@ use stevedore_core::{async_trait, Broker, BrokerError, Capabilities};
 /// | `url` | required | `redis://[user:password@]host:port/db`, or `rediss://` for TLS |
 /// | `key_prefix` | `""` | prepended to every key the backend creates, to share one Redis |
 /// | `max_payload` | 16 MiB | largest payload accepted at publish, in bytes |
+/// | `forget_idle` | `"10m"` | a group's consumer that holds nothing and has not read for this long (and twice its lease) is removed: the names of workers that were killed; `"0s"` turns it off ([`RedisConfig::forget_idle`]) |
 ///
 /// The consumer name is `worker.id` when set, else `<hostname>-<pid>-<random>`.
 #[derive(Clone, Copy, Debug, Default)]
@@ -27,6 +28,8 @@ struct RedisSettings {
     url: Option<String>,
     key_prefix: Option<String>,
     max_payload: Option<u64>,
+    #[serde(default, with = "humantime_serde::option")]
+    forget_idle: Option<std::time::Duration>,
 }
 
 #[derive(Debug)]
@@ -40,7 +43,7 @@ impl BackendFactory for RedisFactory {
     }
 
     fn keys(&self) -> &'static [&'static str] {
-        &["url", "key_prefix", "max_payload"]
+        &["url", "key_prefix", "max_payload", "forget_idle"]
     }
 
     fn configure(&self, settings: &Settings) -> Result<Box<dyn BackendSetup>, SettingsError> {
@@ -56,6 +59,9 @@ impl BackendFactory for RedisFactory {
         let mut config = RedisConfig::new(url);
         config.key_prefix = s.key_prefix.unwrap_or_default();
         config.max_payload = size_setting("max_payload", s.max_payload, DEFAULT_MAX_PAYLOAD)?;
+        if let Some(idle) = s.forget_idle {
+            config.forget_idle = idle;
+        }
         Ok(Box::new(RedisSetup { config }))
     }
 }

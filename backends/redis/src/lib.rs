@@ -51,6 +51,8 @@ const BLOCK_GRACE: Duration = Duration::from_secs(5);
 pub const DEFAULT_MAX_PAYLOAD: usize = 16 * 1024 * 1024;
 /// The consumer group every worker joins.
 pub const GROUP: &str = "stevedore";
+/// Default of [`RedisConfig::forget_idle`].
+pub const DEFAULT_FORGET_IDLE: Duration = Duration::from_secs(600);
 const TRIM_EVERY: u64 = 2048;
 
 /// Connection settings.
@@ -67,6 +69,14 @@ pub struct RedisConfig {
     pub max_payload: usize,
     /// Consumer name of this process; default `<hostname>-<pid>-<random>`.
     pub consumer: Option<String>,
+    /// Group hygiene: a consumer of a queue's group that holds nothing and has not read for this
+    /// long (and for twice its lease) is removed from the group, with its lease record, by the
+    /// next worker that looks for expired leases there. A worker killed without a graceful
+    /// close leaves its name behind (its entries are taken over by others); this keeps
+    /// `XINFO CONSUMERS` from growing with every crash. Default 10 minutes; `Duration::ZERO`
+    /// turns it off. A live worker reads at least every quarter of its lease, so it is never
+    /// removed; one removed while idle is created again by its next read.
+    pub forget_idle: Duration,
     /// Whether [`RedisBroker::connect`] warns when the server keeps nothing on disk (default
     /// true). The factory turns it off for processes that only enqueue or inspect (the CLI's
     /// commands), so the warning comes once per worker start, not with every command.
@@ -82,6 +92,7 @@ impl RedisConfig {
             max_payload: DEFAULT_MAX_PAYLOAD,
             consumer: None,
             warn_if_volatile: true,
+            forget_idle: DEFAULT_FORGET_IDLE,
         }
     }
 }
@@ -111,6 +122,9 @@ struct Inner {
     /// Per stream: when this handle last looked for expired leases, and the shortest lease any
     /// consumer of the stream holds (it sets how often to look).
     last_reclaim: Mutex<HashMap<String, (Instant, Duration)>>,
+    /// [`RedisConfig::forget_idle`], and per stream when this handle last removed idle consumers.
+    forget_idle: Duration,
+    last_forget: Mutex<HashMap<String, Instant>>,
     acks: AtomicU64,
     closed: std::sync::atomic::AtomicBool,
     url_redacted: String,
@@ -225,6 +239,8 @@ impl RedisBroker {
                 consumer,
                 caps: capabilities(config.max_payload),
                 last_reclaim: Mutex::new(HashMap::new()),
+                forget_idle: config.forget_idle,
+                last_forget: Mutex::new(HashMap::new()),
                 acks: AtomicU64::new(0),
                 closed: std::sync::atomic::AtomicBool::new(false),
                 url_redacted,
@@ -381,6 +397,28 @@ impl RedisBroker {
         }
     }
 
+    /// The `forget ms` argument of the reclaim script for `stream`: [`RedisConfig::forget_idle`]
+    /// once every half of it per stream (the first reclaim included), else 0 (no look).
+    fn forget_due(&self, stream: &str) -> u64 {
+        let idle = self.inner.forget_idle;
+        if idle.is_zero() {
+            return 0;
+        }
+        let mut m = self
+            .inner
+            .last_forget
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        match m.get(stream) {
+            Some(last) if now.duration_since(*last) < idle / 2 => 0,
+            _ => {
+                m.insert(stream.to_string(), now);
+                idle.as_millis().max(1) as u64
+            }
+        }
+    }
+
     /// `lease_until` (Unix ms) goes into the receipt: an ack well before it cannot meet a takeover.
     fn to_delivery(queue: &Arc<str>, e: Entry, pel_count: u32, lease_until: u64) -> Delivery {
         let (envelope, redeliveries) = format::decode(&e.id, e.fields);
@@ -411,6 +449,7 @@ impl RedisBroker {
         let consumer = self.inner.consumer.clone();
         let lease_ms = lease.as_millis().max(1) as u64;
         let lease_key = self.lease_key(stream);
+        let forget_ms = self.forget_due(stream);
         let reply: Value = self
             .with_group(stream, |mut c| {
                 let (consumer, lease_key) = (consumer.clone(), lease_key.clone());
@@ -422,12 +461,21 @@ impl RedisBroker {
                         .arg(&consumer)
                         .arg(lease_ms)
                         .arg(max)
+                        .arg(forget_ms)
                         .invoke_async(&mut c)
                         .await
                 }
             })
             .await?;
-        let (shortest, claimed) = parse::claimed(reply);
+        let (shortest, claimed, removed) = parse::claimed(reply);
+        if removed > 0 {
+            tracing::info!(
+                stream,
+                removed,
+                "removed consumers that held nothing and had not read for {:?} (workers that stopped without closing)",
+                self.inner.forget_idle
+            );
+        }
         if let Some(ms) = shortest {
             let mut m = self
                 .inner

@@ -95,8 +95,9 @@ pub(crate) fn read_reply(v: Value) -> Vec<Entry> {
     }
 }
 
-/// The reclaim script's reply: `[shortest lease ms, [[id, [fields], delivery_count], ...]]`.
-pub(crate) fn claimed(v: Value) -> (Option<u64>, Vec<(Entry, u32)>) {
+/// The reclaim script's reply: `[shortest lease ms, [[id, [fields], delivery_count], ...],
+/// consumers removed]`.
+pub(crate) fn claimed(v: Value) -> (Option<u64>, Vec<(Entry, u32)>, u64) {
     let mut parts = into_items(v).into_iter();
     let min = parts.next().as_ref().and_then(int).map(|n| n.max(1) as u64);
     let rows = parts.next().map(into_items).unwrap_or_default();
@@ -107,7 +108,8 @@ pub(crate) fn claimed(v: Value) -> (Option<u64>, Vec<(Entry, u32)>) {
             Some((entry(row)?, count))
         })
         .collect();
-    (min, claimed)
+    let removed = parts.next().as_ref().and_then(int).unwrap_or(0).max(0) as u64;
+    (min, claimed, removed)
 }
 
 /// Field `name` of one `XINFO GROUPS` row (flat array in RESP2, map in RESP3).

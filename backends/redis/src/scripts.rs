@@ -168,8 +168,15 @@ return lost
 /// Takes over entries whose holder's lease ran out. Each consumer's lease is recorded in a hash
 /// (KEYS[2]: consumer → lease ms), since Redis keeps no lease per entry: an entry is claimed only
 /// when its idle time reaches the lease of the consumer holding it. Registers the caller's lease.
-/// KEYS[1] = stream; ARGV = group, consumer, lease ms, count.
-/// Returns `{ shortest lease ms, { {id, fields, delivery_count}, ... } }`.
+/// KEYS[1] = stream; ARGV = group, consumer, lease ms, count, forget ms.
+///
+/// Hygiene, when forget ms > 0: then removes from the group, and from the lease hash, every
+/// other consumer that holds nothing (pending 0) and has not read for forget ms and for twice
+/// its lease (a worker that crashed: its entries were taken over, its name stayed). A live
+/// consumer reads at least every quarter of its lease, so none is removed; one that was idle
+/// that long is created again by its next read and registers its lease with the reclaim that
+/// comes first.
+/// Returns `{ shortest lease ms, { {id, fields, delivery_count}, ... }, consumers removed }`.
 pub(crate) static RECLAIM: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -194,13 +201,33 @@ for _, e in ipairs(p) do
     counts[e[1]] = e[4] + 1
   end
 end
-if #ids == 0 then return { min, {} } end
-local claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, unpack(ids))
 local out = {}
-for _, e in ipairs(claimed) do
-  if e and e[1] then out[#out + 1] = { e[1], e[2], counts[e[1]] or 2 } end
+if #ids > 0 then
+  local claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, unpack(ids))
+  for _, e in ipairs(claimed) do
+    if e and e[1] then out[#out + 1] = { e[1], e[2], counts[e[1]] or 2 } end
+  end
 end
-return { min, out }
+local forget = tonumber(ARGV[5]) or 0
+local removed = 0
+if forget > 0 then
+  local consumers = redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
+  for _, c in ipairs(consumers) do
+    local name, pending, idle
+    for i = 1, #c, 2 do
+      if c[i] == 'name' then name = c[i + 1]
+      elseif c[i] == 'pending' then pending = c[i + 1]
+      elseif c[i] == 'idle' then idle = c[i + 1] end
+    end
+    local after = math.max(forget, 2 * (lease_of[name] or mine))
+    if name and name ~= ARGV[2] and pending == 0 and idle and idle >= after then
+      redis.call('HDEL', KEYS[2], name)
+      redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], name)
+      removed = removed + 1
+    end
+  end
+end
+return { min, out, removed }
 "#,
     )
 });

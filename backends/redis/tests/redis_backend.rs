@@ -110,6 +110,121 @@ async fn trimming_keeps_every_unacked_entry() -> Result<(), BrokerError> {
     Ok(())
 }
 
+/// Names of the consumers of `stream`'s group, with their pending counts.
+fn consumers(url: &str, stream: &str) -> Vec<(String, i64)> {
+    let mut c = redis::Client::open(url)
+        .and_then(|c| c.get_connection())
+        .expect("redis");
+    let rows: Vec<std::collections::HashMap<String, redis::Value>> = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(stream)
+        .arg(stevedore_redis::GROUP)
+        .query(&mut c)
+        .expect("XINFO CONSUMERS");
+    rows.into_iter()
+        .map(|r| {
+            let name = redis::from_redis_value::<String>(r["name"].clone()).expect("name");
+            let pending = redis::from_redis_value::<i64>(r["pending"].clone()).expect("pending");
+            (name, pending)
+        })
+        .collect()
+}
+
+fn lease_records(url: &str, prefix: &str, stream: &str) -> Vec<String> {
+    let mut c = redis::Client::open(url)
+        .and_then(|c| c.get_connection())
+        .expect("redis");
+    let mut keys: Vec<String> = redis::cmd("HKEYS")
+        .arg(format!("{prefix}stevedore:leases:{stream}"))
+        .query(&mut c)
+        .expect("HKEYS");
+    keys.sort();
+    keys
+}
+
+/// Group hygiene: a worker killed without closing leaves its consumer name in the group; once
+/// its entries were taken over and it has not read for `forget_idle` and twice its lease, the
+/// next worker that looks for expired leases removes it and its lease record. A consumer that
+/// still holds an entry, and the live one, stay.
+#[tokio::test]
+async fn a_killed_workers_consumer_is_removed_once_it_holds_nothing() -> Result<(), BrokerError> {
+    let guard = Cleanup::machine("forget");
+    let url = guard.url.clone();
+    let q = "forget".to_string();
+    let stream = format!("{}{q}", guard.prefix);
+    let named = |name: &str| {
+        let mut c = guard.config();
+        c.consumer = Some(name.to_string());
+        c.forget_idle = Duration::from_secs(1);
+        c
+    };
+    let lease = Duration::from_secs(1);
+    let dead = RedisBroker::connect(named("dead")).await?;
+    dead.prepare(std::slice::from_ref(&q)).await?;
+    dead.publish(
+        &q,
+        (0..4).map(|i| Envelope::new("j", format!("{i}"))).collect(),
+    )
+    .await?;
+    let taken = dead.receive(&q, opts(3, lease)).await?;
+    assert_eq!(taken.len(), 3);
+    let last_read = std::time::Instant::now();
+    // Killed: never closed, never acked.
+    drop(dead);
+    let holder = RedisBroker::connect(named("holder")).await?;
+    let held = holder.receive(&q, opts(1, Duration::from_secs(60))).await?;
+    assert_eq!(held.len(), 1);
+
+    let survivor = RedisBroker::connect(named("survivor")).await?;
+    let mut rerun = Vec::new();
+    let removed_after = loop {
+        let got = survivor.receive(&q, opts(10, lease)).await?;
+        rerun.extend(got.iter().map(|d| d.envelope.payload.clone()));
+        survivor
+            .ack(&got.into_iter().map(|d| d.receipt).collect::<Vec<_>>())
+            .await?;
+        let names: Vec<String> = consumers(&url, &stream).into_iter().map(|c| c.0).collect();
+        if !names.iter().any(|n| n == "dead") {
+            break last_read.elapsed();
+        }
+        assert!(
+            last_read.elapsed() < Duration::from_secs(8),
+            "consumer `dead` still in the group {:?} after it had not read for 8 s",
+            consumers(&url, &stream)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    rerun.sort();
+    assert_eq!(
+        rerun.len(),
+        3,
+        "the survivor took over the killed worker's 3 entries"
+    );
+    // Twice the 1 s lease it held, and a look at most every half of forget_idle plus a reclaim
+    // interval later.
+    assert!(
+        removed_after >= Duration::from_millis(1900),
+        "removed {removed_after:?} after its last read: sooner than twice its lease"
+    );
+    let left = consumers(&url, &stream);
+    assert_eq!(
+        left,
+        vec![("holder".to_string(), 1), ("survivor".to_string(), 0)],
+        "the consumer holding an entry and the live one stay"
+    );
+    assert_eq!(
+        lease_records(&url, &guard.prefix, &stream),
+        vec!["holder".to_string(), "survivor".to_string()],
+        "the killed worker's lease record went with it"
+    );
+    holder
+        .ack(&held.into_iter().map(|d| d.receipt).collect::<Vec<_>>())
+        .await?;
+    holder.close().await?;
+    survivor.close().await?;
+    Ok(())
+}
+
 struct TlsServer {
     port: u16,
     _dir: tempfile::TempDir,

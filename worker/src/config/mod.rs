@@ -395,6 +395,13 @@ pub struct RetryConfig {
     /// No retry is scheduled once a job was first enqueued this long ago.
     #[serde(with = "humantime_serde")]
     pub max_age: Duration,
+    /// The priority level a retry is sent to (`high`, `normal` or `low`), so that retries do not
+    /// wait behind a backlog of new work: each queue it applies to must serve the level (have it
+    /// in `weights`), and `reserved` slots on it give retries concurrency of their own. Unset
+    /// (the default): a retry goes back to the level it came from. The backoff is honoured either
+    /// way; a retry keeps the level it moved to (a replay from the dead letters too).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub level: Option<Priority>,
 }
 
 impl Default for RetryConfig {
@@ -405,6 +412,7 @@ impl Default for RetryConfig {
             factor: 2.0,
             cap: Duration::from_secs(600),
             max_age: Duration::from_secs(7 * 24 * 3600),
+            level: None,
         }
     }
 }
@@ -428,6 +436,9 @@ pub struct RetryOverride {
     /// See [`RetryConfig::max_age`].
     #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
     pub max_age: Option<Duration>,
+    /// See [`RetryConfig::level`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub level: Option<Priority>,
 }
 
 impl RetryOverride {
@@ -439,6 +450,7 @@ impl RetryOverride {
             factor: self.factor.unwrap_or(base.factor),
             cap: self.cap.unwrap_or(base.cap),
             max_age: self.max_age.unwrap_or(base.max_age),
+            level: self.level.or(base.level),
         }
     }
 

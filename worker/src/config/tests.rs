@@ -1246,3 +1246,59 @@ fn a_queue_whose_broker_counts_a_shutdown_release_is_named_at_start() {
     assert_eq!(named.len(), 1, "{notices:?}");
     assert!(named[0].starts_with("queues.orders: "), "{named:?}");
 }
+
+#[test]
+fn a_retry_level_must_be_served_by_every_queue_it_applies_to() {
+    // Set on the queue: served, so accepted, and named at start.
+    let c = parse(
+        "[queues.mail]\nweights = { high = 1, normal = 3 }\nretry = { level = \"high\" }\n\
+         [queues.orders]\n",
+    )
+    .unwrap();
+    assert_eq!(c.retry_for("mail", None).level, Some(Priority::High));
+    assert_eq!(c.retry_for("orders", None).level, None);
+    let notices = c.validate(&memory_caps()).unwrap();
+    assert!(
+        notices
+            .iter()
+            .any(|n| n == "queues.mail: retries go to level high after their backoff (retry.level)"),
+        "{notices:?}"
+    );
+
+    // Not served by the queue that sets it.
+    let c = parse("[queues.mail]\nretry = { level = \"high\" }\n").unwrap();
+    let err = c.validate(&memory_caps()).unwrap_err();
+    assert_err(&err, "queues.mail.retry.level", "does not serve");
+    assert!(err.to_string().contains("its weights have normal"), "{err}");
+
+    // Set for every queue in [retry]: each queue must serve it; the error names [retry].
+    let c = parse(
+        "[retry]\nlevel = \"low\"\n[queues.mail]\nweights = { normal = 1, low = 1 }\n\
+         [queues.orders]\n",
+    )
+    .unwrap();
+    assert_err(
+        &c.validate(&memory_caps()).unwrap_err(),
+        "retry.level",
+        "queue orders does not serve",
+    );
+
+    // Set for a job, which may run on any queue: the job's table is named.
+    let c = parse(
+        "[queues.mail]\nweights = { high = 1, normal = 1 }\n[queues.orders]\n\
+         [jobs.send]\nretry = { level = \"high\" }\n",
+    )
+    .unwrap();
+    assert_err(
+        &c.validate(&memory_caps()).unwrap_err(),
+        "jobs.send.retry.level",
+        "queue orders does not serve",
+    );
+    assert_eq!(
+        c.retry_for("mail", Some("send")).level,
+        Some(Priority::High)
+    );
+
+    // Not a level at all.
+    assert!(parse("[queues.mail]\nretry = { level = \"urgent\" }\n").is_err());
+}

@@ -128,6 +128,7 @@ impl Config {
             }
         }
         self.check_retry_combinations()?;
+        self.check_retry_levels(&mut notices)?;
         self.check_schedules()?;
         for (name, q) in &self.effective_queues() {
             self.check_limits(&format!("queues.{name}"), q.rate, q.burst, q.max_concurrent)?;
@@ -373,6 +374,46 @@ impl Config {
             ));
         }
         self.nonzero(&format!("{prefix}.max_age"), r.max_age)?;
+        Ok(())
+    }
+
+    /// `retry.level` names a level every queue it applies to serves: for each (queue, job) pair
+    /// the most specific table that sets it is reported. A queue whose retries move gets a notice.
+    fn check_retry_levels(&self, notices: &mut Vec<String>) -> Result<(), ConfigError> {
+        let queues = self.effective_queues();
+        for (q, cfg) in &queues {
+            let jobs = std::iter::once(None).chain(self.jobs.keys().map(|j| Some(j.as_str())));
+            for job in jobs {
+                let Some(level) = self.retry_for(q, job).level else {
+                    continue;
+                };
+                if cfg.weights.contains_key(&level) {
+                    continue;
+                }
+                let key = match job {
+                    Some(j) if self.jobs[j].retry.level.is_some() => {
+                        format!("jobs.{j}.retry.level")
+                    }
+                    _ if cfg.retry.level.is_some() => format!("queues.{q}.retry.level"),
+                    _ => "retry.level".to_string(),
+                };
+                let served: Vec<&str> = cfg.weights.keys().map(|p| p.as_str()).collect();
+                return Err(self.error_at(
+                    &key,
+                    format!(
+                        "retries would go to level {level}, which queue {q} does not serve \
+                         (its weights have {}); name one of those, or add {level} to \
+                         queues.{q}.weights",
+                        served.join(", ")
+                    ),
+                ));
+            }
+            if let Some(level) = self.retry_for(q, None).level {
+                notices.push(format!(
+                    "queues.{q}: retries go to level {level} after their backoff (retry.level)"
+                ));
+            }
+        }
         Ok(())
     }
 

@@ -804,7 +804,7 @@ async fn settle(
                 Decision::Retry { delay } => {
                     let at = SystemTime::now() + delay;
                     end(End::Retrying { error: &err, at }).await;
-                    retry_later(ctx, d, attempt, &err, delay).await
+                    retry_later(ctx, d, attempt, &err, delay, retry.level).await
                 }
                 Decision::DeadLetter { reason } => {
                     end(End::Dead { error: &err }).await;
