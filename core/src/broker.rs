@@ -177,6 +177,19 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
         Ok(())
     }
 
+    /// Says that this handle will receive no more from `queues`: a worker calls it when its
+    /// graceful shutdown begins, once its receive loops have stopped and while its last jobs
+    /// still run. A backend whose broker pushes deliveries ahead of `receive` (AMQP's prefetch)
+    /// stops those pushes here, so that the acks of the last jobs do not draw new deliveries
+    /// that would only go back, counted, when the handle closes. What was pushed already stays
+    /// with the handle for [`close`](Broker::close) to give back; acks, releases and lease
+    /// extensions keep working, and a later `receive` may consume again. Idempotent; best
+    /// effort (the runtime does not wait for it past its shutdown bound). Default: nothing.
+    async fn unsubscribe(&self, queues: &[String]) -> Result<(), BrokerError> {
+        let _ = queues;
+        Ok(())
+    }
+
     /// Publishes a batch to one physical queue. Returns only once the broker holds every message
     /// durably (per [`Capabilities::durable`]); on error, some of the batch may have been accepted
     /// (publish is at-least-once, never at-most-once). Payloads over [`Capabilities::max_payload`]

@@ -280,6 +280,17 @@ impl Worker {
         for f in started.fetchers {
             join_by(loops_until, f, "a queue's receive loop").await;
         }
+        // Nothing more is received: a broker that pushes ahead stops now, before the last
+        // jobs' acks free its credit. In a task of its own, so a silent broker does not eat
+        // the drain; it is stopped with the other tasks at the end.
+        let unsubscribe = {
+            let broker = self.broker.clone();
+            tokio::spawn(async move {
+                if let Err(e) = broker.unsubscribe(&polled).await {
+                    tracing::debug!(error = %e, "could not stop the broker's pushes at shutdown");
+                }
+            })
+        };
         let all = u32::try_from(self.config.worker.concurrency).unwrap_or(u32::MAX);
         let drained =
             match tokio::time::timeout_at(drain_until, started.global.acquire_many(all)).await {
@@ -312,6 +323,7 @@ impl Worker {
             join_by(final_until, p, "the delay promoter").await;
         }
         join_by(final_until, sampler, "the autoscale sampler").await;
+        join_by(final_until, unsubscribe, "stopping the broker's pushes").await;
         if let Some(h) = http_task {
             join_by(final_until, h, "the HTTP server").await;
         }

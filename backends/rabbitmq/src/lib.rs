@@ -1259,6 +1259,23 @@ impl Broker for RabbitBroker {
     /// carries the attempt and goes to the back of the queue. As for a release, this handle's
     /// consumer of each queue is stopped first, so the copies go to whoever asks next rather
     /// than into this handle's buffer.
+    /// Cancels this handle's consumers of `queues`, so that nothing more is pushed while the
+    /// last jobs finish (their acks free prefetch credit; a push that crossed a later cancel
+    /// would reach no consumer and go back counted at close). Buffered deliveries stay for
+    /// [`Broker::close`] to hand back uncounted.
+    async fn unsubscribe(&self, queues: &[String]) -> Result<(), BrokerError> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(BrokerError::Closed);
+        }
+        for queue in queues {
+            if let Some(qs) = self.existing_queue_state(queue) {
+                let _setup = qs.setup.lock().await;
+                self.cancel_consumer(&qs).await;
+            }
+        }
+        Ok(())
+    }
+
     async fn release_uncounted(&self, deliveries: Vec<Delivery>) -> Result<(), BrokerError> {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(BrokerError::Closed);

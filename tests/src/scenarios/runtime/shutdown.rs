@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use stevedore::{JobContext, Payload, Router, State};
-use stevedore_core::Priority;
+use stevedore_core::{names, Priority};
 
 const JOB: &str = "conformance.slow";
 const CONCURRENCY: usize = 4;
@@ -57,7 +57,9 @@ fn toml(queue: &str, batch: usize, deadline: Duration, extra: &[&str]) -> String
 /// - **drain**: 20 jobs of 0.5 s, `shutdown_timeout` 5 s. Shutdown is asked once A runs 4 jobs:
 ///   those 4 finish, A starts no other (exactly 4 runs, all started before the request), `run()`
 ///   returns drained = true within 0.5 s + 1 s, A counts processed 4, released 0. B then runs the
-///   other 16. Every id ran exactly once across A and B; the queue ends empty.
+///   other 16. Every id ran exactly once across A and B, on attempt 1 (unless the backend
+///   declares that its give-back counts: `Capabilities::uncounted_release`); the queue ends
+///   empty.
 /// - **release**: 4 jobs of 30 s, `shutdown_timeout` 1 s, lease 60 s. Shutdown is asked once all
 ///   4 run: `run()` returns no sooner than the 1 s deadline and within 1 s + 1 s, with drained =
 ///   false, A counts released 4 and processed 0, and none of A's handlers completed. B (quick
@@ -81,6 +83,9 @@ async fn drain_case(backend: &Arc<dyn Backend>) -> Result<String, String> {
     let queue = unique("drain");
     let p = producer(backend, &queue, &[Priority::Normal]).await?;
     let batch = batch_for(p.capabilities(), CONCURRENCY);
+    let uncounted = p
+        .queue_capabilities(&names::physical(&queue, Priority::Normal))
+        .uncounted_release;
     let client = stevedore::Client::new(p.clone());
     let ids = backlog(&client, &queue, JOB, Priority::Normal, BACKLOG).await?;
     let log = Log::default();
@@ -170,10 +175,22 @@ async fn drain_case(backend: &Arc<dyn Backend>) -> Result<String, String> {
         "{} runs recorded for {BACKLOG} jobs",
         runs.len()
     );
-    // Jobs that ran once, and on which attempt: a shutdown should not charge the jobs A never
-    // ran, but a broker that pushes ahead (RabbitMQ's prefetch) may return them counted, so this
-    // is reported, not required; the release case checks the uncounted give-back itself.
-    let later = runs.iter().filter(|r| r.attempt != 1).count();
+    // A shutdown does not charge the jobs A never ran (received or pushed ahead, not started),
+    // unless the backend declares that its give-back counts.
+    let later: Vec<String> = runs
+        .iter()
+        .filter(|r| r.attempt != 1)
+        .map(|r| format!("{} on attempt {}", r.id, r.attempt))
+        .collect();
+    ensure!(
+        later.is_empty() || !uncounted,
+        "{} of the jobs A never ran came back on a later attempt ({}): its shutdown used up \
+         an attempt of jobs that never failed",
+        later.len(),
+        later.join(", ")
+    );
+    let later = later.len();
+
     Ok(format!(
         "A finished its 4 in-flight jobs and returned drained in {} (no new start), B ran the \
          other {rest}; all {BACKLOG} ran exactly once ({later} of them on a later attempt)",
