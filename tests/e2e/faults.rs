@@ -13,6 +13,13 @@
 //!   within its drain deadline plus the bound on its last broker calls, and a second worker,
 //!   once the broker is back, finishes every job.
 //!
+//! Process and broker faults:
+//! - **kill -9 of 1 of 2**: two workers share 10,000 jobs (SQS 2,000); one is killed with
+//!   SIGKILL mid-run; the other finishes everything, the dead one's jobs after their lease.
+//! - **broker restart**: the broker is stopped and started again on the same data under load
+//!   (a private Redis, the private RabbitMQ node, a durable Kafka broker; not applicable to
+//!   moto, which keeps nothing across a restart, nor to SQLite, which has no broker process).
+//!
 //! And one job fault: **poison**, 1% of 10,000 jobs fail on every attempt; each must reach the
 //! dead-letter queue after exactly `max_attempts` runs, and every other job must run once. The
 //! rate with poison is reported beside the rate without (measured in the same test, alternately);
@@ -179,6 +186,7 @@ fn report(kind: &str, cells: Vec<Cell>) {
     );
     for c in &cells {
         let (result, detail) = match &c.outcome {
+            Ok(d) if d.starts_with("n/a: ") => ("N/A", &d[5..]),
             Ok(d) => ("PASS", d.as_str()),
             Err(e) => ("FAIL", e.as_str()),
         };
@@ -597,14 +605,244 @@ fn outage_shutdown(t: &Target) -> Result<String, String> {
     ))
 }
 
-/// The four faults of a networked broker, each on queues of its own (`target(name)`), poison
-/// with `poison_jobs` jobs.
-fn every_fault(target: &dyn Fn(&str) -> Target, poison_jobs: u64) -> Vec<Cell> {
+/// Kill -9: two workers share `jobs` jobs of 3 ms, enqueued by a third process; once both are
+/// working, A is killed with SIGKILL (no drain, no release, no last acks). B must finish
+/// everything: lost 0, B runs nothing twice, and a job runs on both only if A had finished it
+/// without its ack reaching the broker: within its last second. Reports how long after the kill B had started
+/// every job A was running, beside the lease (Kafka: the group session).
+fn kill_one(t: &Target, jobs: u64) -> Result<String, String> {
+    let proxy = path(t)?;
+    let port = proxy.port();
+    // Both workers wait on the queue (a Kafka member of the group each, a RabbitMQ consumer
+    // each) while a third process enqueues: one that serves only another level of the queue,
+    // so it runs none of these jobs and is not killed with A.
+    let a = spawn(t, port, 0, 3, 3, &[("E2E_TIMES", "1")]);
+    let b = spawn(t, port, 0, 3, 3, &[]);
+    let (out_a, out_b) = (a.out.clone(), b.out.clone());
+    wait_until("A and B started", Duration::from_secs(60), || {
+        stderr_of(&a).contains("worker started") && stderr_of(&b).contains("worker started")
+    });
+    let producer = {
+        let env: Vec<(String, String)> = (t.env)(port);
+        let mut all: Vec<(&str, &str)> =
+            env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let batch = t.batch.to_string();
+        all.push(("E2E_BATCH", batch.as_str()));
+        let config = config(t, 3).replace(
+            "[queues.default]\n",
+            "[queues.default]\nweights = { low = 1 }\n",
+        );
+        super::start_with(&config, jobs, 3, &all)
+    };
+    // Killed in the middle of jobs: with some running, after a batch or so done.
+    wait_until(
+        "both working, A with jobs running",
+        Duration::from_secs(180),
+        || {
+            let l = lines(&out_a);
+            let done = tally(&l, "done");
+            let running = tally(&l, "start")
+                .keys()
+                .filter(|n| !done.contains_key(n))
+                .count();
+            done.len() >= CONCURRENCY
+                && running >= CONCURRENCY / 2
+                && !tally(&lines(&out_b), "done").is_empty()
+        },
+    );
+    let mut a = a;
+    let unfinished = super::kill_hard(&mut a);
+    let killed = Instant::now();
+    let done_at_kill = tally(&lines(&out_a), "done").len() as u64;
+    check!(
+        done_at_kill < jobs,
+        "A finished all {jobs} jobs before it was killed: the cell proves nothing"
+    );
+    let mut rerun_after = None;
+    let all_done = || {
+        let mut all = tally(&lines(&out_a), "done");
+        all.extend(tally(&lines(&out_b), "done"));
+        all.len() as u64 >= jobs
+    };
+    while !all_done() || rerun_after.is_none() {
+        if rerun_after.is_none() {
+            let started_b = tally(&lines(&out_b), "start");
+            if unfinished.iter().all(|n| started_b.contains_key(n)) {
+                rerun_after = Some(killed.elapsed());
+            }
+        }
+        if killed.elapsed() > Duration::from_secs(180) {
+            let mut all = tally(&lines(&out_a), "done");
+            all.extend(tally(&lines(&out_b), "done"));
+            return Err(format!(
+                "180 s after the kill: {} of {jobs} jobs done, B started A's {} unfinished: {}; B's log:\n{}",
+                all.len(),
+                unfinished.len(),
+                rerun_after.is_some(),
+                stderr_of(&b)
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let took = killed.elapsed();
+    let (p_code, _, l_p, p_log) = stop(producer, Duration::from_secs(20));
+    check!(
+        p_code == Some(0) && l_p.iter().any(|x| x == "enqueued"),
+        "the producer exited {p_code:?} without enqueuing all {jobs}; log:\n{p_log}"
+    );
+    check!(
+        tally(&l_p, "start").is_empty(),
+        "the producer ran jobs of the level it does not serve"
+    );
+    let (code, _, l_b, log) = stop(b, Duration::from_secs(20));
+    check!(
+        code == Some(0),
+        "B's exit code {code:?} after SIGTERM; log:\n{log}"
+    );
+    let done_a = tally(&lines(&out_a), "done");
+    let done_b = tally(&l_b, "done");
+    let b_twice: Vec<u64> = done_b
+        .iter()
+        .filter(|(_, c)| **c > 1)
+        .map(|(n, _)| *n)
+        .collect();
+    check!(b_twice.is_empty(), "B ran jobs twice: {b_twice:?}");
+    let mut all = done_a.clone();
+    all.extend(done_b.clone());
+    check!(
+        all.len() as u64 == jobs,
+        "{} of {jobs} jobs done: lost {}",
+        all.len(),
+        jobs - all.len() as u64
+    );
+    // A job may run on both only if A finished it so shortly before it died that its ack was
+    // not yet durable: an ack batch on its way, or (Kafka) the checkpoint write that carries
+    // it. How many that is depends on the rate and the write's latency, not on a count, so
+    // the bound is on time: each must be among what A finished in its last second.
+    let a_done_ms: BTreeMap<u64, u64> = lines(&out_a)
+        .iter()
+        .filter_map(|l| {
+            let mut p = l.split(' ');
+            (p.next() == Some("done")).then_some(())?;
+            Some((p.next()?.parse().ok()?, p.next()?.parse().ok()?))
+        })
+        .collect();
+    let last_ms = a_done_ms.values().copied().max().unwrap_or(0);
+    let both: Vec<u64> = done_b
+        .keys()
+        .filter(|n| done_a.contains_key(n))
+        .copied()
+        .collect();
+    let oldest = both
+        .iter()
+        .map(|n| last_ms.saturating_sub(a_done_ms.get(n).copied().unwrap_or(0)))
+        .max()
+        .unwrap_or(0);
+    check!(
+        oldest <= 1000,
+        "{} jobs ran on both workers, one of them finished by A {oldest} ms before its last \
+         job: an ack that old should have reached the broker",
+        both.len()
+    );
+    let rerun_after = rerun_after.unwrap_or(took);
+    // What hands a dead worker's jobs over: their lease, or Kafka's group session.
+    let takeover = if t.kind == "kafka" {
+        "its group session 6s"
+    } else {
+        "lease 5s"
+    };
+    let both = match both.len() {
+        0 => "0".to_string(),
+        n => format!("{n} (each finished by A at most {oldest} ms before it died; bound 1 s)"),
+    };
+    Ok(format!(
+        "A killed with {} running after {done_at_kill} of {jobs} done; B started all of them {:.1}s after the kill ({takeover}) and finished every job {:.1}s after it; lost 0, ran on both {both}",
+        unfinished.len(),
+        rerun_after.as_secs_f64(),
+        took.as_secs_f64(),
+    ))
+}
+
+/// Broker restart: 4,000 jobs of 2 ms (SQS 1,000); once a quarter are done the broker is
+/// stopped and started again on the same data (`restart`, down about a second). Every job must
+/// be done, the worker exit 0 on SIGTERM, and a job may run twice only if it was in flight or
+/// its ack was on the wire when the connection went (2 × (concurrency + batch)), or its enqueue
+/// was retried after a lost confirm (+1). Reports how long the restart took and how long after
+/// the broker was back the first job was done.
+fn restart(t: &Target, restart: &dyn Fn() -> Result<(), String>) -> Result<String, String> {
+    let jobs = t.jobs;
+    let run = spawn(t, t.addr.port(), jobs, 2, 3, &[]);
+    let out = run.out.clone();
+    wait_until(
+        "enqueued and a quarter done",
+        Duration::from_secs(120),
+        || {
+            let l = lines(&out);
+            l.iter().any(|x| x == "enqueued") && tally(&l, "done").len() as u64 >= jobs / 4
+        },
+    );
+    let began = Instant::now();
+    restart()?;
+    let up = Instant::now();
+    let down_for = up - began;
+    let done_at_up = tally(&lines(&out), "done").len();
+    let mut first_after = None;
+    while (tally(&lines(&out), "done").len() as u64) < jobs {
+        if first_after.is_none() && tally(&lines(&out), "done").len() > done_at_up {
+            first_after = Some(up.elapsed());
+        }
+        if up.elapsed() > Duration::from_secs(180) {
+            return Err(format!(
+                "180 s after the restart only {} of {jobs} jobs done; log:\n{}",
+                tally(&lines(&out), "done").len(),
+                stderr_of(&run)
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let first_after = first_after.unwrap_or_else(|| up.elapsed());
+    let (code, _, l, log) = stop(run, Duration::from_secs(20));
+    check!(
+        code == Some(0),
+        "exit code {code:?} after SIGTERM; log:\n{log}"
+    );
+    let (done, twice) = done_counts(&l);
+    check!(
+        done.len() as u64 == jobs,
+        "{} of {jobs} jobs done: lost {}",
+        done.len(),
+        jobs - done.len() as u64
+    );
+    let bound = 2 * (CONCURRENCY + t.batch) + 1;
+    check!(
+        twice.len() <= bound,
+        "{} jobs ran twice (bound {bound}): {twice:?}",
+        twice.len()
+    );
+    let reconnected = log
+        .lines()
+        .any(|l| l.contains(" WARN ") || l.contains(" ERROR "));
+    check!(
+        reconnected,
+        "the worker logged nothing about losing the broker; log:\n{log}"
+    );
+    Ok(format!(
+        "broker down and up again in {:.1}s; first job done {:.1}s after it was back; all {jobs} done, lost 0, ran twice {} (bound {bound})",
+        down_for.as_secs_f64(),
+        first_after.as_secs_f64(),
+        twice.len()
+    ))
+}
+
+/// The faults of a networked broker, each on queues of its own (`target(name)`), poison and the
+/// kill with `many` jobs.
+fn every_fault(target: &dyn Fn(&str) -> Target, many: u64) -> Vec<Cell> {
     vec![
+        cell("kill -9 of 1 of 2", || kill_one(&target("kill"), many)),
         cell("half-open 20s", || half_open(&target("hole"))),
         cell("resets every 2s", || resets(&target("reset"))),
         cell("shutdown in outage", || outage_shutdown(&target("outage"))),
-        cell("1% poison", || poison(target, poison_jobs)),
+        cell("1% poison", || poison(target, many)),
     ]
 }
 
@@ -649,7 +887,24 @@ fn faults_redis() {
             port,
         )
     };
-    let cells = every_fault(&target, 10_000);
+    let mut cells = every_fault(&target, 10_000);
+    // The machine's Redis cannot be restarted: a private, persistent one can.
+    cells.push(cell("broker restart", || {
+        let server = stevedore_conformance::servers::RedisServer::start()?;
+        let port = server
+            .url()
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.split('/').next())
+            .and_then(|p| p.parse().ok())
+            .ok_or("private redis url")?;
+        let t = Target::plain(
+            "redis",
+            url_and_prefix("redis://127.0.0.1:{port}/0", "restart:".into()),
+            port,
+        );
+        restart(&t, &|| server.restart(Duration::from_secs(1)))
+    }));
     report("redis", cells);
 }
 
@@ -667,7 +922,12 @@ fn faults_rabbitmq() {
             server.port(),
         )
     };
-    let cells = every_fault(&target, 10_000);
+    let mut cells = every_fault(&target, 10_000);
+    cells.push(cell("broker restart", || {
+        restart(&target("restart"), &|| {
+            server.restart(Duration::from_secs(1))
+        })
+    }));
     report("rabbitmq", cells);
 }
 
@@ -712,7 +972,14 @@ fn faults_sqs() {
         proxy_at: None,
     };
     // moto takes in about 100 messages a second one by one and ~1,000 in batches: 2,000 jobs.
-    let cells = every_fault(&target, 2_000);
+    let mut cells = every_fault(&target, 2_000);
+    cells.push(cell("broker restart", || {
+        Ok(
+            "n/a: moto keeps its queues in memory, so a restart loses them (SQS is a service a \
+            client never sees restart); losing the connection is the half-open and reset rows"
+                .into(),
+        )
+    }));
     report("sqs", cells);
 }
 
@@ -745,15 +1012,25 @@ fn faults_kafka() {
         jobs: 4000,
         proxy_at: Some(proxy_port),
     };
-    let cells = every_fault(&target, 10_000);
+    let mut cells = every_fault(&target, 10_000);
+    // The proxied server keeps its topics in memory: the restart runs on a durable one.
+    cells.push(cell("broker restart", || {
+        let server = stevedore_conformance::servers::KafkaServer::start_durable()?;
+        let mut t = target("restart");
+        t.addr = server
+            .bootstrap()
+            .parse()
+            .map_err(|e| format!("{}: {e}", server.bootstrap()))?;
+        restart(&t, &|| server.restart())
+    }));
     report("kafka", cells);
 }
 
 #[test]
 fn faults_sqlite() {
     let _serial = serial();
-    // The embedded broker: no network between worker and broker, so only the job faults apply
-    // (the kill and the restart-free recovery are `sqlite_worker_killed_mid_run_loses_nothing`).
+    // The embedded broker: no network between worker and broker, so the network faults do not
+    // apply; two worker processes share one database file.
     let dir = tempfile::tempdir().expect("temp dir");
     let root = dir.path().to_path_buf();
     let target = |sub: &str| Target {
@@ -769,6 +1046,15 @@ fn faults_sqlite() {
         jobs: 4000,
         proxy_at: None,
     };
-    let cells = vec![cell("1% poison", || poison(&target, 10_000))];
+    let cells =
+        vec![
+            cell("kill -9 of 1 of 2", || kill_one(&target("kill"), 10_000)),
+            cell("1% poison", || poison(&target, 10_000)),
+            cell("broker restart", || {
+                Ok("n/a: the broker is the worker's own file; a worker's restart after a crash is \
+                the kill row"
+                .into())
+            }),
+        ];
     report("sqlite", cells);
 }
