@@ -78,7 +78,10 @@ pub struct Envelope {
     pub payload: Bytes,
     /// MIME type of the payload, `application/json` for jobs enqueued with a typed value.
     pub content_type: Option<String>,
-    /// User headers. Keys starting with `stevedore-` are reserved.
+    /// User headers. Keys starting with `stevedore-` are reserved, and so are `content-type`
+    /// and `traceparent`: on the wire they are [`content_type`](Envelope::content_type) and
+    /// [`trace_parent`](Envelope::trace_parent) (so a foreign producer's trace context is
+    /// picked up), and a header of either name is read back as that field.
     pub headers: BTreeMap<String, String>,
     /// Which attempt this is, starting at 1. The runtime republishes a retry with `attempt + 1`.
     pub attempt: u32,

@@ -1814,3 +1814,48 @@ impl KafkaBroker {
         }
     }
 }
+
+/// Entry points for the fuzz targets in `fuzz/` (the `fuzzing` feature; not an API): the
+/// decoder of a fetched record, and the partition checkpoint's reader and writer.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    use rdkafka::message::{Header, OwnedHeaders, OwnedMessage, Timestamp};
+    use stevedore_core::Envelope;
+
+    /// The envelope and key of a record with these headers, payload and key.
+    pub fn decode(
+        headers: Vec<(String, Option<Vec<u8>>)>,
+        payload: Option<Vec<u8>>,
+        key: Option<Vec<u8>>,
+        offset: i64,
+    ) -> (Envelope, Option<String>) {
+        let mut h = OwnedHeaders::new();
+        for (k, v) in &headers {
+            h = h.insert(Header {
+                key: k.as_str(),
+                value: v.as_deref(),
+            });
+        }
+        let m = OwnedMessage::new(
+            payload,
+            key,
+            "t".into(),
+            Timestamp::NotAvailable,
+            0,
+            offset,
+            Some(h),
+        );
+        let rec = crate::decode("t", &m);
+        (Envelope::clone(&rec.envelope), rec.key)
+    }
+
+    /// Reads a checkpoint record's text, and writes what it read back: `None` where it is not
+    /// one, else the text the checkpoint encodes to, which must read back the same.
+    pub fn checkpoint(text: &str) -> Option<(String, bool)> {
+        let cp = crate::window::Checkpoint::decode(text)?;
+        let again = cp.encode();
+        let same = crate::window::Checkpoint::decode(&again).as_ref() == Some(&cp);
+        Some((again, same))
+    }
+}

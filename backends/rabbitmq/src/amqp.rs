@@ -143,13 +143,22 @@ fn int(v: &AMQPValue) -> Option<u64> {
 
 /// Broker bookkeeping headers that are never part of the envelope: the delivery count, and the
 /// dead-letter history RabbitMQ adds when a delay tier expires a message into its router queue.
+/// Exact names, not prefixes: a user's header that merely starts like one (`x-last-death-y`,
+/// found by the `amqp_delivery` fuzz target) is the user's and is kept.
 fn is_broker_header(k: &str) -> bool {
     k == DELIVERY_COUNT
         || k == TARGET
-        || k == "x-death"
         || k.starts_with("stevedore-after-")
-        || k.starts_with("x-first-death-")
-        || k.starts_with("x-last-death-")
+        || matches!(
+            k,
+            "x-death"
+                | "x-first-death-exchange"
+                | "x-first-death-queue"
+                | "x-first-death-reason"
+                | "x-last-death-exchange"
+                | "x-last-death-queue"
+                | "x-last-death-reason"
+        )
 }
 
 /// A message as received, decoded: the envelope, how many times the broker handed it out (this one
@@ -210,8 +219,13 @@ pub(crate) fn decode(props: &BasicProperties, body: Vec<u8>, redelivered: bool) 
     if !has_enqueued_at {
         if let Some(ms) = uuid7_millis(&envelope.id).filter(|_| ours) {
             envelope.enqueued_at = UNIX_EPOCH + Duration::from_millis(ms);
-        } else if let Some(ts) = props.timestamp() {
-            envelope.enqueued_at = UNIX_EPOCH + Duration::from_secs(*ts);
+        } else if let Some(at) = props
+            .timestamp()
+            .and_then(|ts| UNIX_EPOCH.checked_add(Duration::from_secs(ts)))
+        {
+            // A foreign producer's timestamp may be anything: one past what a time can hold
+            // is ignored (found by the `amqp_delivery` fuzz target).
+            envelope.enqueued_at = at;
         }
     }
     let delivery_count = match returns {
@@ -295,6 +309,37 @@ mod tests {
         );
         assert_eq!(d.delivery_count, 1);
         assert!(d.target.is_none());
+    }
+
+    /// Found by the `amqp_delivery` fuzz target: a foreign message's timestamp past what a time
+    /// can hold panicked the decoder; a user header that starts like RabbitMQ's dead-letter
+    /// history was dropped.
+    #[test]
+    fn a_foreign_timestamp_out_of_range_is_ignored_and_user_x_headers_are_kept() {
+        let mut table = FieldTable::default();
+        table.insert(
+            "x-last-death-y".into(),
+            AMQPValue::LongString("mine".into()),
+        );
+        table.insert(
+            "x-last-death-queue".into(),
+            AMQPValue::LongString("q".into()),
+        );
+        let props = BasicProperties::default()
+            .with_timestamp(u64::MAX)
+            .with_headers(table);
+        let d = decode(&props, b"body".to_vec(), false).envelope;
+        // Left at the time it was received, as for a message without a timestamp.
+        let age = std::time::SystemTime::now()
+            .duration_since(d.enqueued_at)
+            .expect("not in the future");
+        assert!(age < Duration::from_secs(60), "{age:?}");
+        let headers: Vec<(&str, &str)> = d
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(headers, [("x-last-death-y", "mine")]);
     }
 
     #[test]

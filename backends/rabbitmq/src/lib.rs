@@ -1416,3 +1416,80 @@ mod tests {
         assert!(c.durable);
     }
 }
+
+/// Entry points for the fuzz targets in `fuzz/` (the `fuzzing` feature; not an API): the
+/// decoder of a delivery's properties and body, and the encoder it must round-trip with.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+    use lapin::BasicProperties;
+    use stevedore_core::Envelope;
+
+    /// A header value of the kind `tag` selects (`tag % 6`: long string, short string, long
+    /// int, long-long int, boolean, bytes), read from `raw`.
+    fn value(tag: u8, raw: &[u8]) -> AMQPValue {
+        let mut n = [0u8; 8];
+        let len = raw.len().min(8);
+        n[..len].copy_from_slice(&raw[..len]);
+        let text = String::from_utf8_lossy(raw).into_owned();
+        match tag % 6 {
+            0 => AMQPValue::LongString(LongString::from(text)),
+            1 => {
+                AMQPValue::ShortString(ShortString::from(text.chars().take(64).collect::<String>()))
+            }
+            2 => AMQPValue::LongInt(i32::from_le_bytes([n[0], n[1], n[2], n[3]])),
+            3 => AMQPValue::LongLongInt(i64::from_le_bytes(n)),
+            4 => AMQPValue::Boolean(n[0] & 1 == 1),
+            _ => AMQPValue::ByteArray(raw.to_vec().into()),
+        }
+    }
+
+    /// Decodes a delivery with these headers (name, value kind, value bytes), properties and
+    /// body: its envelope and delivery count.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode(
+        headers: Vec<(String, u8, Vec<u8>)>,
+        message_id: Option<String>,
+        app_id: Option<String>,
+        kind: Option<String>,
+        content_type: Option<String>,
+        timestamp: Option<u64>,
+        body: Vec<u8>,
+        redelivered: bool,
+    ) -> (Envelope, u32) {
+        let short = |s: String| ShortString::from(s.chars().take(64).collect::<String>());
+        let mut props = BasicProperties::default();
+        if !headers.is_empty() {
+            let mut table = FieldTable::default();
+            for (k, tag, raw) in headers {
+                table.insert(short(k), value(tag, &raw));
+            }
+            props = props.with_headers(table);
+        }
+        if let Some(v) = message_id {
+            props = props.with_message_id(short(v));
+        }
+        if let Some(v) = app_id {
+            props = props.with_app_id(short(v));
+        }
+        if let Some(v) = kind {
+            props = props.with_type(short(v));
+        }
+        if let Some(v) = content_type {
+            props = props.with_content_type(short(v));
+        }
+        if let Some(v) = timestamp {
+            props = props.with_timestamp(v);
+        }
+        let d = crate::amqp::decode(&props, body, redelivered);
+        (d.envelope, d.delivery_count)
+    }
+
+    /// Encodes an envelope as its publish would, then decodes it as its first delivery; `None`
+    /// where publishing refuses it (a header name over 255 bytes).
+    pub fn round_trip(env: &Envelope) -> Option<Envelope> {
+        let (props, body) = crate::amqp::properties(env, &[]).ok()?;
+        Some(crate::amqp::decode(&props, body.to_vec(), false).envelope)
+    }
+}

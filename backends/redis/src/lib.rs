@@ -1052,3 +1052,22 @@ mod tests {
         assert_eq!(redact("redis://localhost:6379"), "redis://localhost:6379");
     }
 }
+
+/// Entry points for the fuzz targets in `fuzz/` (the `fuzzing` feature; not an API): the
+/// decoder of a stream entry as Redis hands it back, and the encoder it must round-trip with.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    use stevedore_core::Envelope;
+
+    /// [`format::decode`](crate::format) of one entry: its envelope and redelivery count.
+    pub fn decode(entry_id: &str, fields: Vec<(Vec<u8>, Vec<u8>)>) -> (Envelope, u32) {
+        crate::format::decode(entry_id, fields)
+    }
+
+    /// The one field (name, value) an envelope is written as.
+    pub fn encode(env: &Envelope) -> (Vec<u8>, Vec<u8>) {
+        let (name, body) = crate::format::encode(env);
+        (name, body.to_vec())
+    }
+}

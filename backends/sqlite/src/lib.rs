@@ -737,3 +737,31 @@ mod tests {
         assert_eq!(env.id, "sqlite-7");
     }
 }
+
+/// Entry points for the fuzz targets in `fuzz/` (the `fuzzing` feature; not an API): the
+/// decoder of a row as stored, its fast path for the headers column, and the encoder.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    use stevedore_core::Envelope;
+
+    /// The envelope of row `id` with this headers column and body.
+    pub fn decode(id: i64, headers: &str, body: Vec<u8>) -> Envelope {
+        crate::decode(id, headers, body.into())
+    }
+
+    /// The fast path's reading of a headers column, `None` where it defers to serde.
+    pub fn plain_pairs(headers: &str) -> Option<Vec<(String, String)>> {
+        crate::plain_pairs(headers).map(|v| {
+            v.into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        })
+    }
+
+    /// The headers column and body an envelope is stored as.
+    pub fn encode(env: &Envelope) -> (String, Vec<u8>) {
+        let row = crate::new_row(env, 0);
+        (row.headers, row.body)
+    }
+}

@@ -1389,3 +1389,40 @@ mod tests {
         );
     }
 }
+
+/// Entry points for the fuzz targets in `fuzz/` (the `fuzzing` feature; not an API): the
+/// decoder of a received message's body and attributes, and the encoder it must round-trip with.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    use aws_sdk_sqs::types::MessageAttributeValue;
+    use std::collections::HashMap;
+    use stevedore_core::Envelope;
+
+    /// Decodes a message with this body and attributes (name, data type, string value).
+    pub fn decode(
+        message_id: &str,
+        body: Option<String>,
+        attributes: Vec<(String, String, String)>,
+        sent_ms: Option<u64>,
+    ) -> Envelope {
+        let attributes: HashMap<String, MessageAttributeValue> = attributes
+            .into_iter()
+            .filter_map(|(k, t, v)| {
+                let value = MessageAttributeValue::builder()
+                    .data_type(t)
+                    .string_value(v)
+                    .build()
+                    .ok()?;
+                Some((k, value))
+            })
+            .collect();
+        crate::wire::decode(message_id, body, Some(attributes), sent_ms)
+    }
+
+    /// Encodes an envelope as its send would, then decodes what SQS would hand back.
+    pub fn round_trip(env: &Envelope, message_id: &str) -> Envelope {
+        let out = crate::wire::encode(env);
+        crate::wire::decode(message_id, Some(out.body), Some(out.attributes), None)
+    }
+}
