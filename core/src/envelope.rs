@@ -81,7 +81,8 @@ pub struct Envelope {
     /// User headers. Keys starting with `stevedore-` are reserved, and so are `content-type`
     /// and `traceparent`: on the wire they are [`content_type`](Envelope::content_type) and
     /// [`trace_parent`](Envelope::trace_parent) (so a foreign producer's trace context is
-    /// picked up), and a header of either name is read back as that field.
+    /// picked up), and a header of either name is read back as that field. RabbitMQ refuses
+    /// the headers it sets itself (`x-delivery-count`, `x-death`, ...) at publish.
     pub headers: BTreeMap<String, String>,
     /// Which attempt this is, starting at 1. The runtime republishes a retry with `attempt + 1`.
     pub attempt: u32,

@@ -1,5 +1,5 @@
 //! SQLite rows: any headers column and body decode without a panic; the headers column's fast
-//! path reads exactly what serde reads wherever it accepts the text; and an envelope stored as
+//! path reads what serde reads wherever both accept the text; and an envelope stored as
 //! its row reads back as the shared wire form reads it.
 #![no_main]
 
@@ -14,12 +14,12 @@ fuzz_target!(|data: &[u8]| {
         let headers: String = Arbitrary::arbitrary(&mut u).unwrap_or_default();
         let body: Vec<u8> = Arbitrary::arbitrary(&mut u).unwrap_or_default();
         if let Some(fast) = fuzzing::plain_pairs(&headers) {
+            // Where serde reads it too, the same pairs (the fast path also takes raw control
+            // characters, which serde refuses).
             let slow: Result<Vec<(String, String)>, _> = serde_json::from_str(&headers);
-            assert_eq!(
-                Some(&fast),
-                slow.as_ref().ok(),
-                "fast path and serde differ on {headers:?}"
-            );
+            if let Ok(slow) = slow {
+                assert_eq!(fast, slow, "fast path and serde differ on {headers:?}");
+            }
         }
         let env = fuzzing::decode(7, &headers, body);
         assert!(!env.id.is_empty());

@@ -6,6 +6,18 @@ use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use stevedore_core::{wire, Envelope, Priority};
 
+/// Headers RabbitMQ sets itself: its publish refuses them as user headers.
+const RABBITMQ_OWN: [&str; 8] = [
+    "x-delivery-count",
+    "x-death",
+    "x-first-death-exchange",
+    "x-first-death-queue",
+    "x-first-death-reason",
+    "x-last-death-exchange",
+    "x-last-death-queue",
+    "x-last-death-reason",
+];
+
 /// A millisecond time between 1970 and about 2255 (what every wire form carries).
 fn time(u: &mut Unstructured<'_>) -> Result<SystemTime> {
     let ms = u64::arbitrary(u)? % 9_000_000_000_000;
@@ -22,6 +34,7 @@ pub fn envelope(u: &mut Unstructured<'_>) -> Result<Envelope> {
         !k.to_ascii_lowercase().starts_with("stevedore-")
             && k != wire::CONTENT_TYPE
             && k != wire::TRACEPARENT
+            && !RABBITMQ_OWN.contains(&k.as_str())
     });
     let priority = match u8::arbitrary(u)? % 3 {
         0 => Priority::High,

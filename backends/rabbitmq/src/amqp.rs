@@ -57,6 +57,13 @@ pub(crate) fn properties(
         })
         .chain(extra.iter().copied())
     {
+        if is_broker_header(k) && !extra.iter().any(|(e, _)| *e == k) {
+            return Err(BrokerError::permanent(format!(
+                "header {k:?} on message {}: RabbitMQ sets it itself (delivery count, dead-letter \
+                 history), so a user header of that name is refused rather than misread",
+                env.id
+            )));
+        }
         let key = ShortString::try_new(k).map_err(|_| {
             BrokerError::permanent(format!(
                 "header name of {} bytes in message {}: AMQP allows at most 255",
@@ -340,6 +347,19 @@ mod tests {
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
         assert_eq!(headers, [("x-last-death-y", "mine")]);
+    }
+
+    /// Found by the `amqp_delivery` fuzz target: a user header named like one RabbitMQ sets
+    /// would be read as the broker's (`x-delivery-count: 100` made a first delivery attempt 101).
+    #[test]
+    fn a_user_header_named_like_the_brokers_own_is_refused_at_publish() {
+        for name in [DELIVERY_COUNT, "x-death", "x-last-death-exchange"] {
+            let env = Envelope::new("send", "{}").with_header(name, "100");
+            let err = properties(&env, &[]).expect_err(name);
+            assert!(err.to_string().contains("RabbitMQ sets it itself"), "{err}");
+        }
+        let env = Envelope::new("send", "{}").with_header("x-request-id", "7");
+        assert!(properties(&env, &[]).is_ok());
     }
 
     #[test]

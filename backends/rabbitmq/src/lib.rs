@@ -1254,11 +1254,6 @@ impl Broker for RabbitBroker {
         self.settle(receipts, Settle::Requeue).await
     }
 
-    /// [`stevedore_core::resend_uncounted`]: a requeue cannot be uncounted (a classic queue
-    /// marks the message redelivered for good, a quorum queue counts the return), so the copy
-    /// carries the attempt and goes to the back of the queue. As for a release, this handle's
-    /// consumer of each queue is stopped first, so the copies go to whoever asks next rather
-    /// than into this handle's buffer.
     /// Cancels this handle's consumers of `queues`, so that nothing more is pushed while the
     /// last jobs finish (their acks free prefetch credit; a push that crossed a later cancel
     /// would reach no consumer and go back counted at close). Buffered deliveries stay for
@@ -1276,6 +1271,11 @@ impl Broker for RabbitBroker {
         Ok(())
     }
 
+    /// [`stevedore_core::resend_uncounted`]: a requeue cannot be uncounted (a classic queue
+    /// marks the message redelivered for good, a quorum queue counts the return), so the copy
+    /// carries the attempt and goes to the back of the queue. As for a release, this handle's
+    /// consumer of each queue is stopped first, so the copies go to whoever asks next rather
+    /// than into this handle's buffer.
     async fn release_uncounted(&self, deliveries: Vec<Delivery>) -> Result<(), BrokerError> {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(BrokerError::Closed);

@@ -74,8 +74,9 @@ pub struct RedisConfig {
     /// next worker that looks for expired leases there. A worker killed without a graceful
     /// close leaves its name behind (its entries are taken over by others); this keeps
     /// `XINFO CONSUMERS` from growing with every crash. Default 10 minutes; `Duration::ZERO`
-    /// turns it off. A live worker reads at least every quarter of its lease, so it is never
-    /// removed; one removed while idle is created again by its next read.
+    /// turns it off. A live worker that has not read a queue for that long (its slots busy
+    /// elsewhere) may be removed too, harmlessly: its next receive registers its lease again
+    /// and its read creates the consumer again.
     pub forget_idle: Duration,
     /// Whether [`RedisBroker::connect`] warns when the server keeps nothing on disk (default
     /// true). The factory turns it off for processes that only enqueue or inspect (the CLI's

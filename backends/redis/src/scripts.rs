@@ -166,30 +166,40 @@ return lost
 });
 
 /// Takes over entries whose holder's lease ran out. Each consumer's lease is recorded in a hash
-/// (KEYS[2]: consumer → lease ms), since Redis keeps no lease per entry: an entry is claimed only
-/// when its idle time reaches the lease of the consumer holding it. Registers the caller's lease.
+/// (KEYS[2]: consumer → `lease ms:registered at ms`; a plain `lease ms` is read too), since
+/// Redis keeps no lease per entry: an entry is claimed only when its idle time reaches the lease
+/// of the consumer holding it. Registers the caller's lease, stamped with the server's time.
 /// KEYS[1] = stream; ARGV = group, consumer, lease ms, count, forget ms.
 ///
 /// Hygiene, when forget ms > 0: then removes from the group, and from the lease hash, every
-/// other consumer that holds nothing (pending 0) and has not read for forget ms and for twice
-/// its lease (a worker that crashed: its entries were taken over, its name stayed). A live
-/// consumer reads at least every quarter of its lease, so none is removed; one that was idle
-/// that long is created again by its next read and registers its lease with the reclaim that
-/// comes first.
+/// other consumer that holds nothing (pending 0), has not read for forget ms and for twice its
+/// lease, and has not registered its lease for as long (a worker that crashed: its entries were
+/// taken over, its name stayed). A worker that is alive but has not read that long (its slots
+/// busy with other queues, say) may be removed too, which costs nothing: every receive looks
+/// for expired leases, registering its lease, before it reads once a quarter of a lease has
+/// passed, and its read creates the consumer again; the registration's stamp keeps it from
+/// being removed between the two.
 /// Returns `{ shortest lease ms, { {id, fields, delivery_count}, ... }, consumers removed }`.
 pub(crate) static RECLAIM: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local mine = tonumber(ARGV[3])
 local want = tonumber(ARGV[4])
-redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3] .. ':' .. now)
 local leases = redis.call('HGETALL', KEYS[2])
 local lease_of = {}
+local seen_of = {}
 local min = mine
 for i = 1, #leases, 2 do
-  local l = tonumber(leases[i + 1])
-  lease_of[leases[i]] = l
-  if l < min then min = l end
+  local v = leases[i + 1]
+  local l = tonumber(string.match(v, '^(%d+)'))
+  if l then
+    lease_of[leases[i]] = l
+    seen_of[leases[i]] = tonumber(string.match(v, ':(%d+)$'))
+    if l < min then min = l end
+  end
 end
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', min, '-', '+', want * 4)
 local ids = {}
@@ -220,7 +230,9 @@ if forget > 0 then
       elseif c[i] == 'idle' then idle = c[i + 1] end
     end
     local after = math.max(forget, 2 * (lease_of[name] or mine))
-    if name and name ~= ARGV[2] and pending == 0 and idle and idle >= after then
+    local seen = seen_of[name]
+    local quiet = (not seen) or (now - seen >= after)
+    if name and name ~= ARGV[2] and pending == 0 and idle and idle >= after and quiet then
       redis.call('HDEL', KEYS[2], name)
       redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], name)
       removed = removed + 1
