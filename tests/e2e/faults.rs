@@ -229,6 +229,24 @@ fn stop(run: Run, limit: Duration) -> (Option<i32>, Duration, Vec<String>, Strin
     )
 }
 
+/// Stops `run` with SIGTERM and checks that it exited 0 having done every one of `jobs`;
+/// returns the jobs it ran twice, and its log.
+fn stop_all_done(run: Run, jobs: u64) -> Result<(Vec<u64>, String), String> {
+    let (code, _, l, log) = stop(run, Duration::from_secs(20));
+    check!(
+        code == Some(0),
+        "exit code {code:?} after SIGTERM; log:\n{log}"
+    );
+    let (done, twice) = done_counts(&l);
+    check!(
+        done.len() as u64 == jobs,
+        "{} of {jobs} jobs done: lost {}",
+        done.len(),
+        jobs - done.len() as u64
+    );
+    Ok((twice, log))
+}
+
 /// Whether a worker log (the part written since the fault began) says the broker stopped
 /// answering: a warning or an error (a failed or timed-out broker call, a lost connection).
 fn noticed(log: &str) -> bool {
@@ -272,18 +290,7 @@ fn half_open(t: &Target) -> Result<String, String> {
         || tally(&lines(&out), "done").len() as u64 >= jobs,
     );
     let recovered = resumed.elapsed();
-    let (code, _, l, log) = stop(run, Duration::from_secs(20));
-    check!(
-        code == Some(0),
-        "exit code {code:?} after SIGTERM; log:\n{log}"
-    );
-    let (done, twice) = done_counts(&l);
-    check!(
-        done.len() as u64 == jobs,
-        "{} of {jobs} jobs done: lost {}",
-        done.len(),
-        jobs - done.len() as u64
-    );
+    let (twice, _) = stop_all_done(run, jobs)?;
     let bound = 2 * (CONCURRENCY + t.batch);
     check!(
         twice.len() <= bound,
@@ -332,17 +339,7 @@ fn resets(t: &Target) -> Result<String, String> {
         Duration::from_secs(120),
         || tally(&lines(&out), "done").len() as u64 >= jobs,
     );
-    let (code, _, l, log) = stop(run, Duration::from_secs(20));
-    check!(
-        code == Some(0),
-        "exit code {code:?} after SIGTERM; log:\n{log}"
-    );
-    let (done, twice) = done_counts(&l);
-    check!(
-        done.len() as u64 == jobs,
-        "{} of {jobs} jobs done",
-        done.len()
-    );
+    let (twice, _) = stop_all_done(run, jobs)?;
     let bound = 6 * (CONCURRENCY + t.batch);
     check!(
         twice.len() <= bound,
@@ -816,18 +813,7 @@ fn restart(t: &Target, restart: &dyn Fn() -> Result<(), String>) -> Result<Strin
         std::thread::sleep(Duration::from_millis(20));
     }
     let first_after = first_after.unwrap_or_else(|| up.elapsed());
-    let (code, _, l, log) = stop(run, Duration::from_secs(20));
-    check!(
-        code == Some(0),
-        "exit code {code:?} after SIGTERM; log:\n{log}"
-    );
-    let (done, twice) = done_counts(&l);
-    check!(
-        done.len() as u64 == jobs,
-        "{} of {jobs} jobs done: lost {}",
-        done.len(),
-        jobs - done.len() as u64
-    );
+    let (twice, log) = stop_all_done(run, jobs)?;
     let bound = 2 * (CONCURRENCY + t.batch) + 1;
     check!(
         twice.len() <= bound,
