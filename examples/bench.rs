@@ -946,7 +946,7 @@ async fn delete_redis_queue(url: &str, queue: &str) -> Res<()> {
     let _: () = redis::cmd("DEL")
         .arg(queue)
         .arg(format!("{queue}__dlq"))
-        .arg(format!("stevedore:leases:{queue}"))
+        .arg(format!("stevedore:leases:{{{queue}}}"))
         .query_async(&mut c)
         .await?;
     Ok(())

@@ -19,6 +19,9 @@
 //! - **broker restart**: the broker is stopped and started again on the same data under load
 //!   (a private Redis, the private RabbitMQ node, a durable Kafka broker; not applicable to
 //!   moto, which keeps nothing across a restart, nor to SQLite, which has no broker process).
+//! - **cluster failover** (Redis): the worker runs on a Redis Cluster the test starts (3
+//!   masters with a replica each, `cluster = true`); a quarter in, the master serving the
+//!   queue's slot is killed with SIGKILL and its replica takes over; checked like a restart.
 //!
 //! And one job fault: **poison**, 1% of 10,000 jobs fail on every attempt; each must reach the
 //! dead-letter queue after exactly `max_attempts` runs, and every other job must run once. The
@@ -907,6 +910,30 @@ fn faults_redis() {
             port,
         );
         restart(&t, &|| server.restart(Duration::from_secs(1)))
+    }));
+    // A Redis Cluster (3 masters, a replica each) the test starts: the master serving the
+    // queue's slot is killed (SIGKILL) a quarter in; its replica takes over.
+    cells.push(cell("cluster failover", || {
+        let cluster = stevedore_conformance::servers::RedisCluster::start(3)?;
+        let urls = cluster.urls();
+        let env: Box<dyn Fn(u16) -> Vec<(String, String)>> = Box::new(move |_| {
+            vec![
+                ("STEVEDORE_BROKER__URL".into(), urls.clone()),
+                ("STEVEDORE_BROKER__KEY_PREFIX".into(), "failover:".into()),
+            ]
+        });
+        let mut t = Target::plain("redis", env, cluster.ports()[0]);
+        t.broker_toml = "cluster = true".into();
+        let killed = std::cell::Cell::new(0u16);
+        let report = restart(&t, &|| {
+            killed.set(cluster.fail_over("failover:default")?);
+            Ok(())
+        })?;
+        Ok(format!(
+            "master {} of the queue's slot killed; {}",
+            killed.get(),
+            report.replacen("broker down and up again", "its replica took over", 1)
+        ))
     }));
     report("redis", cells);
 }

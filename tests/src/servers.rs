@@ -60,6 +60,8 @@ pub struct RedisServer {
     port: u16,
     dir: tempfile::TempDir,
     child: Mutex<Option<Child>>,
+    /// Arguments beyond the persistent defaults (a cluster node's).
+    extra: Vec<String>,
 }
 
 impl RedisServer {
@@ -69,6 +71,28 @@ impl RedisServer {
             port: free_port()?,
             dir: tempfile::tempdir().map_err(|e| e.to_string())?,
             child: Mutex::new(None),
+            extra: Vec::new(),
+        };
+        s.spawn()?;
+        Ok(s)
+    }
+
+    /// A node of a [`RedisCluster`]: cluster mode, a 2 s node timeout.
+    fn start_cluster_node() -> Result<RedisServer, String> {
+        let s = RedisServer {
+            port: free_port()?,
+            dir: tempfile::tempdir().map_err(|e| e.to_string())?,
+            child: Mutex::new(None),
+            extra: [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "2000",
+            ]
+            .map(String::from)
+            .to_vec(),
         };
         s.spawn()?;
         Ok(s)
@@ -96,6 +120,7 @@ impl RedisServer {
             ])
             .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
             .arg(self.dir.path())
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -104,6 +129,23 @@ impl RedisServer {
             })?;
         *self.child.lock().unwrap_or_else(|p| p.into_inner()) = Some(child);
         wait_for_port(self.port, "private redis-server")
+    }
+
+    /// Whether its process is running.
+    fn running(&self) -> bool {
+        self.child
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// Kills it (SIGKILL): no shutdown, nothing flushed beyond what `appendfsync` wrote.
+    pub fn kill(&self) {
+        if let Some(mut c) = self.child.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     /// Shuts the server down cleanly (it persists on the way out) and waits for it to exit.
@@ -129,6 +171,248 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A Redis Cluster of `masters` masters with one replica each (`redis-server --cluster-enabled`,
+/// made one with `redis-cli --cluster create`), every node on a free 127.0.0.1 port with its own
+/// temporary directory, persisting every write (`appendonly yes`, `appendfsync always`), with a
+/// node timeout of 2 s (a master that stops answering is replaced by its replica within a few
+/// seconds). Stopped on drop.
+pub struct RedisCluster {
+    nodes: Vec<RedisServer>,
+}
+
+/// `redis-cli -p port args...`'s output, or why it failed.
+fn redis_cli(port: u16, args: &[&str]) -> Result<String, String> {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run redis-cli: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "redis-cli -p {port} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// One line of `CLUSTER NODES`: port, is a master, alive, slot ranges served.
+type NodeView = (u16, bool, bool, Vec<(u16, u16)>);
+
+impl RedisCluster {
+    /// Starts `masters` masters (at least 3) and as many replicas, and waits until the cluster
+    /// is whole: every slot served, every replica in sync.
+    pub fn start(masters: usize) -> Result<RedisCluster, String> {
+        let mut nodes = Vec::new();
+        for _ in 0..masters.max(3) * 2 {
+            nodes.push(RedisServer::start_cluster_node()?);
+        }
+        let cluster = RedisCluster { nodes };
+        let addrs: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .output()
+            .map_err(|e| format!("cannot run redis-cli --cluster create: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "redis-cli --cluster create failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        cluster.wait_whole(Duration::from_secs(60))?;
+        Ok(cluster)
+    }
+
+    /// Every node's URL, separated by commas (the backend's `url` with `cluster = true`).
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("redis://127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Every node's port.
+    pub fn ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(|n| n.port).collect()
+    }
+
+    /// `CLUSTER NODES` as seen by a running node: one [`NodeView`] per node.
+    fn view(&self) -> Result<Vec<NodeView>, String> {
+        let port = self
+            .nodes
+            .iter()
+            .find(|n| n.running())
+            .map(|n| n.port)
+            .ok_or("no cluster node is running")?;
+        let text = redis_cli(port, &["cluster", "nodes"])?;
+        let mut out = Vec::new();
+        for line in text.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 8 {
+                continue;
+            }
+            let p = f[1]
+                .split('@')
+                .next()
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0);
+            let master = f[2].contains("master");
+            let alive = !f[2].contains("fail") && f[7] == "connected";
+            let slots = f[8..]
+                .iter()
+                .filter(|r| !r.starts_with('['))
+                .filter_map(|r| {
+                    let mut it = r.split('-');
+                    let a: u16 = it.next()?.parse().ok()?;
+                    let b: u16 = it.next().map_or(Some(a), |b| b.parse().ok())?;
+                    Some((a, b))
+                })
+                .collect();
+            out.push((p, master, alive, slots));
+        }
+        Ok(out)
+    }
+
+    /// Waits until every running node reports `cluster_state:ok`, every slot has a live master,
+    /// and every live master with a running replica has it in sync.
+    fn wait_whole(&self, limit: Duration) -> Result<(), String> {
+        let t = Instant::now();
+        let mut last = String::new();
+        while t.elapsed() < limit {
+            match self.whole() {
+                Ok(()) => return Ok(()),
+                Err(e) => last = e,
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err(format!(
+            "the cluster was not whole within {limit:?}: {last}"
+        ))
+    }
+
+    fn whole(&self) -> Result<(), String> {
+        for n in self.nodes.iter().filter(|n| n.running()) {
+            let info = redis_cli(n.port, &["cluster", "info"])?;
+            if !info.contains("cluster_state:ok") {
+                return Err(format!("node {} not ok", n.port));
+            }
+        }
+        let view = self.view()?;
+        let served: u32 = view
+            .iter()
+            .filter(|(_, m, alive, _)| *m && *alive)
+            .flat_map(|(_, _, _, s)| s.iter().map(|(a, b)| u32::from(b - a) + 1))
+            .sum();
+        if served != 16384 {
+            return Err(format!("{served} of 16384 slots have a live master"));
+        }
+        for n in self.nodes.iter().filter(|n| n.running()) {
+            let info = redis_cli(n.port, &["info", "replication"])?;
+            if info.contains("role:slave") && !info.contains("master_link_status:up") {
+                return Err(format!("replica {} not in sync", n.port));
+            }
+        }
+        Ok(())
+    }
+
+    /// The port of the master serving `key`'s slot now.
+    pub fn master_of(&self, key: &str) -> Result<u16, String> {
+        let port = self
+            .nodes
+            .iter()
+            .find(|n| n.running())
+            .map(|n| n.port)
+            .ok_or("no cluster node is running")?;
+        let slot: u16 = redis_cli(port, &["cluster", "keyslot", key])?
+            .trim()
+            .parse()
+            .map_err(|e| format!("cluster keyslot: {e}"))?;
+        self.view()?
+            .into_iter()
+            .find(|(_, m, alive, s)| {
+                *m && *alive && s.iter().any(|(a, b)| (*a..=*b).contains(&slot))
+            })
+            .map(|(p, ..)| p)
+            .ok_or_else(|| format!("no live master serves slot {slot}"))
+    }
+
+    /// Kills (SIGKILL) the master serving `key`'s slot and waits until its replica serves the
+    /// slot and the cluster is whole again. Returns the killed master's port.
+    pub fn fail_over(&self, key: &str) -> Result<u16, String> {
+        let port = self.master_of(key)?;
+        let node = self
+            .nodes
+            .iter()
+            .find(|n| n.port == port)
+            .ok_or("the master is not one of ours")?;
+        node.kill();
+        let t = Instant::now();
+        loop {
+            if let Ok(p) = self.master_of(key) {
+                if p != port && self.whole().is_ok() {
+                    return Ok(port);
+                }
+            }
+            if t.elapsed() > Duration::from_secs(60) {
+                return Err(format!(
+                    "60 s after master {port} was killed no replica serves {key:?}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops every node cleanly (each persists on the way out), stays down for `down`, starts
+    /// them again on the same ports and data, and waits until the cluster is whole.
+    pub fn restart(&self, down: Duration) -> Result<(), String> {
+        for n in &self.nodes {
+            n.stop();
+        }
+        std::thread::sleep(down);
+        for n in &self.nodes {
+            n.spawn()?;
+        }
+        self.wait_whole(Duration::from_secs(60))
+    }
+
+    /// Deletes every key under `prefix` on every live master (one key at a time: a cluster node
+    /// refuses a `DEL` of keys in different slots). Returns how many went.
+    pub fn delete_prefix(&self, prefix: &str) -> Result<usize, String> {
+        let mut n = 0;
+        for (port, master, alive, _) in self.view()? {
+            if !master || !alive {
+                continue;
+            }
+            let pattern = format!("{prefix}*");
+            let keys = redis_cli(port, &["--scan", "--pattern", &pattern])?;
+            for k in keys.lines().filter(|k| !k.is_empty()) {
+                redis_cli(port, &["del", k])?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for n in &self.nodes {
+            n.kill();
+        }
     }
 }
 

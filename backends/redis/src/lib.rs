@@ -12,12 +12,32 @@
 //! | `release` | atomic script: re-add at the stream's end with the delivery count so far, `XACK` + `XDEL` the old entry |
 //! | `extend_lease` | atomic script: `XCLAIM ... JUSTID` if this consumer still owns it (resets idle time) |
 //! | `depth` | `XINFO GROUPS` lag and pending, `ZCARD` of the delay set, age of the first undelivered entry |
-//! | delay | [`DelayStore`]: a sorted set scored by due time + a hash per message, promoted by an atomic Lua script in bounded batches |
+//! | delay | [`DelayStore`]: per queue, a sorted set scored by due time + a hash per message, promoted by an atomic Lua script in bounded batches |
 //!
 //! Reconnects on its own (a `ConnectionManager` for commands, fresh connections for blocking reads),
 //! re-creates a missing group ("NOGROUP" after a Redis restart without persistence), and warns at
 //! start-up when Redis keeps nothing on disk.
+//!
+//! ## Keys, and Redis Cluster
+//!
+//! With [`RedisConfig::cluster`] the backend talks to a Redis Cluster (any of its nodes as seeds;
+//! the client follows `MOVED`/`ASK` and a failover). Every key of a physical queue shares the
+//! stream's slot, so each script and pipeline stays on one node: the queue's companion keys carry
+//! the stream key as a hash tag.
+//!
+//! | key | holds |
+//! |---|---|
+//! | `<prefix><queue>` | the stream |
+//! | `<prefix>stevedore:leases:{<prefix><queue>}` | each consumer's lease |
+//! | `<prefix>stevedore:due:{<prefix><queue>}` | delayed messages by due time |
+//! | `<prefix>stevedore:job:{<prefix><queue>}:<id>:<attempt>` | one delayed message's fields |
+//! | `<prefix>stevedore:due-queues` | the queues that have a delay set (the promoter's list) |
+//!
+//! A prefix with a hash tag of its own (`{app}:`) puts every key in that one slot (the braces
+//! then are not added). Delayed messages written by versions before this layout (one global
+//! `stevedore:delayed` set) are still counted and promoted on a single server.
 
+mod conn;
 mod factory;
 mod format;
 mod parse;
@@ -28,9 +48,10 @@ pub use factory::RedisFactory;
 pub use store::{RedisStore, RedisStoreFactory};
 
 use async_trait::async_trait;
+use conn::{Conn, Connector};
 use parse::Entry;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, Client, RedisError, Value};
+use redis::{RedisError, Value};
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -69,6 +90,11 @@ pub struct RedisConfig {
     pub max_payload: usize,
     /// Consumer name of this process; default `<hostname>-<pid>-<random>`.
     pub consumer: Option<String>,
+    /// Whether `url` is a Redis Cluster: then `url` may name several nodes, separated by
+    /// commas (any reachable one is enough to find the rest; name more than one so a start
+    /// succeeds while one is down). Default false. A `key_prefix` on a cluster has either no
+    /// brace or a complete hash tag (`{app}:`).
+    pub cluster: bool,
     /// Group hygiene: a consumer of a queue's group that holds nothing and has not read for this
     /// long (and for twice its lease) is removed from the group, with its lease record, by the
     /// next worker that looks for expired leases there. A worker killed without a graceful
@@ -92,6 +118,7 @@ impl RedisConfig {
             key_prefix: String::new(),
             max_payload: DEFAULT_MAX_PAYLOAD,
             consumer: None,
+            cluster: false,
             warn_if_volatile: true,
             forget_idle: DEFAULT_FORGET_IDLE,
         }
@@ -114,9 +141,9 @@ pub struct RedisBroker {
 }
 
 struct Inner {
-    client: Client,
-    conn: ConnectionManager,
-    blocking: Mutex<Vec<MultiplexedConnection>>,
+    connector: Connector,
+    conn: Conn,
+    blocking: Mutex<Vec<Conn>>,
     prefix: String,
     consumer: String,
     caps: Capabilities,
@@ -127,6 +154,8 @@ struct Inner {
     forget_idle: Duration,
     last_forget: Mutex<HashMap<String, Instant>>,
     acks: AtomicU64,
+    /// When the last promotion pass ran, and the earliest due time (Unix ms) it left behind.
+    next_due: Mutex<Option<(Instant, Option<u64>)>>,
     closed: std::sync::atomic::AtomicBool,
     url_redacted: String,
 }
@@ -141,17 +170,21 @@ impl std::fmt::Debug for RedisBroker {
     }
 }
 
+/// `url` with each password hidden (each node of a comma-separated cluster list on its own).
 fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}***{}", &url[..s + 3], &url[at..]),
-        _ => url.to_string(),
-    }
+    url.split(',')
+        .map(|url| match (url.find("://"), url.rfind('@')) {
+            (Some(s), Some(at)) if at > s => format!("{}***{}", &url[..s + 3], &url[at..]),
+            _ => url.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn err(e: RedisError) -> BrokerError {
     let transient_code = matches!(
         e.code(),
-        Some("LOADING" | "BUSY" | "TRYAGAIN" | "MASTERDOWN" | "READONLY")
+        Some("LOADING" | "BUSY" | "TRYAGAIN" | "MASTERDOWN" | "READONLY" | "CLUSTERDOWN")
     );
     if e.is_io_error()
         || e.is_connection_dropped()
@@ -203,27 +236,17 @@ impl RedisBroker {
     }
 
     /// Connects (checking the server answers) and warns if the server keeps nothing on disk.
+    /// On a cluster ([`RedisConfig::cluster`]) it reads the cluster's slot map from the first
+    /// seed node that answers.
     pub async fn connect(config: RedisConfig) -> Result<Self, BrokerError> {
         let url_redacted = redact(&config.url);
-        if config.url.starts_with("rediss://") {
-            // Ignored when a provider is already installed (by us or by the application).
-            let _ = rustls::crypto::ring::default_provider().install_default();
+        if config.cluster {
+            conn::check_cluster_prefix(&config.key_prefix).map_err(BrokerError::permanent)?;
         }
-        let client = Client::open(config.url.as_str()).map_err(|e| {
-            BrokerError::permanent(format!("invalid redis url {url_redacted}: {e}"))
+        let connector = Connector::new(&config)?;
+        let conn = connector.commands().await.map_err(|e| {
+            BrokerError::Connection(format!("cannot connect to {url_redacted}: {e}"))
         })?;
-        // Every command on this connection is short (no blocking reads: those use their own
-        // connections), so a reply that takes 10 s means the connection stopped answering.
-        let mgr_cfg = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_response_timeout(Some(RESPONSE_TIMEOUT))
-            .set_number_of_retries(6)
-            .set_max_delay(Duration::from_secs(2));
-        let conn = ConnectionManager::new_with_config(client.clone(), mgr_cfg)
-            .await
-            .map_err(|e| {
-                BrokerError::Connection(format!("cannot connect to {url_redacted}: {e}"))
-            })?;
         let consumer = config.consumer.clone().unwrap_or_else(|| {
             let host = hostname::get()
                 .ok()
@@ -233,7 +256,7 @@ impl RedisBroker {
         });
         let broker = RedisBroker {
             inner: Arc::new(Inner {
-                client,
+                connector,
                 conn,
                 blocking: Mutex::new(Vec::new()),
                 prefix: config.key_prefix.clone(),
@@ -243,6 +266,7 @@ impl RedisBroker {
                 forget_idle: config.forget_idle,
                 last_forget: Mutex::new(HashMap::new()),
                 acks: AtomicU64::new(0),
+                next_due: Mutex::new(None),
                 closed: std::sync::atomic::AtomicBool::new(false),
                 url_redacted,
             }),
@@ -263,38 +287,81 @@ impl RedisBroker {
         format!("{}{queue}", self.inner.prefix)
     }
 
-    fn delay_key(&self) -> String {
-        format!("{}stevedore:delayed", self.inner.prefix)
-    }
-    fn delay_queue_prefix(&self) -> String {
-        format!("{}stevedore:delayed:q:", self.inner.prefix)
-    }
-    fn delay_msg_prefix(&self) -> String {
-        format!("{}stevedore:delayed:m:", self.inner.prefix)
+    /// The stream key as it appears in its companion keys' names: itself when it has a hash tag
+    /// (from the prefix), else wrapped in braces. Either way a companion key hashes to the
+    /// stream's cluster slot.
+    fn slot_tag(stream: &str) -> Cow<'_, str> {
+        if conn::has_hash_tag(stream) {
+            Cow::Borrowed(stream)
+        } else {
+            Cow::Owned(format!("{{{stream}}}"))
+        }
     }
 
-    fn conn(&self) -> Result<ConnectionManager, BrokerError> {
+    /// The sorted set of `stream`'s delayed messages, scored by due time (Unix ms).
+    fn due_key(&self, stream: &str) -> String {
+        format!(
+            "{}stevedore:due:{}",
+            self.inner.prefix,
+            Self::slot_tag(stream)
+        )
+    }
+
+    /// The prefix of `stream`'s delayed messages' hashes (then `<id>:<attempt>`).
+    fn job_prefix(&self, stream: &str) -> String {
+        format!(
+            "{}stevedore:job:{}:",
+            self.inner.prefix,
+            Self::slot_tag(stream)
+        )
+    }
+
+    /// The set of queues that have a delay set.
+    fn due_queues_key(&self) -> String {
+        format!("{}stevedore:due-queues", self.inner.prefix)
+    }
+
+    /// Keys of the delay layout before per-queue sets (one server only): the global set, and
+    /// the prefixes of the per-queue counting sets and of the message hashes.
+    fn legacy_delay_keys(&self) -> (String, String, String) {
+        let p = &self.inner.prefix;
+        (
+            format!("{p}stevedore:delayed"),
+            format!("{p}stevedore:delayed:q:"),
+            format!("{p}stevedore:delayed:m:"),
+        )
+    }
+
+    fn conn(&self) -> Result<Conn, BrokerError> {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(BrokerError::Closed);
         }
         Ok(self.inner.conn.clone())
     }
 
+    /// `CONFIG GET name` (on a cluster, of one node, taken as every node's).
+    async fn config_get(&self, name: &str) -> Option<String> {
+        let mut cmd = redis::cmd("CONFIG");
+        cmd.arg("GET").arg(name);
+        let reply: Value = match self.conn().ok()? {
+            Conn::Cluster(mut c) => {
+                use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+                c.route_command(cmd, RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random))
+                    .await
+                    .ok()?
+            }
+            mut c => cmd.query_async(&mut c).await.ok()?,
+        };
+        let pair: Vec<String> = redis::from_redis_value(reply).ok()?;
+        pair.into_iter().nth(1)
+    }
+
     async fn warn_if_not_persistent(&self) {
-        let Ok(mut c) = self.conn() else { return };
-        let aof: Result<Vec<String>, _> = redis::cmd("CONFIG")
-            .arg("GET")
-            .arg("appendonly")
-            .query_async(&mut c)
-            .await;
-        let save: Result<Vec<String>, _> = redis::cmd("CONFIG")
-            .arg("GET")
-            .arg("save")
-            .query_async(&mut c)
-            .await;
-        if let (Ok(aof), Ok(save)) = (aof, save) {
-            let aof_on = aof.get(1).map(|v| v == "yes").unwrap_or(false);
-            let save_on = save.get(1).map(|v| !v.trim().is_empty()).unwrap_or(false);
+        let aof = self.config_get("appendonly").await;
+        let save = self.config_get("save").await;
+        if let (Some(aof), Some(save)) = (aof, save) {
+            let aof_on = aof == "yes";
+            let save_on = !save.trim().is_empty();
             if !aof_on && !save_on {
                 tracing::warn!(
                     url = %self.inner.url_redacted,
@@ -326,7 +393,7 @@ impl RedisBroker {
     /// Runs `f` on the command connection; on NOGROUP re-creates the group and runs it once more.
     async fn with_group<T, F, Fut>(&self, stream: &str, f: F) -> Result<T, BrokerError>
     where
-        F: Fn(ConnectionManager) -> Fut,
+        F: Fn(Conn) -> Fut,
         Fut: std::future::Future<Output = Result<T, RedisError>>,
     {
         match f(self.conn()?).await {
@@ -342,7 +409,7 @@ impl RedisBroker {
         }
     }
 
-    async fn blocking_conn(&self) -> Result<MultiplexedConnection, BrokerError> {
+    async fn blocking_conn(&self) -> Result<Conn, BrokerError> {
         let pooled = self
             .inner
             .blocking
@@ -352,22 +419,15 @@ impl RedisBroker {
         if let Some(c) = pooled {
             return Ok(c);
         }
-        let cfg = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_response_timeout(None);
-        self.inner
-            .client
-            .get_multiplexed_async_connection_with_config(&cfg)
-            .await
-            .map_err(|e| {
-                BrokerError::Connection(format!(
-                    "cannot connect to {}: {e}",
-                    self.inner.url_redacted
-                ))
-            })
+        self.inner.connector.blocking().await.map_err(|e| {
+            BrokerError::Connection(format!(
+                "cannot connect to {}: {e}",
+                self.inner.url_redacted
+            ))
+        })
     }
 
-    fn return_blocking(&self, c: MultiplexedConnection) {
+    fn return_blocking(&self, c: Conn) {
         let mut pool = self
             .inner
             .blocking
@@ -437,7 +497,11 @@ impl RedisBroker {
     }
 
     fn lease_key(&self, stream: &str) -> String {
-        format!("{}stevedore:leases:{stream}", self.inner.prefix)
+        format!(
+            "{}stevedore:leases:{}",
+            self.inner.prefix,
+            Self::slot_tag(stream)
+        )
     }
 
     async fn reclaim(
@@ -722,6 +786,9 @@ impl Broker for RedisBroker {
             m.entry(r.queue()).or_default().push(t.id.as_str());
         }
         if !fresh.is_empty() {
+            // One round trip for every queue on one server; on a cluster, one per queue (a
+            // pipeline keeps to one slot).
+            let cluster = self.inner.connector.is_cluster();
             let mut pipe = redis::pipe();
             for (queue, ids) in &fresh {
                 pipe.cmd("XACK")
@@ -729,9 +796,16 @@ impl Broker for RedisBroker {
                     .arg(GROUP)
                     .arg(ids)
                     .ignore();
+                if cluster {
+                    let mut c = self.conn()?;
+                    pipe.query_async::<()>(&mut c).await.map_err(err)?;
+                    pipe = redis::pipe();
+                }
             }
-            let mut c = self.conn()?;
-            pipe.query_async::<()>(&mut c).await.map_err(err)?;
+            if !cluster {
+                let mut c = self.conn()?;
+                pipe.query_async::<()>(&mut c).await.map_err(err)?;
+            }
         }
         for (queue, ids) in &late {
             let mut c = self.conn()?;
@@ -856,7 +930,7 @@ impl Broker for RedisBroker {
 
     async fn depth(&self, queue: &str) -> Result<Depth, BrokerError> {
         let stream = self.stream_key(queue);
-        let delayed_key = format!("{}{queue}", self.delay_queue_prefix());
+        let delayed_key = self.due_key(&stream);
         let (groups, xlen, delayed): (Value, u64, u64) = self
             .with_group(&stream, |mut c| {
                 let (stream, delayed_key) = (stream.clone(), delayed_key.clone());
@@ -915,10 +989,11 @@ impl Broker for RedisBroker {
                 .and_then(|e| parse::id_millis(&e.id))
                 .map(|ms| Duration::from_millis(to_millis(SystemTime::now()).saturating_sub(ms)));
         }
+        let legacy = self.legacy_delayed(queue).await?;
         Ok(Depth {
             ready,
             in_flight: pending,
-            delayed: Some(delayed),
+            delayed: Some(delayed + legacy),
             oldest_age,
         })
     }
@@ -955,11 +1030,74 @@ impl Broker for RedisBroker {
     }
 }
 
-/// The durable delay store on Redis: a global sorted set (score = due time in ms) for promotion,
-/// one sorted set per queue for counting, and one hash per message holding its stream fields.
+/// The durable delay store on Redis: per physical queue, a sorted set of its delayed messages
+/// (score = due time in ms) and one hash per message holding its stream fields, all in the
+/// stream's cluster slot; plus a set naming the queues that have one, which the promoter walks.
 #[derive(Clone, Debug)]
 pub struct RedisDelayStore {
     broker: RedisBroker,
+}
+
+impl RedisBroker {
+    /// Messages waiting in the delay layout of versions before per-queue sets (one server only;
+    /// 0 on a cluster).
+    async fn legacy_delayed(&self, queue: &str) -> Result<u64, BrokerError> {
+        if self.inner.connector.is_cluster() {
+            return Ok(0);
+        }
+        let (_, per_queue, _) = self.legacy_delay_keys();
+        let mut c = self.conn()?;
+        redis::cmd("ZCARD")
+            .arg(format!("{per_queue}{queue}"))
+            .query_async(&mut c)
+            .await
+            .map_err(err)
+    }
+
+    /// Promotes from the delay layout of versions before per-queue sets, while it holds anything
+    /// (one server only). Returns how many moved and the earliest due time left there.
+    async fn promote_legacy(
+        &self,
+        now: SystemTime,
+        limit: usize,
+    ) -> Result<(usize, Option<u64>), BrokerError> {
+        if self.inner.connector.is_cluster() {
+            return Ok((0, None));
+        }
+        let (global, per_queue, msgs) = self.legacy_delay_keys();
+        let mut c = self.conn()?;
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(&global)
+            .query_async(&mut c)
+            .await
+            .map_err(err)?;
+        if !exists {
+            return Ok((0, None));
+        }
+        let n: i64 = scripts::PROMOTE_LEGACY
+            .key(&global)
+            .arg(to_millis(now))
+            .arg(limit.max(1))
+            .arg(msgs)
+            .arg(per_queue)
+            .invoke_async(&mut c)
+            .await
+            .map_err(err)?;
+        let next: Vec<(String, f64)> = first_of(&global).query_async(&mut c).await.map_err(err)?;
+        Ok((n.max(0) as usize, score_ms(&next)))
+    }
+}
+
+/// `ZRANGE key 0 0 WITHSCORES`: a sorted set's first member with its score.
+fn first_of(key: &str) -> redis::Cmd {
+    let mut cmd = redis::cmd("ZRANGE");
+    cmd.arg(key).arg(0).arg(0).arg("WITHSCORES");
+    cmd
+}
+
+/// The score (ms) of what [`first_of`] read.
+fn score_ms(first: &[(String, f64)]) -> Option<u64> {
+    first.first().map(|(_, s)| *s as u64)
 }
 
 #[async_trait]
@@ -967,76 +1105,132 @@ impl DelayStore for RedisDelayStore {
     async fn schedule(&self, queue: &str, messages: Vec<Envelope>) -> Result<(), BrokerError> {
         let b = &self.broker;
         b.inner.caps.check_payloads(&messages, "redis")?;
-        let (global, per_queue, msg_prefix) = (
-            b.delay_key(),
-            format!("{}{queue}", b.delay_queue_prefix()),
-            b.delay_msg_prefix(),
-        );
+        if messages.is_empty() {
+            return Ok(());
+        }
         let stream = b.stream_key(queue);
+        let (due_key, job_prefix) = (b.due_key(&stream), b.job_prefix(&stream));
+        let mut c = b.conn()?;
+        // Named first, so the promoter never misses a set that holds something (the set is in
+        // another slot, so it cannot share the transaction below).
+        let _: i64 = redis::cmd("SADD")
+            .arg(b.due_queues_key())
+            .arg(queue)
+            .query_async(&mut c)
+            .await
+            .map_err(err)?;
         let mut pipe = redis::pipe();
         pipe.atomic();
+        let mut earliest = u64::MAX;
         for env in &messages {
             let due = env.not_before.map(to_millis).unwrap_or(0);
+            earliest = earliest.min(due);
             let member = format!("{}:{}", env.id, env.attempt);
             let (meta, body) = format::encode(env);
             pipe.cmd("HSET")
-                .arg(format!("{msg_prefix}{member}"))
-                .arg("_stream")
-                .arg(&stream)
-                .arg("_queue")
-                .arg(queue)
+                .arg(format!("{job_prefix}{member}"))
                 .arg(meta)
                 .arg(body.as_ref())
                 .ignore();
-            pipe.cmd("ZADD").arg(&global).arg(due).arg(&member).ignore();
             pipe.cmd("ZADD")
-                .arg(&per_queue)
+                .arg(&due_key)
                 .arg(due)
                 .arg(&member)
                 .ignore();
         }
-        let mut c = b.conn()?;
-        pipe.query_async::<()>(&mut c).await.map_err(err)
+        pipe.query_async::<()>(&mut c).await.map_err(err)?;
+        // The promoter of this process sleeps no longer than until the earliest of these.
+        let mut next = b.inner.next_due.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, n)) = next.as_mut() {
+            *n = Some(n.map_or(earliest, |n| n.min(earliest)));
+        }
+        Ok(())
     }
 
+    /// Walks the queues that have a delay set, promoting each one's due messages with one
+    /// script on the stream's node, until `limit` moved.
     async fn promote_due(&self, now: SystemTime, limit: usize) -> Result<usize, BrokerError> {
         let b = &self.broker;
+        let (mut moved, mut earliest) = b.promote_legacy(now, limit).await?;
         let mut c = b.conn()?;
-        let n: i64 = scripts::PROMOTE
-            .key(b.delay_key())
-            .arg(to_millis(now))
-            .arg(limit.max(1))
-            .arg(b.delay_msg_prefix())
-            .arg(b.delay_queue_prefix())
-            .invoke_async(&mut c)
+        let mut queues: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(b.due_queues_key())
+            .query_async(&mut c)
             .await
             .map_err(err)?;
-        Ok(n.max(0) as usize)
+        queues.sort();
+        let now_ms = to_millis(now);
+        for queue in queues {
+            let stream = b.stream_key(&queue);
+            let due_key = b.due_key(&stream);
+            let want = limit.saturating_sub(moved).max(1);
+            let (members, first): (Vec<String>, Vec<(String, f64)>) = redis::pipe()
+                .cmd("ZRANGEBYSCORE")
+                .arg(&due_key)
+                .arg("-inf")
+                .arg(now_ms)
+                .arg("LIMIT")
+                .arg(0)
+                .arg(want)
+                .add_command(first_of(&due_key))
+                .query_async(&mut c)
+                .await
+                .map_err(err)?;
+            let mut left = score_ms(&first);
+            if !members.is_empty() {
+                let prefix = b.job_prefix(&stream);
+                let mut call = scripts::PROMOTE.key(&due_key);
+                call.key(&stream);
+                for m in &members {
+                    call.key(format!("{prefix}{m}"));
+                }
+                call.arg(now_ms).arg(&members);
+                let (n, next): (i64, i64) = call.invoke_async(&mut c).await.map_err(err)?;
+                moved += n.max(0) as usize;
+                left = u64::try_from(next).ok();
+            }
+            if let Some(due) = left {
+                earliest = Some(earliest.map_or(due, |e| e.min(due)));
+            }
+            if moved >= limit {
+                // More may be due: the caller comes back at once; the earliest is not known.
+                *b.inner.next_due.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                return Ok(moved);
+            }
+        }
+        *b.inner.next_due.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((Instant::now(), earliest));
+        Ok(moved)
     }
 
     async fn delayed(&self, queue: &str) -> Result<u64, BrokerError> {
         let b = &self.broker;
         let mut c = b.conn()?;
-        redis::cmd("ZCARD")
-            .arg(format!("{}{queue}", b.delay_queue_prefix()))
-            .query_async(&mut c)
-            .await
-            .map_err(err)
-    }
-
-    async fn next_due(&self) -> Result<Option<SystemTime>, BrokerError> {
-        let b = &self.broker;
-        let mut c = b.conn()?;
-        let v: Vec<(String, f64)> = redis::cmd("ZRANGE")
-            .arg(b.delay_key())
-            .arg(0)
-            .arg(0)
-            .arg("WITHSCORES")
+        let n: u64 = redis::cmd("ZCARD")
+            .arg(b.due_key(&b.stream_key(queue)))
             .query_async(&mut c)
             .await
             .map_err(err)?;
-        Ok(v.first()
-            .map(|(_, s)| stevedore_core::from_millis(*s as u64)))
+        Ok(n + b.legacy_delayed(queue).await?)
+    }
+
+    /// The earliest due time the last promotion pass of this handle saw (or a schedule through
+    /// it since), when that pass was in the last second; else `None` (the promoter then sleeps
+    /// its interval). A message scheduled by another process meanwhile is promoted within the
+    /// promoter's interval.
+    async fn next_due(&self) -> Result<Option<SystemTime>, BrokerError> {
+        let next = *self
+            .broker
+            .inner
+            .next_due
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        Ok(match next {
+            Some((at, due)) if at.elapsed() < Duration::from_secs(1) => {
+                due.map(stevedore_core::from_millis)
+            }
+            _ => None,
+        })
     }
 }
 
@@ -1051,6 +1245,10 @@ mod tests {
             "redis://***@localhost:6379/0"
         );
         assert_eq!(redact("redis://localhost:6379"), "redis://localhost:6379");
+        assert_eq!(
+            redact("redis://:a@h1:1,redis://h2:2,redis://u:b@h3:3"),
+            "redis://***@h1:1,redis://h2:2,redis://***@h3:3"
+        );
     }
 }
 

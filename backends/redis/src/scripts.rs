@@ -3,10 +3,43 @@
 use redis::Script;
 use std::sync::LazyLock;
 
-/// Moves up to ARGV[2] due messages (score ≤ ARGV[1]) from the delay set into their streams.
-/// KEYS[1] = global delay zset. ARGV[3] = message hash key prefix, ARGV[4] = per-queue zset prefix.
-/// A member is removed in the same script that re-adds it, so it can never be promoted twice.
+/// Moves due messages of one queue into its stream. KEYS[1] = the queue's delay set, KEYS[2] =
+/// its stream, KEYS[3..] = the hashes of the members ARGV[2..] (read as due just before);
+/// ARGV[1] = now (ms). A member moves only if it is still in the set, still due, and this script
+/// removes it, so none is promoted twice, or early, by workers racing. Every key is passed in,
+/// and all share the stream's cluster slot. Returns `{ moved, earliest due ms left or -1 }`.
 pub(crate) static PROMOTE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local now = tonumber(ARGV[1])
+local moved = 0
+for i = 2, #ARGV do
+  local hkey = KEYS[i + 1]
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if score and tonumber(score) <= now then
+    redis.call('ZREM', KEYS[1], ARGV[i])
+    local fields = redis.call('HGETALL', hkey)
+    if #fields > 0 then
+      redis.call('XADD', KEYS[2], '*', unpack(fields))
+      moved = moved + 1
+    end
+    redis.call('DEL', hkey)
+  end
+end
+local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+local due = -1
+if #nxt == 2 then due = tonumber(nxt[2]) end
+return { moved, due }
+"#,
+    )
+});
+
+/// The delay layout before per-queue sets (one server only; it names keys it was not passed, so
+/// it never runs on a cluster): moves up to ARGV[2] due messages (score ≤ ARGV[1]) from the
+/// global delay set into their streams. KEYS[1] = global delay zset. ARGV[3] = message hash key
+/// prefix, ARGV[4] = per-queue zset prefix. A member is removed in the same script that re-adds
+/// it, so it can never be promoted twice.
+pub(crate) static PROMOTE_LEGACY: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))

@@ -2,9 +2,9 @@
 //! has no `[store]`): one string key per entry under `<key_prefix>stevedore:kv:`, TTLs on the
 //! server's clock (`PX`), compare-and-swap in one Lua script.
 
-use crate::{err, redact};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, Script};
+use crate::conn::{Conn, Connector};
+use crate::{err, redact, RedisConfig};
+use redis::Script;
 use serde::Deserialize;
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,7 +33,7 @@ return 1
 /// A [`Store`] on one Redis. Cheap to clone; reconnects on its own. Thread safe.
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: Conn,
     prefix: String,
     script: Arc<Script>,
     url_redacted: String,
@@ -49,28 +49,23 @@ impl std::fmt::Debug for RedisStore {
 }
 
 impl RedisStore {
-    /// Connects to `url`; keys go under `<key_prefix>stevedore:kv:`.
+    /// Connects to one server at `url`; keys go under `<key_prefix>stevedore:kv:`.
     pub async fn connect(url: &str, key_prefix: &str) -> Result<Self, BrokerError> {
-        let url_redacted = redact(url);
-        if url.starts_with("rediss://") {
-            let _ = rustls::crypto::ring::default_provider().install_default();
-        }
-        let client = Client::open(url).map_err(|e| {
-            BrokerError::permanent(format!("invalid redis url {url_redacted}: {e}"))
+        let mut config = RedisConfig::new(url);
+        config.key_prefix = key_prefix.to_string();
+        Self::connect_with(&config).await
+    }
+
+    /// Connects as `config` says (its `url`, `cluster` and `key_prefix`); keys go under
+    /// `<key_prefix>stevedore:kv:`. Each operation touches one key, so it runs on a cluster too.
+    pub async fn connect_with(config: &RedisConfig) -> Result<Self, BrokerError> {
+        let url_redacted = redact(&config.url);
+        let conn = Connector::new(config)?.commands().await.map_err(|e| {
+            BrokerError::Connection(format!("cannot connect to {url_redacted}: {e}"))
         })?;
-        let cfg = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_response_timeout(Some(Duration::from_secs(10)))
-            .set_number_of_retries(6)
-            .set_max_delay(Duration::from_secs(2));
-        let conn = ConnectionManager::new_with_config(client, cfg)
-            .await
-            .map_err(|e| {
-                BrokerError::Connection(format!("cannot connect to {url_redacted}: {e}"))
-            })?;
         Ok(RedisStore {
             conn,
-            prefix: format!("{key_prefix}stevedore:kv:"),
+            prefix: format!("{}stevedore:kv:", config.key_prefix),
             script: Arc::new(Script::new(SWAP)),
             url_redacted,
         })
@@ -150,8 +145,9 @@ impl Store for RedisStore {
     }
 }
 
-/// The factory of `[store] kind = "redis"`. Keys: `url` (required, `redis://` or `rediss://`),
-/// `key_prefix` (default `""`).
+/// The factory of `[store] kind = "redis"`. Keys: `url` (required, `redis://` or `rediss://`;
+/// with `cluster`, nodes separated by commas), `cluster` (default false), `key_prefix` (default
+/// `""`).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RedisStoreFactory;
 
@@ -159,6 +155,7 @@ pub struct RedisStoreFactory;
 #[serde(deny_unknown_fields)]
 struct StoreSettings {
     url: Option<String>,
+    cluster: Option<bool>,
     key_prefix: Option<String>,
 }
 
@@ -167,6 +164,16 @@ struct StoreSettings {
 pub(crate) struct RedisStoreSetup {
     pub(crate) url: String,
     pub(crate) key_prefix: String,
+    pub(crate) cluster: bool,
+}
+
+impl RedisStoreSetup {
+    fn config(&self) -> RedisConfig {
+        let mut c = RedisConfig::new(self.url.clone());
+        c.key_prefix = self.key_prefix.clone();
+        c.cluster = self.cluster;
+        c
+    }
 }
 
 impl StoreFactory for RedisStoreFactory {
@@ -184,10 +191,13 @@ impl StoreFactory for RedisStoreFactory {
             "redis://localhost:6379/0",
             redact,
         )?;
-        Ok(Box::new(RedisStoreSetup {
+        let setup = RedisStoreSetup {
             url,
             key_prefix: s.key_prefix.unwrap_or_default(),
-        }))
+            cluster: s.cluster.unwrap_or(false),
+        };
+        crate::factory::check_cluster(&setup.config())?;
+        Ok(Box::new(setup))
     }
 }
 
@@ -202,8 +212,6 @@ impl StoreSetup for RedisStoreSetup {
     }
 
     async fn connect(&self) -> Result<Arc<dyn Store>, BrokerError> {
-        Ok(Arc::new(
-            RedisStore::connect(&self.url, &self.key_prefix).await?,
-        ))
+        Ok(Arc::new(RedisStore::connect_with(&self.config()).await?))
     }
 }

@@ -135,7 +135,7 @@ fn lease_records(url: &str, prefix: &str, stream: &str) -> Vec<String> {
         .and_then(|c| c.get_connection())
         .expect("redis");
     let mut keys: Vec<String> = redis::cmd("HKEYS")
-        .arg(format!("{prefix}stevedore:leases:{stream}"))
+        .arg(format!("{prefix}stevedore:leases:{{{stream}}}"))
         .query(&mut c)
         .expect("HKEYS");
     keys.sort();
@@ -457,5 +457,95 @@ async fn entries_hold_one_field_and_the_earlier_layout_still_reads() -> Result<(
     assert_eq!(promoted[0].envelope.job.as_deref(), Some("send"));
     assert_eq!(&promoted[0].envelope.payload[..], br#"{"to":"a@b"}"#);
     b.ack(&[promoted[0].receipt.clone()]).await?;
+    Ok(())
+}
+
+/// Delayed jobs written by a version before the per-queue delay sets (one global sorted set,
+/// `<prefix>stevedore:delayed`, a counting set per queue and a hash per message naming its
+/// stream) are counted and promoted by this version, so an upgrade loses no delayed job or
+/// retry in its backoff; the old keys are gone once they are empty.
+#[tokio::test]
+async fn delayed_jobs_of_the_earlier_layout_are_still_promoted() -> Result<(), BrokerError> {
+    let guard = Cleanup::machine("legacy-delay");
+    let (p, q) = (guard.prefix.clone(), "legacy".to_string());
+    let stream = format!("{p}{q}");
+    let mut c = redis::Client::open(guard.url.as_str())
+        .and_then(|c| c.get_connection())
+        .expect("redis");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    // Two due already, one due in an hour: as the earlier version's schedule wrote them.
+    for (member, due) in [
+        ("a:1", now_ms - 10),
+        ("b:1", now_ms - 5),
+        ("c:1", now_ms + 3_600_000),
+    ] {
+        let _: () = redis::cmd("HSET")
+            .arg(format!("{p}stevedore:delayed:m:{member}"))
+            .arg("_stream")
+            .arg(&stream)
+            .arg("_queue")
+            .arg(&q)
+            .arg("payload")
+            .arg(format!("job {member}"))
+            .query(&mut c)
+            .expect("HSET");
+        let _: () = redis::cmd("ZADD")
+            .arg(format!("{p}stevedore:delayed"))
+            .arg(due)
+            .arg(member)
+            .query(&mut c)
+            .expect("ZADD");
+        let _: () = redis::cmd("ZADD")
+            .arg(format!("{p}stevedore:delayed:q:{q}"))
+            .arg(due)
+            .arg(member)
+            .query(&mut c)
+            .expect("ZADD");
+    }
+    let b = RedisBroker::connect(guard.config()).await?;
+    b.prepare(std::slice::from_ref(&q)).await?;
+    let store = b.delay_store().expect("redis has a delay store");
+    assert_eq!(
+        store.delayed(&q).await?,
+        3,
+        "the old layout's jobs are counted"
+    );
+    assert_eq!(b.depth(&q).await?.delayed, Some(3));
+    assert_eq!(
+        store.promote_due(std::time::SystemTime::now(), 100).await?,
+        2
+    );
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let batch = b.receive(&q, opts(10, Duration::from_secs(30))).await?;
+        assert!(!batch.is_empty(), "promoted jobs must arrive");
+        got.extend(batch);
+    }
+    let mut bodies: Vec<String> = got
+        .iter()
+        .map(|d| String::from_utf8_lossy(&d.envelope.payload).into_owned())
+        .collect();
+    bodies.sort();
+    assert_eq!(bodies, ["job a:1", "job b:1"]);
+    assert_eq!(store.delayed(&q).await?, 1, "the one not due yet waits");
+    let next = store.next_due().await?.expect("the next due time is known");
+    let in_an_hour = std::time::SystemTime::now() + Duration::from_secs(3600);
+    let off = in_an_hour
+        .duration_since(next)
+        .unwrap_or_else(|e| e.duration());
+    assert!(
+        off < Duration::from_secs(5),
+        "next due {next:?}, not in an hour"
+    );
+    // Promoted again later: nothing moves twice.
+    assert_eq!(
+        store.promote_due(std::time::SystemTime::now(), 100).await?,
+        0
+    );
+    let acks: Vec<_> = got.iter().map(|d| d.receipt.clone()).collect();
+    b.ack(&acks).await?;
     Ok(())
 }
