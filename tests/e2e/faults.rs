@@ -19,9 +19,11 @@
 //! - **broker restart**: the broker is stopped and started again on the same data under load
 //!   (a private Redis, the private RabbitMQ node, a durable Kafka broker; not applicable to
 //!   moto, which keeps nothing across a restart, nor to SQLite, which has no broker process).
-//! - **cluster failover** (Redis): the worker runs on a Redis Cluster the test starts (3
+//! - **cluster failover**: Redis: the worker runs on a Redis Cluster the test starts (3
 //!   masters with a replica each, `cluster = true`); a quarter in, the master serving the
-//!   queue's slot is killed with SIGKILL and its replica takes over; checked like a restart.
+//!   queue's slot is killed with SIGKILL and its replica takes over. RabbitMQ: a 3-node
+//!   cluster (quorum queues, a replica on every node), the worker's `url` listing every node;
+//!   the node it is connected to is killed with SIGKILL. Both checked like a restart.
 //!
 //! And one job fault: **poison**, 1% of 10,000 jobs fail on every attempt; each must reach the
 //! dead-letter queue after exactly `max_attempts` runs, and every other job must run once. The
@@ -783,7 +785,12 @@ fn kill_one(t: &Target, jobs: u64) -> Result<String, String> {
 /// its ack was on the wire when the connection went (2 × (concurrency + batch)), or its enqueue
 /// was retried after a lost confirm (+1). Reports how long the restart took and how long after
 /// the broker was back the first job was done.
-fn restart(t: &Target, restart: &dyn Fn() -> Result<(), String>) -> Result<String, String> {
+/// `expect`: lines the worker must log after the restart (each must appear in one line).
+fn restart(
+    t: &Target,
+    restart: &dyn Fn() -> Result<(), String>,
+    expect: &[&str],
+) -> Result<String, String> {
     let jobs = t.jobs;
     let run = spawn(t, t.addr.port(), jobs, 2, 3, &[]);
     let out = run.out.clone();
@@ -823,15 +830,20 @@ fn restart(t: &Target, restart: &dyn Fn() -> Result<(), String>) -> Result<Strin
         "{} jobs ran twice (bound {bound}): {twice:?}",
         twice.len()
     );
-    let reconnected = log
-        .get(log_at_restart..)
-        .unwrap_or("")
+    let after = log.get(log_at_restart..).unwrap_or("");
+    let reconnected = after
         .lines()
         .any(|l| l.contains(" WARN ") || l.contains(" ERROR "));
     check!(
         reconnected,
         "the worker logged nothing about losing the broker; log:\n{log}"
     );
+    for want in expect {
+        check!(
+            after.lines().any(|l| l.contains(want)),
+            "the worker did not log {want:?} after the restart; log:\n{log}"
+        );
+    }
     Ok(format!(
         "broker down and up again in {:.1}s; first job done {:.1}s after it was back; all {jobs} done, lost 0, ran twice {} (bound {bound})",
         down_for.as_secs_f64(),
@@ -909,7 +921,7 @@ fn faults_redis() {
             url_and_prefix("redis://127.0.0.1:{port}/0", "restart:".into()),
             port,
         );
-        restart(&t, &|| server.restart(Duration::from_secs(1)))
+        restart(&t, &|| server.restart(Duration::from_secs(1)), &[])
     }));
     // A Redis Cluster (3 masters, a replica each) the test starts: the master serving the
     // queue's slot is killed (SIGKILL) a quarter in; its replica takes over.
@@ -925,10 +937,14 @@ fn faults_redis() {
         let mut t = Target::plain("redis", env, cluster.ports()[0]);
         t.broker_toml = "cluster = true".into();
         let killed = std::cell::Cell::new(0u16);
-        let report = restart(&t, &|| {
-            killed.set(cluster.fail_over("failover:default")?);
-            Ok(())
-        })?;
+        let report = restart(
+            &t,
+            &|| {
+                killed.set(cluster.fail_over("failover:default")?);
+                Ok(())
+            },
+            &[],
+        )?;
         Ok(format!(
             "master {} of the queue's slot killed; {}",
             killed.get(),
@@ -954,9 +970,50 @@ fn faults_rabbitmq() {
     };
     let mut cells = every_fault(&target, 10_000);
     cells.push(cell("broker restart", || {
-        restart(&target("restart"), &|| {
-            server.restart(Duration::from_secs(1))
-        })
+        restart(
+            &target("restart"),
+            &|| server.restart(Duration::from_secs(1)),
+            &[],
+        )
+    }));
+    // A 3-node cluster the test starts: the node the worker is connected to (the first of its
+    // url's list) is killed a quarter in; the queue's quorum replicas on the other two elect a
+    // leader, and the worker reconnects to the next node of its list.
+    cells.push(cell("cluster failover", || {
+        let cluster = stevedore_conformance::servers::RabbitCluster::start(3)?;
+        let first = cluster.node(0).ok_or("the cluster has no node")?;
+        let urls = cluster.urls();
+        let env: Box<dyn Fn(u16) -> Vec<(String, String)>> = Box::new(move |_| {
+            vec![
+                ("STEVEDORE_BROKER__URL".into(), urls.clone()),
+                ("STEVEDORE_BROKER__KEY_PREFIX".into(), "failover.".into()),
+            ]
+        });
+        let t = Target::plain("rabbitmq", env, first.port());
+        // It reconnects to the next node of its list, not to the dead one.
+        let second = cluster.node(1).ok_or("the cluster has one node")?;
+        let next = format!(
+            "reconnected to RabbitMQ node=amqp://guest:***@127.0.0.1:{}/",
+            second.port()
+        );
+        let report = restart(
+            &t,
+            &|| {
+                first.kill();
+                check!(
+                    first.ctl(&["status"]).is_err(),
+                    "node {} still answers after the kill",
+                    first.node()
+                );
+                Ok(())
+            },
+            &[next.as_str()],
+        )?;
+        Ok(report.replacen(
+            "broker down and up again in",
+            "the worker's node (1 of 3) killed with SIGKILL in",
+            1,
+        ))
     }));
     report("rabbitmq", cells);
 }
@@ -1051,7 +1108,7 @@ fn faults_kafka() {
             .bootstrap()
             .parse()
             .map_err(|e| format!("{}: {e}", server.bootstrap()))?;
-        restart(&t, &|| server.restart())
+        restart(&t, &|| server.restart(), &[])
     }));
     report("kafka", cells);
 }

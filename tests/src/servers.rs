@@ -249,14 +249,18 @@ impl RedisCluster {
         self.nodes.iter().map(|n| n.port).collect()
     }
 
-    /// `CLUSTER NODES` as seen by a running node: one [`NodeView`] per node.
-    fn view(&self) -> Result<Vec<NodeView>, String> {
-        let port = self
-            .nodes
+    /// The port of a node that is running.
+    fn any_running(&self) -> Result<u16, String> {
+        self.nodes
             .iter()
             .find(|n| n.running())
             .map(|n| n.port)
-            .ok_or("no cluster node is running")?;
+            .ok_or_else(|| "no cluster node is running".to_string())
+    }
+
+    /// `CLUSTER NODES` as seen by a running node: one [`NodeView`] per node.
+    fn view(&self) -> Result<Vec<NodeView>, String> {
+        let port = self.any_running()?;
         let text = redis_cli(port, &["cluster", "nodes"])?;
         let mut out = Vec::new();
         for line in text.lines() {
@@ -331,12 +335,7 @@ impl RedisCluster {
 
     /// The port of the master serving `key`'s slot now.
     pub fn master_of(&self, key: &str) -> Result<u16, String> {
-        let port = self
-            .nodes
-            .iter()
-            .find(|n| n.running())
-            .map(|n| n.port)
-            .ok_or("no cluster node is running")?;
+        let port = self.any_running()?;
         let slot: u16 = redis_cli(port, &["cluster", "keyslot", key])?
             .trim()
             .parse()
@@ -443,6 +442,18 @@ impl RabbitServer {
     /// Starts one with `conf` appended to its rabbitmq.conf (new-style `key = value` lines, such
     /// as `consumer_timeout = 2000`). Fails with a message saying what is missing.
     pub fn start_with(conf: &str) -> Result<RabbitServer, String> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let s = Self::unstarted(conf, &format!("STEVEDORETEST{nanos}{}", std::process::id()))?;
+        s.spawn()?;
+        Ok(s)
+    }
+
+    /// One configured with `conf` and Erlang cookie `cookie` (nodes of a cluster share one), on
+    /// free ports, not started.
+    fn unstarted(conf: &str, cookie: &str) -> Result<RabbitServer, String> {
         if !Path::new(RABBIT_BIN).join("rabbitmq-server").exists() {
             return Err(format!(
                 "{RABBIT_BIN}/rabbitmq-server not found: install Debian's rabbitmq-server package \
@@ -459,19 +470,11 @@ impl RabbitServer {
         for sub in ["home", "mnesia", "log"] {
             std::fs::create_dir_all(p.join(sub)).map_err(|e| e.to_string())?;
         }
-        let cookie = p.join("home").join(".erlang.cookie");
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        std::fs::write(
-            &cookie,
-            format!("STEVEDORETEST{nanos}{}", std::process::id()),
-        )
-        .map_err(|e| e.to_string())?;
+        let cookie_file = p.join("home").join(".erlang.cookie");
+        std::fs::write(&cookie_file, cookie).map_err(|e| e.to_string())?;
         {
             use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&cookie, std::fs::Permissions::from_mode(0o400))
+            std::fs::set_permissions(&cookie_file, std::fs::Permissions::from_mode(0o400))
                 .map_err(|e| e.to_string())?;
         }
         std::fs::write(
@@ -485,15 +488,35 @@ impl RabbitServer {
         // An empty env file keeps /etc/rabbitmq/rabbitmq-env.conf (the system node's name) out.
         std::fs::write(p.join("rabbitmq-env.conf"), "").map_err(|e| e.to_string())?;
         std::fs::write(p.join("enabled_plugins"), "[].\n").map_err(|e| e.to_string())?;
-        let s = RabbitServer {
+        Ok(RabbitServer {
             port,
             dist_port,
             node: format!("stevedore-test-{port}@localhost"),
             dir,
             child: Mutex::new(None),
-        };
-        s.spawn()?;
-        Ok(s)
+        })
+    }
+
+    /// Kills the node (SIGKILL to its Erlang VM): its connections drop at once, nothing is shut
+    /// down cleanly. (`rabbitmq-server` in the foreground runs the VM as a child of its shell,
+    /// so the VM's own process id is asked for first.)
+    pub fn kill(&self) {
+        let vm = self
+            .ctl(&["eval", "os:getpid()."])
+            .ok()
+            .map(|out| out.chars().filter(char::is_ascii_digit).collect::<String>())
+            .filter(|pid| !pid.is_empty());
+        if let Some(pid) = vm {
+            let _ = Command::new("kill")
+                .args(["-9", &pid])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+        if let Some(mut c) = self.child.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     /// `amqp://guest:guest@127.0.0.1:<port>/%2f`.
@@ -621,6 +644,96 @@ impl RabbitServer {
 impl Drop for RabbitServer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A RabbitMQ cluster of private nodes ([`RabbitServer`]s sharing an Erlang cookie), joined with
+/// `rabbitmqctl join_cluster`. Quorum queues declared on it get a replica on every node.
+/// Killed on drop.
+pub struct RabbitCluster {
+    nodes: Vec<RabbitServer>,
+}
+
+impl RabbitCluster {
+    /// Starts `n` nodes (at least 3) side by side, then joins the others to the first, and waits
+    /// until every node runs in one cluster.
+    pub fn start(n: usize) -> Result<RabbitCluster, String> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let cookie = format!("STEVEDORECLUSTER{nanos}{}", std::process::id());
+        let nodes = (0..n.max(3))
+            .map(|_| RabbitServer::unstarted("", &cookie))
+            .collect::<Result<Vec<_>, _>>()?;
+        let cluster = RabbitCluster { nodes };
+        std::thread::scope(|s| {
+            let started: Vec<_> = cluster
+                .nodes
+                .iter()
+                .map(|node| s.spawn(move || node.spawn()))
+                .collect();
+            started
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err("a node's start panicked".into()))
+                })
+                .collect::<Result<Vec<()>, String>>()
+        })?;
+        let first = cluster.nodes[0].node().to_string();
+        for node in &cluster.nodes[1..] {
+            node.ctl(&["stop_app"])?;
+            node.ctl(&["join_cluster", &first])?;
+            node.ctl(&["start_app"])?;
+        }
+        let t = Instant::now();
+        loop {
+            let status = cluster.nodes[0].ctl(&["cluster_status", "--formatter", "json"])?;
+            let listed = status
+                .split("\"running_nodes\"")
+                .nth(1)
+                .map(|rest| {
+                    let list = rest.split(']').next().unwrap_or("");
+                    cluster
+                        .nodes
+                        .iter()
+                        .filter(|n| list.contains(n.node()))
+                        .count()
+                })
+                .unwrap_or(0);
+            if listed == cluster.nodes.len() {
+                return Ok(cluster);
+            }
+            if t.elapsed() > Duration::from_secs(60) {
+                return Err(format!(
+                    "the nodes did not form one cluster within 60 s: {status}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Every node's AMQP URL, separated by commas, the first node's first.
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(RabbitServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Node `i`.
+    pub fn node(&self, i: usize) -> Option<&RabbitServer> {
+        self.nodes.get(i)
+    }
+}
+
+impl Drop for RabbitCluster {
+    fn drop(&mut self) {
+        for n in &self.nodes {
+            n.kill();
+        }
     }
 }
 

@@ -16,7 +16,7 @@ use stevedore_core::{async_trait, Broker, BrokerError, Capabilities};
 ///
 /// | key | default | meaning |
 /// |---|---|---|
-/// | `url` | required | `amqp://user:password@host:port/vhost` (`%2f` for `/`), or `amqps://` for TLS |
+/// | `url` | required | `amqp://user:password@host:port/vhost` (`%2f` for `/`), or `amqps://` for TLS; a cluster: several nodes' URLs separated by commas (tried in turn on a reconnect) |
 /// | `key_prefix` | `""` | prepended to every queue and exchange the backend declares |
 /// | `max_payload` | 16 MiB | largest payload accepted at publish, in bytes |
 /// | `consumer_timeout` | `"30m"` | the server's `consumer_timeout` (rabbitmq.conf), so validation can warn about longer job timeouts; not sent to the server |
@@ -72,6 +72,17 @@ impl BackendFactory for RabbitFactory {
             "amqp://guest:guest@localhost:5672/%2f",
             redact,
         )?;
+        for node in crate::nodes(&url) {
+            if !(node.starts_with("amqp://") || node.starts_with("amqps://")) {
+                return Err(SettingsError::at(
+                    "url",
+                    format!(
+                        "each node of a cluster's list starts with amqp:// or amqps://, got {}",
+                        redact(node)
+                    ),
+                ));
+            }
+        }
         let mut config = RabbitConfig::new(url);
         config.key_prefix = s.key_prefix.unwrap_or_default();
         config.max_payload = size_setting("max_payload", s.max_payload, DEFAULT_MAX_PAYLOAD)?;

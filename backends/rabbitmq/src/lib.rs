@@ -147,6 +147,11 @@ const OWED_MAX: Duration = Duration::from_secs(5);
 pub struct RabbitConfig {
     /// `amqp://user:password@host:port/vhost` (vhost `/` is written `%2f`), or `amqps://` for TLS
     /// (server certificates are checked against the system roots and the Mozilla roots).
+    ///
+    /// A cluster: the URLs of several of its nodes, separated by commas. The backend connects to
+    /// the first that answers, and when that connection is lost it tries the others, starting
+    /// with the one after it, so a stopped node is tried last. Work queues are quorum queues,
+    /// replicated across the cluster, so they survive the loss of a minority of nodes.
     pub url: String,
     /// Prepended to every queue name the backend declares (work, delay and dead-letter queues).
     /// Default: empty, so the AMQP queue is named exactly like the physical queue.
@@ -221,8 +226,20 @@ impl fmt::Debug for RabbitConfig {
     }
 }
 
-/// The URL with its password replaced by `***`.
+/// The URL with its password replaced by `***` (each URL of a comma-separated list).
 pub fn redact(url: &str) -> String {
+    url.split(',').map(redact_one).collect::<Vec<_>>().join(",")
+}
+
+/// The nodes of a `url` setting: its comma-separated URLs, blanks trimmed.
+pub fn nodes(url: &str) -> Vec<&str> {
+    url.split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .collect()
+}
+
+fn redact_one(url: &str) -> String {
     let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
         return url.to_string();
     };
@@ -289,6 +306,9 @@ pub struct RabbitBroker {
 struct Inner {
     cfg: RabbitConfig,
     url_redacted: String,
+    /// The node URLs of `cfg.url`, and which one the current connection is to.
+    nodes: Vec<String>,
+    node: std::sync::atomic::AtomicUsize,
     connection_name: String,
     tls_ca_pem: Option<String>,
     caps: Capabilities,
@@ -388,10 +408,18 @@ impl RabbitBroker {
             })?),
             None => None,
         };
+        let node_urls: Vec<String> = nodes(&config.url).into_iter().map(String::from).collect();
+        if node_urls.is_empty() {
+            return Err(BrokerError::permanent(
+                "rabbitmq url names no node (give one amqp:// URL, or several separated by commas)",
+            ));
+        }
         let broker = RabbitBroker {
             inner: Arc::new(Inner {
                 cfg: config,
                 url_redacted,
+                nodes: node_urls,
+                node: std::sync::atomic::AtomicUsize::new(0),
                 connection_name,
                 tls_ca_pem,
                 caps,
@@ -487,19 +515,11 @@ impl RabbitBroker {
             tracing::warn!(url = %self.inner.url_redacted, "connection to RabbitMQ lost; reconnecting");
         }
         let gen = self.inner.link_gens.fetch_add(1, Ordering::Relaxed) + 1;
-        let link = Arc::new(
-            Link::open(
-                &self.inner.cfg.url,
-                &self.inner.url_redacted,
-                &self.inner.connection_name,
-                self.inner.tls_ca_pem.as_deref(),
-                gen,
-            )
-            .await?,
-        );
+        let (link, node) = self.open_any(old.is_some(), gen).await?;
+        let link = Arc::new(link);
         *lock(&self.inner.link) = Some(link.clone());
         if let Some(old) = old {
-            tracing::info!(url = %self.inner.url_redacted, generation = gen, "reconnected to RabbitMQ");
+            tracing::info!(node = %node, generation = gen, "reconnected to RabbitMQ");
             // Consumer channels may still hold the old connection open: close it for good.
             tokio::spawn(async move {
                 let _ = tokio::time::timeout(
@@ -514,6 +534,51 @@ impl RabbitBroker {
             self.ensure_work(&link, &self.amqp_name(&q)?).await?;
         }
         Ok(link)
+    }
+
+    /// Opens a connection to the first node that answers, trying each once: from the one in use
+    /// (the first time) or from the one after it (after a loss, which the node in use likely
+    /// caused). Returns the link and the node's redacted URL; on failure, the last node's error,
+    /// naming every node that failed.
+    async fn open_any(&self, after_loss: bool, gen: u64) -> Result<(Link, String), BrokerError> {
+        let n = self.inner.nodes.len();
+        let start = self.inner.node.load(Ordering::Relaxed) + usize::from(after_loss && n > 1);
+        let mut failed = Vec::new();
+        let mut last = None;
+        for i in 0..n {
+            let idx = (start + i) % n;
+            let url = &self.inner.nodes[idx];
+            let redacted = redact_one(url);
+            match Link::open(
+                url,
+                &redacted,
+                &self.inner.connection_name,
+                self.inner.tls_ca_pem.as_deref(),
+                gen,
+            )
+            .await
+            {
+                Ok(link) => {
+                    self.inner.node.store(idx, Ordering::Relaxed);
+                    if !failed.is_empty() {
+                        tracing::warn!(node = %redacted, unreachable = ?failed, "connected to another RabbitMQ node");
+                    }
+                    return Ok((link, redacted));
+                }
+                Err(e) => {
+                    failed.push(redacted);
+                    last = Some(e);
+                }
+            }
+        }
+        let e = last.unwrap_or_else(|| BrokerError::permanent("rabbitmq url names no node"));
+        Err(match e {
+            BrokerError::Connection(m) if n > 1 => BrokerError::Connection(format!(
+                "{m} (and no other node answered: {})",
+                failed.join(", ")
+            )),
+            e => e,
+        })
     }
 
     fn queue_state(&self, queue: &str) -> Result<Arc<QueueState>, BrokerError> {
@@ -874,16 +939,32 @@ impl RabbitBroker {
 impl RabbitBroker {
     /// Declares work queue `amqp` (once per connection) and binds it to the deliver exchange of
     /// the shared delay topology, so delayed messages for it reach it when due.
+    ///
+    /// On a cluster whose node holding the delay topology's classic queues is down, the work
+    /// queue (a quorum queue, served by the other nodes) is still declared and used: the
+    /// binding, durable cluster metadata, was made when the queue was first prepared; it is
+    /// made again once that node is back. Only delayed publishes fail meanwhile.
     async fn ensure_work(&self, link: &Link, amqp: &str) -> Result<(), BrokerError> {
         if link.is_work_ready(amqp) {
             return Ok(());
         }
         link.ensure(amqp, QueueKind::Work, self.expires()).await?;
-        let deliver = self.ensure_deliver(link).await?;
-        link.ensure_binding(Bind::Queue, amqp, &deliver, header_is(amqp::TARGET, amqp))
-            .await?;
-        link.mark_work_ready(amqp);
-        Ok(())
+        let bound = async {
+            let deliver = self.ensure_deliver(link).await?;
+            link.ensure_binding(Bind::Queue, amqp, &deliver, header_is(amqp::TARGET, amqp))
+                .await
+        };
+        match bound.await {
+            Ok(()) => {
+                link.mark_work_ready(amqp);
+                Ok(())
+            }
+            Err(e) if link::is_node_down(&e) => {
+                tracing::warn!(queue = amqp, error = %e, "the cluster node holding the delay queues is down: this queue is served, delayed jobs wait on that node until it is back, and delayed publishes fail meanwhile");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Declares the deliver exchange of the shared delay topology and the alternate exchange and
@@ -1010,6 +1091,16 @@ impl RabbitBroker {
     /// Moves messages that came due while their queue did not exist (parked by the deliver
     /// exchange's alternate exchange) on to their queues, re-declaring them. Bounded per call.
     async fn rescue_unroutable(&self, link: &Link) -> Result<(), BrokerError> {
+        match self.rescue_unroutable_now(link).await {
+            Err(e) if link::is_node_down(&e) => {
+                tracing::warn!(error = %e, "cannot look for parked delayed messages: their cluster node is down; looking again at the next start");
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    async fn rescue_unroutable_now(&self, link: &Link) -> Result<(), BrokerError> {
         const MOST: usize = 10_000;
         let prefix = &self.inner.cfg.key_prefix;
         let parked = delay::unroutable_name(prefix);
@@ -1383,6 +1474,14 @@ mod tests {
             "amqps://app:***@rabbit:5671/vh"
         );
         assert_eq!(redact("amqp://localhost:5672"), "amqp://localhost:5672");
+        assert_eq!(
+            redact("amqp://a:x@h1:1/%2f,amqp://h2:2,amqp://b:y@h3:3/"),
+            "amqp://a:***@h1:1/%2f,amqp://h2:2,amqp://b:***@h3:3/"
+        );
+        assert_eq!(
+            nodes(" amqp://h1:1 ,, amqp://h2:2"),
+            ["amqp://h1:1", "amqp://h2:2"]
+        );
         let cfg = RabbitConfig::new("amqp://u:topsecret@h/%2f");
         assert!(!format!("{cfg:?}").contains("topsecret"));
     }

@@ -440,8 +440,10 @@ impl Link {
             ..BasicPublishOptions::default()
         };
         let mut confirms = Vec::with_capacity(messages.len());
+        let mut via_delay = Vec::with_capacity(messages.len());
         for (route, mut props, body) in messages {
             let (exchange, key, hops) = route.resolve()?;
+            via_delay.push(!exchange.as_str().is_empty());
             if !hops.is_empty() {
                 let mut headers = props.headers().clone().unwrap_or_default();
                 for (k, v) in hops {
@@ -464,10 +466,12 @@ impl Link {
                 BrokerError::Timeout(CALL_TIMEOUT)
             })?;
         let mut returned = 0usize;
+        let mut returned_delayed = 0usize;
         let mut nacked = 0usize;
-        for r in results {
+        for (r, delayed) in results.into_iter().zip(via_delay) {
             match r {
                 Ok(Confirmation::Ack(None)) => {}
+                Ok(Confirmation::Ack(Some(_))) if delayed => returned_delayed += 1,
                 Ok(Confirmation::Ack(Some(_))) => returned += 1,
                 Ok(Confirmation::Nack(_)) => nacked += 1,
                 Ok(Confirmation::NotRequested) => {
@@ -478,6 +482,15 @@ impl Link {
                 }
                 Err(e) => return Err(self.note(map(&e, &format!("confirm of publish to {amqp}")))),
             }
+        }
+        if returned_delayed > 0 {
+            // The level queue it was routed to took nothing: on a cluster, the node holding the
+            // shared delay queues is down (a classic queue is on one node).
+            return Err(BrokerError::transient(format!(
+                "{returned_delayed} delayed message(s) for {amqp} returned unroutable: the delay \
+                 queues cannot take them (on a cluster, the node holding them is down); those \
+                 were not enqueued"
+            )));
         }
         if returned > 0 {
             self.forget(amqp);
@@ -595,6 +608,16 @@ pub(crate) fn amqp_error(e: &lapin::Error) -> Option<&lapin::protocol::AMQPError
     }
 }
 
+fn is_node_down_text(text: &str) -> bool {
+    text.contains("home node") && text.contains("down or inaccessible")
+}
+
+/// Whether `e` is RabbitMQ refusing a classic queue because the cluster node that holds it is
+/// down (`NOT_FOUND - home node ... is down or inaccessible`).
+pub(crate) fn is_node_down(e: &BrokerError) -> bool {
+    is_node_down_text(&e.to_string())
+}
+
 fn is_inequivalent(e: &BrokerError) -> bool {
     matches!(e, BrokerError::Other { message, .. } if message.contains("PRECONDITION") && message.contains("inequivalent"))
 }
@@ -607,6 +630,10 @@ pub(crate) fn map(e: &lapin::Error, what: &str) -> BrokerError {
             let text = format!("{what}: {a}");
             match a.kind() {
                 AMQPErrorKind::Soft(AMQPSoftError::RESOURCELOCKED) => BrokerError::transient(text),
+                // A classic queue whose cluster node is down: it is back when the node is.
+                AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) if is_node_down_text(&text) => {
+                    BrokerError::transient(text)
+                }
                 AMQPErrorKind::Soft(_) => BrokerError::permanent(text),
                 AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED | AMQPHardError::INVALIDPATH) => {
                     BrokerError::permanent(text)
