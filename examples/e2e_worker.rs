@@ -159,13 +159,17 @@ fn poison() -> Option<u64> {
 
 /// `E2E_BATCH` > 1: the jobs go out `batch` to a publish call, each call retried while the
 /// broker says it may succeed later (a re-sent batch may duplicate jobs, which the tests allow
-/// for as a lost confirm).
-async fn enqueue_batched(client: &stevedore::Client, jobs: u64, sleep_ms: u64, batch: usize) {
-    let all: Vec<u64> = (0..jobs).collect();
-    for chunk in all.chunks(batch) {
-        let envelopes: Vec<stevedore::Envelope> = chunk
-            .iter()
-            .map(|&n| {
+/// for as a lost confirm). Returns whether every batch went out.
+async fn enqueue_batched(
+    client: &stevedore::Client,
+    jobs: u64,
+    sleep_ms: u64,
+    batch: usize,
+) -> bool {
+    let step = batch.max(1) as u64;
+    for from in (0..jobs).step_by(batch.max(1)) {
+        let envelopes: Vec<stevedore::Envelope> = (from..(from + step).min(jobs))
+            .map(|n| {
                 let body = serde_json::to_vec(&Work {
                     n,
                     sleep_ms,
@@ -176,9 +180,10 @@ async fn enqueue_batched(client: &stevedore::Client, jobs: u64, sleep_ms: u64, b
             })
             .collect();
         if !retrying(|| client.publish("default", envelopes.clone())).await {
-            return;
+            return false;
         }
     }
+    true
 }
 
 /// Runs `send` until it succeeds or fails for good, like any producer: retrying, with backoff,
@@ -239,8 +244,8 @@ async fn main() -> ExitCode {
     App::new(router)
         .on_start(move |client, _, _| async move {
             if batch > 1 {
-                enqueue_batched(&client, jobs, sleep_ms, batch).await;
-                out.line("enqueued");
+                let all = enqueue_batched(&client, jobs, sleep_ms, batch).await;
+                out.line(if all { "enqueued" } else { "enqueue failed" });
                 return;
             }
             for n in 0..jobs {

@@ -166,6 +166,24 @@ impl Settings {
     }
 }
 
+/// The URLs of a comma-separated list of broker nodes (`redis://a:6379,redis://b:6379`), each
+/// trimmed. A comma splits only where a URL of one of `schemes` follows it (after optional
+/// blanks), so a comma inside a password (`redis://:p,w@host`) stays part of its URL.
+pub fn url_list<'a>(list: &'a str, schemes: &[&str]) -> Vec<&'a str> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for (i, _) in list.match_indices(',') {
+        let rest = list[i + 1..].trim_start();
+        if schemes.iter().any(|s| rest.starts_with(s)) {
+            out.push(list[start..i].trim());
+            start = i + 1;
+        }
+    }
+    out.push(list[start..].trim());
+    out.retain(|u| !u.is_empty());
+    out
+}
+
 /// Checks a required connection URL setting: present, not blank, starting with one of `schemes`
 /// (`["redis://", "rediss://"]`). Errors name `key` and show the URL through `redact`.
 pub fn url_setting(
@@ -234,6 +252,21 @@ impl SettingsError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn url_lists_split_only_before_a_url() {
+        let s = &["redis://", "rediss://"];
+        assert_eq!(url_list("redis://a:1", s), ["redis://a:1"]);
+        assert_eq!(
+            url_list(" redis://a:1 , rediss://b:2,", s),
+            ["redis://a:1", "rediss://b:2,"]
+        );
+        assert_eq!(
+            url_list("redis://:p,w@h:1,redis://:x,y@h:2", s),
+            ["redis://:p,w@h:1", "redis://:x,y@h:2"]
+        );
+        assert!(url_list(" ", s).is_empty());
+    }
 
     #[derive(serde::Deserialize, Debug)]
     #[serde(deny_unknown_fields)]

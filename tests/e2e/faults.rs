@@ -852,6 +852,176 @@ fn restart(
     ))
 }
 
+/// The resident set of process `pid` in KiB (`VmRSS`), if it runs.
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Counts the `done` lines a worker appends to its output file, reading only what was added
+/// since the last look (a backlog round's file grows to hundreds of thousands of lines; reading
+/// it whole every 50 ms would load the machine the worker is measured on).
+struct DoneCounter {
+    path: std::path::PathBuf,
+    offset: u64,
+    partial: Vec<u8>,
+    done: u64,
+}
+
+impl DoneCounter {
+    fn new(path: std::path::PathBuf) -> Self {
+        DoneCounter {
+            path,
+            offset: 0,
+            partial: Vec::new(),
+            done: 0,
+        }
+    }
+
+    /// `done` lines so far.
+    fn count(&mut self) -> u64 {
+        use std::io::{Read, Seek, SeekFrom};
+        let Ok(mut f) = std::fs::File::open(&self.path) else {
+            return self.done;
+        };
+        if f.seek(SeekFrom::Start(self.offset)).is_err() {
+            return self.done;
+        }
+        let mut added = Vec::new();
+        let Ok(n) = f.read_to_end(&mut added) else {
+            return self.done;
+        };
+        self.offset += n as u64;
+        self.partial.extend_from_slice(&added);
+        if let Some(end) = self.partial.iter().rposition(|&b| b == b'\n') {
+            let whole: Vec<u8> = self.partial.drain(..=end).collect();
+            self.done += whole
+                .split(|&b| b == b'\n')
+                .filter(|l| l.starts_with(b"done "))
+                .count() as u64;
+        }
+        self.done
+    }
+}
+
+/// What one backlog round measured.
+struct Backlog {
+    /// Peak resident set of the worker while it worked, KiB.
+    rss: u64,
+    /// Jobs done per second (first done to last).
+    rate: f64,
+    done: usize,
+    enqueue: Duration,
+}
+
+/// How long a backlog round's worker works.
+const BACKLOG_WINDOW: Duration = Duration::from_secs(10);
+
+/// A producer process (serving only another level of the queue, so it runs none of them)
+/// leaves `jobs` jobs in the broker and exits; then a worker starts on that backlog and works
+/// for [`BACKLOG_WINDOW`] (or until it is through), its resident set sampled every 50 ms.
+fn backlog_round(t: &Target, jobs: u64) -> Result<Backlog, String> {
+    let proxy = path(t)?;
+    let port = proxy.port();
+    let env: Vec<(String, String)> = (t.env)(port);
+    let mut all: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    // Large publish batches fill the broker fast (SQS takes at most 10 a call).
+    let batch = if t.kind == "sqs" { 10 } else { 500 }.to_string();
+    all.push(("E2E_BATCH", batch.as_str()));
+    let config = config(t, 3).replace(
+        "[queues.default]\n",
+        "[queues.default]\nweights = { low = 1 }\n",
+    );
+    let began = Instant::now();
+    let producer = super::start_with(&config, jobs, 0, &all);
+    let out_p = producer.out.clone();
+    wait_until("the backlog enqueued", Duration::from_secs(900), || {
+        lines(&out_p)
+            .iter()
+            .any(|x| x == "enqueued" || x == "enqueue failed")
+    });
+    let enqueue = began.elapsed();
+    let (code, _, l_p, log_p) = stop(producer, Duration::from_secs(20));
+    check!(
+        code == Some(0) && l_p.iter().any(|x| x == "enqueued"),
+        "the producer exited {code:?} without enqueuing all {jobs}; log:\n{log_p}"
+    );
+    let run = spawn(t, port, 0, 0, 3, &[("E2E_TIMES", "1")]);
+    let pid = run.child.id();
+    let mut counter = DoneCounter::new(run.out.clone());
+    let mut rss = 0;
+    let mut working_since = None;
+    loop {
+        if let Some(kib) = rss_kib(pid) {
+            rss = rss.max(kib);
+        }
+        let done = counter.count();
+        if working_since.is_none() && done > 0 {
+            working_since = Some(Instant::now());
+        }
+        if done >= jobs || working_since.is_some_and(|t| t.elapsed() >= BACKLOG_WINDOW) {
+            break;
+        }
+        check!(
+            began.elapsed() < Duration::from_secs(900),
+            "the worker did no job of its backlog; log:\n{}",
+            stderr_of(&run)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (code, _, l, log) = stop(run, Duration::from_secs(20));
+    check!(code == Some(0), "the worker exited {code:?}; log:\n{log}");
+    Ok(Backlog {
+        rss,
+        rate: rate_of(&l),
+        done: tally(&l, "done").len(),
+        enqueue,
+    })
+}
+
+/// Backlog growth: the worker's peak resident set and its rate on a backlog of `small` jobs and
+/// on one of `large` (each left in the broker by a producer that exited): the backlog lives in
+/// the broker, so the resident set must not grow with it (at most 16 MiB more, for buffers that
+/// fill up to their bound), and the rate is reported beside it (with a floor of 0.5 that
+/// catches per-job work growing with the backlog; a timing ratio on a 2-core machine is a
+/// measurement, not a unit test).
+fn backlog(target: &dyn Fn(&str) -> Target, small: u64, large: u64) -> Result<String, String> {
+    let s = backlog_round(&target("backlog-small"), small)?;
+    let l = backlog_round(&target("backlog-large"), large)?;
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let ratio = if s.rate > 0.0 { l.rate / s.rate } else { 0.0 };
+    check!(
+        l.rss <= s.rss + 16 * 1024,
+        "peak RSS {:.1} MiB on a backlog of {large} vs {:.1} MiB on {small}: it grows with the backlog",
+        mib(l.rss),
+        mib(s.rss)
+    );
+    check!(
+        ratio >= 0.5,
+        "{:.0} jobs/s on a backlog of {large} vs {:.0}/s on {small}: per-job cost grows with the backlog",
+        l.rate,
+        s.rate
+    );
+    Ok(format!(
+        "worker peak RSS {:.1} MiB on a backlog of {small} ({} done at {:.0}/s), {:.1} MiB on {large} ({} done in {}s at {:.0}/s; rate ratio {ratio:.2}); enqueued in {:.1}s and {:.1}s (debug build: the release bench measures the rate)",
+        mib(s.rss),
+        s.done,
+        s.rate,
+        mib(l.rss),
+        l.done,
+        BACKLOG_WINDOW.as_secs(),
+        l.rate,
+        s.enqueue.as_secs_f64(),
+        l.enqueue.as_secs_f64(),
+    ))
+}
+
 /// The faults of a networked broker, each on queues of its own (`target(name)`), poison and the
 /// kill with `many` jobs.
 fn every_fault(target: &dyn Fn(&str) -> Target, many: u64) -> Vec<Cell> {
@@ -951,6 +1121,10 @@ fn faults_redis() {
             report.replacen("broker down and up again", "its replica took over", 1)
         ))
     }));
+    // Last: it leaves most of its backlog in the broker (deleted with the test's keys).
+    cells.push(cell("backlog growth", || {
+        backlog(&target, 10_000, 1_000_000)
+    }));
     report("redis", cells);
 }
 
@@ -1015,6 +1189,11 @@ fn faults_rabbitmq() {
             1,
         ))
     }));
+    // Last: it leaves most of its backlog in the private node (which the restart cell would
+    // otherwise have to recover).
+    cells.push(cell("backlog growth", || {
+        backlog(&target, 10_000, 1_000_000)
+    }));
     report("rabbitmq", cells);
 }
 
@@ -1060,6 +1239,8 @@ fn faults_sqs() {
     };
     // moto takes in about 100 messages a second one by one and ~1,000 in batches: 2,000 jobs.
     let mut cells = every_fault(&target, 2_000);
+    // moto takes ~1,000 messages a second in batches: a 1M backlog would take 17 minutes.
+    cells.push(cell("backlog growth", || backlog(&target, 2_000, 20_000)));
     cells.push(cell("broker restart", || {
         Ok(
             "n/a: moto keeps its queues in memory, so a restart loses them (SQS is a service a \
@@ -1110,6 +1291,13 @@ fn faults_kafka() {
             .map_err(|e| format!("{}: {e}", server.bootstrap()))?;
         restart(&t, &|| server.restart(), &[])
     }));
+    // librdkafka prefetches up to 10,000 records (4 MiB) per partition, 4 partitions here: a
+    // backlog smaller than that does not fill it, so the worker's resident set grows up to
+    // that bound (smaller prefetches cost 4× the rate: the release bench). Flat from a backlog
+    // that fills it.
+    cells.push(cell("backlog growth", || {
+        backlog(&target, 200_000, 1_000_000)
+    }));
     report("kafka", cells);
 }
 
@@ -1137,6 +1325,7 @@ fn faults_sqlite() {
         vec![
             cell("kill -9 of 1 of 2", || kill_one(&target("kill"), 10_000)),
             cell("1% poison", || poison(&target, 10_000)),
+            cell("backlog growth", || backlog(&target, 10_000, 1_000_000)),
             cell("broker restart", || {
                 Ok("n/a: the broker is the worker's own file; a worker's restart after a crash is \
                 the kill row"

@@ -77,10 +77,16 @@ impl RedisServer {
         Ok(s)
     }
 
-    /// A node of a [`RedisCluster`]: cluster mode, a 2 s node timeout.
+    /// A node of a [`RedisCluster`]: cluster mode, a 2 s node timeout, its cluster bus on a
+    /// free port of its own (not port + 10000, which nothing checked).
     fn start_cluster_node() -> Result<RedisServer, String> {
+        let port = free_port()?;
+        let mut bus = free_port()?;
+        while bus == port {
+            bus = free_port()?;
+        }
         let s = RedisServer {
-            port: free_port()?,
+            port,
             dir: tempfile::tempdir().map_err(|e| e.to_string())?,
             child: Mutex::new(None),
             extra: [
@@ -90,6 +96,8 @@ impl RedisServer {
                 "nodes.conf",
                 "--cluster-node-timeout",
                 "2000",
+                "--cluster-port",
+                &bus.to_string(),
             ]
             .map(String::from)
             .to_vec(),
@@ -499,13 +507,26 @@ impl RabbitServer {
 
     /// Kills the node (SIGKILL to its Erlang VM): its connections drop at once, nothing is shut
     /// down cleanly. (`rabbitmq-server` in the foreground runs the VM as a child of its shell,
-    /// so the VM's own process id is asked for first.)
+    /// so the VM's own process id is read first: from the pid file the server writes, else by
+    /// asking the node.)
     pub fn kill(&self) {
-        let vm = self
-            .ctl(&["eval", "os:getpid()."])
+        let digits = |text: String| {
+            Some(
+                text.chars()
+                    .filter(char::is_ascii_digit)
+                    .collect::<String>(),
+            )
+            .filter(|pid| !pid.is_empty())
+        };
+        let pid_file = self
+            .dir
+            .path()
+            .join("mnesia")
+            .join(format!("{}.pid", self.node));
+        let vm = std::fs::read_to_string(pid_file)
             .ok()
-            .map(|out| out.chars().filter(char::is_ascii_digit).collect::<String>())
-            .filter(|pid| !pid.is_empty());
+            .and_then(digits)
+            .or_else(|| self.ctl(&["eval", "os:getpid()."]).ok().and_then(digits));
         if let Some(pid) = vm {
             let _ = Command::new("kill")
                 .args(["-9", &pid])

@@ -5,7 +5,7 @@
 
 pub(crate) use crate::config::RetryConfig;
 use crate::error::{FailureKind, JobError};
-use crate::runtime::{forward, truncate, QueueCtx};
+use crate::runtime::{forward_held, truncate, QueueCtx};
 use crate::stats::JobResult;
 use std::time::{Duration, SystemTime};
 use stevedore_core::{names, to_millis, wire, Delivery, Priority};
@@ -90,9 +90,9 @@ impl RetryConfig {
 
 /// The retry act: publishes a copy with `attempt + 1`, due after `delay`, carrying the first
 /// failure time and the last error, to the queue's `level` ([`RetryConfig::level`]) or else the
-/// physical queue it came from, then acks the original ([`forward`]). If the copy cannot be
-/// published the original is released instead: it comes back with a higher delivery count, so
-/// its attempts still grow.
+/// physical queue it came from, then acks the original. If the copy cannot be published, the
+/// original is held for its backoff (at most half its lease and 30 s) and then released: it
+/// comes back with a higher delivery count, so its attempts still grow, and not at once.
 pub(crate) async fn retry_later(
     ctx: &QueueCtx,
     d: Delivery,
@@ -118,10 +118,13 @@ pub(crate) async fn retry_later(
     copy.headers
         .insert("stevedore-last-error".into(), truncate(err.message(), 1024));
     tracing::debug!(error = %err, next_attempt = attempt + 1, in_ms = delay.as_millis() as u64, "job failed; retry scheduled");
-    match forward(ctx, d.receipt, &to, copy).await {
+    // If the retry cannot be scheduled, the original is held for (up to) the backoff before it
+    // is released, so it does not come back at once and run again without one.
+    let hold = delay.min(ctx.cfg.lease / 2).min(Duration::from_secs(30));
+    match forward_held(ctx, d.receipt, &to, copy, hold).await {
         Ok(()) => JobResult::Retried,
         Err(e) => {
-            tracing::warn!(error = %e, "could not schedule the retry; released the original instead");
+            tracing::warn!(error = %e, held_ms = hold.as_millis() as u64, "could not schedule the retry; released the original after holding it for its backoff");
             JobResult::Released
         }
     }

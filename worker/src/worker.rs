@@ -570,6 +570,109 @@ mod tests {
         assert!(router.duplicates().is_empty());
     }
 
+    /// A memory broker whose delayed publishes fail (RabbitMQ with its delay queues' node down,
+    /// its work queues up).
+    #[derive(Debug)]
+    struct DelayDown(MemoryBroker);
+
+    #[async_trait::async_trait]
+    impl Broker for DelayDown {
+        fn name(&self) -> &'static str {
+            "delay-down"
+        }
+        fn capabilities(&self) -> &stevedore_core::Capabilities {
+            self.0.capabilities()
+        }
+        async fn publish(
+            &self,
+            q: &str,
+            m: Vec<stevedore_core::Envelope>,
+        ) -> Result<(), BrokerError> {
+            let now = std::time::SystemTime::now();
+            if m.iter().any(|e| e.delay_remaining(now).is_some()) {
+                return Err(BrokerError::transient("the delay queues are unreachable"));
+            }
+            self.0.publish(q, m).await
+        }
+        async fn receive(
+            &self,
+            q: &str,
+            o: stevedore_core::ReceiveOptions,
+        ) -> Result<Vec<stevedore_core::Delivery>, BrokerError> {
+            self.0.receive(q, o).await
+        }
+        async fn ack(&self, r: &[stevedore_core::Receipt]) -> Result<(), BrokerError> {
+            self.0.ack(r).await
+        }
+        async fn release(&self, r: &[stevedore_core::Receipt]) -> Result<(), BrokerError> {
+            self.0.release(r).await
+        }
+        async fn extend_lease(
+            &self,
+            r: &stevedore_core::Receipt,
+            l: Duration,
+        ) -> Result<(), BrokerError> {
+            self.0.extend_lease(r, l).await
+        }
+        async fn depth(&self, q: &str) -> Result<stevedore_core::Depth, BrokerError> {
+            self.0.depth(q).await
+        }
+    }
+
+    async fn always_fails(State(seen): State<Seen>) -> Result<(), crate::JobError> {
+        if let Ok(mut s) = seen.lock() {
+            s.push("run".into());
+        }
+        Err(crate::JobError::retry("fails"))
+    }
+
+    /// A retry that cannot be scheduled (delayed publishes fail, the queue works) is held for
+    /// its backoff before the job is released: it runs again no sooner than that, not at once,
+    /// so an outage of the delay queues does not burn through its attempts.
+    #[tokio::test]
+    async fn a_retry_that_cannot_be_scheduled_still_waits_its_backoff(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let seen: Seen = Arc::default();
+        let config = config::from_toml_str(
+            "[http]\nenabled = false\n[worker]\npoll_wait = \"50ms\"\n[retry]\nmax_attempts = 3\n\
+             base = \"300ms\"\ncap = \"300ms\"\n[queues.default]\nconcurrency = 2\n",
+            None,
+        )?;
+        let router = Router::with_state(seen.clone()).route("fails", always_fails);
+        let memory = MemoryBroker::new();
+        let worker = Worker::new(Arc::new(DelayDown(memory.clone())), router, config)?;
+        worker.client().enqueue("fails", &()).send().await?;
+        let runs = Arc::new(Mutex::new(Vec::new()));
+        let watch = {
+            let (seen, runs) = (seen.clone(), runs.clone());
+            tokio::spawn(async move {
+                let mut last = 0;
+                loop {
+                    let n = seen.lock().map(|s| s.len()).unwrap_or(0);
+                    if n > last {
+                        if let Ok(mut r) = runs.lock() {
+                            r.push(std::time::Instant::now());
+                        }
+                        last = n;
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            })
+        };
+        run_until_seen(worker, &seen, 3).await?;
+        watch.abort();
+        let runs = runs.lock().map_err(|_| "poisoned")?.clone();
+        assert_eq!(runs.len(), 3, "three attempts ran");
+        for pair in runs.windows(2) {
+            let gap = pair[1] - pair[0];
+            assert!(
+                gap >= Duration::from_millis(250),
+                "attempts {gap:?} apart: the backoff (300 ms) was skipped"
+            );
+        }
+        Ok(())
+    }
+
     #[tokio::test]
     async fn a_handler_enqueues_a_follow_up_job() -> Result<(), Box<dyn std::error::Error>> {
         let seen: Seen = Arc::default();

@@ -228,15 +228,17 @@ impl fmt::Debug for RabbitConfig {
 
 /// The URL with its password replaced by `***` (each URL of a comma-separated list).
 pub fn redact(url: &str) -> String {
-    url.split(',').map(redact_one).collect::<Vec<_>>().join(",")
+    nodes(url)
+        .into_iter()
+        .map(redact_one)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
-/// The nodes of a `url` setting: its comma-separated URLs, blanks trimmed.
+/// The nodes of a `url` setting: split at each comma an `amqp://` or `amqps://` URL follows
+/// (so a comma in a password stays in its URL), blanks trimmed.
 pub fn nodes(url: &str) -> Vec<&str> {
-    url.split(',')
-        .map(str::trim)
-        .filter(|n| !n.is_empty())
-        .collect()
+    stevedore_core::factory::url_list(url, &["amqp://", "amqps://"])
 }
 
 fn redact_one(url: &str) -> String {
@@ -545,6 +547,7 @@ impl RabbitBroker {
         let start = self.inner.node.load(Ordering::Relaxed) + usize::from(after_loss && n > 1);
         let mut failed = Vec::new();
         let mut last = None;
+        let mut refused = None;
         for i in 0..n {
             let idx = (start + i) % n;
             let url = &self.inner.nodes[idx];
@@ -561,9 +564,13 @@ impl RabbitBroker {
                 Ok(link) => {
                     self.inner.node.store(idx, Ordering::Relaxed);
                     if !failed.is_empty() {
-                        tracing::warn!(node = %redacted, unreachable = ?failed, "connected to another RabbitMQ node");
+                        tracing::warn!(node = %redacted, failed = ?failed, "connected to another RabbitMQ node");
                     }
                     return Ok((link, redacted));
+                }
+                Err(e) if !e.is_transient() => {
+                    failed.push(redacted);
+                    refused.get_or_insert(e);
                 }
                 Err(e) => {
                     failed.push(redacted);
@@ -571,7 +578,11 @@ impl RabbitBroker {
                 }
             }
         }
-        let e = last.unwrap_or_else(|| BrokerError::permanent("rabbitmq url names no node"));
+        // A node that answered and refused (the login, the vhost) says more than one that did
+        // not answer.
+        let e = refused
+            .or(last)
+            .unwrap_or_else(|| BrokerError::permanent("rabbitmq url names no node"));
         Err(match e {
             BrokerError::Connection(m) if n > 1 => BrokerError::Connection(format!(
                 "{m} (and no other node answered: {})",
@@ -960,6 +971,9 @@ impl RabbitBroker {
                 Ok(())
             }
             Err(e) if link::is_node_down(&e) => {
+                // Not tried again on this connection (each try closes a channel): the binding
+                // was made when the queue was first prepared; the next connection tries again.
+                link.mark_work_ready(amqp);
                 tracing::warn!(queue = amqp, error = %e, "the cluster node holding the delay queues is down: this queue is served, delayed jobs wait on that node until it is back, and delayed publishes fail meanwhile");
                 Ok(())
             }
@@ -1479,8 +1493,13 @@ mod tests {
             "amqp://a:***@h1:1/%2f,amqp://h2:2,amqp://b:***@h3:3/"
         );
         assert_eq!(
-            nodes(" amqp://h1:1 ,, amqp://h2:2"),
+            nodes(" amqp://h1:1 , amqp://h2:2"),
             ["amqp://h1:1", "amqp://h2:2"]
+        );
+        assert_eq!(
+            redact("amqp://u:p,w@h:1/%2f"),
+            "amqp://u:***@h:1/%2f",
+            "a comma in a password does not split the URL"
         );
         let cfg = RabbitConfig::new("amqp://u:topsecret@h/%2f");
         assert!(!format!("{cfg:?}").contains("topsecret"));

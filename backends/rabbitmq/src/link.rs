@@ -468,11 +468,13 @@ impl Link {
         let mut returned = 0usize;
         let mut returned_delayed = 0usize;
         let mut nacked = 0usize;
+        let mut nacked_delayed = 0usize;
         for (r, delayed) in results.into_iter().zip(via_delay) {
             match r {
                 Ok(Confirmation::Ack(None)) => {}
                 Ok(Confirmation::Ack(Some(_))) if delayed => returned_delayed += 1,
                 Ok(Confirmation::Ack(Some(_))) => returned += 1,
+                Ok(Confirmation::Nack(_)) if delayed => nacked_delayed += 1,
                 Ok(Confirmation::Nack(_)) => nacked += 1,
                 Ok(Confirmation::NotRequested) => {
                     self.mark_broken();
@@ -483,13 +485,14 @@ impl Link {
                 Err(e) => return Err(self.note(map(&e, &format!("confirm of publish to {amqp}")))),
             }
         }
-        if returned_delayed > 0 {
+        if returned_delayed + nacked_delayed > 0 {
             // The level queue it was routed to took nothing: on a cluster, the node holding the
             // shared delay queues is down (a classic queue is on one node).
             return Err(BrokerError::transient(format!(
-                "{returned_delayed} delayed message(s) for {amqp} returned unroutable: the delay \
+                "{} delayed message(s) for {amqp} returned or refused: the delay \
                  queues cannot take them (on a cluster, the node holding them is down); those \
-                 were not enqueued"
+                 were not enqueued",
+                returned_delayed + nacked_delayed
             )));
         }
         if returned > 0 {

@@ -81,11 +81,14 @@ impl std::fmt::Debug for Connector {
     }
 }
 
-/// The seed URLs of a cluster setting: `url` split at commas, blanks trimmed.
+/// The URL schemes of this backend.
+pub(crate) const SCHEMES: &[&str] = &["redis://", "rediss://"];
+
+/// The node URLs of a `url` setting: split at each comma a `redis://` or `rediss://` URL
+/// follows (so a comma in a password stays in its URL), blanks trimmed.
 pub(crate) fn seeds(url: &str) -> Vec<String> {
-    url.split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
+    stevedore_core::factory::url_list(url, SCHEMES)
+        .into_iter()
         .map(str::to_string)
         .collect()
 }
@@ -215,10 +218,14 @@ mod tests {
     }
 
     #[test]
-    fn seeds_split_at_commas() {
+    fn seeds_split_at_commas_before_a_url() {
         assert_eq!(
-            seeds(" redis://a:1 ,redis://b:2,, "),
-            vec!["redis://a:1".to_string(), "redis://b:2".to_string()]
+            seeds(" redis://a:1 ,rediss://b:2"),
+            vec!["redis://a:1".to_string(), "rediss://b:2".to_string()]
+        );
+        assert_eq!(
+            seeds("redis://:p,w@h:1"),
+            vec!["redis://:p,w@h:1".to_string()]
         );
     }
 }

@@ -143,10 +143,8 @@ mod tests {
         let e = configure(&[("url", json!("redis://a:1,redis://b:2"))]).unwrap_err();
         assert_eq!(e.key.as_deref(), Some("url"));
         assert!(e.message.contains("cluster = true"), "{}", e.message);
-        let e =
-            configure(&[("url", json!("redis://a:1,b:2")), ("cluster", json!(true))]).unwrap_err();
-        assert_eq!(e.key.as_deref(), Some("url"));
-        assert!(e.message.contains("b:2"), "{}", e.message);
+        // A comma in a password is not a list.
+        configure(&[("url", json!("redis://:p,w@a:1"))]).expect("one server");
         let e = configure(&[
             ("url", json!("redis://a:1")),
             ("cluster", json!(true)),

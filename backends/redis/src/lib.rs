@@ -31,11 +31,16 @@
 //! | `<prefix>stevedore:leases:{<prefix><queue>}` | each consumer's lease |
 //! | `<prefix>stevedore:due:{<prefix><queue>}` | delayed messages by due time |
 //! | `<prefix>stevedore:job:{<prefix><queue>}:<id>:<attempt>` | one delayed message's fields |
-//! | `<prefix>stevedore:due-queues` | the queues that have a delay set (the promoter's list) |
+//! | `<prefix>stevedore:due-index` | the queues that have delayed messages, each scored no later than its earliest (the promoter visits those due) |
 //!
 //! A prefix with a hash tag of its own (`{app}:`) puts every key in that one slot (the braces
-//! then are not added). Delayed messages written by versions before this layout (one global
-//! `stevedore:delayed` set) are still counted and promoted on a single server.
+//! then are not added).
+//!
+//! Upgrading from the layout before this one: delayed messages it wrote (one global
+//! `stevedore:delayed` set) are still counted and promoted on a single server, so none is lost;
+//! deploy the new version to every worker (an older worker does not promote the new sets). The
+//! lease hash was `stevedore:leases:<stream>`: the old hashes are no longer read (a worker
+//! registers its lease again within a quarter of it) and may be deleted.
 
 mod conn;
 mod factory;
@@ -154,8 +159,6 @@ struct Inner {
     forget_idle: Duration,
     last_forget: Mutex<HashMap<String, Instant>>,
     acks: AtomicU64,
-    /// When the last promotion pass ran, and the earliest due time (Unix ms) it left behind.
-    next_due: Mutex<Option<(Instant, Option<u64>)>>,
     closed: std::sync::atomic::AtomicBool,
     url_redacted: String,
 }
@@ -172,7 +175,8 @@ impl std::fmt::Debug for RedisBroker {
 
 /// `url` with each password hidden (each node of a comma-separated cluster list on its own).
 fn redact(url: &str) -> String {
-    url.split(',')
+    stevedore_core::factory::url_list(url, conn::SCHEMES)
+        .into_iter()
         .map(|url| match (url.find("://"), url.rfind('@')) {
             (Some(s), Some(at)) if at > s => format!("{}***{}", &url[..s + 3], &url[at..]),
             _ => url.to_string(),
@@ -186,10 +190,14 @@ fn err(e: RedisError) -> BrokerError {
         e.code(),
         Some("LOADING" | "BUSY" | "TRYAGAIN" | "MASTERDOWN" | "READONLY" | "CLUSTERDOWN")
     );
+    // A cluster moving a slot or electing a master (MOVED/ASK/TRYAGAIN/CLUSTERDOWN left after
+    // the client's own retries, or no connection to the slot's node yet) is transient too.
     if e.is_io_error()
         || e.is_connection_dropped()
         || e.is_connection_refusal()
         || e.is_timeout()
+        || e.is_cluster_error()
+        || e.kind() == redis::ErrorKind::ClusterConnectionNotFound
         || transient_code
     {
         BrokerError::Connection(e.to_string())
@@ -266,7 +274,6 @@ impl RedisBroker {
                 forget_idle: config.forget_idle,
                 last_forget: Mutex::new(HashMap::new()),
                 acks: AtomicU64::new(0),
-                next_due: Mutex::new(None),
                 closed: std::sync::atomic::AtomicBool::new(false),
                 url_redacted,
             }),
@@ -316,9 +323,48 @@ impl RedisBroker {
         )
     }
 
-    /// The set of queues that have a delay set.
-    fn due_queues_key(&self) -> String {
-        format!("{}stevedore:due-queues", self.inner.prefix)
+    /// The delay index: a sorted set of the queues that have delayed messages, each scored no
+    /// later than its earliest one (Unix ms), so a promotion pass visits only queues with
+    /// something due.
+    fn due_index_key(&self) -> String {
+        format!("{}stevedore:due-index", self.inner.prefix)
+    }
+
+    /// Lowers `queue`'s score in the delay index to `due` (adds it if missing): `ZADD LT`.
+    async fn index_lower(&self, c: &mut Conn, queue: &str, due: u64) -> Result<(), BrokerError> {
+        let _: i64 = redis::cmd("ZADD")
+            .arg(self.due_index_key())
+            .arg("LT")
+            .arg(due)
+            .arg(queue)
+            .query_async(c)
+            .await
+            .map_err(err)?;
+        Ok(())
+    }
+
+    /// Sets `queue`'s score in the delay index to `next` (its earliest delayed message after a
+    /// promotion, or none: removed), then reads the queue's delay set again and lowers the score
+    /// to what is there, so a message scheduled meanwhile (whose own lowering this may have
+    /// overwritten) is not missed.
+    async fn index_reset(
+        &self,
+        c: &mut Conn,
+        queue: &str,
+        due_key: &str,
+        next: Option<u64>,
+    ) -> Result<(), BrokerError> {
+        let mut cmd = redis::cmd(if next.is_some() { "ZADD" } else { "ZREM" });
+        cmd.arg(self.due_index_key());
+        if let Some(t) = next {
+            cmd.arg(t);
+        }
+        let _: i64 = cmd.arg(queue).query_async(c).await.map_err(err)?;
+        let first: Vec<(String, f64)> = first_of(due_key).query_async(c).await.map_err(err)?;
+        match score_ms(&first) {
+            Some(t) if next.is_none_or(|n| t < n) => self.index_lower(c, queue, t).await,
+            _ => Ok(()),
+        }
     }
 
     /// Keys of the delay layout before per-queue sets (one server only): the global set, and
@@ -702,9 +748,20 @@ impl Broker for RedisBroker {
         &self.inner.caps
     }
 
+    /// Creates each queue's group, and puts each queue with delayed messages in the delay index
+    /// (which a lost index key would otherwise leave unpromoted).
     async fn prepare(&self, queues: &[String]) -> Result<(), BrokerError> {
         for q in queues {
-            self.ensure_group(&self.stream_key(q)).await?;
+            let stream = self.stream_key(q);
+            self.ensure_group(&stream).await?;
+            let mut c = self.conn()?;
+            let first: Vec<(String, f64)> = first_of(&self.due_key(&stream))
+                .query_async(&mut c)
+                .await
+                .map_err(err)?;
+            if let Some(t) = score_ms(&first) {
+                self.index_lower(&mut c, q, t).await?;
+            }
         }
         Ok(())
     }
@@ -1055,14 +1112,10 @@ impl RedisBroker {
     }
 
     /// Promotes from the delay layout of versions before per-queue sets, while it holds anything
-    /// (one server only). Returns how many moved and the earliest due time left there.
-    async fn promote_legacy(
-        &self,
-        now: SystemTime,
-        limit: usize,
-    ) -> Result<(usize, Option<u64>), BrokerError> {
+    /// (one server only). Returns how many moved.
+    async fn promote_legacy(&self, now: SystemTime, limit: usize) -> Result<usize, BrokerError> {
         if self.inner.connector.is_cluster() {
-            return Ok((0, None));
+            return Ok(0);
         }
         let (global, per_queue, msgs) = self.legacy_delay_keys();
         let mut c = self.conn()?;
@@ -1072,7 +1125,7 @@ impl RedisBroker {
             .await
             .map_err(err)?;
         if !exists {
-            return Ok((0, None));
+            return Ok(0);
         }
         let n: i64 = scripts::PROMOTE_LEGACY
             .key(&global)
@@ -1083,8 +1136,7 @@ impl RedisBroker {
             .invoke_async(&mut c)
             .await
             .map_err(err)?;
-        let next: Vec<(String, f64)> = first_of(&global).query_async(&mut c).await.map_err(err)?;
-        Ok((n.max(0) as usize, score_ms(&next)))
+        Ok(n.max(0) as usize)
     }
 }
 
@@ -1100,6 +1152,52 @@ fn score_ms(first: &[(String, f64)]) -> Option<u64> {
     first.first().map(|(_, s)| *s as u64)
 }
 
+/// Most queues one promotion pass visits.
+const INDEX_BATCH: usize = 64;
+
+impl RedisDelayStore {
+    /// Promotes up to `want` due messages of `queue`, then resets its score in the delay index.
+    async fn promote_queue(
+        &self,
+        c: &mut Conn,
+        queue: &str,
+        now_ms: u64,
+        want: usize,
+    ) -> Result<usize, BrokerError> {
+        let b = &self.broker;
+        let stream = b.stream_key(queue);
+        let due_key = b.due_key(&stream);
+        let (members, first): (Vec<String>, Vec<(String, f64)>) = redis::pipe()
+            .cmd("ZRANGEBYSCORE")
+            .arg(&due_key)
+            .arg("-inf")
+            .arg(now_ms)
+            .arg("LIMIT")
+            .arg(0)
+            .arg(want.max(1))
+            .add_command(first_of(&due_key))
+            .query_async(c)
+            .await
+            .map_err(err)?;
+        let mut moved = 0;
+        let mut next = score_ms(&first);
+        if !members.is_empty() {
+            let prefix = b.job_prefix(&stream);
+            let mut call = scripts::PROMOTE.key(&due_key);
+            call.key(&stream);
+            for m in &members {
+                call.key(format!("{prefix}{m}"));
+            }
+            call.arg(now_ms).arg(&members);
+            let (n, left): (i64, i64) = call.invoke_async(c).await.map_err(err)?;
+            moved = n.max(0) as usize;
+            next = u64::try_from(left).ok();
+        }
+        b.index_reset(c, queue, &due_key, next).await?;
+        Ok(moved)
+    }
+}
+
 #[async_trait]
 impl DelayStore for RedisDelayStore {
     async fn schedule(&self, queue: &str, messages: Vec<Envelope>) -> Result<(), BrokerError> {
@@ -1110,21 +1208,20 @@ impl DelayStore for RedisDelayStore {
         }
         let stream = b.stream_key(queue);
         let (due_key, job_prefix) = (b.due_key(&stream), b.job_prefix(&stream));
+        let earliest = messages
+            .iter()
+            .map(|e| e.not_before.map(to_millis).unwrap_or(0))
+            .min()
+            .unwrap_or(0);
         let mut c = b.conn()?;
-        // Named first, so the promoter never misses a set that holds something (the set is in
-        // another slot, so it cannot share the transaction below).
-        let _: i64 = redis::cmd("SADD")
-            .arg(b.due_queues_key())
-            .arg(queue)
-            .query_async(&mut c)
-            .await
-            .map_err(err)?;
+        // The index is in another slot, so it cannot share the transaction below: lowered first
+        // (so a crash between the two leaves the promoter a visit too many, never a message it
+        // does not know of), and again after (a promoter may have reset it in between).
+        b.index_lower(&mut c, queue, earliest).await?;
         let mut pipe = redis::pipe();
         pipe.atomic();
-        let mut earliest = u64::MAX;
         for env in &messages {
             let due = env.not_before.map(to_millis).unwrap_or(0);
-            earliest = earliest.min(due);
             let member = format!("{}:{}", env.id, env.attempt);
             let (meta, body) = format::encode(env);
             pipe.cmd("HSET")
@@ -1139,68 +1236,50 @@ impl DelayStore for RedisDelayStore {
                 .ignore();
         }
         pipe.query_async::<()>(&mut c).await.map_err(err)?;
-        // The promoter of this process sleeps no longer than until the earliest of these.
-        let mut next = b.inner.next_due.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((_, n)) = next.as_mut() {
-            *n = Some(n.map_or(earliest, |n| n.min(earliest)));
-        }
-        Ok(())
+        b.index_lower(&mut c, queue, earliest).await
     }
 
-    /// Walks the queues that have a delay set, promoting each one's due messages with one
-    /// script on the stream's node, until `limit` moved.
+    /// Visits the queues the delay index says have something due (at most [`INDEX_BATCH`] a
+    /// call), promoting each one's due messages with one script on the stream's node, until
+    /// `limit` moved. A queue that fails is logged and skipped (the others still move); the
+    /// call fails only if every queue it visited failed.
     async fn promote_due(&self, now: SystemTime, limit: usize) -> Result<usize, BrokerError> {
         let b = &self.broker;
-        let (mut moved, mut earliest) = b.promote_legacy(now, limit).await?;
+        let mut moved = b.promote_legacy(now, limit).await?;
+        let now_ms = to_millis(now);
         let mut c = b.conn()?;
-        let mut queues: Vec<String> = redis::cmd("SMEMBERS")
-            .arg(b.due_queues_key())
+        let queues: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(b.due_index_key())
+            .arg("-inf")
+            .arg(now_ms)
+            .arg("LIMIT")
+            .arg(0)
+            .arg(INDEX_BATCH)
             .query_async(&mut c)
             .await
             .map_err(err)?;
-        queues.sort();
-        let now_ms = to_millis(now);
-        for queue in queues {
-            let stream = b.stream_key(&queue);
-            let due_key = b.due_key(&stream);
-            let want = limit.saturating_sub(moved).max(1);
-            let (members, first): (Vec<String>, Vec<(String, f64)>) = redis::pipe()
-                .cmd("ZRANGEBYSCORE")
-                .arg(&due_key)
-                .arg("-inf")
-                .arg(now_ms)
-                .arg("LIMIT")
-                .arg(0)
-                .arg(want)
-                .add_command(first_of(&due_key))
-                .query_async(&mut c)
-                .await
-                .map_err(err)?;
-            let mut left = score_ms(&first);
-            if !members.is_empty() {
-                let prefix = b.job_prefix(&stream);
-                let mut call = scripts::PROMOTE.key(&due_key);
-                call.key(&stream);
-                for m in &members {
-                    call.key(format!("{prefix}{m}"));
-                }
-                call.arg(now_ms).arg(&members);
-                let (n, next): (i64, i64) = call.invoke_async(&mut c).await.map_err(err)?;
-                moved += n.max(0) as usize;
-                left = u64::try_from(next).ok();
-            }
-            if let Some(due) = left {
-                earliest = Some(earliest.map_or(due, |e| e.min(due)));
-            }
+        let mut first_err = None;
+        let mut failed = 0;
+        for queue in &queues {
             if moved >= limit {
-                // More may be due: the caller comes back at once; the earliest is not known.
-                *b.inner.next_due.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                return Ok(moved);
+                break;
+            }
+            match self
+                .promote_queue(&mut c, queue, now_ms, limit - moved)
+                .await
+            {
+                Ok(n) => moved += n,
+                Err(e) => {
+                    failed += 1;
+                    tracing::warn!(queue = %queue, error = %e, "promoting this queue's delayed messages failed; the others go on");
+                    first_err.get_or_insert(e);
+                }
             }
         }
-        *b.inner.next_due.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some((Instant::now(), earliest));
-        Ok(moved)
+        match first_err {
+            Some(e) if failed == queues.len() => Err(e),
+            _ => Ok(moved),
+        }
     }
 
     async fn delayed(&self, queue: &str) -> Result<u64, BrokerError> {
@@ -1214,23 +1293,27 @@ impl DelayStore for RedisDelayStore {
         Ok(n + b.legacy_delayed(queue).await?)
     }
 
-    /// The earliest due time the last promotion pass of this handle saw (or a schedule through
-    /// it since), when that pass was in the last second; else `None` (the promoter then sleeps
-    /// its interval). A message scheduled by another process meanwhile is promoted within the
-    /// promoter's interval.
+    /// The lowest score of the delay index (each queue's is no later than its earliest delayed
+    /// message), and on one server the earliest of the layout before it.
     async fn next_due(&self) -> Result<Option<SystemTime>, BrokerError> {
-        let next = *self
-            .broker
-            .inner
-            .next_due
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        Ok(match next {
-            Some((at, due)) if at.elapsed() < Duration::from_secs(1) => {
-                due.map(stevedore_core::from_millis)
-            }
-            _ => None,
-        })
+        let b = &self.broker;
+        let mut c = b.conn()?;
+        let first: Vec<(String, f64)> = first_of(&b.due_index_key())
+            .query_async(&mut c)
+            .await
+            .map_err(err)?;
+        let mut next = score_ms(&first);
+        if !b.inner.connector.is_cluster() {
+            let legacy: Vec<(String, f64)> = first_of(&b.legacy_delay_keys().0)
+                .query_async(&mut c)
+                .await
+                .map_err(err)?;
+            next = match (next, score_ms(&legacy)) {
+                (Some(a), Some(l)) => Some(a.min(l)),
+                (a, l) => a.or(l),
+            };
+        }
+        Ok(next.map(stevedore_core::from_millis))
     }
 }
 
@@ -1249,6 +1332,8 @@ mod tests {
             redact("redis://:a@h1:1,redis://h2:2,redis://u:b@h3:3"),
             "redis://***@h1:1,redis://h2:2,redis://***@h3:3"
         );
+        // A comma inside a password does not split the URL.
+        assert_eq!(redact("redis://:p,w@h:1/0"), "redis://***@h:1/0");
     }
 }
 

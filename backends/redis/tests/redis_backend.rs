@@ -549,3 +549,61 @@ async fn delayed_jobs_of_the_earlier_layout_are_still_promoted() -> Result<(), B
     b.ack(&acks).await?;
     Ok(())
 }
+
+/// The delay index: a queue whose delay set is broken (a key of the wrong type) is logged and
+/// skipped, and another queue's due message still moves; once every delayed message moved, the
+/// queue leaves the index and no next due time is reported.
+#[tokio::test]
+async fn one_broken_delay_set_does_not_stop_the_others() -> Result<(), BrokerError> {
+    let guard = Cleanup::machine("delay-index");
+    let p = guard.prefix.clone();
+    let b = RedisBroker::connect(guard.config()).await?;
+    let good = "good".to_string();
+    b.prepare(std::slice::from_ref(&good)).await?;
+    let store = b.delay_store().expect("redis has a delay store");
+    store
+        .schedule(
+            &good,
+            vec![Envelope::new("j", "due soon").delayed(Duration::from_millis(20))],
+        )
+        .await?;
+    let mut c = redis::Client::open(guard.url.as_str())
+        .and_then(|c| c.get_connection())
+        .expect("redis");
+    // Queue "broken": in the index, but its delay set is a string.
+    let _: () = redis::cmd("SET")
+        .arg(format!("{p}stevedore:due:{{{p}broken}}"))
+        .arg("not a sorted set")
+        .query(&mut c)
+        .expect("SET");
+    let _: () = redis::cmd("ZADD")
+        .arg(format!("{p}stevedore:due-index"))
+        .arg(0)
+        .arg("broken")
+        .query(&mut c)
+        .expect("ZADD");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        store.promote_due(std::time::SystemTime::now(), 100).await?,
+        1,
+        "the good queue's message moves despite the broken one"
+    );
+    let got = b.receive(&good, opts(10, Duration::from_secs(30))).await?;
+    assert_eq!(got.len(), 1);
+    assert_eq!(&got[0].envelope.payload[..], b"due soon");
+    b.ack(&[got[0].receipt.clone()]).await?;
+    let indexed: Vec<String> = redis::cmd("ZRANGE")
+        .arg(format!("{p}stevedore:due-index"))
+        .arg(0)
+        .arg(-1)
+        .query(&mut c)
+        .expect("ZRANGE");
+    assert_eq!(indexed, ["broken"], "the emptied queue left the index");
+    // Only the broken queue is due: the call fails, naming it.
+    let e = store
+        .promote_due(std::time::SystemTime::now(), 100)
+        .await
+        .expect_err("every visited queue failed");
+    assert!(e.to_string().contains("WRONGTYPE"), "{e}");
+    Ok(())
+}

@@ -852,12 +852,33 @@ pub(crate) async fn forward(
     to: &str,
     copy: Envelope,
 ) -> Result<(), BrokerError> {
+    forward_held(ctx, receipt, to, copy, Duration::ZERO).await
+}
+
+/// [`forward`], but when the copy cannot be published, the original is held for `hold` (less
+/// if the worker is stopping) before it is released, so a job whose retry could not be
+/// scheduled (the broker's delay queues unreachable while its work queue is not) comes back
+/// no sooner than that instead of at once, again and again.
+pub(crate) async fn forward_held(
+    ctx: &QueueCtx,
+    receipt: Receipt,
+    to: &str,
+    copy: Envelope,
+    hold: Duration,
+) -> Result<(), BrokerError> {
     match ctx.scheduler.publish(to, vec![copy]).await {
         Ok(()) => {
             ack(ctx, receipt).await;
             Ok(())
         }
         Err(e) => {
+            if !hold.is_zero() {
+                let mut stop = ctx.hard_stop.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep(hold) => {}
+                    _ = stop.wait_for(|s| *s) => {}
+                }
+            }
             let _ = ctx.broker().release(&[receipt]).await;
             Err(e)
         }
