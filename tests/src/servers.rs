@@ -510,6 +510,15 @@ impl RabbitServer {
     /// so the VM's own process id is read first: from the pid file the server writes, else by
     /// asking the node.)
     pub fn kill(&self) {
+        if self
+            .child
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none()
+        {
+            // Not running (killed or stopped already): its pid file may be stale.
+            return;
+        }
         let digits = |text: String| {
             Some(
                 text.chars()

@@ -124,7 +124,7 @@ pub(crate) async fn retry_later(
     match forward_held(ctx, d.receipt, &to, copy, hold).await {
         Ok(()) => JobResult::Retried,
         Err(e) => {
-            tracing::warn!(error = %e, held_ms = hold.as_millis() as u64, "could not schedule the retry; released the original after holding it for its backoff");
+            tracing::warn!(error = %e, held_ms = hold.as_millis() as u64, "could not schedule the retry; the original is released after its backoff");
             JobResult::Released
         }
     }

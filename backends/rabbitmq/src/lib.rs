@@ -540,7 +540,8 @@ impl RabbitBroker {
 
     /// Opens a connection to the first node that answers, trying each once: from the one in use
     /// (the first time) or from the one after it (after a loss, which the node in use likely
-    /// caused). Returns the link and the node's redacted URL; on failure, the last node's error,
+    /// caused). Returns the link and the node's redacted URL; on failure, the first refusal by a
+    /// node that answered (a login or vhost error, permanent), else the last node's error,
     /// naming every node that failed.
     async fn open_any(&self, after_loss: bool, gen: u64) -> Result<(Link, String), BrokerError> {
         let n = self.inner.nodes.len();
@@ -953,8 +954,9 @@ impl RabbitBroker {
     ///
     /// On a cluster whose node holding the delay topology's classic queues is down, the work
     /// queue (a quorum queue, served by the other nodes) is still declared and used: the
-    /// binding, durable cluster metadata, was made when the queue was first prepared; it is
-    /// made again once that node is back. Only delayed publishes fail meanwhile.
+    /// binding, durable cluster metadata, was made when the queue was first prepared (a queue
+    /// new since then is bound by the next connection, or the next start). Only delayed
+    /// publishes fail meanwhile.
     async fn ensure_work(&self, link: &Link, amqp: &str) -> Result<(), BrokerError> {
         if link.is_work_ready(amqp) {
             return Ok(());

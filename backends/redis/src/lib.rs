@@ -1155,6 +1155,9 @@ fn score_ms(first: &[(String, f64)]) -> Option<u64> {
 /// Most queues one promotion pass visits.
 const INDEX_BATCH: usize = 64;
 
+/// How long a queue whose promotion failed waits before it is tried again.
+const BROKEN_BACKOFF: Duration = Duration::from_secs(5);
+
 impl RedisDelayStore {
     /// Promotes up to `want` due messages of `queue`, then resets its score in the delay index.
     async fn promote_queue(
@@ -1241,8 +1244,9 @@ impl DelayStore for RedisDelayStore {
 
     /// Visits the queues the delay index says have something due (at most [`INDEX_BATCH`] a
     /// call), promoting each one's due messages with one script on the stream's node, until
-    /// `limit` moved. A queue that fails is logged and skipped (the others still move); the
-    /// call fails only if every queue it visited failed.
+    /// `limit` moved. A queue that fails is logged, and its index score put [`BROKEN_BACKOFF`]
+    /// ahead, so it neither stops the others nor keeps the promoter busy; the call fails only
+    /// when the index cannot be read.
     async fn promote_due(&self, now: SystemTime, limit: usize) -> Result<usize, BrokerError> {
         let b = &self.broker;
         let mut moved = b.promote_legacy(now, limit).await?;
@@ -1258,8 +1262,6 @@ impl DelayStore for RedisDelayStore {
             .query_async(&mut c)
             .await
             .map_err(err)?;
-        let mut first_err = None;
-        let mut failed = 0;
         for queue in &queues {
             if moved >= limit {
                 break;
@@ -1270,16 +1272,20 @@ impl DelayStore for RedisDelayStore {
             {
                 Ok(n) => moved += n,
                 Err(e) => {
-                    failed += 1;
-                    tracing::warn!(queue = %queue, error = %e, "promoting this queue's delayed messages failed; the others go on");
-                    first_err.get_or_insert(e);
+                    tracing::warn!(queue = %queue, error = %e, "promoting this queue's delayed messages failed; the others go on, this one is tried again in {BROKEN_BACKOFF:?}");
+                    let later = now_ms + BROKEN_BACKOFF.as_millis() as u64;
+                    let _: Result<i64, _> = redis::cmd("ZADD")
+                        .arg(b.due_index_key())
+                        .arg("XX")
+                        .arg("GT")
+                        .arg(later)
+                        .arg(queue)
+                        .query_async(&mut c)
+                        .await;
                 }
             }
         }
-        match first_err {
-            Some(e) if failed == queues.len() => Err(e),
-            _ => Ok(moved),
-        }
+        Ok(moved)
     }
 
     async fn delayed(&self, queue: &str) -> Result<u64, BrokerError> {

@@ -697,7 +697,7 @@ fn broker_rules() {
         assert_err(
             &err,
             "broker.urll",
-            "not a setting of the redis broker; it takes url, key_prefix, max_payload",
+            "not a setting of the redis broker; it takes url, cluster, key_prefix, max_payload",
         );
     }
     let err = configure("[broker]\nkind = \"memory\"\nmax_payload = 0").unwrap_err();

@@ -855,10 +855,12 @@ pub(crate) async fn forward(
     forward_held(ctx, receipt, to, copy, Duration::ZERO).await
 }
 
-/// [`forward`], but when the copy cannot be published, the original is held for `hold` (less
-/// if the worker is stopping) before it is released, so a job whose retry could not be
-/// scheduled (the broker's delay queues unreachable while its work queue is not) comes back
-/// no sooner than that instead of at once, again and again.
+/// [`forward`], but when the copy cannot be published, the original is held for `hold` before
+/// it is released, so a job whose retry could not be scheduled (the broker's delay queues
+/// unreachable while its work queue is not) comes back no sooner than that instead of at once,
+/// again and again. The hold runs in a task of its own: the job's slot is free at once. A timed
+/// lease is renewed first (`hold` is at most half of it); the hold ends early at the worker's
+/// hard stop. Should the worker close first, the job comes back as after any lost lease.
 pub(crate) async fn forward_held(
     ctx: &QueueCtx,
     receipt: Receipt,
@@ -871,15 +873,32 @@ pub(crate) async fn forward_held(
             ack(ctx, receipt).await;
             Ok(())
         }
+        Err(e) if hold.is_zero() => {
+            let _ = ctx.broker().release(&[receipt]).await;
+            Err(e)
+        }
         Err(e) => {
-            if !hold.is_zero() {
-                let mut stop = ctx.hard_stop.clone();
+            let broker = ctx.broker().clone();
+            let mut stop = ctx.hard_stop.clone();
+            let (timed, lease) = (ctx.lease_timed, ctx.cfg.lease);
+            tokio::spawn(async move {
+                if timed {
+                    match broker.extend_lease(&receipt, lease).await {
+                        Ok(()) => {}
+                        // Taken over already: it is another worker's now.
+                        Err(BrokerError::LeaseLost { .. }) => return,
+                        Err(_) => {
+                            let _ = broker.release(&[receipt]).await;
+                            return;
+                        }
+                    }
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(hold) => {}
-                    _ = stop.wait_for(|s| *s) => {}
+                    _ = supervise::turned_true(&mut stop) => {}
                 }
-            }
-            let _ = ctx.broker().release(&[receipt]).await;
+                let _ = broker.release(&[receipt]).await;
+            });
             Err(e)
         }
     }

@@ -73,7 +73,7 @@ impl Drop for AbortOnDrop {
 }
 
 /// Resolves once the watch holds `true` (never, if its sender is gone while false).
-async fn turned_true(rx: &mut watch::Receiver<bool>) {
+pub(super) async fn turned_true(rx: &mut watch::Receiver<bool>) {
     if rx.wait_for(|v| *v).await.is_err() {
         futures::future::pending::<()>().await;
     }
