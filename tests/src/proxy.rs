@@ -211,7 +211,7 @@ mod tests {
     fn forwards_holds_in_a_blackhole_and_resets() {
         let p = Proxy::start(echo_server()).expect("proxy");
         let mut c = TcpStream::connect(("127.0.0.1", p.port())).expect("connect");
-        c.set_read_timeout(Some(Duration::from_millis(300)))
+        c.set_read_timeout(Some(Duration::from_secs(5)))
             .expect("timeout");
         let mut buf = [0u8; 5];
         c.write_all(b"hello").expect("write");
@@ -219,6 +219,8 @@ mod tests {
         assert_eq!(&buf, b"hello");
         // Half-open: the write succeeds, nothing comes back, nothing is closed.
         p.blackhole(true);
+        c.set_read_timeout(Some(Duration::from_millis(300)))
+            .expect("timeout");
         c.write_all(b"again").expect("write into the blackhole");
         let err = c
             .read_exact(&mut buf)

@@ -64,6 +64,15 @@ pub async fn run(backend: Arc<dyn Backend>, select: Option<&[u8]>) -> Report {
             .map(|s| run_one(backend.clone(), s, &caps));
         report.rows.extend(join_all(runs).await);
     }
+    // Workers a scenario dropped without stopping them are still draining: wait for them, so
+    // the caller's clean-up is the last thing that touches the broker.
+    let aborted = crate::scenarios::runtime::drain_dropped(Duration::from_secs(10)).await;
+    if aborted > 0 {
+        eprintln!(
+            "{}: {aborted} dropped worker(s) had not stopped 10s after the last scenario: aborted",
+            backend.name()
+        );
+    }
     report.rows.sort_by_key(|r| r.0);
     report
 }

@@ -32,13 +32,20 @@ pub fn free_port() -> Result<u16, String> {
 }
 
 /// Waits up to `limit` for a server asked to stop to exit, then kills it; reaps it either way.
-fn exit_or_kill(mut child: Child, limit: Duration) {
+/// Returns whether it exited by itself.
+fn exit_or_kill(mut child: Child, limit: Duration) -> bool {
     let t = Instant::now();
-    while child.try_wait().ok().flatten().is_none() && t.elapsed() < limit {
+    let mut exited = false;
+    while t.elapsed() < limit {
+        if child.try_wait().ok().flatten().is_some() {
+            exited = true;
+            break;
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
     let _ = child.kill();
     let _ = child.wait();
+    exited
 }
 
 fn wait_for_port(port: u16, what: &str) -> Result<(), String> {
@@ -945,7 +952,8 @@ pub struct KafkaServer {
     advertised: u16,
     /// The SQLite store's directory, for a durable server.
     dir: Option<std::path::PathBuf>,
-    child: Mutex<Option<Child>>,
+    /// The shell that runs the broker, and the broker's own process id.
+    child: Mutex<Option<(Child, u32)>>,
 }
 
 /// The nisshi release the tests are written against (what `.ci/run` installs).
@@ -1037,12 +1045,12 @@ impl KafkaServer {
             Some(dir) => ("sqlite://kafka.db".to_string(), dir.clone()),
             None => ("memory://stevedore/".to_string(), std::env::temp_dir()),
         };
-        let child = Command::new("sh")
+        let mut child = Command::new("sh")
             .args([
                 "-c",
-                // The broker runs in the background; the shell waits for this process's stdin to
-                // close (the test ended, however it ended), then stops it.
-                r#"bin=$1; shift; "$bin" "$@" & pid=$!; cat >/dev/null; kill $pid 2>/dev/null; wait $pid"#,
+                // The broker runs in the background; the shell prints its pid, waits for this
+                // process's stdin to close (the test ended, however it ended), then stops it.
+                r#"bin=$1; shift; "$bin" "$@" & pid=$!; echo $pid; cat >/dev/null; kill $pid 2>/dev/null; wait $pid"#,
                 "kafka-for-test",
                 &bin,
                 "broker",
@@ -1056,11 +1064,22 @@ impl KafkaServer {
             ])
             .current_dir(cwd)
             .stdin(Stdio::piped())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .map_err(|e| format!("cannot start the Kafka-protocol broker ({bin}): {e}"))?;
-        *self.child.lock().unwrap_or_else(|p| p.into_inner()) = Some(child);
+        let mut line = String::new();
+        if let Some(out) = child.stdout.take() {
+            use std::io::BufRead as _;
+            let _ = std::io::BufReader::new(out).read_line(&mut line);
+        }
+        let Ok(pid) = line.trim().parse::<u32>() else {
+            exit_or_kill(child, Duration::ZERO);
+            return Err(format!(
+                "the Kafka-protocol broker's wrapper did not report a pid (got {line:?})"
+            ));
+        };
+        *self.child.lock().unwrap_or_else(|p| p.into_inner()) = Some((child, pid));
         wait_for_port(self.port, "nisshi")
     }
 
@@ -1078,10 +1097,23 @@ impl KafkaServer {
 
     /// Stops the server (a memory one's topics are gone).
     pub fn stop(&self) {
-        if let Some(mut c) = self.child.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            // Closing its stdin makes the shell stop the broker and exit.
+        if let Some((mut c, pid)) = self.child.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            // Closing its stdin makes the shell stop the broker, wait for it and exit.
             drop(c.stdin.take());
-            exit_or_kill(c, Duration::from_secs(5));
+            if !exit_or_kill(c, Duration::from_secs(5)) {
+                // The broker did not stop within 5 s: kill it too, or it would keep the port
+                // and a restart would find the old broker listening there.
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .stderr(Stdio::null())
+                    .status();
+                let t = Instant::now();
+                while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+                    && t.elapsed() < Duration::from_secs(5)
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
         }
     }
 }

@@ -130,22 +130,23 @@ pub async fn store_contract(a: Arc<dyn Store>, b: Arc<dyn Store>) {
 
     // Expiry on the store's clock.
     let e = format!("contract:ttl-{}", new_id());
-    let short = Some(Duration::from_millis(300));
+    // Each step has 0.8 s of slack for a slow round trip (a loaded machine, an fsync).
+    let short = Some(Duration::from_millis(2000));
     assert!(a.swap(&e, None, Some(b"lease"), short).await.expect("swap"));
     assert!(!b.swap(&e, None, Some(b"other"), short).await.expect("swap"));
     // Renewing (a swap from itself to itself) pushes the end out.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
     assert!(a
         .swap(&e, Some(b"lease"), Some(b"lease"), short)
         .await
         .expect("swap"));
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(
         b.get(&e).await.expect("get").as_deref(),
         Some(&b"lease"[..]),
         "a renewed value lives on past its first TTL"
     );
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(2200)).await;
     assert_eq!(b.get(&e).await.expect("get"), None, "expired");
     assert!(
         !a.swap(&e, Some(b"lease"), Some(b"lease"), short)

@@ -357,6 +357,10 @@ impl Backend for FaultyBackend {
     }
 }
 
+/// One test at a time: each runs suite scenarios whose timing checks assume the machine is not
+/// also running another test's 10,000-message scenario.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn outcome(fault: Fault, scenario: u8) -> Outcome {
     let report = run(Arc::new(FaultyBackend::new(fault)), Some(&[scenario])).await;
     println!("{fault:?}:\n{}", report.table());
@@ -378,6 +382,7 @@ async fn expect_fail(fault: Fault, scenario: u8, reason_has: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_fault_fails_its_scenario() {
+    let _one_at_a_time = SERIAL.lock().await;
     expect_fail(Fault::DropsUserHeaders, 1, "header").await;
     expect_fail(Fault::IgnoresExtend, 6, "redelivered").await;
     expect_fail(Fault::NoLimitCheck, 15, "accepted").await;
@@ -394,6 +399,7 @@ async fn each_fault_fails_its_scenario() {
 /// The runtime scenarios fail too when the broker under them breaks its contract.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_fault_fails_its_runtime_scenario() {
+    let _one_at_a_time = SERIAL.lock().await;
     expect_fail(Fault::IgnoresDelay, 8, "earlier than the backoff floor").await;
     expect_fail(Fault::DropsUserHeaders, 9, "dead letter of").await;
     expect_fail(Fault::LosesReleased, 10, "replay").await;
@@ -410,6 +416,7 @@ async fn each_fault_fails_its_runtime_scenario() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn capped_delay_hops_through_the_runtime() {
+    let _one_at_a_time = SERIAL.lock().await;
     let backend = Arc::new(FaultyBackend::new(Fault::CappedDelay));
     let capped = backend.capped.clone();
     let report = run(backend, Some(&[11])).await;
@@ -432,6 +439,7 @@ async fn capped_delay_hops_through_the_runtime() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delay_store_passes_delay_and_depth() {
+    let _one_at_a_time = SERIAL.lock().await;
     for scenario in [11, 14] {
         match outcome(Fault::None, scenario).await {
             Outcome::Pass { detail } => assert!(detail.contains("store"), "{detail}"),
@@ -442,6 +450,7 @@ async fn delay_store_passes_delay_and_depth() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restartable_broker_passes_reconnect() {
+    let _one_at_a_time = SERIAL.lock().await;
     match outcome(Fault::Restartable, 16).await {
         Outcome::Pass { detail } => assert!(detail.contains("all 10000 arrived"), "{detail}"),
         other => panic!("scenario 16 against a restartable broker: {other:?}"),

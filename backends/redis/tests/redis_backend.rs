@@ -266,10 +266,9 @@ fn tls_server() -> TlsServer {
         ok,
         "openssl is needed to make a test certificate (.ci/run installs it)"
     );
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port");
+    // Not a port from binding port 0: another test's outgoing connection could take it before
+    // redis-server binds it (see `free_port`).
+    let port = stevedore_conformance::servers::free_port().expect("free port");
     let child = Command::new("redis-server")
         .args([
             "--port",

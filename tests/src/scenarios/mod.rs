@@ -12,7 +12,7 @@ mod ordering;
 mod publish;
 mod reconnect;
 mod redelivery;
-mod runtime;
+pub(crate) mod runtime;
 
 use crate::backend::Backend;
 use crate::support::{secs, Checked};

@@ -447,10 +447,31 @@ impl Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
-        if self.task.is_some() {
+        if let Some(task) = self.task.take() {
             self.stop.shutdown();
+            DROPPED.lock().unwrap_or_else(|p| p.into_inner()).push(task);
         }
     }
+}
+
+/// Workers dropped without [`Running::stop`]: their `run()` goes on draining in the background.
+/// The runner waits for them ([`drain_dropped`]) before it returns, so none of them still writes
+/// to the broker (a dead letter, a release) when the suite cleans up.
+static DROPPED: Mutex<Vec<JoinHandle<Result<RunReport, BrokerError>>>> = Mutex::new(Vec::new());
+
+/// Waits up to `within` for every dropped worker to finish, then aborts those that have not.
+/// Returns how many were aborted.
+pub(crate) async fn drain_dropped(within: Duration) -> usize {
+    let tasks = std::mem::take(&mut *DROPPED.lock().unwrap_or_else(|p| p.into_inner()));
+    let deadline = tokio::time::Instant::now() + within;
+    let mut aborted = 0;
+    for mut task in tasks {
+        if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+            task.abort();
+            aborted += 1;
+        }
+    }
+    aborted
 }
 
 /// Joins the results of independent sub-checks: every detail when all passed, else every failure.

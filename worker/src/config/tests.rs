@@ -4,21 +4,16 @@
 use super::*;
 use std::io::Write as _;
 use std::path::Path;
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::Arc;
 use stevedore_core::{
     Broker, Capabilities, DelaySupport, LeaseSupport, MemoryBroker, OrderingSupport,
 };
 
-/// Loading reads `STEVEDORE_*`: every test that loads holds this for reading, and the one test that
-/// sets variables holds it for writing.
-static ENV: RwLock<()> = RwLock::new(());
-
-fn env_read() -> RwLockReadGuard<'static, ()> {
-    ENV.read().unwrap_or_else(|e| e.into_inner())
-}
+// Loading reads `STEVEDORE_*`. No test here sets one: the test that does is
+// `tests/environment.rs`, a binary (a process) of its own, since a variable set while other
+// threads load a config would change what they load.
 
 fn parse(toml: &str) -> Result<Config, ConfigError> {
-    let _env = env_read();
     from_toml_str(toml, None)
 }
 
@@ -152,7 +147,6 @@ fn profile_overrides_file() {
     assert_eq!(plain.worker.concurrency, 8);
     assert_eq!(plain.profile, None);
 
-    let _env = env_read();
     let prod = from_toml_str(toml, Some("production")).unwrap();
     assert_eq!(prod.worker.concurrency, 200);
     assert_eq!(prod.worker.poll_wait, Duration::from_secs(2));
@@ -184,118 +178,7 @@ fn unselected_profile_is_still_checked() {
 }
 
 #[test]
-fn environment_overrides_everything() {
-    // The only test that sets variables; it holds the lock for writing, and a guard removes them.
-    struct Vars(Vec<&'static str>);
-    impl Vars {
-        fn set(&mut self, k: &'static str, v: &str) {
-            std::env::set_var(k, v);
-            self.0.push(k);
-        }
-    }
-    impl Drop for Vars {
-        fn drop(&mut self) {
-            for k in &self.0 {
-                std::env::remove_var(k);
-            }
-        }
-    }
-    let _lock = ENV.write().unwrap_or_else(|e| e.into_inner());
-    let file = temp_file(
-        r#"
-        [worker]
-        concurrency = 8
-        [queues.emails]
-        concurrency = 4
-        [profile.production.worker]
-        concurrency = 200
-        shutdown_timeout = "2m"
-        "#,
-    );
-    let path = file.path().display().to_string();
-    let mut vars = Vars(Vec::new());
-    vars.set("STEVEDORE_CONFIG", &path);
-    vars.set("STEVEDORE_PROFILE", "production");
-    vars.set("STEVEDORE_WORKER__CONCURRENCY", "12");
-    vars.set("STEVEDORE_QUEUES__EMAILS__BATCH", "4");
-    vars.set("STEVEDORE_RETRY__BASE", "250ms");
-    vars.set("STEVEDORE_LOG", "debug"); // not a config key: no "__"
-
-    let c = load(None, None).unwrap();
-    assert_eq!(c.source.as_deref(), Some(path.as_str()));
-    assert_eq!(c.profile.as_deref(), Some("production"));
-    assert_eq!(c.worker.concurrency, 12);
-    assert_eq!(c.worker.shutdown_timeout, Duration::from_secs(120));
-    assert_eq!(c.queues["emails"].batch, 4);
-    assert_eq!(c.queues["emails"].concurrency, 4);
-    assert_eq!(c.retry.base, Duration::from_millis(250));
-    assert_eq!(
-        c.origins.get("worker.concurrency").map(String::as_str),
-        Some("STEVEDORE_WORKER__CONCURRENCY")
-    );
-    assert!(c
-        .redacted()
-        .contains("# from STEVEDORE_WORKER__CONCURRENCY"));
-
-    // An explicit profile beats STEVEDORE_PROFILE; a missing one names the variable.
-    let c = load(Some(file.path()), Some("production")).unwrap();
-    assert_eq!(c.worker.shutdown_timeout, Duration::from_secs(120));
-    vars.set("STEVEDORE_PROFILE", "nope");
-    let err = load(None, None).unwrap_err();
-    assert!(err.message.contains("(from STEVEDORE_PROFILE)"), "{err}");
-    vars.set("STEVEDORE_PROFILE", "production");
-
-    // Validation blames the variable, not the file.
-    vars.set("STEVEDORE_QUEUES__EMAILS__CONCURRENCY", "0");
-    let err = load(None, None)
-        .unwrap()
-        .validate(&memory_caps())
-        .unwrap_err();
-    assert_eq!(err.file, None);
-    assert_err(
-        &err,
-        "STEVEDORE_QUEUES__EMAILS__CONCURRENCY",
-        "at least 1 (got 0)",
-    );
-    vars.set("STEVEDORE_QUEUES__EMAILS__CONCURRENCY", "4");
-
-    // Unknown keys and bad values in the environment name the variable.
-    vars.set("STEVEDORE_WORKER__CONCURENCY", "3");
-    let err = load(None, None).unwrap_err();
-    assert_eq!(err.file, None);
-    assert_err(
-        &err,
-        "STEVEDORE_WORKER__CONCURENCY",
-        "allowed keys: id, concurrency",
-    );
-    std::env::remove_var("STEVEDORE_WORKER__CONCURENCY");
-    vars.set("STEVEDORE_BROKER__KIND", "mongo");
-    let c = load(None, None).unwrap();
-    let err = crate::backend::Backends::builtin()
-        .configure(&c)
-        .unwrap_err();
-    assert_eq!(err.file, None);
-    assert_err(&err, "STEVEDORE_BROKER__KIND", "this build has \"memory\"");
-    vars.set("STEVEDORE_BROKER__KIND", "memory");
-    vars.set("STEVEDORE_BROKER__MAX_PAYLOAD", "0");
-    let c = load(None, None).unwrap();
-    let err = crate::backend::Backends::builtin()
-        .configure(&c)
-        .unwrap_err();
-    assert_err(&err, "STEVEDORE_BROKER__MAX_PAYLOAD", "at least 1");
-    std::env::remove_var("STEVEDORE_BROKER__MAX_PAYLOAD");
-    std::env::remove_var("STEVEDORE_BROKER__KIND");
-
-    // STEVEDORE_CONFIG naming a missing file is an error naming it.
-    vars.set("STEVEDORE_CONFIG", "/nonexistent/stevedore.toml");
-    let err = load(None, None).unwrap_err();
-    assert_eq!(err.file.as_deref(), Some("/nonexistent/stevedore.toml"));
-    assert!(err.message.contains("STEVEDORE_CONFIG"), "{err}");
-}
-
-#[test]
 fn missing_file_is_an_error_naming_it() {
-    let _env = env_read();
     let err = load(Some(Path::new("config/nope.toml")), None).unwrap_err();
     assert_eq!(err.file.as_deref(), Some("config/nope.toml"));
     assert!(
@@ -308,10 +191,7 @@ fn missing_file_is_an_error_naming_it() {
 fn unknown_key_names_key_file_and_allowed_keys() {
     let file = temp_file("[worker]\nconcurency = 3\n");
     let path = file.path().display().to_string();
-    let err = {
-        let _env = env_read();
-        load(Some(file.path()), None).unwrap_err()
-    };
+    let err = { load(Some(file.path()), None).unwrap_err() };
     assert_eq!(err.file.as_deref(), Some(path.as_str()));
     assert_err(&err, "worker.concurency", "unknown key");
     assert!(
@@ -420,10 +300,7 @@ fn error_display_reads_file_key_message() {
     assert_eq!(ConfigError::new("boom").to_string(), "boom");
 
     let file = temp_file("[queues.emails]\nconcurrency = 0\n");
-    let c = {
-        let _env = env_read();
-        load(Some(file.path()), None).unwrap()
-    };
+    let c = { load(Some(file.path()), None).unwrap() };
     let err = c.validate(&memory_caps()).unwrap_err();
     assert_eq!(
         err.to_string(),
@@ -437,7 +314,6 @@ fn error_display_reads_file_key_message() {
 #[test]
 fn validation_points_into_the_profile() {
     let toml = "[profile.production.queues.emails]\nconcurrency = 0\nreserved = { low = 1 }\n";
-    let _env = env_read();
     let c = from_toml_str(toml, Some("production")).unwrap();
     let err = c.validate(&memory_caps()).unwrap_err();
     assert_err(
@@ -894,7 +770,6 @@ const FILES: [(&str, &str); 5] = [
 
 #[test]
 fn shipped_files_parse() {
-    let _env = env_read();
     for (name, text) in FILES {
         let c = from_toml_str(text, None).unwrap_or_else(|e| panic!("{name}: {e}"));
         let caps = match c.broker.kind.as_str() {
@@ -917,7 +792,6 @@ fn shipped_files_parse() {
 #[test]
 fn default_file_validates_and_documents_the_defaults() {
     let text = FILES[0].1;
-    let _env = env_read();
     let broker = MemoryBroker::new();
     let c = from_toml_str(text, None).unwrap();
     let notices = c.validate(broker.capabilities()).unwrap();

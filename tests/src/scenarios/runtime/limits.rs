@@ -148,11 +148,15 @@ pub(crate) async fn limits(backend: Arc<dyn Backend>) -> Checked {
         .filter(|r| r.job == RATED)
         .map(|r| r.started)
         .collect();
+    // Grants are spaced by the limiter; a handler starts a receive (and, on a loaded machine, a
+    // scheduling hiccup) after its grant, so starts bunch a little: allow a tenth of the rate on
+    // top (a doubled rate or a large burst still fails; `took` below checks the long-run rate).
     let peak = busiest(starts, Duration::from_secs(1));
     ensure!(
-        peak <= RATE + 1 + 2,
-        "{peak} rated jobs started within one second; the limit allows {} (rate {RATE}/s, burst 1)",
-        RATE + 1
+        peak <= RATE + 1 + RATE / 10,
+        "{peak} rated jobs started within one second; the limit allows {} (rate {RATE}/s, burst 1) and the check {} for start jitter",
+        RATE + 1,
+        RATE / 10
     );
     ensure!(
         took >= minimum,
