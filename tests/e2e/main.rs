@@ -238,10 +238,18 @@ fn runs_every_job_once_and_serves_http() {
     assert_eq!(status, 200, "ready while running: {body}");
     // A job's counter moves just after its handler wrote its line: allow a moment.
     let counted = "stevedore_jobs_processed_total{queue=\"default\",job=\"work\"} 200";
-    wait_until("metrics count every job", Duration::from_secs(5), || {
+    let asked = Instant::now();
+    loop {
         let (status, metrics) = get(port, "/metrics");
-        status == 200 && metrics.contains(counted)
-    });
+        if status == 200 && metrics.contains(counted) {
+            break;
+        }
+        assert!(
+            asked.elapsed() < Duration::from_secs(5),
+            "metrics count every job (status {status}):\n{metrics}"
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
     wait_until("a scale hint", Duration::from_secs(5), || {
         get(port, "/scale/default").0 == 200
     });
@@ -1390,8 +1398,8 @@ fn a_worker_killed_holding_concurrency_slots_gives_them_back_within_the_lease() 
     // two slots being A's, runs nothing yet.
     let b = start_in(dir.path(), "-b", &config, 0, 5000, &[]);
     let out_b = b.out.clone();
-    wait_until("B started", Duration::from_secs(30), || {
-        lines(&out_b).iter().any(|l| l == "enqueued")
+    wait_until("B ready (fetching)", Duration::from_secs(30), || {
+        get_status(b.port, "/readyz") == Some(200)
     });
     std::thread::sleep(Duration::from_millis(500));
     let started_a = tally(&lines(&out_a), "start");

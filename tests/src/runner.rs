@@ -11,7 +11,9 @@ use stevedore_core::Capabilities;
 use tokio::time::Instant;
 
 /// Runs the selected scenarios (`None` = all) against `backend` and reports each outcome. Prints
-/// nothing itself (progress goes to `tracing` at debug level).
+/// nothing itself (progress goes to `tracing` at debug level) except a line on stderr when a
+/// worker a scenario dropped had to be aborted. One `run` per process at a time: it waits for
+/// (and at last aborts) every worker dropped in the process, not only its own.
 ///
 /// Scenarios run concurrently within three phases: the timing-sensitive ones (4, 5, 6, 7, 11, and
 /// the runtime's 8, 12 and 13, whose checks include backoff gaps, start latencies and shutdown
@@ -89,9 +91,8 @@ async fn run_one(backend: Arc<dyn Backend>, s: &Scenario, caps: &Capabilities) -
     };
     tracing::debug!(scenario = s.no, name = s.name, "starting");
     let started = Instant::now();
-    let task = tokio::spawn((s.run)(backend));
-    let abort = task.abort_handle();
-    let outcome = match tokio::time::timeout(limit, task).await {
+    let mut task = tokio::spawn((s.run)(backend));
+    let outcome = match tokio::time::timeout(limit, &mut task).await {
         Ok(Ok(Ok(outcome))) => outcome,
         Ok(Ok(Err(reason))) => Outcome::Fail { reason },
         Ok(Err(e)) if e.is_panic() => Outcome::Fail {
@@ -101,7 +102,10 @@ async fn run_one(backend: Arc<dyn Backend>, s: &Scenario, caps: &Capabilities) -
             reason: format!("task failed: {e}"),
         },
         Err(_) => {
-            abort.abort();
+            // Aborted, and awaited: its workers are dropped (and so drained by `run`) before
+            // the next phase, not at some later poll.
+            task.abort();
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
             Outcome::Fail {
                 reason: format!(
                     "hit the hard time limit of {:.0}s (a broker call hung or messages never came)",

@@ -1048,9 +1048,10 @@ impl KafkaServer {
         let mut child = Command::new("sh")
             .args([
                 "-c",
-                // The broker runs in the background; the shell prints its pid, waits for this
-                // process's stdin to close (the test ended, however it ended), then stops it.
-                r#"bin=$1; shift; "$bin" "$@" & pid=$!; echo $pid; cat >/dev/null; kill $pid 2>/dev/null; wait $pid"#,
+                // The broker runs in the background (its output to /dev/null: the pipe the pid
+                // is read from is closed after that line); the shell prints its pid, waits for
+                // this process's stdin to close (the test ended, however it ended), then stops it.
+                r#"bin=$1; shift; "$bin" "$@" >/dev/null & pid=$!; echo $pid; cat >/dev/null; kill $pid 2>/dev/null; wait $pid"#,
                 "kafka-for-test",
                 &bin,
                 "broker",

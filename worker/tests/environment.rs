@@ -9,6 +9,7 @@ use stevedore::backend::Backends;
 use stevedore::config::{load, ConfigError};
 use stevedore::{Broker, MemoryBroker};
 
+#[track_caller]
 fn assert_err(err: &ConfigError, key: &str, says: &str) {
     assert_eq!(err.key.as_deref(), Some(key), "{err}");
     assert!(err.message.contains(says), "{err}");

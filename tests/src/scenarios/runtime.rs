@@ -468,6 +468,8 @@ pub(crate) async fn drain_dropped(within: Duration) -> usize {
     for mut task in tasks {
         if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
             task.abort();
+            // An aborted task stops at its next poll: wait for that.
+            let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
             aborted += 1;
         }
     }

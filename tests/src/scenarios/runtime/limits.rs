@@ -52,7 +52,8 @@ fn busiest(mut starts: Vec<Instant>, window: Duration) -> usize {
 /// Two workers, each with its own broker and store handle. Part 1: queue A has `rate = "50/s"`
 /// (burst 1); a backlog of [`RATED_JOBS`] waits in it before the workers start. Checks: every
 /// job runs exactly once, at attempt 1; the busiest second holds at most 51 starts (the rate
-/// plus the burst, as GCRA allows) plus 2 for the time between a token and a start; the whole
+/// plus the burst, as GCRA allows) plus a tenth of the rate (5) for the time between a token and
+/// a start on a loaded machine; the whole
 /// backlog takes at least `(jobs - 1) / rate`; nothing was put off (the workers pulled only
 /// what the rate let them start). Part 2: queue B, job `GATED` has `max_concurrent = 2`;
 /// [`GATED_JOBS`] jobs of 100 ms. Checks: never more than 2 run at once over both workers (from
